@@ -35,3 +35,51 @@ IN_PRIVATE_NETNS = _enter_private_netns()
 # at a server that does not exist until a test starts its own.
 os.environ.setdefault("MXQ_DNS_SERVERS", "127.0.0.1:9")
 os.environ.setdefault("MXQ_HELO_NAME", "client.mxq.test")
+
+
+# --------------------------------------------------------------------------
+# dns_server: one sandbox DNS server process for the whole session.
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def dns_server(tmp_path_factory):
+    """One real DNS server process (``workers.sandbox.dns``) shared by the whole session.
+
+    It listens on 127.0.0.53:53 (UDP and TCP) inside the private network
+    namespace (on a free 127.0.0.1 port otherwise), starts with an empty zone,
+    and ``MXQ_DNS_SERVERS`` points at it while the session runs, so
+    ``Settings.from_env()`` and ``workers.mx`` resolve through it.
+
+    Yields a ``DNSServerProcess``; serve your names with
+
+        dns_server.add({"a.test": {"MX": [[10, "mx1.a.test"]]},
+                        "mx1.a.test": {"A": ["127.0.0.2"], "TTL": 60}})
+
+    ``.add(records)`` merges into what is served (a name given again replaces
+    its records) and returns once the server answers with them;
+    ``.remove(*names)``, ``.update(zones)`` (replace everything: don't, the
+    server is shared), ``.queries(name, rtype)`` / ``.stats()`` (query
+    counters), ``.address``.  The record format is the zone file format in
+    ``workers/sandbox/dns.py`` (A, AAAA, MX, CNAME, TXT, TTL, SERVFAIL, TIMEOUT).
+    The server is shared: use names unique to your test module (for example
+    ``<module>.test`` and names under it), and remember resolvers cache answers
+    (a fresh ``workers.mx.Resolver`` per test avoids surprises).
+    """
+    from workers.sandbox.dns import start_dns_server
+
+    if IN_PRIVATE_NETNS:
+        host, port = "127.0.0.53", 53
+    else:
+        host, port = "127.0.0.1", 0
+    server = start_dns_server({}, host=host, port=port, workdir=tmp_path_factory.mktemp("dns_server"))
+    previous = os.environ.get("MXQ_DNS_SERVERS")
+    os.environ["MXQ_DNS_SERVERS"] = server.address
+    try:
+        yield server
+    finally:
+        if previous is None:
+            os.environ.pop("MXQ_DNS_SERVERS", None)
+        else:
+            os.environ["MXQ_DNS_SERVERS"] = previous
+        server.stop()
