@@ -1,0 +1,467 @@
+"""Turning a message (.eml file, ``EmailMessage``, bytes or text) into an ``Envelope``.
+
+``prepare()`` is mxq's submission service (RFC 6409): it validates
+everything before anything is sent, and refuses bad input with an
+``InvalidMessage`` or ``InvalidAddress`` (both ``InvalidInput``) whose
+``reason`` says what is wrong.
+
+Content forms:
+
+- ``email.message.EmailMessage`` / ``Message``: serialized with CRLF line
+  endings (``SMTPUTF8`` policy when an address header holds a non-ASCII
+  address, so the address survives; otherwise RFC 2047 encoding).
+- ``bytes``: the message as it would be sent (any line endings).
+- ``str``: message *text* (encoded as UTF-8), never a file name.
+- ``os.PathLike`` (``pathlib.Path``): a file.  Only the header block is read
+  into memory; the body is scanned once in chunks (size, 8-bit data, NUL,
+  line length) and streamed from the file at every delivery attempt, so a
+  20 MB file is never held in memory whole.
+
+What ``prepare()`` does to the content (and nothing else):
+
+- line endings become CRLF (lone CR or LF, as ``smtplib`` does);
+- ``Bcc:`` and ``Resent-Bcc:`` fields are removed, so blind recipients are
+  never disclosed to anyone;
+- ``Date:`` and ``Message-ID:`` are appended when missing (RFC 6409 section
+  8.2 and 8.3: a submission service may add them, and mail without them is
+  often scored as spam);
+- a leading mbox ``From `` separator line is dropped.
+
+What it refuses (``InvalidMessage``): a header block that does not parse
+(a line that is neither ``Name: value`` nor a continuation), a lone CR in
+the header block, a header value that would inject a line break (an
+``EmailMessage`` whose serialization yields other fields than it holds),
+8-bit header data that is not UTF-8, NUL anywhere, any line longer than
+998 octets (RFC 5322 section 2.1.1; mxq refuses rather than folds, because
+folding the body would change the message: encode long lines with
+quoted-printable or base64), a header block over ``MAX_HEADER_SIZE``, a
+message over ``max_size`` (default ``DEFAULT_MAX_MESSAGE_SIZE``, or
+``MXQ_MAX_MESSAGE_SIZE``), and a message without recipients or sender.
+
+Envelope defaults: recipients are the addresses in ``To``, ``Cc`` and ``Bcc``
+(deduplicated, in order); the sender is the first address of ``Sender``,
+else of ``From``.  Explicit ``sender``/``recipients`` override them;
+``""`` or ``"<>"`` is the null sender.  Every address goes through
+``workers.address.parse_address`` (so no CR, LF or control character can reach
+the wire).
+"""
+
+from __future__ import annotations
+
+import email.generator
+import email.message
+import email.policy
+import email.utils
+import io
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from .address import Address, parse_address, parse_sender
+from .envelope import DSN, Envelope, Recipient
+from .errors import InvalidAddress, InvalidInput, InvalidMessage
+
+#: Default largest message mxq accepts, in octets (Gmail's and Postfix-like limits are 25-35 MB).
+DEFAULT_MAX_MESSAGE_SIZE = 35 * 1024 * 1024
+#: Largest header block read into memory, in octets.
+MAX_HEADER_SIZE = 1024 * 1024
+#: RFC 5322 section 2.1.1: lines are at most 998 characters, excluding the CRLF.
+MAX_LINE_LENGTH = 998
+#: Chunk size for scanning and streaming file content.
+CHUNK_SIZE = 64 * 1024
+
+_ADDRESS_HEADERS = ("from", "sender", "reply-to", "to", "cc", "bcc")
+_RECIPIENT_HEADERS = ("to", "cc", "bcc")
+_STRIPPED_HEADERS = ("bcc", "resent-bcc")
+_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:(.*)", re.S)
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_LONE_CR = re.compile(rb"\r(?!\n)")
+_EOL = re.compile(rb"\r\n|\n|\r")
+
+
+def max_message_size_from_env(env=None) -> int:
+    """``MXQ_MAX_MESSAGE_SIZE`` (octets) or ``DEFAULT_MAX_MESSAGE_SIZE``; ValueError when malformed."""
+    env = os.environ if env is None else env
+    value = env.get("MXQ_MAX_MESSAGE_SIZE")
+    if not value:
+        return DEFAULT_MAX_MESSAGE_SIZE
+    try:
+        size = int(value)
+    except ValueError:
+        raise ValueError(f"MXQ_MAX_MESSAGE_SIZE must be an integer number of octets, not {value!r}") from None
+    if size <= 0:
+        raise ValueError(f"MXQ_MAX_MESSAGE_SIZE must be positive, not {value!r}")
+    return size
+
+
+def normalize_eols(data: bytes) -> bytes:
+    """Every CRLF, lone LF and lone CR as CRLF (what ``smtplib`` sends)."""
+    return _EOL.sub(b"\r\n", data)
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str          # as written
+    raw: bytes         # the whole field, CRLF line endings, including continuation lines
+    value: str         # unfolded, decoded value
+
+    @property
+    def key(self) -> str:
+        return self.name.lower()
+
+
+class FileContent:
+    """Re-iterable message content: a prepared header block, then a file's body streamed in chunks.
+
+    Every ``iter()`` starts again at the first byte (so the message can go to
+    several exchanges), reads the file ``CHUNK_SIZE`` octets at a time and
+    yields the body with CRLF line endings.  ``size`` is the number of octets
+    it yields.  The file must not change between ``prepare()`` and delivery.
+    """
+
+    def __init__(self, header: bytes, path: os.PathLike, body_offset: int, size: int):
+        self.header = header
+        self.path = os.fspath(path)
+        self.body_offset = body_offset
+        self.size = size
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.header
+        with open(self.path, "rb") as f:
+            f.seek(self.body_offset)
+            yield from _normalized_chunks(f)
+
+    def __bytes__(self) -> bytes:
+        """The whole content in memory (for small messages and tests only)."""
+        return b"".join(self)
+
+    def __repr__(self) -> str:
+        return f"FileContent({self.path!r}, size={self.size})"
+
+
+def _normalized_chunks(f) -> Iterator[bytes]:
+    """Read ``f`` in chunks and yield them with CRLF line endings, minding CRs split across chunks."""
+    carry = b""
+    while True:
+        chunk = f.read(CHUNK_SIZE)
+        if not chunk:
+            if carry:
+                yield normalize_eols(carry)
+            return
+        data = carry + chunk
+        # A CR at the very end may be the first half of a CRLF: keep it for the next chunk.
+        if data.endswith(b"\r"):
+            data, carry = data[:-1], b"\r"
+        else:
+            carry = b""
+        if data:
+            yield normalize_eols(data)
+
+
+class _BodyScan:
+    """What one pass over the body finds: size after EOL normalization, 8-bit, NUL, longest line."""
+
+    def __init__(self):
+        self.size = 0
+        self.eightbit = False
+        self.line = 0          # length of the line in progress
+        self.line_no = 1
+        self.long_line = None  # number of the first line over MAX_LINE_LENGTH
+
+    def feed(self, normalized: bytes) -> None:
+        if b"\0" in normalized:
+            raise InvalidMessage("message body contains a NUL byte")
+        self.size += len(normalized)
+        if not self.eightbit and not normalized.isascii():
+            self.eightbit = True
+        if self.long_line is not None:
+            return
+        parts = normalized.split(b"\r\n")
+        for i, part in enumerate(parts):
+            self.line += len(part)
+            if self.line > MAX_LINE_LENGTH:
+                self.long_line = self.line_no
+                return
+            if i < len(parts) - 1:
+                self.line = 0
+                self.line_no += 1
+
+
+def prepare(content, sender: str | None = None, recipients: Iterable[str | Recipient] | None = None,
+            dsn: DSN | None = None, notify: Iterable[str] | None = None,
+            max_size: int | None = None) -> Envelope:
+    """Validate a message and build its ``Envelope``; raise ``InvalidInput`` (with ``.reason``) on bad input.
+
+    ``content``: ``EmailMessage``/``Message``, ``bytes``, ``str`` (message text)
+    or ``os.PathLike`` (a file).  ``sender``/``recipients`` override the
+    header-derived defaults.  ``notify`` (e.g. ``("SUCCESS", "FAILURE")``)
+    is applied to every recipient given as a string, with ``ORCPT`` the
+    address as given; ``dsn`` carries RET and ENVID.  ``max_size`` defaults
+    to ``DEFAULT_MAX_MESSAGE_SIZE``.
+    """
+    limit = DEFAULT_MAX_MESSAGE_SIZE if max_size is None else max_size
+    notify_t = tuple(notify) if notify is not None else None
+    if notify_t is not None:
+        try:
+            Recipient("x@x.test", notify=notify_t)
+        except ValueError as e:
+            raise InvalidMessage(str(e)) from None
+
+    path = None
+    if isinstance(content, os.PathLike):
+        path = content
+        header_raw, body_offset, total = _read_file_header(path, limit)
+        body = None
+    else:
+        data = _content_bytes(content)
+        if len(data) > limit:
+            raise InvalidMessage(f"message is {len(data)} octets, larger than the limit of {limit}")
+        header_raw, body_offset = _split(data)
+        body = data[body_offset:]
+
+    fields = _parse_header_block(header_raw)
+    if isinstance(content, email.message.Message):
+        _check_no_injection(content, fields)
+
+    # Envelope addresses.
+    env_sender = _envelope_sender(sender, fields)
+    rcpts = _envelope_recipients(recipients, fields, notify_t, dsn)
+
+    # Content: header block without Bcc, with Date and Message-ID, then the body.
+    kept = [f for f in fields if f.key not in _STRIPPED_HEADERS]
+    keys = {f.key for f in kept}
+    added = []
+    if "date" not in keys:
+        added.append(b"Date: " + email.utils.formatdate(time.time(), localtime=True).encode() + b"\r\n")
+    if "message-id" not in keys:
+        added.append(b"Message-ID: " + _make_msgid(env_sender, fields).encode() + b"\r\n")
+    header = b"".join(f.raw for f in kept) + b"".join(added) + b"\r\n"
+    header_has_utf8 = not header.isascii()
+
+    scan = _BodyScan()
+    if path is None:
+        body = normalize_eols(body)
+        scan.feed(body)
+        final: object = header + body
+    else:
+        with open(path, "rb") as f:
+            f.seek(body_offset)
+            for chunk in _normalized_chunks(f):
+                scan.feed(chunk)
+                if len(header) + scan.size > limit:
+                    raise InvalidMessage(f"message {os.fspath(path)!r} is larger than the limit of {limit} octets")
+        final = FileContent(header, path, body_offset, len(header) + scan.size)
+    if scan.long_line is not None:
+        raise InvalidMessage(f"body line {scan.long_line} is longer than {MAX_LINE_LENGTH} octets "
+                             "(RFC 5322 2.1.1); encode it with quoted-printable or base64")
+    size = len(header) + scan.size
+    if size > limit:
+        raise InvalidMessage(f"message is {size} octets, larger than the limit of {limit}")
+
+    addresses = ([parse_sender(env_sender)] if env_sender else []) + [parse_address(r.address) for r in rcpts]
+    smtputf8 = header_has_utf8 or any(a is not None and a.needs_smtputf8 for a in addresses)
+    return Envelope(sender=env_sender, recipients=rcpts, content=final, dsn=dsn,
+                    eightbit=header_has_utf8 or scan.eightbit, smtputf8=smtputf8, size=size)
+
+
+# -- content into bytes ------------------------------------------------------------------------------
+
+def _content_bytes(content) -> bytes:
+    if isinstance(content, (bytes, bytearray, memoryview)):
+        return bytes(content)
+    if isinstance(content, str):
+        try:
+            return content.encode("utf-8")
+        except UnicodeEncodeError as e:   # lone surrogates
+            raise InvalidMessage(f"message text is not valid Unicode: {e.reason}") from None
+    if isinstance(content, email.message.Message):
+        return _serialize(content)
+    raise InvalidMessage(f"cannot send a {type(content).__name__}: give an EmailMessage, bytes, str or a path")
+
+
+def _serialize(msg: email.message.Message) -> bytes:
+    """The message as bytes with CRLF line endings; UTF-8 headers only when an address needs them."""
+    utf8 = False
+    try:
+        for key, value in msg.items():
+            if key.lower() in _ADDRESS_HEADERS and any(not a.isascii() for _, a in email.utils.getaddresses([str(value)])):
+                utf8 = True
+        base = msg.policy if isinstance(msg.policy, email.policy.EmailPolicy) else None
+        if base is not None:
+            policy = base.clone(linesep="\r\n", utf8=utf8, max_line_length=78)
+        else:
+            policy = msg.policy.clone(linesep="\r\n")
+        buf = io.BytesIO()
+        email.generator.BytesGenerator(buf, mangle_from_=False, policy=policy).flatten(msg)
+        return buf.getvalue()
+    except InvalidInput:
+        raise
+    except Exception as e:  # the email package raises many types on bad header values
+        raise InvalidMessage(f"cannot serialize the message: {e}") from None
+
+
+def _check_no_injection(msg: email.message.Message, fields: list[_Field]) -> None:
+    """The serialized header block must hold exactly the message's fields: else a value injected a line."""
+    want = [k.lower() for k in msg.keys()]
+    got = [f.key for f in fields]
+    if want != got:
+        extra = [g for g in got if g not in want] or got
+        raise InvalidMessage(f"a header value contains a line break (header injection): serialized fields {extra!r}")
+
+
+# -- header block --------------------------------------------------------------------------------------
+
+def _split(data: bytes) -> tuple[bytes, int]:
+    """Split at the first empty line: (header block, offset of the body)."""
+    if data.startswith(b"\r\n"):
+        return b"", 2
+    if data.startswith(b"\n"):
+        return b"", 1
+    m = _HEADER_END.search(data)
+    if m is None:
+        return data, len(data)
+    return data[:m.start()] + b"\n", m.end()
+
+
+def _read_file_header(path, limit: int) -> tuple[bytes, int, int]:
+    """Read a file's header block only (up to ``MAX_HEADER_SIZE``): (header block, body offset, file size)."""
+    try:
+        total = os.stat(path).st_size
+        if total > limit:
+            raise InvalidMessage(f"message file {os.fspath(path)!r} is {total} octets, larger than the limit of {limit}")
+        with open(path, "rb") as f:
+            head = b""
+            while len(head) <= MAX_HEADER_SIZE:
+                chunk = f.read(CHUNK_SIZE)
+                head += chunk
+                if not chunk or _HEADER_END.search(head) or head.startswith((b"\n", b"\r\n")):
+                    break
+    except OSError as e:
+        raise InvalidMessage(f"cannot read {os.fspath(path)!r}: {e.strerror or e}") from None
+    header_raw, offset = _split(head)
+    if offset == len(head) and len(head) < total:
+        raise InvalidMessage(f"header block larger than {MAX_HEADER_SIZE} octets")
+    return header_raw, offset, total
+
+
+def _parse_header_block(raw: bytes) -> list[_Field]:
+    """Parse and validate a header block (the bytes before the empty line)."""
+    if len(raw) > MAX_HEADER_SIZE:
+        raise InvalidMessage(f"header block larger than {MAX_HEADER_SIZE} octets")
+    if b"\0" in raw:
+        raise InvalidMessage("header block contains a NUL byte")
+    if _LONE_CR.search(raw):
+        raise InvalidMessage("header block contains a CR that does not end a line")
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+    if lines and lines[0].startswith(b"From "):   # mbox separator, not a header
+        lines = lines[1:]
+    fields: list[list] = []
+    for n, line in enumerate(lines, 1):
+        if len(line) > MAX_LINE_LENGTH:
+            raise InvalidMessage(f"header line {n} is longer than {MAX_LINE_LENGTH} octets (RFC 5322 2.1.1)")
+        if line[:1] in (b" ", b"\t"):
+            if not fields:
+                raise InvalidMessage("header block starts with a continuation line")
+            if not line.strip(b" \t"):
+                raise InvalidMessage(f"header line {n} is a continuation with nothing on it")
+            fields[-1][1].append(line)
+            continue
+        m = _FIELD.fullmatch(line)
+        if not m:
+            raise InvalidMessage(f"malformed header line {n}: {line[:60]!r}")
+        fields.append([m.group(1).decode("ascii"), [line], m.group(2)])
+    out = []
+    for name, raw_lines, first in fields:
+        value_bytes = first + b"".join(raw_lines[1:])
+        try:
+            value = value_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidMessage(f"header {name} contains 8-bit data that is not UTF-8") from None
+        out.append(_Field(name, b"".join(line + b"\r\n" for line in raw_lines), value.strip(" \t")))
+    return out
+
+
+# -- envelope addresses ------------------------------------------------------------------------------
+
+def _header_addresses(fields: list[_Field], names: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(header name, address) pairs from the named fields, in order; empty entries (groups) skipped."""
+    out = []
+    for f in fields:
+        if f.key in names:
+            for _, addr in email.utils.getaddresses([f.value]):
+                if addr:
+                    out.append((f.name, addr))
+    return out
+
+
+def _envelope_sender(sender: str | None, fields: list[_Field]) -> str:
+    if sender is not None:
+        a = parse_sender(sender)
+        return "" if a is None else str(a)
+    for name in ("sender", "from"):
+        found = _header_addresses(fields, (name,))
+        if found:
+            header, text = found[0]
+            try:
+                return str(parse_address(text))
+            except InvalidAddress as e:
+                raise InvalidAddress(f"sender from the {header} header: {e.reason}") from None
+    raise InvalidMessage("no sender: the message has no From or Sender header; give the sender explicitly")
+
+
+def _envelope_recipients(recipients, fields, notify, dsn) -> list[Recipient]:
+    want_dsn = notify is not None or dsn is not None
+    given: list[tuple[str | None, str | Recipient]]
+    if recipients is not None:
+        if isinstance(recipients, (str, Recipient)):
+            recipients = [recipients]
+        given = [(None, r) for r in recipients]
+    else:
+        given = _header_addresses(fields, _RECIPIENT_HEADERS)
+    out: list[Recipient] = []
+    seen = set()
+    for header, r in given:
+        text = r.address if isinstance(r, Recipient) else r
+        try:
+            addr: Address = parse_address(text)
+        except InvalidAddress as e:
+            where = f"recipient from the {header} header" if header else "recipient"
+            raise InvalidAddress(f"{where}: {e.reason}") from None
+        key = (addr.local, addr.ascii_domain)
+        if key in seen:
+            continue
+        seen.add(key)
+        if isinstance(r, Recipient):
+            if r.orcpt is not None:
+                try:
+                    parse_address(r.orcpt)
+                except InvalidAddress as e:
+                    raise InvalidAddress(f"ORCPT of {text!r}: {e.reason}") from None
+            out.append(Recipient(str(addr), notify=r.notify, orcpt=r.orcpt))
+        else:
+            stripped = text.strip(" \t")
+            if stripped.startswith("<") and stripped.endswith(">"):
+                stripped = stripped[1:-1]
+            out.append(Recipient(str(addr), notify=notify, orcpt=stripped if want_dsn else None))
+    if not out:
+        raise InvalidMessage("no recipients: the message has no To, Cc or Bcc address; give the recipients explicitly")
+    return out
+
+
+def _make_msgid(sender: str, fields: list[_Field]) -> str:
+    """A Message-ID on the sender's (else the From) domain, never looking up the host name."""
+    domain = None
+    candidates = ([sender] if sender else []) + [a for _, a in _header_addresses(fields, ("from",))]
+    for text in candidates:
+        try:
+            domain = parse_address(text).ascii_domain
+            break
+        except InvalidAddress:
+            continue
+    # make_msgid without a domain calls socket.getfqdn(), a DNS lookup mxq must never make.
+    return email.utils.make_msgid(domain=domain or "localhost")
