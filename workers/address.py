@@ -21,7 +21,10 @@ _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
 _ATOM = re.compile(rf"[{_ATEXT}\u0080-\U0010ffff]+")
 _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"')
 _LDH_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls, and the Unicode line and paragraph separators (str.splitlines() breaks on them).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Lone surrogates: what os.fsdecode() makes of undecodable bytes (command-line arguments); not UTF-8.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 MAX_LOCAL = 64      # octets, RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 255    # octets, RFC 5321 4.5.3.1.2
@@ -67,6 +70,8 @@ def parse_address(text: str) -> Address:
         raise InvalidAddress(f"address contains CR or LF: {text!r}")
     if _CONTROL.search(text):
         raise InvalidAddress(f"address contains a control character: {text!r}")
+    if _SURROGATE.search(text):
+        raise InvalidAddress(f"address is not valid Unicode (undecodable bytes): {text!r}")
     s = text.strip(" \t")
     if s.startswith("<") and s.endswith(">"):
         s = s[1:-1]
@@ -104,6 +109,8 @@ def _check_local(local: str, text: str) -> None:
         if not _QUOTED.fullmatch(local):
             raise InvalidAddress(f"malformed quoted local part: {text!r}")
         return
+    if any(c.isspace() for c in local):   # Unicode blanks (NBSP, U+3000) look like a space but are not atext
+        raise InvalidAddress(f"local part contains a blank: {text!r}")
     atoms = local.split(".")
     if not all(_ATOM.fullmatch(a) for a in atoms):
         raise InvalidAddress(f"malformed local part {local!r} in {text!r}")
