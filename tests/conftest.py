@@ -36,6 +36,9 @@ IN_PRIVATE_NETNS = _enter_private_netns()
 os.environ.setdefault("MXQ_DNS_SERVERS", "127.0.0.1:9")
 os.environ.setdefault("MXQ_HELO_NAME", "client.mxq.test")
 
+# Redis and Postfix fixtures (redis_server, postfix) live in tests/fixtures_infra.py.
+pytest_plugins = ["tests.fixtures_infra"]
+
 
 # --------------------------------------------------------------------------
 # dns_server: one sandbox DNS server process for the whole session.
