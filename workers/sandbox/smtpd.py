@@ -130,7 +130,7 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, Session
 
 log = logging.getLogger("mxq.sandbox.smtpd")
 
@@ -355,6 +355,18 @@ class _Sink:
         self.buf = None
 
 
+class _Session(Session):
+    """aiosmtpd's Session without the deprecation warning it logs on every AUTH."""
+
+    @property
+    def login_data(self):
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value):
+        self._login_data = value
+
+
 class _Handler:
     """aiosmtpd wants a handler object; every hook lives in ``ScriptedSMTP`` instead."""
 
@@ -402,6 +414,9 @@ class ScriptedSMTP(SMTP):
         self._auth_methods = {k: v for k, v in self._auth_methods.items() if k in enabled}
 
     # -- connection ------------------------------------------------------
+
+    def _create_session(self):
+        return _Session(self.loop)
 
     def connection_made(self, transport):
         """Start (or, after STARTTLS, update) this connection's ``SessionRecord``."""

@@ -1,0 +1,844 @@
+"""One SMTP client connection, with the classic SMTP control's methods.
+
+``SMTPSession`` wraps ``smtplib.SMTP`` (which does the reply parsing, EHLO
+parsing and the AUTH exchanges) and adds what smtplib lacks for a delivery
+agent:
+
+- per-phase timeouts (RFC 5321 section 4.5.3.2): the socket timeout is set
+  before every phase from ``Timeouts``;
+- TLS policy like Postfix's ``smtp_tls_security_level``: ``none``,
+  ``opportunistic`` (``may``: STARTTLS when offered, certificate not checked,
+  clear text after a failed handshake), ``required`` (``secure``: STARTTLS must
+  succeed with a verified certificate and host name) and ``implicit`` (TLS on
+  connect, verified);
+- per-recipient RCPT replies that are returned, never raised;
+- DATA streamed in chunks from bytes, text, a file or an iterable, with line
+  ends made CRLF and dot-stuffing done across chunk boundaries, so a large
+  file is never read whole into memory;
+- every failure mapped to ``workers.errors`` with a ``Reply`` (local ones
+  carry RFC 3463 codes: 4.4.1 connect, 4.4.2 lost connection or timeout,
+  4.7.x TLS).
+
+Usage::
+
+    with SMTPSession("127.0.0.2", 25, timeouts=Timeouts(connect=5)) as s:
+        result = s.send_message("a@a.test", ["b@b.test", "c@b.test"], b"Subject: hi\\r\\n\\r\\nhello\\r\\n")
+        result.recipients["b@b.test"].code, result.reply
+
+or the staged transaction: ``create_message``, ``add_recipient`` (once per
+recipient), ``append_message`` (once or more), ``close_message``.
+
+The session never logs message content or credentials.  This module does not
+import Celery or ``tasks``.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import re
+import smtplib
+import socket
+import ssl
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from .address import Address, parse_address, parse_sender
+from .envelope import DSN, Recipient
+from .errors import (
+    InvalidMessage,
+    Scope,
+    SMTPAuthError,
+    SMTPConnectError,
+    SMTPDataError,
+    SMTPGreetingError,
+    SMTPHeloError,
+    SMTPNotSupported,
+    SMTPProtocolError,
+    SMTPSenderRefused,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+    SMTPTLSError,
+)
+from .reply import Reply
+from .timeouts import Timeouts
+
+log = logging.getLogger("mxq.session")
+
+__all__ = ["SMTPSession", "SendResult", "DotStuffer", "TLS_POLICIES", "xtext", "utf8_addr_xtext"]
+
+#: The accepted values of ``SMTPSession(tls=...)``.
+TLS_POLICIES = ("none", "opportunistic", "required", "implicit")
+
+#: Bytes read from a file or sent per socket write while streaming DATA.
+CHUNK_SIZE = 64 * 1024
+
+# Preference order when the caller names no mechanism (strongest first).
+_AUTH_PREFERENCE = ("CRAM-MD5", "PLAIN", "LOGIN")
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 section 4 xtext: "!" to "~" except "+" and "=" as is, others as "+XX"."""
+    out = []
+    for ch in value:
+        if "!" <= ch <= "~" and ch not in "+=":
+            out.append(ch)
+        else:
+            out.extend("+%02X" % b for b in ch.encode("utf-8"))
+    return "".join(out)
+
+
+def utf8_addr_xtext(value: str) -> str:
+    """RFC 6533 section 3 utf-8-addr-xtext: non-ASCII, "+", "=" and controls as ``\\x{HEX}``."""
+    out = []
+    for ch in value:
+        if "!" <= ch <= "~" and ch not in "+=\\":
+            out.append(ch)
+        else:
+            out.append("\\x{%X}" % ord(ch))
+    return "".join(out)
+
+
+@dataclass
+class SendResult:
+    """The outcome of one ``send_message`` transaction.
+
+    ``recipients`` maps each recipient address (as given) to the server's
+    RCPT reply -- or, for recipients never tried because the server said 452
+    (too many recipients), to that 452 reply, so they can be retried in a new
+    transaction.  ``reply`` is the reply to DATA's end (or to a refused DATA
+    command); None when no recipient was accepted and DATA was not sent.
+    """
+
+    recipients: dict[str, Reply] = field(default_factory=dict)
+    reply: Reply | None = None
+
+    @property
+    def accepted(self) -> list[str]:
+        """Recipients whose RCPT was accepted (2xx)."""
+        return [a for a, r in self.recipients.items() if r.is_positive()]
+
+    @property
+    def delivered(self) -> list[str]:
+        """Recipients accepted at RCPT when the final reply was 2xx as well."""
+        if self.reply is None or not self.reply.is_positive():
+            return []
+        return self.accepted
+
+
+class DotStuffer:
+    """Turns message bytes into DATA bytes, chunk by chunk.
+
+    Every line end (CRLF, bare LF, bare CR) becomes CRLF and a line starting
+    with "." gets another "." (RFC 5321 section 4.5.2), correctly when a line
+    end or a leading dot falls across a chunk boundary: a trailing CR is held
+    back until the next chunk shows whether an LF follows.  ``finish()`` ends
+    the last line and returns the tail including the final ``".\\r\\n"``.
+    """
+
+    def __init__(self) -> None:
+        self._pending_cr = False
+        self._at_line_start = True
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Convert one chunk; the result may be shorter or longer than the input."""
+        if self._pending_cr:
+            chunk = b"\r" + chunk
+            self._pending_cr = False
+        if chunk.endswith(b"\r"):
+            self._pending_cr = True
+            chunk = chunk[:-1]
+        if not chunk:
+            return b""
+        # CRLF -> LF, bare CR -> LF, then every LF -> CRLF: three passes in C.
+        data = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        data = data.replace(b"\r\n.", b"\r\n..")
+        if self._at_line_start and data.startswith(b"."):
+            data = b"." + data
+        self._at_line_start = data.endswith(b"\r\n")
+        return data
+
+    def finish(self) -> bytes:
+        """The rest: a held-back CR as a line end, a final CRLF if missing, and ``.\\r\\n``."""
+        tail = b""
+        if self._pending_cr:
+            self._pending_cr = False
+            tail = b"\r\n"
+        elif not self._at_line_start:
+            tail = b"\r\n"
+        self._at_line_start = True
+        return tail + b".\r\n"
+
+
+def _unverified_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # opportunistic TLS: encryption without authentication
+    return ctx
+
+
+_UNVERIFIED = _unverified_context()
+
+
+def _caused_by(exc: BaseException, kind: type) -> bool:
+    """True when ``exc`` or anything in its cause/context chain is a ``kind``."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _default_helo_name() -> str:
+    return os.environ.get("MXQ_HELO_NAME") or socket.getfqdn()
+
+
+class SMTPSession:
+    """One SMTP client connection to ``host:port``.
+
+    ``host`` is normally an IP address (the delivery layer resolves MX names
+    itself; the session never resolves names through the system resolver
+    when given an address).  ``server_hostname`` is the exchange's name: it
+    is what a ``required``/``implicit`` certificate must match (default:
+    ``host``) and what error texts show, as in ``mx1.b.test[127.0.0.2]:25``.
+
+    ``tls`` is one of ``TLS_POLICIES``.  ``tls_context`` replaces the default
+    client context (opportunistic: unverified; required and implicit:
+    ``ssl.create_default_context()``, which honours ``SSL_CERT_FILE``).
+    ``timeouts`` defaults to ``Timeouts.from_env()``.
+
+    Attributes after ``connect()``: ``greeting`` (Reply), ``extensions``
+    (EHLO keywords lower-case -> parameters; empty after HELO), ``esmtp``,
+    ``tls_active``, ``tls_fallback`` (why opportunistic TLS was dropped, or
+    None), ``peer`` ((ip, port)), ``accepted`` (recipients accepted in the
+    open transaction).
+    """
+
+    def __init__(self, host: str, port: int = 25, *, helo_name: str | None = None,
+                 tls: str = "opportunistic", tls_context: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None, timeouts: Timeouts | None = None,
+                 source_address: tuple[str, int] | None = None, chunk_size: int = CHUNK_SIZE):
+        if tls not in TLS_POLICIES:
+            raise ValueError(f"tls must be one of {', '.join(TLS_POLICIES)}, not {tls!r}")
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+        self.host = host
+        self.port = port
+        self.helo_name = helo_name or _default_helo_name()
+        self.tls = tls
+        self.tls_context = tls_context
+        self.server_hostname = server_hostname or host
+        self.timeouts = timeouts if timeouts is not None else Timeouts.from_env()
+        self.source_address = source_address
+        self.chunk_size = chunk_size
+
+        self.greeting: Reply | None = None
+        self.helo_reply: Reply | None = None
+        self.extensions: dict[str, str] = {}
+        self.esmtp = False
+        self.tls_active = False
+        self.tls_fallback: str | None = None
+        self.peer: tuple[str, int] | None = None
+        self.accepted: list[str] = []
+        self._smtp: smtplib.SMTP | None = None
+        self._in_mail = False        # MAIL FROM accepted, transaction open
+        self._stuffer: DotStuffer | None = None   # not None while DATA is in progress
+        self._smtputf8 = False
+
+    # ------------------------------------------------------------------
+    # plumbing
+
+    @property
+    def where(self) -> str:
+        """The exchange as logs and error texts name it: ``name[ip]:port``."""
+        ip = self.peer[0] if self.peer else self.host
+        return f"{self.server_hostname}[{ip}]:{self.port}"
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection is open (as far as the client knows)."""
+        return self._smtp is not None and self._smtp.sock is not None
+
+    def _abort(self) -> None:
+        """Drop the connection without QUIT (after a timeout or a broken connection)."""
+        smtp, self._smtp = self._smtp, None
+        self._stuffer = None
+        self._in_mail = False
+        self.accepted = []
+        if smtp is not None:
+            try:
+                smtp.close()
+            except OSError:
+                pass
+
+    def _lost(self, phase: str, exc: BaseException) -> SMTPServerDisconnected:
+        self._abort()
+        detail = f": {exc}" if str(exc) else ""
+        return SMTPServerDisconnected(
+            Reply.local("4.4.2", f"lost connection with {self.where} while {phase}{detail}"))
+
+    def _timed_out(self, phase: str) -> SMTPTimeoutError:
+        self._abort()
+        return SMTPTimeoutError(Reply.local("4.4.2", f"conversation with {self.where} timed out while {phase}"))
+
+    def _io(self, phase: str, timeout: float, fn, *args):
+        """Run one exchange with the server under ``timeout``, mapping network failures."""
+        if not self.connected:
+            raise SMTPServerDisconnected(Reply.local("4.4.2", f"not connected to {self.where} ({phase})"))
+        self._smtp.sock.settimeout(timeout)
+        try:
+            return fn(*args)
+        except smtplib.SMTPServerDisconnected as e:
+            if _caused_by(e, TimeoutError):   # smtplib turns a read timeout into this
+                raise self._timed_out(phase) from e
+            raise self._lost(phase, e) from e
+        except smtplib.SMTPException:   # a reply-carrying error (AUTH): the caller maps it
+            raise
+        except OSError as e:   # socket and ssl errors
+            if _caused_by(e, TimeoutError):
+                raise self._timed_out(phase) from e
+            raise self._lost(phase, e) from e
+
+    def _command(self, phase: str, timeout: float, cmd: str, args: str = "") -> Reply:
+        code, msg = self._io(phase, timeout, self._smtp.docmd, cmd, args)
+        if code == -1:   # smtplib's "no valid reply"
+            raise self._lost(phase, OSError(msg.decode("utf-8", "replace") if isinstance(msg, bytes) else msg))
+        return Reply.parse(code, msg)
+
+    def _require_connected(self, what: str) -> None:
+        if not self.connected:
+            raise SMTPProtocolError(Reply.local("4.3.0", f"{what}: not connected; call connect() first"),
+                                    scope=Scope.SITE)
+
+    # ------------------------------------------------------------------
+    # connection
+
+    def connect(self) -> Reply:
+        """Connect, read the greeting, EHLO (HELO fallback) and apply the TLS policy.
+
+        Returns the greeting.  Raises ``SMTPConnectError`` (refused,
+        unreachable), ``SMTPTimeoutError`` (connect, greeting or command
+        timeout), ``SMTPServerDisconnected``, ``SMTPGreetingError`` (not 220),
+        ``SMTPHeloError`` or ``SMTPTLSError``.  Calling it while connected
+        returns the current greeting.
+        """
+        if self.connected:
+            return self.greeting
+        self.tls_fallback = None
+        try:
+            self._open(starttls=self.tls in ("opportunistic", "required"))
+        except _TLSFallback as fb:
+            # Opportunistic TLS failed during the handshake: like Postfix, try
+            # once more in clear text on a new connection.
+            self.tls_fallback = fb.reason
+            log.info("%s: %s; retrying without TLS", self.where, fb.reason)
+            self._open(starttls=False)
+        return self.greeting
+
+    def _new_socket(self) -> socket.socket:
+        try:
+            sock = socket.create_connection((self.host, self.port), self.timeouts.connect, self.source_address)
+        except TimeoutError as e:
+            raise SMTPTimeoutError(Reply.local(
+                "4.4.1", f"connect to {self.where}: Connection timed out")) from e
+        except ConnectionRefusedError as e:
+            raise SMTPConnectError(Reply.local("4.4.1", f"connect to {self.where}: Connection refused")) from e
+        except OSError as e:
+            raise SMTPConnectError(Reply.local(
+                "4.4.1", f"connect to {self.where}: {e.strerror or e}")) from e
+        if self.tls == "implicit":
+            ctx = self.tls_context or ssl.create_default_context()
+            sock.settimeout(self.timeouts.connect)
+            try:
+                sock = ctx.wrap_socket(sock, server_hostname=self.server_hostname)
+            except TimeoutError as e:
+                sock.close()
+                raise SMTPTimeoutError(Reply.local(
+                    "4.4.2", f"TLS handshake with {self.where} timed out")) from e
+            except (ssl.SSLError, ssl.CertificateError, OSError) as e:
+                sock.close()
+                raise SMTPTLSError(Reply.local("4.7.5", f"TLS handshake with {self.where} failed: {e}")) from e
+        return sock
+
+    def _open(self, starttls: bool) -> None:
+        self._abort()
+        self.greeting = self.helo_reply = None
+        self.extensions, self.esmtp, self.tls_active, self.peer = {}, False, False, None
+        smtp = smtplib.SMTP(local_hostname=self.helo_name)
+        sock = self._new_socket()
+        smtp.sock = sock
+        smtp._host = self.server_hostname  # smtplib's name for the peer (used in its own messages)
+        self._smtp = smtp
+        self.peer = tuple(sock.getpeername()[:2])
+        self.tls_active = self.tls == "implicit"
+        code, msg = self._io("receiving the initial server greeting", self.timeouts.greeting, smtp.getreply)
+        self.greeting = Reply.parse(code, msg)
+        if code != 220:
+            self._abort()
+            raise SMTPGreetingError(self.greeting)
+        self._hello()
+        if not starttls:
+            return
+        if "starttls" not in self.extensions:
+            if self.tls == "required":
+                self.disconnect()
+                raise SMTPTLSError(Reply.local("4.7.4", f"TLS is required, but was not offered by {self.where}"))
+            return
+        self._starttls()
+
+    def _hello(self) -> None:
+        smtp = self._smtp
+        code, msg = self._io("sending EHLO", self.timeouts.command, smtp.ehlo, self.helo_name)
+        if code == 250:
+            self.esmtp = True
+            self.extensions = {k.lower(): v.strip() for k, v in smtp.esmtp_features.items()}
+            self.helo_reply = Reply.parse(code, msg)
+            return
+        ehlo_reply = Reply.parse(code, msg)
+        if code == 421:
+            self._abort()
+            raise SMTPHeloError(ehlo_reply)
+        code, msg = self._io("sending HELO", self.timeouts.command, smtp.helo, self.helo_name)
+        self.helo_reply = Reply.parse(code, msg)
+        if code != 250:
+            self.disconnect()
+            raise SMTPHeloError(self.helo_reply)
+        self.esmtp = False
+        self.extensions = {}
+
+    def _starttls(self) -> None:
+        opportunistic = self.tls == "opportunistic"
+        if self.tls_context is not None:
+            ctx = self.tls_context
+        else:
+            ctx = _UNVERIFIED if opportunistic else ssl.create_default_context()
+        reply = self._command("sending STARTTLS", self.timeouts.command, "STARTTLS")
+        if reply.code != 220:
+            if opportunistic:
+                # The session is still in a known state (RFC 3207 section 4):
+                # carry on in clear text on this connection.
+                self.tls_fallback = f"STARTTLS refused: {reply}"
+                log.info("%s: %s; continuing without TLS", self.where, self.tls_fallback)
+                return
+            self.disconnect()
+            raise SMTPTLSError(Reply.local("4.7.5", f"STARTTLS refused by {self.where}: {reply}"))
+        smtp = self._smtp
+        smtp.sock.settimeout(self.timeouts.command)
+        try:
+            smtp.sock = ctx.wrap_socket(smtp.sock, server_hostname=self.server_hostname)
+        except (ssl.SSLError, ssl.CertificateError, OSError) as e:
+            self._abort()
+            if opportunistic:
+                raise _TLSFallback(f"TLS handshake failed: {e}") from e
+            if isinstance(e, TimeoutError):
+                raise SMTPTimeoutError(Reply.local("4.4.2", f"TLS handshake with {self.where} timed out")) from e
+            raise SMTPTLSError(Reply.local("4.7.5", f"TLS handshake with {self.where} failed: {e}")) from e
+        # Forget everything learnt in clear text (RFC 3207 section 4.2).
+        smtp.file = None
+        smtp.helo_resp = smtp.ehlo_resp = None
+        smtp.esmtp_features = {}
+        smtp.does_esmtp = False
+        self.tls_active = True
+        self._hello()
+
+    # ------------------------------------------------------------------
+    # authentication
+
+    def authenticate(self, user: str, password: str | None = None, *, oauth2_token: str | None = None,
+                     mechanism: str | None = None) -> Reply:
+        """AUTH with the best offered mechanism (CRAM-MD5 > PLAIN > LOGIN), or XOAUTH2 with a token.
+
+        ``mechanism`` forces one (it must be offered).  Raises
+        ``SMTPAuthError`` with the server's reply on failure, or with a local
+        5.7.4 reply when no usable mechanism is offered.  Credentials are
+        never logged.
+        """
+        self._require_connected("authenticate")
+        offered = [m.upper() for m in self.extensions.get("auth", "").split()]
+        if mechanism:
+            mech = mechanism.upper()
+            candidates = [mech] if mech in offered else []
+        elif oauth2_token is not None:
+            candidates = ["XOAUTH2"] if "XOAUTH2" in offered else []
+        else:
+            candidates = [m for m in _AUTH_PREFERENCE if m in offered]
+        if not candidates:
+            want = mechanism or ("XOAUTH2" if oauth2_token is not None else " ".join(_AUTH_PREFERENCE))
+            raise SMTPAuthError(Reply.local(
+                "5.7.4", f"{self.where} offers no usable authentication mechanism "
+                         f"(offered: {' '.join(offered) or 'none'}; usable: {want})"))
+        mech = candidates[0]
+        if mech == "XOAUTH2":
+            if oauth2_token is None:
+                raise SMTPAuthError(Reply.local("5.7.8", "XOAUTH2 needs an oauth2_token"))
+            token = oauth2_token
+
+            def authobject(challenge=None):
+                # First call: the initial response; after an error challenge
+                # (334 + JSON) the client must answer with an empty line.
+                return f"user={user}\x01auth=Bearer {token}\x01\x01" if challenge is None else ""
+        else:
+            if password is None:
+                raise SMTPAuthError(Reply.local("5.7.8", f"AUTH {mech} needs a password"))
+            smtp = self._smtp
+            smtp.user, smtp.password = user, password
+            authobject = getattr(smtp, "auth_" + mech.lower().replace("-", "_"))
+        try:
+            code, msg = self._io(f"authenticating with {mech}", self.timeouts.command,
+                                 self._smtp.auth, mech, authobject)
+        except smtplib.SMTPAuthenticationError as e:
+            raise SMTPAuthError(Reply.parse(e.smtp_code, e.smtp_error)) from None
+        except UnicodeEncodeError:
+            # smtplib sends AUTH data as ASCII; the exchange may be half done.
+            self._abort()
+            raise SMTPAuthError(Reply.local("5.7.8", "non-ASCII credentials are not supported")) from None
+        except smtplib.SMTPException as e:
+            self._abort()
+            raise SMTPAuthError(Reply.local("4.7.0", f"AUTH {mech} with {self.where} failed: {e}")) from None
+        finally:
+            if self._smtp is not None:
+                self._smtp.password = None
+        return Reply.parse(code, msg)
+
+    # ------------------------------------------------------------------
+    # the transaction
+
+    def create_message(self, sender: str | None, size: int | None = None, dsn: DSN | None = None, *,
+                       smtputf8: bool = False, eightbit: bool = False) -> Reply:
+        """MAIL FROM; "" or None is the null sender ``<>``.
+
+        Parameters are sent only when the server advertises them: SIZE,
+        BODY=8BITMIME (when ``eightbit``; without 8BITMIME the message is sent
+        anyway, like Postfix does), SMTPUTF8 (when ``smtputf8`` or the sender
+        needs it), RET/ENVID (DSN).  Raises ``InvalidAddress`` (nothing sent),
+        ``SMTPNotSupported`` (5.3.4 size over the advertised limit; 5.6.7
+        SMTPUTF8 needed but not offered; nothing sent), ``SMTPSenderRefused``
+        (the server's refusal), ``SMTPProtocolError`` (a transaction is open).
+        """
+        addr = parse_sender(sender)
+        self._require_connected("create_message")
+        if self._in_mail or self._stuffer is not None:
+            raise SMTPProtocolError(Reply.local("4.3.0", "a transaction is open: close_message() or reset() first"))
+        ext = self.extensions
+        needs_utf8 = smtputf8 or (addr is not None and addr.needs_smtputf8)
+        params = []
+        if needs_utf8:
+            if "smtputf8" not in ext:
+                raise SMTPNotSupported(Reply.local(
+                    "5.6.7", f"SMTPUTF8 required but not offered by {self.where}"))
+            params.append("SMTPUTF8")
+        if (eightbit or needs_utf8) and "8bitmime" in ext:
+            params.append("BODY=8BITMIME")
+        elif eightbit:
+            log.info("%s: 8-bit message sent without 8BITMIME (not offered)", self.where)
+        if size is not None and "size" in ext:
+            limit = int(ext["size"]) if ext["size"].strip().isdigit() else 0
+            if limit and size > limit:
+                raise SMTPNotSupported(Reply.local(
+                    "5.3.4", f"message size {size} exceeds size limit {limit} of server {self.where}"))
+            params.append(f"SIZE={int(size)}")
+        if dsn is not None and "dsn" in ext:
+            if dsn.ret:
+                params.append(f"RET={dsn.ret.upper()}")
+            if dsn.envid:
+                params.append(f"ENVID={xtext(dsn.envid)}")
+        self._smtp.command_encoding = "utf-8" if needs_utf8 else "ascii"
+        path = f"<{addr.smtp()}>" if addr is not None else "<>"
+        reply = self._command("sending MAIL FROM", self.timeouts.command, "MAIL",
+                              " ".join([f"FROM:{path}"] + params))
+        if reply.code != 250:
+            raise SMTPSenderRefused(reply, scope=Scope.SITE if reply.code == 421 else None)
+        self._in_mail = True
+        self._smtputf8 = needs_utf8
+        self.accepted = []
+        return reply
+
+    def add_recipient(self, address: str | Recipient, notify: Iterable[str] | None = None,
+                      orcpt: str | None = None) -> Reply:
+        """RCPT TO; returns the server's reply and never raises for a 4xx/5xx.
+
+        ``address`` may be a ``Recipient`` (its notify/orcpt are used unless
+        given here).  NOTIFY and ORCPT (``rfc822;xtext``, or ``utf-8;`` per
+        RFC 6533 for a non-ASCII address) are sent only when the server
+        advertises DSN.  A malformed address raises ``InvalidAddress`` before
+        anything is sent; a non-ASCII address in a transaction without
+        SMTPUTF8 gets a local 5.6.7 reply without anything sent.  A dead
+        connection raises ``SMTPServerDisconnected`` / ``SMTPTimeoutError``.
+        """
+        if isinstance(address, Recipient):
+            notify = address.notify if notify is None else notify
+            orcpt = address.orcpt if orcpt is None else orcpt
+            address = address.address
+        addr = parse_address(address)
+        if not self._in_mail:
+            raise SMTPProtocolError(Reply.local("4.3.0", "add_recipient before create_message"))
+        if addr.needs_smtputf8 and not self._smtputf8:
+            return Reply.local("5.6.7", f"<{address}>: SMTPUTF8 needed but not requested in MAIL FROM")
+        params = []
+        if "dsn" in self.extensions:
+            if notify:
+                params.append("NOTIFY=" + ",".join(n.strip().upper() for n in notify))
+            if orcpt:
+                params.append("ORCPT=" + _orcpt(orcpt))
+        reply = self._command("sending RCPT TO", self.timeouts.command, "RCPT",
+                              " ".join([f"TO:<{addr.smtp()}>"] + params))
+        if reply.code in (250, 251):
+            self.accepted.append(address)
+        return reply
+
+    def append_message(self, content) -> None:
+        """Send (more of) the message text; the first call sends DATA.
+
+        ``content``: bytes, ``str`` (message text, UTF-8), a path
+        (``os.PathLike``), a binary file object, or an iterable of byte
+        chunks.  It is streamed in ``chunk_size`` pieces with line ends made
+        CRLF and dot-stuffing applied, with ``timeouts.data_block`` per write.
+        Raises ``SMTPProtocolError`` when no recipient was accepted (DATA is
+        not sent), ``SMTPDataError`` when the server refuses DATA (the
+        transaction stays open: ``reset()``), ``InvalidMessage`` for an
+        unreadable content (nothing sent when it is detected before DATA).
+        If reading the content fails midway the connection is dropped, so a
+        truncated message is never completed.
+        """
+        self._require_connected("append_message")
+        chunks = _chunks(content, self.chunk_size)
+        if self._stuffer is None:
+            if not self._in_mail or not self.accepted:
+                _close_quietly(chunks)
+                raise SMTPProtocolError(Reply.local("5.5.1", "no accepted recipient: DATA not sent"))
+            try:
+                reply = self._command("sending DATA", self.timeouts.data_init, "DATA")
+            except BaseException:
+                _close_quietly(chunks)
+                raise
+            if reply.code != 354:
+                _close_quietly(chunks)
+                raise SMTPDataError(reply, scope=Scope.SITE if reply.code == 421 else None)
+            self._stuffer = DotStuffer()
+        sock_send = self._smtp.sock.sendall
+        try:
+            for chunk in chunks:
+                data = self._stuffer.feed(chunk)
+                if data:
+                    self._io("sending message content", self.timeouts.data_block, sock_send, data)
+        except (SMTPServerDisconnected, SMTPTimeoutError):
+            raise
+        except BaseException:
+            # The content source failed mid-stream: never let a partial message
+            # be completed by a later close_message().
+            self._abort()
+            raise
+        finally:
+            _close_quietly(chunks)
+
+    def close_message(self) -> Reply:
+        """End DATA (final CRLF if missing, then ".") and return the server's final reply.
+
+        A 4xx/5xx refusal is returned, not raised.  A timeout raises
+        ``SMTPTimeoutError``; a dropped connection ``SMTPServerDisconnected``
+        -- never a success.  Sends DATA first if ``append_message`` was not
+        called (an empty message).
+        """
+        if self._stuffer is None:
+            self.append_message(b"")
+        tail = self._stuffer.finish()
+        self._io("sending end of data", self.timeouts.data_block, self._smtp.sock.sendall, tail)
+        code, msg = self._io("waiting for the reply to the end of data", self.timeouts.data_final,
+                             self._smtp.getreply)
+        if code == -1:
+            raise self._lost("waiting for the reply to the end of data", OSError("no valid reply"))
+        self._stuffer = None
+        self._in_mail = False
+        return Reply.parse(code, msg)
+
+    def send_message(self, sender: str | None, recipients: Iterable[str | Recipient], content,
+                     dsn: DSN | None = None, *, size: int | None = None, eightbit: bool | None = None,
+                     smtputf8: bool | None = None) -> SendResult:
+        """One whole transaction: MAIL, a RCPT per recipient, DATA.
+
+        Per-recipient replies are in the result; a 452 stops adding and is
+        given to the remaining recipients.  When no recipient is accepted the
+        transaction is reset and ``reply`` is None.  A refused DATA command is
+        returned as ``reply`` (after RSET).  For bytes/str content, ``size``
+        and ``eightbit`` are worked out when not given; SMTPUTF8 is used when
+        an address needs it (or ``smtputf8``).  Raises what
+        ``create_message`` raises; a 421 to RCPT raises
+        ``SMTPServerDisconnected`` (site scope).
+        """
+        rcpts = [Recipient.of(r) for r in recipients]
+        if not rcpts:
+            raise InvalidMessage("no recipients")
+        parsed: list[Address] = [parse_address(r.address) for r in rcpts]
+        if isinstance(content, str):
+            content = content.encode("utf-8")
+        if isinstance(content, (bytes, bytearray, memoryview)):
+            if size is None:
+                size = len(content)
+            if eightbit is None:
+                data = content.tobytes() if isinstance(content, memoryview) else content
+                eightbit = not data.isascii()
+        elif isinstance(content, os.PathLike) and size is None:
+            try:
+                size = os.path.getsize(content)
+            except OSError as e:
+                raise InvalidMessage(f"cannot read {os.fspath(content)}: {e}") from e
+        need_utf8 = bool(smtputf8) or any(a.needs_smtputf8 for a in parsed)
+        self.create_message(sender, size, dsn, smtputf8=need_utf8, eightbit=bool(eightbit))
+        result = SendResult()
+        for i, rcpt in enumerate(rcpts):
+            reply = self.add_recipient(rcpt)
+            result.recipients[rcpt.address] = reply
+            if reply.code == 421:
+                self._abort()
+                raise SMTPServerDisconnected(reply, scope=Scope.SITE)
+            if reply.code == 452:
+                # Too many recipients (RFC 5321 section 4.5.3.1.10): the rest
+                # wait for another transaction.
+                for rest in rcpts[i + 1:]:
+                    result.recipients.setdefault(rest.address, reply)
+                break
+        if not self.accepted:
+            self.reset()
+            return result
+        try:
+            self.append_message(content)
+        except SMTPDataError as e:
+            result.reply = e.reply
+            if self.connected:
+                self.reset()
+            return result
+        result.reply = self.close_message()
+        return result
+
+    def reset(self) -> Reply:
+        """RSET: abandon the open transaction (if any); the connection stays usable.
+
+        Not allowed while DATA is in progress (``SMTPProtocolError``): the
+        only way out of DATA is ``close_message()`` or ``disconnect()``.
+        """
+        self._require_connected("reset")
+        if self._stuffer is not None:
+            raise SMTPProtocolError(Reply.local("4.3.0", "cannot RSET during DATA"))
+        reply = self._command("sending RSET", self.timeouts.command, "RSET")
+        self._in_mail = False
+        self.accepted = []
+        return reply
+
+    def noop(self) -> Reply:
+        """NOOP: check that the connection is still alive."""
+        self._require_connected("noop")
+        return self._command("sending NOOP", self.timeouts.command, "NOOP")
+
+    def disconnect(self) -> None:
+        """QUIT and close; tolerant of a dead peer, never raises.
+
+        During DATA no QUIT is sent (it would become message text): the
+        connection is just closed, so the server discards the message.
+        """
+        if self._smtp is None:
+            return
+        if self._stuffer is None and self._smtp.sock is not None:
+            try:
+                self._smtp.sock.settimeout(min(self.timeouts.command, 10.0))
+                self._smtp.docmd("QUIT")
+            except Exception:   # a dead peer: nothing more to say
+                pass
+        self._abort()
+
+    close = disconnect
+
+    def __enter__(self) -> "SMTPSession":
+        if not self.connected:
+            self.connect()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.disconnect()
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "closed"
+        return f"<SMTPSession {self.where} tls={self.tls} {state}>"
+
+
+class _TLSFallback(Exception):
+    """Internal: opportunistic TLS failed in the handshake; reconnect in clear text."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _orcpt(value: str) -> str:
+    """ORCPT value: ``rfc822;xtext(addr)``, or ``utf-8;...`` (RFC 6533) for non-ASCII."""
+    kind, sep, addr = value.partition(";")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9-]+", kind):
+        kind, addr = "rfc822", value
+    addr = addr.strip().strip("<>")
+    if not addr.isascii():
+        return "utf-8;" + utf8_addr_xtext(addr)
+    return f"{kind};{xtext(addr)}"
+
+
+def _close_quietly(it) -> None:
+    close = getattr(it, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            pass
+
+
+def _split(data, size: int) -> Iterator[bytes]:
+    view = memoryview(data)
+    for i in range(0, len(view), size):
+        yield bytes(view[i:i + size])
+
+
+def _chunks(content, size: int) -> Iterator[bytes]:
+    """An iterator of byte chunks for any supported content; files are opened eagerly.
+
+    Opening (and type checking) happens here, before DATA is sent, so a
+    missing file or an unsupported type fails with nothing sent.
+    """
+    if isinstance(content, str):
+        return _split(content.encode("utf-8"), size)
+    if isinstance(content, (bytes, bytearray, memoryview)):
+        return _split(content, size)
+    if isinstance(content, os.PathLike):
+        try:
+            f = open(content, "rb")
+        except OSError as e:
+            raise InvalidMessage(f"cannot read {os.fspath(content)}: {e}") from e
+        return _read_file(f, size, close=True)
+    if hasattr(content, "read"):
+        return _read_file(content, size, close=False)
+    if isinstance(content, Iterable):
+        return _iterate(content, size)
+    raise InvalidMessage(f"unsupported message content type {type(content).__name__}")
+
+
+def _read_file(f, size: int, close: bool) -> Iterator[bytes]:
+    try:
+        while True:
+            piece = f.read(size)
+            if not piece:
+                return
+            yield piece.encode("utf-8") if isinstance(piece, str) else bytes(piece)
+    finally:
+        if close:
+            f.close()
+
+
+def _iterate(chunks: Iterable, size: int) -> Iterator[bytes]:
+    for chunk in chunks:
+        if isinstance(chunk, str):
+            chunk = chunk.encode("utf-8")
+        elif not isinstance(chunk, (bytes, bytearray, memoryview)):
+            raise InvalidMessage(f"message chunks must be bytes, not {type(chunk).__name__}")
+        if len(chunk) > size:
+            yield from _split(chunk, size)
+        else:
+            yield bytes(chunk)
