@@ -14,7 +14,7 @@ Contract with the core (``tasks/graph.py``)
 Pure parts, no Redis::
 
     build_report(sender=..., recipients=[ReportRecipient, ...], original=b"...",
-                 helo_name=..., ret=None, envid=None, arrival=None, delayed=False) -> EmailMessage
+                 helo_name=..., ret=None, envid=None, arrival=None, date=None) -> EmailMessage
     wants_report(sender, notify, action) -> bool
     ReportRecipient.from_record(record, action=..., ...)   # from a stored recipient dict
 
@@ -40,16 +40,14 @@ report is submitted with ``tasks.submit(report_bytes, sender="",
 recipients=[message["sender"]])`` (``submit`` overrides that callable, for
 tests) and its job id returned; None when no report was due.
 
-``send_reports`` does not remember which delay notices were sent: the caller
-passes only newly deferred recipients, or uses ``on_deferred`` (below), which
-records the notified addresses in Redis (``mxq:notify:{job}:delayed``, a set
-that expires with the job) so each recipient gets at most one delay notice.
-
-Celery: the task ``mxq.notify`` (``notify_task``), routed to the
-``notifications`` queue, wraps ``send_reports`` so the core may hand report
-generation off its delivery workers: ``notify_task.delay(message_without_content,
-records, action)``; when ``message`` has no ``content`` the task loads it with
-``tasks.store``.  Reports themselves are ordinary jobs, delivered like any mail.
+Delay notices are sent once: the core marks a recipient's record
+``delay_reported`` and queues a ``delayed`` event only the first time it is
+deferred (``tasks.store``: report work items ``!r|{job}|{index}|{event}`` on
+the report lane, handled by the core's ``mxq.notify`` task, which groups the
+items of one job and event and calls ``send_reports`` once per group).
+``message_from_meta(job_id, meta, content)`` turns the store's job hash
+(``tasks.store``: ``sender``, ``ret``, ``envid``, ``created``) into the
+``message`` mapping above.  Reports are ordinary jobs, delivered like any mail.
 """
 
 from __future__ import annotations
@@ -304,6 +302,22 @@ def _human_text(recipients: Sequence[ReportRecipient], helo_name: str, delayed: 
         host = f" (host {r.remote_mta} said: {why})" if r.remote_mta and r.remote else f": {why}"
         lines.append(f"<{r.address}>{host}")
     return "\n".join(lines) + "\n"
+
+
+def message_from_meta(job_id: str, meta: Mapping[str, str], content: bytes,
+                      max_lifetime: float | None = None) -> dict:
+    """The ``message`` mapping of ``send_reports`` from the store's job hash (``tasks.store``).
+
+    ``expires`` (reported as Will-Retry-Until in delay notices) is the
+    submission time plus ``max_lifetime`` (default: ``MXQ_MAX_LIFETIME``).
+    """
+    created = float(meta["created"]) if meta.get("created") else None
+    if max_lifetime is None:
+        from tasks.settings import PipelineSettings
+        max_lifetime = PipelineSettings.from_env().max_lifetime
+    return {"job": job_id, "sender": meta.get("sender") or "", "content": content,
+            "ret": meta.get("ret") or None, "envid": meta.get("envid") or None,
+            "arrival": created, "expires": created + max_lifetime if created is not None else None}
 
 
 def send_reports(message: Mapping, records: Iterable[Mapping], *, action: str = "failed",

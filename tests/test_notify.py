@@ -205,3 +205,13 @@ def test_build_report_refuses_null_sender_and_empty():
         build_report(sender="", recipients=[ReportRecipient("a@b.test")], original=ORIGINAL, helo_name="h")
     with pytest.raises(ValueError):
         build_report(sender="a@b.test", recipients=[], original=ORIGINAL, helo_name="h")
+
+
+def test_message_from_meta_maps_the_store_hash():
+    from tasks.notify import message_from_meta
+    meta = {"sender": "alice@origin.test", "ret": "FULL", "envid": "E1", "created": "1700000000.5", "n": "2"}
+    m = message_from_meta("j9", meta, ORIGINAL, max_lifetime=3600)
+    assert m == {"job": "j9", "sender": "alice@origin.test", "content": ORIGINAL, "ret": "FULL",
+                 "envid": "E1", "arrival": 1_700_000_000.5, "expires": 1_700_003_600.5}
+    m = message_from_meta("j9", {"sender": "", "ret": "", "envid": "", "created": "1"}, b"x", max_lifetime=1)
+    assert m["sender"] == "" and m["ret"] is None and m["envid"] is None
