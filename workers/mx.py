@@ -99,9 +99,13 @@ class Resolver:
         self.settings = settings if settings is not None else Settings.from_env()
         if redis is None and cache is None and self.settings.redis_url:
             import redis as redis_lib   # only when asked for: library users may not run Redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
 
+            # The cache is an optimisation: one quick try, no retries with back-off
+            # (redis-py's default), so a dead Redis costs milliseconds, not seconds.
             redis = redis_lib.Redis.from_url(self.settings.redis_url, socket_timeout=1.0,
-                                             socket_connect_timeout=1.0)
+                                             socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0))
         if cache is None:
             kw = {"clock": clock} if clock is not None else {}
             cache = DNSCache(self.settings, redis=redis, **kw)
