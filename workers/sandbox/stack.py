@@ -1,0 +1,350 @@
+"""The demo / local sandbox: a DNS server and a set of SMTP servers with named behaviours.
+
+Every domain in ``PLAN`` is served by the sandbox DNS server process
+(``workers.sandbox.dns``) and, where it has exchanges, by scripted aiosmtpd
+servers (``workers.sandbox.smtpd``) on ``127.0.0.x``.  Everything listens on
+loopback only and every name is under ``.test`` or ``.example``.
+
+========================  ==================================================  =====================
+domain                    what its exchanges do                               one delivery run gives
+========================  ==================================================  =====================
+``healthy.test``          one exchange, accepts (STARTTLS offered)            delivered
+``greylist.test``         greylists the first attempt (450 4.7.1), then       deferred, then
+                          accepts a retry                                     delivered on retry
+``deadfirst.test``        MX 10 refuses connections (nothing listens),        delivered (by mx2)
+                          MX 20 accepts
+``slowfirst.test``        MX 10 accepts the TCP connection but never greets,  delivered (by mx2,
+                          MX 20 accepts                                       after the greeting
+                                                                              timeout)
+``nullmx.test``           null MX (``MX 0 .``, RFC 7505): accepts no mail     bounced (5.1.10)
+``bounce.test``           550 5.1.1 for local parts ``nobody*``, ``unknown*``, bounced for those,
+                          ``reject*``; 552 5.2.2 for ``full*``; others ok     delivered for others
+(any other ``.test``)     not in DNS                                          bounced (5.1.2)
+``relay.example``         a smarthost on :587, STARTTLS required, AUTH        (used only when
+                          (user ``mxq``, password ``sandbox``)                MXQ_RELAY is set)
+========================  ==================================================  =====================
+
+On every exchange, local parts starting ``reject`` get 550 5.1.1 and
+``later`` get 450 4.2.0 (the scripted servers' default rules).
+
+Accepted mail is written to ``<workdir>/mail/<domain>/<id>.eml`` (with a
+``.json`` of its envelope) and kept in memory on the server handles.
+
+Library use::
+
+    sandbox = start_sandbox(workdir)            # needs 127.0.0.x:25 -> a private netns as root
+    os.environ.update(sandbox.env)              # MXQ_DNS_SERVERS, MXQ_SMTP_PORT, ...
+    ...
+    sandbox.messages("healthy.test")            # what arrived
+    sandbox.stop()
+
+Command line (prints the environment to use; runs until Ctrl-C / SIGTERM)::
+
+    python -m workers.sandbox.stack [--workdir DIR] [--base-ip 127.0.0.] [--dns-port 53]
+                                    [--smtp-port 25] [--env-file PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .dns import DNSServerProcess, start_dns_server
+from .smtpd import DEFAULT_RCPT_RULES, Behaviour, ServerHandle, SilentServer, TLSBundle, make_tls, start_server
+
+__all__ = ["Exchange", "Domain", "PLAN", "RELAY_DOMAIN", "RELAY_USER", "RELAY_PASSWORD",
+           "DEMO_RECIPIENTS", "Sandbox", "start_sandbox", "main"]
+
+RELAY_DOMAIN = "relay.example"
+RELAY_USER = "mxq"
+RELAY_PASSWORD = "sandbox"
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One mail exchanger of a sandbox domain.
+
+    ``octet`` is the last byte of its 127.0.0.x address; ``kind`` says what
+    listens there: ``"smtp"`` (a scripted server with ``behaviour`` applied on
+    top of the sandbox defaults), ``"refuse"`` (nothing: connections are
+    refused at once) or ``"silent"`` (accepts TCP, never greets).
+    """
+
+    name: str
+    preference: int
+    octet: int
+    kind: str = "smtp"
+    behaviour: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A sandbox domain: its exchanges (none for a null MX), and what a delivery run should give."""
+
+    name: str
+    description: str
+    expect: str
+    exchanges: tuple[Exchange, ...] = ()
+    null_mx: bool = False
+
+
+_BOUNCE_RULES = dict(DEFAULT_RCPT_RULES, **{
+    "nobody": "550 5.1.1 <{address}>: Recipient address rejected: User unknown",
+    "unknown": "550 5.1.1 <{address}>: Recipient address rejected: User unknown",
+    "full": "552 5.2.2 <{address}>: Mailbox full",
+})
+
+#: The sandbox's domains, in the order they are shown.
+PLAN: tuple[Domain, ...] = (
+    Domain("healthy.test", "one exchange, accepts", "delivered",
+           (Exchange("mx.healthy.test", 10, 11),)),
+    Domain("greylist.test", "greylists the first attempt (450 4.7.1), accepts a retry", "deferred",
+           (Exchange("mx.greylist.test", 10, 12, behaviour={"greylist": True}),)),
+    Domain("deadfirst.test", "MX 10 refuses connections, MX 20 accepts", "delivered",
+           (Exchange("mx1.deadfirst.test", 10, 13, kind="refuse"),
+            Exchange("mx2.deadfirst.test", 20, 14))),
+    Domain("slowfirst.test", "MX 10 never sends a greeting, MX 20 accepts", "delivered",
+           (Exchange("mx1.slowfirst.test", 10, 15, kind="silent"),
+            Exchange("mx2.slowfirst.test", 20, 16))),
+    Domain("nullmx.test", "null MX (RFC 7505): accepts no mail", "bounced", null_mx=True),
+    Domain("bounce.test", "550 5.1.1 for nobody*/unknown*, 552 5.2.2 for full*", "bounced",
+           (Exchange("mx.bounce.test", 10, 17, behaviour={"rcpt_rules": _BOUNCE_RULES}),)),
+)
+
+#: The relay (smarthost); not an MX target, used only when MXQ_RELAY points at it.
+RELAY = Exchange(f"smtp.{RELAY_DOMAIN}", 0, 30, behaviour={
+    "auth": {RELAY_USER: RELAY_PASSWORD}, "require_starttls": True, "auth_required": True})
+RELAY_PORT = 587
+
+#: The DNS server's last octet.
+DNS_OCTET = 53
+
+#: One recipient per behaviour, for the demo; ``missing.test`` is not in DNS (NXDOMAIN).
+DEMO_RECIPIENTS: tuple[str, ...] = (
+    "ann@healthy.test",
+    "ben@greylist.test",
+    "cat@deadfirst.test",
+    "dan@slowfirst.test",
+    "eve@nullmx.test",
+    "nobody@bounce.test",
+    "fay@bounce.test",
+    "gus@missing.test",
+)
+
+
+class Sandbox:
+    """A running sandbox: the DNS server process, the SMTP servers and the environment to use.
+
+    ``env`` holds the ``MXQ_*`` settings that point mxq at it (plus
+    ``SSL_CERT_FILE``, so certificate checks trust the sandbox CA).
+    ``servers`` maps exchange host names to ``ServerHandle``s.  ``stop()`` is
+    idempotent; the object is also a context manager.
+    """
+
+    def __init__(self, workdir: Path, base_ip: str, dns_port: int, smtp_port: int):
+        self.workdir = Path(workdir)
+        self.base_ip = base_ip
+        self.smtp_port = smtp_port
+        self.dns_port = dns_port
+        self.mail_dir = self.workdir / "mail"
+        self.dns: DNSServerProcess | None = None
+        self.tls: TLSBundle | None = None
+        self.servers: dict[str, ServerHandle] = {}
+        self.silent: dict[str, SilentServer] = {}
+        self.domains: tuple[Domain, ...] = PLAN
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def ip(self, octet: int) -> str:
+        """The sandbox address with this last byte."""
+        return f"{self.base_ip}{octet}"
+
+    # ---- what to configure
+    @property
+    def dns_address(self) -> str:
+        """``host:port`` of the DNS server, the form MXQ_DNS_SERVERS takes."""
+        return self.dns.address if self.dns else f"{self.ip(DNS_OCTET)}:{self.dns_port}"
+
+    @property
+    def relay_url(self) -> str:
+        """An ``MXQ_RELAY`` value for the sandbox smarthost (STARTTLS, AUTH)."""
+        return f"smtp://{RELAY_USER}:{RELAY_PASSWORD}@{RELAY.name}:{RELAY_PORT}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for mxq clients of this sandbox.
+
+        Short timeouts: every peer is local, and ``slowfirst.test`` should
+        fall back to its second exchange in seconds, not RFC 5321's minutes.
+        """
+        env = {
+            "MXQ_DNS_SERVERS": self.dns_address,
+            "MXQ_SMTP_PORT": str(self.smtp_port),
+            "MXQ_HELO_NAME": "client.sandbox.test",
+            "MXQ_TLS": "opportunistic",
+            "MXQ_CONNECT_TIMEOUT": "3",
+            "MXQ_COMMAND_TIMEOUT": "3",
+        }
+        if self.tls:
+            env["SSL_CERT_FILE"] = self.tls.ca_file
+        return env
+
+    def zones(self) -> dict:
+        """The DNS records of the plan (``workers.sandbox.dns`` format)."""
+        records: dict[str, dict] = {}
+        for d in self.domains:
+            if d.null_mx:
+                records[d.name] = {"MX": [[0, "."]]}
+                continue
+            records[d.name] = {"MX": [[x.preference, x.name] for x in d.exchanges]}
+            for x in d.exchanges:
+                records[x.name] = {"A": [self.ip(x.octet)]}
+        records[RELAY.name] = {"A": [self.ip(RELAY.octet)]}
+        return {"ttl": 60, "records": records}
+
+    # ---- life cycle
+    def start(self) -> "Sandbox":
+        """Start the DNS server and every SMTP server; on any failure stop what started and raise."""
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            names = [x.name for d in self.domains for x in d.exchanges] + [RELAY.name]
+            ips = [self.ip(x.octet) for d in self.domains for x in d.exchanges] + [self.ip(RELAY.octet)]
+            self.tls = make_tls(*names, *ips, directory=self.workdir)
+            self.dns = start_dns_server(self.zones(), host=self.ip(DNS_OCTET), port=self.dns_port,
+                                        workdir=self.workdir / "dns")
+            for d in self.domains:
+                for x in d.exchanges:
+                    self._start_exchange(d.name, x, self.smtp_port)
+            self._start_exchange(RELAY_DOMAIN, RELAY, RELAY_PORT)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_exchange(self, domain: str, x: Exchange, port: int) -> None:
+        ip = self.ip(x.octet)
+        if x.kind == "refuse":
+            return      # nothing listens: connect() is refused at once
+        if x.kind == "silent":
+            self.silent[x.name] = SilentServer(ip, port, mode="greeting")
+            return
+        spool = self.mail_dir / domain
+        spool.mkdir(parents=True, exist_ok=True)
+        options = dict(hostname=x.name, starttls=self.tls.server_context, spool_dir=spool)
+        options.update(x.behaviour)
+        self.servers[x.name] = start_server(ip, port, Behaviour(**options))
+
+    def stop(self) -> None:
+        """Stop every server and the DNS process (idempotent)."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        for s in list(self.servers.values()) + list(self.silent.values()):
+            try:
+                s.stop()
+            except Exception:   # keep stopping the others
+                pass
+        if self.dns:
+            self.dns.stop()
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- observation
+    def messages(self, domain: str) -> list:
+        """Messages the exchanges of ``domain`` accepted (``ReceivedMessage``s), oldest first."""
+        plan = {d.name: d for d in self.domains}
+        names = [x.name for x in plan[domain].exchanges] if domain in plan else (
+            [RELAY.name] if domain == RELAY_DOMAIN else [])
+        out = []
+        for n in names:
+            if n in self.servers:
+                out += self.servers[n].messages
+        return sorted(out, key=lambda m: m.received_at)
+
+    def describe(self) -> str:
+        """A human-readable table of the domains, their exchanges and addresses."""
+        lines = []
+        for d in self.domains:
+            if d.null_mx:
+                where = "MX 0 ."
+            else:
+                where = ", ".join(f"MX {x.preference} {x.name} [{self.ip(x.octet)}]"
+                                  + ("" if x.kind == "smtp" else f" ({x.kind})") for x in d.exchanges)
+            lines.append(f"  {d.name:<16} {d.description}\n  {'':<16} {where}")
+        lines.append(f"  {RELAY_DOMAIN:<16} smarthost {RELAY.name} [{self.ip(RELAY.octet)}]:{RELAY_PORT}, "
+                     f"STARTTLS + AUTH (MXQ_RELAY={self.relay_url})")
+        lines.append(f"  {'(other .test)':<16} not in DNS: NXDOMAIN")
+        return "\n".join(lines)
+
+
+def start_sandbox(workdir: str | os.PathLike | None = None, base_ip: str = "127.0.0.", dns_port: int = 53,
+                  smtp_port: int = 25) -> Sandbox:
+    """Start the sandbox (DNS server process and SMTP servers) and return it running.
+
+    ``base_ip`` is the prefix the last bytes of ``PLAN`` are appended to
+    (loopback only).  Binding 127.0.0.x:25 and :53 needs root, normally inside
+    a private network namespace (``unshare -n``; the test suite and
+    ``ops/demo`` do this).  ``workdir`` (a new temporary directory if None)
+    receives ``mail/<domain>/``, the DNS server's files and the CA (``ca.pem``).
+    """
+    if not base_ip.startswith("127."):
+        raise ValueError("the sandbox listens on loopback only: base_ip must start with '127.'")
+    workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="mxq-sandbox-"))
+    return Sandbox(workdir, base_ip, dns_port, smtp_port).start()
+
+
+def _shell_env(env: dict[str, str]) -> str:
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m workers.sandbox.stack``: run the sandbox until SIGINT/SIGTERM."""
+    p = argparse.ArgumentParser(prog="python -m workers.sandbox.stack", description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", help="where received mail and server files go (default: a new temp dir)")
+    p.add_argument("--base-ip", default="127.0.0.", help="address prefix (default 127.0.0.)")
+    p.add_argument("--dns-port", type=int, default=53)
+    p.add_argument("--smtp-port", type=int, default=25)
+    p.add_argument("--env-file", help="write the environment as shell 'export' lines here once ready")
+    p.add_argument("--json", action="store_true", help="print the environment as JSON instead")
+    args = p.parse_args(argv)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        sandbox = start_sandbox(args.workdir, args.base_ip, args.dns_port, args.smtp_port)
+    except PermissionError as e:
+        print(f"sandbox: {e}: binding port {args.smtp_port} needs root; run inside "
+              "'unshare -n' as root (see ops/demo) or pass --smtp-port/--dns-port above 1024", file=sys.stderr)
+        return 77
+    with sandbox:
+        if args.json:
+            print(json.dumps(sandbox.env))
+        else:
+            print(f"sandbox running; mail goes to {sandbox.mail_dir}\n{sandbox.describe()}\n")
+            print("environment:\n" + _shell_env(sandbox.env), end="", flush=True)
+        if args.env_file:
+            tmp = args.env_file + ".tmp"
+            Path(tmp).write_text(_shell_env(sandbox.env))
+            os.replace(tmp, args.env_file)     # appears complete or not at all: a readiness signal
+        sys.stdout.flush()
+        while not stop.wait(0.5):   # the signal handler sets it
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
