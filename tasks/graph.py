@@ -1,0 +1,358 @@
+"""The task graph: intake, delivery, notifications and the scheduler tick.
+
+Tasks carry ids only (a domain, job ids): never message content, addresses
+or credentials.  The work itself lives in Redis (``tasks.store``); a task is
+a wake-up call for a lane, so a lost, duplicated or late task costs
+nothing but time.
+
+::
+
+    submit / submit_many ──(one script: store + split by domain)──► mxq:ready:{domain}
+          │  (batches > MXQ_INTAKE_THRESHOLD: stored, then)             ▲
+          └──► mxq.intake(job_ids)  [intake] ──(split)──────────────────┘
+                                                                        │ publish one
+    mxq.deliver(domain)  [delivery] ◄───────────────────────────────────┘ per K items
+      claim up to K items of the domain under a lease (heartbeat renews it)
+      deliver_domain(domain, envelopes) over one connection per exchange
+      release: write each recipient's state (final never overwritten),
+               deferred items -> mxq:deferred (due = now + MXQ_RETRY_SCHEDULE step),
+               bounced/expired (or first delay with NOTIFY=DELAY) -> report lane,
+               more ready items -> publish more mxq.deliver
+    mxq.notify()  [notifications]: claim report items, group by job and event,
+               tasks.notify.send_reports(...) submits the RFC 3464 report as a new job
+    mxq.schedule()  [scheduling, beat every second]: one atomic script --
+               expired leases -> front of their lane, due deferred -> back of
+               their lane, quiet lanes with ready work -> tasks re-published,
+               stalled intake -> mxq.intake re-published
+
+Queues: ``intake``, ``delivery``, ``notifications``, ``scheduling`` (see ``tasks.app``).
+Retries: only Redis connection errors (``TRANSIENT_REDIS_ERRORS``), a few
+times with a short back-off; never a blanket autoretry, never a long
+countdown (the deferred queue is a Redis ZSET, not ETA tasks).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import defaultdict
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from workers.envelope import DSN, Envelope, Recipient
+
+from .app import app
+from .hoststatus import RedisHostStatus
+from .settings import PipelineSettings
+from .store import FINAL_STATES, REPORT_LANE, TRANSIENT_REDIS_ERRORS, Claimed, Outcome, Store, get_store
+
+log = logging.getLogger("mxq.tasks")
+
+_RETRY = dict(autoretry_for=TRANSIENT_REDIS_ERRORS, max_retries=3, retry_backoff=1,
+              retry_backoff_max=8, retry_jitter=True)
+
+
+# ---------------------------------------------------------------- per-process runtime
+class Runtime:
+    """What a worker process needs, made once per process (after the prefork fork).
+
+    The engine's ``Settings`` (with any relay credentials) is read here, from
+    the worker's environment, and stays in this process.
+    """
+
+    def __init__(self):
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        from workers.config import Settings
+        from workers.mx import Resolver
+
+        self.pid = _pid()
+        self.ps = PipelineSettings.from_env()
+        self.store: Store = get_store(self.ps)
+        self.engine = Settings.from_env()
+        self.resolver = Resolver(self.engine)
+        # The failure memory is an optimisation: a short timeout and no retries,
+        # so Redis trouble never stalls a delivery on it.
+        quick = redis.Redis.from_url(self.ps.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0,
+                                     retry=Retry(NoBackoff(), 0))
+        self.hosts = RedisHostStatus(quick)
+
+
+def _pid() -> int:
+    import os
+    return os.getpid()
+
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """This process's ``Runtime``."""
+    global _runtime
+    if _runtime is None or _runtime.pid != _pid():
+        _runtime = Runtime()
+    return _runtime
+
+
+class Heartbeat:
+    """Renews the leases of ``wids`` every third of the lease while a task runs."""
+
+    def __init__(self, store: Store, token: str, wids: list[str]):
+        self.store, self.token, self.wids = store, token, wids
+        self.interval = max(store.settings.lease_seconds / 3.0, 0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mxq-heartbeat", daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            try:
+                self.store.renew(self.token, self.wids)
+            except Exception as e:          # Redis away for a while: the next beat tries again
+                log.warning("lease renewal failed: %s", e)
+
+    def __enter__(self):
+        if self.wids:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.interval + 1)
+
+
+# ---------------------------------------------------------------- publishing
+def publish(dispatch: list[tuple[str, int]]) -> int:
+    """Publish the tasks a store script asked for: ``[(lane, count), ...]``; return how many."""
+    if not dispatch:
+        return 0
+    n = 0
+    with app.producer_or_acquire() as producer:
+        for lane, count in dispatch:
+            for _ in range(count):
+                if lane == REPORT_LANE:
+                    notify.apply_async(producer=producer)
+                else:
+                    deliver.apply_async(args=[lane], producer=producer)
+                n += 1
+    return n
+
+
+# ---------------------------------------------------------------- delivery
+def _pending(item: Claimed) -> list[tuple[str, dict]]:
+    return [(i, r) for i, r in zip(item.indexes, item.records) if r is not None and r["state"] not in FINAL_STATES]
+
+
+def _envelope(item: Claimed, pending: list[tuple[str, dict]]) -> Envelope:
+    m = item.meta
+    dsn = DSN(ret=m.get("ret") or None, envid=m.get("envid") or None) if (m.get("ret") or m.get("envid")) else None
+    rcpts = [Recipient(r["address"], notify=tuple(r["notify"]) if r.get("notify") else None,
+                       orcpt=r.get("orcpt")) for _, r in pending]
+    size = int(m.get("size") or 0) or None
+    return Envelope(sender=m.get("sender", ""), recipients=rcpts, content=item.content, dsn=dsn,
+                    eightbit=m.get("eightbit") == "1", smtputf8=m.get("smtputf8") == "1", size=size, id=item.job)
+
+
+def _wants(sender: str, notify_kw, action: str) -> bool:
+    try:
+        from . import notify as reports
+    except ImportError:             # reports not available: queue every event, notify.py decides
+        return True
+    return reports.wants_report(sender, notify_kw, action)
+
+
+def _updated(rec: dict, result: dict | None, *, sender: str, now: float, deadline: float,
+             ps: PipelineSettings) -> tuple[dict, str, float | None]:
+    """A recipient's new record after one run: ``(record, report event, due)``.
+
+    ``result`` is the engine's ``RecipientResult.to_dict()``, or None when the
+    recipient was not attempted (its lifetime ran out before).  A deferral
+    past the lifetime becomes ``expired`` (with the last reason); otherwise
+    the next attempt is due after the retry schedule's step for this run,
+    but never later than the end of the lifetime, so the last attempt happens
+    at the deadline.
+    """
+    rec = dict(rec)
+    if result is not None:
+        for f in ("state", "code", "enhanced", "text", "exchange", "ip", "relay"):
+            rec[f] = result.get(f)
+        rec["attempts"] = int(rec.get("attempts") or 0) + int(result.get("attempts") or 0)
+        rec["first_attempt"] = rec.get("first_attempt") or now
+        rec["last_attempt"] = now
+        rec["runs"] = int(rec.get("runs") or 0) + 1
+    else:
+        rec["state"] = "deferred"
+    if rec["state"] not in FINAL_STATES:
+        rec["state"] = "deferred"          # the engine's "queued" (never tried) counts as a deferral
+    event, due = "", None
+    rec["next_attempt"] = None
+    if rec["state"] == "deferred":
+        if now >= deadline:
+            rec["state"] = "expired"
+            if not rec.get("text"):
+                rec["text"] = "delivery time expired"
+            if not rec.get("enhanced"):
+                rec["enhanced"] = "4.4.7"
+        else:
+            due = min(now + ps.backoff(int(rec.get("runs") or 1)), deadline)
+            rec["next_attempt"] = due
+            if not rec.get("delay_reported") and rec.get("notify") and "DELAY" in rec["notify"] \
+                    and _wants(sender, rec["notify"], "delayed"):
+                rec["delay_reported"] = True
+                event = "delayed"
+    if rec["state"] in ("bounced", "expired") and _wants(sender, rec.get("notify"), "failed"):
+        event = rec["state"]
+    return rec, event, due
+
+
+def _results_for(env: Envelope, results: list) -> list[dict | None]:
+    """The engine's results for ``env``'s recipients, in the envelope's order."""
+    as_dicts = [r.to_dict() if hasattr(r, "to_dict") else dict(r) for r in results]
+    if len(as_dicts) == len(env.recipients) and all(
+            d["address"].lower() == rc.address.lower() for d, rc in zip(as_dicts, env.recipients)):
+        return as_dicts
+    by_addr = {d["address"].lower(): d for d in as_dicts}
+    return [by_addr.get(rc.address.lower()) for rc in env.recipients]
+
+
+def run_delivery(domain: str) -> dict:
+    """Claim up to K work items of ``domain``, deliver them, record the outcome.
+
+    Returns counts for the task's result/logs (no addresses, no content).
+    """
+    from workers.delivery import deliver_domain
+
+    rt = runtime()
+    store, ps = rt.store, rt.ps
+    token = uuid.uuid4().hex
+    items = store.claim(domain, token)
+    counts: dict[str, int] = defaultdict(int)
+    counts["items"] = len(items)
+    if not items:
+        return dict(counts)
+    with Heartbeat(store, token, [it.wid for it in items]):
+        plan = []               # (item, pending, envelope)
+        outcomes = []
+        for it in items:
+            pending = _pending(it)
+            if pending:
+                plan.append((it, pending, _envelope(it, pending)))
+            else:
+                outcomes.append(Outcome(it.wid))        # nothing left to do (a stale copy)
+        results: list[list] | None = None
+        if plan:
+            try:
+                results = deliver_domain(domain, [env for _, _, env in plan], settings=rt.engine,
+                                         resolver=rt.resolver, host_status=rt.hosts)
+            except SoftTimeLimitExceeded:
+                # Out of time mid-batch: put every item back for a prompt retry.
+                # Transactions that completed are sent again (at most K).
+                store.release(token, domain, [Outcome(it.wid, due=time.time()) for it, _, _ in plan]
+                              + outcomes)
+                raise
+            except Exception:
+                # An engine bug must not lose mail: record a transient local
+                # failure, so the recipients follow the retry schedule.
+                log.exception("deliver_domain failed for %d message(s) of %s", len(plan), domain)
+                results = None
+        now = time.time()
+        for n, (it, pending, env) in enumerate(plan):
+            if results is not None:
+                per = _results_for(env, results[n])
+            else:
+                per = [{"state": "deferred", "code": None, "enhanced": "4.3.0",
+                        "text": "internal error in the delivery engine", "attempts": 0}] * len(pending)
+            deadline = float(it.meta.get("created") or now) + ps.max_lifetime
+            out = Outcome(it.wid)
+            dues = []
+            for (idx, rec), res in zip(pending, per):
+                if res is None:
+                    res = {"state": "deferred", "enhanced": "4.3.0", "text": "no result from the engine"}
+                new, event, due = _updated(rec, res, sender=it.meta.get("sender", ""), now=now,
+                                           deadline=deadline, ps=ps)
+                out.updates.append((idx, new, event))
+                counts[new["state"]] += 1
+                if due is not None:
+                    dues.append(due)
+            out.due = min(dues) if dues else None
+            outcomes.append(out)
+        applied, dispatch = store.release(token, domain, outcomes, now=now)
+    publish(dispatch)
+    counts["written"] = len(applied)
+    log.info("deliver %s: %s", domain, ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    return dict(counts)
+
+
+@app.task(name="mxq.deliver", acks_late=True, reject_on_worker_lost=True, ignore_result=True, **_RETRY)
+def deliver(domain: str) -> dict:
+    """Deliver up to ``MXQ_BATCH_SIZE`` ready messages of ``domain`` over one connection per exchange."""
+    return run_delivery(domain)
+
+
+# ---------------------------------------------------------------- intake
+@app.task(name="mxq.intake", acks_late=True, reject_on_worker_lost=True, ignore_result=True, **_RETRY)
+def intake(job_ids: list[str]) -> int:
+    """Split stored jobs into their domain lanes and publish deliver tasks; idempotent."""
+    dispatch = runtime().store.intake(list(job_ids))
+    return publish(dispatch)
+
+
+# ---------------------------------------------------------------- notifications
+def run_notify() -> int:
+    """Claim report items, send one report per job and event; return reports submitted."""
+    from . import notify as reports
+    from .producer import submit
+
+    rt = runtime()
+    store = rt.store
+    token = uuid.uuid4().hex
+    wids = store.claim(REPORT_LANE, token, limit=100)
+    if not wids:
+        return 0
+    sent = 0
+    with Heartbeat(store, token, wids):
+        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for wid in wids:
+            _, job, idx, event = wid.split("|", 3)
+            groups[(job, event)].append(int(idx))
+        for (job, event), idxs in groups.items():
+            found = store.job(job)
+            content = store.content(job)
+            if found is None or content is None:
+                log.warning("report for job %s skipped: the job has expired", job)
+                continue
+            meta, records = found
+            message = reports.message_from_meta(job, meta, content, max_lifetime=rt.ps.max_lifetime)
+            chosen = [records[i] for i in sorted(set(idxs)) if i in records]
+            key = f"report:{job}:{event}:{','.join(str(i) for i in sorted(set(idxs)))}"
+
+            def submit_once(content_, *, _key=key, **kw):
+                # The same report items give the same key: a redelivered notify
+                # task finds the report already submitted.
+                return submit(content_, idempotency_key=_key, **kw)
+
+            action = "delayed" if event == "delayed" else "failed"
+            # >>> the one call site into tasks.notify (owned by the notifications helper) <<<
+            if reports.send_reports(message, chosen, action=action, submit=submit_once):
+                sent += 1
+        _, dispatch = store.release(token, REPORT_LANE, [Outcome(w) for w in wids])
+    publish(dispatch)
+    return sent
+
+
+@app.task(name="mxq.notify", acks_late=True, reject_on_worker_lost=True, ignore_result=True, **_RETRY)
+def notify() -> int:
+    """Send the delivery status reports waiting on the report lane."""
+    return run_notify()
+
+
+# ---------------------------------------------------------------- scheduler
+@app.task(name="mxq.schedule", ignore_result=True, **_RETRY)
+def schedule() -> dict:
+    """One scheduler tick (beat runs it every second); idempotent, safe to run concurrently."""
+    from .scheduler import tick
+    return tick()

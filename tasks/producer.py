@@ -1,0 +1,204 @@
+"""The producer API: ``submit``, ``submit_many`` and ``status``.
+
+Everything is validated first, in the caller's process, with the engine's
+``workers.message.prepare`` (address syntax, CR/LF, headers, size limit
+``MXQ_MAX_MESSAGE_SIZE``).  A bad item raises ``InvalidMessage`` (an alias of
+``workers.errors.InvalidInput``, so it also catches ``InvalidAddress``) with
+the reason, and nothing is written to Redis or enqueued.
+
+Then the whole batch is stored by ONE Redis script (atomic, one round trip):
+content once per job, the job hash, the recipient records, the idempotency
+key (SET NX) and -- the intake split done here, producer side, to save a hop
+-- each job's work items pushed onto their domain lanes.  Deliver tasks are
+then published (one per lane needing one, at most a few per batch).
+
+Batches larger than ``MXQ_INTAKE_THRESHOLD`` jobs are stored the same way
+but not split: their ids go to ``mxq.intake`` tasks (on the intake queue) in
+chunks, so a producer handing over 100,000 messages is not the one fanning
+them out, and the split runs on the workers.  Either way the split is
+recorded in Redis (``mxq:intake`` until done), so a lost task is re-published
+by the scheduler.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+from workers.address import parse_address
+from workers.envelope import DSN
+from workers.errors import InvalidInput
+from workers.message import max_message_size_from_env, prepare
+
+from .settings import PipelineSettings
+from .store import JobSpec, get_store, idem_key, new_job_id, status_of
+
+#: Every bad input ``submit`` refuses: ``except tasks.InvalidMessage`` catches
+#: ``workers.errors.InvalidMessage`` and ``InvalidAddress`` alike.
+InvalidMessage = InvalidInput
+
+INTAKE_CHUNK = 200      #: job ids per ``mxq.intake`` task
+
+
+@dataclass
+class Item:
+    """One message of a ``submit_many`` batch (a dict with these keys works too)."""
+
+    message: object
+    sender: str | None = None
+    recipients: Sequence[str] | None = None
+    dsn: DSN | Mapping | None = None
+    idempotency_key: str | None = None
+    notify: Sequence[str] | None = None
+
+
+def _dsn(value) -> DSN | None:
+    if value is None or isinstance(value, DSN):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return DSN(ret=value.get("ret"), envid=value.get("envid"))
+        except ValueError as e:
+            raise InvalidMessage(str(e)) from None
+    raise InvalidMessage(f"dsn must be a workers.envelope.DSN or a mapping, not {type(value).__name__}")
+
+
+def _check_key(key) -> str:
+    if key is None:
+        return ""
+    if not isinstance(key, str) or not key or len(key) > 1000:
+        raise InvalidMessage("idempotency_key must be a non-empty string of at most 1000 characters")
+    return idem_key(key)
+
+
+def _content(envelope) -> bytes:
+    c = envelope.content
+    if isinstance(c, bytes):
+        return c
+    if isinstance(c, str):
+        return c.encode("utf-8")
+    return b"".join(c)          # FileContent: stored once in Redis, the file may then go away
+
+
+def build_job(item: Item, *, max_size: int, now: float) -> JobSpec:
+    """Validate one item and turn it into a ``JobSpec``; raise ``InvalidMessage``."""
+    message = item.message
+    if isinstance(message, str) and "\n" not in message and os.path.isfile(message):
+        message = Path(message)     # a one-line str naming a file is a path, never message text
+    try:
+        env = prepare(message, sender=item.sender, recipients=item.recipients, dsn=_dsn(item.dsn),
+                      notify=item.notify, max_size=max_size)
+    except InvalidInput:
+        raise
+    except ValueError as e:     # DSN/NOTIFY values the envelope types refuse
+        raise InvalidMessage(str(e)) from None
+    idem = _check_key(item.idempotency_key)
+    records, by_domain = [], {}
+    for i, r in enumerate(env.recipients):
+        domain = parse_address(r.address).ascii_domain      # IDNA A-label, lower case (normalize_domain)
+        by_domain.setdefault(domain, []).append(str(i))
+        records.append({"address": r.address, "domain": domain, "state": "queued", "code": None,
+                        "enhanced": None, "text": "", "exchange": None, "ip": None, "relay": False,
+                        "attempts": 0, "first_attempt": None, "last_attempt": None, "next_attempt": None,
+                        "notify": list(r.notify) if r.notify else None, "orcpt": r.orcpt, "runs": 0,
+                        "delay_reported": False})
+    dsn = env.dsn
+    meta = {"sender": env.sender or "", "ret": (dsn.ret or "").upper() if dsn else "",
+            "envid": (dsn.envid or "") if dsn else "", "eightbit": "1" if env.eightbit else "0",
+            "smtputf8": "1" if env.smtputf8 else "0", "size": str(env.size or 0),
+            "created": repr(now), "n": str(len(records)), "left": str(len(records)),
+            "domains": ",".join(by_domain), "idem": idem}
+    meta.update({f"d:{d}": ",".join(idx) for d, idx in by_domain.items()})
+    return JobSpec(id=new_job_id(), content=_content(env), meta=meta, records=records,
+                   domains=list(by_domain), idem=idem)
+
+
+def _item(x) -> Item:
+    if isinstance(x, Item):
+        return x
+    if isinstance(x, Mapping):
+        unknown = set(x) - {"message", "sender", "recipients", "dsn", "idempotency_key", "notify"}
+        if unknown or "message" not in x:
+            raise InvalidMessage(f"a batch item needs 'message' and only Item's keys, not {sorted(unknown)}")
+        return Item(**x)
+    return Item(message=x)
+
+
+def _publish(jobs: list[JobSpec], s: PipelineSettings) -> list[str]:
+    """Store validated jobs with one script, then publish the tasks they need."""
+    from . import graph         # the Celery tasks; imported late so the store is usable alone
+
+    split = len(jobs) <= s.intake_threshold
+    ids, dispatch = get_store(s).submit(jobs, split=split, now=float(jobs[0].meta["created"]))
+    if split:
+        graph.publish(dispatch)
+    else:
+        new = [j.id for j, i in zip(jobs, ids) if j.id == i]
+        for k in range(0, len(new), INTAKE_CHUNK):
+            graph.intake.apply_async(args=[new[k:k + INTAKE_CHUNK]])
+    return ids
+
+
+def submit_many(items: Iterable, *, settings: PipelineSettings | None = None) -> list[str]:
+    """Submit a batch; return the job ids in order (one Redis script, few publishes).
+
+    Each item is an ``Item``, a mapping with ``Item``'s keys, or just a message.
+    All-or-nothing: every item is validated before anything is stored; the
+    first bad one raises ``InvalidMessage`` whose reason starts with
+    ``item N:`` (and whose ``index`` attribute is N), and nothing is enqueued.
+    An item whose idempotency key was seen before gets the existing job's id.
+    """
+    s = settings or PipelineSettings.from_env()
+    max_size = max_message_size_from_env()
+    now = time.time()
+    jobs = []
+    for i, x in enumerate(items):
+        try:
+            jobs.append(build_job(_item(x), max_size=max_size, now=now))
+        except InvalidInput as e:
+            err = type(e)(f"item {i}: {e.reason}")
+            err.index = i
+            raise err from None
+    return _publish(jobs, s) if jobs else []
+
+
+def submit(message, sender: str | None = None, recipients: Sequence[str] | None = None,
+           dsn: DSN | Mapping | None = None, idempotency_key: str | None = None, *,
+           notify: Sequence[str] | None = None) -> str:
+    """Submit one message; return its job id.
+
+    ``message``: an ``email.message.EmailMessage``, bytes or str message
+    text, or a path (``pathlib.Path``, or a one-line str naming a file).
+    ``sender`` and ``recipients`` default from the headers as in ``mxq
+    deliver`` (``Sender``/``From``; ``To``, ``Cc``, ``Bcc``); ``""`` is the
+    null sender.  ``dsn``: RET/ENVID (a ``DSN`` or ``{"ret": ..., "envid":
+    ...}``); ``notify``: NOTIFY keywords for every recipient.  The same
+    ``idempotency_key`` returns the existing job.  Raises ``InvalidMessage``
+    with the reason, having stored and enqueued nothing, on bad input.
+    """
+    s = PipelineSettings.from_env()
+    item = Item(message=message, sender=sender, recipients=recipients, dsn=dsn,
+                idempotency_key=idempotency_key, notify=notify)
+    job = build_job(item, max_size=max_message_size_from_env(), now=time.time())
+    return _publish([job], s)[0]
+
+
+def status(job_id: str) -> dict:
+    """A job's state: ``{"job", "state", "recipients": [...]}``.
+
+    ``state`` is ``queued`` (nothing attempted yet), ``active`` or ``done``
+    (every recipient final: delivered, bounced or expired); each recipient
+    has ``address, domain, state, code, enhanced, text, exchange, ip, relay,
+    attempts, first_attempt, last_attempt, next_attempt`` (times in epoch
+    seconds).  A job is kept ``MXQ_RESULT_TTL`` seconds after it is done.
+    Raises ``KeyError(job_id)`` for an unknown or expired job.
+    """
+    if not isinstance(job_id, str) or not job_id.isalnum():
+        raise KeyError(job_id)
+    found = get_store().job(job_id)
+    if found is None:
+        raise KeyError(job_id)
+    return status_of(job_id, *found)

@@ -1,0 +1,60 @@
+"""The scheduler: what ``mxq.schedule`` does every second.
+
+One tick is one atomic Redis script (``Store.tick``):
+
+1. work items whose lease expired (their worker died or hung) go back to the
+   FRONT of their ready list -- after a SIGKILL, the dead worker's recipients
+   are being delivered again one lease (``MXQ_LEASE_SECONDS``) later;
+2. deferred items that are due go to the back of their ready list (there are
+   no countdown or ETA tasks anywhere: the deferred queue is a ZSET by due time);
+3. lanes with ready work but no task activity for ``MXQ_DISPATCH_STALE``
+   seconds get tasks again (Celery on Redis can lose a task outright:
+   kombu#305, celery#7950);
+4. jobs stored for intake whose ``mxq.intake`` never ran get it again.
+
+Then the tasks it asked for are published.  Because each step is a single
+script that moves what it takes, ticks from several beat instances or
+workers at once do the same work once; a tick is idempotent.
+
+``mxq.schedule`` runs from Celery beat (``beat_schedule`` in ``tasks.app``);
+``run_forever()`` is the same loop without beat (one process doing both).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .store import get_store
+
+log = logging.getLogger("mxq.scheduler")
+
+INTAKE_CHUNK = 200
+
+
+def tick(now: float | None = None) -> dict:
+    """Run one scheduler step and publish the tasks it needs; return what it did."""
+    from . import graph
+
+    t = get_store().tick(now=now)
+    published = graph.publish(t.dispatch)
+    for k in range(0, len(t.intake), INTAKE_CHUNK):
+        graph.intake.apply_async(args=[t.intake[k:k + INTAKE_CHUNK]])
+        published += 1
+    if t.requeued or t.moved or published:
+        log.info("schedule: requeued=%d due=%d published=%d intake=%d",
+                 t.requeued, t.moved, published, len(t.intake))
+    return {"requeued": t.requeued, "due": t.moved, "published": published, "intake": len(t.intake)}
+
+
+def run_forever(interval: float = 1.0, stop: threading.Event | None = None) -> None:
+    """Tick every ``interval`` seconds until ``stop`` is set; Redis errors are logged, not fatal."""
+    stop = stop or threading.Event()
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            tick()
+        except Exception as e:          # Redis restarting: the next tick catches up
+            log.warning("scheduler tick failed: %s", e)
+        stop.wait(max(0.0, interval - (time.monotonic() - started)))

@@ -1,0 +1,190 @@
+"""The Redis state store (tasks.store) against a real redis-server: the Lua scripts'
+contracts -- atomic submit, claim under lease, renew, release with the final-state
+guard, deferred queue, scheduler tick, dispatch bookkeeping and the producer's validation.
+
+No Celery here: the tasks are exercised in test_pipeline*.py.
+"""
+
+from __future__ import annotations
+
+import json
+from email.message import EmailMessage
+
+import pytest
+
+import tasks
+from tasks.settings import PipelineSettings, parse_schedule
+from tasks.store import Outcome, Store, make_client
+from tasks.producer import build_job, Item, status_of
+
+NOW = 1_000_000.0
+
+
+@pytest.fixture
+def store(redis_server):
+    srv = redis_server()
+    s = PipelineSettings(redis_url=srv.url, lease_seconds=30, dispatch_stale=60, batch_size=3,
+                         domain_concurrency=2, retry_schedule=(10, 20), max_lifetime=100, result_ttl=500)
+    st = Store(make_client(srv.url), s)
+    yield st
+    st.r.close()
+
+
+def msg(n=0, to=("a@one.test",)):
+    m = EmailMessage()
+    m["From"] = "sender@src.test"
+    m["To"] = ", ".join(to)
+    m["Subject"] = f"m{n}"
+    m.set_content(f"body {n}\n")
+    return m
+
+
+def job(n=0, to=("a@one.test",), key=None):
+    return build_job(Item(msg(n, to), idempotency_key=key), max_size=10**6, now=NOW)
+
+
+def keys(st):
+    return sorted(k.decode() for k in st.r.keys("*"))
+
+
+def test_submit_stores_once_and_splits_by_domain(store):
+    j = job(to=("a@one.test", "B@ONE.test", "c@two.test", "d@Bücher.example"))
+    ids, disp = store.submit([j], now=NOW)
+    assert ids == [j.id]
+    # one lane per normalised domain, one deliver task each (ceil(1/3) = 1)
+    assert sorted(disp) == [("one.test", 1), ("two.test", 1), ("xn--bcher-kva.example", 1)]
+    assert store.r.lrange("mxq:ready:one.test", 0, -1) == [f"{j.id}|one.test".encode()]
+    assert store.r.get(f"mxq:msg:{j.id}") == j.content
+    meta, recs = store.job(j.id)
+    assert meta["d:one.test"] == "0,1" and meta["left"] == "4"
+    assert [r["state"] for r in recs.values()] == ["queued"] * 4
+    assert recs[3]["domain"] == "xn--bcher-kva.example"
+    st = status_of(j.id, meta, recs)
+    assert st["state"] == "queued" and len(st["recipients"]) == 4
+    assert set(st["recipients"][0]) == {"address", "domain", "state", "code", "enhanced", "text", "exchange",
+                                        "ip", "relay", "attempts", "first_attempt", "last_attempt",
+                                        "next_attempt"}
+
+
+def test_dispatch_counts_pending_tasks(store):
+    # batch_size 3, domain_concurrency 2: 7 items want min(ceil(7/3), 2) = 2 tasks, once.
+    jobs = [job(i) for i in range(7)]
+    _, disp = store.submit(jobs[:4], now=NOW)
+    assert disp == [("one.test", 2)]
+    _, disp = store.submit(jobs[4:], now=NOW)
+    assert disp == []                     # two tasks already published and not started
+    assert store.r.hget("mxq:pending", "one.test") == b"2"
+    items = store.claim("one.test", "t1", now=NOW)
+    assert len(items) == 3 and store.r.hget("mxq:pending", "one.test") == b"1"
+
+
+def test_idempotency_key_returns_existing_job(store):
+    a, b = job(1, key="k-1"), job(2, key="k-1")
+    (ida,), _ = store.submit([a], now=NOW)
+    (idb,), disp = store.submit([b], now=NOW)
+    assert ida == idb == a.id and disp == []
+    assert store.r.exists(f"mxq:job:{b.id}") == 0
+    # re-running the same script (a retried call) stores nothing twice
+    store.submit([a], now=NOW)
+    assert store.r.llen("mxq:ready:one.test") == 1
+
+
+def test_claim_lease_release_and_final_guard(store):
+    j = job(to=("a@one.test", "b@one.test"))
+    store.submit([j], now=NOW)
+    (it,) = store.claim("one.test", "tok", now=NOW)
+    assert it.job == j.id and it.indexes == ["0", "1"] and it.content == j.content
+    assert store.r.zscore("mxq:lease", it.wid) == NOW + 30
+    assert store.r.llen("mxq:ready:one.test") == 0
+    # renew only with the owning token
+    assert store.renew("other", [it.wid], now=NOW + 10) == 0
+    assert store.renew("tok", [it.wid], now=NOW + 10) == 1
+    assert store.r.zscore("mxq:lease", it.wid) == NOW + 40
+    delivered = dict(it.records[0], state="delivered", code=250)
+    deferred = dict(it.records[1], state="deferred", code=451)
+    applied, _ = store.release("tok", "one.test", [Outcome(it.wid, [("0", delivered, ""), ("1", deferred, "")],
+                                                           due=NOW + 10)], now=NOW + 1)
+    assert sorted(applied) == [f"{j.id}|0", f"{j.id}|1"]
+    assert store.r.zcard("mxq:lease") == 0 and store.r.hlen("mxq:owner") == 0
+    assert store.r.zscore("mxq:deferred", it.wid) == NOW + 10
+    assert store.r.hget(f"mxq:job:{j.id}", "left") == b"1"
+    # a later, stale writer cannot overwrite the final state
+    applied, _ = store.release("tok", "one.test", [Outcome(it.wid, [("0", dict(deferred), "")])], now=NOW + 2)
+    assert applied == []
+    assert json.loads(store.r.hget(f"mxq:rcpt:{j.id}", "0"))["state"] == "delivered"
+
+
+def test_job_done_sets_ttl_on_every_key(store):
+    j = job(key="done-key")
+    store.submit([j], now=NOW)
+    (it,) = store.claim("one.test", "tok", now=NOW)
+    store.release("tok", "one.test", [Outcome(it.wid, [("0", dict(it.records[0], state="bounced"), "bounced")])],
+                  now=NOW + 1)
+    for k in (f"mxq:job:{j.id}", f"mxq:rcpt:{j.id}", f"mxq:msg:{j.id}", f"mxq:idem:{j.idem}"):
+        assert 0 < store.r.ttl(k) <= 500, k
+    meta, recs = store.job(j.id)
+    assert status_of(j.id, meta, recs)["state"] == "done"
+    # the bounce queued one report item on the report lane, with a task for it
+    assert store.r.lrange("mxq:ready:!r", 0, -1) == [f"!r|{j.id}|0|bounced".encode()]
+
+
+def test_tick_requeues_expired_leases_and_moves_due_items(store):
+    a, b = job(1), job(2)
+    store.submit([a, b], now=NOW)
+    items = store.claim("one.test", "tok", now=NOW)
+    assert len(items) == 2
+    # b's worker releases it as deferred until NOW+10; a's worker dies (lease expires at NOW+30)
+    store.release("tok", "one.test", [Outcome(items[1].wid, [("0", dict(items[1].records[0], state="deferred"), "")],
+                                              due=NOW + 10)], now=NOW + 1)
+    t = store.tick(now=NOW + 5)
+    assert (t.requeued, t.moved) == (0, 0)
+    t = store.tick(now=NOW + 11)
+    assert (t.requeued, t.moved) == (0, 1) and t.dispatch == [("one.test", 1)]
+    t = store.tick(now=NOW + 31)
+    assert (t.requeued, t.moved) == (1, 0)
+    # the expired lease went to the front, the due item to the back
+    assert store.r.lrange("mxq:ready:one.test", 0, -1) == [items[0].wid.encode(), items[1].wid.encode()]
+    # the dead worker's late release cannot schedule or un-lease the requeued item
+    store.release("tok", "one.test", [Outcome(items[0].wid, [], due=NOW + 99)], now=NOW + 32)
+    assert store.r.zscore("mxq:deferred", items[0].wid) is None
+    # two schedulers ticking at once: the second finds nothing to move
+    assert store.tick(now=NOW + 40).requeued == 0
+
+
+def test_quiet_lane_is_redispatched(store):
+    store.submit([job(1)], now=NOW)
+    assert store.tick(now=NOW + 30).dispatch == []          # task published 30 s ago: still fresh
+    assert store.tick(now=NOW + 61).dispatch == [("one.test", 1)]   # lost? publish again
+    assert store.tick(now=NOW + 62).dispatch == []
+
+
+def test_intake_mode_splits_once(store):
+    a = job(1, to=("x@one.test", "y@two.test"))
+    ids, disp = store.submit([a], split=False, now=NOW)
+    assert disp == [] and store.r.zscore("mxq:intake", a.id) == NOW
+    assert store.tick(now=NOW + 61).intake == [a.id]        # a lost mxq.intake is re-published
+    assert sorted(store.intake([a.id], now=NOW + 62)) == [("one.test", 1), ("two.test", 1)]
+    assert store.intake([a.id], now=NOW + 63) == []
+    assert store.r.llen("mxq:ready:one.test") == 1
+
+
+def test_invalid_submission_writes_nothing(redis_server, monkeypatch):
+    srv = redis_server()
+    monkeypatch.setenv("MXQ_REDIS_URL", srv.url)
+    monkeypatch.setenv("MXQ_MAX_MESSAGE_SIZE", "2000")
+    client = srv.client()
+    bad = [
+        (msg(), {"recipients": ["bad\r\nRCPT TO:<x@y.test>"]}, "CR or LF"),
+        (msg(), {"recipients": ["no-at-sign"]}, "local part and a domain"),
+        (msg(), {"sender": "a@b.test\nX: y"}, "CR or LF"),
+        (b"From: a@b.test\r\nTo: c@d.test\r\n\r\n" + b"x" * 3000 + b"\r\n", {}, "larger than the limit"),
+        (b"no headers at all", {"recipients": ["c@d.test"]}, ""),
+    ]
+    for m, kw, reason in bad:
+        with pytest.raises(tasks.InvalidMessage) as e:
+            tasks.submit(m, **kw)
+        assert reason in e.value.reason
+    with pytest.raises(tasks.InvalidMessage) as e:
+        tasks.submit_many([msg(1), {"message": msg(2), "recipients": ["x@@y.test"]}, msg(3)])
+    assert e.value.reason.startswith("item 1:") and e.value.index == 1
+    assert client.dbsize() == 0
