@@ -124,8 +124,8 @@ RELAY = Exchange(f"smtp.{RELAY_DOMAIN}", 0, 30, behaviour={
     "auth": {RELAY_USER: RELAY_PASSWORD}, "require_starttls": True, "auth_required": True})
 RELAY_PORT = 587
 
-#: The DNS server's last octet.
-DNS_OCTET = 53
+#: The DNS server's last octet (not 53: tests/conftest.py's dns_server fixture has 127.0.0.53).
+DNS_OCTET = 10
 
 #: One recipient per behaviour, for the demo; ``missing.test`` is not in DNS (NXDOMAIN).
 DEMO_RECIPIENTS: tuple[str, ...] = (
