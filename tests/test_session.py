@@ -12,7 +12,6 @@ import os
 import re
 import time
 import tracemalloc
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -736,3 +735,27 @@ def test_server_spool_dir_and_wait_for_messages(serve, tmp_path):
         srv.wait_for_messages(2, timeout=0.2)
     srv.clear()
     assert srv.messages == [] and srv.sessions == [] and srv.stats["messages"] == 0
+
+
+def test_disconnect_during_data_discards_the_message(serve):
+    srv = serve()
+    s = session(srv)
+    s.connect()
+    s.create_message("a@a.test")
+    s.add_recipient("b@b.test")
+    s.append_message(MSG)
+    s.disconnect()                              # no QUIT: it would become message text
+    assert not s.connected
+    with session(srv) as s2:                    # the server is fine and took nothing
+        assert s2.noop().code == 250
+    assert srv.messages == [] and "QUIT" not in srv.sessions[0].commands
+
+
+def test_server_requiring_starttls_refuses_clear_text_mail(serve, tls):
+    srv = serve(Behaviour(starttls=tls.server_context, require_starttls=True))
+    with session(srv, tls="none") as s:
+        with pytest.raises(SMTPSenderRefused) as ei:
+            s.create_message("a@a.test")
+    assert ei.value.code == 530
+    with session(srv) as s:                     # opportunistic TLS satisfies it
+        assert s.send_message("a@a.test", ["b@b.test"], MSG).reply.code == 250

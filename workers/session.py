@@ -34,7 +34,6 @@ import Celery or ``tasks``.
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import re

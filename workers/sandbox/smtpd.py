@@ -96,6 +96,10 @@ recipient rules)::
 
 ``DEFAULT_RCPT_RULES``, ``xtext_decode(s)`` (RFC 3461 xtext to str).
 
+``ScriptedSMTP`` is the aiosmtpd ``SMTP`` subclass itself, for a test that
+needs a behaviour no knob gives (subclass it and build a ``ServerHandle``
+around it only if you must; prefer adding a ``Behaviour`` knob).
+
 Semantics worth knowing
 -----------------------
 - Recipient checks run in this order: rcpt_limit (452), rcpt_rules, greylist;
