@@ -759,3 +759,25 @@ def test_server_requiring_starttls_refuses_clear_text_mail(serve, tls):
     assert ei.value.code == 530
     with session(srv) as s:                     # opportunistic TLS satisfies it
         assert s.send_message("a@a.test", ["b@b.test"], MSG).reply.code == 250
+
+
+def test_421_to_rcpt_is_a_site_failure(serve):
+    srv = serve(Behaviour(rcpt_rules={"bye": "421 4.3.2 shutting down"}))
+    with session(srv) as s:
+        with pytest.raises(SMTPServerDisconnected) as ei:
+            s.send_message("a@a.test", ["ok@b.test", "bye@b.test", "c@b.test"], MSG)
+        assert not s.connected
+    assert ei.value.code == 421 and ei.value.scope == Scope.SITE and classify(ei.value).try_next_exchange
+    assert srv.messages == [] and "DATA" not in srv.sessions[0].commands
+
+
+def test_custom_protocol_subclass():
+    from workers.sandbox.smtpd import ScriptedSMTP
+
+    class Chatty(ScriptedSMTP):
+        async def smtp_NOOP(self, arg):
+            await self.push("250 2.0.0 custom noop")
+
+    with start_server(HOST2, PORT, protocol=Chatty) as srv:
+        with session(srv) as s:
+            assert s.noop().text == "custom noop"

@@ -48,7 +48,7 @@ recipient rules)::
     spool_dir=None                  # also write each accepted message as <id>.eml + <id>.json
     idle_timeout=60.0               # server-side idle timeout per connection
 
-``start_server(host="127.0.0.1", port=25, behaviour=None, *, ready_timeout=5.0) -> ServerHandle``
+``start_server(host="127.0.0.1", port=25, behaviour=None, *, ready_timeout=5.0, protocol=ScriptedSMTP) -> ServerHandle``
     Starts a server and waits until it is ready (aiosmtpd's own readiness
     trigger plus a real connect; the greeting is read when it is not
     delayed).  ``port=0`` picks a free port.  Readiness connections are not
@@ -96,9 +96,9 @@ recipient rules)::
 
 ``DEFAULT_RCPT_RULES``, ``xtext_decode(s)`` (RFC 3461 xtext to str).
 
-``ScriptedSMTP`` is the aiosmtpd ``SMTP`` subclass itself, for a test that
-needs a behaviour no knob gives (subclass it and build a ``ServerHandle``
-around it only if you must; prefer adding a ``Behaviour`` knob).
+``ScriptedSMTP`` is the aiosmtpd ``SMTP`` subclass itself: for a behaviour no
+knob gives, subclass it and pass ``start_server(..., protocol=MySMTP)``
+(its ``__init__(state)`` signature must be kept).
 
 Semantics worth knowing
 -----------------------
@@ -898,25 +898,27 @@ class ScriptedSMTP(SMTP):
 
 
 class _Controller(Controller):
-    def __init__(self, state: _State, host: str, port: int, ready_timeout: float):
+    def __init__(self, state: _State, host: str, port: int, ready_timeout: float, protocol: type):
         b = state.behaviour
         self.state = state
+        self.protocol = protocol
         super().__init__(_Handler(), hostname=host, port=port, ready_timeout=ready_timeout,
                          ssl_context=b.implicit_tls)
 
     def factory(self):
-        return ScriptedSMTP(self.state)
+        return self.protocol(self.state)
 
 
 class ServerHandle:
     """A running scripted server; see the module docstring."""
 
-    def __init__(self, host: str, port: int, behaviour: Behaviour, ready_timeout: float = 5.0):
+    def __init__(self, host: str, port: int, behaviour: Behaviour, ready_timeout: float = 5.0,
+                 protocol: type = None):
         self.host = host
         self.port = port
         self.behaviour = behaviour
         self._state = _State(behaviour)
-        self._controller = _Controller(self._state, host, port, ready_timeout)
+        self._controller = _Controller(self._state, host, port, ready_timeout, protocol or ScriptedSMTP)
         self._ready_timeout = ready_timeout
         self._running = False
 
@@ -1010,12 +1012,15 @@ def _free_port(host: str) -> int:
 
 
 def start_server(host: str = "127.0.0.1", port: int = 25, behaviour: Behaviour | None = None,
-                 *, ready_timeout: float = 5.0) -> ServerHandle:
-    """Start a scripted server on ``host:port`` (0 = a free port) and wait until it answers."""
+                 *, ready_timeout: float = 5.0, protocol: type | None = None) -> ServerHandle:
+    """Start a scripted server on ``host:port`` (0 = a free port) and wait until it answers.
+
+    ``protocol`` replaces ``ScriptedSMTP`` with a subclass of it.
+    """
     behaviour = behaviour or Behaviour()
     if port == 0:
         port = _free_port(host)
-    return ServerHandle(host, port, behaviour, ready_timeout).start()
+    return ServerHandle(host, port, behaviour, ready_timeout, protocol).start()
 
 
 class SilentServer:
