@@ -207,7 +207,17 @@ class SMTPSession:
     ``tls`` is one of ``TLS_POLICIES``.  ``tls_context`` replaces the default
     client context (opportunistic: unverified; required and implicit:
     ``ssl.create_default_context()``, which honours ``SSL_CERT_FILE``).
-    ``timeouts`` defaults to ``Timeouts.from_env()``.
+    Opportunistic: a refused STARTTLS (4xx/5xx) continues in clear text on
+    the same connection (RFC 3207 leaves it usable); a failed handshake
+    reconnects once without TLS (``tls_fallback`` says why).
+    ``timeouts`` defaults to ``Timeouts.from_env()`` (so ``MXQ_CONNECT_TIMEOUT``
+    and ``MXQ_COMMAND_TIMEOUT`` apply).  ``chunk_size`` is how many bytes are
+    read and sent at a time while streaming DATA.
+
+    Local failure codes: 4.4.1 for connect failures (refused, unreachable,
+    connect timeout), 4.4.2 for a timeout or lost connection after that,
+    4.7.4 TLS required but not offered, 4.7.5 STARTTLS refused or handshake /
+    certificate failure (``SMTPTLSError``, also for implicit TLS).
 
     Attributes after ``connect()``: ``greeting`` (Reply), ``extensions``
     (EHLO keywords lower-case -> parameters; empty after HELO), ``esmtp``,
