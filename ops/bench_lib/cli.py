@@ -1,0 +1,176 @@
+"""``ops/bench``: argument parsing and orchestration (``python -m bench_lib`` with ops/ on the path)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import report, sandbox, stages
+from .sandbox import BenchError
+
+STAGES = {
+    "limit": ("limit", stages.limit),
+    "django": ("django_celery_email", stages.django_celery_email),
+    "postfix": ("postfix", stages.postfix),
+    "mxq": ("mxq", stages.mxq),
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line (see ``ops/bench --help``)."""
+    p = argparse.ArgumentParser(
+        prog="ops/bench",
+        description="Benchmark mxq against django-celery-email, Postfix and smtp-source -> smtp-sink "
+                    "(the loopback limit), in a private network namespace.  Prints a table and writes JSON.")
+    p.add_argument("-n", "--messages", type=int, default=10000, help="messages per stage (default 10000)")
+    p.add_argument("-m", "--domains", type=int, default=100, help="recipient domains, one smtp-sink each (default 100)")
+    p.add_argument("-s", "--size", type=int, default=2048, help="message size in bytes (default 2048)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 200 messages, 5 domains (unless -n/-m given)")
+    p.add_argument("--stages", default="limit,django,postfix,mxq",
+                   help="comma-separated subset of limit,django,postfix,mxq (default: all)")
+    p.add_argument("--json", dest="json_path", default=None,
+                   help="where to write the JSON result (default var/bench/result.json)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds a stage may take to get its messages to the sinks (default 60 + N/50)")
+    p.add_argument("--settle", type=float, default=None,
+                   help="seconds to keep watching for duplicates after completion (default 1, --quick 0.3)")
+    p.add_argument("--postfix-clients", type=int, default=8, help="parallel SMTP submissions into Postfix (8)")
+    p.add_argument("--limit-sessions", type=int, default=20, help="smtp-source -s for the limit stage (20)")
+    p.add_argument("--batch", type=int, default=100, help="messages per submit_many call (mxq; default 100)")
+    p.add_argument("--mxq-workers", type=int, default=2, help="mxq worker processes (default 2)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (sink dumps, logs)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the table")
+    args = p.parse_args(argv)
+    explicit = {a.split("=")[0] for a in argv if a.startswith("-")}
+    if args.quick:
+        if not explicit & {"-n", "--messages"}:
+            args.messages = 200
+        if not explicit & {"-m", "--domains"}:
+            args.domains = 5
+    if args.settle is None:
+        args.settle = 0.3 if args.quick else 1.0
+    if args.timeout is None:
+        args.timeout = 60 + args.messages / 50
+    bad = set(args.stages.split(",")) - set(STAGES)
+    if bad:
+        p.error(f"unknown stages {sorted(bad)}")
+    if args.messages < 1 or args.domains < 1 or args.size < 300:
+        p.error("need --messages >= 1, --domains >= 1, --size >= 300")
+    return args
+
+
+def _version(argv: list[str]) -> str | None:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        return (out.stdout or out.stderr).strip().splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        return None
+
+
+def _pkg(name: str) -> str | None:
+    from importlib import metadata
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """The machine and the versions measured."""
+    return {
+        "cpus": os.cpu_count(),
+        "loadavg": list(os.getloadavg()),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "postfix": _version(["postconf", "-d", "-h", "mail_version"]),
+        "redis": _version(["redis-server", "--version"]),
+        "celery": _pkg("celery"),
+        "django": _pkg("django"),
+        "django_celery_email": _pkg("django-celery-email"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; exit status 0 only if every selected stage ran and was exactly-once."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    try:
+        sandbox.enter_namespace([sys.executable, "-m", "bench_lib", *argv])
+    except BenchError as e:
+        print(f"ops/bench: {e}", file=sys.stderr)
+        return 2
+
+    def say(msg: str) -> None:
+        if not args.quiet:
+            print(msg, flush=True)
+
+    # SIGTERM (e.g. a test timeout) unwinds through the finally below, so no child is left behind.
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    root = stages.ROOT
+    json_path = Path(args.json_path) if args.json_path else root / "var" / "bench" / "result.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    workdir = sandbox.make_workdir()
+    dns = None
+    env_before = environment()
+    result: dict = {
+        "benchmark": "mxq issue 5",
+        "params": {"messages": args.messages, "domains": args.domains, "size": args.size, "quick": args.quick,
+                   "stages": args.stages.split(","), "settle": args.settle, "timeout": args.timeout,
+                   "postfix_clients": args.postfix_clients, "limit_sessions": args.limit_sessions,
+                   "batch": args.batch, "mxq_workers": args.mxq_workers},
+        "environment": env_before,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "stages": {},
+        "ratios": {},
+        "ok": False,
+    }
+    try:
+        say(f"ops/bench: N={args.messages} M={args.domains} S={args.size} in {workdir} "
+            f"(load {env_before['loadavg'][0]:.2f})")
+        sandbox.bind_resolv_conf(workdir)
+        dns = sandbox.start_dns(args.domains, workdir)
+        os.environ["MXQ_DNS_SERVERS"] = dns.address
+        ctx = stages.Context(
+            n=args.messages, m=args.domains, size=args.size, run=secrets.token_hex(4), workdir=workdir,
+            dns=dns, timeout=args.timeout, settle=args.settle, say=say,
+            postfix_clients=args.postfix_clients, limit_sessions=args.limit_sessions, batch=args.batch,
+            mxq_workers=args.mxq_workers, probe=min(1000, args.messages))
+        for key in args.stages.split(","):
+            name, fn = STAGES[key]
+            res = stages.run(name, fn, ctx)
+            result["stages"][name] = res
+            if res["status"] == "ok":
+                say(f"   {res['msgs_per_sec']} msg/s, {res['seconds']} s, exactly once: "
+                    f"{res['sinks']['exactly_once']}")
+    except KeyboardInterrupt:
+        result["error"] = "interrupted"
+    except BenchError as e:
+        result["error"] = str(e)
+    finally:
+        sandbox.stop_all()
+        if dns is not None:
+            dns.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    result["ratios"] = report.ratios(result["stages"])
+    result["environment"]["loadavg_after"] = list(os.getloadavg())
+    result["ok"] = bool(result["stages"]) and "error" not in result and all(
+        s["status"] == "ok" and s["sinks"]["exactly_once"] for s in result["stages"].values())
+    sandbox.json_dump(result, json_path)
+    print(report.table(result))
+    print(f"\nJSON: {json_path}" + (f"\nwork directory kept: {workdir}" if args.keep else ""))
+    if result.get("error"):
+        print(f"ops/bench: {result['error']}", file=sys.stderr)
+    return 0 if result["ok"] else 1

@@ -1,0 +1,626 @@
+"""The benchmark's sandbox: a private network namespace, the DNS server, smtp-sink farms, Redis.
+
+Network safety: ``enter_namespace()`` re-executes the benchmark under
+``unshare -n -m`` (as root): a private network namespace whose only
+interface is its own loopback, and a private mount namespace in which a
+temporary ``/etc/resolv.conf`` (pointing at the sandbox DNS server on
+127.0.0.53) is bind-mounted, so Postfix's system resolver asks the sandbox
+and nothing else.  Every server binds a 127.0.0.0/8 address.
+
+Counting at the sinks: every sink is a Postfix ``smtp-sink`` process (C,
+single-threaded, event-driven) started with
+
+* ``-c``: running counters on stdout (``sess=.. quit=.. mesg=N``), smtp-sink's
+  own count of messages it answered 250 to the final dot;
+* ``-D FILE -S SEP``: each accepted transaction appended to one dump file,
+  preceded by the separator line.  smtp-sink spools a transaction to a
+  temporary file and copies it to the dump file after the final dot, in one
+  event-loop step, so records never interleave; the copy happens before the
+  250 reply is sent (checked with strace and a client that read the dump
+  right after its 250).
+
+The ``Monitor`` (a separate process, so it never competes with the
+submitting process for the GIL) tails the dump files, counts records and
+the ``X-Bench-Id`` values in them, and timestamps each record when it first
+sees it: that is the delivery time used for latency (resolution: the poll
+interval).  After the sinks stop it reads the files to the end and compares
+its record count with smtp-sink's own ``-c`` counters: both are exact.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import messages
+
+NETNS_ENV = "MXQ_BENCH_IN_NETNS"
+DNS_HOST = "127.0.0.53"
+SEPARATOR = "==MXQ-BENCH-RECORD=="
+SINK_USER = "nobody"          # smtp-sink as root requires -u; the dump dir is made writable for it
+LIMIT_SINK = "127.0.0.40"     # the single sink of the limit and django-celery-email stages
+
+
+class BenchError(RuntimeError):
+    """A stage could not be run or did not finish; the message says why."""
+
+
+# --------------------------------------------------------------------------- namespace
+
+
+def in_namespace() -> bool:
+    """True once the process runs inside the benchmark's private namespaces."""
+    return os.environ.get(NETNS_ENV) == "1"
+
+
+def enter_namespace(argv: list[str]) -> None:
+    """Re-exec ``argv`` under ``unshare -n -m`` as root (never returns), unless already inside.
+
+    Inside, bring ``lo`` up.  Raises BenchError when not root or when
+    ``unshare``/``ip`` are missing: the benchmark binds port 25 on 127.0.0.x
+    and must not share the host's network, so it does not run otherwise.
+    """
+    if in_namespace():
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        return
+    if os.geteuid() != 0:
+        raise BenchError("ops/bench must run as root (private network namespace, port 25 on 127.0.0.x)")
+    for tool in ("unshare", "ip", "mount"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} not found (util-linux / iproute2)")
+    env = dict(os.environ, **{NETNS_ENV: "1"})
+    # --propagation private (unshare's default with -m): our bind mounts stay in this namespace.
+    os.execvpe("unshare", ["unshare", "-n", "-m", "--propagation", "private", "--", *argv], env)
+
+
+def bind_resolv_conf(workdir: Path, nameserver: str = DNS_HOST) -> Path:
+    """Bind-mount a resolv.conf naming only ``nameserver`` over /etc/resolv.conf (this mount namespace only)."""
+    if not in_namespace():
+        raise BenchError("refusing to replace /etc/resolv.conf outside the private mount namespace")
+    path = workdir / "resolv.conf"
+    path.write_text(f"nameserver {nameserver}\noptions timeout:2 attempts:2\n")
+    subprocess.run(["mount", "--bind", str(path), "/etc/resolv.conf"], check=True)
+    return path
+
+
+# --------------------------------------------------------------------------- processes
+
+
+_CHILDREN: list[subprocess.Popen] = []
+
+
+def spawn(argv: list[str], *, log: Path, env: dict | None = None, cwd: str | None = None,
+          session: bool = False) -> subprocess.Popen:
+    """Start a child process with stdout+stderr to ``log``; it is tracked and stopped by ``stop_all``."""
+    with open(log, "ab") as f:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                             env=env, cwd=cwd, start_new_session=session)
+    _CHILDREN.append(p)
+    return p
+
+
+def stop(p: subprocess.Popen, timeout: float = 10.0, group: bool = False) -> None:
+    """SIGTERM ``p`` (its process group if ``group``), SIGKILL after ``timeout`` s; reap it."""
+    if p.poll() is None:
+        try:
+            if group:
+                os.killpg(p.pid, signal.SIGTERM)
+            else:
+                p.terminate()
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                if group:
+                    os.killpg(p.pid, signal.SIGKILL)
+                else:
+                    p.kill()
+            except ProcessLookupError:
+                pass
+            p.wait(timeout)
+    if group:
+        # The group leader is gone; take down any child it left behind (same group id).
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if p in _CHILDREN:
+        _CHILDREN.remove(p)
+
+
+def stop_all() -> None:
+    """Stop every child started with ``spawn`` that is still tracked (newest first)."""
+    for p in reversed(list(_CHILDREN)):
+        stop(p, timeout=5.0, group=True)
+
+
+def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None,
+              banner: bytes | None = None) -> None:
+    """Wait until ``host:port`` accepts a TCP connection (and, if given, sends ``banner`` first)."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise BenchError(f"process {proc.args[0]} exited ({proc.returncode}) before {host}:{port} was ready")
+        try:
+            with socket.create_connection((host, port), timeout=1.0) as s:
+                if banner is not None:
+                    s.settimeout(2.0)
+                    got = s.recv(512)
+                    if not got.startswith(banner):
+                        raise BenchError(f"{host}:{port} greeted with {got!r}")
+                    if banner.startswith(b"220"):
+                        s.sendall(b"QUIT\r\n")
+                        s.recv(512)
+                return
+        except OSError as e:
+            last = e
+            time.sleep(0.02)
+    raise BenchError(f"{host}:{port} not ready within {timeout}s ({last})")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its live descendants (from /proc/PID/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if not Path(f"/proc/{p}").exists():
+            continue
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                kids = (task / "children").read_text().split()
+                todo.extend(int(k) for k in kids)
+        except OSError:
+            pass
+    return out
+
+
+def peak_rss(pids: list[int]) -> list[dict]:
+    """``[{"pid", "cmd", "peak_rss_kb"}]``: VmHWM (peak resident set) of each live process."""
+    rows = []
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        m = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+        if m:
+            rows.append({"pid": pid, "cmd": cmd[:120], "peak_rss_kb": int(m.group(1))})
+    return rows
+
+
+# --------------------------------------------------------------------------- DNS
+
+
+def domain_address(j: int) -> str:
+    """The loopback address of benchmark domain ``j``'s exchange (127.1.x.y, 250 per /24)."""
+    if j >= 250 * 250:
+        raise ValueError("too many domains")
+    return f"127.1.{j // 250}.{j % 250 + 1}"
+
+
+def zones(m: int) -> dict:
+    """The sandbox zone: each ``d<j>.bench.test`` has one MX, ``mx.d<j>.bench.test`` -> its sink."""
+    records: dict[str, dict] = {}
+    for j in range(m):
+        records[messages.domain(j)] = {"MX": [[10, messages.exchange(j)]]}
+        records[messages.exchange(j)] = {"A": [domain_address(j)]}
+    return {"ttl": 300, "records": records}
+
+
+def start_dns(m: int, workdir: Path):
+    """The sandbox DNS server process (workers.sandbox.dns) on 127.0.0.53:53 serving ``zones(m)``."""
+    try:
+        from workers.sandbox.dns import start_dns_server
+    except ImportError as e:                       # pragma: no cover - the module is part of the repo
+        raise BenchError(f"workers.sandbox.dns is not importable: {e}") from e
+    return start_dns_server(zones(m), host=DNS_HOST, port=53, workdir=workdir / "dns", timeout=20)
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+@dataclass
+class Redis:
+    """A redis-server child process (no persistence) on 127.0.0.1."""
+
+    proc: subprocess.Popen
+    port: int
+    workdir: Path
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self):
+        """A redis-py client."""
+        import redis
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=30)
+
+    def command_calls(self) -> tuple[int, dict[str, int]]:
+        """Total command calls since the last CONFIG RESETSTAT, and the calls per command."""
+        stats = self.client().info("commandstats")
+        per = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+        return sum(per.values()), per
+
+    def used_memory(self) -> int:
+        """INFO memory ``used_memory`` in bytes."""
+        return int(self.client().info("memory")["used_memory"])
+
+    def stop(self) -> None:
+        """Stop the server."""
+        stop(self.proc)
+
+
+def start_redis(workdir: Path) -> Redis:
+    """Start a fresh redis-server (``--save '' --appendonly no``) and wait until it answers PING."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise BenchError("redis-server not found (apt-get install redis-server; ops/install-deps does it)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = spawn([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                  "--dir", str(workdir), "--daemonize", "no", "--loglevel", "warning"],
+                 log=workdir / "redis.log")
+    wait_port("127.0.0.1", port, 10, proc)
+    r = Redis(proc, port, workdir)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if r.client().ping():
+                return r
+        except Exception as e:                      # loading, or not yet accepting
+            if time.monotonic() > deadline:
+                raise BenchError(f"redis-server did not answer PING: {e}") from e
+            time.sleep(0.02)
+
+
+# --------------------------------------------------------------------------- sinks
+
+
+@dataclass
+class Sink:
+    """One smtp-sink process on ``address``:25 with its dump and counter files."""
+
+    address: str
+    dump: Path
+    counters: Path
+    proc: subprocess.Popen | None = None
+
+
+@dataclass
+class SinkFarm:
+    """smtp-sink processes on the given loopback addresses, port 25."""
+
+    addresses: list[str]
+    workdir: Path
+    sinks: list[Sink] = field(default_factory=list)
+
+    def start(self, timeout: float = 10.0) -> "SinkFarm":
+        """Start one smtp-sink per address and wait until each greets."""
+        exe = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+        if not os.path.exists(exe):
+            raise BenchError("smtp-sink not found (it comes with Debian's postfix package)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.workdir, 0o777)               # smtp-sink runs as nobody and creates its dump files here
+        for k, addr in enumerate(self.addresses):
+            sdir = self.workdir / f"sink{k}"
+            sdir.mkdir()
+            os.chmod(sdir, 0o777)
+            sink = Sink(addr, sdir / "dump", sdir / "counters")
+            # -c counters on stdout; -D one dump file, each record preceded by the separator line;
+            # backlog 1024 and -m 1024 connections: clients never wait on the sink.
+            sink.proc = spawn([exe, "-u", SINK_USER, "-c", "-m", "1024", "-D", str(sink.dump),
+                               "-S", f"\\n{SEPARATOR}\\n", f"{addr}:25", "1024"], log=sink.counters)
+            self.sinks.append(sink)
+        for sink in self.sinks:
+            wait_port(sink.address, 25, timeout, sink.proc, banner=b"220")
+        return self
+
+    def stop(self) -> None:
+        """Stop every sink (SIGTERM; the dump files are complete once they exit)."""
+        for sink in self.sinks:
+            if sink.proc is not None:
+                stop(sink.proc)
+
+    def counter_total(self) -> int:
+        """Sum of smtp-sink's own ``mesg=`` counters (each sink's last line)."""
+        total = 0
+        for sink in self.sinks:
+            total += last_counter(sink.counters)
+        return total
+
+
+def last_counter(path: Path) -> int:
+    """The last ``mesg=N`` value smtp-sink -c wrote to ``path`` (0 if none yet)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 256))
+            tail = f.read()
+    except FileNotFoundError:
+        return 0
+    found = re.findall(rb"mesg=(\d+)", tail)
+    return int(found[-1]) if found else 0
+
+
+# --------------------------------------------------------------------------- monitor
+
+
+_SEP = f"\n{SEPARATOR}\n"
+
+
+class _Tail:
+    """Incremental reader of one dump file: counts records, reads each record's header block once.
+
+    Plain ``str.find`` (no per-line regex): the monitor shares the machine
+    with the systems measured, so it must stay cheap.
+    """
+
+    def __init__(self, path: str, id_header: str, submitted_header: str | None):
+        self.path = path
+        self.f = None
+        self.buf = ""
+        self.in_record = False                 # buf starts right after a separator, header not yet read
+        self.id_key = "\n" + id_header.lower() + ":"
+        self.sub_key = "\n" + submitted_header.lower() + ":" if submitted_header else None
+        self.records = 0
+        self.bytes = 0
+
+    def read(self, now: float, out: "_Tally") -> None:
+        if self.f is None:
+            try:
+                self.f = open(self.path, "r", encoding="latin-1", newline="")
+            except FileNotFoundError:
+                return
+        data = self.f.read()
+        if not data:
+            return
+        self.bytes += len(data)
+        buf = self.buf + data
+        pos = 0
+        while True:
+            if not self.in_record:
+                i = buf.find(_SEP, pos)
+                if i < 0:
+                    pos = max(pos, len(buf) - len(_SEP))     # a separator may straddle two reads
+                    break
+                self.records += 1
+                out.records += 1
+                pos = i + len(_SEP)
+                self.in_record = True
+            end = buf.find("\n\n", pos)                      # the header block ends at the empty line
+            if end < 0:
+                break
+            head = "\n" + buf[pos:end + 1]
+            self._header(head, head.lower(), now, out)
+            pos = end + 1
+            self.in_record = False
+        self.buf = buf[pos:]
+
+    def _header(self, head: str, lower: str, now: float, out: "_Tally") -> None:
+        ident = _field(head, lower, self.id_key)
+        if ident is None:
+            return
+        out.see(ident, now)
+        if self.sub_key:
+            sub = _field(head, lower, self.sub_key)
+            try:
+                out.submitted.setdefault(ident, float(sub))
+            except (TypeError, ValueError):
+                pass
+
+
+def _field(head: str, lower: str, key: str) -> str | None:
+    """The value of the header ``key`` ("\\nname:", lower case) in the header block ``head``, or None."""
+    i = lower.find(key)
+    if i < 0:
+        return None
+    j = head.find("\n", i + len(key))
+    return head[i + len(key):j].strip()
+
+
+class _Tally:
+    """What the monitor has seen across all sinks."""
+
+    def __init__(self):
+        self.records = 0
+        self.first_seen: dict[str, float] = {}
+        self.duplicates: dict[str, int] = {}
+        self.submitted: dict[str, float] = {}
+
+    def see(self, ident: str, now: float) -> None:
+        if ident in self.first_seen:
+            self.duplicates[ident] = self.duplicates.get(ident, 0) + 1
+        else:
+            self.first_seen[ident] = now
+
+
+def _monitor_main(conn, paths: list[str], counters: list[str], expected: int, id_header: str,
+                  submitted_header: str | None, interval: float, follow: bool) -> None:
+    tails = [_Tail(p, id_header, submitted_header) for p in paths]
+    tally = _Tally()
+    complete_at: float | None = None
+    conn.send(("ready", time.time()))
+    last_progress = 0.0
+    while True:
+        now = time.time()
+        if follow:
+            for t in tails:
+                t.read(now, tally)
+            count = tally.records
+        else:
+            count = sum(last_counter(Path(c)) for c in counters)
+        if complete_at is None and count >= expected:
+            complete_at = now
+            conn.send(("complete", now))
+        if now - last_progress >= 1.0:
+            conn.send(("progress", count))
+            last_progress = now
+        if conn.poll(interval):
+            msg = conn.recv()
+            if msg == "finish":
+                now = time.time()
+                for t in tails:
+                    t.read(now, tally)
+                lat = [tally.first_seen[i] - s for i, s in tally.submitted.items()]
+                conn.send(("result", {
+                    "records": tally.records,
+                    "per_sink_records": [t.records for t in tails],
+                    "dump_bytes": sum(t.bytes for t in tails),
+                    "unique_ids": len(tally.first_seen),
+                    "duplicates": sum(tally.duplicates.values()),
+                    "duplicate_ids": sorted(tally.duplicates)[:20],
+                    "ids": sorted(tally.first_seen),
+                    "latencies": lat,
+                    "complete_at": complete_at,
+                    "last_seen": max(tally.first_seen.values(), default=None),
+                }))
+                return
+
+
+class Monitor:
+    """The sink monitor process: counts records and ids in the dump files as they grow.
+
+    ``expected``: the record count that completes the run.  ``id_header``:
+    the header that names a message (``X-Bench-Id``, or ``Message-Id`` for
+    smtp-source's own messages).  ``submitted_header``: the header holding the
+    submission time.  With ``follow`` (the default) the dump files are read as
+    they grow: each message is timestamped on arrival, so latency is known.
+    Without it (``submitted_header`` must then be None) only smtp-sink's
+    ``-c`` counters are polled during the run, which costs next to nothing,
+    and the dumps are read once at ``finish()``: the identity checks are the
+    same, there is no latency.
+    """
+
+    def __init__(self, farm: SinkFarm, expected: int, id_header: str = messages.ID_HEADER,
+                 submitted_header: str | None = messages.SUBMITTED_HEADER, interval: float = 0.01,
+                 follow: bool = True):
+        if not follow and submitted_header:
+            raise ValueError("latency needs follow=True")
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_monitor_main, daemon=True,
+                                args=(child, [str(s.dump) for s in farm.sinks],
+                                      [str(s.counters) for s in farm.sinks], expected, id_header,
+                                      submitted_header, interval, follow))
+        self.expected = expected
+        self.progress = 0
+        self.complete_at: float | None = None
+
+    def start(self, timeout: float = 30.0) -> "Monitor":
+        """Start the process and wait for it to be polling."""
+        self.proc.start()
+        kind, _ = self._recv(timeout)
+        if kind != "ready":
+            raise BenchError(f"monitor sent {kind} before ready")
+        return self
+
+    def _recv(self, timeout: float):
+        if not self.conn.poll(timeout):
+            if not self.proc.is_alive():
+                raise BenchError(f"sink monitor died (exit {self.proc.exitcode})")
+            raise BenchError(f"sink monitor silent for {timeout}s")
+        return self.conn.recv()
+
+    def wait_complete(self, timeout: float, alive=None, on_progress=None) -> float:
+        """Block until the sinks hold ``expected`` records; return that moment (epoch seconds).
+
+        ``alive()`` (optional) is called every second and may raise to abort
+        (e.g. a worker process died).  Raises BenchError on timeout, with the
+        count reached.
+        """
+        deadline = time.monotonic() + timeout
+        while self.complete_at is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"timed out after {timeout:.0f}s with {self.progress} of "
+                                 f"{self.expected} messages at the sinks")
+            if alive is not None:
+                alive()
+            if not self.conn.poll(min(1.0, left)):
+                if not self.proc.is_alive():
+                    raise BenchError(f"sink monitor died (exit {self.proc.exitcode})")
+                continue
+            kind, value = self.conn.recv()
+            if kind == "progress":
+                self.progress = value
+                if on_progress:
+                    on_progress(value)
+            elif kind == "complete":
+                self.complete_at = value
+        return self.complete_at
+
+    def finish(self, timeout: float = 60.0) -> dict:
+        """Read the dump files to the end (call after the sinks stopped) and return the tally."""
+        self.conn.send("finish")
+        deadline = time.monotonic() + timeout
+        while True:
+            kind, value = self._recv(max(0.1, deadline - time.monotonic()))
+            if kind == "complete" and self.complete_at is None:
+                self.complete_at = value
+            if kind == "result":
+                self.proc.join(10)
+                return value
+
+    def kill(self) -> None:
+        """Stop the process if it still runs."""
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+# --------------------------------------------------------------------------- misc
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-quantile (0..1) of ``values`` by the nearest-rank method (None if empty)."""
+    if not values:
+        return None
+    v = sorted(values)
+    k = max(0, min(len(v) - 1, int(round(q * len(v) + 0.5)) - 1))
+    return v[k]
+
+
+def make_workdir(base: str | None = None) -> Path:
+    """A fresh working directory on tmpfs (/dev/shm) if present: sink dumps then cost no disk I/O."""
+    root = base or ("/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None)
+    path = Path(tempfile.mkdtemp(prefix="mxq-bench-", dir=root))
+    os.chmod(path, 0o755)           # smtp-sink (as nobody) must reach its dump directory below
+    return path
+
+
+def json_dump(data, path: Path) -> None:
+    """Write ``data`` as indented JSON (atomically)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def python() -> str:
+    """The interpreter running the benchmark (the project venv's)."""
+    return sys.executable

@@ -1,0 +1,423 @@
+"""The benchmark's stages: one function per contender, each returning a result dict.
+
+Every stage sends the same ``Spec`` messages (the limit stage excepted:
+smtp-source makes its own) to fresh smtp-sink processes and is timed from
+its first submission until the sink monitor has seen every message at the
+sinks.  Setup (starting Redis, workers, Postfix, the sinks) is not timed.
+After completion the stage waits ``settle`` seconds (not timed) so that a
+late duplicate would still be counted, then stops the sinks and reads their
+dump files to the end.
+
+A stage that cannot run or does not finish raises ``BenchError``; ``run()``
+turns that into ``{"status": "failed", "error": ...}`` with every other field
+null, never into made-up numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import messages, sandbox
+from .messages import Spec
+from .postfix import LISTEN as POSTFIX_LISTEN, Postfix
+from .sandbox import BenchError, Monitor, SinkFarm
+
+ROOT = Path(__file__).resolve().parents[2]
+OPS = ROOT / "ops"
+
+# Every stage result has exactly these keys (null when not applicable or failed).
+RESULT_FIELDS = (
+    "status", "error", "messages", "seconds", "msgs_per_sec", "submit_seconds",
+    "latency_ms", "sinks", "dns_queries", "redis", "workers", "notes",
+)
+SINK_FIELDS = ("records", "smtp_sink_counter", "unique_ids", "duplicates", "missing", "unexpected",
+               "exactly_once", "bytes_per_record", "sinks")
+REDIS_FIELDS = ("commands_total", "commands_per_message", "top_commands", "memory_per_queued_message",
+                "memory_probe_messages")
+
+
+@dataclass
+class Context:
+    """What every stage needs: sizes, the sandbox DNS server, a work directory, a logger."""
+
+    n: int
+    m: int
+    size: int
+    run: str
+    workdir: Path
+    dns: object                       # workers.sandbox.dns.DNSServerProcess
+    timeout: float                    # seconds for a stage's messages to reach the sinks
+    settle: float                     # seconds waited after completion for late duplicates
+    say: Callable[[str], None]
+    postfix_clients: int = 8
+    limit_sessions: int = 20
+    batch: int = 100
+    mxq_workers: int = 2
+    mxq_concurrency: int = 0          # 0: the pipeline's default
+    probe: int = 1000                 # messages queued (no worker running) to measure Redis memory
+
+    def spec(self, stage: str) -> Spec:
+        """The messages of ``stage`` (ids unique per run and stage)."""
+        return Spec(f"{self.run}-{stage}", self.n, self.m, self.size)
+
+    def stage_dir(self, stage: str) -> Path:
+        """A fresh directory for ``stage``."""
+        d = self.workdir / stage
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+def empty_result() -> dict:
+    """A result with every field null."""
+    return {k: None for k in RESULT_FIELDS}
+
+
+def run(name: str, fn: Callable[[Context], dict], ctx: Context) -> dict:
+    """Run one stage; a failure becomes ``status: failed`` with the reason, and is printed loudly."""
+    ctx.say(f"== {name}")
+    try:
+        res = fn(ctx)
+        res["status"] = "ok"
+        return res
+    except BenchError as e:
+        res = empty_result()
+        res.update(status="failed", error=str(e))
+    except Exception as e:                         # a harness bug must not hide the other stages
+        res = empty_result()
+        res.update(status="failed", error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+    finally:
+        sandbox.stop_all()
+    ctx.say(f"!! {name} FAILED: {res['error']}")
+    return res
+
+
+# --------------------------------------------------------------------------- common measurement
+
+
+class Measure:
+    """Sinks + monitor for one stage; ``finish()`` turns what the sinks saw into the result fields."""
+
+    def __init__(self, ctx: Context, stage: str, addresses: list[str], id_header: str = messages.ID_HEADER,
+                 submitted_header: str | None = messages.SUBMITTED_HEADER):
+        self.ctx = ctx
+        self.stage = stage
+        self.farm = SinkFarm(addresses, ctx.stage_dir(stage) / "sinks").start()
+        # Without a submission time there is no latency to take: poll smtp-sink's counters only.
+        self.monitor = Monitor(self.farm, ctx.n, id_header, submitted_header,
+                               follow=submitted_header is not None).start()
+        self.t0: float | None = None
+        self.t_submitted: float | None = None
+        self.t_done: float | None = None
+
+    def begin(self) -> float:
+        """Mark the first submission (call right before it) and reset the DNS counters first."""
+        self.ctx.dns.reset_stats()
+        self.t0 = time.time()
+        return self.t0
+
+    def submitted(self) -> None:
+        """Mark the end of submission."""
+        self.t_submitted = time.time()
+
+    def wait(self, alive: Callable[[], None] | None = None) -> float:
+        """Wait until every message is at the sinks; return the elapsed seconds since ``begin``."""
+        last = [time.monotonic()]
+
+        def progress(k: int) -> None:
+            if time.monotonic() - last[0] >= 5:
+                self.ctx.say(f"   {k}/{self.ctx.n} at the sinks")
+                last[0] = time.monotonic()
+
+        self.t_done = self.monitor.wait_complete(self.ctx.timeout, alive=alive, on_progress=progress)
+        return self.t_done - self.t0
+
+    def finish(self, expected_ids: set[str] | None) -> dict:
+        """Settle, stop the sinks, read the dumps: the timing, latency, sink and DNS fields."""
+        time.sleep(self.ctx.settle)
+        dns_queries = self.ctx.dns.queries()
+        self.farm.stop()
+        tally = self.monitor.finish()
+        counter = self.farm.counter_total()
+        seen = set(tally["ids"])
+        if expected_ids is not None:
+            missing = len(expected_ids - seen)
+            unexpected = len(seen - expected_ids)
+        else:
+            missing = max(0, self.ctx.n - len(seen))
+            unexpected = 0
+        n = self.ctx.n
+        exactly_once = (tally["records"] == n and counter == n and len(seen) == n
+                        and tally["duplicates"] == 0 and missing == 0 and unexpected == 0)
+        seconds = self.t_done - self.t0
+        lat = tally["latencies"]
+        res = empty_result()
+        res.update(
+            messages=n,
+            seconds=round(seconds, 3),
+            msgs_per_sec=round(n / seconds, 1) if seconds > 0 else None,
+            submit_seconds=round(self.t_submitted - self.t0, 3) if self.t_submitted else None,
+            latency_ms=({
+                "p50": round(sandbox.percentile(lat, 0.50) * 1000, 1),
+                "p99": round(sandbox.percentile(lat, 0.99) * 1000, 1),
+                "max": round(max(lat) * 1000, 1),
+                "samples": len(lat),
+                "resolution_ms": 10,
+            } if lat else None),
+            sinks={
+                "records": tally["records"],
+                "smtp_sink_counter": counter,
+                "unique_ids": len(seen),
+                "duplicates": tally["duplicates"],
+                "missing": missing,
+                "unexpected": unexpected,
+                "exactly_once": exactly_once,
+                "bytes_per_record": round(tally["dump_bytes"] / tally["records"]) if tally["records"] else None,
+                "sinks": len(self.farm.sinks),
+            },
+            dns_queries=dns_queries,
+            notes=[],
+        )
+        if not exactly_once:
+            res["notes"].append(f"NOT exactly once: {res['sinks']}; duplicate ids e.g. {tally['duplicate_ids'][:5]}")
+        return res
+
+    def abort(self) -> None:
+        """Stop the sinks and the monitor after a failure."""
+        self.farm.stop()
+        self.monitor.kill()
+
+
+def redis_fields(r: sandbox.Redis, delivered: int, mem_per_msg: float | None, probe: int | None) -> dict:
+    """Redis command counts since the last RESETSTAT, per delivered message, plus the memory probe."""
+    total, per = r.command_calls()
+    top = dict(sorted(per.items(), key=lambda kv: -kv[1])[:12])
+    return {
+        "commands_total": total,
+        "commands_per_message": round(total / delivered, 2) if delivered else None,
+        "top_commands": top,
+        "memory_per_queued_message": round(mem_per_msg) if mem_per_msg is not None else None,
+        "memory_probe_messages": probe,
+    }
+
+
+def worker_fields(pids: list[int]) -> list[dict]:
+    """Peak RSS of each worker process (main and pool children)."""
+    return sandbox.peak_rss(pids)
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(OPS), str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def _wait_log(path: Path, needle: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{proc.args[:4]} exited ({proc.returncode}): {path.read_text(errors='replace')[-3000:]}")
+        try:
+            if needle in path.read_text(errors="replace"):
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+    raise BenchError(f"{proc.args[:4]} not ready within {timeout}s: {path.read_text(errors='replace')[-3000:]}")
+
+
+# --------------------------------------------------------------------------- limit
+
+
+def limit(ctx: Context) -> dict:
+    """smtp-source straight into one smtp-sink: the loopback SMTP limit of this machine.
+
+    ``smtp-source -s SESSIONS -m N -l PAYLOAD``: SESSIONS parallel sessions,
+    a new connection per message (as in the reference figures), one
+    recipient, PAYLOAD bytes of body so the message is about S bytes.  The
+    messages are smtp-source's own; identity at the sink is its Message-Id.
+    """
+    meas = Measure(ctx, "limit", [sandbox.LIMIT_SINK], id_header="Message-Id", submitted_header=None)
+    try:
+        payload = max(1, ctx.size - 150)           # smtp-source adds about 150 bytes of headers
+        argv = ["smtp-source", "-s", str(ctx.limit_sessions), "-m", str(ctx.n), "-l", str(payload),
+                "-f", messages.SENDER, "-t", f"u0@{messages.domain(0)}", "-M", "source.bench.test",
+                f"{sandbox.LIMIT_SINK}:25"]
+        log = ctx.stage_dir("limit") / "smtp-source.log"
+        meas.begin()
+        proc = sandbox.spawn(argv, log=log)
+
+        def alive() -> None:
+            if proc.poll() not in (None, 0):
+                raise BenchError(f"smtp-source failed ({proc.returncode}): {log.read_text()[-2000:]}")
+
+        meas.wait(alive)
+        proc.wait(30)
+        meas.submitted()
+        alive()
+        res = meas.finish(None)
+        res["notes"].append(f"smtp-source -s {ctx.limit_sessions} -m {ctx.n} -l {payload}, "
+                            f"a new connection per message, one sink")
+        return res
+    except BaseException:
+        meas.abort()
+        raise
+
+
+# --------------------------------------------------------------------------- Postfix
+
+
+def postfix(ctx: Context) -> dict:
+    """Postfix 3.7 end to end: our SMTP clients -> its smtpd -> its queue -> its smtp client -> the sinks.
+
+    The same N messages as mxq, submitted over ``postfix_clients`` parallel
+    SMTP connections (each reused for its share of the messages); Postfix
+    routes each by an MX lookup against the sandbox DNS server.
+    """
+    st = ctx.stage_dir("postfix")
+    addrs = [sandbox.domain_address(j) for j in range(ctx.m)]
+    meas = Measure(ctx, "postfix", addrs)
+    pf = Postfix(st)
+    try:
+        pf.start()
+        spec = ctx.spec("postfix")
+        body = spec.body()
+        errors: list[str] = []
+
+        def client(k: int) -> None:
+            try:
+                with smtplib.SMTP(POSTFIX_LISTEN, 25, local_hostname="client.bench.test", timeout=60) as s:
+                    for i in range(k, spec.count, ctx.postfix_clients):
+                        s.sendmail(messages.SENDER, [spec.recipient(i)], spec.render(i, time.time(), body))
+            except Exception as e:
+                errors.append(f"client {k}: {type(e).__name__}: {e}")
+
+        threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(ctx.postfix_clients)]
+        meas.begin()
+        for t in threads:
+            t.start()
+
+        def alive() -> None:
+            if errors:
+                raise BenchError(f"submission to Postfix failed: {errors[:3]}")
+
+        def progress_wait() -> None:
+            for t in threads:
+                t.join(ctx.timeout)
+            meas.submitted()
+
+        waiter = threading.Thread(target=progress_wait, daemon=True)
+        waiter.start()
+        try:
+            meas.wait(alive)
+        except BenchError as e:
+            raise BenchError(f"{e}; Postfix queue holds {pf.queue_size()}; log tail: "
+                             f"{pf.log_text()[-1500:]}") from None
+        waiter.join(ctx.timeout)
+        alive()
+        workers = worker_fields(pf.processes())
+        res = meas.finish(spec.ids())
+        res["workers"] = workers
+        res["notes"].append(f"{ctx.postfix_clients} submitting SMTP connections; queue on disk "
+                            f"({pf.spool}); MX lookups via /etc/resolv.conf -> sandbox DNS")
+        return res
+    except BaseException:
+        meas.abort()
+        raise
+    finally:
+        pf.stop()
+
+
+# --------------------------------------------------------------------------- django-celery-email
+
+
+def django_celery_email(ctx: Context) -> dict:
+    """django-celery-email 3.0: ``send_messages`` of N messages, Celery prefork -c 2 on Redis, chunk 10.
+
+    Django's SMTP backend hands every message to one smtp-sink (it has no MX
+    routing).  Before the timed run, ``probe`` messages are queued with no
+    worker running to measure Redis memory per queued message, then the
+    database is flushed.
+    """
+    st = ctx.stage_dir("django")
+    meas = Measure(ctx, "django", [sandbox.LIMIT_SINK])
+    try:
+        r = sandbox.start_redis(st / "redis")
+        os.environ["BENCH_DJ_BROKER"] = r.url
+        os.environ["BENCH_DJ_SINK"] = sandbox.LIMIT_SINK
+        os.environ["BENCH_DJ_CHUNK"] = "10"
+        try:
+            from . import djapp
+        except ImportError as e:
+            raise BenchError(f"django / django-celery-email not installed ({e}); "
+                             f"pip install -e '.[bench]' (ops/bench does it)") from e
+        from django.core.mail import EmailMessage
+        if djapp.app.conf.broker_url != r.url:        # imported earlier in this process: re-point it
+            djapp.app.conf.broker_url = r.url
+            djapp.app.pool.force_close_all()
+        spec = ctx.spec("django")
+        body = spec.body().replace("\r\n", "\n")
+
+        def emails(idx: range, submitted: float) -> list:
+            out = []
+            for i in idx:
+                headers = dict(spec.headers(i, submitted))
+                headers["Date"] = "Sat, 01 Jan 2000 00:00:00 +0000"
+                out.append(EmailMessage(subject=spec.subject(i), body=body, from_email=f"mxq bench <{messages.SENDER}>",
+                                        to=[spec.recipient(i)], headers=headers))
+            return out
+
+        # Redis memory per queued message: queue a warm-up chunk, measure, queue `probe` more, measure.
+        client = r.client()
+        djapp.send(emails(range(10), time.time()))
+        before = r.used_memory()
+        probe = min(ctx.probe, ctx.n)
+        djapp.send(emails(range(probe), time.time()))
+        mem_per_msg = (r.used_memory() - before) / probe
+        client.flushall()
+
+        log = st / "celery-worker.log"
+        worker = sandbox.spawn([sys.executable, "-m", "celery", "-A", "bench_lib.djapp", "worker", "-c", "2",
+                                "--pool", "prefork", "-n", "djbench@%h", "-l", "info"],
+                               log=log, env=_env(), cwd=str(ROOT), session=True)
+        _wait_log(log, " ready.", worker, 60)
+        client.config_resetstat()
+
+        def alive() -> None:
+            if worker.poll() is not None:
+                raise BenchError(f"celery worker exited ({worker.returncode}): {log.read_text()[-2000:]}")
+
+        t0 = meas.begin()
+        queued = djapp.send(emails(range(spec.count), t0))
+        meas.submitted()
+        meas.wait(alive)
+        redis_res = redis_fields(r, ctx.n, mem_per_msg, probe)
+        workers = worker_fields(sandbox.process_tree(worker.pid))
+        res = meas.finish(spec.ids())
+        res["redis"] = redis_res
+        res["workers"] = workers
+        res["notes"].append(f"{queued} tasks of up to 10 messages; celery -c 2 --pool prefork; "
+                            f"Django SMTP backend -> one smtp-sink")
+        sandbox.stop(worker, group=True)
+        r.stop()
+        return res
+    except BaseException:
+        meas.abort()
+        raise
+
+
+# --------------------------------------------------------------------------- mxq
+
+
+def mxq(ctx: Context) -> dict:
+    """mxq: ``tasks.submit_many`` of N messages, delivered by ``celery -A tasks worker`` processes."""
+    raise BenchError("the mxq pipeline is not available yet: tasks.submit_many / tasks.app are missing "
+                     "(issue 5's mxq stage needs the Celery pipeline)")
