@@ -1,0 +1,570 @@
+"""Delivery of messages to one domain across its exchanges and the relay (Postfix's smtp(8)).
+
+``deliver(envelope)`` groups the recipients by domain and calls
+``deliver_domain`` for each; ``deliver_domain(domain, envelopes)`` walks the
+retry chain once and returns a ``RecipientResult`` per recipient.
+
+The retry chain of a domain
+---------------------------
+``resolver.exchanges(domain)`` in order (preference-sorted, equal
+preferences shuffled), every address of every exchange, then the relay when
+``settings.relay_mode == "fallback"`` and a relay is configured.  With
+``relay_mode == "always"`` the relay is the whole chain and no MX lookup is
+made.  A recipient moves down the chain while it is *pending*:
+
+- connection refused, connect/greeting timeout, 4xx greeting, 4xx to EHLO,
+  TLS failure, a dropped connection, a timeout: the whole site failed softly,
+  every pending recipient goes on to the next address;
+- 4xx to MAIL, 4xx to DATA or after the final dot: the recipients of that
+  transaction go on to the next address (Postfix: a soft error on a non-final
+  server means "try the next one");
+- 4xx to RCPT: that recipient goes on; 5xx to RCPT: that recipient bounces;
+- 5xx to MAIL, to DATA or after the final dot: every recipient of the
+  transaction bounces;
+- 5xx greeting or 5xx to EHLO and HELO: skipped like a soft error unless it
+  is the final server of the chain, where it bounces the pending recipients
+  (Postfix's ``smtp_skip_5xx_greeting``: a misconfigured backup MX should not
+  bounce mail the primary would take; the final server's word is final);
+- authentication failure at the relay: deferred, never bounced (Postfix's
+  ``smtp_sasl_auth_soft_bounce``: our credentials are wrong, not the mail).
+
+What is still pending after the last server is *deferred* with the last
+reply it got.  The relay, in fallback mode, receives only recipients that are
+still pending after every exchange (port 25 blocked, every exchange down or
+deferring) -- never bounced ones.  DNS: null MX (5.1.10), NXDOMAIN (5.1.2)
+and "no address" (5.4.4) bounce without any connection or relay; a transient
+DNS failure (4.4.3) defers, or, with a fallback relay configured, goes to the
+relay (the relay has its own resolver and can deliver what we could not
+look up).
+
+Failure memory: an address that refused a connection or timed out before
+its greeting is marked down in ``host_status`` for ``HOST_DOWN_SECONDS``;
+while it is down later deliveries skip it (a soft site failure "host marked
+down") instead of waiting on it again.  ``deliver()`` without
+``host_status`` uses a fresh ``MemoryHostStatus`` per call (a process-wide
+default would make unrelated deliveries -- and tests -- interfere); the
+pipeline passes a shared, Redis-backed one.
+
+Transactions: at most ``settings.max_recipients`` recipients per
+transaction; a 452 (too many recipients) ends the RCPT phase, the accepted
+ones are sent, and the rest follow in a new transaction on the same
+connection.  Several envelopes for the same domain share one connection per
+server (RSET only after an aborted transaction).  A recipient is reported
+``delivered`` only when the reply to the final dot of its transaction was 2xx.
+
+Logging: logger ``mxq.delivery``, one line per recipient per attempt, in
+Postfix's format (see ``logline``).  Credentials are never logged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+from .address import Address, normalize_domain, parse_address, parse_sender
+from .config import Settings
+from .envelope import Envelope
+from .errors import (DNSError, InvalidInput, InvalidMessage, Scope, SMTPAuthError, SMTPConnectError,
+                     SMTPError, SMTPGreetingError, SMTPHeloError, SMTPTimeoutError, classify)
+from .logline import format_line
+from .reply import Reply
+from .results import RecipientResult, State
+from .session import SMTPSession
+
+log = logging.getLogger("mxq.delivery")
+
+#: Seconds an address that refused a connection or timed out stays marked down.
+HOST_DOWN_SECONDS = 60.0
+
+__all__ = ["deliver", "deliver_domain", "HostStatus", "MemoryHostStatus", "HOST_DOWN_SECONDS"]
+
+
+# ------------------------------------------------------------------------------------------ host status
+
+class HostStatus(Protocol):
+    """Failure memory shared by deliveries: which (ip, port) to skip for now."""
+
+    def is_down(self, ip: str, port: int) -> bool:
+        """True while ``ip:port`` is marked down."""
+
+    def mark_down(self, ip: str, port: int, seconds: float, reason: str) -> None:
+        """Mark ``ip:port`` down for ``seconds`` (``reason`` is for humans and logs)."""
+
+
+class MemoryHostStatus:
+    """In-process ``HostStatus``: thread-safe, entries expire after their time.
+
+    ``clock`` (default ``time.monotonic``) is injectable for tests.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._down: dict[tuple[str, int], tuple[float, str]] = {}
+
+    def is_down(self, ip: str, port: int) -> bool:
+        """True while ``ip:port`` is marked down (expired entries are forgotten)."""
+        key = (ip, int(port))
+        with self._lock:
+            entry = self._down.get(key)
+            if entry is None:
+                return False
+            if entry[0] <= self._clock():
+                del self._down[key]
+                return False
+            return True
+
+    def mark_down(self, ip: str, port: int, seconds: float, reason: str) -> None:
+        """Mark ``ip:port`` down for ``seconds``; a later mark replaces an earlier one."""
+        with self._lock:
+            self._down[(ip, int(port))] = (self._clock() + seconds, reason)
+
+    def reason(self, ip: str, port: int) -> str | None:
+        """Why ``ip:port`` is down, or None when it is not."""
+        if not self.is_down(ip, port):
+            return None
+        with self._lock:
+            entry = self._down.get((ip, int(port)))
+            return entry[1] if entry else None
+
+
+# ------------------------------------------------------------------------------------------ internals
+
+@dataclass(frozen=True)
+class _Route:
+    """One server address in the chain."""
+
+    name: str          # exchange name (or relay host) as logged and reported
+    ip: str
+    port: int
+    relay: bool
+    final: bool        # the last server of the chain: its hard site errors bounce
+
+
+@dataclass
+class _Rcpt:
+    """A recipient's progress through the chain."""
+
+    env: int
+    index: int
+    address: str
+    parsed: Address
+    notify: tuple | None
+    orcpt: str | None
+    state: State | None = None        # None while pending
+    reply: Reply | None = None
+    route: _Route | None = None       # the server that gave ``reply``
+    attempts: int = 0
+    tried_on: int = -1                # id of the connection where it got its last verdict
+
+    @property
+    def pending(self) -> bool:
+        return self.state is None
+
+
+@dataclass
+class _Job:
+    """One envelope being delivered to this domain."""
+
+    envelope: Envelope
+    rcpts: list[_Rcpt] = field(default_factory=list)
+    stop: bool = False                # a local content error: no point trying other servers
+
+    def pending(self) -> list[_Rcpt]:
+        return [r for r in self.rcpts if r.pending]
+
+
+class _SiteFailure(Exception):
+    """The connection is unusable: every pending recipient moves on."""
+
+    def __init__(self, reply: Reply, hard: bool = False, unreached: bool = False):
+        super().__init__(str(reply))
+        self.reply = reply
+        self.hard = hard
+        self.unreached = unreached    # no server reply at all (connect failed): logged as relay=none
+
+
+class _Run:
+    """One ``deliver_domain`` call: the chain, the recipients, the log."""
+
+    def __init__(self, domain: str, envelopes: list[Envelope], settings: Settings, resolver,
+                 host_status: HostStatus, relay_tls_context: ssl.SSLContext | None):
+        self.domain = domain
+        self.settings = settings
+        self.resolver = resolver
+        self.host_status = host_status
+        self.relay_tls_context = relay_tls_context
+        self.started = time.monotonic()
+        self.conn_seq = 0
+        self.jobs = []
+        for e, env in enumerate(envelopes):
+            job = _Job(env)
+            for i, r in enumerate(env.recipients):
+                a = parse_address(r.address)
+                job.rcpts.append(_Rcpt(e, i, r.address, a, r.notify, r.orcpt))
+            self.jobs.append(job)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def pending(self) -> list[_Rcpt]:
+        return [r for job in self.jobs if not job.stop for r in job.rcpts if r.pending]
+
+    def log(self, rcpt: _Rcpt, route: _Route | None, reply: Reply, status: str) -> None:
+        env = self.jobs[rcpt.env].envelope
+        log.info("%s", format_line(rcpt.address, route and (route.name, route.ip, route.port), reply, status,
+                                   delay=time.monotonic() - self.started, queue_id=env.id))
+
+    def settle(self, rcpt: _Rcpt, state: State | None, reply: Reply, route: _Route | None, *,
+               weak: bool = False, unreached: bool = False) -> None:
+        """Record a verdict (``state`` None: still pending) and log it.
+
+        A ``weak`` reply (a skipped host) never replaces a reply a server gave;
+        ``unreached`` logs ``relay=none`` (no server was talked to).
+        """
+        if not (weak and rcpt.reply is not None and rcpt.reply.code is not None):
+            rcpt.reply, rcpt.route = reply, route
+        rcpt.state = state
+        status = {State.DELIVERED: "sent", State.BOUNCED: "bounced"}.get(state, "deferred")
+        self.log(rcpt, None if (weak or unreached) else route, reply, status)
+
+    # -- the chain -------------------------------------------------------------------------------
+
+    @property
+    def relay_on(self) -> bool:
+        s = self.settings
+        return s.relay is not None and s.relay_mode in ("fallback", "always")
+
+    def exchange_routes(self) -> list[_Route]:
+        """Every exchange address to try, in order; settles recipients on a DNS failure.
+
+        The relay is not in this list: ``run`` resolves and tries it only when
+        something is still pending after the exchanges.
+        """
+        s = self.settings
+        try:
+            exchanges = self.resolver.exchanges(self.domain)
+        except DNSError as e:
+            if e.is_permanent():
+                for r in self.pending():
+                    self.settle(r, State.BOUNCED, e.reply, None)
+                return []
+            for r in self.pending():
+                self.settle(r, None, e.reply, None)   # deferred, or on to the relay
+            return []
+        routes = [_Route(x.name, ip, s.smtp_port, relay=False, final=False)
+                  for x in exchanges for ip in x.addresses]
+        if routes:
+            # The last exchange's hard site error bounces, relay or not: the relay takes only
+            # what is still deferred (4xx, unreachable), never what an exchange refused for good.
+            last = routes[-1]
+            routes[-1] = _Route(last.name, last.ip, last.port, last.relay, final=True)
+        return routes
+
+    def relay_routes(self) -> list[_Route]:
+        relay = self.settings.relay
+        try:
+            ips = [str(ipaddress.ip_address(relay.host))]
+        except ValueError:
+            try:
+                ips = self.resolver.addresses(relay.host)
+            except DNSError as e:
+                # Our relay's name does not resolve: a configuration problem, never a bounce.
+                reply = Reply.local("4.4.3", f"relay host {relay.host}: {e.reply.text}")
+                for r in self.pending():
+                    self.settle(r, None, reply, None)
+                return []
+        routes = [_Route(relay.host, ip, relay.port, relay=True, final=False) for ip in ips]
+        last = routes[-1]
+        routes[-1] = _Route(last.name, last.ip, last.port, True, final=True)
+        return routes
+
+    def run(self) -> list[list[RecipientResult]]:
+        always = self.settings.relay is not None and self.settings.relay_mode == "always"
+        routes = [] if always else self.exchange_routes()
+        for route in routes:
+            if not self.pending():
+                break
+            self.try_route(route)
+        if self.relay_on and self.pending():
+            for route in self.relay_routes():
+                if not self.pending():
+                    break
+                self.try_route(route)
+        for r in (r for job in self.jobs for r in job.rcpts):
+            if r.pending:
+                r.state = State.DEFERRED
+        return [[self.result(r) for r in job.rcpts] for job in self.jobs]
+
+    def result(self, r: _Rcpt) -> RecipientResult:
+        reply = r.reply or Reply.local("4.3.0", "not attempted")
+        route = r.route
+        return RecipientResult(
+            address=r.address, domain=r.parsed.domain, state=r.state, code=reply.code,
+            enhanced=reply.dsn, text=reply.text, exchange=route.name if route else None,
+            ip=route.ip if route else None, relay=bool(route and route.relay), attempts=r.attempts)
+
+    # -- one server ------------------------------------------------------------------------------
+
+    def try_route(self, route: _Route) -> None:
+        if self.host_status.is_down(route.ip, route.port):
+            reply = Reply.local("4.4.1", f"host {route.name}[{route.ip}]:{route.port} is marked down: skipped")
+            for r in self.pending():
+                self.settle(r, None, reply, route, weak=True)
+            return
+        self.conn_seq += 1
+        conn = self.conn_seq
+        for r in self.pending():
+            r.attempts += 1
+        session = self.open_session(route)
+        try:
+            try:
+                session.connect()
+                if route.relay and self.settings.relay.username:
+                    relay = self.settings.relay
+                    session.authenticate(relay.username, relay.password)
+            except Exception as e:  # noqa: BLE001 -- every failure is classified
+                raise self.site_failure(e, route, connecting=True) from None
+            for job in self.jobs:
+                if not job.stop and job.pending():
+                    self.deliver_job(session, route, job, conn)
+        except _SiteFailure as f:
+            state = State.BOUNCED if f.hard and route.final else None
+            for r in self.pending():
+                self.settle(r, state, f.reply, route, unreached=f.unreached)
+        finally:
+            session.disconnect()
+
+    def open_session(self, route: _Route) -> SMTPSession:
+        s = self.settings
+        if route.relay:
+            tls = "implicit" if s.relay.implicit_tls else "required"
+            ctx = self.relay_tls_context
+        else:
+            tls, ctx = s.tls, None
+        server_hostname = None if route.name.startswith("[") else route.name
+        return SMTPSession(route.ip, route.port, helo_name=s.helo_name, tls=tls, tls_context=ctx,
+                           server_hostname=server_hostname, timeouts=s.timeouts)
+
+    def site_failure(self, exc: BaseException, route: _Route, connecting: bool = False) -> _SiteFailure:
+        """Turn a failure that makes the connection unusable into a ``_SiteFailure``."""
+        trouble = classify(exc)
+        reply = trouble.reply
+        if connecting and isinstance(exc, (SMTPConnectError, SMTPTimeoutError)):
+            self.host_status.mark_down(route.ip, route.port, HOST_DOWN_SECONDS, reply.text)
+        if isinstance(exc, SMTPAuthError):
+            # Postfix's smtp_sasl_auth_soft_bounce: a credential problem defers, it never bounces.
+            return _SiteFailure(reply if reply.is_transient() else _soften(reply))
+        hard = not trouble.transient and isinstance(exc, (SMTPGreetingError, SMTPHeloError))
+        return _SiteFailure(reply, hard=hard, unreached=connecting and reply.code is None)
+
+    # -- transactions ----------------------------------------------------------------------------
+
+    def deliver_job(self, session: SMTPSession, route: _Route, job: _Job, conn: int) -> None:
+        """Every transaction this envelope needs on this connection (several after 452)."""
+        while True:
+            todo = [r for r in job.pending() if r.tried_on != conn]
+            if not todo or job.stop:
+                return
+            batch = todo[:max(1, self.settings.max_recipients)]
+            self.transaction(session, route, job, batch, conn)
+
+    def transaction(self, session: SMTPSession, route: _Route, job: _Job, batch: list[_Rcpt], conn: int) -> None:
+        env = job.envelope
+        try:
+            session.create_message(env.sender, env.size, env.dsn, smtputf8=env.smtputf8, eightbit=env.eightbit)
+        except Exception as e:  # noqa: BLE001
+            self.message_failure(session, e, route, job, job.pending(), conn, reset=True)
+            return
+
+        accepted: list[_Rcpt] = []
+        for r in batch:
+            try:
+                reply = session.add_recipient(r.address, notify=r.notify, orcpt=r.orcpt)
+            except Exception as e:  # noqa: BLE001 -- a dead connection
+                raise self.site_failure(e, route) from None
+            if reply.code == 421:
+                session.disconnect()
+                raise _SiteFailure(reply)
+            if reply.is_positive():
+                accepted.append(r)
+                continue
+            if reply.code == 452 and accepted:
+                break        # too many recipients: the rest go in the next transaction
+            r.tried_on = conn
+            self.settle(r, None if reply.is_transient() else State.BOUNCED, reply, route)
+
+        if not accepted:
+            self.reset(session, route)
+            return
+        for r in accepted:
+            r.tried_on = conn
+        try:
+            session.append_message(env.content)
+            reply = session.close_message()
+        except InvalidInput as e:
+            # The content could not be read (a file gone): a local problem no server can fix.
+            job.stop = True
+            reply = Reply.local("4.3.0", f"cannot read the message content: {e}")
+            for r in job.pending():
+                self.settle(r, State.DEFERRED, reply, route)
+            if session.connected:
+                self.reset(session, route)
+            return
+        except Exception as e:  # noqa: BLE001
+            if isinstance(e, SMTPError) and classify(e).scope is Scope.MESSAGE:
+                self.message_failure(session, e, route, job, accepted, conn, reset=True)
+                return
+            raise self.site_failure(e, route) from None
+        if reply.is_positive():
+            state = State.DELIVERED
+        elif reply.code == 421:
+            for r in accepted:
+                self.settle(r, None, reply, route)
+            session.disconnect()
+            raise _SiteFailure(reply)
+        else:
+            state = None if reply.is_transient() else State.BOUNCED
+        for r in accepted:
+            self.settle(r, state, reply, route)
+
+    def message_failure(self, session, exc, route, job, rcpts, conn, reset: bool) -> None:
+        """A MAIL or DATA refusal: soft -> those recipients move on; hard -> they bounce."""
+        trouble = classify(exc)
+        if trouble.scope is Scope.SITE or not isinstance(exc, SMTPError):
+            raise self.site_failure(exc, route) from None
+        state = None if trouble.transient else State.BOUNCED
+        for r in rcpts:
+            r.tried_on = conn
+            self.settle(r, state, trouble.reply, route)
+        if reset and session.connected:
+            self.reset(session, route)
+
+    def reset(self, session: SMTPSession, route: _Route) -> None:
+        try:
+            session.reset()
+        except Exception as e:  # noqa: BLE001
+            raise self.site_failure(e, route) from None
+
+
+def _soften(reply: Reply) -> Reply:
+    """The same reply as a transient one (5xx -> 4xx, 5.x.y -> 4.x.y)."""
+    code = reply.code - 100 if reply.code is not None and reply.code >= 500 else reply.code
+    enhanced = "4" + reply.enhanced[1:] if reply.enhanced and reply.enhanced.startswith("5") else reply.enhanced
+    return Reply(code, reply.text, enhanced)
+
+
+class _Rewinding:
+    """A seekable file as re-iterable content: every attempt starts again where the file was."""
+
+    def __init__(self, f):
+        self.f = f
+        self.start = f.tell()
+
+    def __iter__(self):
+        self.f.seek(self.start)
+        while True:
+            chunk = self.f.read(64 * 1024)
+            if not chunk:
+                return
+            yield chunk.encode("utf-8") if isinstance(chunk, str) else bytes(chunk)
+
+
+def _reusable(env: Envelope) -> Envelope:
+    """The envelope with content every attempt can send whole.
+
+    bytes, str, paths and re-iterable objects (``message.FileContent``, lists)
+    are used as they are; a seekable file is rewound for every attempt; a
+    one-shot iterator or unseekable file is read into memory once (it could
+    not be sent to a second server otherwise).
+    """
+    c = env.content
+    if isinstance(c, (bytes, bytearray, str)) or hasattr(c, "__fspath__"):
+        return env
+    if hasattr(c, "read"):
+        if getattr(c, "seekable", lambda: False)():
+            content = _Rewinding(c)
+        else:
+            data = c.read()
+            content = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    elif iter(c) is c:
+        content = b"".join(x.encode("utf-8") if isinstance(x, str) else bytes(x) for x in c)
+    else:
+        return env
+    size = env.size if env.size is not None or not isinstance(content, bytes) else len(content)
+    return Envelope(sender=env.sender, recipients=env.recipients, content=content, dsn=env.dsn,
+                    eightbit=env.eightbit, smtputf8=env.smtputf8, size=size, id=env.id)
+
+
+def _check(env: Envelope) -> None:
+    """Validate every address before anything is sent (``InvalidAddress`` / ``InvalidMessage``)."""
+    parse_sender(env.sender)
+    if not env.recipients:
+        raise InvalidMessage("no recipients")
+    for r in env.recipients:
+        parse_address(r.address)
+
+
+# ------------------------------------------------------------------------------------------ public API
+
+def deliver_domain(domain: str, envelopes: Iterable[Envelope], *, settings: Settings | None = None,
+                   resolver=None, host_status: HostStatus | None = None,
+                   relay_tls_context: ssl.SSLContext | None = None) -> list[list[RecipientResult]]:
+    """Deliver envelopes whose recipients are all in ``domain``; one result list per envelope.
+
+    Results are in each envelope's recipient order.  Raises ``InvalidAddress``
+    / ``InvalidMessage`` (nothing sent) for a malformed address, and
+    ``ValueError`` for a recipient outside ``domain``.  ``relay_tls_context``
+    replaces the default verifying context (system store or
+    ``SSL_CERT_FILE``) for the relay.
+    """
+    settings = settings if settings is not None else Settings.from_env()
+    if resolver is None:
+        from .mx import Resolver
+        resolver = Resolver(settings)
+    host_status = host_status if host_status is not None else MemoryHostStatus()
+    envelopes = [_reusable(e) for e in envelopes]
+    d = normalize_domain(domain)
+    for env in envelopes:
+        _check(env)
+        for r in env.recipients:
+            if parse_address(r.address).ascii_domain != d:
+                raise ValueError(f"recipient {r.address!r} is not in domain {domain!r}")
+    return _Run(d, envelopes, settings, resolver, host_status, relay_tls_context).run()
+
+
+def deliver(envelope: Envelope, *, settings: Settings | None = None, resolver=None,
+            host_status: HostStatus | None = None,
+            relay_tls_context: ssl.SSLContext | None = None) -> list[RecipientResult]:
+    """Deliver one envelope to all its recipients' domains; results in the envelope's recipient order.
+
+    Domains are delivered one after another (IDNA and case folded, so
+    ``B.test`` and ``b.test`` are one domain; an address literal is its own
+    domain).  ``settings`` defaults to ``Settings.from_env()``, ``resolver``
+    to a ``workers.mx.Resolver`` on those settings, ``host_status`` to a fresh
+    ``MemoryHostStatus`` shared by the domains of this call only.
+    """
+    settings = settings if settings is not None else Settings.from_env()
+    if resolver is None:
+        from .mx import Resolver
+        resolver = Resolver(settings)
+    host_status = host_status if host_status is not None else MemoryHostStatus()
+    envelope = _reusable(envelope)
+    _check(envelope)
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(envelope.recipients):
+        groups.setdefault(parse_address(r.address).ascii_domain, []).append(i)
+    results: list[RecipientResult | None] = [None] * len(envelope.recipients)
+    for domain, indexes in groups.items():
+        sub = Envelope(sender=envelope.sender, recipients=[envelope.recipients[i] for i in indexes],
+                       content=envelope.content, dsn=envelope.dsn, eightbit=envelope.eightbit,
+                       smtputf8=envelope.smtputf8, size=envelope.size, id=envelope.id)
+        (domain_results,) = deliver_domain(domain, [sub], settings=settings, resolver=resolver,
+                                           host_status=host_status, relay_tls_context=relay_tls_context)
+        for i, res in zip(indexes, domain_results):
+            results[i] = res
+    return results
