@@ -1,0 +1,160 @@
+"""``mxq deliver``: deliver one message now, synchronously, through the engine (no queue, no Redis).
+
+::
+
+    mxq deliver [--from ADDR] [--to ADDR ...] [--notify LIST] [--ret FULL|HDRS] [--envid ID]
+                [--json] [-v] FILE.eml|-
+
+The envelope defaults come from the headers (``workers.message.prepare``:
+From/Sender, To/Cc/Bcc; Bcc is removed from what is sent).  Settings come
+from the ``MXQ_*`` environment (``Settings.from_env()``), including the
+relay.  The result is a table (one row per recipient), or with ``--json``
+``{"recipients": [RecipientResult.to_dict(), ...]}``.  ``-v`` also prints
+the Postfix-style delivery log on standard error.
+
+Exit status (sysexits): 0 every recipient delivered; 75 (EX_TEMPFAIL)
+something deferred and nothing bounced; 69 (EX_UNAVAILABLE) something
+bounced; 65 (EX_DATAERR) bad input -- a malformed message or address, the
+reason on standard error and nothing sent; 66 (EX_NOINPUT) the file cannot
+be found; 64 (EX_USAGE) bad usage; 78 (EX_CONFIG) a bad ``MXQ_*`` setting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import sys
+from typing import Iterable
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_UNAVAILABLE = 69
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+
+def exit_status(states: Iterable) -> int:
+    """The sysexits status for a set of recipient states (``State`` or their string values).
+
+    69 when anything bounced (or expired), else 75 when anything is not
+    delivered yet (deferred, queued) or there is nothing at all, else 0.
+    Shared by ``mxq deliver`` and the pipeline's commands.
+    """
+    values = [getattr(s, "value", s) for s in states]
+    if any(v in ("bounced", "expired") for v in values):
+        return EX_UNAVAILABLE
+    if not values or any(v != "delivered" for v in values):
+        return EX_TEMPFAIL
+    return EX_OK
+
+
+def add_parser(subparsers) -> None:
+    """Register ``deliver`` on an argparse sub-parsers object; it runs ``run(args)``."""
+    p = subparsers.add_parser(
+        "deliver", help="deliver a message now, without the queue",
+        description="Deliver a message (an .eml file, or - for standard input) now, synchronously: "
+                    "MX lookup, delivery across the exchanges (and the relay per MXQ_RELAY_MODE), and a "
+                    "result per recipient.  Envelope defaults come from the headers (From/Sender; "
+                    "To, Cc, Bcc).  Exit 0 all delivered, 75 deferred, 69 bounced, 65 bad input, "
+                    "78 bad configuration.")
+    p.add_argument("file", metavar="FILE.eml|-", help="the message; - reads standard input")
+    p.add_argument("--from", dest="sender", metavar="ADDR",
+                   help="envelope sender (MAIL FROM); '' or '<>' for the null sender")
+    p.add_argument("--to", dest="recipients", action="append", metavar="ADDR",
+                   help="envelope recipient (repeat, or comma-separate); replaces To/Cc/Bcc")
+    p.add_argument("--notify", metavar="LIST",
+                   help="DSN NOTIFY for every recipient: NEVER, or a comma list of SUCCESS,FAILURE,DELAY")
+    p.add_argument("--ret", choices=("FULL", "HDRS"), type=str.upper, help="DSN RET")
+    p.add_argument("--envid", metavar="ID", help="DSN ENVID")
+    p.add_argument("--json", action="store_true", help='print {"recipients": [...]} as JSON')
+    p.add_argument("-v", "--verbose", action="store_true", help="print the delivery log on standard error")
+    p.set_defaults(run=run)
+
+
+def _recipients(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [a.strip() for v in values for a in v.split(",") if a.strip()]
+
+
+def run(args) -> int:
+    """Run ``mxq deliver`` with parsed ``args``; return the exit status."""
+    from .config import Settings
+    from .delivery import deliver
+    from .envelope import DSN, parse_notify
+    from .errors import InvalidInput
+    from .message import max_message_size_from_env, prepare
+
+    err = sys.stderr
+    try:
+        settings = Settings.from_env()
+        max_size = max_message_size_from_env()
+    except ValueError as e:
+        print(f"mxq deliver: configuration error: {e}", file=err)
+        return EX_CONFIG
+
+    if args.file == "-":
+        content: object = sys.stdin.buffer.read()
+    else:
+        path = pathlib.Path(args.file)
+        if not path.is_file():
+            print(f"mxq deliver: {args.file}: no such file", file=err)
+            return EX_NOINPUT
+        content = path
+    try:
+        dsn = DSN(ret=args.ret, envid=args.envid) if (args.ret or args.envid) else None
+        envelope = prepare(content, sender=args.sender, recipients=_recipients(args.recipients),
+                           dsn=dsn, notify=parse_notify(args.notify), max_size=max_size)
+    except InvalidInput as e:
+        print(f"mxq deliver: invalid input: {e.reason}", file=err)
+        return EX_DATAERR
+    except ValueError as e:    # DSN options
+        print(f"mxq deliver: invalid input: {e}", file=err)
+        return EX_DATAERR
+
+    if args.verbose:
+        handler = logging.StreamHandler(err)
+        handler.setFormatter(logging.Formatter("mxq: %(message)s"))
+        logger = logging.getLogger("mxq.delivery")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+    try:
+        results = deliver(envelope, settings=settings)
+    except InvalidInput as e:
+        print(f"mxq deliver: invalid input: {e.reason}", file=err)
+        return EX_DATAERR
+
+    if args.json:
+        sys.stdout.write(json.dumps({"recipients": [r.to_dict() for r in results]}, ensure_ascii=False) + "\n")
+    else:
+        print_table(results, sys.stdout)
+    return exit_status(r.state for r in results)
+
+
+def print_table(results, out) -> None:
+    """One row per recipient: address, state, reply code, exchange[ip], text (truncated on a terminal)."""
+    rows = [("RECIPIENT", "STATE", "DSN", "SERVER", "REPLY")]
+    for r in results:
+        code = " ".join(str(x) for x in (r.code, r.enhanced) if x)
+        server = ""
+        if r.exchange:
+            server = r.exchange + (f"[{r.ip}]" if r.ip else "") + (" (relay)" if r.relay else "")
+        rows.append((r.address, r.state.value, code, server, " ".join((r.text or "").split())))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    limit = None
+    if out.isatty():
+        try:
+            limit = os.get_terminal_size(out.fileno()).columns
+        except OSError:
+            limit = None
+    for row in rows:
+        line = "  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4]
+        if limit and len(line) > limit:
+            line = line[:max(limit - 1, 0)] + "…"
+        out.write(line.rstrip() + "\n")
+    out.flush()
