@@ -174,3 +174,47 @@ def test_prepare_message_object_never_gains_headers(fields, sender, compat):
     expected = [k.lower() for k in msg.keys() if k.lower() != "bcc"]
     assert names[:len(expected)] == expected
     assert set(names[len(expected):]) <= {"date", "message-id"}
+
+
+# -- the wire: command lines a real server records ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def recorder():
+    """One scripted aiosmtpd server that accepts every recipient and records every command line."""
+    from workers.sandbox.smtpd import Behaviour, start_server
+    srv = start_server("127.0.3.1", 25, Behaviour(rcpt_rules={}, hostname="recorder.prop.test"))
+    yield srv
+    srv.stop()
+
+
+def _accepted(text):
+    try:
+        return parse_address(text)
+    except InvalidAddress:
+        return None
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(st.one_of(good_addresses, mutated_addresses), st.one_of(good_addresses, mutated_addresses))
+def test_command_lines_from_accepted_addresses_are_single_lines(recorder, sender_text, rcpt_text):
+    from workers.session import SMTPSession
+    from workers.timeouts import Timeouts
+    sender, rcpt = _accepted(sender_text), _accepted(rcpt_text)
+    assume(sender is not None and rcpt is not None)
+    before = len(recorder.sessions)
+    with SMTPSession("127.0.3.1", 25, helo_name="client.prop.test", tls="none",
+                     timeouts=Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=2,
+                                       data_final=2)) as s:
+        s.send_message(sender_text, [rcpt_text], b"Subject: property\r\n\r\nhello\r\n")
+    [record] = recorder.sessions[before:]
+    commands = record.commands
+    verbs = [c.split(" ", 1)[0].upper() for c in commands]
+    # Exactly one MAIL and one RCPT: nothing in an address became a command of its own.
+    assert verbs.count("MAIL") == 1 and verbs.count("RCPT") == 1, commands
+    assert set(verbs) <= {"EHLO", "MAIL", "RCPT", "DATA", "RSET", "QUIT"}, commands
+    assert all("\r" not in c and "\n" not in c for c in commands)
+    mail = commands[verbs.index("MAIL")]
+    rcpt_line = commands[verbs.index("RCPT")]
+    assert mail.split(" ", 1)[1].startswith(f"FROM:<{sender.smtp()}>")
+    assert rcpt_line.split(" ", 1)[1].startswith(f"TO:<{rcpt.smtp()}>")
