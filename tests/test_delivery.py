@@ -121,7 +121,7 @@ def test_first_greets_421_second_accepts(dns_server, servers, settings, resolver
     mx2 = servers("127.0.1.8")
     [r] = deliver(env("bob@busy.dlv.test"), settings=settings, resolver=resolver)
     assert r.state is State.DELIVERED and r.exchange == "mx2.busy.dlv.test"
-    assert mx1.stats["connections"] == 1 and not mx1.messages
+    assert mx1.stats["connections"] == 1 and not mx1.messages and len(mx2.messages) == 1
 
 
 def test_5xx_greeting_skipped_unless_final(dns_server, servers, settings, resolver):
@@ -501,6 +501,20 @@ def test_file_content_sent_to_second_exchange_whole(dns_server, servers, setting
     [r] = deliver(e, settings=settings, resolver=resolver)
     assert r.state is State.DELIVERED and r.exchange == "mx2.file.dlv.test"
     assert mx2.messages[0].content == b"".join(e.content)
+
+
+def test_message_file_gone_before_delivery_is_deferred_locally(dns_server, servers, settings, resolver, tmp_path):
+    path = tmp_path / "gone.eml"
+    path.write_bytes(b"From: s@src.test\nTo: a@gone.dlv.test\nSubject: gone\n\nbody\n")
+    mx_domain(dns_server, "gone.dlv.test", (10, "mx1.gone.dlv.test", "127.0.1.55"),
+              (20, "mx2.gone.dlv.test", "127.0.1.56"))
+    mx1, mx2 = servers("127.0.1.55"), servers("127.0.1.56")
+    e = prepare(path)
+    path.unlink()
+    [r] = deliver(e, settings=settings, resolver=resolver)
+    assert r.state is State.DEFERRED and r.enhanced == "4.3.0" and "cannot read" in r.text
+    assert mx1.messages == [] and mx1.stats["dropped"] == 0
+    assert mx2.stats["connections"] == 0       # no other server can help with a local problem
 
 
 def test_generator_content_is_resent_whole(dns_server, servers, settings, resolver):

@@ -378,7 +378,8 @@ class _Run:
         try:
             session.create_message(env.sender, env.size, env.dsn, smtputf8=env.smtputf8, eightbit=env.eightbit)
         except Exception as e:  # noqa: BLE001
-            self.message_failure(session, e, route, job, job.pending(), conn, reset=True)
+            # A refused MAIL opens no transaction: no RSET needed before the next one.
+            self.message_failure(session, e, route, job, job.pending(), conn, reset=False)
             return
 
         accepted: list[_Rcpt] = []
@@ -390,13 +391,14 @@ class _Run:
             if reply.code == 421:
                 session.disconnect()
                 raise _SiteFailure(reply)
-            if reply.is_positive():
+            if reply.code in (250, 251):      # what the session counts as accepted, too
                 accepted.append(r)
                 continue
             if reply.code == 452 and accepted:
                 break        # too many recipients: the rest go in the next transaction
             r.tried_on = conn
-            self.settle(r, None if reply.is_transient() else State.BOUNCED, reply, route)
+            # Anything but a 5xx (including an odd 2xx/3xx) leaves the recipient pending.
+            self.settle(r, State.BOUNCED if reply.is_permanent() else None, reply, route)
 
         if not accepted:
             self.reset(session, route)
@@ -423,10 +425,8 @@ class _Run:
         if reply.is_positive():
             state = State.DELIVERED
         elif reply.code == 421:
-            for r in accepted:
-                self.settle(r, None, reply, route)
             session.disconnect()
-            raise _SiteFailure(reply)
+            raise _SiteFailure(reply)     # the accepted ones are pending: they move on
         else:
             state = None if reply.is_transient() else State.BOUNCED
         for r in accepted:
@@ -483,7 +483,11 @@ def _reusable(env: Envelope) -> Envelope:
     not be sent to a second server otherwise).
     """
     c = env.content
-    if isinstance(c, (bytes, bytearray, str)) or hasattr(c, "__fspath__"):
+    if isinstance(c, (bytes, bytearray, str)):
+        if env.size is None:   # SIZE= on MAIL FROM lets a server refuse a too large message early
+            return _copy(env, c, len(c.encode("utf-8") if isinstance(c, str) else c))
+        return env
+    if hasattr(c, "__fspath__"):
         return env
     if hasattr(c, "read"):
         if getattr(c, "seekable", lambda: False)():
@@ -496,6 +500,10 @@ def _reusable(env: Envelope) -> Envelope:
     else:
         return env
     size = env.size if env.size is not None or not isinstance(content, bytes) else len(content)
+    return _copy(env, content, size)
+
+
+def _copy(env: Envelope, content, size) -> Envelope:
     return Envelope(sender=env.sender, recipients=env.recipients, content=content, dsn=env.dsn,
                     eightbit=env.eightbit, smtputf8=env.smtputf8, size=size, id=env.id)
 

@@ -129,7 +129,11 @@ class FileContent:
 
     def __iter__(self) -> Iterator[bytes]:
         yield self.header
-        with open(self.path, "rb") as f:
+        try:
+            f = open(self.path, "rb")
+        except OSError as e:   # the file went away after prepare(): bad input, not a network error
+            raise InvalidMessage(f"cannot read {self.path!r}: {e.strerror or e}") from None
+        with f:
             f.seek(self.body_offset)
             yield from _normalized_chunks(f)
 
