@@ -93,3 +93,20 @@ def make_app(settings: PipelineSettings | None = None) -> Celery:
 
 
 app = make_app()
+
+
+def rebind(redis_url: str) -> None:
+    """Point the existing ``app`` at another Redis (tests, or a process that learns the URL late).
+
+    Updates the broker and result backend URLs and drops the connection pools
+    made for the old URL.  ``tasks.store`` reads ``MXQ_REDIS_URL`` on every
+    call, so set that too.
+    """
+    app.conf.broker_url = redis_url
+    app.conf.result_backend = redis_url
+    pool, app._pool = app._pool, None
+    if pool is not None:
+        pool.force_close_all()
+    app.amqp._producer_pool = None
+    if getattr(app._local, "backend", None) is not None:
+        del app._local.backend

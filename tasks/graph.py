@@ -180,10 +180,13 @@ def _updated(rec: dict, result: dict | None, *, sender: str, now: float, deadlin
     if result is not None:
         for f in ("state", "code", "enhanced", "text", "exchange", "ip", "relay"):
             rec[f] = result.get(f)
-        rec["attempts"] = int(rec.get("attempts") or 0) + int(result.get("attempts") or 0)
         rec["first_attempt"] = rec.get("first_attempt") or now
         rec["last_attempt"] = now
         rec["runs"] = int(rec.get("runs") or 0) + 1
+        # attempts: delivery runs that tried this recipient (the engine's own
+        # count, exchanges tried within one run, is summed in "exchanges").
+        rec["attempts"] = rec["runs"]
+        rec["exchanges"] = int(rec.get("exchanges") or 0) + int(result.get("attempts") or 0)
     else:
         rec["state"] = "deferred"
     if rec["state"] not in FINAL_STATES:
