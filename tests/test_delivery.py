@@ -330,6 +330,20 @@ def test_relay_always_with_auth_over_starttls(dns_server, servers, settings, mec
     assert "s3cret" not in caplog.text
 
 
+def test_relay_smtps_implicit_tls(dns_server, servers, settings):
+    from dataclasses import replace
+    tls = make_tls("smtps.dlv.test")
+    dns_server.add({"smtps.dlv.test": {"A": ["127.0.1.57"]}})
+    relay = servers("127.0.1.57", Behaviour(implicit_tls=tls.server_context, auth={"relayuser": "s3cret pw"}),
+                    port=465)
+    s = replace(settings, relay=RelayConfig.parse("smtps://relayuser:s3cret%20pw@smtps.dlv.test"),
+                relay_mode="always")
+    [r] = deliver(env("a@viasmtps.dlv.test"), settings=s, resolver=Resolver(s), relay_tls_context=tls.client_context)
+    assert r.state is State.DELIVERED and r.relay and r.ip == "127.0.1.57"
+    m = relay.messages[0]
+    assert m.tls and m.auth_user == "relayuser"
+
+
 def test_relay_unverified_certificate_defers(dns_server, servers, settings):
     tls = make_tls("badrelay.dlv.test")           # the client does not trust this CA
     dns_server.add({"badrelay.dlv.test": {"A": ["127.0.1.32"]}})
