@@ -215,3 +215,92 @@ def test_message_from_meta_maps_the_store_hash():
                  "envid": "E1", "arrival": 1_700_000_000.5, "expires": 1_700_003_600.5}
     m = message_from_meta("j9", {"sender": "", "ret": "", "envid": "", "created": "1"}, b"x", max_lifetime=1)
     assert m["sender"] == "" and m["ret"] is None and m["envid"] is None
+
+
+# ---------------------------------------------------------------- through the real pipeline
+# Real redis-server, celery worker and beat (tests/pipeline_fixtures.py), the session's DNS
+# server process and an aiosmtpd sink for the senders' domain on 127.0.44.20:25.
+from tests.fixtures_infra import wait_until  # noqa: E402
+from workers.envelope import DSN  # noqa: E402
+
+pytest_plugins = ["tests.pipeline_fixtures"]
+
+NIP = "127.0.44."
+
+
+@pytest.fixture(scope="module")
+def sender_sink(dns_server):
+    """The senders' domain src.notify.test (a real SMTP server) and a dead domain (nothing listens)."""
+    from workers.sandbox.smtpd import Behaviour, start_server
+    dns_server.add({
+        "src.notify.test": {"MX": [[10, "mx.src.notify.test"]]},
+        "mx.src.notify.test": {"A": [NIP + "20"]},
+        "dead.notify.test": {"MX": [[10, "mx.dead.notify.test"]]},
+        "mx.dead.notify.test": {"A": [NIP + "9"]},          # connection refused: always deferred
+    })
+    server = start_server(NIP + "20", 25, Behaviour(hostname="mx.src.notify.test"))
+    yield server
+    server.stop()
+
+
+def test_expired_recipient_reports_to_sender_through_the_pipeline(pipeline, sender_sink):
+    """A dead domain expires (MXQ_MAX_LIFETIME=3); the sender gets a delay notice, then the NDR."""
+    import tasks
+
+    sender_sink.clear()
+    p = pipeline(MXQ_MAX_LIFETIME="3", MXQ_RETRY_SCHEDULE="1", MXQ_CONNECT_TIMEOUT="1")
+    p.worker()
+    p.beat()
+    job = tasks.submit(ORIGINAL, sender="alice@src.notify.test", recipients=["bob@dead.notify.test"],
+                       dsn=DSN(envid="ENV-N1", ret="FULL"), notify=["FAILURE", "DELAY"])
+
+    def two_reports():
+        got = [m for m in sender_sink.messages if m.mail_from == ""]
+        return got if len(got) >= 2 else None
+    reports = wait_until(two_reports, 40, "a delay notice and a non-delivery report at src.notify.test",
+                         interval=0.1)
+    assert tasks.status(job)["recipients"][0]["state"] == "expired"
+    by_action = {}
+    for m in reports:
+        assert m.rcpt_tos == ["alice@src.notify.test"]        # to the envelope sender, from <>
+        msg = m.email()
+        assert msg.get_content_type() == "multipart/report"
+        assert msg.get_param("report-type") == "delivery-status"
+        assert msg["Auto-Submitted"] == "auto-replied"
+        per_message, block = dsn_blocks(msg)
+        assert per_message["Original-Envelope-Id"] == "ENV-N1"
+        assert per_message["Reporting-MTA"] == "dns; client.pipeline.test"
+        assert block["Final-Recipient"] == "rfc822;bob@dead.notify.test"
+        assert block["Original-Recipient"] == "rfc822;bob@dead.notify.test"
+        by_action[block["Action"]] = (msg, block)
+    assert set(by_action) == {"delayed", "failed"}
+    failed_msg, failed = by_action["failed"]
+    assert failed["Status"].startswith("4.")                 # expired after soft failures
+    assert "Will-Retry-Until" in by_action["delayed"][1]
+    returned = list(failed_msg.iter_parts())[2]
+    assert returned.get_content_type() == "message/rfc822"   # RET=FULL
+    assert "only RET=FULL returns" in returned.get_content().get_content()
+    # Exactly two: the reports themselves (null sender) never cause further reports.
+    assert len([m for m in sender_sink.messages if m.mail_from == ""]) == 2
+
+
+def test_null_sender_gets_no_report_through_the_pipeline(pipeline, sender_sink):
+    """A message with the null sender expires silently: nothing reaches any sender."""
+    import tasks
+
+    sender_sink.clear()
+    p = pipeline(MXQ_MAX_LIFETIME="2", MXQ_RETRY_SCHEDULE="1", MXQ_CONNECT_TIMEOUT="1")
+    p.worker()
+    p.beat()
+    silent = tasks.submit(ORIGINAL, sender="", recipients=["carl@dead.notify.test"])
+    # A control message with a real sender expires at the same time and IS reported, so
+    # waiting for its report bounds the wait for the (absent) other one.
+    control = tasks.submit(ORIGINAL, sender="alice@src.notify.test", recipients=["dora@dead.notify.test"])
+    wait_until(lambda: [m for m in sender_sink.messages if m.mail_from == ""], 30, "the control report")
+    wait_until(lambda: all(tasks.status(j)["state"] == "done" for j in (silent, control)), 10,
+               "both jobs done")
+    assert tasks.status(silent)["recipients"][0]["state"] == "expired"
+    reports = [m for m in sender_sink.messages if m.mail_from == ""]
+    assert len(reports) == 1
+    _, block = dsn_blocks(reports[0].email())
+    assert block["Final-Recipient"] == "rfc822;dora@dead.notify.test"
