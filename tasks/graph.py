@@ -99,10 +99,10 @@ def runtime() -> Runtime:
 
 
 class Heartbeat:
-    """Renews the leases of ``wids`` every third of the lease while a task runs."""
+    """Renews the lease of the batch ``token`` every third of the lease while a task runs."""
 
-    def __init__(self, store: Store, token: str, wids: list[str]):
-        self.store, self.token, self.wids = store, token, wids
+    def __init__(self, store: Store, token: str):
+        self.store, self.token = store, token
         self.interval = max(store.settings.lease_seconds / 3.0, 0.2)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mxq-heartbeat", daemon=True)
@@ -110,13 +110,12 @@ class Heartbeat:
     def _run(self):
         while not self._stop.wait(self.interval):
             try:
-                self.store.renew(self.token, self.wids)
+                self.store.renew(self.token)
             except Exception as e:          # Redis away for a while: the next beat tries again
                 log.warning("lease renewal failed: %s", e)
 
     def __enter__(self):
-        if self.wids:
-            self._thread.start()
+        self._thread.start()
         return self
 
     def __exit__(self, *exc):
@@ -237,7 +236,7 @@ def run_delivery(domain: str) -> dict:
     counts["items"] = len(items)
     if not items:
         return dict(counts)
-    with Heartbeat(store, token, [it.wid for it in items]):
+    with Heartbeat(store, token):
         plan = []               # (item, pending, envelope)
         outcomes = []
         for it in items:
@@ -270,7 +269,7 @@ def run_delivery(domain: str) -> dict:
                 per = [{"state": "deferred", "code": None, "enhanced": "4.3.0",
                         "text": "internal error in the delivery engine", "attempts": 0}] * len(pending)
             deadline = float(it.meta.get("created") or now) + ps.max_lifetime
-            out = Outcome(it.wid)
+            out = Outcome(it.wid, idem=it.meta.get("idem", ""))
             dues = []
             for (idx, rec), res in zip(pending, per):
                 if res is None:
@@ -317,7 +316,7 @@ def run_notify() -> int:
     if not wids:
         return 0
     sent = 0
-    with Heartbeat(store, token, wids):
+    with Heartbeat(store, token):
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)
         for wid in wids:
             _, job, idx, event = wid.split("|", 3)

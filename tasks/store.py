@@ -3,7 +3,7 @@
 mxq's state is the source of truth; Celery's queues only say "there may be
 work in this lane".  Every state change is one Lua script (atomic, one round
 trip), so a worker that dies at any instant leaves each work item in exactly
-one place: a ready list, the lease set, or the deferred queue.
+one place: a ready list, a leased batch, or the deferred queue.
 
 Key layout (``mxq:`` prefix; one Redis database; not Redis Cluster-ready,
 because the scripts build key names themselves):
@@ -11,54 +11,63 @@ because the scripts build key names themselves):
 ===============================  ======  ==================================================
 key                              type    contents
 ===============================  ======  ==================================================
-``mxq:msg:{job}``                string  the message content, stored once (bytes)
-``mxq:job:{job}``                hash    ``sender``, ``ret``, ``envid``, ``eightbit``,
+``mxq:job:{job}``                hash    everything about one job, so it is written with one
+                                         HSET and expires with one EXPIRE:
+                                         ``c`` the message content (stored once, bytes);
+                                         ``sender``, ``ret``, ``envid``, ``eightbit``,
                                          ``smtputf8``, ``size``, ``created``, ``n``
-                                         (recipients), ``left`` (not yet final),
-                                         ``domains`` (comma list), ``d:{domain}`` (the
-                                         recipient indexes in that domain), ``idem``,
-                                         ``done`` (time the last recipient became final)
-``mxq:rcpt:{job}``               hash    field = recipient index, value = JSON record:
+                                         (recipients), ``left`` (not yet final), ``idem``,
+                                         ``domains`` (comma list), ``d:{domain}`` (indexes
+                                         of that domain's recipients);
+                                         ``r:{index}`` one JSON record per recipient:
                                          address, domain, state, code, enhanced, text,
                                          exchange, ip, relay, attempts, first_attempt,
-                                         last_attempt, next_attempt, notify, orcpt,
-                                         runs (delivery runs), delay_reported
+                                         last_attempt, next_attempt, notify, orcpt, runs,
+                                         exchanges, delay_reported
 ``mxq:idem:{sha256(key)}``       string  job id for an idempotency key (SET NX)
 ``mxq:ready:{lane}``             list    work items ready to run in that lane
-``mxq:lease``                    zset    work items in flight, score = lease expiry
-``mxq:owner``                    hash    work item -> token of the task holding its lease
-``mxq:deferred``                 zset    work items waiting, score = due time
+``mxq:lease``                    zset    batch token -> lease expiry (work in flight)
+``mxq:batch:{token}``            string  the lane and work items of one leased batch
+``mxq:deferred``                 zset    work item -> due time
 ``mxq:dispatch``                 zset    lane -> last time tasks were published for it or
                                          work claimed from it (the scheduler re-publishes
                                          for lanes with ready work gone quiet)
-``mxq:pending``                  hash    lane -> deliver tasks published, not yet started
+``mxq:pending``                  hash    lane -> tasks published and not yet started
 ``mxq:intake``                   zset    jobs stored but not yet split (large batches),
                                          score = last (re)publication of ``mxq.intake``
 ``mxq:down:{ip}:{port}``         string  failure memory of one exchange (``hoststatus``)
+``mxq:dns:*``                    string  the engine's shared DNS cache (``workers.dnscache``)
 ===============================  ======  ==================================================
 
 Lanes and work items:
 
 - a delivery lane is a normalised domain (IDNA A-label, lower case, or an
-  address literal); its work item is ``{job}|{domain}``: the recipients of
-  one job in one domain, delivered as one SMTP transaction;
+  address literal); its work items are ``{job}|{domain}|{indexes}``: the
+  recipients of one job in one domain, delivered as one SMTP transaction;
 - the report lane is ``!r``; its work items are ``!r|{job}|{index}|{event}``
   (event ``bounced``, ``expired`` or ``delayed``), handled by ``mxq.notify``.
 
 Life of a work item: the producer (or ``mxq.intake``) RPUSHes it onto its
-ready list; ``mxq.deliver`` LPOPs up to K of one lane and leases them (ZADD
-``mxq:lease``) in the same script; a heartbeat renews the lease while the
-task runs; the release script writes the recipients' new records (a final
-state is never overwritten), then removes the lease and, if recipients are
-still deferred, ZADDs the item to ``mxq:deferred`` by due time.  The
-scheduler's tick moves expired leases back to the front of their ready list
-and due deferred items to the back, and re-publishes tasks for lanes whose
-ready work has gone quiet.  When ``left`` reaches 0 the job's keys get
-``EXPIRE result_ttl`` (state, recipients, content and idempotency key go
-together).
+ready list.  ``mxq.deliver`` LPOPs up to K items of one lane and leases them
+as one batch (a token in ``mxq:lease`` scored by expiry, the items in
+``mxq:batch:{token}``) in the same script; a heartbeat renews the lease
+while the task runs.  The release script writes the recipients' new records
+and removes the lease, and ZADDs items with recipients still deferred to
+``mxq:deferred``.  While the batch still holds its lease nobody else can
+have touched its items, so the records are written as computed; if the
+lease was lost (the scheduler took the batch back), each record is checked
+first and a final state is never overwritten.  The scheduler's tick moves
+the items of expired leases back to the front of their ready list and due
+deferred items to the back, and re-publishes tasks for lanes whose ready
+work has gone quiet.  When ``left`` reaches 0 the job gets ``EXPIRE
+result_ttl`` (state, recipients and content go together, with the
+idempotency key).
 
-Redis commands per message stay low: one script per submitted batch, one
-claim and one release per K messages of a domain, one tick per second.
+Redis commands per delivered message stay low: per message one HSET at
+submission, one HMGET at claim, one HSET (all of the job's recipients in
+the domain), one HINCRBY and, for the job's last recipient, one EXPIRE at
+release; the rest (the scripts themselves, LPOP, lease, dispatch, the
+Celery task) is paid once per batch of K.
 """
 
 from __future__ import annotations
@@ -79,6 +88,8 @@ from .settings import PipelineSettings
 PREFIX = "mxq:"
 REPORT_LANE = "!r"
 FINAL_STATES = ("delivered", "bounced", "expired")
+#: The job hash fields that are not recipient records or content.
+META_FIELDS = ("sender", "ret", "envid", "eightbit", "smtputf8", "size", "created", "n", "left", "idem")
 
 #: Redis errors worth retrying: the server restarting or loading its AOF.
 #: (``BusyLoadingError`` is a ``ConnectionError`` in redis-py.)
@@ -86,22 +97,25 @@ TRANSIENT_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.Tim
 
 # ---------------------------------------------------------------- Lua scripts
 # A shared prelude: key helpers and the dispatch computation.  Redis runs Lua
-# 5.1 (no goto), scripts are atomic, and cjson is available.
+# 5.1 (no goto, unpack() of at most a few thousand values), scripts are
+# atomic, and cjson is available.
 _PRELUDE = r"""
 local P = 'mxq:'
 local function lane_of(wid)
   if string.sub(wid, 1, 1) == '!' then return '!r' end
-  local bar = string.find(wid, '|', 1, true)
-  return string.sub(wid, bar + 1)
+  local a = string.find(wid, '|', 1, true)
+  local b = string.find(wid, '|', a + 1, true)
+  return string.sub(wid, a + 1, b - 1)
 end
-local function job_of(wid)
-  local bar = string.find(wid, '|', 1, true)
-  return string.sub(wid, 1, bar - 1)
-end
-local function split(s)
+local function split(s, sep)
   local out = {}
-  for part in string.gmatch(s, '[^,]+') do table.insert(out, part) end
+  for part in string.gmatch(s, '[^' .. sep .. ']+') do table.insert(out, part) end
   return out
+end
+local function push(cmd, key, values)
+  for i = 1, #values, 1000 do
+    redis.call(cmd, key, unpack(values, i, math.min(i + 999, #values)))
+  end
 end
 -- How many more tasks each lane needs: enough to drain it in batches of k,
 -- at most maxpar queued at once, minus those already published and not
@@ -128,15 +142,52 @@ local function dispatch(lanes, now, k, maxpar, force, out)
   end
   return out
 end
+-- Put a batch's items back on their ready lists (front) and drop its lease.
+local function requeue(token, lanes, seen)
+  local b = redis.call('GET', P .. 'batch:' .. token)
+  redis.call('ZREM', P .. 'lease', token)
+  redis.call('DEL', P .. 'batch:' .. token)
+  if not b then return end
+  local items = split(b, '\n')
+  local lane = table.remove(items, 1)
+  if #items > 0 then
+    local rev = {}
+    for i = #items, 1, -1 do table.insert(rev, items[i]) end
+    push('LPUSH', P .. 'ready:' .. lane, rev)
+    if not seen[lane] then seen[lane] = true; table.insert(lanes, lane) end
+  end
+end
 """
 
 # ARGV: now, mode ('split'|'intake'), k, maxpar, spec JSON, content...
-# spec: [{"id", "idem", "meta": {...}, "rcpts": [json...], "domains": [...]}]
+# spec: [{"id", "idem", "meta": {...}, "rcpts": [json...], "domains": [[domain, "0,1"], ...]}]
 # Returns {ids, dispatch}.  Re-running it (a retried call) changes nothing.
 _SUBMIT = _PRELUDE + r"""
 local now, mode, k, maxpar = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local spec = cjson.decode(ARGV[5])
-local ids, lanes, seen = {}, {}, {}
+local ids, lanes, work, intake = {}, {}, {}, {}
+-- A retried call (its reply was lost) finds the batch's first new job stored:
+-- the script is atomic, so the whole batch was; answer with the ids, write
+-- nothing.  (Jobs whose idempotency key belonged to an older job say nothing.)
+local applied = false
+for _, job in ipairs(spec) do
+  if job.idem == '' then
+    applied = redis.call('EXISTS', P .. 'job:' .. job.id) == 1
+    break
+  end
+  local v = redis.call('GET', P .. 'idem:' .. job.idem)
+  if not v or v == job.id then
+    applied = v == job.id
+    break
+  end
+end
+if applied then
+  for i, job in ipairs(spec) do
+    ids[i] = job.id
+    if job.idem ~= '' then ids[i] = redis.call('GET', P .. 'idem:' .. job.idem) or job.id end
+  end
+  return {ids, {}}
+end
 for i, job in ipairs(spec) do
   local id = job.id
   local existing = false
@@ -146,52 +197,56 @@ for i, job in ipairs(spec) do
   end
   if existing then
     ids[i] = existing
-  elseif redis.call('EXISTS', P .. 'job:' .. id) == 1 then
-    ids[i] = id
   else
     ids[i] = id
-    redis.call('SET', P .. 'msg:' .. id, ARGV[5 + i])
-    local flat = {}
+    local flat = {'c', ARGV[5 + i]}
     for f, v in pairs(job.meta) do table.insert(flat, f); table.insert(flat, v) end
-    redis.call('HSET', P .. 'job:' .. id, unpack(flat))
-    local rflat = {}
-    for r, rec in ipairs(job.rcpts) do table.insert(rflat, tostring(r - 1)); table.insert(rflat, rec) end
-    redis.call('HSET', P .. 'rcpt:' .. id, unpack(rflat))
+    for r, rec in ipairs(job.rcpts) do table.insert(flat, 'r:' .. (r - 1)); table.insert(flat, rec) end
+    push('HSET', P .. 'job:' .. id, flat)
     if mode == 'split' then
-      for _, d in ipairs(job.domains) do
-        redis.call('RPUSH', P .. 'ready:' .. d, id .. '|' .. d)
-        if not seen[d] then seen[d] = true; table.insert(lanes, d) end
+      for _, dx in ipairs(job.domains) do
+        local d = dx[1]
+        if not work[d] then work[d] = {}; table.insert(lanes, d) end
+        table.insert(work[d], id .. '|' .. d .. '|' .. dx[2])
       end
     else
-      redis.call('ZADD', P .. 'intake', now, id)
+      table.insert(intake, now); table.insert(intake, id)
     end
   end
 end
+for _, d in ipairs(lanes) do push('RPUSH', P .. 'ready:' .. d, work[d]) end
+if #intake > 0 then push('ZADD', P .. 'intake', intake) end
 return {ids, dispatch(lanes, now, k, maxpar, false, {})}
 """
 
-# ARGV: now, k, maxpar, job ids...  Splits stored jobs into their domain lanes.
+# ARGV: now, k, maxpar, job ids...  Splits stored jobs into their domain lanes (once).
 _INTAKE = _PRELUDE + r"""
 local now, k, maxpar = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local lanes, seen = {}, {}
+local lanes, work = {}, {}
 for i = 4, #ARGV do
   local id = ARGV[i]
   if redis.call('ZREM', P .. 'intake', id) == 1 then
     local domains = redis.call('HGET', P .. 'job:' .. id, 'domains')
     if domains then
-      for _, d in ipairs(split(domains)) do
-        redis.call('RPUSH', P .. 'ready:' .. d, id .. '|' .. d)
-        if not seen[d] then seen[d] = true; table.insert(lanes, d) end
+      local ds = split(domains, ',')
+      local fields = {}
+      for _, d in ipairs(ds) do table.insert(fields, 'd:' .. d) end
+      local idx = redis.call('HMGET', P .. 'job:' .. id, unpack(fields))
+      for j, d in ipairs(ds) do
+        if not work[d] then work[d] = {}; table.insert(lanes, d) end
+        table.insert(work[d], id .. '|' .. d .. '|' .. idx[j])
       end
     end
   end
 end
+for _, d in ipairs(lanes) do push('RPUSH', P .. 'ready:' .. d, work[d]) end
 return dispatch(lanes, now, k, maxpar, false, {})
 """
 
-# ARGV: now, lane, k, lease expiry, token.  Pops up to k items and leases them.
-# Delivery lanes return {wid, meta (HGETALL), indexes, records, content} each;
-# the report lane returns {wid} each.
+# ARGV: now, lane, k, lease expiry, token, meta field names...
+# Pops up to k items, leases them as one batch.  Delivery lanes return
+# {wid, values} per item (values: HMGET of the meta fields, then 'c', then
+# each recipient record); the report lane returns {wid} per item.
 _CLAIM = _PRELUDE + r"""
 local now, lane, k, expiry, token = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local items = redis.call('LPOP', P .. 'ready:' .. lane, k)
@@ -204,116 +259,113 @@ else
 end
 local out = {}
 if not items then return out end
+local meta = {}
+for i = 6, #ARGV do table.insert(meta, ARGV[i]) end
+table.insert(meta, 'c')
+local nmeta = #meta
+local held = {lane}
 for _, wid in ipairs(items) do
   if lane == '!r' then
-    redis.call('ZADD', P .. 'lease', expiry, wid)
-    redis.call('HSET', P .. 'owner', wid, token)
+    table.insert(held, wid)
     table.insert(out, {wid})
   else
-    local job = job_of(wid)
-    local meta = redis.call('HGETALL', P .. 'job:' .. job)
-    if #meta > 0 then
-      local m = {}
-      for i = 1, #meta, 2 do m[meta[i]] = meta[i + 1] end
-      local idx = m['d:' .. lane]
-      if idx then
-        local recs = redis.call('HMGET', P .. 'rcpt:' .. job, unpack(split(idx)))
-        local content = redis.call('GET', P .. 'msg:' .. job)
-        redis.call('ZADD', P .. 'lease', expiry, wid)
-        redis.call('HSET', P .. 'owner', wid, token)
-        table.insert(out, {wid, meta, idx, recs, content})
-      end
+    local bar = string.find(wid, '|', 1, true)
+    local job = string.sub(wid, 1, bar - 1)
+    local idx = split(string.sub(wid, string.find(wid, '|', bar + 1, true) + 1), ',')
+    local fields = {unpack(meta)}
+    for _, i in ipairs(idx) do table.insert(fields, 'r:' .. i) end
+    local values = redis.call('HMGET', P .. 'job:' .. job, unpack(fields))
+    if values[nmeta] then                 -- the content: the job still exists
+      table.insert(held, wid)
+      table.insert(out, {wid, values})
     end
   end
+end
+if #held > 1 then
+  redis.call('SET', P .. 'batch:' .. token, table.concat(held, '\n'))
+  redis.call('ZADD', P .. 'lease', expiry, token)
 end
 return out
 """
 
-# ARGV: expiry, token, wids...  Renews the leases this token still owns.
+# ARGV: expiry, token.  Renews the batch lease if this token still holds it.
 _RENEW = r"""
-local P = 'mxq:'
-local n = 0
-for i = 3, #ARGV do
-  if redis.call('HGET', P .. 'owner', ARGV[i]) == ARGV[2] then
-    redis.call('ZADD', P .. 'lease', 'XX', tonumber(ARGV[1]), ARGV[i])
-    n = n + 1
-  end
-end
-return n
+return redis.call('ZADD', 'mxq:lease', 'XX', 'CH', tonumber(ARGV[1]), ARGV[2])
 """
 
 # ARGV: now, token, result_ttl, k, maxpar, lane, payload JSON
-# payload: [{"wid", "due" (-1: nothing left), "updates": [[index, record, final, event]]}]
-# Returns {applied, dispatch}: applied is a list of "job|index" whose update
-# was written (a final state already there is never overwritten).
+# payload: [{"wid", "due" (-1: nothing left), "idem", "updates": [[index, record, final, event]]}]
+# Returns {applied, dispatch}: applied lists "job|index" of each update
+# written (a final state already there is never overwritten).
 _RELEASE = _PRELUDE + r"""
 local now, token, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local k, maxpar, lane = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local payload = cjson.decode(ARGV[7])
+local owner = redis.call('ZSCORE', P .. 'lease', token) ~= false
 local final = {delivered = true, bounced = true, expired = true}
-local applied, lanes = {}, {lane}
-local reported = false
+local applied, lanes, reports, deferred = {}, {lane}, {}, {}
 for _, item in ipairs(payload) do
   local wid = item.wid
-  local job = job_of(wid)
-  local jk, rk = P .. 'job:' .. job, P .. 'rcpt:' .. job
-  local alive = redis.call('EXISTS', jk) == 1
-  if alive and item.updates then
+  local job = string.sub(wid, 1, string.find(wid, '|', 1, true) - 1)
+  local jk = P .. 'job:' .. job
+  if #item.updates > 0 then
+    local writes, finals = {}, 0
     for _, u in ipairs(item.updates) do
       local idx, rec, isfinal, event = u[1], u[2], u[3], u[4]
-      local cur = redis.call('HGET', rk, idx)
-      if not (cur and final[cjson.decode(cur).state]) then
-        redis.call('HSET', rk, idx, rec)
+      local ok = owner
+      if not ok then
+        -- Lost the lease: someone else may have written since the claim.
+        local cur = redis.call('HGET', jk, 'r:' .. idx)
+        ok = cur and not final[cjson.decode(cur).state]
+      end
+      if ok then
+        table.insert(writes, 'r:' .. idx); table.insert(writes, rec)
         table.insert(applied, job .. '|' .. idx)
-        if event ~= '' then
-          redis.call('RPUSH', P .. 'ready:!r', '!r|' .. job .. '|' .. idx .. '|' .. event)
-          reported = true
-        end
-        if isfinal == 1 then
-          local left = redis.call('HINCRBY', jk, 'left', -1)
-          if left <= 0 then
-            redis.call('HSET', jk, 'done', tostring(now))
-            redis.call('EXPIRE', jk, ttl)
-            redis.call('EXPIRE', rk, ttl)
-            redis.call('EXPIRE', P .. 'msg:' .. job, ttl)
-            local idem = redis.call('HGET', jk, 'idem')
-            if idem and idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. idem, ttl) end
-          end
-        end
+        if isfinal == 1 then finals = finals + 1 end
+        if event ~= '' then table.insert(reports, '!r|' .. job .. '|' .. idx .. '|' .. event) end
+      end
+    end
+    if #writes > 0 then
+      redis.call('HSET', jk, unpack(writes))
+      if finals > 0 and redis.call('HINCRBY', jk, 'left', -finals) <= 0 then
+        redis.call('EXPIRE', jk, ttl)
+        if item.idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. item.idem, ttl) end
       end
     end
   end
-  if redis.call('HGET', P .. 'owner', wid) == token then
-    redis.call('ZREM', P .. 'lease', wid)
-    redis.call('HDEL', P .. 'owner', wid)
-    if alive and item.due >= 0 then redis.call('ZADD', P .. 'deferred', item.due, wid) end
-  end
+  if owner and item.due >= 0 then table.insert(deferred, item.due); table.insert(deferred, wid) end
 end
-if reported then table.insert(lanes, '!r') end
+if owner then
+  redis.call('ZREM', P .. 'lease', token)
+  redis.call('DEL', P .. 'batch:' .. token)
+  if #deferred > 0 then push('ZADD', P .. 'deferred', deferred) end
+end
+if #reports > 0 then
+  push('RPUSH', P .. 'ready:!r', reports)
+  table.insert(lanes, '!r')
+end
 return {applied, dispatch(lanes, now, k, maxpar, false, {})}
 """
 
 # ARGV: now, limit, stale, k, maxpar.  The scheduler's one atomic step.
-# Returns {requeued, moved, dispatch, intake job ids}.
+# Returns {requeued batches, moved, dispatch, intake job ids}.
 _TICK = _PRELUDE + r"""
 local now, limit, stale = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local k, maxpar = tonumber(ARGV[4]), tonumber(ARGV[5])
 local lanes, seen = {}, {}
-local function touch(l) if not seen[l] then seen[l] = true; table.insert(lanes, l) end end
 local expired = redis.call('ZRANGEBYSCORE', P .. 'lease', '-inf', now, 'LIMIT', 0, limit)
-for _, wid in ipairs(expired) do
-  redis.call('ZREM', P .. 'lease', wid)
-  redis.call('HDEL', P .. 'owner', wid)
-  local l = lane_of(wid)
-  redis.call('LPUSH', P .. 'ready:' .. l, wid)
-  touch(l)
-end
+for _, token in ipairs(expired) do requeue(token, lanes, seen) end
 local due = redis.call('ZRANGEBYSCORE', P .. 'deferred', '-inf', now, 'LIMIT', 0, limit)
-for _, wid in ipairs(due) do
-  redis.call('ZREM', P .. 'deferred', wid)
-  local l = lane_of(wid)
-  redis.call('RPUSH', P .. 'ready:' .. l, wid)
-  touch(l)
+if #due > 0 then
+  push('ZREM', P .. 'deferred', due)
+  local by = {}
+  for _, wid in ipairs(due) do
+    local l = lane_of(wid)
+    if not by[l] then by[l] = {} end
+    table.insert(by[l], wid)
+    if not seen[l] then seen[l] = true; table.insert(lanes, l) end
+  end
+  for l, wids in pairs(by) do push('RPUSH', P .. 'ready:' .. l, wids) end
 end
 local out = dispatch(lanes, now, k, maxpar, false, {})
 local quiet = redis.call('ZRANGEBYSCORE', P .. 'dispatch', '-inf', now - stale, 'LIMIT', 0, limit)
@@ -321,6 +373,22 @@ dispatch(quiet, now, k, maxpar, true, out)
 local intake = redis.call('ZRANGEBYSCORE', P .. 'intake', '-inf', now - stale, 'LIMIT', 0, limit)
 for _, id in ipairs(intake) do redis.call('ZADD', P .. 'intake', now, id) end
 return {#expired, #due, out, intake}
+"""
+
+# ARGV: job id.  Returns {meta values..., records...} without the content, or {} when unknown.
+_JOB = r"""
+local jk = 'mxq:job:' .. ARGV[1]
+local n = redis.call('HGET', jk, 'n')
+if not n then return {} end
+local fields = {}
+for i = 2, #ARGV do table.insert(fields, ARGV[i]) end
+for i = 0, tonumber(n) - 1 do table.insert(fields, 'r:' .. i) end
+local out = {}
+for i = 1, #fields, 1000 do
+  local part = redis.call('HMGET', jk, unpack(fields, i, math.min(i + 999, #fields)))
+  for _, v in ipairs(part) do table.insert(out, v) end
+end
+return out
 """
 
 
@@ -357,11 +425,13 @@ class Outcome:
     ``updates`` are ``(index, record, event)``; ``event`` is ``bounced``,
     ``expired`` or ``delayed`` when a report is due, else "".  ``due`` is the
     time of the next attempt, or None when no recipient is left pending.
+    ``idem`` is the job's idempotency key hash (expired with the job).
     """
 
     wid: str
     updates: list[tuple[str, dict, str]] = field(default_factory=list)
     due: float | None = None
+    idem: str = ""
 
 
 @dataclass
@@ -409,6 +479,10 @@ def _pairs(flat) -> list[tuple[str, int]]:
     return [(_s(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
+def _dumps(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
 class Store:
     """mxq's Redis state; one per process (the client is thread-safe)."""
 
@@ -421,6 +495,7 @@ class Store:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._tick = client.register_script(_TICK)
+        self._job = client.register_script(_JOB)
 
     @classmethod
     def from_settings(cls, settings: PipelineSettings) -> "Store":
@@ -438,10 +513,10 @@ class Store:
         now = time.time() if now is None else now
         s = self.settings
         spec = [{"id": j.id, "idem": j.idem, "meta": j.meta,
-                 "rcpts": [json.dumps(r, separators=(",", ":")) for r in j.records],
-                 "domains": j.domains} for j in jobs]
+                 "rcpts": [_dumps(r) for r in j.records],
+                 "domains": [[d, j.meta[f"d:{d}"]] for d in j.domains]} for j in jobs]
         args = [now, "split" if split else "intake", s.batch_size, s.domain_concurrency,
-                json.dumps(spec, separators=(",", ":"))] + [j.content for j in jobs]
+                _dumps(spec)] + [j.content for j in jobs]
         ids, disp = self._submit(args=args)
         return [_s(i) for i in ids], _pairs(disp)
 
@@ -453,50 +528,49 @@ class Store:
 
     # ------------------------------------------------------------ worker side
     def claim(self, lane: str, token: str, *, limit: int | None = None, now: float | None = None) -> list:
-        """Take up to ``limit`` work items of ``lane`` under a lease held by ``token``.
+        """Take up to ``limit`` work items of ``lane`` as one batch leased to ``token``.
 
         Delivery lanes give ``Claimed`` items; the report lane gives work item ids.
         """
         now = time.time() if now is None else now
         s = self.settings
-        raw = self._claim(args=[now, lane, limit or s.batch_size, now + s.lease_seconds, token])
+        raw = self._claim(args=[now, lane, limit or s.batch_size, now + s.lease_seconds, token, *META_FIELDS])
         if lane == REPORT_LANE:
             return [_s(it[0]) for it in raw]
         out = []
-        for wid, meta, idx, recs, content in raw:
+        nm = len(META_FIELDS)
+        for wid, values in raw:
             wid = _s(wid)
-            m = {_s(meta[i]): _s(meta[i + 1]) for i in range(0, len(meta), 2)}
-            out.append(Claimed(wid=wid, job=wid.split("|", 1)[0], domain=lane, meta=m,
-                               indexes=_s(idx).split(","),
-                               records=[json.loads(r) if r is not None else None for r in recs],
-                               content=content or b""))
+            job, _, idx = wid.split("|", 2)
+            meta = {f: _s(v) for f, v in zip(META_FIELDS, values[:nm]) if v is not None}
+            out.append(Claimed(wid=wid, job=job, domain=lane, meta=meta, indexes=idx.split(","),
+                               records=[json.loads(r) if r is not None else None for r in values[nm + 1:]],
+                               content=values[nm] or b""))
         return out
 
-    def renew(self, token: str, wids: list[str], *, now: float | None = None) -> int:
-        """Extend the leases ``token`` still owns; return how many."""
-        if not wids:
-            return 0
+    def renew(self, token: str, *, now: float | None = None) -> bool:
+        """Extend the lease of ``token``'s batch; False when it no longer holds one."""
         now = time.time() if now is None else now
-        return int(self._renew(args=[now + self.settings.lease_seconds, token, *wids]))
+        return self._renew(args=[now + self.settings.lease_seconds, token]) == 1 or \
+            self.r.zscore(PREFIX + "lease", token) is not None
 
     def release(self, token: str, lane: str, outcomes: list[Outcome], *, now: float | None = None):
-        """Write outcomes, drop the leases, schedule what is left; return ``(applied, dispatch)``.
+        """Write outcomes, drop the lease, schedule what is left; return ``(applied, dispatch)``.
 
         ``applied`` holds ``"job|index"`` of each update actually written.
         """
         now = time.time() if now is None else now
         s = self.settings
-        payload = [{"wid": o.wid, "due": -1 if o.due is None else o.due,
-                    "updates": [[i, json.dumps(rec, separators=(",", ":")),
-                                 1 if rec["state"] in FINAL_STATES else 0, ev]
+        payload = [{"wid": o.wid, "due": -1 if o.due is None else o.due, "idem": o.idem,
+                    "updates": [[i, _dumps(rec), 1 if rec["state"] in FINAL_STATES else 0, ev]
                                 for i, rec, ev in o.updates]} for o in outcomes]
         applied, disp = self._release(args=[now, token, s.result_ttl, s.batch_size, s.domain_concurrency,
-                                            lane, json.dumps(payload, separators=(",", ":"))])
+                                            lane, _dumps(payload)])
         return [_s(a) for a in applied], _pairs(disp)
 
     def tick(self, *, now: float | None = None, limit: int = 1000) -> Tick:
-        """One scheduler step: expired leases back to the front of their lane, due
-        deferred items to the back, quiet lanes re-dispatched, stalled intake re-published."""
+        """One scheduler step: items of expired leases back to the front of their lane,
+        due deferred items to the back, quiet lanes re-dispatched, stalled intake re-published."""
         now = time.time() if now is None else now
         s = self.settings
         requeued, moved, disp, intake = self._tick(
@@ -505,19 +579,17 @@ class Store:
 
     # ------------------------------------------------------------ reading
     def job(self, job_id: str) -> tuple[dict[str, str], dict[int, dict]] | None:
-        """``(meta, {index: record})`` of a job, or None when unknown or expired."""
-        with self.r.pipeline(transaction=True) as p:
-            p.hgetall(PREFIX + "job:" + job_id)
-            p.hgetall(PREFIX + "rcpt:" + job_id)
-            meta, recs = p.execute()
-        if not meta:
+        """``(meta, {index: record})`` of a job (one script, no content), or None when unknown or expired."""
+        values = self._job(args=[job_id, *META_FIELDS])
+        if not values:
             return None
-        return ({_s(k): _s(v) for k, v in meta.items()},
-                {int(k): json.loads(v) for k, v in recs.items()})
+        nm = len(META_FIELDS)
+        meta = {f: _s(v) for f, v in zip(META_FIELDS, values[:nm]) if v is not None}
+        return meta, {i: json.loads(v) for i, v in enumerate(values[nm:]) if v is not None}
 
     def content(self, job_id: str) -> bytes | None:
         """The stored message, or None when the job is unknown or expired."""
-        return self.r.get(PREFIX + "msg:" + job_id)
+        return self.r.hget(PREFIX + "job:" + job_id, "c")
 
 
 STATUS_FIELDS = ("address", "domain", "state", "code", "enhanced", "text", "exchange", "ip", "relay",
@@ -527,7 +599,7 @@ STATUS_FIELDS = ("address", "domain", "state", "code", "enhanced", "text", "exch
 def status_of(job_id: str, meta: dict[str, str], records: dict[int, dict]) -> dict:
     """The public status dict of a job (see ``tasks.status``)."""
     rows = [{f: records[i].get(f) for f in STATUS_FIELDS} for i in sorted(records)]
-    if meta.get("done"):
+    if meta.get("left") is not None and int(meta["left"]) <= 0:
         state = "done"
     elif all(r["state"] == "queued" and not r.get("runs") for r in records.values()):
         state = "queued"

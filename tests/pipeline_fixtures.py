@@ -192,14 +192,14 @@ def pipeline(redis_server, tmp_path, monkeypatch):
 
 
 def wait_jobs_done(client, job_ids: list[str], timeout: float) -> None:
-    """Wait (bounded) until every job's hash has ``done`` set; raise TimeoutError naming how many are left."""
+    """Wait (bounded) until every job's ``left`` count is 0; raise TimeoutError naming how many are left."""
     deadline = time.monotonic() + timeout
     left = list(job_ids)
     while True:
         pipe = client.pipeline(transaction=False)
         for j in left:
-            pipe.hget(f"mxq:job:{j}", "done")
-        left = [j for j, done in zip(left, pipe.execute()) if not done]
+            pipe.hget(f"mxq:job:{j}", "left")
+        left = [j for j, n in zip(left, pipe.execute()) if n != b"0"]
         if not left:
             return
         if time.monotonic() >= deadline:

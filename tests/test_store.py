@@ -53,10 +53,11 @@ def test_submit_stores_once_and_splits_by_domain(store):
     assert ids == [j.id]
     # one lane per normalised domain, one deliver task each (ceil(1/3) = 1)
     assert sorted(disp) == [("one.test", 1), ("two.test", 1), ("xn--bcher-kva.example", 1)]
-    assert store.r.lrange("mxq:ready:one.test", 0, -1) == [f"{j.id}|one.test".encode()]
-    assert store.r.get(f"mxq:msg:{j.id}") == j.content
+    assert store.r.lrange("mxq:ready:one.test", 0, -1) == [f"{j.id}|one.test|0,1".encode()]
+    assert store.content(j.id) == j.content
+    assert store.r.keys(f"*{j.id}*") == [f"mxq:job:{j.id}".encode()]     # one key per job
     meta, recs = store.job(j.id)
-    assert meta["d:one.test"] == "0,1" and meta["left"] == "4"
+    assert meta["left"] == "4" and meta["n"] == "4"
     assert [r["state"] for r in recs.values()] == ["queued"] * 4
     assert recs[3]["domain"] == "xn--bcher-kva.example"
     st = status_of(j.id, meta, recs)
@@ -83,10 +84,13 @@ def test_idempotency_key_returns_existing_job(store):
     (ida,), _ = store.submit([a], now=NOW)
     (idb,), disp = store.submit([b], now=NOW)
     assert ida == idb == a.id and disp == []
-    assert store.r.exists(f"mxq:job:{b.id}") == 0
+    assert store.r.exists(f"mxq:job:{b.id}") == 0 and store.r.get(f"mxq:idem:{a.idem}") == a.id.encode()
     # re-running the same script (a retried call) stores nothing twice
-    store.submit([a], now=NOW)
-    assert store.r.llen("mxq:ready:one.test") == 1
+    c, d = job(3), job(4, key="k-2")
+    first, _ = store.submit([b, c, d], now=NOW)
+    again, disp = store.submit([b, c, d], now=NOW)
+    assert first == again == [a.id, c.id, d.id] and disp == []
+    assert store.r.llen("mxq:ready:one.test") == 3
 
 
 def test_claim_lease_release_and_final_guard(store):
@@ -94,48 +98,55 @@ def test_claim_lease_release_and_final_guard(store):
     store.submit([j], now=NOW)
     (it,) = store.claim("one.test", "tok", now=NOW)
     assert it.job == j.id and it.indexes == ["0", "1"] and it.content == j.content
-    assert store.r.zscore("mxq:lease", it.wid) == NOW + 30
+    assert it.meta["sender"] == "sender@src.test" and [r["address"] for r in it.records] == ["a@one.test", "b@one.test"]
+    assert store.r.zscore("mxq:lease", "tok") == NOW + 30
+    assert store.r.get("mxq:batch:tok") == f"one.test\n{it.wid}".encode()
     assert store.r.llen("mxq:ready:one.test") == 0
-    # renew only with the owning token
-    assert store.renew("other", [it.wid], now=NOW + 10) == 0
-    assert store.renew("tok", [it.wid], now=NOW + 10) == 1
-    assert store.r.zscore("mxq:lease", it.wid) == NOW + 40
+    # renew only what a token holds
+    assert store.renew("other", now=NOW + 10) is False and store.r.zcard("mxq:lease") == 1
+    assert store.renew("tok", now=NOW + 10) is True
+    assert store.r.zscore("mxq:lease", "tok") == NOW + 40
     delivered = dict(it.records[0], state="delivered", code=250)
     deferred = dict(it.records[1], state="deferred", code=451)
     applied, _ = store.release("tok", "one.test", [Outcome(it.wid, [("0", delivered, ""), ("1", deferred, "")],
                                                            due=NOW + 10)], now=NOW + 1)
     assert sorted(applied) == [f"{j.id}|0", f"{j.id}|1"]
-    assert store.r.zcard("mxq:lease") == 0 and store.r.hlen("mxq:owner") == 0
+    assert store.r.zcard("mxq:lease") == 0 and not store.r.exists("mxq:batch:tok")
     assert store.r.zscore("mxq:deferred", it.wid) == NOW + 10
     assert store.r.hget(f"mxq:job:{j.id}", "left") == b"1"
-    # a later, stale writer cannot overwrite the final state
+    # a later writer without the lease cannot overwrite the final state
     applied, _ = store.release("tok", "one.test", [Outcome(it.wid, [("0", dict(deferred), "")])], now=NOW + 2)
     assert applied == []
-    assert json.loads(store.r.hget(f"mxq:rcpt:{j.id}", "0"))["state"] == "delivered"
+    assert json.loads(store.r.hget(f"mxq:job:{j.id}", "r:0"))["state"] == "delivered"
 
 
 def test_job_done_sets_ttl_on_every_key(store):
     j = job(key="done-key")
     store.submit([j], now=NOW)
     (it,) = store.claim("one.test", "tok", now=NOW)
-    store.release("tok", "one.test", [Outcome(it.wid, [("0", dict(it.records[0], state="bounced"), "bounced")])],
-                  now=NOW + 1)
-    for k in (f"mxq:job:{j.id}", f"mxq:rcpt:{j.id}", f"mxq:msg:{j.id}", f"mxq:idem:{j.idem}"):
+    store.release("tok", "one.test", [Outcome(it.wid, [("0", dict(it.records[0], state="bounced"), "bounced")],
+                                              idem=it.meta["idem"])], now=NOW + 1)
+    for k in (f"mxq:job:{j.id}", f"mxq:idem:{j.idem}"):
         assert 0 < store.r.ttl(k) <= 500, k
     meta, recs = store.job(j.id)
     assert status_of(j.id, meta, recs)["state"] == "done"
     # the bounce queued one report item on the report lane, with a task for it
     assert store.r.lrange("mxq:ready:!r", 0, -1) == [f"!r|{j.id}|0|bounced".encode()]
+    assert store.claim("!r", "rt", now=NOW + 2) == [f"!r|{j.id}|0|bounced"]
+    assert store.r.zscore("mxq:lease", "rt") is not None
+    store.release("rt", "!r", [Outcome(f"!r|{j.id}|0|bounced")], now=NOW + 3)
+    assert store.r.zcard("mxq:lease") == 0 and store.r.llen("mxq:ready:!r") == 0
 
 
 def test_tick_requeues_expired_leases_and_moves_due_items(store):
     a, b = job(1), job(2)
     store.submit([a, b], now=NOW)
-    items = store.claim("one.test", "tok", now=NOW)
-    assert len(items) == 2
+    (ib,) = store.claim("one.test", "tb", now=NOW, limit=1)
+    (ia,) = store.claim("one.test", "ta", now=NOW, limit=1)
+    items = [ia, ib]
     # b's worker releases it as deferred until NOW+10; a's worker dies (lease expires at NOW+30)
-    store.release("tok", "one.test", [Outcome(items[1].wid, [("0", dict(items[1].records[0], state="deferred"), "")],
-                                              due=NOW + 10)], now=NOW + 1)
+    store.release("tb", "one.test", [Outcome(ib.wid, [("0", dict(ib.records[0], state="deferred"), "")],
+                                             due=NOW + 10)], now=NOW + 1)
     t = store.tick(now=NOW + 5)
     assert (t.requeued, t.moved) == (0, 0)
     t = store.tick(now=NOW + 11)
@@ -143,10 +154,11 @@ def test_tick_requeues_expired_leases_and_moves_due_items(store):
     t = store.tick(now=NOW + 31)
     assert (t.requeued, t.moved) == (1, 0)
     # the expired lease went to the front, the due item to the back
-    assert store.r.lrange("mxq:ready:one.test", 0, -1) == [items[0].wid.encode(), items[1].wid.encode()]
-    # the dead worker's late release cannot schedule or un-lease the requeued item
-    store.release("tok", "one.test", [Outcome(items[0].wid, [], due=NOW + 99)], now=NOW + 32)
-    assert store.r.zscore("mxq:deferred", items[0].wid) is None
+    assert store.r.lrange("mxq:ready:one.test", 0, -1) == [ia.wid.encode(), ib.wid.encode()]
+    assert not store.r.exists("mxq:batch:ta")
+    # the dead worker's late release cannot schedule the requeued item
+    store.release("ta", "one.test", [Outcome(ia.wid, [], due=NOW + 99)], now=NOW + 32)
+    assert store.r.zscore("mxq:deferred", ia.wid) is None
     # two schedulers ticking at once: the second finds nothing to move
     assert store.tick(now=NOW + 40).requeued == 0
 
