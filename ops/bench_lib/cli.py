@@ -44,9 +44,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--settle", type=float, default=None,
                    help="seconds to keep watching for duplicates after completion (default 1, --quick 0.3)")
     p.add_argument("--postfix-clients", type=int, default=8, help="parallel SMTP submissions into Postfix (8)")
+    p.add_argument("--postfix-dns", choices=("direct", "dnsmasq"), default="direct",
+                   help="Postfix's resolver: the sandbox DNS server directly (default), or a caching "
+                        "dnsmasq in front of it")
     p.add_argument("--limit-sessions", type=int, default=20, help="smtp-source -s for the limit stage (20)")
     p.add_argument("--batch", type=int, default=100, help="messages per submit_many call (mxq; default 100)")
-    p.add_argument("--mxq-workers", type=int, default=2, help="mxq worker processes (default 2)")
+    p.add_argument("--mxq-workers", type=int, default=1, help="mxq worker processes (default 1)")
+    p.add_argument("--mxq-concurrency", type=int, default=2,
+                   help="prefork children per mxq worker (default 2, as the django-celery-email baseline)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (sink dumps, logs)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the table")
     args = p.parse_args(argv)
@@ -128,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "mxq issue 5",
         "params": {"messages": args.messages, "domains": args.domains, "size": args.size, "quick": args.quick,
                    "stages": args.stages.split(","), "settle": args.settle, "timeout": args.timeout,
-                   "postfix_clients": args.postfix_clients, "limit_sessions": args.limit_sessions,
-                   "batch": args.batch, "mxq_workers": args.mxq_workers},
+                   "postfix_clients": args.postfix_clients, "postfix_dns": args.postfix_dns, "limit_sessions": args.limit_sessions,
+                   "batch": args.batch, "mxq_workers": args.mxq_workers,
+                   "mxq_concurrency": args.mxq_concurrency},
         "environment": env_before,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "stages": {},
@@ -139,14 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         say(f"ops/bench: N={args.messages} M={args.domains} S={args.size} in {workdir} "
             f"(load {env_before['loadavg'][0]:.2f})")
-        sandbox.bind_resolv_conf(workdir)
+        resolv = sandbox.bind_resolv_conf(workdir)
         dns = sandbox.start_dns(args.domains, workdir)
         os.environ["MXQ_DNS_SERVERS"] = dns.address
         ctx = stages.Context(
             n=args.messages, m=args.domains, size=args.size, run=secrets.token_hex(4), workdir=workdir,
             dns=dns, timeout=args.timeout, settle=args.settle, say=say,
             postfix_clients=args.postfix_clients, limit_sessions=args.limit_sessions, batch=args.batch,
-            mxq_workers=args.mxq_workers, probe=min(1000, args.messages))
+            mxq_workers=args.mxq_workers, mxq_concurrency=args.mxq_concurrency, probe=min(1000, args.messages), postfix_dns=args.postfix_dns,
+            resolv_conf=resolv)
         for key in args.stages.split(","):
             name, fn = STAGES[key]
             res = stages.run(name, fn, ctx)

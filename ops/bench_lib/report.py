@@ -19,7 +19,7 @@ def ratios(stages: dict) -> dict:
     for key, other in RATIOS:
         o = stages.get(other) or {}
         a, b = mxq.get("msgs_per_sec"), o.get("msgs_per_sec")
-        out[key] = round(a / b, 3) if (mxq.get("status") == "ok" and o.get("status") == "ok" and a and b) else None
+        out[key] = float(f"{a / b:.4g}") if (mxq.get("status") == "ok" and o.get("status") == "ok" and a and b) else None
     return out
 
 

@@ -89,9 +89,15 @@ def bind_resolv_conf(workdir: Path, nameserver: str = DNS_HOST) -> Path:
     if not in_namespace():
         raise BenchError("refusing to replace /etc/resolv.conf outside the private mount namespace")
     path = workdir / "resolv.conf"
-    path.write_text(f"nameserver {nameserver}\noptions timeout:2 attempts:2\n")
+    write_resolv_conf(path, nameserver)
     subprocess.run(["mount", "--bind", str(path), "/etc/resolv.conf"], check=True)
     return path
+
+
+def write_resolv_conf(path: Path, nameserver: str) -> None:
+    """(Re)write the resolv.conf at ``path`` in place (the bind mount follows the inode, not the name)."""
+    with open(path, "w") as f:
+        f.write(f"nameserver {nameserver}\noptions timeout:2 attempts:2\n")
 
 
 # --------------------------------------------------------------------------- processes
@@ -102,41 +108,43 @@ _CHILDREN: list[subprocess.Popen] = []
 
 def spawn(argv: list[str], *, log: Path, env: dict | None = None, cwd: str | None = None,
           session: bool = False) -> subprocess.Popen:
-    """Start a child process with stdout+stderr to ``log``; it is tracked and stopped by ``stop_all``."""
+    """Start a child process with stdout+stderr to ``log``; it is tracked and stopped by ``stop_all``.
+
+    ``session``: the child leads a new session (and process group), so
+    ``stop`` can signal it together with everything it forked (Celery's pool).
+    """
     with open(log, "ab") as f:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
                              env=env, cwd=cwd, start_new_session=session)
+    p.bench_group = session                      # type: ignore[attr-defined]
     _CHILDREN.append(p)
     return p
 
 
-def stop(p: subprocess.Popen, timeout: float = 10.0, group: bool = False) -> None:
-    """SIGTERM ``p`` (its process group if ``group``), SIGKILL after ``timeout`` s; reap it."""
+def _signal(p: subprocess.Popen, sig: int) -> None:
+    try:
+        if getattr(p, "bench_group", False):
+            os.killpg(p.pid, sig)                # the group that p leads: p and its workers
+        else:
+            os.kill(p.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop(p: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM ``p`` (and its process group if it was spawned with ``session``), SIGKILL after ``timeout`` s."""
     if p.poll() is None:
-        try:
-            if group:
-                os.killpg(p.pid, signal.SIGTERM)
-            else:
-                p.terminate()
-        except ProcessLookupError:
-            pass
+        _signal(p, signal.SIGTERM)
         try:
             p.wait(timeout)
         except subprocess.TimeoutExpired:
+            _signal(p, signal.SIGKILL)
             try:
-                if group:
-                    os.killpg(p.pid, signal.SIGKILL)
-                else:
-                    p.kill()
-            except ProcessLookupError:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
                 pass
-            p.wait(timeout)
-    if group:
-        # The group leader is gone; take down any child it left behind (same group id).
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    if getattr(p, "bench_group", False):
+        _signal(p, signal.SIGKILL)               # whatever the leader left behind in its group
     if p in _CHILDREN:
         _CHILDREN.remove(p)
 
@@ -144,7 +152,7 @@ def stop(p: subprocess.Popen, timeout: float = 10.0, group: bool = False) -> Non
 def stop_all() -> None:
     """Stop every child started with ``spawn`` that is still tracked (newest first)."""
     for p in reversed(list(_CHILDREN)):
-        stop(p, timeout=5.0, group=True)
+        stop(p, timeout=5.0)
 
 
 def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None,
@@ -194,6 +202,16 @@ def process_tree(pid: int) -> list[int]:
         except OSError:
             pass
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid`` (all its threads; 0 if gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # fields[0] is the state (field 3); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss(pids: list[int]) -> list[dict]:

@@ -37,7 +37,7 @@ OPS = ROOT / "ops"
 # Every stage result has exactly these keys (null when not applicable or failed).
 RESULT_FIELDS = (
     "status", "error", "messages", "seconds", "msgs_per_sec", "submit_seconds",
-    "latency_ms", "sinks", "dns_queries", "redis", "workers", "notes",
+    "latency_ms", "sinks", "dns_queries", "redis", "workers", "harness_cpu_seconds", "notes",
 )
 SINK_FIELDS = ("records", "smtp_sink_counter", "unique_ids", "duplicates", "missing", "unexpected",
                "exactly_once", "bytes_per_record", "sinks")
@@ -61,9 +61,11 @@ class Context:
     postfix_clients: int = 8
     limit_sessions: int = 20
     batch: int = 100
-    mxq_workers: int = 2
-    mxq_concurrency: int = 0          # 0: the pipeline's default
+    mxq_workers: int = 1
+    mxq_concurrency: int = 2          # prefork children per worker (0: Celery's default, the CPU count)
     probe: int = 1000                 # messages queued (no worker running) to measure Redis memory
+    postfix_dns: str = "direct"       # direct: Postfix asks the sandbox DNS; dnsmasq: through a caching dnsmasq
+    resolv_conf: Path | None = None   # the bind-mounted /etc/resolv.conf (rewritten in place)
 
     def spec(self, stage: str) -> Spec:
         """The messages of ``stage`` (ids unique per run and stage)."""
@@ -115,12 +117,23 @@ class Measure:
         self.monitor = Monitor(self.farm, ctx.n, id_header, submitted_header,
                                follow=submitted_header is not None).start()
         self.t0: float | None = None
+        self.cpu0: dict = {}
+        self.cpu: dict = {}
         self.t_submitted: float | None = None
         self.t_done: float | None = None
+
+    def _cpu(self) -> dict:
+        return {
+            "dns_server": sandbox.cpu_seconds(self.ctx.dns.proc.pid),
+            "sinks": sum(sandbox.cpu_seconds(s.proc.pid) for s in self.farm.sinks),
+            "monitor": sandbox.cpu_seconds(self.monitor.proc.pid),
+            "submitting_process": sum(os.times()[:2]),
+        }
 
     def begin(self) -> float:
         """Mark the first submission (call right before it) and reset the DNS counters first."""
         self.ctx.dns.reset_stats()
+        self.cpu0 = self._cpu()
         self.t0 = time.time()
         return self.t0
 
@@ -138,6 +151,8 @@ class Measure:
                 last[0] = time.monotonic()
 
         self.t_done = self.monitor.wait_complete(self.ctx.timeout, alive=alive, on_progress=progress)
+        cpu1 = self._cpu()
+        self.cpu = {k: round(cpu1[k] - self.cpu0[k], 2) for k in cpu1}
         return self.t_done - self.t0
 
     def finish(self, expected_ids: set[str] | None) -> dict:
@@ -184,6 +199,7 @@ class Measure:
                 "sinks": len(self.farm.sinks),
             },
             dns_queries=dns_queries,
+            harness_cpu_seconds=self.cpu,
             notes=[],
         )
         if not exactly_once:
@@ -287,6 +303,8 @@ def postfix(ctx: Context) -> dict:
     meas = Measure(ctx, "postfix", addrs)
     pf = Postfix(st)
     try:
+        if ctx.postfix_dns == "dnsmasq":
+            _dnsmasq(ctx, st)
         pf.start()
         spec = ctx.spec("postfix")
         body = spec.body()
@@ -334,6 +352,41 @@ def postfix(ctx: Context) -> dict:
         raise
     finally:
         pf.stop()
+        if ctx.resolv_conf is not None:
+            sandbox.write_resolv_conf(ctx.resolv_conf, sandbox.DNS_HOST)
+
+
+CACHE_DNS = "127.0.0.1"
+
+
+def _dnsmasq(ctx: Context, st: Path) -> None:
+    """A caching dnsmasq on 127.0.0.1:53 in front of the sandbox DNS server, named in /etc/resolv.conf.
+
+    Postfix has no DNS cache of its own: in production it sits behind a
+    caching resolver.  With it, the sandbox server counts only cache misses,
+    as it does for mxq (which caches in Redis).
+    """
+    import shutil as _sh
+    exe = _sh.which("dnsmasq")
+    if exe is None:
+        raise BenchError("--postfix-dns dnsmasq needs dnsmasq (apt-get install dnsmasq-base)")
+    proc = sandbox.spawn([exe, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+                          "--user=root", "--pid-file=", "--bind-interfaces", f"--listen-address={CACHE_DNS}",
+                          "--port=53", f"--server={sandbox.DNS_HOST}#53", "--cache-size=10000", "--cache-rr=MX",
+                          "--log-facility=-"], log=st / "dnsmasq.log")
+    import dns.resolver as _r                      # dnspython: check it answers before Postfix relies on it
+    res = _r.Resolver(configure=False)
+    res.nameservers = [CACHE_DNS]
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            res.resolve(messages.domain(0), "MX", lifetime=1)
+            break
+        except Exception as e:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"dnsmasq did not answer: {e}: {(st / 'dnsmasq.log').read_text()[-1000:]}")
+            time.sleep(0.05)
+    sandbox.write_resolv_conf(ctx.resolv_conf, CACHE_DNS)
 
 
 # --------------------------------------------------------------------------- django-celery-email
@@ -406,7 +459,7 @@ def django_celery_email(ctx: Context) -> dict:
         res["workers"] = workers
         res["notes"].append(f"{queued} tasks of up to 10 messages; celery -c 2 --pool prefork; "
                             f"Django SMTP backend -> one smtp-sink")
-        sandbox.stop(worker, group=True)
+        sandbox.stop(worker)
         r.stop()
         return res
     except BaseException:
@@ -418,6 +471,111 @@ def django_celery_email(ctx: Context) -> dict:
 
 
 def mxq(ctx: Context) -> dict:
-    """mxq: ``tasks.submit_many`` of N messages, delivered by ``celery -A tasks worker`` processes."""
-    raise BenchError("the mxq pipeline is not available yet: tasks.submit_many / tasks.app are missing "
-                     "(issue 5's mxq stage needs the Celery pipeline)")
+    """mxq: ``tasks.submit_many`` of N messages in batches, delivered by ``mxq worker`` processes.
+
+    The pipeline as deployed (``tasks.cli.worker_argv``: ``celery -A tasks
+    worker`` on every mxq queue, and ``celery -A tasks beat``, the scheduler),
+    ``mxq_workers`` worker processes of ``mxq_concurrency`` prefork children
+    each (by default one worker with 2 children, as the django-celery-email
+    baseline), on a fresh Redis, MX lookups against the sandbox DNS server
+    (``MXQ_DNS_SERVERS``).  Other settings are the pipeline's defaults.
+    Before the timed run, ``probe`` messages are submitted with no worker
+    running to measure Redis memory per queued message, then Redis is flushed.
+    """
+    st = ctx.stage_dir("mxq")
+    try:
+        import tasks                                      # noqa: F401
+        from tasks import Item, submit_many
+        from tasks.cli import scheduler_argv, worker_argv
+        import importlib
+        app_module = importlib.import_module("tasks.app")
+    except Exception as e:                                # ImportError, or a half-landed pipeline
+        raise BenchError(f"the mxq pipeline is not usable: {type(e).__name__}: {e}") from e
+    addrs = [sandbox.domain_address(j) for j in range(ctx.m)]
+    meas = Measure(ctx, "mxq", addrs)
+    try:
+        r = sandbox.start_redis(st / "redis")
+        env = _env()
+        env.update({
+            "MXQ_REDIS_URL": r.url,
+            "MXQ_DNS_SERVERS": ctx.dns.address,
+            "MXQ_HELO_NAME": "mxq.bench.test",
+            "PYTHONUNBUFFERED": "1",
+        })
+        os.environ.update({k: env[k] for k in ("MXQ_REDIS_URL", "MXQ_DNS_SERVERS", "MXQ_HELO_NAME")})
+        app_module.rebind(r.url)
+        spec = ctx.spec("mxq")
+        body = spec.body()
+
+        def items(idx: range, submitted: float) -> list:
+            return [Item(message=spec.render(i, submitted, body), sender=messages.SENDER,
+                         recipients=[spec.recipient(i)]) for i in idx]
+
+        # Redis memory per queued message: no worker yet, so what is submitted stays queued.
+        client = r.client()
+        submit_many(items(range(min(10, ctx.n)), time.time()))
+        before = r.used_memory()
+        probe = min(ctx.probe, ctx.n)
+        for k in range(0, probe, ctx.batch):
+            submit_many(items(range(k, min(probe, k + ctx.batch)), time.time()))
+        mem_per_msg = (r.used_memory() - before) / probe
+        client.flushall()
+
+        procs = []
+        for w in range(ctx.mxq_workers):
+            log = st / f"worker{w}.log"
+            extra = ["-n", f"bench{w}@%h", "-l", "INFO", "-P", "prefork"]
+            if ctx.mxq_concurrency:
+                extra += ["-c", str(ctx.mxq_concurrency)]
+            p = sandbox.spawn(worker_argv(extra), log=log, env=env, cwd=str(ROOT), session=True)
+            procs.append((p, log, " ready."))
+        beat_dir = st / "beat"
+        beat_dir.mkdir()
+        beat = sandbox.spawn(scheduler_argv(["--schedule", str(beat_dir / "schedule"), "-l", "INFO",
+                                             "--pidfile="]), log=st / "beat.log", env=env, cwd=str(ROOT),
+                             session=True)
+        procs.append((beat, st / "beat.log", "beat: Starting"))
+        for p, log, needle in procs:
+            _wait_log(log, needle, p, 60)
+        client.config_resetstat()
+
+        def alive() -> None:
+            for p, log, _ in procs:
+                if p.poll() is not None:
+                    raise BenchError(f"{p.args[3:6]} exited ({p.returncode}): {log.read_text()[-2000:]}")
+
+        ids: list[str] = []
+        meas.begin()
+        for k in range(0, spec.count, ctx.batch):
+            ids += submit_many(items(range(k, min(spec.count, k + ctx.batch)), time.time()))
+        meas.submitted()
+        try:
+            meas.wait(alive)
+        except BenchError as e:
+            logs = "\n".join(log.read_text(errors="replace")[-1500:] for _, log, _ in procs[:1])
+            raise BenchError(f"{e}; worker log tail: {logs}") from None
+        redis_res = redis_fields(r, ctx.n, mem_per_msg, probe)
+        workers = []
+        for p, _, _ in procs:
+            workers += worker_fields(sandbox.process_tree(p.pid))
+        res = meas.finish(spec.ids())
+        # mxq's own bookkeeping must agree with the sinks: a sample of jobs is done and delivered.
+        sample = ids[:: max(1, len(ids) // 20)]
+        states = [tasks.status(j) for j in sample]
+        bad = [s for s in states if s["state"] != "done" or s["recipients"][0]["state"] != "delivered"]
+        if bad:
+            res["notes"].append(f"tasks.status disagrees with the sinks for {len(bad)} of {len(sample)} "
+                                f"sampled jobs, e.g. {bad[0]}")
+            res["sinks"]["exactly_once"] = False
+        res["redis"] = redis_res
+        res["workers"] = workers
+        res["notes"].append(f"submit_many in batches of {ctx.batch}; {ctx.mxq_workers} worker(s) "
+                            f"-c {ctx.mxq_concurrency or 'default'} prefork + beat; "
+                            f"tasks.status agrees for {len(sample) - len(bad)}/{len(sample)} sampled jobs")
+        for p, _, _ in procs:
+            sandbox.stop(p)
+        r.stop()
+        return res
+    except BaseException:
+        meas.abort()
+        raise

@@ -1,0 +1,126 @@
+"""Smoke test of the benchmark (issue 5): ``ops/bench --quick`` end to end, as CI runs it.
+
+One real run (200 messages of 2 KB to 5 domains, every stage: the
+smtp-source -> smtp-sink limit, django-celery-email, Postfix, mxq) in its own
+private network namespace, then checks on the JSON it wrote: every field is
+there, every stage ran, every message reached the sinks exactly once (by
+smtp-sink's own counters and by message identity), and the figures are
+sane.  The figures themselves are not asserted: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "ops"))
+
+from bench_lib.report import RATIOS, STAGE_ORDER  # noqa: E402
+from bench_lib.stages import REDIS_FIELDS, RESULT_FIELDS, SINK_FIELDS  # noqa: E402
+
+N, M = 200, 5
+
+pytestmark = [
+    pytest.mark.postfix,
+    pytest.mark.timeout(170),
+    pytest.mark.skipif(os.geteuid() != 0, reason="ops/bench needs root (private netns, port 25)"),
+    pytest.mark.skipif(not all(shutil.which(t) or os.path.exists(f"/usr/sbin/{t}")
+                               for t in ("smtp-sink", "smtp-source", "postfix", "redis-server", "unshare")),
+                       reason="needs postfix (smtp-sink, smtp-source), redis-server and unshare"),
+]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """Run ``ops/bench --quick`` once; return (exit status, output, parsed JSON)."""
+    out = tmp_path_factory.mktemp("bench") / "result.json"
+    proc = subprocess.run([str(ROOT / "ops" / "bench"), "--quick", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=160, stdin=subprocess.DEVNULL)
+    text = proc.stdout + proc.stderr
+    assert out.exists(), f"no JSON written (exit {proc.returncode}):\n{text[-4000:]}"
+    return proc.returncode, text, json.loads(out.read_text())
+
+
+def test_run_succeeds_and_prints_the_table(bench):
+    code, text, result = bench
+    assert code == 0, text[-4000:]
+    assert result["ok"] is True
+    for label in ("smtp-source -> smtp-sink (limit)", "django-celery-email 3.0", "Postfix end to end", "mxq"):
+        assert label in text
+    for key, _ in RATIOS:
+        assert key in text
+
+
+def test_params_are_the_quick_ones(bench):
+    _, _, result = bench
+    p = result["params"]
+    assert (p["messages"], p["domains"], p["size"], p["quick"]) == (N, M, 2048, True)
+    assert result["environment"]["cpus"] >= 1 and result["environment"]["postfix"]
+
+
+@pytest.mark.parametrize("stage", STAGE_ORDER)
+def test_stage_ran_and_is_exactly_once(bench, stage):
+    _, text, result = bench
+    st = result["stages"][stage]
+    assert set(st) == set(RESULT_FIELDS)
+    assert st["status"] == "ok", st["error"]
+    assert st["error"] is None
+    sinks = st["sinks"]
+    assert set(sinks) == set(SINK_FIELDS)
+    # Exactly once, three ways: smtp-sink's own counters, the dump records, and distinct ids.
+    assert sinks["smtp_sink_counter"] == N
+    assert sinks["records"] == N
+    assert sinks["unique_ids"] == N
+    assert (sinks["duplicates"], sinks["missing"], sinks["unexpected"]) == (0, 0, 0)
+    assert sinks["exactly_once"] is True
+    # The messages are the requested size (plus smtp-sink's own few header lines).
+    assert 2048 <= sinks["bytes_per_record"] <= 2048 + 800
+    assert st["messages"] == N
+    assert st["seconds"] > 0 and st["msgs_per_sec"] > 0
+    assert abs(st["msgs_per_sec"] * st["seconds"] - N) < 0.01 * N
+
+
+@pytest.mark.parametrize("stage", ["django_celery_email", "postfix", "mxq"])
+def test_latency_is_measured(bench, stage):
+    lat = bench[2]["stages"][stage]["latency_ms"]
+    assert lat["samples"] == N
+    assert 0 < lat["p50"] <= lat["p99"] <= lat["max"]
+    # Nothing is delivered later than the stage's last delivery.
+    assert lat["max"] <= bench[2]["stages"][stage]["seconds"] * 1000 + 50
+
+
+def test_dns_queries_are_counted(bench):
+    stages = bench[2]["stages"]
+    # Postfix and mxq route by MX, so they ask the sandbox DNS server; the others never do.
+    assert stages["postfix"]["dns_queries"] >= M
+    assert stages["mxq"]["dns_queries"] >= M
+    assert stages["limit"]["dns_queries"] == 0
+    assert stages["django_celery_email"]["dns_queries"] == 0
+
+
+@pytest.mark.parametrize("stage", ["django_celery_email", "mxq"])
+def test_redis_and_worker_figures(bench, stage):
+    st = bench[2]["stages"][stage]
+    redis = st["redis"]
+    assert set(redis) == set(REDIS_FIELDS)
+    assert redis["commands_total"] > 0 and redis["commands_per_message"] > 0
+    assert redis["memory_per_queued_message"] > 0 and redis["memory_probe_messages"] > 0
+    # Celery prefork -c 2: a main process and its two pool children, each with a peak RSS.
+    assert len(st["workers"]) >= 3
+    assert all(w["peak_rss_kb"] > 1000 for w in st["workers"])
+
+
+def test_ratios(bench):
+    result = bench[2]
+    mxq = result["stages"]["mxq"]["msgs_per_sec"]
+    for key, other in RATIOS:
+        ratio = result["ratios"][key]
+        assert ratio is not None and ratio > 0
+        assert ratio == pytest.approx(mxq / result["stages"][other]["msgs_per_sec"], rel=0.01)
