@@ -338,9 +338,16 @@ def run_notify() -> int:
                 return submit(content_, idempotency_key=_key, **kw)
 
             action = "delayed" if event == "delayed" else "failed"
-            # >>> the one call site into tasks.notify (owned by the notifications helper) <<<
-            if reports.send_reports(message, chosen, action=action, submit=submit_once):
-                sent += 1
+            try:
+                # >>> the one call site into tasks.notify (owned by the notifications helper) <<<
+                if reports.send_reports(message, chosen, action=action, submit=submit_once):
+                    sent += 1
+            except TRANSIENT_REDIS_ERRORS:
+                raise               # the lease brings the items back; the report key dedupes
+            except Exception:
+                # A report that cannot be built now never will be: log it and let
+                # the items go, rather than retrying a poison item forever.
+                log.exception("report for job %s (%s) could not be sent", job, event)
         _, dispatch = store.release(token, REPORT_LANE, [Outcome(w) for w in wids])
     publish(dispatch)
     return sent

@@ -86,6 +86,8 @@ def zones() -> dict:
         "mx.bounce.pipe.test": {"A": [IP + "14"]},
         "mx.slow.pipe.test": {"A": [IP + "15"]},
         "mx.src.pipe.test": {"A": [IP + "20"]},
+        "mx.slowest.pipe.test": {"A": [IP + "16"]},
+        "slowest.pipe.test": {"MX": [[10, "mx.slowest.pipe.test"]]},
         RELAY_HOST: {"A": [IP + "30"]},
         "src.pipe.test": {"MX": [[10, "mx.src.pipe.test"]]},
         DEAD: {"MX": [[10, "mx.refuse.pipe.test"]]},
@@ -348,5 +350,44 @@ def test_relay_credentials_never_leave_the_worker(pipeline, sinks, tmp_path):
             assert s not in everything
             assert s not in commands
             assert s not in logs
+    finally:
+        relay.stop()
+
+
+def test_lease_is_renewed_while_a_slow_delivery_runs(pipeline, sinks):
+    # The server takes 3 s to answer the final dot; the lease is 1 s.  The
+    # heartbeat keeps renewing it, so the scheduler never hands the work to
+    # another worker and the message is sent once.
+    slow = start_server(IP + "16", 25, Behaviour(hostname="mx.slowest.pipe.test", delays={"data_final": 3.0}))
+    try:
+        p = pipeline(MXQ_LEASE_SECONDS="1", MXQ_DISPATCH_STALE="1", MXQ_COMMAND_TIMEOUT="10")
+        p.worker()
+        p.beat()
+        jid = tasks.submit(message(1, "z@slowest.pipe.test", "hb"))
+        p.wait_done([jid], timeout=30)
+        assert tasks.status(jid)["recipients"][0]["state"] == "delivered"
+        assert [m.rcpt_tos for m in slow.messages] == [["z@slowest.pipe.test"]]
+        assert "requeued=" not in p.logs()
+    finally:
+        slow.stop()
+
+
+def test_relay_always_makes_no_mx_lookup(pipeline, sinks, dns_server, tmp_path):
+    tls = make_tls(RELAY_HOST, IP + "30", directory=tmp_path)
+    relay = start_server(IP + "30", 587, Behaviour(hostname=RELAY_HOST, starttls=tls.server_context,
+                                                   require_starttls=True, auth={"user": SECRET},
+                                                   auth_required=True))
+    try:
+        p = pipeline(MXQ_RELAY=f"smtp://user:{SECRET}@{RELAY_HOST}:587", MXQ_RELAY_MODE="always",
+                     SSL_CERT_FILE=tls.ca_file)
+        p.worker()
+        before = dns_server.queries("h07.pipe.test", "MX")
+        jid = tasks.submit(message(1, "ra@h07.pipe.test", "always"))
+        p.wait_done([jid], timeout=30)
+        r = tasks.status(jid)["recipients"][0]
+        assert (r["state"], r["relay"], r["exchange"]) == ("delivered", True, RELAY_HOST)
+        assert [m.rcpt_tos for m in relay.messages] == [["ra@h07.pipe.test"]]
+        assert dns_server.queries("h07.pipe.test", "MX") == before      # no MX lookup at all
+        assert sinks.accepted(sinks.ok) == collections.Counter()
     finally:
         relay.stop()

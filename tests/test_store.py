@@ -200,3 +200,34 @@ def test_invalid_submission_writes_nothing(redis_server, monkeypatch):
         tasks.submit_many([msg(1), {"message": msg(2), "recipients": ["x@@y.test"]}, msg(3)])
     assert e.value.reason.startswith("item 1:") and e.value.index == 1
     assert client.dbsize() == 0
+
+
+def test_run_forever_moves_due_work_and_publishes(redis_server, monkeypatch):
+    import threading
+
+    from tasks.app import rebind
+    from tasks.scheduler import run_forever
+    from tests.fixtures_infra import wait_until
+
+    srv = redis_server()
+    monkeypatch.setenv("MXQ_REDIS_URL", srv.url)
+    rebind(srv.url)
+    st = Store(make_client(srv.url), PipelineSettings.from_env())
+    j = job(1)
+    st.submit([j], now=NOW)
+    (it,) = st.claim("one.test", "tok", now=NOW)
+    st.release("tok", "one.test", [Outcome(it.wid, [("0", dict(it.records[0], state="deferred"), "")], due=NOW + 1)],
+               now=NOW)
+    st.r.delete("delivery")                       # the submit's wake-up task; we want the scheduler's
+    stop = threading.Event()
+    t = threading.Thread(target=run_forever, kwargs={"interval": 0.1, "stop": stop}, daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: st.r.llen("delivery") >= 1, 10, "a deliver task published by the scheduler")
+    finally:
+        stop.set()
+        t.join(5)
+    assert not t.is_alive()
+    assert st.r.lrange("mxq:ready:one.test", 0, -1) == [it.wid.encode()]
+    body = json.loads(st.r.lindex("delivery", 0))
+    assert body["headers"]["task"] == "mxq.deliver" and body["headers"]["argsrepr"] == "['one.test']"
