@@ -8,7 +8,8 @@ worker only).
 
 One queue per role, so a flood in one cannot starve another:
 
-- ``intake``        -- ``mxq.intake``: splitting large stored batches by domain
+- ``intake``        -- ``mxq.intake``: splitting large stored batches by domain;
+                       ``mxq.fanout``: publishing a large batch's wake-up tasks
 - ``delivery``      -- ``mxq.deliver``: SMTP delivery, one domain per task
 - ``notifications`` -- ``mxq.notify``: delivery status reports to senders
 - ``scheduling``    -- ``mxq.schedule``: the scheduler tick, every second (beat)
@@ -25,6 +26,7 @@ QUEUES = ("intake", "delivery", "notifications", "scheduling")
 
 ROUTES = {
     "mxq.intake": {"queue": "intake"},
+    "mxq.fanout": {"queue": "intake"},
     "mxq.deliver": {"queue": "delivery"},
     "mxq.notify": {"queue": "notifications"},
     "mxq.schedule": {"queue": "scheduling"},

@@ -12,6 +12,8 @@ nothing but time.
           └──► mxq.intake(job_ids)  [intake] ──(split)──────────────────┘
                                                                         │ publish one
     mxq.deliver(domain)  [delivery] ◄───────────────────────────────────┘ per K items
+          (a producer publishing more than 8 wake-ups sends one mxq.fanout(lanes)
+           [intake] instead, which publishes them)
       claim up to K items of the domain under a lease (heartbeat renews it)
       deliver_domain(domain, envelopes) over one connection per exchange
       release: write each recipient's state (final never overwritten),
@@ -125,10 +127,24 @@ class Heartbeat:
 
 
 # ---------------------------------------------------------------- publishing
-def publish(dispatch: list[tuple[str, int]]) -> int:
-    """Publish the tasks a store script asked for: ``[(lane, count), ...]``; return how many."""
+#: A producer publishes at most this many wake-up tasks itself; more go out
+#: as one ``mxq.fanout`` task, so a batch to 500 domains is one publish.
+FANOUT_DIRECT = 8
+
+
+def publish(dispatch: list[tuple[str, int]], *, fan_out: bool = False) -> int:
+    """Publish the tasks a store script asked for: ``[(lane, count), ...]``; return how many.
+
+    With ``fan_out`` (producers), more than ``FANOUT_DIRECT`` tasks are
+    handed to one ``mxq.fanout`` task that publishes them from a worker.
+    Losing it loses nothing: the lanes' ready work is in Redis, and the
+    scheduler re-dispatches quiet lanes.
+    """
     if not dispatch:
         return 0
+    if fan_out and sum(n for _, n in dispatch) > FANOUT_DIRECT:
+        fanout.apply_async(args=[[[lane, n] for lane, n in dispatch]])
+        return 1
     n = 0
     with app.producer_or_acquire() as producer:
         for lane, count in dispatch:
@@ -301,6 +317,12 @@ def intake(job_ids: list[str]) -> int:
     """Split stored jobs into their domain lanes and publish deliver tasks; idempotent."""
     dispatch = runtime().store.intake(list(job_ids))
     return publish(dispatch)
+
+
+@app.task(name="mxq.fanout", acks_late=True, reject_on_worker_lost=True, ignore_result=True, **_RETRY)
+def fanout(dispatch: list) -> int:
+    """Publish the wake-up tasks of a producer's large batch: ``[[lane, count], ...]``."""
+    return publish([(str(lane), int(n)) for lane, n in dispatch])
 
 
 # ---------------------------------------------------------------- notifications

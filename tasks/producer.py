@@ -10,7 +10,9 @@ Then the whole batch is stored by ONE Redis script (atomic, one round trip):
 content once per job, the job hash, the recipient records, the idempotency
 key (SET NX) and -- the intake split done here, producer side, to save a hop
 -- each job's work items pushed onto their domain lanes.  Deliver tasks are
-then published (one per lane needing one, at most a few per batch).
+then published: one per lane needing one (``MXQ_DOMAIN_CONCURRENCY`` at most
+per lane), or, when that is more than a few, one ``mxq.fanout`` task that
+publishes them from a worker.
 
 Batches larger than ``MXQ_INTAKE_THRESHOLD`` jobs are stored the same way
 but not split: their ids go to ``mxq.intake`` tasks (on the intake queue) in
@@ -134,7 +136,7 @@ def _publish(jobs: list[JobSpec], s: PipelineSettings) -> list[str]:
     split = len(jobs) <= s.intake_threshold
     ids, dispatch = get_store(s).submit(jobs, split=split, now=float(jobs[0].meta["created"]))
     if split:
-        graph.publish(dispatch)
+        graph.publish(dispatch, fan_out=True)
     else:
         new = [j.id for j, i in zip(jobs, ids) if j.id == i]
         for k in range(0, len(new), INTAKE_CHUNK):

@@ -148,6 +148,8 @@ def test_thousand_messages_fifty_domains(pipeline, sinks):
         ids += tasks.submit_many(items[k:k + 100])
     assert len(set(ids)) == 1000
     p.wait_done(ids, timeout=90)
+    logs = p.logs()
+    assert "Task mxq.intake[" in logs and "Task mxq.fanout[" in logs     # both producer paths ran
     elapsed = time.monotonic() - started
 
     grey_attempts = []
