@@ -1,0 +1,125 @@
+"""A Django email backend that hands mail to mxq's pipeline.
+
+In ``settings.py``::
+
+    EMAIL_BACKEND = "tasks.contrib.django.EmailBackend"
+    MXQ_REDIS_URL = "redis://127.0.0.1:6379/0"     # else the MXQ_REDIS_URL environment variable
+
+Then ``send_mail``, ``send_mass_mail``, ``mail_admins``, ``EmailMessage.send()``
+and ``EmailMultiAlternatives`` (with attachments) queue their messages in
+mxq instead of talking SMTP from the web process.  Every ``MXQ_*`` variable
+of ``tasks.settings`` may be a Django setting; a setting wins over the
+environment variable of the same name (see ``tasks.contrib``).
+
+``send_messages(messages)`` returns how many messages were accepted (queued)
+and sets ``message.mxq_job_id`` on each (None for a message without
+recipients, which is skipped and not counted, as Django's SMTP backend does).
+Use ``tasks.status(message.mxq_job_id)`` to follow delivery.
+
+All or nothing: every message is built and validated before any is stored,
+then the batch is stored with one ``tasks.submit_many``.  A bad message
+(malformed address, header injection, too large) raises
+``tasks.InvalidMessage`` and nothing of the batch is queued; with
+``fail_silently=True`` that (and Redis being unreachable) returns 0 instead.
+
+The envelope is Django's: sender ``from_email``, recipients ``to``, ``cc``
+and ``bcc`` (Bcc never appears in the content: Django leaves it out of the
+headers and mxq strips any Bcc field).
+"""
+
+from __future__ import annotations
+
+import email.utils
+
+from django.core.mail.backends.base import BaseEmailBackend
+
+from workers.errors import InvalidAddress, InvalidInput, InvalidMessage
+
+from . import config_from, submit_all
+
+__all__ = ["EmailBackend", "mxq_config"]
+
+
+def mxq_config() -> dict[str, str]:
+    """The ``MXQ_*`` configuration: Django's ``MXQ_*`` settings over the environment."""
+    from django.conf import settings
+
+    return config_from({k: getattr(settings, k) for k in dir(settings) if k.startswith("MXQ_")})
+
+
+def _addr_spec(value, what: str) -> str:
+    """The one mailbox address in ``value`` (``"Name <a@b>"`` or ``"a@b"``); InvalidAddress otherwise.
+
+    ``email.utils`` is lenient (it reads ``"not an address"`` as ``not``), so
+    the address found must be the whole value or its final ``<...>`` part;
+    ``tasks.submit_many`` then checks its syntax.
+    """
+    if not isinstance(value, str):
+        raise InvalidAddress(f"{what} must be a string, not {type(value).__name__}")
+    if "\r" in value or "\n" in value:
+        raise InvalidAddress(f"{what} contains CR or LF: {value!r}")
+    found = [a for _, a in email.utils.getaddresses([value]) if a]
+    text = value.strip()
+    if len(found) != 1 or not (text == found[0] or text.endswith(f"<{found[0]}>")):
+        raise InvalidAddress(f"{what} must be one address (\"a@b.example\" or \"Name <a@b.example>\"), "
+                             f"not {value!r}")
+    return found[0]
+
+
+def _relabel(e: InvalidInput, positions: list[int]) -> InvalidInput:
+    """``item N: ...`` (N among the submitted items) as ``message M: ...`` (M in the caller's list)."""
+    index = getattr(e, "index", None)
+    if index is None or not 0 <= index < len(positions):
+        return e
+    prefix = f"item {index}: "
+    reason = e.reason[len(prefix):] if e.reason.startswith(prefix) else e.reason
+    err = type(e)(f"message {positions[index]}: {reason}")
+    err.index = positions[index]
+    return err
+
+
+class EmailBackend(BaseEmailBackend):
+    """Django ``EMAIL_BACKEND`` submitting to mxq; see the module docstring."""
+
+    def send_messages(self, email_messages) -> int:
+        """Queue ``email_messages`` in one all-or-nothing batch; return how many were queued."""
+        messages = list(email_messages or ())
+        items, queued, positions = [], [], []
+        try:
+            for n, m in enumerate(messages):
+                m.mxq_job_id = None
+                if not m.recipients():
+                    continue
+                items.append(self._item(m, n))
+                queued.append(m)
+                positions.append(n)
+        except (InvalidAddress, InvalidMessage):
+            if self.fail_silently:
+                return 0
+            raise
+        if not items:
+            return 0
+        try:
+            ids = submit_all(items, mxq_config(), fail_silently=self.fail_silently)
+        except InvalidInput as e:
+            # submit_many numbers the items it was given; name the message as the caller knows it.
+            raise _relabel(e, positions) from None
+        if ids is None:
+            return 0
+        for m, job in zip(queued, ids):
+            m.mxq_job_id = job
+        return len(ids)
+
+    @staticmethod
+    def _item(message, n: int):
+        """The ``tasks.Item`` for one Django message (content built by Django, envelope from its fields)."""
+        import tasks
+
+        where = f"message {n}"
+        try:
+            content = message.message().as_bytes()
+        except (ValueError, TypeError, UnicodeError) as e:   # BadHeaderError is a ValueError
+            raise InvalidMessage(f"{where}: {e}") from None
+        sender = _addr_spec(message.from_email, f"{where}: from_email")
+        recipients = [_addr_spec(r, f"{where}: recipient") for r in message.recipients()]
+        return tasks.Item(message=content, sender=sender, recipients=recipients)

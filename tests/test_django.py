@@ -1,0 +1,169 @@
+"""The Django email backend (tasks.contrib.django) in a real Django configuration against the real
+pipeline: redis-server, a ``celery worker`` process, the sandbox DNS server and an SMTP server that
+receives the mail.  Nothing is mocked.
+
+Names: recipients in ``to.django.test`` (exchange 127.0.7.10:25), senders in ``site.django.test``.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+
+import django
+import pytest
+from django.conf import settings
+
+import tasks
+from workers.sandbox.smtpd import Behaviour, start_server
+
+pytest_plugins = ["tests.pipeline_fixtures"]
+
+if not settings.configured:
+    settings.configure(
+        EMAIL_BACKEND="tasks.contrib.django.EmailBackend",
+        DEFAULT_FROM_EMAIL="Web Site <webmaster@site.django.test>",
+        SERVER_EMAIL="server@site.django.test",
+        ADMINS=[("Ops", "ops@to.django.test")],
+        INSTALLED_APPS=[],
+        USE_TZ=True,
+    )
+    django.setup()
+
+from django.core import mail  # noqa: E402  (needs configured settings)
+from django.test.utils import override_settings  # noqa: E402
+
+RCPT = "to.django.test"
+MX_IP = "127.0.7.10"
+DEAD_REDIS = "redis://127.0.0.1:1/0"      # nothing listens there: using it would fail
+
+
+@pytest.fixture(scope="module")
+def sink(dns_server):
+    dns_server.add({RCPT: {"MX": [[10, "mx.to.django.test"]]}, "mx.to.django.test": {"A": [MX_IP]}})
+    server = start_server(MX_IP, 25, Behaviour(hostname="mx.to.django.test"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mx(sink):
+    sink.clear()
+    return sink
+
+
+def stored_jobs(p) -> list:
+    client = p.redis.client()
+    try:
+        return client.keys("mxq:job:*")
+    finally:
+        client.close()
+
+
+def received(server, marker: str) -> list:
+    return [m for m in server.messages if marker.encode() in m.content]
+
+
+def test_send_mail_mass_mail_and_attachments_through_the_pipeline(pipeline, mx, monkeypatch):
+    p = pipeline()
+    p.worker()
+    # The Django setting wins over the environment: with the environment's URL the sends would fail.
+    monkeypatch.setenv("MXQ_REDIS_URL", DEAD_REDIS)
+    with override_settings(MXQ_REDIS_URL=p.url):
+        n = mail.send_mail("Hello one", "Body of one.", None, [f"ann@{RCPT}"], fail_silently=False)
+        assert n == 1
+        n = mail.send_mass_mail([
+            (f"Mass {i}", f"Mass body {i}.", "news@site.django.test", [f"m{i}@{RCPT}"]) for i in range(3)
+        ])
+        assert n == 3
+
+        pdf = bytes(range(256)) * 40            # binary: must arrive bit for bit
+        alt = mail.EmailMultiAlternatives(
+            "Report", "Plain text of the report.", "Reports <reports@site.django.test>",
+            to=[f"Bob <bob@{RCPT}>"], cc=[f"carol@{RCPT}"], bcc=[f"hidden@{RCPT}"],
+            reply_to=["replies@site.django.test"], headers={"X-Report-Id": "r-42"})
+        alt.attach_alternative("<p>HTML of the report.</p>", "text/html")
+        alt.attach("report.pdf", pdf, "application/pdf")
+        alt.attach("notes.txt", "Ünïcode notes\n", "text/plain")
+        plain = mail.EmailMessage("Plain one", "Plain body.", to=[f"dan@{RCPT}"])
+        with mail.get_connection() as conn:
+            assert conn.send_messages([alt, plain]) == 2
+        assert len({alt.mxq_job_id, plain.mxq_job_id}) == 2 and all((alt.mxq_job_id, plain.mxq_job_id))
+        assert mail.mail_admins("Admin alert", "Something happened.") is None    # Django returns None here
+
+    monkeypatch.setenv("MXQ_REDIS_URL", p.url)
+    client = p.redis.client()
+    ids = [k.decode().split(":")[-1] for k in client.keys("mxq:job:*")]
+    client.close()
+    assert len(ids) == 7 and alt.mxq_job_id in ids
+    p.wait_done(ids, timeout=30)
+    for j in ids:
+        st = tasks.status(j)
+        assert st["state"] == "done" and {r["state"] for r in st["recipients"]} == {"delivered"}, st
+
+    (one,) = received(mx, "Body of one.")
+    assert one.mail_from == "webmaster@site.django.test" and one.rcpt_tos == [f"ann@{RCPT}"]
+    assert sorted(r for m in mx.messages if b"Mass body" in m.content for r in m.rcpt_tos) == \
+        [f"m{i}@{RCPT}" for i in range(3)]
+
+    (rep,) = received(mx, "Plain text of the report.")
+    assert rep.mail_from == "reports@site.django.test"
+    assert sorted(rep.rcpt_tos) == sorted([f"bob@{RCPT}", f"carol@{RCPT}", f"hidden@{RCPT}"])
+    assert b"hidden@" not in rep.content                 # Bcc never disclosed
+    msg = email.message_from_bytes(rep.content, policy=email.policy.default)
+    assert msg["X-Report-Id"] == "r-42" and msg["Reply-To"] == "replies@site.django.test"
+    assert msg.get_body(("html",)).get_content().strip() == "<p>HTML of the report.</p>"
+    atts = {a.get_filename(): a for a in msg.iter_attachments()}
+    assert atts["report.pdf"].get_content() == pdf
+    assert atts["notes.txt"].get_content().replace("\r\n", "\n") == "Ünïcode notes\n"   # text travels with CRLF
+
+    (adm,) = received(mx, "Something happened.")
+    assert adm.rcpt_tos == [f"ops@{RCPT}"] and adm.mail_from == "server@site.django.test"
+
+
+def test_invalid_message_queues_nothing_of_the_batch(pipeline, mx):
+    p = pipeline()
+    good = mail.EmailMessage("Good", "fine", "a@site.django.test", [f"ok@{RCPT}"])
+    bad_rcpt = mail.EmailMessage("Bad", "x", "a@site.django.test", ["not an address"])
+    injected = mail.EmailMessage("Hi\r\nBcc: victim@evil.test", "x", "a@site.django.test", [f"ok@{RCPT}"])
+    with override_settings(MXQ_REDIS_URL=p.url):
+        conn = mail.get_connection()
+        for bad in (bad_rcpt, injected):
+            with pytest.raises(tasks.InvalidMessage) as e:
+                conn.send_messages([good, bad])
+            assert "message 1" in e.value.reason
+            assert good.mxq_job_id is None and bad.mxq_job_id is None
+        # an address prepare() refuses (no local part), found after Django built the message
+        with pytest.raises(tasks.InvalidMessage, match="^message 2: recipient"):
+            conn.send_messages([good, mail.EmailMessage("x", "y", "a@site.django.test", []),
+                                mail.EmailMessage("x", "y", "a@site.django.test", ["@to.django.test"])])
+        assert stored_jobs(p) == []
+
+        silent = mail.get_connection(fail_silently=True)
+        assert silent.send_messages([good, bad_rcpt]) == 0
+        assert mail.send_mail("s", "b", "a@site.django.test", ["x@@y"], fail_silently=True) == 0
+        assert stored_jobs(p) == []
+        # a message without recipients is skipped and not counted (as Django's SMTP backend does)
+        empty = mail.EmailMessage("none", "b", "a@site.django.test", [])
+        assert conn.send_messages([empty, good]) == 1
+        assert empty.mxq_job_id is None and good.mxq_job_id
+        assert conn.send_messages([]) == 0
+        assert len(stored_jobs(p)) == 1
+
+
+def test_settings_over_environment(monkeypatch):
+    from tasks.contrib.django import mxq_config
+
+    monkeypatch.setenv("MXQ_REDIS_URL", "redis://127.0.0.1:6390/0")
+    monkeypatch.setenv("MXQ_BATCH_SIZE", "7")
+    with override_settings(MXQ_REDIS_URL="redis://127.0.0.1:6391/2", MXQ_RETRY_SCHEDULE=[1, 5, 30],
+                           MXQ_DOMAIN_CONCURRENCY=None):
+        c = mxq_config()
+    assert c["MXQ_REDIS_URL"] == "redis://127.0.0.1:6391/2"      # the setting wins
+    assert c["MXQ_BATCH_SIZE"] == "7"                            # the environment fills in
+    assert c["MXQ_RETRY_SCHEDULE"] == "1,5,30"
+    assert "MXQ_DOMAIN_CONCURRENCY" not in c                     # None: not set
+    with override_settings(MXQ_BATCH_SIZE="many"):
+        with pytest.raises(ValueError, match="MXQ_BATCH_SIZE"):
+            mail.get_connection(fail_silently=True).send_messages(
+                [mail.EmailMessage("s", "b", "a@site.django.test", [f"ok@{RCPT}"])])
