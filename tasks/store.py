@@ -251,7 +251,11 @@ _CLAIM = _PRELUDE + r"""
 local now, lane, k, expiry, token = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local items = redis.call('LPOP', P .. 'ready:' .. lane, k)
 local pend = tonumber(redis.call('HGET', P .. 'pending', lane) or '0')
-if pend > 0 then redis.call('HSET', P .. 'pending', lane, pend - 1) end
+if pend > 1 then
+  redis.call('HSET', P .. 'pending', lane, pend - 1)
+elseif pend == 1 then
+  redis.call('HDEL', P .. 'pending', lane)      -- no zero entries left behind for idle domains
+end
 if redis.call('LLEN', P .. 'ready:' .. lane) > 0 then
   redis.call('ZADD', P .. 'dispatch', now, lane)
 else
