@@ -193,8 +193,8 @@ class Sandbox:
             "MXQ_SMTP_PORT": str(self.smtp_port),
             "MXQ_HELO_NAME": "client.sandbox.test",
             "MXQ_TLS": "opportunistic",
-            "MXQ_CONNECT_TIMEOUT": "3",
-            "MXQ_COMMAND_TIMEOUT": "3",
+            "MXQ_CONNECT_TIMEOUT": "5",
+            "MXQ_COMMAND_TIMEOUT": "5",
         }
         if self.tls:
             env["SSL_CERT_FILE"] = self.tls.ca_file
