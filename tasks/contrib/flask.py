@@ -1,0 +1,96 @@
+"""Flask integration: ``Mxq(app)`` queues mail in mxq's pipeline from views.
+
+::
+
+    from email.message import EmailMessage
+    from flask import Flask
+    from tasks.contrib.flask import Mxq
+
+    app = Flask(__name__)
+    app.config["MXQ_REDIS_URL"] = "redis://127.0.0.1:6379/0"   # else the environment variable
+    mail = Mxq(app)            # or mail = Mxq(); mail.init_app(app) in an app factory
+
+    @app.post("/signup")
+    def signup():
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = "hello@example.test", "ann@example.test", "Welcome"
+        msg.set_content("Welcome aboard.")
+        job = mail.send(msg)       # the job id, also on msg.mxq_job_id
+        return {"job": job}
+
+Messages are ``email.message.EmailMessage`` objects (or bytes / str message
+text); the envelope comes from the headers (sender: ``Sender`` else
+``From``; recipients: ``To``, ``Cc`` and ``Bcc``; Bcc is stripped from the
+content) unless ``sender=`` / ``recipients=`` are given.  Configuration:
+every ``MXQ_*`` variable of ``tasks.settings`` may be set in ``app.config``,
+which wins over the environment (see ``tasks.contrib``); the application in
+the current app context is used, else the one given to ``Mxq(app)``.
+
+``send_many(messages)`` is all or nothing: every message is validated before
+any is stored.  An invalid message raises ``tasks.InvalidMessage`` (nothing
+queued); ``fail_silently=True`` returns None (``send``) or ``[]``
+(``send_many``) instead, as it does when Redis is unreachable.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+from . import config_from, submit_all
+
+__all__ = ["Mxq"]
+
+
+class Mxq:
+    """The mxq extension for a Flask application (``app.extensions["mxq"]``)."""
+
+    def __init__(self, app=None):
+        self.app = None
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app) -> None:
+        """Register with ``app``; its ``app.config`` ``MXQ_*`` keys configure mxq (checked here)."""
+        if self.app is None:
+            self.app = app
+        app.extensions["mxq"] = self
+        from tasks.settings import PipelineSettings
+        PipelineSettings.from_env(config_from(app.config))   # a malformed MXQ_* value fails at start
+
+    def _config(self) -> dict[str, str]:
+        from flask import current_app, has_app_context
+
+        app = current_app if has_app_context() else self.app
+        if app is None:
+            raise RuntimeError("Mxq is not initialised: call Mxq(app) or init_app(app), or send in an app context")
+        return config_from(app.config)
+
+    def send(self, message, *, sender: str | None = None, recipients: Sequence[str] | None = None,
+             fail_silently: bool = False) -> str | None:
+        """Queue one message; return its job id (also set as ``message.mxq_job_id`` when possible)."""
+        import tasks
+
+        ids = self._submit([message], [tasks.Item(message, sender=sender, recipients=recipients)], fail_silently)
+        return ids[0] if ids else None
+
+    def send_many(self, messages: Iterable, *, fail_silently: bool = False) -> list[str]:
+        """Queue several messages in one all-or-nothing batch; return their job ids in order.
+
+        Each is a message or a ``tasks.Item`` (for its own sender, recipients, dsn, ...).
+        """
+        messages = list(messages)
+        return self._submit(messages, messages, fail_silently) or []
+
+    def _submit(self, messages: list, items: list, fail_silently: bool) -> list[str] | None:
+        import tasks
+
+        ids = submit_all(items, self._config(), fail_silently=fail_silently)
+        if ids:
+            for m, job in zip(messages, ids):
+                if isinstance(m, tasks.Item):
+                    m = m.message
+                try:
+                    m.mxq_job_id = job
+                except AttributeError:   # bytes and str messages cannot carry it
+                    pass
+        return ids
