@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from workers.address import parse_address
@@ -93,7 +93,7 @@ def build_job(item: Item, *, max_size: int, now: float) -> JobSpec:
     try:
         env = prepare(message, sender=item.sender, recipients=item.recipients, dsn=_dsn(item.dsn),
                       notify=item.notify, max_size=max_size)
-    except InvalidInput:
+    except InvalidInput:        # already the right type, with its reason (it is a ValueError too)
         raise
     except ValueError as e:     # DSN/NOTIFY values the envelope types refuse
         raise InvalidMessage(str(e)) from None

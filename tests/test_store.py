@@ -231,3 +231,32 @@ def test_run_forever_moves_due_work_and_publishes(redis_server, monkeypatch):
     assert st.r.lrange("mxq:ready:one.test", 0, -1) == [it.wid.encode()]
     body = json.loads(st.r.lindex("delivery", 0))
     assert body["headers"]["task"] == "mxq.deliver" and body["headers"]["argsrepr"] == "['one.test']"
+
+
+def test_submit_forms_and_dsn_options(redis_server, monkeypatch, tmp_path):
+    from tasks.app import rebind
+
+    srv = redis_server()
+    monkeypatch.setenv("MXQ_REDIS_URL", srv.url)
+    rebind(srv.url)
+    m = msg(7, to=("Ann <ann@one.test>",))
+    m["Bcc"] = "hidden@two.test"
+    path = tmp_path / "m.eml"
+    path.write_bytes(bytes(m))
+    a = tasks.submit(m, dsn={"ret": "hdrs", "envid": "E-1"}, notify=("FAILURE", "DELAY"))
+    b = tasks.submit(path)                   # a pathlib.Path
+    c = tasks.submit(str(path), sender="")   # a one-line str naming a file; the null sender
+    client = srv.client()
+    for jid in (a, b, c):
+        st = tasks.status(jid)
+        assert st["state"] == "queued"
+        assert [r["address"] for r in st["recipients"]] == ["ann@one.test", "hidden@two.test"]
+        content = client.hget(f"mxq:job:{jid}", "c")
+        assert b"Subject: m7" in content and b"hidden@two.test" not in content      # Bcc removed
+    meta = {k.decode(): v.decode() for k, v in client.hgetall(f"mxq:job:{a}").items() if k != b"c"}
+    assert (meta["ret"], meta["envid"], meta["sender"]) == ("HDRS", "E-1", "sender@src.test")
+    rec = json.loads(meta["r:0"])
+    assert rec["notify"] == ["FAILURE", "DELAY"] and rec["orcpt"] == "ann@one.test"
+    assert client.hget(f"mxq:job:{c}", "sender") == b""
+    # one deliver task per lane for the three jobs: two lanes, each woken once
+    assert client.llen("delivery") == 2
