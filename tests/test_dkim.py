@@ -269,6 +269,18 @@ def test_signed_once_every_header_occurrence_and_over_signed_from(signer):
     assert sig.endswith(b"\r\n") and all(len(line) <= 998 for line in sig.split(b"\r\n"))
 
 
+def test_internationalized_from_signs_with_the_a_label_domain():
+    key = DKIMKey.load("ünïcode.dkim.test", "e1", ed25519_seed())
+    records = {key.record_name.encode() + b".": key.dns_record().encode()}
+    env = prepare("From: Ünï <ünï@ünïcode.dkim.test>\r\nTo: b@rcpt.dkim.test\r\nSubject: héllo\r\n\r\nbödy\r\n".encode())
+    assert env.smtputf8
+    signed = DKIMSigner([key]).sign(env.content)
+    assert f"d={idna.encode('ünïcode.dkim.test').decode()};".encode() in signed
+    assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: records.get(name))
+    assert not dkim.verify(signed.replace("bödy".encode(), "body".encode()),
+                           dnsfunc=lambda name, timeout=5: records.get(name))
+
+
 def test_empty_signer_signs_nothing(monkeypatch):
     monkeypatch.delenv("MXQ_DKIM", raising=False)
     s = DKIMSigner.from_env()
