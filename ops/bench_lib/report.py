@@ -59,6 +59,11 @@ def table(result: dict) -> str:
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("")
+    env = result.get("environment", {})
+    if env.get("loadavg"):
+        after = env.get("loadavg_after") or [None]
+        lines.append(f"load average (1 min) before {env['loadavg'][0]:.2f}, after {_fmt(after[0], '.2f')} "
+                     f"on {env.get('cpus')} CPUs: other work on the machine skews the figures")
     for key, val in result["ratios"].items():
         lines.append(f"{key:<26} {_fmt(val, '.2f')}")
     for name in STAGE_ORDER:

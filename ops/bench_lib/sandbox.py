@@ -577,7 +577,8 @@ class Monitor:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise BenchError(f"timed out after {timeout:.0f}s with {self.progress} of "
-                                 f"{self.expected} messages at the sinks")
+                                 f"{self.expected} messages at the sinks (about "
+                                 f"{self.progress / timeout:.1f} msg/s; raise --timeout to finish the run)")
             if alive is not None:
                 alive()
             if not self.conn.poll(min(1.0, left)):
