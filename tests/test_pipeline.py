@@ -176,6 +176,10 @@ def test_thousand_messages_fifty_domains(pipeline, sinks):
     assert set(accepted) == delivered
     assert max(accepted.values()) == 1
     assert len(delivered) == 800
+    # batching: several messages of a domain go over one connection (K = 16 per task)
+    healthy = sum(1 for i in range(1000) if domains[i % 50] in HEALTHY)
+    assert sinks.ok.stats["messages"] == healthy == 600
+    assert sinks.ok.stats["connections"] <= healthy / 4, sinks.ok.stats
 
     # each of the 200 bounces gets one report to the sender (tasks.notify, delivered like any mail)
     wait_until(lambda: len(sinks.reports()) >= 200, 60, "200 bounce reports at the sender")
