@@ -34,7 +34,6 @@ namespace; ``ops/demo`` runs ``mxq up --sandbox --demo`` in one.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -42,9 +41,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -201,9 +198,16 @@ class Stack:
         self.out.flush()
 
     def spawn(self, name: str, argv: list[str]) -> Child:
-        """Start a child with the stack's environment."""
-        child = Child(name, argv, self.env, self.log_dir)
-        self.children.append(child)
+        """Start a child with the stack's environment.
+
+        SIGINT/SIGTERM are held back while the child is created and recorded, so
+        a Ctrl-C at that instant cannot leave a child running that ``stop()``
+        does not know about; a signal that arrives meanwhile is raised right
+        after.  (Not with a signal mask: children would inherit it.)
+        """
+        with _GATE.held():
+            child = Child(name, argv, self.env, self.log_dir)
+            self.children.append(child)
         return child
 
     def check(self) -> None:
@@ -250,7 +254,10 @@ class Stack:
 
     def start_sandbox(self):
         """The local sandbox (DNS + SMTP servers); points MXQ_DNS_SERVERS (and friends) at it."""
-        from workers.sandbox.stack import start_sandbox
+        try:
+            from workers.sandbox.stack import start_sandbox
+        except ImportError as e:
+            raise RuntimeError(f"the sandbox needs mxq's sandbox extra (pip install 'mxq[sandbox]'): {e}") from None
         workdir = Path(tempfile.mkdtemp(prefix="mxq-up-sandbox-"))
         self.cleanups.append(lambda: shutil.rmtree(workdir, ignore_errors=True))
         try:
@@ -392,13 +399,42 @@ def demo_run(stack: Stack, sandbox, *, timeout: float, out=None) -> int:
     return code
 
 
+class _SignalGate:
+    """Turns SIGINT/SIGTERM into ``Interrupted``, except inside ``held()``, where the
+    signal is remembered and raised when the block ends."""
+
+    def __init__(self):
+        self.holding = False
+        self.pending: int | None = None
+
+    def handler(self, signum, frame):
+        """The signal handler (runs in the main thread between bytecodes)."""
+        if self.holding:
+            self.pending = signum
+            return
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def held(self):
+        """Defer signals for the duration of the block."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+            if self.pending is not None:
+                signum, self.pending = self.pending, None
+                raise Interrupted(signum)
+
+
+_GATE = _SignalGate()
+
+
 def _install_signal_handlers() -> dict:
     """SIGINT/SIGTERM raise ``Interrupted`` in the main thread; returns the old handlers."""
-    def handler(signum, frame):
-        raise Interrupted(signum)
     old = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
-        old[sig] = signal.signal(sig, handler)
+        old[sig] = signal.signal(sig, _GATE.handler)
     return old
 
 
@@ -442,7 +478,8 @@ def run(args) -> int:
                 time.sleep(0.5)
     except Interrupted as e:
         stack.say(f"{e} received, stopping")
-        status = EX_OK
+        # A plain `mxq up` is meant to end this way; an interrupted demo did not finish.
+        status = EX_TEMPFAIL if args.demo else EX_OK
     except (RuntimeError, TimeoutError, OSError, ValueError) as e:
         stack.say(f"error: {e}")
         status = EX_SOFTWARE
