@@ -1,4 +1,36 @@
-"""The benchmark's output: the human table and the ratios."""
+"""The benchmark's output: the human table and the ratios.
+
+The JSON result (``--json PATH``, default ``var/bench/result.json``)::
+
+    benchmark     "mxq issue 5"
+    params        messages, domains, size, quick, stages, settle, timeout, postfix_clients,
+                  postfix_dns, limit_sessions, batch, mxq_workers, mxq_concurrency
+    environment   cpus, loadavg (before), loadavg_after, platform, python, postfix, redis,
+                  celery, django, django_celery_email (versions)
+    started       UTC time stamp
+    stages        {"limit" | "django_celery_email" | "postfix" | "mxq": STAGE}
+    ratios        {"mxq/django_celery_email", "mxq/postfix", "mxq/limit"}: msg/s ratios, null
+                  unless both sides ran
+    ok            true only if every selected stage ran and was exactly-once
+    error         (only when the run itself broke off)
+
+    STAGE:
+    status             "ok" | "failed";  error: why it failed (null when ok)
+    messages           N
+    seconds            first submission -> the sinks hold all N messages
+    msgs_per_sec       N / seconds
+    submit_seconds     first submission -> the last submission call returned
+    latency_ms         {p50, p99, max, samples, resolution_ms}: X-Bench-Submitted -> seen at the
+                       sink (null for the limit stage: smtp-source's messages carry no stamp)
+    sinks              {records (dumped), smtp_sink_counter (smtp-sink -c), unique_ids, duplicates,
+                        missing, unexpected, exactly_once, bytes_per_record, sinks}
+    dns_queries        queries the sandbox DNS server answered during the stage
+    redis              {commands_total, commands_per_message, top_commands,
+                        memory_per_queued_message (bytes), memory_probe_messages} (Celery stages)
+    workers            [{pid, cmd, peak_rss_kb}] (VmHWM of each worker / Postfix process)
+    harness_cpu_seconds {dns_server, sinks, monitor, submitting_process} CPU used meanwhile
+    notes              how the stage was run; any disagreement found
+"""
 
 from __future__ import annotations
 
