@@ -196,6 +196,10 @@ def test_worker_scheduler_flower_commands():
     for sub in ("worker", "scheduler", "flower", "up", "send", "status"):
         r = mxq(sub, "--help")
         assert r.returncode == 0 and sub.encode() in r.stdout
+    r = mxq("up", "--demo")                                    # the demo mails sandbox domains
+    assert r.returncode == 64 and b"--demo needs --sandbox" in r.stderr
+    r = mxq("status", "abc", "--unknown")                      # only worker/scheduler/flower pass options on
+    assert r.returncode == 64
 
 
 # ---------------------------------------------------------------- mxq up
