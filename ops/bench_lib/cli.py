@@ -166,9 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         result["error"] = str(e)
     finally:
-        sandbox.stop_all()
-        if dns is not None:
-            dns.stop()
+        # Each clean-up step on its own: one failing must not leave the others' processes behind.
+        for step in (sandbox.stop_all, dns.stop if dns is not None else None):
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception as e:
+                print(f"ops/bench: clean-up step {step.__qualname__} failed: {e}", file=sys.stderr)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     result["ratios"] = report.ratios(result["stages"])

@@ -97,7 +97,10 @@ def run(name: str, fn: Callable[[Context], dict], ctx: Context) -> dict:
         res = empty_result()
         res.update(status="failed", error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
     finally:
-        sandbox.stop_all()
+        try:
+            sandbox.stop_all()
+        except Exception as e:                     # reported, and cli.main tries again at the end
+            ctx.say(f"!! {name}: stopping its processes failed: {e}")
     ctx.say(f"!! {name} FAILED: {res['error']}")
     return res
 
