@@ -269,7 +269,7 @@ def test_expired_recipient_reports_to_sender_through_the_pipeline(pipeline, send
         assert msg["Auto-Submitted"] == "auto-replied"
         per_message, block = dsn_blocks(msg)
         assert per_message["Original-Envelope-Id"] == "ENV-N1"
-        assert per_message["Reporting-MTA"] == "dns; client.pipeline.test"
+        assert per_message["Reporting-MTA"] == f"dns; {p.env['MXQ_HELO_NAME']}"   # the worker's HELO name
         assert block["Final-Recipient"] == "rfc822;bob@dead.notify.test"
         assert block["Original-Recipient"] == "rfc822;bob@dead.notify.test"
         by_action[block["Action"]] = (msg, block)
