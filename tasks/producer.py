@@ -194,8 +194,10 @@ def status(job_id: str) -> dict:
     ``state`` is ``queued`` (nothing attempted yet), ``active`` or ``done``
     (every recipient final: delivered, bounced or expired); each recipient
     has ``address, domain, state, code, enhanced, text, exchange, ip, relay,
-    attempts, first_attempt, last_attempt, next_attempt`` (times in epoch
-    seconds).  A job is kept ``MXQ_RESULT_TTL`` seconds after it is done.
+    attempts, first_attempt, last_attempt, next_attempt``: ``attempts`` counts
+    delivery attempts (runs that tried the recipient), times are epoch
+    seconds, ``domain`` is the normalised (A-label) domain, ``next_attempt``
+    is set while deferred.  A job is kept ``MXQ_RESULT_TTL`` seconds after it is done.
     Raises ``KeyError(job_id)`` for an unknown or expired job.
     """
     if not isinstance(job_id, str) or not job_id.isalnum():

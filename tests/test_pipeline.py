@@ -266,6 +266,7 @@ def test_sigkill_worker_mid_run_loses_nothing(pipeline, sinks):
     assert duplicates <= min(in_flight, batch * concurrency), (duplicates, in_flight)
     assert all(tasks.status(j)["recipients"][0]["state"] == "delivered" for j in ids)
     assert recovered_in < 60
+    print(f"SIGKILL: {in_flight} work items in flight, {duplicates} sent twice, all done {recovered_in:.1f} s later")
     assert "requeued=" in p.logs()          # the scheduler put the dead worker's leases back
 
 
