@@ -260,3 +260,38 @@ def test_submit_forms_and_dsn_options(redis_server, monkeypatch, tmp_path):
     assert client.hget(f"mxq:job:{c}", "sender") == b""
     # one deliver task per lane for the three jobs: two lanes, each woken once
     assert client.llen("delivery") == 2
+
+
+def test_settings_from_env_and_backoff():
+    s = PipelineSettings.from_env({"MXQ_RETRY_SCHEDULE": "1, 5,30", "MXQ_MAX_LIFETIME": "3",
+                                   "MXQ_LEASE_SECONDS": "2.5", "MXQ_REDIS_URL": "redis://r.example:1/2"})
+    assert s.retry_schedule == (1, 5, 30) and s.max_lifetime == 3 and s.lease_seconds == 2.5
+    assert s.redis_url == "redis://r.example:1/2"
+    assert [s.backoff(n) for n in (1, 2, 3, 4, 10)] == [1, 5, 30, 30, 30]      # the last step repeats
+    d = PipelineSettings.from_env({})
+    assert d.retry_schedule == (60, 300, 900, 1800, 3600, 7200, 14400)
+    assert (d.max_lifetime, d.result_ttl, d.redis_url) == (432000, 604800, "redis://127.0.0.1:6379/0")
+    for bad in ({"MXQ_RETRY_SCHEDULE": "1,x"}, {"MXQ_RETRY_SCHEDULE": "0"}, {"MXQ_BATCH_SIZE": "-1"},
+                {"MXQ_LEASE_SECONDS": "soon"}, {"MXQ_TASK_SOFT_LIMIT": "10", "MXQ_TASK_HARD_LIMIT": "5"}):
+        with pytest.raises(ValueError):
+            PipelineSettings.from_env(bad)
+    assert parse_schedule("60") == (60.0,)
+
+
+def test_redis_host_status(redis_server):
+    from tasks.hoststatus import RedisHostStatus
+
+    srv = redis_server()
+    hs = RedisHostStatus(srv.client())
+    assert hs.is_down("127.0.0.9", 25) is False
+    hs.mark_down("127.0.0.9", 25, 2.2, "Connection refused")
+    assert hs.is_down("127.0.0.9", 25) and not hs.is_down("127.0.0.9", 587)
+    assert hs.reason("127.0.0.9", 25) == "Connection refused"
+    assert 2 <= srv.client().ttl("mxq:down:127.0.0.9:25") <= 3          # SET EX: expires by itself
+    # another worker (another client) sees the same memory
+    assert RedisHostStatus(srv.client()).is_down("127.0.0.9", 25)
+    # Redis gone: the failure memory is an optimisation, never an error
+    srv.stop()
+    gone = RedisHostStatus(srv.client(socket_connect_timeout=0.5, retry=None))
+    assert gone.is_down("127.0.0.9", 25) is False
+    gone.mark_down("127.0.0.9", 25, 5, "x")
