@@ -14,7 +14,7 @@ Contract with the core (``tasks/graph.py``)
 Pure parts, no Redis::
 
     build_report(sender=..., recipients=[ReportRecipient, ...], original=b"...",
-                 helo_name=..., ret=None, envid=None, arrival=None, date=None) -> EmailMessage
+                 helo_name=..., ret=None, envid=None, arrival=None, date=None) -> Report
     wants_report(sender, notify, action) -> bool
     ReportRecipient.from_record(record, action=..., ...)   # from a stored recipient dict
 
@@ -53,10 +53,12 @@ items of one job and event and calls ``send_reports`` once per group).
 from __future__ import annotations
 
 import email.utils
+import io
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email import policy as email_policy
+from email.generator import BytesGenerator
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from typing import Callable, Iterable, Mapping, Sequence
@@ -201,11 +203,36 @@ def _text_cte(data: bytes) -> str:
     return "7bit" if data.isascii() else "8bit"
 
 
+class _ReportGenerator(BytesGenerator):
+    """``BytesGenerator`` that also writes message/global-delivery-status as header blocks.
+
+    The stdlib knows only message/delivery-status as a list of header blocks;
+    the RFC 6533 form has the same structure (with UTF-8 allowed).
+    """
+
+    _handle_message_global_delivery_status = BytesGenerator._handle_message_delivery_status
+
+
+class Report(EmailMessage):
+    """The report ``build_report`` returns: an ``EmailMessage`` whose ``as_bytes()`` (and
+    ``bytes()``) use its own policy and know the RFC 6533 global delivery-status part."""
+
+    def as_bytes(self, unixfrom: bool = False, policy=None) -> bytes:
+        """Serialise (default policy: the report's own, SMTPUTF8 for internationalised reports)."""
+        fp = io.BytesIO()
+        _ReportGenerator(fp, mangle_from_=False, policy=self.policy if policy is None else policy).flatten(
+            self, unixfrom=unixfrom)
+        return fp.getvalue()
+
+    def __bytes__(self) -> bytes:
+        return self.as_bytes()
+
+
 def build_report(*, sender: str, recipients: Sequence[ReportRecipient],
                  original: bytes | str | EmailMessage | Message, helo_name: str,
                  ret: str | None = None, envid: str | None = None,
                  arrival: float | datetime | str | None = None,
-                 date: float | datetime | None = None) -> EmailMessage:
+                 date: float | datetime | None = None) -> Report:
     """Build one RFC 3464 report about ``recipients`` of one message, addressed to ``sender``.
 
     The report is ``multipart/report; report-type=delivery-status`` with a
@@ -213,7 +240,14 @@ def build_report(*, sender: str, recipients: Sequence[ReportRecipient],
     and the original message: its header section as ``text/rfc822-headers``
     (``ret`` HDRS or unset) or the whole of it as ``message/rfc822`` (FULL).
     It is a delay notice when every recipient's action is ``delayed``.
-    Pure: no Redis, no network.
+
+    Internationalised mail (RFC 6533): when the sender or a reported address
+    is not ASCII, the report is ``report-type=global-delivery-status`` with a
+    ``message/global-delivery-status`` part (``utf-8;`` address types), and
+    its ``policy`` is SMTPUTF8; an original whose header section is not ASCII
+    is returned as ``message/global`` or ``message/global-headers``.
+    Serialise with ``report.as_bytes()`` (a ``Report``).  Pure: no Redis, no
+    network.
     """
     if not recipients:
         raise ValueError("a report needs at least one recipient")
@@ -222,9 +256,14 @@ def build_report(*, sender: str, recipients: Sequence[ReportRecipient],
     delayed = all(r.action == "delayed" for r in recipients)
     now = date if date is not None else time.time()
     raw = _as_bytes(original)
-    parsed = BytesParser(policy=email_policy.default).parsebytes(_split_headers(raw))
+    headers = _split_headers(raw)
+    parsed = BytesParser(policy=email_policy.default).parsebytes(headers)
+    utf8 = not sender.isascii() or any(not r.address.isascii() or not (r.orcpt or "").isascii()
+                                       for r in recipients)
+    policy = email_policy.SMTPUTF8 if utf8 else email_policy.SMTP
+    kind = "global-delivery-status" if utf8 else "delivery-status"
 
-    report = EmailMessage(policy=email_policy.SMTP)
+    report = Report(policy=policy)
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{helo_name}>"
     report["To"] = sender
     report["Subject"] = ("Delayed Mail (still being retried)" if delayed
@@ -236,17 +275,14 @@ def build_report(*, sender: str, recipients: Sequence[ReportRecipient],
         report["In-Reply-To"] = str(parsed["Message-ID"])
         report["References"] = str(parsed["Message-ID"])
     report["MIME-Version"] = "1.0"
-    report["Content-Type"] = "multipart/report; report-type=delivery-status"
+    report["Content-Type"] = f"multipart/report; report-type={kind}"
 
-    human = EmailMessage(policy=email_policy.SMTP)
-    human.set_content(_human_text(recipients, helo_name, delayed, parsed), cte="quoted-printable"
-                      if not all(r.address.isascii() for r in recipients) else None)
+    human = EmailMessage(policy=policy)
+    human.set_content(_human_text(recipients, helo_name, delayed, parsed),
+                      cte=None if utf8 or all(r.address.isascii() for r in recipients) else "quoted-printable")
     human["Content-Description"] = "Notification"
     report.attach(human)
 
-    status = EmailMessage(policy=email_policy.SMTP)
-    status["Content-Type"] = "message/delivery-status"
-    status["Content-Description"] = "Delivery report"
     blocks = [_fields([("Reporting-MTA", f"dns; {helo_name}"),
                        ("Original-Envelope-Id", envid),
                        ("Arrival-Date", _date(arrival))])]
@@ -262,19 +298,27 @@ def build_report(*, sender: str, recipients: Sequence[ReportRecipient],
             ("Last-Attempt-Date", _date(r.last_attempt)),
             ("Will-Retry-Until", _date(r.will_retry_until) if r.action == "delayed" else None),
         ]))
+    status = EmailMessage(policy=policy)
+    status["Content-Type"] = f"message/{kind}"
+    status["Content-Description"] = "Delivery report"
+    if utf8:
+        status["Content-Transfer-Encoding"] = "8bit"
     status.set_payload(blocks)
     report.attach(status)
 
-    attached = EmailMessage(policy=email_policy.SMTP)
-    if (ret or "").upper() == "FULL":
-        full = BytesParser(policy=email_policy.compat32).parsebytes(raw)
-        attached.set_content(full, cte=_text_cte(raw))
-        attached["Content-Description"] = "Undelivered Message"
+    attached = EmailMessage(policy=policy)
+    full = (ret or "").upper() == "FULL"
+    if not headers.isascii():
+        # RFC 6532 header fields: message/global(-headers) (RFC 6533 section 6).
+        attached["Content-Type"] = "message/global" if full else "message/global-headers"
+        attached["Content-Transfer-Encoding"] = "8bit"
+        # Parsed with compat32: header values keep their exact bytes (as surrogate escapes).
+        attached.set_payload([BytesParser(policy=email_policy.compat32).parsebytes(raw if full else headers)])
+    elif full:
+        attached.set_content(BytesParser(policy=email_policy.compat32).parsebytes(raw), cte=_text_cte(raw))
     else:
-        headers = _split_headers(raw)
-        attached.set_content(headers.decode("utf-8", "replace"), subtype="rfc822-headers",
-                             cte=_text_cte(headers))
-        attached["Content-Description"] = "Undelivered Message Headers"
+        attached.set_content(headers.decode("ascii"), subtype="rfc822-headers", cte="7bit")
+    attached["Content-Description"] = "Undelivered Message" if full else "Undelivered Message Headers"
     report.attach(attached)
     for part in (human, attached):
         del part["MIME-Version"]        # set_content adds it; only the top level needs it
@@ -344,4 +388,4 @@ def send_reports(message: Mapping, records: Iterable[Mapping], *, action: str = 
                           arrival=message.get("arrival"))
     if submit is None:
         from tasks import submit as submit    # the core's producer API; imported late (no cycle)
-    return submit(report.as_bytes(policy=email_policy.SMTP), sender="", recipients=[sender])
+    return submit(report.as_bytes(), sender="", recipients=[sender])

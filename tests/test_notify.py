@@ -33,7 +33,7 @@ EXPIRED = {"address": "carol@dead.test", "domain": "dead.test", "state": "expire
 
 def parse(report) -> email.message.EmailMessage:
     """Serialise as it goes on the wire and parse back, as a receiving MUA would."""
-    raw = report if isinstance(report, bytes) else report.as_bytes(policy=email.policy.SMTP)
+    raw = report if isinstance(report, bytes) else report.as_bytes()
     return email.message_from_bytes(raw, policy=email.policy.default)
 
 
@@ -125,12 +125,41 @@ def test_delay_notice_fields():
     assert "WARNING ONLY" in list(msg.iter_parts())[0].get_content()
 
 
-def test_non_ascii_original_headers_are_8bit():
+def test_non_ascii_original_headers_are_returned_as_message_global():
+    """RFC 6533 section 6: UTF-8 header fields come back as message/global-headers (or message/global)."""
     original = "From: jörg@origin.test\r\nSubject: grüße\r\n\r\nbody\r\n".encode()
-    msg = report([ReportRecipient.from_record(BOUNCED)], original=original)
-    last = list(msg.iter_parts())[2]
-    assert last["Content-Transfer-Encoding"] == "8bit"
-    assert "grüße" in last.get_content()
+    for ret, ctype in ((None, "message/global-headers"), ("FULL", "message/global")):
+        built = build_report(sender="alice@origin.test", recipients=[ReportRecipient.from_record(BOUNCED)],
+                             original=original, helo_name="mta.mxq.test", ret=ret)
+        raw = built.as_bytes()
+        assert "Subject: grüße".encode() in raw                 # the original bytes, unencoded
+        assert (b"body" in raw.split(b"Undelivered Message")[-1]) == (ret == "FULL")
+        last = list(parse(raw).iter_parts())[2]
+        assert last.get_content_type() == ctype
+        assert last["Content-Transfer-Encoding"] == "8bit"
+        # Addresses are ASCII: the delivery-status part stays the RFC 3464 one.
+        assert parse(raw).get_param("report-type") == "delivery-status"
+
+
+def test_internationalised_addresses_give_a_global_delivery_status():
+    """RFC 6533: a UTF-8 address is reported as utf-8;addr in message/global-delivery-status."""
+    rec = dict(BOUNCED, address="jörg@dead.test")
+    built = build_report(sender="ånna@origin.test", recipients=[ReportRecipient.from_record(rec)],
+                         original=ORIGINAL, helo_name="mta.mxq.test")
+    raw = built.as_bytes()
+    assert bytes(built) == raw
+    msg = parse(raw)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "global-delivery-status"
+    assert msg["To"] == "ånna@origin.test"                      # SMTPUTF8 header, not encoded
+    status = list(msg.iter_parts())[1]
+    assert status.get_content_type() == "message/global-delivery-status"
+    section = raw.split(b"message/global-delivery-status", 1)[1].split(b"\r\n--", 1)[0].decode()
+    assert "Reporting-MTA: dns; mta.mxq.test" in section
+    assert "Final-Recipient: utf-8;jörg@dead.test" in section
+    assert "Status: 5.1.1" in section
+    # the blocks are separated by an empty line, as in RFC 3464
+    assert "\r\n\r\nFinal-Recipient:" in section
 
 
 def test_wants_report_policy():
