@@ -452,7 +452,8 @@ def run(args) -> int:
     if args.demo:
         os.environ.setdefault("MXQ_RETRY_SCHEDULE", "2")
     log_dir = Path(args.log_dir) if args.log_dir else None
-    if log_dir is None and args.demo:
+    temp_logs = log_dir is None and args.demo
+    if temp_logs:
         log_dir = Path(tempfile.mkdtemp(prefix="mxq-up-logs-"))
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -488,5 +489,9 @@ def run(args) -> int:
         stack.stop()
         for sig, h in old.items():
             signal.signal(sig, h)
+    if temp_logs and status in (EX_OK, EX_UNAVAILABLE):
+        shutil.rmtree(log_dir, ignore_errors=True)      # a finished demo: nothing to look into
+    elif log_dir:
+        stack.say(f"logs kept in {log_dir}")
     stack.say("stopped")
     return status
