@@ -14,8 +14,9 @@ are defined here:
   (``tasks.up``).
 
 Exit statuses follow sysexits, as ``mxq deliver``: 0 ok (all delivered),
-64 usage, 65 bad input, 66 unknown job, 69 something bounced or expired,
-75 something deferred or not final yet (and nothing bounced).
+64 usage, 65 bad input, 66 unknown job or missing file, 69 something bounced
+or expired, 75 something deferred or not final yet (and nothing bounced) --
+or Redis unreachable, 78 a malformed ``MXQ_*`` setting.
 
 The Celery app (``tasks.app``) is imported only by the commands that use it,
 after the environment is final, so ``mxq --help`` and ``mxq deliver`` never
@@ -38,6 +39,7 @@ EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_TEMPFAIL = 75
+EX_CONFIG = 78
 
 #: Default bound on ``mxq send --wait`` (seconds): long enough for a few
 #: greylisting retries, short enough that a script never hangs for the
@@ -170,22 +172,48 @@ def run_send(args) -> int:
     except ValueError as e:
         print(f"mxq send: invalid input: {e}", file=sys.stderr)
         return EX_DATAERR
+    import redis
+
     import tasks
+    from tasks.settings import PipelineSettings
+    from workers.message import max_message_size_from_env
+
     try:
-        job = tasks.submit(content, sender=args.sender, recipients=_recipients(args.recipients),
-                           notify=parse_notify(args.notify), dsn=dsn)
+        PipelineSettings.from_env()
+        max_size = max_message_size_from_env()
+    except ValueError as e:     # a malformed MXQ_* setting: the input may well be fine
+        print(f"mxq send: configuration: {e}", file=sys.stderr)
+        return EX_CONFIG
+    options = dict(sender=args.sender, recipients=_recipients(args.recipients),
+                   notify=parse_notify(args.notify), dsn=dsn)
+    try:
+        try:
+            _check_redis()
+        except redis.exceptions.RedisError:
+            # Tell bad input (65: do not retry) from an outage (75: retry later).
+            from tasks.producer import Item, build_job
+            build_job(Item(message=content, **options), max_size=max_size, now=time.time())
+            raise
+        job = tasks.submit(content, **options)
     except InvalidInput as e:
         print(f"mxq send: invalid input: {e.reason}", file=sys.stderr)
         return EX_DATAERR
-    except ValueError as e:     # e.g. a malformed MXQ_* setting
-        print(f"mxq send: {e}", file=sys.stderr)
-        return EX_DATAERR
+    except redis.exceptions.RedisError as e:
+        print(f"mxq send: cannot reach Redis (MXQ_REDIS_URL): {e}; nothing was submitted", file=sys.stderr)
+        return EX_TEMPFAIL
     if not args.wait:
         print(json.dumps({"job": job}) if args.json else job)
         return EX_OK
     if not args.json:
         print(job, flush=True)
-    status = wait_for(job, timeout=args.timeout or None, progress=sys.stdout.isatty() and not args.json)
+    try:
+        status = wait_for(job, timeout=args.timeout or None, progress=sys.stdout.isatty() and not args.json)
+    except KeyboardInterrupt:   # stop watching; the job goes on in the pipeline
+        print(f"\nmxq send: stopped waiting; the job goes on: mxq status {job}", file=sys.stderr)
+        return EX_TEMPFAIL
+    except redis.exceptions.RedisError as e:
+        print(f"mxq send: lost Redis while waiting for {job}: {e}", file=sys.stderr)
+        return EX_TEMPFAIL
     if status is None:
         print(f"mxq send: job {job} disappeared", file=sys.stderr)
         return EX_SOFTWARE
@@ -193,9 +221,29 @@ def run_send(args) -> int:
     return exit_status(status)
 
 
+def _check_redis() -> None:
+    """Fail fast (RedisError) when Redis does not answer, instead of riding out the store
+    client's ~30 s of reconnection attempts, which are meant for a restarting server."""
+    import redis
+
+    from tasks.settings import PipelineSettings
+    client = redis.Redis.from_url(PipelineSettings.from_env().redis_url, socket_connect_timeout=3,
+                                  socket_timeout=3)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
 def run_status(args) -> int:
     """``mxq status JOB``: the job and its recipients; 66 when the job is unknown."""
-    status = _status(args.job)
+    import redis
+    try:
+        _check_redis()
+        status = _status(args.job)
+    except redis.exceptions.RedisError as e:
+        print(f"mxq status: cannot reach Redis (MXQ_REDIS_URL): {e}", file=sys.stderr)
+        return EX_TEMPFAIL
     if status is None:
         print(f"mxq status: no such job: {args.job} (unknown, or expired after MXQ_RESULT_TTL)",
               file=sys.stderr)

@@ -293,3 +293,24 @@ def test_up_stops_every_child_on_signal(tmp_path, sig):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def test_send_without_redis_or_with_bad_settings():
+    """No Redis: 75 for valid input (retry later), still 65 for bad input; bad MXQ_* setting: 78."""
+    from tests.fixtures_infra import free_port
+    env = {**os.environ, "MXQ_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    r = subprocess.run([MXQ, "send", "-"], input=MESSAGE, capture_output=True, timeout=30, env=env)
+    assert r.returncode == 75, r.stderr
+    assert b"cannot reach Redis" in r.stderr and b"Traceback" not in r.stderr
+    r = subprocess.run([MXQ, "send", "--to", "not an address", "-"], input=MESSAGE, capture_output=True,
+                       timeout=30, env=env)
+    assert r.returncode == 65, r.stderr
+    r = subprocess.run([MXQ, "status", "0" * 32], capture_output=True, timeout=30, env=env)
+    assert r.returncode == 75 and b"cannot reach Redis" in r.stderr
+    # (Settings that tasks.app reads at import, such as MXQ_RETRY_SCHEDULE, fail before
+    # mxq's main() runs: a traceback, status 1.  Those belong to the app module.)
+    for name, value in (("MXQ_MAX_MESSAGE_SIZE", "lots"),):
+        r = subprocess.run([MXQ, "send", "-"], input=MESSAGE, capture_output=True, timeout=30,
+                           env={**env, name: value})
+        assert r.returncode == 78, r.stderr
+        assert name.encode() in r.stderr
