@@ -27,19 +27,21 @@ from bench_lib.stages import REDIS_FIELDS, RESULT_FIELDS, SINK_FIELDS  # noqa: E
 
 N, M = 200, 5
 
-pytestmark = [
-    pytest.mark.postfix,
-    pytest.mark.timeout(170),
-    pytest.mark.skipif(os.geteuid() != 0, reason="ops/bench needs root (private netns, port 25)"),
-    pytest.mark.skipif(not all(shutil.which(t) or os.path.exists(f"/usr/sbin/{t}")
-                               for t in ("smtp-sink", "smtp-source", "postfix", "redis-server", "unshare")),
-                       reason="needs postfix (smtp-sink, smtp-source), redis-server and unshare"),
-]
+pytestmark = [pytest.mark.postfix, pytest.mark.timeout(170)]
+
+
+def _skip_unless_runnable(*tools: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (private netns, port 25)")
+    missing = [t for t in tools if not (shutil.which(t) or os.path.exists(f"/usr/sbin/{t}"))]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (postfix, redis-server, util-linux packages)")
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     """Run ``ops/bench --quick`` once; return (exit status, output, parsed JSON)."""
+    _skip_unless_runnable("smtp-sink", "smtp-source", "postfix", "redis-server", "unshare")
     out = tmp_path_factory.mktemp("bench") / "result.json"
     # No installing from inside the test session's network namespace: ops/test (install-deps)
     # has installed everything, the bench extra included (it is part of the test extra).
@@ -127,3 +129,87 @@ def test_ratios(bench):
         ratio = result["ratios"][key]
         assert ratio is not None and ratio > 0
         assert ratio == pytest.approx(mxq / result["stages"][other]["msgs_per_sec"], rel=0.01)
+
+
+# --------------------------------------------------------------------------- the counting itself
+
+
+def _send(host: str, msgs: list[bytes]) -> None:
+    import smtplib
+    with smtplib.SMTP(host, 25, local_hostname="client.bench.test", timeout=10) as s:
+        for m in msgs:
+            s.sendmail("a@sender.bench.test", ["u@d0.bench.test"], m)
+
+
+@pytest.fixture
+def workdir():
+    """A directory smtp-sink (running as nobody) can write below, removed afterwards."""
+    _skip_unless_runnable("smtp-sink")
+    from bench_lib.sandbox import make_workdir
+    d = make_workdir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_sinks_refuse_a_directory_nobody_can_reach(tmp_path):
+    _skip_unless_runnable("smtp-sink")
+    from bench_lib.sandbox import BenchError, SinkFarm
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    with pytest.raises(BenchError, match="not searchable"):
+        SinkFarm(["127.1.0.1"], private / "sinks").start()
+
+
+def test_monitor_counts_exactly_and_catches_duplicates(workdir):
+    """A real smtp-sink and the monitor: a duplicate, a message without id and latency are all seen."""
+    from bench_lib.messages import Spec
+    from bench_lib.sandbox import Monitor, SinkFarm, last_counter, stop_all
+
+    spec = Spec("t", 5, 1, 600)
+    farm = SinkFarm(["127.1.0.1", "127.1.0.2"], workdir / "sinks")
+    try:
+        farm.start()
+        mon = Monitor(farm, expected=7).start()
+        msgs = [spec.render(i) for i in range(5)]
+        _send("127.1.0.1", msgs[:3])
+        _send("127.1.0.2", msgs[3:] + [msgs[1], b"Subject: no id\r\n\r\nbody\r\n"])   # 1 is sent twice
+        done = mon.wait_complete(10)
+        farm.stop()
+        tally = mon.finish()
+    finally:
+        stop_all()
+    assert done > 0
+    assert tally["records"] == 7 == farm.counter_total()
+    assert [last_counter(s.counters) for s in farm.sinks] == [3, 4] == tally["per_sink_records"]
+    assert sorted(tally["ids"]) == sorted(spec.ids())
+    assert tally["duplicates"] == 1 and tally["duplicate_ids"] == ["t-1"]
+    assert len(tally["latencies"]) == 5 and all(0 <= x < 10 for x in tally["latencies"])
+
+
+def test_dump_reader_handles_records_split_across_reads(tmp_path):
+    """Records (and the separator itself) cut at arbitrary points between two reads are counted once."""
+    from bench_lib.sandbox import SEPARATOR, _Tail, _Tally
+
+    records = "".join(f"\n{SEPARATOR}\nX-Client-Addr: 127.0.0.1\nX-Bench-Id: r-{i}\nX-Bench-Submitted: 100.5\n"
+                      f"\nbody line {i}\nX-Bench-Id: not-a-header-{i}\n\n" for i in range(50))
+    for cut_every in (1, 7, 64, 4096):
+        path = tmp_path / f"dump{cut_every}"
+        path.write_text("")
+        tail, tally = _Tail(str(path), "X-Bench-Id", "X-Bench-Submitted"), _Tally()
+        with open(path, "a") as f:
+            for k in range(0, len(records), cut_every):
+                f.write(records[k:k + cut_every])
+                f.flush()
+                tail.read(200.0, tally)
+        assert tally.records == 50 and tail.records == 50
+        assert sorted(tally.first_seen) == sorted(f"r-{i}" for i in range(50))   # body lines ignored
+        assert not tally.duplicates
+        assert set(tally.submitted.values()) == {100.5}
+
+
+def test_percentile_is_nearest_rank():
+    from bench_lib.sandbox import percentile
+    assert percentile(list(range(1, 101)), 0.5) == 50
+    assert percentile(list(range(1, 101)), 0.99) == 99
+    assert percentile([3.0], 0.99) == 3.0
+    assert percentile([], 0.5) is None

@@ -30,12 +30,14 @@ its record count with smtp-sink's own ``-c`` counters: both are exact.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -344,6 +346,10 @@ class SinkFarm:
             raise BenchError("smtp-sink not found (it comes with Debian's postfix package)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.workdir, 0o777)               # smtp-sink runs as nobody and creates its dump files here
+        for parent in self.workdir.resolve().parents:
+            if not os.stat(parent).st_mode & stat.S_IXOTH:
+                raise BenchError(f"{parent} is not searchable by {SINK_USER}: smtp-sink could not write its "
+                                 f"dump below it (use sandbox.make_workdir())")
         for k, addr in enumerate(self.addresses):
             sdir = self.workdir / f"sink{k}"
             sdir.mkdir()
@@ -621,7 +627,7 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     v = sorted(values)
-    k = max(0, min(len(v) - 1, int(round(q * len(v) + 0.5)) - 1))
+    k = max(0, min(len(v) - 1, math.ceil(q * len(v)) - 1))
     return v[k]
 
 
