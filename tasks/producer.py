@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from workers.address import parse_address
+from workers.dkim import signer_from_env
 from workers.envelope import DSN
 from workers.errors import InvalidInput
 from workers.message import max_message_size_from_env, prepare
@@ -97,6 +98,10 @@ def build_job(item: Item, *, max_size: int, now: float) -> JobSpec:
         raise
     except ValueError as e:     # DSN/NOTIFY values the envelope types refuse
         raise InvalidMessage(str(e)) from None
+    # DKIM (MXQ_DKIM): signed once, here at intake, before the content is
+    # stored, so every attempt sends the same signed bytes.  A bad key map
+    # raises ValueError (a configuration error, not bad input).
+    env = signer_from_env().sign_envelope(env)
     idem = _check_key(item.idempotency_key)
     records, by_domain = [], {}
     for i, r in enumerate(env.recipients):
