@@ -40,7 +40,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", dest="json_path", default=None,
                    help="where to write the JSON result (default var/bench/result.json)")
     p.add_argument("--timeout", type=float, default=None,
-                   help="seconds a stage may take to get its messages to the sinks (default 60 + N/50)")
+                   help="seconds a stage may take to get its messages to the sinks (default 60 + N/20)")
     p.add_argument("--settle", type=float, default=None,
                    help="seconds to keep watching for duplicates after completion (default 1, --quick 0.3)")
     p.add_argument("--postfix-clients", type=int, default=8, help="parallel SMTP submissions into Postfix (8)")
@@ -64,7 +64,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.settle is None:
         args.settle = 0.3 if args.quick else 1.0
     if args.timeout is None:
-        args.timeout = 60 + args.messages / 50
+        args.timeout = 60 + args.messages / 20
     bad = set(args.stages.split(",")) - set(STAGES)
     if bad:
         p.error(f"unknown stages {sorted(bad)}")
