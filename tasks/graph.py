@@ -49,6 +49,7 @@ from .app import app
 from .hoststatus import RedisHostStatus
 from .settings import PipelineSettings
 from .store import FINAL_STATES, REPORT_LANE, TRANSIENT_REDIS_ERRORS, Claimed, Outcome, Store, get_store
+from . import webhooks      # (webhooks) registers mxq.webhook; its lane is published below
 
 log = logging.getLogger("mxq.tasks")
 
@@ -151,6 +152,8 @@ def publish(dispatch: list[tuple[str, int]], *, fan_out: bool = False) -> int:
             for _ in range(count):
                 if lane == REPORT_LANE:
                     notify.apply_async(producer=producer)
+                elif lane == webhooks.WEBHOOK_LANE:     # >>> webhook events (tasks.webhooks) <<<
+                    webhooks.deliver_events.apply_async(producer=producer)
                 else:
                     deliver.apply_async(args=[lane], producer=producer)
                 n += 1

@@ -36,6 +36,7 @@ from workers.envelope import DSN
 from workers.errors import InvalidInput
 from workers.message import max_message_size_from_env, prepare
 
+from . import suppress, webhooks
 from .settings import PipelineSettings
 from .store import JobSpec, get_store, idem_key, new_job_id, status_of
 
@@ -138,8 +139,19 @@ def _publish(jobs: list[JobSpec], s: PipelineSettings) -> list[str]:
     """Store validated jobs with one script, then publish the tasks they need."""
     from . import graph         # the Celery tasks; imported late so the store is usable alone
 
+    store = get_store(s)
+    hooks = webhooks.current()          # a bad MXQ_WEBHOOK_* setting is refused here (ValueError)
+    # Suppressed recipients (tasks.suppress) become final here, before storing:
+    # one MGET for the whole batch.
+    if suppress.apply(jobs, store.r):
+        for j in jobs:
+            if j.meta["left"] == "0":
+                j.expire = s.result_ttl
+            if hooks.wants("suppressed"):
+                now = float(j.meta["created"])
+                j.hooks = [webhooks.hook_arg(hooks, j.id, r, now) for r in j.records if r["state"] == "suppressed"]
     split = len(jobs) <= s.intake_threshold
-    ids, dispatch = get_store(s).submit(jobs, split=split, now=float(jobs[0].meta["created"]))
+    ids, dispatch = store.submit(jobs, split=split, now=float(jobs[0].meta["created"]))
     if split:
         graph.publish(dispatch, fan_out=True)
     else:
@@ -197,7 +209,9 @@ def status(job_id: str) -> dict:
     """A job's state: ``{"job", "state", "recipients": [...]}``.
 
     ``state`` is ``queued`` (nothing attempted yet), ``active`` or ``done``
-    (every recipient final: delivered, bounced or expired); each recipient
+    (every recipient final: delivered, bounced, expired, ``suppressed`` --
+    refused at submission because the address bounced permanently before, see
+    ``tasks.suppress`` -- or ``dropped`` by the operator); each recipient
     has ``address, domain, state, code, enhanced, text, exchange, ip, relay,
     attempts, first_attempt, last_attempt, next_attempt``: ``attempts`` counts
     delivery attempts (runs that tried the recipient), times are epoch

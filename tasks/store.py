@@ -29,6 +29,12 @@ key                              type    contents
 ``mxq:lease``                    zset    batch token -> lease expiry (work in flight)
 ``mxq:batch:{token}``            string  the lane and work items of one leased batch
 ``mxq:deferred``                 zset    work item -> due time
+``mxq:suppress:{address}``       string  a suppressed recipient (``tasks.suppress``): JSON
+                                         reason, EXPIRE ``MXQ_SUPPRESS_TTL``
+``mxq:hook:{id}``                hash    one webhook event (``tasks.webhooks``): ``b`` the JSON
+                                         body, ``n`` failed POSTs so far
+``mxq:guard``                    set     batch tokens whose release must check each record
+                                         before writing (``mxq queue drop`` hit them in flight)
 ``mxq:dispatch``                 zset    lane -> last time tasks were published for it or
                                          work claimed from it (the scheduler re-publishes
                                          for lanes with ready work gone quiet)
@@ -45,7 +51,15 @@ Lanes and work items:
   address literal); its work items are ``{job}|{domain}|{indexes}``: the
   recipients of one job in one domain, delivered as one SMTP transaction;
 - the report lane is ``!r``; its work items are ``!r|{job}|{index}|{event}``
-  (event ``bounced``, ``expired`` or ``delayed``), handled by ``mxq.notify``.
+  (event ``bounced``, ``expired`` or ``delayed``), handled by ``mxq.notify``;
+- the webhook lane is ``!w``; its work items are ``!w|{id}`` (the event in
+  ``mxq:hook:{id}``), handled by ``mxq.webhook`` (``tasks.webhooks``).
+
+Final states: ``delivered``, ``bounced``, ``expired``, ``suppressed`` (refused
+at submission, ``tasks.suppress``) and ``dropped`` (``mxq queue drop``).  The
+release script writes a suppression entry for a recipient-level hard bounce
+and a webhook event for each outcome ``MXQ_WEBHOOK_EVENTS`` asks for, in the
+same atomic step as the record.
 
 Life of a work item: the producer (or ``mxq.intake``) RPUSHes it onto its
 ready list.  ``mxq.deliver`` LPOPs up to K items of one lane and leases them
@@ -87,7 +101,7 @@ from .settings import PipelineSettings
 
 PREFIX = "mxq:"
 REPORT_LANE = "!r"
-FINAL_STATES = ("delivered", "bounced", "expired")
+FINAL_STATES = ("delivered", "bounced", "expired", "suppressed", "dropped")
 #: The job hash fields that are not recipient records or content.
 META_FIELDS = ("sender", "ret", "envid", "eightbit", "smtputf8", "size", "created", "n", "left", "idem")
 
@@ -102,7 +116,7 @@ TRANSIENT_REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.Tim
 _PRELUDE = r"""
 local P = 'mxq:'
 local function lane_of(wid)
-  if string.sub(wid, 1, 1) == '!' then return '!r' end
+  if string.sub(wid, 1, 1) == '!' then return string.sub(wid, 1, 2) end   -- '!r' reports, '!w' webhooks
   local a = string.find(wid, '|', 1, true)
   local b = string.find(wid, '|', a + 1, true)
   return string.sub(wid, a + 1, b - 1)
@@ -129,7 +143,9 @@ local function dispatch(lanes, now, k, maxpar, force, out)
     else
       local pend = 0
       if not force then pend = tonumber(redis.call('HGET', P .. 'pending', lane) or '0') end
-      local want = math.min(math.ceil(n / k), maxpar) - pend
+      local mp = maxpar
+      if lane == '!w' then mp = 1 end     -- webhooks: one task queued at a time (tasks.webhooks)
+      local want = math.min(math.ceil(n / k), mp) - pend
       if want > 0 then
         redis.call('HSET', P .. 'pending', lane, pend + want)
         redis.call('ZADD', P .. 'dispatch', now, lane)
@@ -147,6 +163,7 @@ local function requeue(token, lanes, seen)
   local b = redis.call('GET', P .. 'batch:' .. token)
   redis.call('ZREM', P .. 'lease', token)
   redis.call('DEL', P .. 'batch:' .. token)
+  redis.call('SREM', P .. 'guard', token)
   if not b then return end
   local items = split(b, '\n')
   local lane = table.remove(items, 1)
@@ -165,7 +182,7 @@ end
 _SUBMIT = _PRELUDE + r"""
 local now, mode, k, maxpar = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local spec = cjson.decode(ARGV[5])
-local ids, lanes, work, intake = {}, {}, {}, {}
+local ids, lanes, work, intake, hooks = {}, {}, {}, {}, {}
 -- A retried call (its reply was lost) finds the batch's first new job stored:
 -- the script is atomic, so the whole batch was; answer with the ids, write
 -- nothing.  (Jobs whose idempotency key belonged to an older job say nothing.)
@@ -203,19 +220,31 @@ for i, job in ipairs(spec) do
     for f, v in pairs(job.meta) do table.insert(flat, f); table.insert(flat, v) end
     for r, rec in ipairs(job.rcpts) do table.insert(flat, 'r:' .. (r - 1)); table.insert(flat, rec) end
     push('HSET', P .. 'job:' .. id, flat)
+    if job.expire then          -- nothing left to deliver (every recipient suppressed): done now
+      redis.call('EXPIRE', P .. 'job:' .. id, job.expire)
+      if job.idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. job.idem, job.expire) end
+    end
+    if job.hooks then           -- webhook events (tasks.webhooks): [[id, body, ttl], ...]
+      for _, h in ipairs(job.hooks) do
+        redis.call('HSET', P .. 'hook:' .. h[1], 'b', h[2])
+        redis.call('EXPIRE', P .. 'hook:' .. h[1], h[3])
+        table.insert(hooks, '!w|' .. h[1])
+      end
+    end
     if mode == 'split' then
       for _, dx in ipairs(job.domains) do
         local d = dx[1]
         if not work[d] then work[d] = {}; table.insert(lanes, d) end
         table.insert(work[d], id .. '|' .. d .. '|' .. dx[2])
       end
-    else
+    elseif #job.domains > 0 then
       table.insert(intake, now); table.insert(intake, id)
     end
   end
 end
 for _, d in ipairs(lanes) do push('RPUSH', P .. 'ready:' .. d, work[d]) end
 if #intake > 0 then push('ZADD', P .. 'intake', intake) end
+if #hooks > 0 then push('RPUSH', P .. 'ready:!w', hooks); table.insert(lanes, '!w') end
 return {ids, dispatch(lanes, now, k, maxpar, false, {})}
 """
 
@@ -246,7 +275,7 @@ return dispatch(lanes, now, k, maxpar, false, {})
 # ARGV: now, lane, k, lease expiry, token, meta field names...
 # Pops up to k items, leases them as one batch.  Delivery lanes return
 # {wid, values} per item (values: HMGET of the meta fields, then 'c', then
-# each recipient record); the report lane returns {wid} per item.
+# each recipient record); the report and webhook lanes return {wid} per item.
 _CLAIM = _PRELUDE + r"""
 local now, lane, k, expiry, token = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local items = redis.call('LPOP', P .. 'ready:' .. lane, k)
@@ -269,7 +298,7 @@ table.insert(meta, 'c')
 local nmeta = #meta
 local held = {lane}
 for _, wid in ipairs(items) do
-  if lane == '!r' then
+  if string.sub(lane, 1, 1) == '!' then      -- reports, webhooks: bare work item ids
     table.insert(held, wid)
     table.insert(out, {wid})
   else
@@ -298,16 +327,22 @@ return redis.call('ZADD', 'mxq:lease', 'XX', 'CH', tonumber(ARGV[1]), ARGV[2])
 """
 
 # ARGV: now, token, result_ttl, k, maxpar, lane, payload JSON
-# payload: [{"wid", "due" (-1: nothing left), "idem", "updates": [[index, record, final, event]]}]
+# payload: [{"wid", "due" (-1: nothing left), "idem", "updates": [[index, record, final, event,
+#            suppress, hook]]}]; suppress: [key, entry, ttl] or false (tasks.suppress),
+#            hook: [id, body, ttl] or false (tasks.webhooks), both written only with the record.
 # Returns {applied, dispatch}: applied lists "job|index" of each update
-# written (a final state already there is never overwritten).
+# written (a final state already there is never overwritten -- except that a
+# recipient dropped while its transaction was in flight is recorded as
+# delivered when it was: the truth, not counted twice in "left").
 _RELEASE = _PRELUDE + r"""
 local now, token, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local k, maxpar, lane = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local payload = cjson.decode(ARGV[7])
 local owner = redis.call('ZSCORE', P .. 'lease', token) ~= false
-local final = {delivered = true, bounced = true, expired = true}
-local applied, lanes, reports, deferred = {}, {lane}, {}, {}
+local final = {delivered = true, bounced = true, expired = true, suppressed = true, dropped = true}
+local applied, lanes, reports, deferred, hooks = {}, {lane}, {}, {}, {}
+-- A batch 'mxq queue drop' hit while in flight: check each record as if the lease were lost.
+local guarded = not owner or redis.call('SISMEMBER', P .. 'guard', token) == 1
 for _, item in ipairs(payload) do
   local wid = item.wid
   local job = string.sub(wid, 1, string.find(wid, '|', 1, true) - 1)
@@ -316,17 +351,30 @@ for _, item in ipairs(payload) do
     local writes, finals = {}, 0
     for _, u in ipairs(item.updates) do
       local idx, rec, isfinal, event = u[1], u[2], u[3], u[4]
-      local ok = owner
+      local ok = not guarded
       if not ok then
         -- Lost the lease: someone else may have written since the claim.
         local cur = redis.call('HGET', jk, 'r:' .. idx)
-        ok = cur and not final[cjson.decode(cur).state]
+        local state = cur and cjson.decode(cur).state
+        ok = cur and not final[state]
+        if state == 'dropped' and isfinal == 1 and cjson.decode(rec).state == 'delivered' then
+          -- dropped while the transaction was already under way, and it went through
+          table.insert(writes, 'r:' .. idx); table.insert(writes, rec)
+          table.insert(applied, job .. '|' .. idx)
+        end
       end
       if ok then
         table.insert(writes, 'r:' .. idx); table.insert(writes, rec)
         table.insert(applied, job .. '|' .. idx)
         if isfinal == 1 then finals = finals + 1 end
         if event ~= '' then table.insert(reports, '!r|' .. job .. '|' .. idx .. '|' .. event) end
+        local sup, hook = u[5], u[6]
+        if sup then redis.call('SET', sup[1], sup[2], 'EX', sup[3]) end
+        if hook then
+          redis.call('HSET', P .. 'hook:' .. hook[1], 'b', hook[2])
+          redis.call('EXPIRE', P .. 'hook:' .. hook[1], hook[3])
+          table.insert(hooks, '!w|' .. hook[1])
+        end
       end
     end
     if #writes > 0 then
@@ -342,11 +390,16 @@ end
 if owner then
   redis.call('ZREM', P .. 'lease', token)
   redis.call('DEL', P .. 'batch:' .. token)
+  if guarded then redis.call('SREM', P .. 'guard', token) end
   if #deferred > 0 then push('ZADD', P .. 'deferred', deferred) end
 end
 if #reports > 0 then
   push('RPUSH', P .. 'ready:!r', reports)
   table.insert(lanes, '!r')
+end
+if #hooks > 0 then
+  push('RPUSH', P .. 'ready:!w', hooks)
+  table.insert(lanes, '!w')
 end
 return {applied, dispatch(lanes, now, k, maxpar, false, {})}
 """
@@ -407,6 +460,10 @@ class JobSpec:
     records: list[dict]
     domains: list[str]
     idem: str = ""
+    #: webhook events to store with the job: ``[id, body, ttl]`` each (``tasks.webhooks``)
+    hooks: list = field(default_factory=list)
+    #: seconds to keep a job stored with nothing left to deliver (every recipient suppressed), else 0
+    expire: int = 0
 
 
 @dataclass
@@ -518,7 +575,9 @@ class Store:
         s = self.settings
         spec = [{"id": j.id, "idem": j.idem, "meta": j.meta,
                  "rcpts": [_dumps(r) for r in j.records],
-                 "domains": [[d, j.meta[f"d:{d}"]] for d in j.domains]} for j in jobs]
+                 "domains": [[d, j.meta[f"d:{d}"]] for d in j.domains],
+                 **({"hooks": j.hooks} if j.hooks else {}),
+                 **({"expire": int(j.expire)} if j.expire else {})} for j in jobs]
         args = [now, "split" if split else "intake", s.batch_size, s.domain_concurrency,
                 _dumps(spec)] + [j.content for j in jobs]
         ids, disp = self._submit(args=args)
@@ -534,12 +593,13 @@ class Store:
     def claim(self, lane: str, token: str, *, limit: int | None = None, now: float | None = None) -> list:
         """Take up to ``limit`` work items of ``lane`` as one batch leased to ``token``.
 
-        Delivery lanes give ``Claimed`` items; the report lane gives work item ids.
+        Delivery lanes give ``Claimed`` items; the report and webhook lanes (``!r``,
+        ``!w``) give work item ids.
         """
         now = time.time() if now is None else now
         s = self.settings
         raw = self._claim(args=[now, lane, limit or s.batch_size, now + s.lease_seconds, token, *META_FIELDS])
-        if lane == REPORT_LANE:
+        if lane.startswith("!"):
             return [_s(it[0]) for it in raw]
         out = []
         nm = len(META_FIELDS)
@@ -561,12 +621,27 @@ class Store:
     def release(self, token: str, lane: str, outcomes: list[Outcome], *, now: float | None = None):
         """Write outcomes, drop the lease, schedule what is left; return ``(applied, dispatch)``.
 
-        ``applied`` holds ``"job|index"`` of each update actually written.
+        ``applied`` holds ``"job|index"`` of each update actually written.  With
+        each written record go, in the same script, a suppression entry for a
+        recipient-level hard bounce (``tasks.suppress``) and a webhook event
+        when ``MXQ_WEBHOOK_EVENTS`` asks for its state (``tasks.webhooks``).
         """
+        from . import suppress, webhooks
+
         now = time.time() if now is None else now
         s = self.settings
+        sup_ttl = suppress.auto_ttl()
+        hooks = webhooks.current(strict=False)
+
+        def extras(wid: str, rec: dict) -> list:
+            if not (sup_ttl or hooks.enabled) or wid.startswith("!"):
+                return [False, False]
+            job = wid.split("|", 1)[0]
+            return [suppress.release_arg(job, rec, now, sup_ttl), webhooks.hook_arg(hooks, job, rec, now)]
+
         payload = [{"wid": o.wid, "due": -1 if o.due is None else o.due, "idem": o.idem,
-                    "updates": [[i, _dumps(rec), 1 if rec["state"] in FINAL_STATES else 0, ev]
+                    "updates": [[i, _dumps(rec), 1 if rec["state"] in FINAL_STATES else 0, ev,
+                                 *extras(o.wid, rec)]
                                 for i, rec, ev in o.updates]} for o in outcomes]
         applied, disp = self._release(args=[now, token, s.result_ttl, s.batch_size, s.domain_concurrency,
                                             lane, _dumps(payload)])
