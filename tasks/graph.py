@@ -42,9 +42,11 @@ import uuid
 from collections import defaultdict
 
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_init
 
 from workers.envelope import DSN, Envelope, Recipient
 
+from . import metrics, shaping
 from .app import app
 from .hoststatus import RedisHostStatus
 from .settings import PipelineSettings
@@ -55,6 +57,11 @@ log = logging.getLogger("mxq.tasks")
 
 _RETRY = dict(autoretry_for=TRANSIENT_REDIS_ERRORS, max_retries=3, retry_backoff=1,
               retry_backoff_max=8, retry_jitter=True)
+
+# A worker refuses to start with a bad MXQ_SHAPING or MXQ_METRICS_PORT, and
+# serves /metrics from its main process when MXQ_METRICS_PORT is set.
+worker_init.connect(shaping.check_on_worker_init, weak=False)
+metrics.connect_signals()
 
 
 # ---------------------------------------------------------------- per-process runtime
@@ -83,6 +90,11 @@ class Runtime:
         quick = redis.Redis.from_url(self.ps.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0,
                                      retry=Retry(NoBackoff(), 0))
         self.hosts = RedisHostStatus(quick)
+        # Traffic shaping (MXQ_SHAPING): slots live as long as a batch lease and
+        # are renewed by the same heartbeat.
+        self.shaper = shaping.Shaper(self.store.r, shaping.Policy.from_env(), slot_ttl=self.ps.lease_seconds)
+        if metrics.enabled():
+            metrics.instrument_engine()
 
 
 def _pid() -> int:
@@ -102,10 +114,13 @@ def runtime() -> Runtime:
 
 
 class Heartbeat:
-    """Renews the lease of the batch ``token`` every third of the lease while a task runs."""
+    """Renews the lease of the batch ``token`` every third of the lease while a task runs.
 
-    def __init__(self, store: Store, token: str):
-        self.store, self.token = store, token
+    ``also``: called at every beat too (the delivery task renews its shaping slot with it).
+    """
+
+    def __init__(self, store: Store, token: str, also=None):
+        self.store, self.token, self.also = store, token, also
         self.interval = max(store.settings.lease_seconds / 3.0, 0.2)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mxq-heartbeat", daemon=True)
@@ -114,6 +129,8 @@ class Heartbeat:
         while not self._stop.wait(self.interval):
             try:
                 self.store.renew(self.token)
+                if self.also is not None:
+                    self.also()
             except Exception as e:          # Redis away for a while: the next beat tries again
                 log.warning("lease renewal failed: %s", e)
 
@@ -243,19 +260,55 @@ def _results_for(env: Envelope, results: list) -> list[dict | None]:
 def run_delivery(domain: str) -> dict:
     """Claim up to K work items of ``domain``, deliver them, record the outcome.
 
-    Returns counts for the task's result/logs (no addresses, no content).
+    Traffic shaping comes first (``tasks.shaping``): a concurrency slot and a
+    token per message, or the work stays on its ready list, the lane goes to
+    ``mxq:throttled`` for the scheduler, and the task returns at once (it
+    never sleeps waiting for a token).  Returns counts for the task's
+    result/logs (no addresses, no content).
+    """
+    rt = runtime()
+    token = uuid.uuid4().hex
+    grant = rt.shaper.acquire(domain, token, rt.ps.batch_size, now=time.time())
+    if not grant.granted:
+        if grant.reason != "empty":
+            metrics.throttled(domain, grant.reason)
+            log.info("deliver %s: held back by shaping (%s), looked at again in %.2f s",
+                     domain, grant.reason, grant.wait)
+            return {"items": 0, "throttled": 1}
+        return {"items": 0}
+    dns_before = rt.resolver.stats if metrics.enabled() else None
+    try:
+        counts, dispatch = _deliver_batch(rt, domain, token, grant)
+    finally:
+        if grant.slot:          # before publishing: the tasks published next may take the slot
+            rt.shaper.release(domain, token)
+    if dns_before is not None:
+        metrics.dns(dns_before, rt.resolver.stats)
+    if dispatch is None:
+        return dict(counts)
+    metrics.outcomes(domain, counts)
+    publish(dispatch)
+    log.info("deliver %s: %s", domain, ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    return dict(counts)
+
+
+def _deliver_batch(rt: Runtime, domain: str, token: str, grant: "shaping.Grant"):
+    """Claim up to ``grant.granted`` items of ``domain`` under ``token``, deliver, release.
+
+    Returns ``(counts, dispatch)``; ``dispatch`` is None when nothing was claimed.
     """
     from workers.delivery import deliver_domain
 
-    rt = runtime()
     store, ps = rt.store, rt.ps
-    token = uuid.uuid4().hex
-    items = store.claim(domain, token)
+    items = store.claim(domain, token, limit=grant.granted)
+    if len(items) < grant.granted:      # another task took some: give their tokens back
+        rt.shaper.refund(domain, grant.granted - len(items))
     counts: dict[str, int] = defaultdict(int)
     counts["items"] = len(items)
     if not items:
-        return dict(counts)
-    with Heartbeat(store, token):
+        return counts, None
+    renew_slot = (lambda: rt.shaper.renew(domain, token)) if grant.slot else None
+    with Heartbeat(store, token, also=renew_slot):
         plan = []               # (item, pending, envelope)
         outcomes = []
         for it in items:
@@ -266,9 +319,11 @@ def run_delivery(domain: str) -> dict:
                 outcomes.append(Outcome(it.wid))        # nothing left to do (a stale copy)
         results: list[list] | None = None
         if plan:
+            started = time.monotonic()
             try:
                 results = deliver_domain(domain, [env for _, _, env in plan], settings=rt.engine,
                                          resolver=rt.resolver, host_status=rt.hosts)
+                metrics.run_seconds(time.monotonic() - started)
             except SoftTimeLimitExceeded:
                 # Out of time mid-batch: put every item back for a prompt retry.
                 # Transactions that completed are sent again (at most K).
@@ -302,10 +357,8 @@ def run_delivery(domain: str) -> dict:
             out.due = min(dues) if dues else None
             outcomes.append(out)
         applied, dispatch = store.release(token, domain, outcomes, now=now)
-    publish(dispatch)
     counts["written"] = len(applied)
-    log.info("deliver %s: %s", domain, ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
-    return dict(counts)
+    return counts, dispatch
 
 
 @app.task(name="mxq.deliver", acks_late=True, reject_on_worker_lost=True, ignore_result=True, **_RETRY)

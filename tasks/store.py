@@ -41,6 +41,10 @@ key                              type    contents
 ``mxq:pending``                  hash    lane -> tasks published and not yet started
 ``mxq:intake``                   zset    jobs stored but not yet split (large batches),
                                          score = last (re)publication of ``mxq.intake``
+``mxq:throttled``                zset    lane -> when the scheduler dispatches it again:
+                                         work held back by traffic shaping (``tasks.shaping``)
+``mxq:shape:conn:{domain}``      zset    concurrency slots: holder token -> expiry (Redis time)
+``mxq:shape:tat:{domain}``       string  the domain's rate limiter state (GCRA, Redis time)
 ``mxq:down:{ip}:{port}``         string  failure memory of one exchange (``hoststatus``)
 ``mxq:dns:*``                    string  the engine's shared DNS cache (``workers.dnscache``)
 ===============================  ======  ==================================================
@@ -423,6 +427,14 @@ if #due > 0 then
     if not seen[l] then seen[l] = true; table.insert(lanes, l) end
   end
   for l, wids in pairs(by) do push('RPUSH', P .. 'ready:' .. l, wids) end
+end
+-- Lanes held back by traffic shaping (tasks.shaping) whose wait is over.
+local throttled = redis.call('ZRANGEBYSCORE', P .. 'throttled', '-inf', now, 'LIMIT', 0, limit)
+if #throttled > 0 then
+  push('ZREM', P .. 'throttled', throttled)
+  for _, l in ipairs(throttled) do
+    if not seen[l] then seen[l] = true; table.insert(lanes, l) end
+  end
 end
 local out = dispatch(lanes, now, k, maxpar, false, {})
 local quiet = redis.call('ZRANGEBYSCORE', P .. 'dispatch', '-inf', now - stale, 'LIMIT', 0, limit)

@@ -1,0 +1,427 @@
+"""Traffic shaping shared by every worker on every machine: per-domain concurrency and rate.
+
+Celery's ``rate_limit`` counts per worker process, so ten workers send ten
+times the limit.  mxq keeps the limits' state in Redis, in the same database
+as the queue, and every check is one atomic Lua script timed by Redis's own
+``TIME`` -- the clocks of the workers' machines play no part in the limits.
+
+``MXQ_SHAPING`` -- the one setting
+==================================
+
+Either the rules themselves, or (a value without ``=``) the path of a file
+holding them; the syntax is the same.  Rules are separated by ``;`` or new
+lines, ``#`` starts a comment::
+
+    MXQ_SHAPING="default=20c; gmail.com=5c,50/s; example.com=2/m,burst=5"
+    MXQ_SHAPING=/etc/mxq/shaping.conf
+
+A rule is ``TARGET=LIMIT[,LIMIT...]``.  ``TARGET`` is ``default`` or a
+domain (a delivery lane: compared after IDNA and case folding, so
+``Bücher.example`` and ``xn--bcher-kva.example`` are one rule; an address
+literal such as ``[192.0.2.1]`` works too).  Each ``LIMIT`` is one of:
+
+=============  ==================================================================
+``Nc``         at most N connections open at once to the domain, across every
+               worker (N >= 1); ``*c``: no concurrency limit
+``R/s``        at most R messages per second to the domain (also ``R/m``,
+               ``R/min``, ``R/h``; R may be a decimal: ``0.5/s``); ``*/s``: no rate
+``burst=N``    how many messages may go at once after an idle spell (the token
+               bucket's size); default: one second's worth, ``ceil(R)``, at least 1
+=============  ==================================================================
+
+Without ``MXQ_SHAPING`` the policy is ``default=20c`` (Postfix's
+``default_destination_concurrency_limit``), with no rate limit.  The
+``default`` rule applies to every domain *separately* (``default=10/s`` gives
+each domain its own 10 messages a second, not 10 for all).  A domain rule
+overrides only the limits it names; the others come from ``default``, except
+``burst``, which goes with the rate it belongs to.  Anything else -- an
+unknown word, a limit given twice, ``burst`` without a rate, a repeated
+target, a bad domain -- is refused with a ``ValueError`` naming the rule, and
+``celery worker`` refuses to start with it (see ``check_on_worker_init``).
+
+How the limits are kept
+=======================
+
+- **Concurrency.**  A ``mxq.deliver`` task holds one connection at a time
+  (``deliver_domain`` walks the exchanges in turn), so "connections open to a
+  domain" is "deliver tasks of that lane running".  A task takes a *slot*
+  before it claims any work: ``mxq:shape:conn:{domain}`` is a ZSET of slot
+  holders (the task's batch token) scored by expiry (Redis time).  Expired
+  holders are removed by the same script that counts them, so a worker that
+  died (SIGKILL, power loss) frees its slot within ``MXQ_LEASE_SECONDS``;
+  a running task renews its slot with its lease heartbeat, and gives it
+  back when it ends.  The limit is per domain (the lane), like Postfix's
+  per-destination limit: two domains served by one exchange have a limit
+  each.
+- **Rate.**  GCRA (the generic cell rate algorithm, a token bucket kept as
+  one number): ``mxq:shape:tat:{domain}`` holds the bucket's "theoretical
+  arrival time".  A task asks for as many messages as it would claim
+  (``MXQ_BATCH_SIZE``, at most what is ready) and is granted as many as the
+  bucket holds; one message (one work item: one job's recipients in the
+  domain) costs one token, whatever its outcome.  Tokens granted but not
+  used (another task claimed the items first) are given back.  Over any
+  span of L seconds a domain is granted at most ``R*L + burst`` messages.
+- **Waiting without a worker.**  A task that finds the slots full or the
+  bucket empty does not sleep and does not claim: the same script leaves the
+  lane's work on its ready list, does the ``mxq:pending`` bookkeeping a
+  claim would have done, records the lane in ``mxq:throttled`` (a ZSET, score
+  = when to look again: when the next token is due, or ``BACKSTOP`` seconds
+  for a full set of slots) and the task returns at once, freeing the worker
+  for other domains.  The scheduler's tick (``Store.tick``, every second)
+  re-dispatches throttled lanes whose time has come; a finishing task of the
+  lane re-dispatches it too (its release publishes tasks for ready work).
+  So a wait is rounded up to the next tick: a domain saturated at its rate
+  is served in bursts about a second apart, which is why the default burst
+  is one second's worth (a smaller burst gives less than the rate).  No
+  countdown or ETA task is ever published.
+
+Public API: ``Limits``, ``Policy`` (``parse``, ``from_env``, ``for_domain``),
+``Shaper`` (``acquire``, ``renew``, ``release``, ``refund``), ``Grant``,
+``DEFAULT_CONCURRENCY``, ``BACKSTOP``, ``check_on_worker_init``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from workers.address import normalize_domain
+from workers.errors import InvalidInput
+
+#: Connections open at once to one domain when nothing says otherwise (Postfix's default).
+DEFAULT_CONCURRENCY = 20
+#: Seconds before a lane refused for want of a slot is looked at again by the
+#: scheduler (a finishing task of the lane usually re-dispatches it sooner).
+BACKSTOP = 1.0
+#: Upper bounds that catch typos (``2000000c``) rather than limit anyone.
+MAX_CONCURRENCY = 100_000
+MAX_RATE = 1_000_000.0
+
+_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "hour": 3600.0}
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits of one domain: ``concurrency`` connections (None: unlimited),
+    ``rate`` messages per second (None: unlimited), ``burst`` messages."""
+
+    concurrency: int | None = DEFAULT_CONCURRENCY
+    rate: float | None = None
+    burst: int | None = None
+
+    @property
+    def bucket(self) -> int:
+        """The token bucket's size: ``burst``, or one second's worth of the rate (at least 1)."""
+        if self.burst is not None:
+            return self.burst
+        return max(1, math.ceil(self.rate or 1))
+
+    def describe(self) -> str:
+        """The limits in ``MXQ_SHAPING`` syntax (``20c,50/s,burst=50``)."""
+        parts = [f"{self.concurrency}c" if self.concurrency else "*c"]
+        parts.append(f"{self.rate:g}/s" if self.rate else "*/s")
+        if self.rate:
+            parts.append(f"burst={self.bucket}")
+        return ",".join(parts)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The default limits plus per-domain overrides (domains normalised: IDNA A-label, lower case)."""
+
+    default: Limits = field(default_factory=Limits)
+    domains: Mapping[str, Limits] = field(default_factory=dict)
+
+    def for_domain(self, domain: str) -> Limits:
+        """The limits for ``domain`` (a lane name: already normalised)."""
+        return self.domains.get(domain, self.default)
+
+    def describe(self) -> str:
+        """The whole policy in ``MXQ_SHAPING`` syntax, one rule per domain."""
+        rules = [f"default={self.default.describe()}"]
+        rules += [f"{d}={lim.describe()}" for d, lim in sorted(self.domains.items())]
+        return "; ".join(rules)
+
+    @classmethod
+    def parse(cls, text: str, *, source: str = "MXQ_SHAPING") -> "Policy":
+        """Parse the rules in ``text`` (see the module docstring); raise ValueError naming the bad rule."""
+        default_fields: dict = {}
+        domain_fields: dict[str, dict] = {}
+        seen: dict[str, str] = {}
+        lines = [line.split("#", 1)[0] for line in text.splitlines()]
+        rules = [r.strip() for line in lines for r in line.split(";")]
+        for n, rule in enumerate((r for r in rules if r), 1):
+            where = f"{source}: rule {n} ({rule!r})"
+            target, eq, body = rule.partition("=")
+            target = target.strip()
+            if not eq or not target or not body.strip():
+                raise ValueError(f"{where}: expected TARGET=LIMIT[,LIMIT...], e.g. gmail.com=5c,50/s")
+            if target.lower() == "default":
+                key = "default"
+            else:
+                try:
+                    key = normalize_domain(target)
+                except (InvalidInput, ValueError) as e:
+                    raise ValueError(f"{where}: {target!r} is not a domain: {e}") from None
+            if key in seen:
+                raise ValueError(f"{where}: {target!r} already has a rule ({seen[key]!r})")
+            seen[key] = rule
+            fields = _parse_limits(body, where)
+            if key == "default":
+                default_fields = fields
+            else:
+                domain_fields[key] = fields
+        default = _merge(Limits(), default_fields)
+        return cls(default, {d: _merge(default, f) for d, f in domain_fields.items()})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Policy":
+        """The policy of ``MXQ_SHAPING`` (rules, or a file of rules); the built-in default when unset."""
+        env = os.environ if env is None else env
+        value = (env.get("MXQ_SHAPING") or "").strip()
+        if not value:
+            return cls()
+        if "=" not in value:
+            path = Path(value).expanduser()
+            try:
+                text = path.read_text(encoding="utf-8")
+            except OSError as e:
+                raise ValueError(f"MXQ_SHAPING: cannot read the rules file {value!r}: {e.strerror or e}") from None
+            return cls.parse(text, source=f"MXQ_SHAPING file {value}")
+        return cls.parse(value)
+
+
+def _parse_limits(body: str, where: str) -> dict:
+    """``"5c,50/s,burst=10"`` into ``{"concurrency": 5, "rate": 50.0, "burst": 10}`` (None = unlimited)."""
+    out: dict = {}
+
+    def put(name: str, value, item: str):
+        if name in out:
+            raise ValueError(f"{where}: {name} is given twice")
+        out[name] = value
+
+    for item in (x.strip() for x in body.split(",")):
+        low = item.lower().replace(" ", "")
+        if not low:
+            raise ValueError(f"{where}: empty limit (a stray comma?)")
+        if low.endswith("c") and "/" not in low and "=" not in low:
+            num = low[:-1]
+            if num == "*":
+                put("concurrency", None, item)
+                continue
+            if not num.isdigit() or not 1 <= int(num) <= MAX_CONCURRENCY:
+                raise ValueError(f"{where}: {item!r}: concurrency must be a whole number from 1 to "
+                                 f"{MAX_CONCURRENCY} followed by c (or *c for no limit)")
+            put("concurrency", int(num), item)
+        elif "/" in low:
+            num, _, unit = low.partition("/")
+            if unit not in _UNITS:
+                raise ValueError(f"{where}: {item!r}: the rate's unit must be /s, /m (/min) or /h")
+            if num == "*":
+                put("rate", None, item)
+                continue
+            try:
+                value = float(num)
+            except ValueError:
+                value = float("nan")
+            if not (value > 0 and math.isfinite(value)) or value / _UNITS[unit] > MAX_RATE:
+                raise ValueError(f"{where}: {item!r}: a rate must be a positive number per second, "
+                                 f"minute or hour (or */s for no limit)")
+            put("rate", value / _UNITS[unit], item)
+        elif low.startswith("burst="):
+            num = low[len("burst="):]
+            if not num.isdigit() or not 1 <= int(num) <= MAX_CONCURRENCY * 100:
+                raise ValueError(f"{where}: {item!r}: burst must be a whole number of messages, at least 1")
+            put("burst", int(num), item)
+        else:
+            raise ValueError(f"{where}: {item!r} is not a limit (use Nc, R/s, R/m, R/h or burst=N)")
+    if "burst" in out and not out.get("rate"):
+        raise ValueError(f"{where}: burst=N needs a rate in the same rule (R/s, R/m or R/h)")
+    return out
+
+
+def _merge(base: Limits, fields: dict) -> Limits:
+    concurrency = fields.get("concurrency", base.concurrency)
+    if "rate" in fields:                    # a new rate brings its own burst (or the default one)
+        rate, burst = fields["rate"], fields.get("burst")
+    else:
+        rate, burst = base.rate, base.burst
+    return Limits(concurrency=concurrency, rate=rate, burst=burst)
+
+
+# ---------------------------------------------------------------- Redis side
+# KEYS: ready list, pending hash, dispatch zset, throttled zset, slot zset, tat string
+# ARGV: now (the caller's clock, for mxq:dispatch / mxq:throttled, which the
+#       scheduler compares with its own clock), lane, want, concurrency (0 =
+#       none), slot ttl, token, emission interval (0 = no rate), bucket size,
+#       backstop seconds
+# Returns {granted, wait (string: seconds), reason}: reason "ok", "empty",
+# "concurrency" or "rate".  Every limit is computed on Redis's TIME.
+_ACQUIRE = r"""
+local ready, pending, dispatch, throttled, slots, tatk = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local now, lane, want = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local climit, ttl, token = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local T, bucket, backstop = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local t = redis.call('TIME')
+local rnow = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local n = redis.call('LLEN', ready)
+-- Refusing: do the bookkeeping a claim would have done (this task is no
+-- longer pending; the lane is active), and have the scheduler look again.
+local function refuse(reason, wait)
+  local pend = tonumber(redis.call('HGET', pending, lane) or '0')
+  if pend > 1 then
+    redis.call('HSET', pending, lane, pend - 1)
+  elseif pend == 1 then
+    redis.call('HDEL', pending, lane)
+  end
+  if n > 0 then
+    redis.call('ZADD', dispatch, now, lane)
+    redis.call('ZADD', throttled, 'LT', now + wait, lane)
+  else
+    redis.call('ZREM', dispatch, lane)
+  end
+  return {0, string.format('%.6f', wait), reason}
+end
+if n == 0 then return refuse('empty', 0) end
+if climit > 0 then
+  redis.call('ZREMRANGEBYSCORE', slots, '-inf', rnow)      -- holders that died
+  if redis.call('ZCARD', slots) >= climit then return refuse('concurrency', backstop) end
+end
+local grant = math.min(want, n)
+if T > 0 then
+  local tat = tonumber(redis.call('GET', tatk) or '0')
+  local base = math.max(tat, rnow)
+  local avail = math.floor(bucket - (base - rnow) / T + 1e-9)
+  if avail < 1 then return refuse('rate', (base - rnow) - (bucket - 1) * T) end
+  grant = math.min(grant, avail)
+  local tat2 = base + grant * T
+  redis.call('SET', tatk, string.format('%.6f', tat2), 'PX', math.ceil((tat2 - rnow) * 1000) + 1000)
+end
+if climit > 0 then
+  redis.call('ZADD', slots, rnow + ttl, token)
+  redis.call('PEXPIRE', slots, math.ceil(ttl * 1000) + 1000)
+end
+return {grant, '0', 'ok'}
+"""
+
+# KEYS: slot zset.  ARGV: ttl, token.  Extends the slot if the token still holds it.
+_RENEW = r"""
+local t = redis.call('TIME')
+local rnow = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ttl = tonumber(ARGV[1])
+local ok = redis.call('ZADD', KEYS[1], 'XX', 'CH', rnow + ttl, ARGV[2])
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 1000) + 1000)
+  return 1
+end
+return 0
+"""
+
+# KEYS: tat string.  ARGV: tokens, emission interval.  Gives unused tokens back.
+_REFUND = r"""
+local tat = redis.call('GET', KEYS[1])
+if not tat then return 0 end
+local v = tonumber(tat) - tonumber(ARGV[1]) * tonumber(ARGV[2])
+redis.call('SET', KEYS[1], string.format('%.6f', v), 'KEEPTTL')
+return 1
+"""
+
+PREFIX = "mxq:"
+THROTTLED = PREFIX + "throttled"
+
+
+def slots_key(domain: str) -> str:
+    """The ZSET of the domain's concurrency slot holders (token -> expiry, Redis time)."""
+    return f"{PREFIX}shape:conn:{domain}"
+
+
+def tat_key(domain: str) -> str:
+    """The domain's GCRA state (theoretical arrival time, Redis time)."""
+    return f"{PREFIX}shape:tat:{domain}"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """The answer to ``Shaper.acquire``: ``granted`` messages may be claimed (0: none).
+
+    ``reason``: ``ok``, ``empty`` (nothing ready), ``concurrency`` (every slot
+    taken) or ``rate`` (no token); ``wait``: seconds until the scheduler
+    looks at the lane again.  ``slot``: whether a concurrency slot is held
+    (and must be released).
+    """
+
+    granted: int
+    reason: str
+    wait: float = 0.0
+    slot: bool = False
+
+
+class Shaper:
+    """The shaping scripts on one Redis client, for one ``Policy``.
+
+    ``slot_ttl``: seconds a slot outlives its holder's last renewal (the
+    pipeline uses ``MXQ_LEASE_SECONDS``, renewed by the lease heartbeat).
+    """
+
+    def __init__(self, client, policy: Policy | None = None, *, slot_ttl: float = 45.0,
+                 backstop: float = BACKSTOP):
+        self.r = client
+        self.policy = policy if policy is not None else Policy.from_env()
+        self.slot_ttl = float(slot_ttl)
+        self.backstop = float(backstop)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._refund = client.register_script(_REFUND)
+
+    def acquire(self, domain: str, token: str, want: int, *, now: float) -> Grant:
+        """Take a slot and up to ``want`` tokens for ``domain``'s ready work, or refuse.
+
+        On refusal nothing is held, the lane's ``mxq:pending`` count is
+        decremented (as a claim would) and the lane is put in
+        ``mxq:throttled`` for the scheduler.  ``now`` is the caller's clock
+        (the one the store and scheduler use); the limits use Redis time.
+        """
+        lim = self.policy.for_domain(domain)
+        interval = 1.0 / lim.rate if lim.rate else 0.0
+        keys = [f"{PREFIX}ready:{domain}", f"{PREFIX}pending", f"{PREFIX}dispatch", THROTTLED,
+                slots_key(domain), tat_key(domain)]
+        args = [repr(float(now)), domain, int(want), lim.concurrency or 0, repr(self.slot_ttl), token,
+                repr(interval), lim.bucket, repr(self.backstop)]
+        granted, wait, reason = self._acquire(keys=keys, args=args)
+        reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+        granted = int(granted)
+        return Grant(granted, reason, float(wait), slot=granted > 0 and bool(lim.concurrency))
+
+    def renew(self, domain: str, token: str) -> bool:
+        """Extend ``token``'s slot for ``domain``; False when it holds none (expired, or no limit)."""
+        return self._renew(keys=[slots_key(domain)], args=[repr(self.slot_ttl), token]) == 1
+
+    def release(self, domain: str, token: str) -> None:
+        """Give ``token``'s slot back (nothing happens when it holds none)."""
+        self.r.zrem(slots_key(domain), token)
+
+    def refund(self, domain: str, tokens: int) -> None:
+        """Give back ``tokens`` granted but not used (the work was claimed by someone else)."""
+        lim = self.policy.for_domain(domain)
+        if tokens > 0 and lim.rate:
+            self._refund(keys=[tat_key(domain)], args=[int(tokens), repr(1.0 / lim.rate)])
+
+    def holders(self, domain: str) -> int:
+        """How many slots of ``domain`` are held now (expired holders included until the next acquire)."""
+        return int(self.r.zcard(slots_key(domain)))
+
+
+def check_on_worker_init(**_kw) -> None:
+    """Celery ``worker_init`` hook: refuse to start a worker with a bad ``MXQ_SHAPING``.
+
+    Celery logs and swallows exceptions from signal handlers, so this exits
+    (``SystemExit``) with the parse error instead.
+    """
+    try:
+        Policy.from_env()
+    except ValueError as e:
+        raise SystemExit(f"mxq: {e}") from None
