@@ -170,7 +170,7 @@ def publish(dispatch: list[tuple[str, int]], *, fan_out: bool = False) -> int:
                 if lane == REPORT_LANE:
                     notify.apply_async(producer=producer)
                 elif lane == webhooks.WEBHOOK_LANE:     # >>> webhook events (tasks.webhooks) <<<
-                    webhooks.deliver_events.apply_async(producer=producer)
+                    webhooks.deliver_events.apply_async(producer=producer, queue=webhooks.QUEUE)
                 else:
                     deliver.apply_async(args=[lane], producer=producer)
                 n += 1

@@ -386,7 +386,8 @@ def run_webhooks() -> int:
     return sent
 
 
-@app.task(name="mxq.webhook", queue=QUEUE, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+# Published on QUEUE by tasks.graph.publish (queue= at the call: tasks.app's routes are not ours).
+@app.task(name="mxq.webhook", acks_late=True, reject_on_worker_lost=True, ignore_result=True,
           autoretry_for=TRANSIENT_REDIS_ERRORS, max_retries=3, retry_backoff=1, retry_backoff_max=8,
           retry_jitter=True)
 def deliver_events() -> int:
