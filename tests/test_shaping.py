@@ -411,3 +411,10 @@ def test_slot_outlives_the_lease_while_delivering_and_frees_when_the_worker_dies
         assert w2.running
     finally:
         slow.stop()
+
+
+def test_worker_refuses_to_start_with_bad_rules(pipeline):
+    p = pipeline(MXQ_SHAPING="default=20c; gmail.com=5c,50/q")
+    with pytest.raises(RuntimeError) as e:
+        p.worker(concurrency=1)
+    assert "mxq: MXQ_SHAPING: rule 2 ('gmail.com=5c,50/q'): '50/q': the rate's unit must be" in str(e.value)
