@@ -49,7 +49,11 @@ DEFAULT_WAIT_TIMEOUT = 600.0
 #: Sub-commands whose unknown options are passed through to Celery / Flower.
 PASSTHROUGH = ("worker", "scheduler", "flower")
 
-FINAL_STATES = ("delivered", "bounced", "expired")
+#: States that never change again (as ``tasks.store.FINAL_STATES``): ``suppressed`` is refused at
+#: submission (``tasks.suppress``), ``dropped`` given up by the operator (``mxq queue drop``).
+FINAL_STATES = ("delivered", "bounced", "expired", "suppressed", "dropped")
+#: Final states that mean "not delivered": the job's exit status is 69 when any recipient has one.
+FAILED_STATES = ("bounced", "expired", "suppressed", "dropped")
 
 
 # -- the parser ---------------------------------------------------------------------------------
@@ -68,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flower(sub)
     from tasks import up
     up.add_parser(sub)
+    import importlib.util
+    if importlib.util.find_spec("tasks.admin") is not None:    # mxq queue, mxq suppress
+        from tasks import admin
+        admin.add_parsers(sub)
     return parser
 
 
@@ -254,9 +262,10 @@ def run_status(args) -> int:
 
 def exit_status(status: dict) -> int:
     """sysexits status of a job, as ``mxq deliver`` (``workers.cli.exit_status``): 69 if anything
-    bounced or expired, else 75 if anything is not final, else 0."""
+    bounced, expired, was suppressed or dropped, else 75 if anything is not final, else 0."""
     from workers.cli import exit_status as engine_exit_status
-    return engine_exit_status(r.get("state") for r in status.get("recipients", []))
+    return engine_exit_status("bounced" if r.get("state") in FAILED_STATES else r.get("state")
+                              for r in status.get("recipients", []))
 
 
 def is_final(status: dict) -> bool:

@@ -314,3 +314,24 @@ def test_send_without_redis_or_with_bad_settings():
                            env={**env, name: value})
         assert r.returncode == 78, r.stderr
         assert name.encode() in r.stderr
+
+
+def test_exit_status_and_finality_of_every_state():
+    """Pure logic: suppressed and dropped are final non-deliveries (69), like bounced and expired."""
+    from tasks.cli import exit_status, is_final, progress_line
+
+    def job(*states):
+        return {"job": "j", "state": "x", "recipients": [{"address": f"r{i}@a.test", "state": s}
+                                                         for i, s in enumerate(states)]}
+    assert exit_status(job("delivered", "delivered")) == 0
+    assert exit_status(job("delivered", "deferred")) == 75
+    assert exit_status(job("queued")) == 75
+    assert exit_status(job()) == 75
+    for failed in ("bounced", "expired", "suppressed", "dropped"):
+        assert exit_status(job("delivered", failed)) == 69
+        assert exit_status(job("deferred", failed)) == 69
+        assert is_final(job("delivered", failed))
+    assert not is_final(job("delivered", "deferred"))
+    assert not is_final(job())
+    assert progress_line(job("delivered", "deferred", "bounced", "queued"), width=8) == \
+        "[####....] 2/4 final  bounced 1  deferred 1  delivered 1  queued 1"
