@@ -213,3 +213,20 @@ def test_percentile_is_nearest_rank():
     assert percentile(list(range(1, 101)), 0.99) == 99
     assert percentile([3.0], 0.99) == 3.0
     assert percentile([], 0.5) is None
+
+
+def test_json_output_never_replaces_a_special_file(tmp_path):
+    """``--json /dev/null`` must write into the device, not rename a regular file over it."""
+    from bench_lib.sandbox import json_dump
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    import threading
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()))
+    reader.start()
+    json_dump({"a": 1}, fifo)
+    reader.join(10)
+    assert fifo.is_fifo() and json.loads(got[0]) == {"a": 1}
+    regular = tmp_path / "r.json"
+    json_dump({"b": 2}, regular)
+    assert json.loads(regular.read_text()) == {"b": 2} and not (tmp_path / "r.json.tmp").exists()

@@ -640,9 +640,18 @@ def make_workdir(base: str | None = None) -> Path:
 
 
 def json_dump(data, path: Path) -> None:
-    """Write ``data`` as indented JSON (atomically)."""
+    """Write ``data`` as indented JSON: atomically (temp file + rename) for a regular file.
+
+    Anything else that exists (``/dev/null``, ``/dev/stdout``, a FIFO) is
+    written in place: renaming over it would replace the device node itself.
+    """
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    if path.exists() and not path.is_file():
+        with open(path, "w") as f:
+            f.write(text)
+        return
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
