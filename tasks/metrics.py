@@ -52,9 +52,10 @@ series count):
     ``rate``) and returned without work (``tasks.shaping``).
 ``mxq_queue_depth{queue}``  gauge, read from Redis at scrape time
     ``intake`` (jobs stored, not yet split), ``ready`` (work items on every
-    delivery lane's ready list), ``deferred`` (work items waiting for their
-    next attempt), ``leased`` (batches in flight), ``throttled`` (lanes held
-    back by shaping), ``reports`` (delivery status reports waiting).
+    delivery lane's ready list), ``deferred`` (``mxq:deferred``: work items
+    waiting for their next attempt), ``leased`` (batches in flight), ``throttled`` (lanes held
+    back by shaping), ``reports`` (delivery status reports waiting),
+    ``webhooks`` (webhook events waiting, ``tasks.webhooks``).
 ``mxq_ready_depth{lane}``  gauge, read from Redis at scrape time
     ready work items per delivery lane (the ``MAX_LANE_LABELS`` deepest).
 ``mxq_redis_up``  gauge
@@ -288,18 +289,20 @@ class RedisCollector:
         """``({queue: depth}, {lane: ready items})``; raises redis errors."""
         p = self.r.pipeline(transaction=False)
         for cmd, key in (("zcard", "intake"), ("zcard", "deferred"), ("zcard", "lease"), ("zcard", "throttled"),
-                         ("llen", "ready:!r")):
+                         ("llen", "ready:!r"), ("llen", "ready:!w")):
             getattr(p, cmd)("mxq:" + key)
-        # mxq:dispatch holds exactly the lanes with ready work (see tasks.store).
+        # mxq:dispatch holds exactly the lanes with ready work (see tasks.store);
+        # lanes starting with "!" are not domains (reports, webhooks).
         p.zrange("mxq:dispatch", 0, -1)
-        intake, deferred, leased, throttled_, reports, lanes = p.execute()
-        lanes = [x.decode("utf-8", "replace") for x in lanes if x != b"!r"]
+        intake, deferred, leased, throttled_, reports, hooks, lanes = p.execute()
+        lanes = [x.decode("utf-8", "replace") for x in lanes if not x.startswith(b"!")]
         p = self.r.pipeline(transaction=False)
         for lane in lanes:
             p.llen("mxq:ready:" + lane)
         ready = {lane: int(n) for lane, n in zip(lanes, p.execute()) if n}
         queues = {"intake": int(intake), "ready": sum(ready.values()), "deferred": int(deferred),
-                  "leased": int(leased), "throttled": int(throttled_), "reports": int(reports)}
+                  "leased": int(leased), "throttled": int(throttled_), "reports": int(reports),
+                  "webhooks": int(hooks)}
         return queues, ready
 
     def collect(self):
@@ -369,6 +372,8 @@ def serve(redis_url: str, env: Mapping[str, str] | None = None) -> int:
             error = e
             continue
         _server = (httpd, thread, httpd.server_port)
+        # WARNING: Celery's logging is not set up yet at worker_init, and only
+        # warnings reach stderr then; this line is how a human learns an "auto" port.
         log.warning("mxq metrics: serving http://%s:%d/metrics (pid %d)", addr, httpd.server_port, os.getpid())
         return httpd.server_port
     span = f"{ports[0]}" if len(ports) == 1 else f"{ports[0]}-{ports[-1]}"

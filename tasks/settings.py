@@ -19,6 +19,8 @@ never goes into a task argument, a Redis key or a log line.
 | ``MXQ_INTAKE_THRESHOLD`` | 500 | ``submit_many`` batches larger than this are split by ``mxq.intake`` |
 | ``MXQ_TASK_SOFT_LIMIT`` | 900 | soft time limit of a task (seconds) |
 | ``MXQ_TASK_HARD_LIMIT`` | 960 | hard time limit (the child is killed) |
+| ``MXQ_SHAPING`` | ``default=20c`` | per-domain connection and rate limits shared by every worker (read by ``tasks.shaping``) |
+| ``MXQ_METRICS_PORT`` | unset | each worker serves Prometheus ``/metrics`` there (read by ``tasks.metrics``) |
 """
 
 from __future__ import annotations
