@@ -276,14 +276,12 @@ def run_delivery(domain: str) -> dict:
                      domain, grant.reason, grant.wait)
             return {"items": 0, "throttled": 1}
         return {"items": 0}
-    dns_before = rt.resolver.stats if metrics.enabled() else None
     try:
         counts, dispatch = _deliver_batch(rt, domain, token, grant)
     finally:
         if grant.slot:          # before publishing: the tasks published next may take the slot
             rt.shaper.release(domain, token)
-    if dns_before is not None:
-        metrics.dns(dns_before, rt.resolver.stats)
+    metrics.dns(rt.resolver)
     if dispatch is None:
         return dict(counts)
     metrics.outcomes(domain, counts)

@@ -93,6 +93,7 @@ PORT_SPAN = 100
 _lock = threading.Lock()
 _instruments = None
 _domains: set[str] = set()
+_dns_seen: dict[tuple[int, int], dict] = {}
 _server = None            # (httpd, thread, port) in the worker's main process
 _made_dir: str | None = None
 
@@ -192,13 +193,22 @@ def run_seconds(seconds: float) -> None:
         instruments().run.observe(seconds)
 
 
-def dns(before: Mapping[str, int], after: Mapping[str, int]) -> None:
-    """Count the resolver's queries, hits and misses between two ``Resolver.stats`` snapshots."""
+def dns(resolver) -> None:
+    """Count what ``resolver.stats`` (queries, hits, misses) gained since the last call for it.
+
+    One snapshot per resolver, under a lock, so concurrent tasks of a
+    ``threads`` pool sharing a resolver never count the same lookup twice.
+    """
     if not enabled():
         return
     m = instruments()
+    now = resolver.stats
+    with _lock:
+        key = (os.getpid(), id(resolver))         # a forked child starts from nothing
+        last = _dns_seen.get(key, {})
+        _dns_seen[key] = now
     for key, counter in (("queries", m.dns_queries), ("hits", m.dns_hits), ("misses", m.dns_misses)):
-        delta = after.get(key, 0) - before.get(key, 0)
+        delta = now.get(key, 0) - last.get(key, 0)
         if delta > 0:
             counter.inc(delta)
 
