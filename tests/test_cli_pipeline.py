@@ -10,6 +10,7 @@ with anything else in the test session.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -222,8 +223,15 @@ def _clean_env() -> dict:
 
 def test_up_sandbox_demo_end_to_end():
     started = time.monotonic()
-    r = subprocess.run(_netns_argv("up", "--sandbox", "--demo", "--flower-port", "0"), capture_output=True,
-                       timeout=110, env=_clean_env())
+    proc = subprocess.Popen(_netns_argv("up", "--sandbox", "--demo", "--flower-port", "0"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_clean_env(), start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=100)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc.pid)
+        stdout, stderr = proc.communicate(timeout=10)
+        pytest.fail(f"mxq up --sandbox --demo did not finish in 100 s:\n{stdout.decode()}\n{stderr.decode()}")
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     out, err = r.stdout.decode(), r.stderr.decode()
     # Null MX, an unknown user and NXDOMAIN bounce by design: 69.
     assert r.returncode == 69, (out, err)
@@ -261,6 +269,14 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it, group by group (mxq up's children have sessions
+    of their own, so killing one group would not reach them)."""
+    for k in [pid, *_descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(os.getpgid(k), signal.SIGKILL)
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -272,6 +288,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_up_stops_every_child_on_signal(tmp_path, sig):
     log = tmp_path / "up.err"
+    kids: set[int] = set()
     with open(log, "wb") as err:
         proc = subprocess.Popen([MXQ, "up", "--flower-port", "0", "--concurrency", "2"], stdout=subprocess.DEVNULL,
                                 stderr=err, env=_clean_env(), start_new_session=True)
@@ -292,9 +309,14 @@ def test_up_stops_every_child_on_signal(tmp_path, sig):
         leftover = [k for k in kids if _alive(k)]
         assert not leftover, (leftover, text)
     finally:
+        # Whatever happened, leave nothing behind.
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_tree(proc.pid)
             proc.wait(10)
+        for k in kids:
+            if _alive(k):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(os.getpgid(k), signal.SIGKILL)
 
 
 def test_send_without_redis_or_with_bad_settings():
