@@ -1,0 +1,707 @@
+"""The operator's commands: ``mxq queue`` (mailq, flush, drop) and ``mxq suppress``.
+
+``mxq queue [--json] [--oldest N]``
+    What is waiting, by domain: ``ready`` (on the domain's ready list,
+    waiting for a worker), ``in flight`` (claimed by a worker under a lease)
+    and ``deferred`` (waiting for its next attempt), counted in messages (a
+    work item: one job's recipients in one domain) and recipients; jobs
+    stored and not yet split by domain (``intake``); reports and webhook
+    events waiting; and the N oldest deferred recipients with their age,
+    attempts, next attempt and last reply.  Reads only (no lock; numbers may
+    move while they are read).
+
+``mxq queue flush [DOMAIN]``
+    Move deferred work (of DOMAIN, or all of it, webhook events included)
+    to the back of its ready lists now and publish the tasks for it: the
+    next attempt starts as soon as a worker is free instead of at its due
+    time.  A flush of everything also clears the exchanges' failure memory
+    (``mxq:down:*``), so an exchange marked down is tried again at once.
+
+``mxq queue drop JOB|DOMAIN [--yes]``
+    Give up on every recipient of a job (a 32-hex job id), or on every
+    recipient waiting for a domain (ready, deferred, in flight, or in a job
+    not yet split), after a y/N question on the terminal (``--yes`` skips
+    it).  Dropped recipients get the final state ``dropped`` (enhanced code
+    5.0.0, text "dropped by the operator"): a state of its own, so it is
+    never mistaken for what a server said, and no delivery status report is
+    sent (as ``postsuper -d``).  Their work items leave the ready lists and
+    the deferred queue in the same atomic script, so nothing of theirs is
+    attempted afterwards.  A recipient whose SMTP transaction is under way
+    at that moment may still receive that one transaction; the worker's
+    release then keeps ``dropped``, or records ``delivered`` when it went
+    through (the truth), and never retries it.  Webhook events
+    (``dropped``) go out when ``MXQ_WEBHOOK_URL`` is set for this command.
+
+``mxq suppress list [--json] | add ADDR [--ttl SECONDS] [--reason TEXT] | remove ADDR``
+    The suppression list (``tasks.suppress``).
+
+Exit statuses (sysexits, as the other commands): 0 done, 1 drop not
+confirmed, 64 usage, 65 a malformed address or domain, 66 unknown job / not
+suppressed, 75 Redis unreachable, 78 a malformed ``MXQ_*`` setting.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+
+EX_OK = 0
+EX_DECLINED = 1
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+DROP_TEXT = "dropped by the operator (mxq queue drop)"
+DROP_ENHANCED = "5.0.0"
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+# ---------------------------------------------------------------- Lua
+# Shared by the drop scripts: mark the non-final recipients ``idxs`` of one
+# job dropped (all of them when idxs is nil), adjust ``left``, expire a job
+# that is done, and enqueue a webhook event per dropped recipient when
+# hookttl > 0.  Returns how many were dropped.
+_DROP_LIB = r"""
+local FINAL = {delivered = true, bounced = true, expired = true, suppressed = true, dropped = true}
+local function nn(x) if x == nil then return cjson.null end return x end
+local function drop_records(job, idxs, now, ttl, hookttl, text, enhanced, hooks)
+  local jk = P .. 'job:' .. job
+  if idxs == nil then
+    local n = tonumber(redis.call('HGET', jk, 'n') or '0')
+    idxs = {}
+    for i = 0, n - 1 do table.insert(idxs, tostring(i)) end
+  end
+  local count, writes = 0, {}
+  for c = 1, #idxs, 1000 do
+    local fields = {}
+    for j = c, math.min(c + 999, #idxs) do table.insert(fields, 'r:' .. idxs[j]) end
+    local recs = redis.call('HMGET', jk, unpack(fields))
+    for j, raw in ipairs(recs) do
+      if raw then
+        local r = cjson.decode(raw)
+        if not FINAL[r.state] then
+          r.state = 'dropped'; r.code = cjson.null; r.enhanced = enhanced; r.text = text
+          r.next_attempt = cjson.null
+          table.insert(writes, fields[j]); table.insert(writes, cjson.encode(r))
+          count = count + 1
+          if hookttl > 0 then
+            local hid = job .. '-' .. string.sub(fields[j], 3) .. '-dropped'
+            local body = cjson.encode({id = hid, job = job, recipient = nn(r.address), domain = nn(r.domain),
+              state = 'dropped', code = cjson.null, enhanced = enhanced, text = text,
+              exchange = nn(r.exchange), ip = nn(r.ip), relay = r.relay == true,
+              attempts = tonumber(r.attempts) or 0, next_attempt = cjson.null, timestamp = now})
+            redis.call('HSET', P .. 'hook:' .. hid, 'b', body)
+            redis.call('EXPIRE', P .. 'hook:' .. hid, hookttl)
+            table.insert(hooks, '!w|' .. hid)
+          end
+        end
+      end
+    end
+  end
+  if count > 0 then
+    push('HSET', jk, writes)
+    if redis.call('HINCRBY', jk, 'left', -count) <= 0 then
+      redis.call('EXPIRE', jk, ttl)
+      local idem = redis.call('HGET', jk, 'idem')
+      if idem and idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. idem, ttl) end
+    end
+  end
+  return count
+end
+-- The work item's job and indexes: '{job}|{domain}|{i,j,...}'.
+local function parse_wid(wid)
+  local a = string.find(wid, '|', 1, true)
+  local b = string.find(wid, '|', a + 1, true)
+  return string.sub(wid, 1, a - 1), split(string.sub(wid, b + 1), ',')
+end
+local function finish(hooks, now, k, maxpar, guardttl)
+  if redis.call('EXISTS', P .. 'guard') == 1 then redis.call('EXPIRE', P .. 'guard', guardttl) end
+  if #hooks > 0 then
+    push('RPUSH', P .. 'ready:!w', hooks)
+    return dispatch({'!w'}, now, k, maxpar, false, {})
+  end
+  return {}
+end
+"""
+
+# ARGV: now, ttl, hookttl, text, enhanced, k, maxpar, guardttl, job.
+# Returns {dropped (-1: unknown job), work items removed, batches in flight, dispatch}.
+_DROP_JOB = r"""
+local now, ttl, hookttl, text, enhanced = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local k, maxpar, guardttl, job = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+local jk = P .. 'job:' .. job
+if redis.call('EXISTS', jk) == 0 then return {-1, 0, 0, {}} end
+local removed = 0
+local domains = redis.call('HGET', jk, 'domains')
+if domains then
+  for _, d in ipairs(split(domains, ',')) do
+    local idx = redis.call('HGET', jk, 'd:' .. d)
+    if idx then
+      local wid = job .. '|' .. d .. '|' .. idx
+      removed = removed + redis.call('LREM', P .. 'ready:' .. d, 0, wid)
+      removed = removed + redis.call('ZREM', P .. 'deferred', wid)
+    end
+  end
+end
+redis.call('ZREM', P .. 'intake', job)
+local inflight = 0
+for _, token in ipairs(redis.call('ZRANGE', P .. 'lease', 0, -1)) do
+  local b = redis.call('GET', P .. 'batch:' .. token)
+  if b and string.find(b, '\n' .. job .. '|', 1, true) then
+    redis.call('SADD', P .. 'guard', token)
+    inflight = inflight + 1
+  end
+end
+local hooks = {}
+local n = drop_records(job, nil, now, ttl, hookttl, text, enhanced, hooks)
+return {n, removed, inflight, finish(hooks, now, k, maxpar, guardttl)}
+"""
+
+# ARGV: now, ttl, hookttl, text, enhanced, k, maxpar, guardttl, domain.
+# Returns {dropped, work items removed, work items in flight, dispatch}.
+_DROP_DOMAIN = r"""
+local now, ttl, hookttl, text, enhanced = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local k, maxpar, guardttl, d = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+local items = redis.call('LRANGE', P .. 'ready:' .. d, 0, -1)
+redis.call('DEL', P .. 'ready:' .. d)
+redis.call('ZREM', P .. 'dispatch', d)
+local removed = #items
+local gone = {}
+for _, wid in ipairs(redis.call('ZRANGE', P .. 'deferred', 0, -1)) do
+  if lane_of(wid) == d then table.insert(gone, wid); table.insert(items, wid) end
+end
+if #gone > 0 then push('ZREM', P .. 'deferred', gone) end
+removed = removed + #gone
+local inflight = 0
+for _, token in ipairs(redis.call('ZRANGE', P .. 'lease', 0, -1)) do
+  local b = redis.call('GET', P .. 'batch:' .. token)
+  if b then
+    local held = split(b, '\n')
+    if held[1] == d then
+      redis.call('SADD', P .. 'guard', token)
+      for i = 2, #held do table.insert(items, held[i]); inflight = inflight + 1 end
+    end
+  end
+end
+local hooks, n = {}, 0
+for _, wid in ipairs(items) do
+  local job, idxs = parse_wid(wid)
+  n = n + drop_records(job, idxs, now, ttl, hookttl, text, enhanced, hooks)
+end
+-- jobs stored and not split yet: their recipients in d
+for _, job in ipairs(redis.call('ZRANGE', P .. 'intake', 0, -1)) do
+  local idx = redis.call('HGET', P .. 'job:' .. job, 'd:' .. d)
+  if idx then n = n + drop_records(job, split(idx, ','), now, ttl, hookttl, text, enhanced, hooks) end
+end
+return {n, removed, inflight, finish(hooks, now, k, maxpar, guardttl)}
+"""
+
+# ARGV: now, k, maxpar, domain ('' = every lane).  Returns {moved, dispatch}.
+_FLUSH = r"""
+local now, k, maxpar, only = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local by, lanes, moved = {}, {}, {}
+for _, wid in ipairs(redis.call('ZRANGE', P .. 'deferred', 0, -1)) do
+  local l = lane_of(wid)
+  if only == '' or l == only then
+    if not by[l] then by[l] = {}; table.insert(lanes, l) end
+    table.insert(by[l], wid)
+    table.insert(moved, wid)
+  end
+end
+if #moved > 0 then push('ZREM', P .. 'deferred', moved) end
+for _, l in ipairs(lanes) do push('RPUSH', P .. 'ready:' .. l, by[l]) end
+return {#moved, dispatch(lanes, now, k, maxpar, false, {})}
+"""
+
+
+# ---------------------------------------------------------------- the operations (API)
+class Admin:
+    """Queue inspection and surgery on a ``tasks.store.Store`` (what the commands run)."""
+
+    def __init__(self, store):
+        from .store import _PRELUDE
+
+        self.store = store
+        self.r = store.r
+        self.settings = store.settings
+        self._drop_job = self.r.register_script(_PRELUDE + _DROP_LIB + _DROP_JOB)
+        self._drop_domain = self.r.register_script(_PRELUDE + _DROP_LIB + _DROP_DOMAIN)
+        self._flush = self.r.register_script(_PRELUDE + _FLUSH)
+
+    # -------------------------------------------------------- mailq
+    def snapshot(self, *, oldest: int = 5, now: float | None = None) -> dict:
+        """The queue by domain and state (the ``mxq queue --json`` document)."""
+        now = time.time() if now is None else now
+        r = self.r
+        per: dict[str, dict] = {}
+
+        def row(lane: str) -> dict:
+            return per.setdefault(lane, {"domain": lane, "ready": 0, "in_flight": 0, "deferred": 0,
+                                         "recipients": 0})
+
+        def count(lane: str, wid: str, state: str) -> None:
+            x = row(lane)
+            x[state] += 1
+            if not lane.startswith("!"):
+                x["recipients"] += wid.rsplit("|", 1)[-1].count(",") + 1
+
+        lanes = [_s(k)[len("mxq:ready:"):] for k in r.scan_iter(match="mxq:ready:*", count=1000)]
+        for lane in lanes:
+            for start in range(0, 10**9, 10000):
+                chunk = r.lrange("mxq:ready:" + lane, start, start + 9999)
+                for wid in chunk:
+                    count(lane, _s(wid), "ready")
+                if len(chunk) < 10000:
+                    break
+        leases = r.zrange("mxq:lease", 0, -1)
+        if leases:
+            pipe = r.pipeline(transaction=False)
+            for t in leases:
+                pipe.get(b"mxq:batch:" + t)
+            for b in pipe.execute():
+                if b:
+                    held = _s(b).split("\n")
+                    for wid in held[1:]:
+                        count(held[0], wid, "in_flight")
+        deferred = [(_s(w), due) for w, due in r.zrange("mxq:deferred", 0, -1, withscores=True)]
+        for wid, _ in deferred:
+            count(_lane_of(wid), wid, "deferred")
+        special = {k: per.pop(k) for k in ("!r", "!w") if k in per}
+        domains = sorted(per.values(), key=lambda x: (-(x["ready"] + x["in_flight"] + x["deferred"]), x["domain"]))
+        totals = {s: sum(x[s] for x in domains) for s in ("ready", "in_flight", "deferred", "recipients")}
+        doc = {"time": now, "totals": totals, "domains": domains, "intake": r.zcard("mxq:intake"),
+               "reports": {s: special.get("!r", {}).get(s, 0) for s in ("ready", "in_flight")},
+               "webhooks": {s: special.get("!w", {}).get(s, 0) for s in ("ready", "in_flight", "deferred")},
+               "oldest_deferred": self._oldest([(w, d) for w, d in deferred if not w.startswith("!")], oldest, now)}
+        return doc
+
+    def _oldest(self, deferred: list[tuple[str, float]], n: int, now: float) -> list[dict]:
+        """The ``n`` oldest deferred recipients (by the job's submission time)."""
+        if not deferred or n <= 0:
+            return []
+        jobs = sorted({w.split("|", 1)[0] for w, _ in deferred})
+        created: dict[str, float] = {}
+        for i in range(0, len(jobs), 5000):
+            pipe = self.r.pipeline(transaction=False)
+            for j in jobs[i:i + 5000]:
+                pipe.hget("mxq:job:" + j, "created")
+            for j, c in zip(jobs[i:i + 5000], pipe.execute()):
+                if c is not None:
+                    created[j] = float(c)
+        items = sorted((created[w.split("|", 1)[0]], w, due) for w, due in deferred if w.split("|", 1)[0] in created)
+        out: list[dict] = []
+        for when, wid, due in items:
+            job, domain, idx = wid.split("|", 2)
+            recs = self.r.hmget("mxq:job:" + job, [f"r:{i}" for i in idx.split(",")])
+            for raw in recs:
+                if raw is None:
+                    continue
+                rec = json.loads(raw)
+                if rec.get("state") != "deferred":
+                    continue
+                out.append({"job": job, "domain": domain, "recipient": rec.get("address"), "age": now - when,
+                            "attempts": rec.get("attempts") or 0, "next_attempt": due, "code": rec.get("code"),
+                            "enhanced": rec.get("enhanced"), "text": rec.get("text") or "",
+                            "exchange": rec.get("exchange"), "ip": rec.get("ip")})
+                if len(out) >= n:
+                    return out
+        return out
+
+    # -------------------------------------------------------- flush
+    def flush(self, domain: str | None = None, *, now: float | None = None) -> tuple[int, list]:
+        """Deferred work of ``domain`` (None: all) back to its ready lists; ``(moved, dispatch)``."""
+        now = time.time() if now is None else now
+        s = self.settings
+        ips = None if domain is None else self._last_ips(domain)
+        moved, disp = self._flush(args=[now, s.batch_size, s.domain_concurrency, domain or ""])
+        # Forget the failure memory too (of every exchange, or of the ones these recipients last
+        # tried), or the retry would skip an exchange still marked down and defer at once.
+        keys = [k for k in self.r.scan_iter(match="mxq:down:*", count=1000)
+                if ips is None or _s(k)[len("mxq:down:"):].rsplit(":", 1)[0] in ips]
+        for i in range(0, len(keys), 1000):
+            self.r.delete(*keys[i:i + 1000])
+        return int(moved), _pairs(disp)
+
+    def _last_ips(self, domain: str) -> set[str]:
+        """The exchange addresses the deferred recipients of ``domain`` last tried."""
+        ips: set[str] = set()
+        for w in self.r.zrange("mxq:deferred", 0, -1):
+            wid = _s(w)
+            if wid.startswith("!") or _lane_of(wid) != domain:
+                continue
+            job, _, idx = wid.split("|", 2)
+            for raw in self.r.hmget("mxq:job:" + job, [f"r:{i}" for i in idx.split(",")]):
+                if raw is not None and json.loads(raw).get("ip"):
+                    ips.add(json.loads(raw)["ip"])
+        return ips
+
+    # -------------------------------------------------------- drop
+    def _drop_args(self, now: float | None) -> list:
+        from . import webhooks
+
+        now = time.time() if now is None else now
+        s = self.settings
+        hooks = webhooks.current()
+        hookttl = hooks.key_ttl if hooks.wants("dropped") else 0
+        guardttl = int(max(3600, 2 * s.hard_time_limit))
+        return [now, s.result_ttl, hookttl, DROP_TEXT, DROP_ENHANCED, s.batch_size, s.domain_concurrency, guardttl]
+
+    def drop_job(self, job: str, *, now: float | None = None) -> dict | None:
+        """Drop every recipient of ``job`` not final yet; None when the job is unknown."""
+        n, removed, inflight, disp = self._drop_job(args=[*self._drop_args(now), job])
+        if int(n) < 0:
+            return None
+        return {"dropped": int(n), "removed": int(removed), "in_flight": int(inflight), "dispatch": _pairs(disp)}
+
+    def drop_domain(self, domain: str, *, now: float | None = None) -> dict:
+        """Drop every recipient waiting for ``domain`` (a normalised lane name)."""
+        n, removed, inflight, disp = self._drop_domain(args=[*self._drop_args(now), domain])
+        return {"dropped": int(n), "removed": int(removed), "in_flight": int(inflight), "dispatch": _pairs(disp)}
+
+
+def _s(v) -> str:
+    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+def _pairs(flat) -> list[tuple[str, int]]:
+    return [(_s(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+
+def _lane_of(wid: str) -> str:
+    """A work item's lane (as the store's Lua ``lane_of``)."""
+    if wid.startswith("!"):
+        return wid[:2]
+    return wid.split("|", 2)[1]
+
+
+# ---------------------------------------------------------------- the commands
+def add_parsers(subparsers) -> None:
+    """Register ``mxq queue`` and ``mxq suppress`` on the ``mxq`` sub-command parser."""
+    q = subparsers.add_parser("queue", help="the mail queue: list by domain, flush, drop",
+                              description="Show the queue by domain and state (ready, in flight, deferred) "
+                                          "and the oldest deferred recipients; or flush / drop.")
+    q.add_argument("--json", action="store_true", help="print the queue as one JSON document")
+    q.add_argument("--oldest", type=int, default=5, metavar="N", help="show the N oldest deferred recipients (5)")
+    q.set_defaults(run=run_queue)
+    qs = q.add_subparsers(dest="queue_command", metavar="ACTION")
+    f = qs.add_parser("flush", help="retry deferred mail now",
+                      description="Move deferred mail (of DOMAIN, or all of it) to its ready lists and publish "
+                                  "the tasks for it; without DOMAIN also forget which exchanges were down.")
+    f.add_argument("domain", nargs="?", metavar="DOMAIN")
+    f.add_argument("--json", action="store_true", help='print {"moved": N, "domain": ...}')
+    f.set_defaults(run=run_flush)
+    d = qs.add_parser("drop", help="give up on a job or a domain's mail",
+                      description="Give every recipient of JOB (a job id), or every recipient waiting for "
+                                  "DOMAIN, the final state 'dropped'; nothing of theirs is attempted afterwards. "
+                                  "Asks for confirmation unless --yes.")
+    d.add_argument("target", metavar="JOB|DOMAIN")
+    d.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    d.add_argument("--json", action="store_true", help="print the result as JSON")
+    d.set_defaults(run=run_drop)
+
+    s = subparsers.add_parser("suppress", help="the suppression list (list, add, remove)",
+                              description="Recipients that bounced permanently (5.1.x) are suppressed for "
+                                          "MXQ_SUPPRESS_TTL seconds: new mail to them is not sent and shows "
+                                          "the state 'suppressed'.")
+    ss = s.add_subparsers(dest="suppress_command", metavar="ACTION")
+    ls = ss.add_parser("list", help="list suppressed addresses")
+    ls.add_argument("--json", action="store_true", help="print a JSON list of entries")
+    ls.set_defaults(run=run_suppress_list)
+    a = ss.add_parser("add", help="suppress an address")
+    a.add_argument("address", metavar="ADDR")
+    a.add_argument("--ttl", type=int, metavar="SECONDS", help="how long (default MXQ_SUPPRESS_TTL, 30 days)")
+    a.add_argument("--reason", default="", metavar="TEXT", help="a note shown with the suppressed recipients")
+    a.add_argument("--json", action="store_true", help="print the entry as JSON")
+    a.set_defaults(run=run_suppress_add)
+    rm = ss.add_parser("remove", help="lift the suppression of an address")
+    rm.add_argument("address", metavar="ADDR")
+    rm.set_defaults(run=run_suppress_remove)
+    s.set_defaults(run=lambda args: _usage(s))
+
+
+def _usage(parser) -> int:
+    parser.print_usage(sys.stderr)
+    return 64
+
+
+def _admin(cmd: str):
+    """``(Admin, None)``, or ``(None, exit status)`` with the error printed."""
+    import redis
+
+    from .settings import PipelineSettings
+    from .store import Store
+
+    try:
+        settings = PipelineSettings.from_env()
+    except ValueError as e:
+        print(f"mxq {cmd}: configuration: {e}", file=sys.stderr)
+        return None, EX_CONFIG
+    # A quick client: an operator's command should say Redis is away in seconds, not ride out a restart.
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.exceptions.RedisError as e:
+        print(f"mxq {cmd}: cannot reach Redis (MXQ_REDIS_URL): {e}", file=sys.stderr)
+        return None, EX_TEMPFAIL
+    return Admin(Store(client, settings)), None
+
+
+def _redis_errors(fn):
+    """Turn Redis trouble in the middle of a command into exit status 75 with a message."""
+    def wrapper(args) -> int:
+        import redis
+        try:
+            return fn(args)
+        except redis.exceptions.RedisError as e:
+            print(f"mxq: Redis error: {e}", file=sys.stderr)
+            return EX_TEMPFAIL
+    wrapper.__doc__ = fn.__doc__
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+def _duration(seconds: float) -> str:
+    """``3d4h``, ``2h5m``, ``4m12s``, ``9s``."""
+    s = int(max(0, seconds))
+    for unit, size, sub, subsize in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if s >= size:
+            rest = (s % size) // subsize
+            return f"{s // size}{unit}{rest}{sub}" if rest else f"{s // size}{unit}"
+    return f"{s}s"
+
+
+def _table(rows: list[tuple], out) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        out.write("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                            for i, (c, w) in enumerate(zip(r, widths))) + "  " + str(r[-1]) + "\n")
+
+
+def print_queue(doc: dict, out=None) -> None:
+    """The ``mxq queue`` table."""
+    out = out or sys.stdout
+    t = doc["totals"]
+    if not doc["domains"] and not doc["intake"] and not any(doc["reports"].values()) \
+            and not any(doc["webhooks"].values()):
+        out.write("mail queue is empty\n")
+        return
+    rows = [("DOMAIN", "READY", "IN-FLIGHT", "DEFERRED", "RECIPIENTS")]
+    rows += [(x["domain"], x["ready"], x["in_flight"], x["deferred"], x["recipients"]) for x in doc["domains"]]
+    rows.append(("TOTAL", t["ready"], t["in_flight"], t["deferred"], t["recipients"]))
+    _table(rows, out)
+    out.write("(counts are messages -- one job's recipients in one domain -- except RECIPIENTS)\n")
+    w, rp = doc["webhooks"], doc["reports"]
+    out.write(f"intake {doc['intake']} job(s) not split yet; reports {rp['ready']} ready, {rp['in_flight']} "
+              f"in flight; webhook events {w['ready']} ready, {w['in_flight']} in flight, {w['deferred']} deferred\n")
+    if doc["oldest_deferred"]:
+        out.write("\noldest deferred:\n")
+        now = doc["time"]
+        rows = [("AGE", "TRIES", "NEXT", "RECIPIENT  LAST REPLY")]
+        for o in doc["oldest_deferred"]:
+            reply = " ".join(str(x) for x in (o["code"], o["enhanced"]) if x)
+            text = (o["text"] or "").replace("\n", " ")
+            where = f" [{o['exchange']}]" if o.get("exchange") else ""
+            rows.append((_duration(o["age"]), o["attempts"], "in " + _duration(o["next_attempt"] - now),
+                         f"{o['recipient']}  {reply} {text}{where}".rstrip()))
+        _table(rows, out)
+
+
+@_redis_errors
+def run_queue(args) -> int:
+    """``mxq queue``: the queue by domain and state."""
+    admin, err = _admin("queue")
+    if admin is None:
+        return err
+    doc = admin.snapshot(oldest=max(0, args.oldest))
+    if args.json:
+        print(json.dumps(doc, default=str))
+    else:
+        print_queue(doc)
+    return EX_OK
+
+
+def _domain(arg: str, cmd: str) -> str | None:
+    from workers.address import normalize_domain
+    from workers.errors import InvalidAddress
+
+    try:
+        return normalize_domain(arg.strip().rstrip("."))
+    except InvalidAddress as e:
+        print(f"mxq queue {cmd}: {arg!r} is not a domain: {e.reason}", file=sys.stderr)
+        return None
+
+
+def _publish(dispatch) -> None:
+    """Publish the tasks a script asked for; a failure only delays the work (the scheduler re-publishes)."""
+    if not dispatch:
+        return
+    try:
+        from . import graph
+        graph.publish(dispatch)
+    except Exception as e:      # the broker away: the ready work is in Redis, the scheduler re-dispatches
+        print(f"mxq queue: could not publish tasks ({e}); the scheduler will", file=sys.stderr)
+
+
+@_redis_errors
+def run_flush(args) -> int:
+    """``mxq queue flush [DOMAIN]``."""
+    domain = None
+    if args.domain:
+        domain = _domain(args.domain, "flush")
+        if domain is None:
+            return EX_DATAERR
+    admin, err = _admin("queue flush")
+    if admin is None:
+        return err
+    moved, dispatch = admin.flush(domain)
+    _publish(dispatch)
+    if args.json:
+        print(json.dumps({"moved": moved, "domain": domain}))
+    else:
+        print(f"flushed {moved} deferred message(s)" + (f" of {domain}" if domain else ""))
+    return EX_OK
+
+
+def _confirm(question: str) -> bool:
+    """Ask on stderr, read a line from stdin: only y/yes says yes (EOF says no)."""
+    sys.stderr.write(question + " [y/N] ")
+    sys.stderr.flush()
+    answer = sys.stdin.readline()
+    return answer.strip().lower() in ("y", "yes")
+
+
+@_redis_errors
+def run_drop(args) -> int:
+    """``mxq queue drop JOB|DOMAIN [--yes]``."""
+    target = args.target.strip()
+    is_job = bool(JOB_ID.fullmatch(target))
+    domain = None
+    if not is_job:
+        domain = _domain(target, "drop")
+        if domain is None:
+            return EX_DATAERR
+    try:
+        from . import webhooks
+        webhooks.current()
+    except ValueError as e:
+        print(f"mxq queue drop: configuration: {e}", file=sys.stderr)
+        return EX_CONFIG
+    admin, err = _admin("queue drop")
+    if admin is None:
+        return err
+    if is_job:
+        from .store import FINAL_STATES
+        found = admin.store.job(target)
+        if found is None:
+            print(f"mxq queue drop: no such job: {target} (unknown, or expired after MXQ_RESULT_TTL)",
+                  file=sys.stderr)
+            return EX_NOINPUT
+        pending = sum(1 for r in found[1].values() if r.get("state") not in FINAL_STATES)
+        what = f"{pending} recipient(s) of job {target} not final yet"
+    else:
+        row = next((x for x in admin.snapshot(oldest=0)["domains"] if x["domain"] == domain), None)
+        pending = row["recipients"] if row else 0
+        what = f"{pending} recipient(s) waiting for {domain} (and any in jobs not split yet)"
+    if pending == 0 and is_job:
+        print(f"nothing to drop: every recipient of job {target} is final")
+        return EX_OK
+    if not args.yes and not _confirm(f"mxq queue drop: drop {what}?"):
+        print("mxq queue drop: not confirmed; nothing dropped", file=sys.stderr)
+        return EX_DECLINED
+    result = admin.drop_job(target) if is_job else admin.drop_domain(domain)
+    if result is None:
+        print(f"mxq queue drop: job {target} expired meanwhile", file=sys.stderr)
+        return EX_NOINPUT
+    _publish(result.pop("dispatch"))
+    if args.json:
+        print(json.dumps(dict(result, target=target if is_job else domain)))
+    else:
+        print(f"dropped {result['dropped']} recipient(s)"
+              + (f"; {result['in_flight']} batch(es)/message(s) were in flight: a transaction already under way "
+                 "may still complete" if result["in_flight"] else ""))
+    return EX_OK
+
+
+def _suppressions(cmd: str):
+    admin, err = _admin(f"suppress {cmd}")
+    if admin is None:
+        return None, err
+    from .suppress import Suppressions
+    return Suppressions(admin.r), None
+
+
+@_redis_errors
+def run_suppress_list(args) -> int:
+    """``mxq suppress list``."""
+    s, err = _suppressions("list")
+    if s is None:
+        return err
+    entries = s.list()
+    if args.json:
+        print(json.dumps(entries, default=str))
+        return EX_OK
+    if not entries:
+        print("no suppressed addresses")
+        return EX_OK
+    rows = [("ADDRESS", "SOURCE", "SINCE", "EXPIRES IN", "REASON")]
+    for e in entries:
+        since = time.strftime("%Y-%m-%d %H:%M", time.gmtime(float(e["since"]))) if e.get("since") else "?"
+        reason = " ".join(str(x) for x in (e.get("code"), e.get("enhanced"), e.get("text")) if x)
+        rows.append((e["address"], e.get("source", "?"), since,
+                     _duration(e["ttl"]) if (e.get("ttl") or -1) >= 0 else "never", reason.replace("\n", " ")))
+    _table(rows, sys.stdout)
+    return EX_OK
+
+
+@_redis_errors
+def run_suppress_add(args) -> int:
+    """``mxq suppress add ADDR [--ttl S] [--reason TEXT]``."""
+    from workers.errors import InvalidAddress
+
+    if args.ttl is not None and args.ttl <= 0:
+        print("mxq suppress add: --ttl must be a positive number of seconds", file=sys.stderr)
+        return 64
+    s, err = _suppressions("add")
+    if s is None:
+        return err
+    try:
+        entry = s.add(args.address, ttl=args.ttl, text=args.reason)
+    except InvalidAddress as e:
+        print(f"mxq suppress add: invalid address: {e.reason}", file=sys.stderr)
+        return EX_DATAERR
+    except ValueError as e:         # MXQ_SUPPRESS_TTL malformed
+        print(f"mxq suppress add: configuration: {e}", file=sys.stderr)
+        return EX_CONFIG
+    if args.json:
+        print(json.dumps(entry))
+    else:
+        print(f"suppressed {entry['address']} for {_duration(entry['ttl'])}")
+    return EX_OK
+
+
+@_redis_errors
+def run_suppress_remove(args) -> int:
+    """``mxq suppress remove ADDR``: 66 when the address was not suppressed."""
+    from workers.errors import InvalidAddress
+
+    s, err = _suppressions("remove")
+    if s is None:
+        return err
+    try:
+        removed = s.remove(args.address)
+    except InvalidAddress as e:
+        print(f"mxq suppress remove: invalid address: {e.reason}", file=sys.stderr)
+        return EX_DATAERR
+    if not removed:
+        print(f"mxq suppress remove: {args.address} is not suppressed", file=sys.stderr)
+        return EX_NOINPUT
+    print(f"removed {suppress_norm(args.address)} from the suppression list")
+    return EX_OK
+
+
+def suppress_norm(address: str) -> str:
+    """The normalised form ``tasks.suppress`` keys an address by."""
+    from .suppress import normalize
+    return normalize(address)
