@@ -152,9 +152,12 @@ class Suppressions:
             return {"text": "unreadable entry"}
         return entry if isinstance(entry, dict) else {"text": str(entry)}
 
-    def lookup(self, addresses: Iterable[str]) -> dict[str, dict]:
-        """``{normalised address: entry}`` for the suppressed ones among ``addresses`` (MGET, chunked)."""
-        norms = sorted({normalize(a) for a in addresses})
+    def lookup(self, addresses: Iterable[str], *, normalised: bool = False) -> dict[str, dict]:
+        """``{normalised address: entry}`` for the suppressed ones among ``addresses`` (MGET, chunked).
+
+        ``normalised``: the addresses are already in ``normalize()``'s form.
+        """
+        norms = sorted(set(addresses) if normalised else {normalize(a) for a in addresses})
         found: dict[str, dict] = {}
         for i in range(0, len(norms), 1000):
             chunk = norms[i:i + 1000]
@@ -223,17 +226,17 @@ def apply(jobs, client) -> int:
     finished job (``JobSpec.expire`` is set by the caller from the result
     TTL).  Returns how many recipients were suppressed.
     """
-    addresses = [r["address"] for j in jobs for r in j.records]
+    addresses = {_record_key(r) for j in jobs for r in j.records}
     if not addresses:
         return 0
-    found = Suppressions(client).lookup(addresses)
+    found = Suppressions(client).lookup(addresses, normalised=True)
     if not found:
         return 0
     n = 0
     for j in jobs:
         hit = False
         for r in j.records:
-            entry = found.get(normalize(r["address"]))
+            entry = found.get(_record_key(r))
             if entry is None:
                 continue
             r.update(state="suppressed", code=None, enhanced=entry.get("enhanced") or OPERATOR_ENHANCED,
@@ -243,6 +246,12 @@ def apply(jobs, client) -> int:
         if hit:
             _resplit(j)
     return n
+
+
+def _record_key(record: Mapping) -> str:
+    """``normalize(record["address"])`` without parsing again: a stored record's address is valid
+    and its ``domain`` is already the A-label form (the local part ends at the last ``@``)."""
+    return record["address"].rpartition("@")[0].lower() + "@" + record["domain"]
 
 
 def _resplit(job) -> None:
