@@ -33,7 +33,7 @@ PAYLOAD_KEYS = {"id", "job", "recipient", "domain", "state", "code", "enhanced",
 class Receiver:
     """A webhook endpoint: records requests; answers ``statuses`` in order (then 200), or never with ``hang``."""
 
-    def __init__(self, statuses=(), hang: bool = False):
+    def __init__(self, statuses=(), hang: bool = False, tls=None):
         self.requests: list[dict] = []
         self.statuses = list(statuses)
         self.hang = hang
@@ -52,6 +52,8 @@ class Receiver:
                     outer.released.wait(60)         # never answers while the test runs
                     return
                 self.send_response(status)
+                if 300 <= status < 400:
+                    self.send_header("Location", "/elsewhere")
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"ok")
@@ -62,13 +64,17 @@ class Receiver:
         # Bound and listening once constructed: connects succeed from here on.
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:         # an ssl.SSLContext for the server side: https
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+            self.scheme = "https"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                                        daemon=True)
         self.thread.start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/mxq"
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}/hooks/mxq"
 
     def events(self) -> list[dict]:
         with self.lock:
@@ -146,6 +152,37 @@ def test_signature_scheme():
     import hashlib
     import hmac
     assert sig == "sha256=" + hmac.new(SECRET.encode(), b"1700000000." + body, hashlib.sha256).hexdigest()
+
+
+def test_post_https_basic_auth_redirects_and_refusals(receiver, monkeypatch, tmp_path):
+    from workers.sandbox.smtpd import make_tls
+
+    tls = make_tls("127.0.0.1", directory=tmp_path)
+    hook = receiver(statuses=[204, 302, 400], tls=tls.server_context)
+    url = hook.url.replace("https://", "https://ops:p%40ss@")
+    cfg = webhooks.WebhookConfig.from_env({"MXQ_WEBHOOK_URL": url, "MXQ_WEBHOOK_SECRET": SECRET,
+                                           "MXQ_WEBHOOK_TIMEOUT": "3"})
+    monkeypatch.setenv("SSL_CERT_FILE", tls.ca_file)        # trust the test CA (as an operator would)
+    r = webhooks.post(cfg, "e1", b'{"id":"e1"}')
+    assert (r.ok, r.reachable, r.detail) == (True, True, "HTTP 204")
+    req = hook.requests[0]
+    assert req["headers"]["Authorization"] == "Basic b3BzOnBAc3M="      # ops:p@ss, not in the Host line
+    assert req["headers"]["Host"] == f"127.0.0.1:{hook.server.server_address[1]}"
+    assert webhooks.verify(SECRET, req["body"], req["headers"]["X-Mxq-Timestamp"], req["headers"]["X-Mxq-Signature"])
+    r = webhooks.post(cfg, "e2", b"{}")                     # 302: an answer, not followed
+    assert (r.ok, r.reachable, r.detail) == (False, True, "HTTP 302") and len(hook.requests) == 2
+    r = webhooks.post(cfg, "e3", b"{}")
+    assert (r.ok, r.reachable, r.detail) == (False, True, "HTTP 400")
+    # a certificate nobody vouches for: refused before anything is sent
+    monkeypatch.delenv("SSL_CERT_FILE")
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "empty"))
+    r = webhooks.post(cfg, "e4", b"{}")
+    assert not r.ok and not r.reachable and "CERTIFICATE" in r.detail.upper()
+    assert len(hook.requests) == 3
+    # nothing listening: unreachable at once
+    closed = webhooks.WebhookConfig.from_env({"MXQ_WEBHOOK_URL": "http://127.0.0.1:9/x", "MXQ_WEBHOOK_TIMEOUT": "3"})
+    r = webhooks.post(closed, "e5", b"{}")
+    assert not r.ok and not r.reachable
 
 
 # ------------------------------------------------------------------ through the pipeline
