@@ -17,7 +17,7 @@ One queue per role, so a flood in one cannot starve another:
 
 from __future__ import annotations
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Exchange, Queue
 
 from .settings import PipelineSettings
@@ -94,7 +94,28 @@ def make_app(settings: PipelineSettings | None = None) -> Celery:
     return app
 
 
-app = make_app()
+def _settings_or_error() -> tuple[PipelineSettings, str | None]:
+    # A malformed MXQ_* value must not crash `import tasks`: every `mxq`
+    # command (even --help and the engine's `mxq deliver`) imports this
+    # package first.  The app is built on defaults and the error kept, so
+    # the commands that need the settings report it cleanly (exit 78) and
+    # a worker or beat refuses to start with it (see _refuse_bad_config).
+    try:
+        return PipelineSettings.from_env(), None
+    except ValueError as e:
+        return PipelineSettings(), str(e)
+
+
+_settings, config_error = _settings_or_error()
+app = make_app(_settings)
+
+
+@signals.worker_init.connect
+@signals.beat_init.connect
+def _refuse_bad_config(**_):
+    """A worker or scheduler never runs on defaults that replaced a malformed setting."""
+    if config_error:
+        raise SystemExit(f"mxq: {config_error}")
 
 
 def rebind(redis_url: str) -> None:

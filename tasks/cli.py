@@ -151,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mxq: error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
         return EX_USAGE
     args.extra = [a for a in extra if a != "--"] if extra[:1] == ["--"] else extra
+    if args.command != "deliver":      # the engine's command reads only the engine's settings
+        import importlib
+        config_error = importlib.import_module("tasks.app").config_error
+        if config_error:
+            print(f"mxq {args.command}: {config_error}", file=sys.stderr)
+            return EX_CONFIG
     return args.run(args)
 
 

@@ -359,3 +359,21 @@ def test_exit_status_and_finality_of_every_state():
     assert not is_final(job())
     assert progress_line(job("delivered", "deferred", "bounced", "queued"), width=8) == \
         "[####....] 2/4 final  bounced 1  deferred 1  delivered 1  queued 1"
+
+
+def test_malformed_pipeline_setting_is_exit_78_not_a_traceback():
+    """`import tasks` survives a bad MXQ_* value; pipeline commands report it, a worker refuses to start."""
+    import subprocess
+    import sys
+    env = dict(os.environ, MXQ_RETRY_SCHEDULE="soon")
+    r = subprocess.run([sys.executable, "-m", "tasks.cli", "status", "nojob"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 78, r.stderr
+    assert "MXQ_RETRY_SCHEDULE" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "tasks.cli", "--help"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "deliver" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "solo"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "MXQ_RETRY_SCHEDULE" in r.stderr
