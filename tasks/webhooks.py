@@ -42,13 +42,26 @@ script for suppressed recipients, the drop script for dropped ones): a hash
 them one by one with a bounded timeout, deletes each one the endpoint
 answered 2xx, and sends the others to the deferred queue
 (``mxq:deferred``) at the next step of ``MXQ_WEBHOOK_RETRY_SCHEDULE``; the
-scheduler brings them back -- no countdown or ETA tasks.  When the endpoint
-cannot be reached at all (refused, timeout) the rest of the batch is deferred
-without trying, so a hanging endpoint costs one timeout per task run, not one
-per event.  An event older than ``MXQ_WEBHOOK_MAX_AGE`` that still fails is
-dropped with a warning in the worker's log.  Redirects are not followed
-and proxy variables are ignored; https URLs are verified against the system
-CA store (``SSL_CERT_FILE`` to override).
+scheduler brings them back -- no countdown or ETA tasks.  An event older
+than ``MXQ_WEBHOOK_MAX_AGE`` that still fails is dropped with a warning in
+the worker's log.  Redirects are not followed and proxy variables are
+ignored; https URLs are verified against the system CA store
+(``SSL_CERT_FILE`` to override).
+
+A slow or hanging endpoint must not take the workers' processes away from
+delivery, so, across all workers:
+
+- at most ``MXQ_WEBHOOK_CONCURRENCY`` tasks POST at once (sender slots in
+  the zset ``mxq:webhook:senders``, token -> expiry, renewed by the task's
+  heartbeat); a task that finds no free slot puts its events back (due in a
+  second) and ends at once;
+- when the endpoint cannot be reached at all (refused, timeout), the rest of
+  the batch is deferred untried and ``mxq:webhook:down`` (``SET PX``) holds
+  every sender off for that event's back-off step: a hanging endpoint costs
+  one timeout per retry step, not one per event.
+
+For high event rates, raise ``MXQ_WEBHOOK_CONCURRENCY`` and run the
+``notifications`` queue on workers of its own (``mxq worker -Q notifications``).
 
 Which process decides: the one that records the outcome (the worker for
 deliveries; the producer for ``suppressed``; ``mxq queue drop`` for
@@ -64,6 +77,7 @@ environment; the worker running ``mxq.webhook`` sends them with its own
 | ``MXQ_WEBHOOK_TIMEOUT`` | 5 | seconds, per network operation of one POST (at most 60) |
 | ``MXQ_WEBHOOK_RETRY_SCHEDULE`` | ``10,30,60,300,900,1800,3600`` | seconds between tries of a failed event; the last repeats |
 | ``MXQ_WEBHOOK_MAX_AGE`` | 86400 | an event still failing this long after it happened is dropped |
+| ``MXQ_WEBHOOK_CONCURRENCY`` | 1 | tasks POSTing at once, across all workers |
 """
 
 from __future__ import annotations
@@ -101,7 +115,22 @@ SIGNATURE_HEADER = "X-Mxq-Signature"
 TIMESTAMP_HEADER = "X-Mxq-Timestamp"
 EVENT_HEADER = "X-Mxq-Event"
 ENV_NAMES = ("MXQ_WEBHOOK_URL", "MXQ_WEBHOOK_SECRET", "MXQ_WEBHOOK_EVENTS", "MXQ_WEBHOOK_TIMEOUT",
-             "MXQ_WEBHOOK_RETRY_SCHEDULE", "MXQ_WEBHOOK_MAX_AGE")
+             "MXQ_WEBHOOK_RETRY_SCHEDULE", "MXQ_WEBHOOK_MAX_AGE", "MXQ_WEBHOOK_CONCURRENCY")
+SENDERS_KEY = "mxq:webhook:senders"    #: zset: sender slot token -> expiry
+DOWN_KEY = "mxq:webhook:down"          #: string with PX: the endpoint was unreachable, hold off
+NO_SLOT_DELAY = 1.0                 #: seconds before events a task could not send come back
+
+# ARGV: now, token, expiry, limit.  Takes (or renews) a sender slot; 1 when held.
+_SLOT = r"""
+local k, now, token, expiry, limit = KEYS[1], tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
+if redis.call('ZSCORE', k, token) or redis.call('ZCARD', k) < limit then
+  redis.call('ZADD', k, expiry, token)
+  redis.call('PEXPIRE', k, math.ceil((expiry - now) * 1000) + 1000)
+  return 1
+end
+return 0
+"""
 
 
 def parse_events(value: str | None) -> frozenset[str]:
@@ -155,6 +184,7 @@ class WebhookConfig:
     timeout: float = 5.0
     retry_schedule: tuple = DEFAULT_RETRY_SCHEDULE
     max_age: float = 86400.0
+    concurrency: int = 1
 
     @property
     def enabled(self) -> bool:
@@ -198,6 +228,11 @@ class WebhookConfig:
                     raise ValueError(f"{name} must be a number of seconds, not {env[name]!r}") from None
                 if kw[attr] <= 0:
                     raise ValueError(f"{name} must be positive, not {env[name]!r}")
+        if env.get("MXQ_WEBHOOK_CONCURRENCY"):
+            raw = env["MXQ_WEBHOOK_CONCURRENCY"]
+            if not raw.strip().isdigit() or int(raw) < 1:
+                raise ValueError(f"MXQ_WEBHOOK_CONCURRENCY must be a positive whole number, not {raw!r}")
+            kw["concurrency"] = int(raw)
         if kw.get("timeout", 5.0) > MAX_TIMEOUT:
             raise ValueError(f"MXQ_WEBHOOK_TIMEOUT must be at most {MAX_TIMEOUT:g} seconds")
         return cls(**kw)
@@ -332,57 +367,86 @@ def run_webhooks() -> int:
 
     cfg = current(strict=False)
     store = get_store(PipelineSettings.from_env())
+    r = store.r
     token = uuid.uuid4().hex
     wids = store.claim(WEBHOOK_LANE, token, limit=BATCH)
     if not wids:
         return 0
+    lease = store.settings.lease_seconds
+    slot = r.register_script(_SLOT)
+
+    def take_slot() -> bool:
+        now = time.time()
+        return slot(keys=[SENDERS_KEY], args=[now, token, now + lease, cfg.concurrency]) == 1
+
     sent = 0
     outcomes: list[Outcome] = []
-    with graph.Heartbeat(store, token):
-        pipe = store.r.pipeline(transaction=False)
-        for wid in wids:
-            pipe.hmget(HOOK_PREFIX + wid[len(WEBHOOK_LANE) + 1:], "b", "n")
-        stored = pipe.execute()
-        unreachable_until = None        # the endpoint did not answer: defer the rest untried
-        for wid, (body, failures) in zip(wids, stored):
-            hid = wid[len(WEBHOOK_LANE) + 1:]
-            key = HOOK_PREFIX + hid
-            if body is None:
-                log.warning("webhook event %s is gone (older than its key's lifetime)", hid)
-                outcomes.append(Outcome(wid))
-                continue
-            now = time.time()
-            if not cfg.enabled:
-                result = PostResult(False, False, "MXQ_WEBHOOK_URL is not set (or invalid) on this worker")
-            elif unreachable_until is not None:
-                outcomes.append(Outcome(wid, due=unreachable_until))
-                continue
-            else:
-                result = post(cfg, hid, body)
-            if result.ok:
-                store.r.delete(key)
-                outcomes.append(Outcome(wid))
-                sent += 1
-                continue
+    with graph.Heartbeat(store, token, also=take_slot):
+        now = time.time()
+        down_ms = r.pttl(DOWN_KEY)
+        if down_ms and down_ms > 0:             # another sender found the endpoint unreachable
+            outcomes = [Outcome(w, due=now + down_ms / 1000.0) for w in wids]
+        elif not take_slot():                   # enough senders at work: put the events back
+            outcomes = [Outcome(w, due=now + NO_SLOT_DELAY) for w in wids]
+        else:
             try:
-                happened = float(json.loads(body).get("timestamp") or now)
-            except (ValueError, AttributeError):
-                happened = now
-            if now - happened > cfg.max_age:
-                log.warning("webhook event %s dropped after %.0f s of failures (last: %s)", hid,
-                            now - happened, result.detail)
-                store.r.delete(key)
-                outcomes.append(Outcome(wid))
-                continue
-            n = store.r.hincrby(key, "n", 1)
-            due = now + cfg.backoff(n)
-            log.info("webhook event %s to %s failed (%s); try %d again in %.0f s", hid, redact(cfg.url),
-                     result.detail, n + 1, due - now)
-            outcomes.append(Outcome(wid, due=due))
-            if not result.reachable:
-                unreachable_until = due
+                sent = _send(cfg, store, wids, outcomes)
+            finally:
+                r.zrem(SENDERS_KEY, token)
+                done = {o.wid for o in outcomes}
+                outcomes += [Outcome(w, due=time.time()) for w in wids if w not in done]    # interrupted
         _, dispatch = store.release(token, WEBHOOK_LANE, outcomes)
     graph.publish(dispatch)
+    return sent
+
+
+def _send(cfg: WebhookConfig, store, wids: list[str], outcomes: list[Outcome]) -> int:
+    """POST the claimed events in order, appending one ``Outcome`` per event; return how many were sent."""
+    r = store.r
+    pipe = r.pipeline(transaction=False)
+    for wid in wids:
+        pipe.hmget(HOOK_PREFIX + wid[len(WEBHOOK_LANE) + 1:], "b", "n")
+    stored = pipe.execute()
+    sent = 0
+    unreachable_until = None        # the endpoint did not answer: defer the rest untried
+    for wid, (body, _) in zip(wids, stored):
+        hid = wid[len(WEBHOOK_LANE) + 1:]
+        key = HOOK_PREFIX + hid
+        if body is None:
+            log.warning("webhook event %s is gone (older than its key's lifetime)", hid)
+            outcomes.append(Outcome(wid))
+            continue
+        if unreachable_until is not None:
+            outcomes.append(Outcome(wid, due=unreachable_until))
+            continue
+        if not cfg.enabled:
+            result = PostResult(False, False, "MXQ_WEBHOOK_URL is not set (or invalid) on this worker")
+        else:
+            result = post(cfg, hid, body)
+        now = time.time()
+        if result.ok:
+            r.delete(key)
+            outcomes.append(Outcome(wid))
+            sent += 1
+            continue
+        try:
+            happened = float(json.loads(body).get("timestamp") or now)
+        except (ValueError, AttributeError):
+            happened = now
+        if now - happened > cfg.max_age:
+            log.warning("webhook event %s dropped after %.0f s of failures (last: %s)", hid,
+                        now - happened, result.detail)
+            r.delete(key)
+            outcomes.append(Outcome(wid))
+            continue
+        n = r.hincrby(key, "n", 1)
+        due = now + cfg.backoff(n)
+        log.info("webhook event %s to %s failed (%s); try %d again in %.0f s", hid, redact(cfg.url),
+                 result.detail, n + 1, due - now)
+        outcomes.append(Outcome(wid, due=due))
+        if not result.reachable:
+            unreachable_until = due
+            r.set(DOWN_KEY, result.detail[:200], px=max(1, int((due - now) * 1000)))
     return sent
 
 
