@@ -446,7 +446,8 @@ def _send(cfg: WebhookConfig, store, wids: list[str], outcomes: list[Outcome]) -
         outcomes.append(Outcome(wid, due=due))
         if not result.reachable:
             unreachable_until = due
-            r.set(DOWN_KEY, result.detail[:200], px=max(1, int((due - now) * 1000)))
+            if cfg.enabled:         # a worker without the URL must not hold the others off
+                r.set(DOWN_KEY, result.detail[:200], px=max(1, int((due - now) * 1000)))
     return sent
 
 
