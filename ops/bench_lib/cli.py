@@ -22,7 +22,10 @@ STAGES = {
     "django": ("django_celery_email", stages.django_celery_email),
     "postfix": ("postfix", stages.postfix),
     "mxq": ("mxq", stages.mxq),
+    "steady": ("mxq_steady", stages.mxq_steady),
+    "backlog": ("mxq_backlog", stages.mxq_backlog),
 }
+DEFAULT_STAGES = "limit,django,postfix,mxq,steady,backlog"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -34,9 +37,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("-n", "--messages", type=int, default=10000, help="messages per stage (default 10000)")
     p.add_argument("-m", "--domains", type=int, default=100, help="recipient domains, one smtp-sink each (default 100)")
     p.add_argument("-s", "--size", type=int, default=2048, help="message size in bytes (default 2048)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 200 messages, 5 domains (unless -n/-m given)")
-    p.add_argument("--stages", default="limit,django,postfix,mxq",
-                   help="comma-separated subset of limit,django,postfix,mxq (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 200 messages, 5 domains, steady stage 100 messages, backlog stage 1000 "
+                        "(unless given explicitly)")
+    p.add_argument("--stages", default=DEFAULT_STAGES,
+                   help=f"comma-separated subset of {DEFAULT_STAGES} (default: all)")
+    p.add_argument("--steady-messages", type=int, default=1000,
+                   help="messages of the steady-rate stage (mxq, one tasks.submit each; default 1000, --quick 100)")
+    p.add_argument("--steady-rate", type=float, default=100.0,
+                   help="messages per second offered in the steady-rate stage (default 100)")
+    p.add_argument("--backlog", dest="backlog_messages", type=int, default=100000,
+                   help="messages queued with no worker running in the backlog stage, then drained "
+                        "(default 100000, --quick 1000)")
+    p.add_argument("--no-backlog", action="store_true", help="skip the backlog stage")
+    p.add_argument("--rss-interval", type=float, default=None,
+                   help="seconds between worker RSS samples while the backlog drains (default 0.5, --quick 0.1)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 also when a target of issue 5 fails (by default targets are only reported)")
     p.add_argument("--json", dest="json_path", default=None,
                    help="where to write the JSON result (default var/bench/result.json)")
     p.add_argument("--timeout", type=float, default=None,
@@ -61,15 +78,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             args.messages = 200
         if not explicit & {"-m", "--domains"}:
             args.domains = 5
+        if "--steady-messages" not in explicit:
+            args.steady_messages = 100
+        if "--backlog" not in explicit:
+            args.backlog_messages = 1000
     if args.settle is None:
         args.settle = 0.3 if args.quick else 1.0
+    if args.rss_interval is None:
+        args.rss_interval = 0.1 if args.quick else 0.5
+    args.timeout_explicit = args.timeout is not None
     if args.timeout is None:
         args.timeout = 60 + args.messages / 20
     bad = set(args.stages.split(",")) - set(STAGES)
     if bad:
         p.error(f"unknown stages {sorted(bad)}")
+    if args.no_backlog:
+        args.stages = ",".join(k for k in args.stages.split(",") if k != "backlog")
+        if not args.stages:
+            p.error("--no-backlog leaves no stage to run")
     if args.messages < 1 or args.domains < 1 or args.size < 300:
         p.error("need --messages >= 1, --domains >= 1, --size >= 300")
+    if args.steady_messages < 1 or args.steady_rate <= 0 or args.backlog_messages < 1 or args.rss_interval <= 0:
+        p.error("need --steady-messages >= 1, --steady-rate > 0, --backlog >= 1, --rss-interval > 0")
     return args
 
 
@@ -105,7 +135,10 @@ def environment() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; exit status 0 only if every selected stage ran and was exactly-once."""
+    """Run the benchmark; exit status 0 only if every selected stage ran and was exactly-once.
+
+    With ``--strict``, also 1 when a target of issue 5 fails (``targets_ok`` false).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
@@ -135,11 +168,15 @@ def main(argv: list[str] | None = None) -> int:
                    "stages": args.stages.split(","), "settle": args.settle, "timeout": args.timeout,
                    "postfix_clients": args.postfix_clients, "postfix_dns": args.postfix_dns, "limit_sessions": args.limit_sessions,
                    "batch": args.batch, "mxq_workers": args.mxq_workers,
-                   "mxq_concurrency": args.mxq_concurrency},
+                   "mxq_concurrency": args.mxq_concurrency, "steady_messages": args.steady_messages,
+                   "steady_rate": args.steady_rate, "backlog_messages": args.backlog_messages,
+                   "rss_interval": args.rss_interval, "dns_ttl": sandbox.DNS_TTL, "strict": args.strict},
         "environment": env_before,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "stages": {},
         "ratios": {},
+        "targets": {},
+        "targets_ok": None,
         "ok": False,
     }
     try:
@@ -153,14 +190,17 @@ def main(argv: list[str] | None = None) -> int:
             dns=dns, timeout=args.timeout, settle=args.settle, say=say,
             postfix_clients=args.postfix_clients, limit_sessions=args.limit_sessions, batch=args.batch,
             mxq_workers=args.mxq_workers, mxq_concurrency=args.mxq_concurrency, probe=min(1000, args.messages), postfix_dns=args.postfix_dns,
-            resolv_conf=resolv)
+            resolv_conf=resolv, steady_n=args.steady_messages, steady_rate=args.steady_rate,
+            backlog_n=args.backlog_messages, rss_interval=args.rss_interval,
+            timeout_explicit=args.timeout_explicit)
         for key in args.stages.split(","):
             name, fn = STAGES[key]
             res = stages.run(name, fn, ctx)
             result["stages"][name] = res
             if res["status"] == "ok":
+                lat = res.get("latency_ms") or {}
                 say(f"   {res['msgs_per_sec']} msg/s, {res['seconds']} s, exactly once: "
-                    f"{res['sinks']['exactly_once']}")
+                    f"{res['sinks']['exactly_once']}" + (f", p50 {lat['p50']} ms" if lat else ""))
     except KeyboardInterrupt:
         result["error"] = "interrupted"
     except BenchError as e:
@@ -177,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     result["ratios"] = report.ratios(result["stages"])
+    result["targets"] = report.targets(result)
+    result["targets_ok"] = report.targets_ok(result["targets"])
     result["environment"]["loadavg_after"] = list(os.getloadavg())
     result["ok"] = bool(result["stages"]) and "error" not in result and all(
         s["status"] == "ok" and s["sinks"]["exactly_once"] for s in result["stages"].values())
@@ -185,4 +227,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nJSON: {json_path}" + (f"\nwork directory kept: {workdir}" if args.keep else ""))
     if result.get("error"):
         print(f"ops/bench: {result['error']}", file=sys.stderr)
-    return 0 if result["ok"] else 1
+    code = exit_status(result, args.strict)
+    if code and result["ok"]:
+        failed = [k for k, t in result["targets"].items() if t["pass"] is False]
+        print(f"ops/bench: --strict: targets failed: {', '.join(failed)}", file=sys.stderr)
+    return code
+
+
+def exit_status(result: dict, strict: bool) -> int:
+    """0 if every stage ran and was exactly-once (``ok``) -- and, with ``strict``, no target failed; else 1.
+
+    A target that was not judged (its stage not selected, or no limit given) never fails a run.
+    """
+    if not result.get("ok"):
+        return 1
+    if strict and result.get("targets_ok") is False:
+        return 1
+    return 0

@@ -231,6 +231,124 @@ def peak_rss(pids: list[int]) -> list[dict]:
     return rows
 
 
+def rss_kb(pid: int) -> int | None:
+    """VmRSS (current resident set) of ``pid`` in kB, None if it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+    return int(m.group(1)) if m else None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()[:120]
+    except OSError:
+        return ""
+
+
+class RssSampler:
+    """Samples the RSS of every process in the trees of ``roots`` every ``interval`` s (a thread).
+
+    The trees are re-listed at each sample, so a pool child that replaces
+    another is picked up.  ``stop()`` returns ``{pid: {"cmd", "samples": [(t, kb)]}}``
+    with ``t`` in epoch seconds.
+    """
+
+    def __init__(self, roots: list[int], interval: float = 0.5):
+        import threading
+        self.roots = list(roots)
+        self.interval = interval
+        self.samples: dict[int, dict] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+
+    def start(self) -> "RssSampler":
+        """Take a first sample now and keep sampling in the background."""
+        self.sample()
+        self._thread.start()
+        return self
+
+    def sample(self) -> None:
+        """One sample of every process in the trees."""
+        now = time.time()
+        for root in self.roots:
+            for pid in process_tree(root):
+                kb = rss_kb(pid)
+                if kb is None:
+                    continue
+                row = self.samples.get(pid)
+                if row is None:
+                    row = self.samples[pid] = {"cmd": _cmdline(pid), "samples": []}
+                row["samples"].append((now, kb))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> dict[int, dict]:
+        """Take a last sample, stop the thread and return the samples."""
+        self._stop.set()
+        self._thread.join(10)
+        self.sample()
+        return self.samples
+
+
+#: The "flat RSS" rule of the backlog stage (issue 5: worker RSS flat while draining).
+RSS_WARMUP_FRACTION = 0.2
+RSS_FLAT_LIMIT = 1.2
+RSS_RULE = (f"per worker process: last <= {RSS_FLAT_LIMIT} x first-after-warm-up, where the drain runs from "
+            f"every worker ready to every message at the sinks, warm-up is its first "
+            f"{RSS_WARMUP_FRACTION:.0%}, first-after-warm-up the first sample at or after that, and last "
+            f"the last sample before the end")
+
+
+def rss_verdict(samples: dict[int, dict], t_start: float, t_end: float,
+                warmup: float = RSS_WARMUP_FRACTION, limit: float = RSS_FLAT_LIMIT) -> dict:
+    """Judge RSS samples (``RssSampler.stop()``) taken over a drain from ``t_start`` to ``t_end``.
+
+    Per process: ``first_kb`` (its first sample), ``first_after_warmup_kb``,
+    ``peak_kb``, ``last_kb`` (its last sample up to ``t_end``), ``ratio`` =
+    last / first-after-warm-up and ``flat`` (ratio <= ``limit``).  A process
+    with no sample after the warm-up (it ended or started too late) is listed
+    with ``flat`` None and does not decide the verdict.  ``total`` is the same
+    for the sum over processes at each sample time.  ``flat`` overall: every
+    judged process is flat (None if none could be judged).
+    """
+    cut = t_start + warmup * max(0.0, t_end - t_start)
+
+    def judge(series: list[tuple[float, int]]) -> dict:
+        within = [(t, kb) for t, kb in series if t <= t_end]
+        after = [(t, kb) for t, kb in within if t >= cut]
+        upto = within or series                     # figures of a process seen only later, unjudged
+        row = {"samples": len(within), "first_kb": upto[0][1] if upto else None,
+               "peak_kb": max((kb for _, kb in upto), default=None), "last_kb": upto[-1][1] if upto else None,
+               "first_after_warmup_kb": after[0][1] if after else None, "ratio": None, "flat": None}
+        if after and after[0][1]:
+            row["ratio"] = round(after[-1][1] / after[0][1], 3)
+            row["flat"] = row["ratio"] <= limit
+        return row
+
+    procs = []
+    totals: dict[float, int] = {}
+    for pid, row in sorted(samples.items()):
+        procs.append({"pid": pid, "cmd": row["cmd"], **judge(row["samples"])})
+        for t, kb in row["samples"]:
+            totals[t] = totals.get(t, 0) + kb
+    judged = [p["flat"] for p in procs if p["flat"] is not None]
+    ratios = [p["ratio"] for p in procs if p["ratio"] is not None]
+    return {
+        "rule": RSS_RULE,
+        "warmup_fraction": warmup,
+        "limit": limit,
+        "processes": procs,
+        "total": judge(sorted(totals.items())),
+        "max_ratio": max(ratios) if ratios else None,
+        "flat": all(judged) if judged else None,
+    }
+
+
 # --------------------------------------------------------------------------- DNS
 
 
@@ -241,13 +359,31 @@ def domain_address(j: int) -> str:
     return f"127.1.{j // 250}.{j % 250 + 1}"
 
 
-def zones(m: int) -> dict:
+#: TTL of every sandbox record (and the negative TTL): longer than any stage, so that the DNS
+#: target of issue 5 (at most one query per name and type per TTL, across all workers) reads
+#: "at most one query per name and type per stage".  mxq's own ceiling (MXQ_DNS_MAX_TTL) is 3600.
+DNS_TTL = 3600
+
+
+def zones(m: int, ttl: int = DNS_TTL) -> dict:
     """The sandbox zone: each ``d<j>.bench.test`` has one MX, ``mx.d<j>.bench.test`` -> its sink."""
     records: dict[str, dict] = {}
     for j in range(m):
         records[messages.domain(j)] = {"MX": [[10, messages.exchange(j)]]}
         records[messages.exchange(j)] = {"A": [domain_address(j)]}
-    return {"ttl": 300, "records": records}
+    return {"ttl": ttl, "records": records}
+
+
+def dns_breakdown(stats: dict, top: int = 10) -> dict:
+    """Per-(name, type) counts from the sandbox DNS server's stats (``DNSServerProcess.stats()``).
+
+    ``{"max_per_name_type": k, "name_types": distinct "name TYPE" keys asked,
+    "repeated": {"name TYPE": count}}`` -- ``repeated`` holds the ``top`` most
+    asked keys asked more than once (empty when every key was asked at most once).
+    """
+    q = stats.get("queries") or {}
+    rep = sorted(((k, v) for k, v in q.items() if v > 1), key=lambda kv: (-kv[1], kv[0]))[:top]
+    return {"max_per_name_type": max(q.values(), default=0), "name_types": len(q), "repeated": dict(rep)}
 
 
 def start_dns(m: int, workdir: Path):

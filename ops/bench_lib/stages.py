@@ -38,7 +38,14 @@ OPS = ROOT / "ops"
 RESULT_FIELDS = (
     "status", "error", "messages", "seconds", "msgs_per_sec", "submit_seconds",
     "latency_ms", "sinks", "dns_queries", "redis", "workers", "harness_cpu_seconds", "notes",
+    "dns", "steady", "backlog",
 )
+DNS_FIELDS = ("max_per_name_type", "name_types", "repeated")
+STEADY_FIELDS = ("rate_target", "rate_achieved", "late_submissions", "max_lag_ms", "submit_call_ms",
+                 "monitor_interval_ms")
+BACKLOG_FIELDS = ("messages", "batch", "content_bytes", "submit_seconds", "redis_used_memory_baseline",
+                  "redis_used_memory_queued", "redis_used_memory_drained", "redis_memory_per_content_byte",
+                  "redis_bytes_per_message", "drain_seconds", "drain_msgs_per_sec", "rss")
 SINK_FIELDS = ("records", "smtp_sink_counter", "unique_ids", "duplicates", "missing", "unexpected",
                "exactly_once", "bytes_per_record", "sinks")
 REDIS_FIELDS = ("commands_total", "commands_per_message", "top_commands", "memory_per_queued_message",
@@ -66,10 +73,19 @@ class Context:
     probe: int = 1000                 # messages queued (no worker running) to measure Redis memory
     postfix_dns: str = "direct"       # direct: Postfix asks the sandbox DNS; dnsmasq: through a caching dnsmasq
     resolv_conf: Path | None = None   # the bind-mounted /etc/resolv.conf (rewritten in place)
+    steady_n: int = 1000              # messages of the steady-rate stage
+    steady_rate: float = 100.0        # ... submitted at this many per second
+    backlog_n: int = 100000           # messages queued with no worker running in the backlog stage
+    rss_interval: float = 0.5         # seconds between worker RSS samples while the backlog drains
+    timeout_explicit: bool = False    # --timeout given: it applies to every stage as it is
 
-    def spec(self, stage: str) -> Spec:
-        """The messages of ``stage`` (ids unique per run and stage)."""
-        return Spec(f"{self.run}-{stage}", self.n, self.m, self.size)
+    def spec(self, stage: str, count: int | None = None) -> Spec:
+        """The messages of ``stage`` (ids unique per run and stage); ``count`` defaults to ``n``."""
+        return Spec(f"{self.run}-{stage}", self.n if count is None else count, self.m, self.size)
+
+    def timeout_for(self, count: int) -> float:
+        """Seconds a stage of ``count`` messages may take: --timeout if given, else 60 + count/20."""
+        return self.timeout if self.timeout_explicit else 60 + count / 20
 
     def stage_dir(self, stage: str) -> Path:
         """A fresh directory for ``stage``."""
@@ -112,14 +128,18 @@ class Measure:
     """Sinks + monitor for one stage; ``finish()`` turns what the sinks saw into the result fields."""
 
     def __init__(self, ctx: Context, stage: str, addresses: list[str], id_header: str = messages.ID_HEADER,
-                 submitted_header: str | None = messages.SUBMITTED_HEADER):
+                 submitted_header: str | None = messages.SUBMITTED_HEADER, *, count: int | None = None,
+                 interval: float | None = None, timeout: float | None = None):
         self.ctx = ctx
         self.stage = stage
+        self.n = ctx.n if count is None else count            # messages that complete the stage
+        self.timeout = ctx.timeout if timeout is None else timeout
         self.farm = SinkFarm(addresses, ctx.stage_dir(stage) / "sinks").start()
         # Without a submission time there is no latency to take: poll smtp-sink's counters only.
-        # Poll interval: 10 ms for a few sinks, 20 ms for many (each poll reads every dump file).
-        self.interval = 0.01 if len(addresses) <= 10 else 0.02
-        self.monitor = Monitor(self.farm, ctx.n, id_header, submitted_header, interval=self.interval,
+        # Poll interval: 10 ms for a few sinks, 20 ms for many (each poll reads every dump file);
+        # the latency resolution, so a stage judged on latency may ask for finer.
+        self.interval = interval if interval is not None else (0.01 if len(addresses) <= 10 else 0.02)
+        self.monitor = Monitor(self.farm, self.n, id_header, submitted_header, interval=self.interval,
                                follow=submitted_header is not None).start()
         self.t0: float | None = None
         self.cpu0: dict = {}
@@ -135,9 +155,10 @@ class Measure:
             "submitting_process": sum(os.times()[:2]),
         }
 
-    def begin(self) -> float:
+    def begin(self, reset_dns: bool = True) -> float:
         """Mark the first submission (call right before it) and reset the DNS counters first."""
-        self.ctx.dns.reset_stats()
+        if reset_dns:
+            self.ctx.dns.reset_stats()
         self.cpu0 = self._cpu()
         self.t0 = time.time()
         return self.t0
@@ -152,10 +173,10 @@ class Measure:
 
         def progress(k: int) -> None:
             if time.monotonic() - last[0] >= 5:
-                self.ctx.say(f"   {k}/{self.ctx.n} at the sinks")
+                self.ctx.say(f"   {k}/{self.n} at the sinks")
                 last[0] = time.monotonic()
 
-        self.t_done = self.monitor.wait_complete(self.ctx.timeout, alive=alive, on_progress=progress)
+        self.t_done = self.monitor.wait_complete(self.timeout, alive=alive, on_progress=progress)
         cpu1 = self._cpu()
         self.cpu = {k: round(cpu1[k] - self.cpu0[k], 2) for k in cpu1}
         return self.t_done - self.t0
@@ -163,7 +184,8 @@ class Measure:
     def finish(self, expected_ids: set[str] | None) -> dict:
         """Settle, stop the sinks, read the dumps: the timing, latency, sink and DNS fields."""
         time.sleep(self.ctx.settle)
-        dns_queries = self.ctx.dns.queries()
+        dns_stats = self.ctx.dns.stats()
+        dns_queries = dns_stats["total"]
         self.farm.stop()
         tally = self.monitor.finish()
         counter = self.farm.counter_total()
@@ -172,9 +194,9 @@ class Measure:
             missing = len(expected_ids - seen)
             unexpected = len(seen - expected_ids)
         else:
-            missing = max(0, self.ctx.n - len(seen))
+            missing = max(0, self.n - len(seen))
             unexpected = 0
-        n = self.ctx.n
+        n = self.n
         exactly_once = (tally["records"] == n and counter == n and len(seen) == n
                         and tally["duplicates"] == 0 and missing == 0 and unexpected == 0)
         seconds = self.t_done - self.t0
@@ -204,6 +226,7 @@ class Measure:
                 "sinks": len(self.farm.sinks),
             },
             dns_queries=dns_queries,
+            dns=sandbox.dns_breakdown(dns_stats),
             harness_cpu_seconds=self.cpu,
             notes=[],
         )
@@ -475,6 +498,101 @@ def django_celery_email(ctx: Context) -> dict:
 # --------------------------------------------------------------------------- mxq
 
 
+def _mxq_modules():
+    """``(tasks, tasks.app module, worker_argv, scheduler_argv)``, or BenchError if the pipeline is unusable."""
+    try:
+        import importlib
+        import tasks                                      # noqa: F401
+        from tasks.cli import scheduler_argv, worker_argv
+        app_module = importlib.import_module("tasks.app")
+    except Exception as e:                                # ImportError, or a half-landed pipeline
+        raise BenchError(f"the mxq pipeline is not usable: {type(e).__name__}: {e}") from e
+    return tasks, app_module, worker_argv, scheduler_argv
+
+
+def _mxq_redis(ctx: Context, st: Path, app_module) -> tuple[sandbox.Redis, dict]:
+    """A fresh Redis for one mxq stage; this process (the producer) pointed at it; the workers' env."""
+    r = sandbox.start_redis(st / "redis")
+    env = _env()
+    env.update({
+        "MXQ_REDIS_URL": r.url,
+        "MXQ_DNS_SERVERS": ctx.dns.address,
+        "MXQ_HELO_NAME": "mxq.bench.test",
+        "PYTHONUNBUFFERED": "1",
+    })
+    os.environ.update({k: env[k] for k in ("MXQ_REDIS_URL", "MXQ_DNS_SERVERS", "MXQ_HELO_NAME")})
+    app_module.rebind(r.url)
+    return r, env
+
+
+def _start_mxq(ctx: Context, st: Path, env: dict, worker_argv, scheduler_argv, on_spawn=None) -> list[tuple]:
+    """Start ``mxq_workers`` workers and the scheduler (beat); wait until each is ready.
+
+    Returns ``[(Popen, log, ready-needle)]``, the workers first and beat last.
+    ``on_spawn(worker_pids)`` is called once every worker has been spawned,
+    before the readiness wait (the backlog stage starts its clock there).
+    """
+    procs = []
+    for w in range(ctx.mxq_workers):
+        log = st / f"worker{w}.log"
+        extra = ["-n", f"bench{w}@%h", "-l", "INFO", "-P", "prefork"]
+        if ctx.mxq_concurrency:
+            extra += ["-c", str(ctx.mxq_concurrency)]
+        p = sandbox.spawn(worker_argv(extra), log=log, env=env, cwd=str(ROOT), session=True)
+        procs.append((p, log, " ready."))
+    beat_dir = st / "beat"
+    beat_dir.mkdir()
+    beat = sandbox.spawn(scheduler_argv(["--schedule", str(beat_dir / "schedule"), "-l", "INFO",
+                                         "--pidfile="]), log=st / "beat.log", env=env, cwd=str(ROOT),
+                         session=True)
+    procs.append((beat, st / "beat.log", "beat: Starting"))
+    if on_spawn is not None:
+        on_spawn([p.pid for p, _, _ in procs[:-1]])
+    for p, log, needle in procs:
+        _wait_log(log, needle, p, 60)
+    return procs
+
+
+def _mxq_alive(procs: list[tuple]) -> Callable[[], None]:
+    """A check that raises BenchError (with the log tail) if a worker or beat has exited."""
+    def alive() -> None:
+        for p, log, _ in procs:
+            if p.poll() is not None:
+                raise BenchError(f"{p.args[3:6]} exited ({p.returncode}): {log.read_text()[-2000:]}")
+    return alive
+
+
+def _mxq_wait(meas: Measure, procs: list[tuple]) -> None:
+    try:
+        meas.wait(_mxq_alive(procs))
+    except BenchError as e:
+        logs = "\n".join(log.read_text(errors="replace")[-1500:] for _, log, _ in procs[:1])
+        raise BenchError(f"{e}; worker log tail: {logs}") from None
+
+
+def _mxq_workers(procs: list[tuple]) -> list[dict]:
+    workers = []
+    for p, _, _ in procs:
+        workers += worker_fields(sandbox.process_tree(p.pid))
+    return workers
+
+
+def _mxq_agrees(tasks_mod, ids: list[str], res: dict) -> str:
+    """mxq's own bookkeeping must agree with the sinks: a sample of jobs is done and delivered."""
+    sample = ids[:: max(1, len(ids) // 20)]
+    states = [tasks_mod.status(j) for j in sample]
+    bad = [s for s in states if s["state"] != "done" or s["recipients"][0]["state"] != "delivered"]
+    if bad:
+        res["notes"].append(f"tasks.status disagrees with the sinks for {len(bad)} of {len(sample)} "
+                            f"sampled jobs, e.g. {bad[0]}")
+        res["sinks"]["exactly_once"] = False
+    return f"tasks.status agrees for {len(sample) - len(bad)}/{len(sample)} sampled jobs"
+
+
+def _workers_note(ctx: Context) -> str:
+    return f"{ctx.mxq_workers} worker(s) -c {ctx.mxq_concurrency or 'default'} prefork + beat"
+
+
 def mxq(ctx: Context) -> dict:
     """mxq: ``tasks.submit_many`` of N messages in batches, delivered by ``mxq worker`` processes.
 
@@ -488,27 +606,12 @@ def mxq(ctx: Context) -> dict:
     running to measure Redis memory per queued message, then Redis is flushed.
     """
     st = ctx.stage_dir("mxq")
-    try:
-        import tasks                                      # noqa: F401
-        from tasks import Item, submit_many
-        from tasks.cli import scheduler_argv, worker_argv
-        import importlib
-        app_module = importlib.import_module("tasks.app")
-    except Exception as e:                                # ImportError, or a half-landed pipeline
-        raise BenchError(f"the mxq pipeline is not usable: {type(e).__name__}: {e}") from e
+    tasks, app_module, worker_argv, scheduler_argv = _mxq_modules()
+    from tasks import Item, submit_many
     addrs = [sandbox.domain_address(j) for j in range(ctx.m)]
     meas = Measure(ctx, "mxq", addrs)
     try:
-        r = sandbox.start_redis(st / "redis")
-        env = _env()
-        env.update({
-            "MXQ_REDIS_URL": r.url,
-            "MXQ_DNS_SERVERS": ctx.dns.address,
-            "MXQ_HELO_NAME": "mxq.bench.test",
-            "PYTHONUNBUFFERED": "1",
-        })
-        os.environ.update({k: env[k] for k in ("MXQ_REDIS_URL", "MXQ_DNS_SERVERS", "MXQ_HELO_NAME")})
-        app_module.rebind(r.url)
+        r, env = _mxq_redis(ctx, st, app_module)
         spec = ctx.spec("mxq")
         body = spec.body()
 
@@ -526,61 +629,200 @@ def mxq(ctx: Context) -> dict:
         mem_per_msg = (r.used_memory() - before) / probe
         client.flushall()
 
-        procs = []
-        for w in range(ctx.mxq_workers):
-            log = st / f"worker{w}.log"
-            extra = ["-n", f"bench{w}@%h", "-l", "INFO", "-P", "prefork"]
-            if ctx.mxq_concurrency:
-                extra += ["-c", str(ctx.mxq_concurrency)]
-            p = sandbox.spawn(worker_argv(extra), log=log, env=env, cwd=str(ROOT), session=True)
-            procs.append((p, log, " ready."))
-        beat_dir = st / "beat"
-        beat_dir.mkdir()
-        beat = sandbox.spawn(scheduler_argv(["--schedule", str(beat_dir / "schedule"), "-l", "INFO",
-                                             "--pidfile="]), log=st / "beat.log", env=env, cwd=str(ROOT),
-                             session=True)
-        procs.append((beat, st / "beat.log", "beat: Starting"))
-        for p, log, needle in procs:
-            _wait_log(log, needle, p, 60)
+        procs = _start_mxq(ctx, st, env, worker_argv, scheduler_argv)
         client.config_resetstat()
-
-        def alive() -> None:
-            for p, log, _ in procs:
-                if p.poll() is not None:
-                    raise BenchError(f"{p.args[3:6]} exited ({p.returncode}): {log.read_text()[-2000:]}")
 
         ids: list[str] = []
         meas.begin()
         for k in range(0, spec.count, ctx.batch):
             ids += submit_many(items(range(k, min(spec.count, k + ctx.batch)), time.time()))
         meas.submitted()
-        try:
-            meas.wait(alive)
-        except BenchError as e:
-            logs = "\n".join(log.read_text(errors="replace")[-1500:] for _, log, _ in procs[:1])
-            raise BenchError(f"{e}; worker log tail: {logs}") from None
+        _mxq_wait(meas, procs)
         redis_res = redis_fields(r, ctx.n, mem_per_msg, probe)
-        workers = []
-        for p, _, _ in procs:
-            workers += worker_fields(sandbox.process_tree(p.pid))
+        workers = _mxq_workers(procs)
         res = meas.finish(spec.ids())
-        # mxq's own bookkeeping must agree with the sinks: a sample of jobs is done and delivered.
-        sample = ids[:: max(1, len(ids) // 20)]
-        states = [tasks.status(j) for j in sample]
-        bad = [s for s in states if s["state"] != "done" or s["recipients"][0]["state"] != "delivered"]
-        if bad:
-            res["notes"].append(f"tasks.status disagrees with the sinks for {len(bad)} of {len(sample)} "
-                                f"sampled jobs, e.g. {bad[0]}")
-            res["sinks"]["exactly_once"] = False
+        agrees = _mxq_agrees(tasks, ids, res)
         res["redis"] = redis_res
         res["workers"] = workers
-        res["notes"].append(f"submit_many in batches of {ctx.batch}; {ctx.mxq_workers} worker(s) "
-                            f"-c {ctx.mxq_concurrency or 'default'} prefork + beat; "
-                            f"tasks.status agrees for {len(sample) - len(bad)}/{len(sample)} sampled jobs")
+        res["notes"].append(f"submit_many in batches of {ctx.batch}; {_workers_note(ctx)}; {agrees}")
         for p, _, _ in procs:
             sandbox.stop(p)
         r.stop()
         return res
     except BaseException:
+        meas.abort()
+        raise
+
+
+#: Latency resolution of the steady-rate stage: the sink monitor polls every 5 ms (not 10-20 ms as
+#: in the throughput stages), since its p50 is judged against 50 ms.
+STEADY_MONITOR_INTERVAL = 0.005
+#: A submission that starts this much after its slot counts as late (the pace was not kept).
+STEADY_LATE_S = 0.005
+
+
+def mxq_steady(ctx: Context) -> dict:
+    """mxq when not saturated: ``steady_n`` messages at a steady ``steady_rate`` per second.
+
+    One ``tasks.submit`` per message; message ``i`` is due ``i / rate``
+    seconds after the first, on the monotonic clock (a late submission is
+    not caught up with a burst: the next one is simply due at its own slot).
+    Latency is taken per message from its ``X-Bench-Submitted`` stamp (set
+    right before its ``submit`` call) to its arrival at a sink, as in the
+    other stages, with the monitor polling every 5 ms.  Same workers, beat
+    and fresh Redis as the ``mxq`` stage; ``seconds``/``msgs_per_sec`` here
+    measure the offered pace, not capacity.
+    """
+    st = ctx.stage_dir("mxq_steady")
+    tasks, app_module, worker_argv, scheduler_argv = _mxq_modules()
+    n, rate = ctx.steady_n, ctx.steady_rate
+    addrs = [sandbox.domain_address(j) for j in range(ctx.m)]
+    meas = Measure(ctx, "mxq_steady", addrs, count=n, interval=STEADY_MONITOR_INTERVAL,
+                   timeout=ctx.timeout_for(n))
+    try:
+        r, env = _mxq_redis(ctx, st, app_module)
+        procs = _start_mxq(ctx, st, env, worker_argv, scheduler_argv)
+        alive = _mxq_alive(procs)
+        r.client().config_resetstat()
+        spec = ctx.spec("mxq_steady", n)
+        body = spec.body()
+        ids: list[str] = []
+        lags: list[float] = []
+        calls: list[float] = []
+        starts: list[float] = []
+        every = max(1, int(rate))                    # check the workers about once a second
+        meas.begin()
+        t_first = time.monotonic()
+        for i in range(n):
+            due = t_first + i / rate
+            now = time.monotonic()
+            if due > now:
+                time.sleep(due - now)                # pacing to the schedule, not synchronisation
+            t = time.monotonic()
+            lags.append(max(0.0, t - due))
+            starts.append(t)
+            ids.append(tasks.submit(spec.render(i, time.time(), body), sender=messages.SENDER,
+                                    recipients=[spec.recipient(i)]))
+            calls.append(time.monotonic() - t)
+            if i % every == every - 1:
+                alive()
+        meas.submitted()
+        _mxq_wait(meas, procs)
+        redis_res = redis_fields(r, n, None, None)
+        workers = _mxq_workers(procs)
+        res = meas.finish(spec.ids())
+        agrees = _mxq_agrees(tasks, ids, res)
+        span = starts[-1] - starts[0]
+        res["steady"] = {
+            "rate_target": rate,
+            "rate_achieved": round((n - 1) / span, 1) if n > 1 and span > 0 else None,
+            "late_submissions": sum(1 for x in lags if x > STEADY_LATE_S),
+            "max_lag_ms": round(max(lags) * 1000, 1),
+            "submit_call_ms": {"p50": round(sandbox.percentile(calls, 0.5) * 1000, 2),
+                               "p99": round(sandbox.percentile(calls, 0.99) * 1000, 2),
+                               "max": round(max(calls) * 1000, 2)},
+            "monitor_interval_ms": round(STEADY_MONITOR_INTERVAL * 1000, 1),
+        }
+        res["redis"] = redis_res
+        res["workers"] = workers
+        res["notes"].append(f"one tasks.submit per message at {rate:g}/s (monotonic schedule, late "
+                            f"submissions not caught up); {_workers_note(ctx)}; {agrees}; latency "
+                            f"resolution {STEADY_MONITOR_INTERVAL * 1000:g} ms")
+        for p, _, _ in procs:
+            sandbox.stop(p)
+        r.stop()
+        return res
+    except BaseException:
+        meas.abort()
+        raise
+
+
+def mxq_backlog(ctx: Context) -> dict:
+    """mxq with a backlog: ``backlog_n`` messages queued with no worker running, then drained.
+
+    Submission (``submit_many`` in batches of ``batch``) into a fresh Redis
+    with no worker: Redis ``used_memory`` after it, minus before it, over
+    the bytes of message content submitted, is the memory per content byte.
+    Then the workers and beat start; from their spawning until the sinks
+    hold every message is ``seconds`` (start-up included); meanwhile the RSS
+    of every worker process (main and pool children, not beat) is sampled
+    every ``rss_interval`` seconds and judged by ``sandbox.RSS_RULE``.
+    Latency here is time in the queue (submission to sink), not a target.
+    Redis commands are counted from before submission, DNS queries likewise.
+    """
+    st = ctx.stage_dir("mxq_backlog")
+    tasks, app_module, worker_argv, scheduler_argv = _mxq_modules()
+    from tasks import Item, submit_many
+    n = ctx.backlog_n
+    addrs = [sandbox.domain_address(j) for j in range(ctx.m)]
+    meas = Measure(ctx, "mxq_backlog", addrs, count=n, timeout=ctx.timeout_for(n))
+    sampler: list[sandbox.RssSampler] = []
+    try:
+        r, env = _mxq_redis(ctx, st, app_module)
+        client = r.client()
+        spec = ctx.spec("mxq_backlog", n)
+        body = spec.body()
+        ctx.dns.reset_stats()
+        client.config_resetstat()
+        baseline = r.used_memory()
+        content = 0
+        ids: list[str] = []
+        t_sub = time.time()
+        for k in range(0, n, ctx.batch):
+            now = time.time()
+            batch = [spec.render(i, now, body) for i in range(k, min(n, k + ctx.batch))]
+            content += sum(len(m) for m in batch)
+            ids += submit_many([Item(message=m, sender=messages.SENDER, recipients=[spec.recipient(i)])
+                                for i, m in zip(range(k, k + len(batch)), batch)])
+            if k % (100 * ctx.batch) == 0 and k:
+                ctx.say(f"   {k}/{n} queued")
+        submit_seconds = time.time() - t_sub
+        queued = r.used_memory()
+        ctx.say(f"   {n} queued in {submit_seconds:.1f} s; Redis used_memory +{(queued - baseline) / 1e6:.1f} MB "
+                f"for {content / 1e6:.1f} MB of content; starting the workers")
+
+        def on_spawn(pids: list[int]) -> None:
+            meas.begin(reset_dns=False)
+            sampler.append(sandbox.RssSampler(pids, ctx.rss_interval).start())
+
+        procs = _start_mxq(ctx, st, env, worker_argv, scheduler_argv, on_spawn=on_spawn)
+        t_ready = time.time()                       # every worker and beat said it is ready
+        _mxq_wait(meas, procs)
+        samples = sampler[0].stop()
+        # RSS is judged over the drain proper: from "ready" (start-up growth is not a leak) to done.
+        rss = sandbox.rss_verdict(samples, min(t_ready, meas.t_done), meas.t_done)
+        redis_res = redis_fields(r, n, None, None)
+        workers = _mxq_workers(procs)
+        res = meas.finish(spec.ids())
+        agrees = _mxq_agrees(tasks, ids, res)
+        drained = r.used_memory()
+        drain = meas.t_done - meas.t0
+        res["submit_seconds"] = round(submit_seconds, 3)
+        res["backlog"] = {
+            "messages": n,
+            "batch": ctx.batch,
+            "content_bytes": content,
+            "submit_seconds": round(submit_seconds, 3),
+            "redis_used_memory_baseline": baseline,
+            "redis_used_memory_queued": queued,
+            "redis_used_memory_drained": drained,
+            "redis_memory_per_content_byte": round((queued - baseline) / content, 3),
+            "redis_bytes_per_message": round((queued - baseline) / n),
+            "drain_seconds": round(drain, 3),
+            "drain_msgs_per_sec": round(n / drain, 1) if drain > 0 else None,
+            "rss": {"interval_s": ctx.rss_interval, "ready_seconds": round(t_ready - meas.t0, 3), **rss},
+        }
+        res["redis"] = redis_res
+        res["workers"] = workers
+        res["notes"].append(f"{n} messages queued by submit_many in batches of {ctx.batch} with no worker, "
+                            f"then drained by {_workers_note(ctx)}; seconds = worker spawn -> all at the "
+                            f"sinks (start-up included); latency = time in the queue; {agrees}")
+        for p, _, _ in procs:
+            sandbox.stop(p)
+        r.stop()
+        return res
+    except BaseException:
+        if sampler:
+            sampler[0].stop()
         meas.abort()
         raise
