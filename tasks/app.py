@@ -30,6 +30,7 @@ ROUTES = {
     "mxq.deliver": {"queue": "delivery"},
     "mxq.notify": {"queue": "notifications"},
     "mxq.schedule": {"queue": "scheduling"},
+    "mxq.webhook": {"queue": "notifications"},
 }
 
 
