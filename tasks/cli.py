@@ -84,16 +84,8 @@ def _add_send(sub) -> None:
                        description="Submit a message (an .eml file, or - for standard input) to the "
                                    "pipeline and print its job id.  Envelope defaults come from the "
                                    "headers (From/Sender; To, Cc, Bcc).")
-    p.add_argument("file", metavar="FILE.eml|-", help="the message; - reads standard input")
-    p.add_argument("--from", dest="sender", metavar="ADDR",
-                   help="envelope sender (MAIL FROM); '' or '<>' for the null sender")
-    p.add_argument("--to", dest="recipients", action="append", metavar="ADDR",
-                   help="envelope recipient (repeat, or comma-separate); replaces To/Cc/Bcc")
-    p.add_argument("--notify", metavar="LIST",
-                   help="DSN NOTIFY for every recipient: NEVER, or a comma list of SUCCESS,FAILURE,DELAY")
-    p.add_argument("--ret", choices=("FULL", "HDRS"), type=str.upper,
-                   help="DSN RET: return the full message or only its headers in a report")
-    p.add_argument("--envid", metavar="ID", help="DSN ENVID, echoed in reports")
+    from workers.cli import add_envelope_arguments
+    add_envelope_arguments(p)
     p.add_argument("--json", action="store_true", help='print {"job": ID} (and the status with --wait) as JSON')
     p.add_argument("--wait", action="store_true",
                    help="follow the job until every recipient is final; exit 0/69/75 as mxq deliver")
@@ -162,14 +154,9 @@ def main(argv: list[str] | None = None) -> int:
 
 # -- send and status ----------------------------------------------------------------------------
 
-def _recipients(values: list[str] | None) -> list[str] | None:
-    if not values:
-        return None
-    return [a.strip() for v in values for a in v.split(",") if a.strip()]
-
-
 def run_send(args) -> int:
     """``mxq send``: submit, print the job id; with ``--wait`` follow it to the end."""
+    from workers.cli import split_recipients
     from workers.envelope import DSN, parse_notify
     from workers.errors import InvalidInput
 
@@ -198,7 +185,7 @@ def run_send(args) -> int:
     except ValueError as e:     # a malformed MXQ_* setting: the input may well be fine
         print(f"mxq send: configuration: {e}", file=sys.stderr)
         return EX_CONFIG
-    options = dict(sender=args.sender, recipients=_recipients(args.recipients),
+    options = dict(sender=args.sender, recipients=split_recipients(args.recipients),
                    notify=parse_notify(args.notify), dsn=dsn)
     try:
         try:

@@ -52,6 +52,20 @@ def exit_status(states: Iterable) -> int:
     return EX_OK
 
 
+def add_envelope_arguments(p) -> None:
+    """The message and envelope options shared by ``mxq deliver`` and ``mxq send``."""
+    p.add_argument("file", metavar="FILE.eml|-", help="the message; - reads standard input")
+    p.add_argument("--from", dest="sender", metavar="ADDR",
+                   help="envelope sender (MAIL FROM); '' or '<>' for the null sender")
+    p.add_argument("--to", dest="recipients", action="append", metavar="ADDR",
+                   help="envelope recipient (repeat, or comma-separate); replaces To/Cc/Bcc")
+    p.add_argument("--notify", metavar="LIST",
+                   help="DSN NOTIFY for every recipient: NEVER, or a comma list of SUCCESS,FAILURE,DELAY")
+    p.add_argument("--ret", choices=("FULL", "HDRS"), type=str.upper,
+                   help="DSN RET: return the full message or only its headers in a report")
+    p.add_argument("--envid", metavar="ID", help="DSN ENVID, echoed in reports")
+
+
 def add_parser(subparsers) -> None:
     """Register ``deliver`` on an argparse sub-parsers object; it runs ``run(args)``."""
     p = subparsers.add_parser(
@@ -61,21 +75,14 @@ def add_parser(subparsers) -> None:
                     "result per recipient.  Envelope defaults come from the headers (From/Sender; "
                     "To, Cc, Bcc).  Exit 0 all delivered, 75 deferred, 69 bounced, 65 bad input, "
                     "78 bad configuration.")
-    p.add_argument("file", metavar="FILE.eml|-", help="the message; - reads standard input")
-    p.add_argument("--from", dest="sender", metavar="ADDR",
-                   help="envelope sender (MAIL FROM); '' or '<>' for the null sender")
-    p.add_argument("--to", dest="recipients", action="append", metavar="ADDR",
-                   help="envelope recipient (repeat, or comma-separate); replaces To/Cc/Bcc")
-    p.add_argument("--notify", metavar="LIST",
-                   help="DSN NOTIFY for every recipient: NEVER, or a comma list of SUCCESS,FAILURE,DELAY")
-    p.add_argument("--ret", choices=("FULL", "HDRS"), type=str.upper, help="DSN RET")
-    p.add_argument("--envid", metavar="ID", help="DSN ENVID")
+    add_envelope_arguments(p)
     p.add_argument("--json", action="store_true", help='print {"recipients": [...]} as JSON')
     p.add_argument("-v", "--verbose", action="store_true", help="print the delivery log on standard error")
     p.set_defaults(run=run)
 
 
-def _recipients(values: list[str] | None) -> list[str] | None:
+def split_recipients(values: list[str] | None) -> list[str] | None:
+    """``--to`` values (repeated and/or comma-separated) as one list; None when none were given."""
     if not values:
         return None
     return [a.strip() for v in values for a in v.split(",") if a.strip()]
@@ -107,7 +114,7 @@ def run(args) -> int:
         content = path
     try:
         dsn = DSN(ret=args.ret, envid=args.envid) if (args.ret or args.envid) else None
-        envelope = prepare(content, sender=args.sender, recipients=_recipients(args.recipients),
+        envelope = prepare(content, sender=args.sender, recipients=split_recipients(args.recipients),
                            dsn=dsn, notify=parse_notify(args.notify), max_size=max_size)
     except InvalidInput as e:
         print(f"mxq deliver: invalid input: {e.reason}", file=err)
