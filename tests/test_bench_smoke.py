@@ -107,7 +107,8 @@ def test_stage_ran_and_is_exactly_once(bench, stage):
     assert 2048 <= sinks["bytes_per_record"] <= 2048 + 800
     assert st["messages"] == n
     assert st["seconds"] > 0 and st["msgs_per_sec"] > 0
-    assert abs(st["msgs_per_sec"] * st["seconds"] - n) < 0.01 * n
+    # msg/s is n / seconds; "seconds" is rounded to 1 ms, which matters for a stage of ~40 ms.
+    assert st["msgs_per_sec"] == pytest.approx(n / st["seconds"], rel=0.01 + 0.0005 / st["seconds"])
     # Stage-specific blocks are there exactly where they belong.
     assert (st["steady"] is not None) == (stage == "mxq_steady")
     assert (st["backlog"] is not None) == (stage == "mxq_backlog")
