@@ -2,7 +2,7 @@
 
 One real run (200 messages of 2 KB to 5 domains, every stage: the
 smtp-source -> smtp-sink limit, django-celery-email, Postfix, mxq, then mxq's
-steady-rate stage of 100 messages at 100/s and its backlog stage of 1000
+steady-rate stage of 100 messages at 100/s and its backlog stage of 2000
 queued messages) in its own private network namespace, then checks on the
 JSON it wrote: every field is there, every stage ran, every message reached
 the sinks exactly once (by smtp-sink's own counters and by message
@@ -30,7 +30,7 @@ from bench_lib.stages import (BACKLOG_FIELDS, DNS_FIELDS, REDIS_FIELDS, RESULT_F
                               STEADY_FIELDS)
 
 N, M = 200, 5
-STEADY, BACKLOG = 100, 1000          # --quick sizes of the steady-rate and backlog stages
+STEADY, BACKLOG = 100, 2000          # --quick sizes of the steady-rate and backlog stages
 COUNT = {"mxq_steady": STEADY, "mxq_backlog": BACKLOG}     # messages per stage (else N)
 MXQ_STAGES = ("mxq", "mxq_steady", "mxq_backlog")
 
@@ -196,9 +196,17 @@ def test_backlog_stage_memory_and_rss(bench):
             assert proc["ratio"] == pytest.approx(proc["last_kb"] / proc["first_after_warmup_kb"], abs=0.001)
             assert proc["flat"] == (proc["ratio"] <= 1.2)
     judged = [proc["flat"] for proc in rss["processes"] if proc["flat"] is not None]
+    if not _rss_judgeable(bl):
+        pytest.skip("the quick backlog drained too fast after the workers were ready to judge RSS")
     assert judged, "no worker process could be judged (too few RSS samples)"
     assert rss["flat"] == all(judged)
     assert rss["max_ratio"] == max(proc["ratio"] for proc in rss["processes"] if proc["ratio"] is not None)
+
+
+def _rss_judgeable(backlog: dict) -> bool:
+    """Whether the drain after "every worker ready" lasted long enough for samples past the warm-up."""
+    rss = backlog["rss"]
+    return backlog["drain_seconds"] - rss["ready_seconds"] >= 4 * rss["interval_s"]
 
 
 def test_targets_follow_from_the_stage_figures(bench):
@@ -207,6 +215,8 @@ def test_targets_follow_from_the_stage_figures(bench):
     assert list(tg) == [name for name, *_ in TARGETS]
     for name, t in tg.items():
         assert {"value", "limit", "pass"} <= set(t)
+        if name == "worker_rss_flat" and not _rss_judgeable(stages["mxq_backlog"]["backlog"]):
+            continue
         assert t["value"] is not None, name
         if t["limit"] is None:
             assert t["pass"] is None

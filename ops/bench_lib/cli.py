@@ -38,7 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("-m", "--domains", type=int, default=100, help="recipient domains, one smtp-sink each (default 100)")
     p.add_argument("-s", "--size", type=int, default=2048, help="message size in bytes (default 2048)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 200 messages, 5 domains, steady stage 100 messages, backlog stage 1000 "
+                   help="smoke run: 200 messages, 5 domains, steady stage 100 messages, backlog stage 2000 "
                         "(unless given explicitly)")
     p.add_argument("--stages", default=DEFAULT_STAGES,
                    help=f"comma-separated subset of {DEFAULT_STAGES} (default: all)")
@@ -48,7 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="messages per second offered in the steady-rate stage (default 100)")
     p.add_argument("--backlog", dest="backlog_messages", type=int, default=100000,
                    help="messages queued with no worker running in the backlog stage, then drained "
-                        "(default 100000, --quick 1000)")
+                        "(default 100000, --quick 2000)")
     p.add_argument("--no-backlog", action="store_true", help="skip the backlog stage")
     p.add_argument("--rss-interval", type=float, default=None,
                    help="seconds between worker RSS samples while the backlog drains (default 0.5, --quick 0.1)")
@@ -81,7 +81,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if "--steady-messages" not in explicit:
             args.steady_messages = 100
         if "--backlog" not in explicit:
-            args.backlog_messages = 1000
+            args.backlog_messages = 2000
     if args.settle is None:
         args.settle = 0.3 if args.quick else 1.0
     if args.rss_interval is None:
