@@ -34,6 +34,7 @@ import Celery or ``tasks``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -65,7 +66,7 @@ from .timeouts import Timeouts
 
 log = logging.getLogger("mxq.session")
 
-__all__ = ["SMTPSession", "SendResult", "DotStuffer", "TLS_POLICIES", "xtext", "utf8_addr_xtext"]
+__all__ = ["SMTPSession", "SendResult", "Transaction", "DotStuffer", "TLS_POLICIES", "xtext", "utf8_addr_xtext"]
 
 #: The accepted values of ``SMTPSession(tls=...)``.
 TLS_POLICIES = ("none", "opportunistic", "required", "implicit")
@@ -124,6 +125,22 @@ class SendResult:
         if self.reply is None or not self.reply.is_positive():
             return []
         return self.accepted
+
+
+@dataclass
+class Transaction:
+    """The envelope phase of one transaction (``SMTPSession.start_transaction``).
+
+    ``mail``: the reply to MAIL FROM; ``recipients``: the RCPT reply per
+    recipient in order (None for a recipient not tried: after a 452 without
+    pipelining, or after a 421); ``data``: the reply to DATA (354: DATA is
+    open), or None when DATA was not sent (or ended at once because nobody
+    was accepted).
+    """
+
+    mail: Reply | None = None
+    recipients: list = field(default_factory=list)
+    data: Reply | None = None
 
 
 class DotStuffer:
@@ -191,6 +208,27 @@ def _caused_by(exc: BaseException, kind: type) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=4096)
+def _address_of(text: str) -> Address:
+    return parse_address(text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sender_of(text: str) -> Address | None:
+    return parse_sender(text)
+
+
+def address_of(text: str) -> Address:
+    """``parse_address(text)``, remembered: a delivery parses each address several times
+    (validation, grouping, RCPT), and ``Address`` is immutable.  Errors are not remembered."""
+    return _address_of(text) if type(text) is str else parse_address(text)
+
+
+def sender_of(text: str | None) -> Address | None:
+    """``parse_sender(text)``, remembered like ``address_of``."""
+    return _sender_of(text) if type(text) is str else parse_sender(text)
+
+
 def _default_helo_name() -> str:
     return os.environ.get("MXQ_HELO_NAME") or socket.getfqdn()
 
@@ -212,7 +250,11 @@ class SMTPSession:
     reconnects once without TLS (``tls_fallback`` says why).
     ``timeouts`` defaults to ``Timeouts.from_env()`` (so ``MXQ_CONNECT_TIMEOUT``
     and ``MXQ_COMMAND_TIMEOUT`` apply).  ``chunk_size`` is how many bytes are
-    read and sent at a time while streaming DATA.
+    read and sent at a time while streaming DATA.  ``pipelining``: let
+    ``start_transaction`` (and so ``send_message``) send MAIL, every RCPT
+    and DATA in one write when the server advertises PIPELINING (RFC 2920);
+    off by default, so the classic one-command-at-a-time dialogue is what a
+    library user gets unless asked for.
 
     Local failure codes: 4.4.1 for connect failures (refused, unreachable,
     connect timeout), 4.4.2 for a timeout or lost connection after that,
@@ -229,7 +271,8 @@ class SMTPSession:
     def __init__(self, host: str, port: int = 25, *, helo_name: str | None = None,
                  tls: str = "opportunistic", tls_context: ssl.SSLContext | None = None,
                  server_hostname: str | None = None, timeouts: Timeouts | None = None,
-                 source_address: tuple[str, int] | None = None, chunk_size: int = CHUNK_SIZE):
+                 source_address: tuple[str, int] | None = None, chunk_size: int = CHUNK_SIZE,
+                 pipelining: bool = False):
         if tls not in TLS_POLICIES:
             raise ValueError(f"tls must be one of {', '.join(TLS_POLICIES)}, not {tls!r}")
         if chunk_size < 1:
@@ -243,6 +286,7 @@ class SMTPSession:
         self.timeouts = timeouts if timeouts is not None else Timeouts.from_env()
         self.source_address = source_address
         self.chunk_size = chunk_size
+        self.use_pipelining = pipelining
 
         self.greeting: Reply | None = None
         self.helo_reply: Reply | None = None
@@ -255,6 +299,7 @@ class SMTPSession:
         self._smtp: smtplib.SMTP | None = None
         self._in_mail = False        # MAIL FROM accepted, transaction open
         self._stuffer: DotStuffer | None = None   # not None while DATA is in progress
+        self._held = b""             # message text send_content leaves for close_message to send
         self._smtputf8 = False
 
     # ------------------------------------------------------------------
@@ -275,6 +320,7 @@ class SMTPSession:
         """Drop the connection without QUIT (after a timeout or a broken connection)."""
         smtp, self._smtp = self._smtp, None
         self._stuffer = None
+        self._held = b""
         self._in_mail = False
         self.accepted = []
         if smtp is not None:
@@ -520,7 +566,7 @@ class SMTPSession:
     # the transaction
 
     def create_message(self, sender: str | None, size: int | None = None, dsn: DSN | None = None, *,
-                       smtputf8: bool = False, eightbit: bool = False) -> Reply:
+                       smtputf8: bool = False, eightbit: bool = False, _pipeline=None) -> Reply:
         """MAIL FROM; "" or None is the null sender ``<>``.
 
         Parameters are sent only when the server advertises them: SIZE,
@@ -531,7 +577,22 @@ class SMTPSession:
         SMTPUTF8 needed but not offered; nothing sent), ``SMTPSenderRefused``
         (the server's refusal), ``SMTPProtocolError`` (a transaction is open).
         """
-        addr = parse_sender(sender)
+        args, needs_utf8 = self._mail_args(sender, size, dsn, smtputf8=smtputf8, eightbit=eightbit)
+        if _pipeline is not None:
+            return self._pipeline(args, needs_utf8, *_pipeline)
+        self._smtp.command_encoding = "utf-8" if needs_utf8 else "ascii"
+        reply = self._command("sending MAIL FROM", self.timeouts.command, "MAIL", args)
+        if reply.code != 250:
+            raise SMTPSenderRefused(reply, scope=Scope.SITE if reply.code == 421 else None)
+        self._in_mail = True
+        self._smtputf8 = needs_utf8
+        self.accepted = []
+        return reply
+
+    def _mail_args(self, sender: str | None, size: int | None, dsn: DSN | None, *, smtputf8: bool,
+                   eightbit: bool) -> tuple[str, bool]:
+        """Check a MAIL FROM (see ``create_message``); return its argument text and whether it needs SMTPUTF8."""
+        addr = sender_of(sender)
         self._require_connected("create_message")
         if self._in_mail or self._stuffer is not None:
             raise SMTPProtocolError(Reply.local("4.3.0", "a transaction is open: close_message() or reset() first"))
@@ -558,16 +619,8 @@ class SMTPSession:
                 params.append(f"RET={dsn.ret.upper()}")
             if dsn.envid:
                 params.append(f"ENVID={xtext(dsn.envid)}")
-        self._smtp.command_encoding = "utf-8" if needs_utf8 else "ascii"
         path = f"<{addr.smtp()}>" if addr is not None else "<>"
-        reply = self._command("sending MAIL FROM", self.timeouts.command, "MAIL",
-                              " ".join([f"FROM:{path}"] + params))
-        if reply.code != 250:
-            raise SMTPSenderRefused(reply, scope=Scope.SITE if reply.code == 421 else None)
-        self._in_mail = True
-        self._smtputf8 = needs_utf8
-        self.accepted = []
-        return reply
+        return " ".join([f"FROM:{path}"] + params), needs_utf8
 
     def add_recipient(self, address: str | Recipient, notify: Iterable[str] | None = None,
                       orcpt: str | None = None) -> Reply:
@@ -581,26 +634,173 @@ class SMTPSession:
         SMTPUTF8 gets a local 5.6.7 reply without anything sent.  A dead
         connection raises ``SMTPServerDisconnected`` / ``SMTPTimeoutError``.
         """
+        address, args = self._rcpt_args(address, notify, orcpt, in_mail=self._in_mail, utf8=self._smtputf8)
+        if isinstance(args, Reply):
+            return args
+        reply = self._command("sending RCPT TO", self.timeouts.command, "RCPT", args)
+        if reply.code in (250, 251):
+            self.accepted.append(address)
+        return reply
+
+    def _rcpt_args(self, address: str | Recipient, notify, orcpt, *, in_mail: bool,
+                   utf8: bool) -> tuple[str, str | Reply]:
+        """Check a RCPT TO (see ``add_recipient``): ``(address, argument text)``, or a local refusal as a Reply."""
         if isinstance(address, Recipient):
             notify = address.notify if notify is None else notify
             orcpt = address.orcpt if orcpt is None else orcpt
             address = address.address
-        addr = parse_address(address)
-        if not self._in_mail:
+        addr = address_of(address)
+        if not in_mail:
             raise SMTPProtocolError(Reply.local("4.3.0", "add_recipient before create_message"))
-        if addr.needs_smtputf8 and not self._smtputf8:
-            return Reply.local("5.6.7", f"<{address}>: SMTPUTF8 needed but not requested in MAIL FROM")
+        if addr.needs_smtputf8 and not utf8:
+            return address, Reply.local("5.6.7", f"<{address}>: SMTPUTF8 needed but not requested in MAIL FROM")
         params = []
         if "dsn" in self.extensions:
             if notify:
                 params.append("NOTIFY=" + ",".join(n.strip().upper() for n in notify))
             if orcpt:
                 params.append("ORCPT=" + _orcpt(orcpt))
-        reply = self._command("sending RCPT TO", self.timeouts.command, "RCPT",
-                              " ".join([f"TO:<{addr.smtp()}>"] + params))
-        if reply.code in (250, 251):
-            self.accepted.append(address)
-        return reply
+        return address, " ".join([f"TO:<{addr.smtp()}>"] + params)
+
+    # ------------------------------------------------------------------
+    # a whole envelope at once (PIPELINING, RFC 2920)
+
+    @property
+    def pipelining(self) -> bool:
+        """True when ``start_transaction`` pipelines: asked for, and advertised by the server."""
+        return self.use_pipelining and "pipelining" in self.extensions
+
+    def start_transaction(self, sender: str | None, recipients: Iterable[str | Recipient],
+                          size: int | None = None, dsn: DSN | None = None, *, smtputf8: bool = False,
+                          eightbit: bool = False) -> "Transaction":
+        """MAIL FROM, RCPT TO for each recipient, and DATA when a recipient was accepted.
+
+        With ``pipelining`` (asked for and advertised), the commands go out in
+        one write (RFC 2920 section 3.1: DATA last) and every reply is read
+        afterwards, so the envelope costs one round trip instead of 2 + n.
+        Without it, the commands go one at a time, the RCPT phase stops at a
+        452 once a recipient was accepted (the rest are not tried: reply
+        None), and DATA is sent only when a recipient was accepted.
+
+        Per-recipient outcomes are the same either way -- each recipient's
+        RCPT reply says whether it is in the transaction -- with these
+        differences in what is on the wire when pipelining: recipients after
+        a 452 are tried (their replies are used as they are: an accepted one
+        is in this transaction), and DATA is always sent; when no recipient
+        was accepted and the server still answers DATA with 354 (RFC 2920
+        says a client must not assume it will not), a lone "." ends that
+        empty message at once (``data`` is then None, as if DATA had not
+        been sent).
+
+        Returns a ``Transaction``: ``mail`` (250), ``recipients`` (a reply or
+        None per recipient, in order), ``data`` (the reply to DATA, None when
+        not sent).  After it:
+
+        - ``data.code == 354``: DATA is open, send the content with
+          ``append_message`` / ``close_message`` (or ``send_content``);
+        - otherwise the transaction (MAIL) is still open: ``reset()`` it;
+        - a 421 to any command: the connection is dropped (``connected`` is
+          False) and the replies after it are None.
+
+        Raises what ``create_message`` raises (a refused MAIL raises
+        ``SMTPSenderRefused`` after the pipelined replies were read, so the
+        connection stays usable, with no transaction open), ``InvalidAddress``
+        for a malformed recipient (nothing sent), ``SMTPServerDisconnected`` /
+        ``SMTPTimeoutError`` for a dead connection.
+        """
+        rcpts = [Recipient.of(r) for r in recipients]
+        if not self.pipelining:
+            return self._transaction_stepwise(sender, rcpts, size, dsn, smtputf8=smtputf8, eightbit=eightbit)
+        tx = Transaction()
+        # Through create_message (which hands the group to _pipeline), so a subclass that
+        # wraps create_message / close_message / reset (tasks.metrics times transactions
+        # that way) sees a pipelined transaction as it sees a classic one.
+        self.create_message(sender, size, dsn, smtputf8=smtputf8, eightbit=eightbit, _pipeline=(rcpts, tx))
+        return tx
+
+    def _pipeline(self, mail_args: str, needs_utf8: bool, rcpts: list[Recipient], tx: "Transaction") -> Reply:
+        """The pipelined envelope (see ``start_transaction``): fills ``tx``, returns the MAIL reply."""
+        prepared = [self._rcpt_args(r, None, None, in_mail=True, utf8=needs_utf8) for r in rcpts]
+        encoding = "utf-8" if needs_utf8 else "ascii"
+        lines = [f"MAIL {mail_args}\r\n"]
+        lines += [f"RCPT {args}\r\n" for _, args in prepared if not isinstance(args, Reply)]
+        lines.append("DATA\r\n")
+        payload = "".join(lines).encode(encoding)
+        smtp = self._smtp
+        self._io("sending MAIL FROM", self.timeouts.command, smtp.sock.sendall, payload)
+        tx.mail = self._reply("waiting for the reply to MAIL FROM", self.timeouts.command)
+        if tx.mail.code == 421:
+            self._abort()
+            raise SMTPSenderRefused(tx.mail, scope=Scope.SITE)
+        mail_ok = tx.mail.code == 250
+        self._in_mail = mail_ok
+        self._smtputf8 = needs_utf8
+        self.accepted = []
+        closing = False
+        for address, args in prepared:
+            if isinstance(args, Reply) or closing:
+                tx.recipients.append(args if isinstance(args, Reply) else None)
+                continue
+            reply = self._reply("waiting for the reply to RCPT TO", self.timeouts.command)
+            tx.recipients.append(reply)
+            if reply.code == 421:
+                closing = True
+            elif reply.code in (250, 251) and mail_ok:
+                self.accepted.append(address)
+        if closing:
+            self._abort()
+            if not mail_ok:
+                raise SMTPSenderRefused(tx.mail)
+            return tx.mail
+        data = self._reply("waiting for the reply to DATA", self.timeouts.data_init)
+        if data.code == 421:
+            self._abort()
+            tx.data = data
+        elif data.code == 354 and (not mail_ok or not self.accepted):
+            # DATA accepted with nobody to deliver to: end the empty message now.
+            self._io("sending end of data", self.timeouts.data_block, smtp.sock.sendall, b".\r\n")
+            self._reply("waiting for the reply to the end of data", self.timeouts.data_final)
+            self._in_mail = False
+        elif data.code == 354:
+            self._stuffer = DotStuffer()
+            tx.data = data
+        else:
+            tx.data = data
+        if not mail_ok:
+            self._in_mail = False
+            raise SMTPSenderRefused(tx.mail)
+        return tx.mail
+
+    def _transaction_stepwise(self, sender, rcpts: list[Recipient], size, dsn, *, smtputf8: bool,
+                              eightbit: bool) -> "Transaction":
+        tx = Transaction()
+        tx.mail = self.create_message(sender, size, dsn, smtputf8=smtputf8, eightbit=eightbit)
+        stopped = False
+        for rcpt in rcpts:
+            if stopped:
+                tx.recipients.append(None)
+                continue
+            reply = self.add_recipient(rcpt)
+            tx.recipients.append(reply)
+            if reply.code == 421:
+                self._abort()
+                stopped = True
+            elif reply.code == 452 and self.accepted:
+                stopped = True          # too many recipients: the rest wait for another transaction
+        if not self.connected or not self.accepted:
+            return tx
+        reply = self._command("sending DATA", self.timeouts.data_init, "DATA")
+        tx.data = reply
+        if reply.code == 354:
+            self._stuffer = DotStuffer()
+        return tx
+
+    def _reply(self, phase: str, timeout: float) -> Reply:
+        """Read one reply (of a pipelined group)."""
+        code, msg = self._io(phase, timeout, self._smtp.getreply)
+        if code == -1:
+            raise self._lost(phase, OSError("no valid reply"))
+        return Reply.parse(code, msg)
 
     def append_message(self, content) -> None:
         """Send (more of) the message text; the first call sends DATA.
@@ -658,14 +858,34 @@ class SMTPSession:
         if self._stuffer is None:
             self.append_message(b"")
         tail = self._stuffer.finish()
-        self._io("sending end of data", self.timeouts.data_block, self._smtp.sock.sendall, tail)
-        code, msg = self._io("waiting for the reply to the end of data", self.timeouts.data_final,
-                             self._smtp.getreply)
-        if code == -1:
-            raise self._lost("waiting for the reply to the end of data", OSError("no valid reply"))
+        held, self._held = self._held, b""
+        if held:
+            self._io("sending message content", self.timeouts.data_block, self._smtp.sock.sendall, held + tail)
+        else:
+            self._io("sending end of data", self.timeouts.data_block, self._smtp.sock.sendall, tail)
+        return self._final_reply()
+
+    def _final_reply(self) -> Reply:
+        reply = self._reply("waiting for the reply to the end of data", self.timeouts.data_final)
         self._stuffer = None
         self._in_mail = False
-        return Reply.parse(code, msg)
+        return reply
+
+    def send_content(self, content) -> Reply:
+        """``append_message(content)`` then ``close_message()``: the whole message text and the final reply.
+
+        When DATA is open (354 from ``start_transaction``) and ``content`` is
+        bytes no longer than ``chunk_size``, the text and the final "." go
+        in one write; otherwise it streams as ``append_message`` does.
+        """
+        if self._stuffer is not None and isinstance(content, (bytes, bytearray)) \
+                and len(content) <= self.chunk_size and self.connected:
+            # Held back and sent by close_message with the final dot (through
+            # close_message, so a subclass wrapping it sees the end of the transaction).
+            self._held = self._stuffer.feed(bytes(content))
+            return self.close_message()
+        self.append_message(content)
+        return self.close_message()
 
     def send_message(self, sender: str | None, recipients: Iterable[str | Recipient], content,
                      dsn: DSN | None = None, *, size: int | None = None, eightbit: bool | None = None,
@@ -673,7 +893,9 @@ class SMTPSession:
         """One whole transaction: MAIL, a RCPT per recipient, DATA.
 
         Per-recipient replies are in the result; a 452 stops adding and is
-        given to the remaining recipients.  When no recipient is accepted the
+        given to the remaining recipients (with ``pipelining`` every
+        recipient is tried, and each has its own reply: see
+        ``start_transaction``).  When no recipient is accepted the
         transaction is reset and ``reply`` is None.  A refused DATA command is
         returned as ``reply`` (after RSET).  For bytes/str content, ``size``
         and ``eightbit`` are worked out when not given; SMTPUTF8 is used when
@@ -684,7 +906,7 @@ class SMTPSession:
         rcpts = [Recipient.of(r) for r in recipients]
         if not rcpts:
             raise InvalidMessage("no recipients")
-        parsed: list[Address] = [parse_address(r.address) for r in rcpts]
+        parsed: list[Address] = [address_of(r.address) for r in rcpts]
         if isinstance(content, str):
             content = content.encode("utf-8")
         if isinstance(content, (bytes, bytearray, memoryview)):
@@ -699,31 +921,31 @@ class SMTPSession:
             except OSError as e:
                 raise InvalidMessage(f"cannot read {os.fspath(content)}: {e}") from e
         need_utf8 = bool(smtputf8) or any(a.needs_smtputf8 for a in parsed)
-        self.create_message(sender, size, dsn, smtputf8=need_utf8, eightbit=bool(eightbit))
+        tx = self.start_transaction(sender, rcpts, size, dsn, smtputf8=need_utf8, eightbit=bool(eightbit))
         result = SendResult()
-        for i, rcpt in enumerate(rcpts):
-            reply = self.add_recipient(rcpt)
+        stop = None
+        for rcpt, reply in zip(rcpts, tx.recipients):
+            if reply is None:           # not tried: after a 452 (the rest wait for another transaction)
+                if stop is not None:
+                    result.recipients.setdefault(rcpt.address, stop)
+                continue
             result.recipients[rcpt.address] = reply
             if reply.code == 421:
                 self._abort()
                 raise SMTPServerDisconnected(reply, scope=Scope.SITE)
             if reply.code == 452:
-                # Too many recipients (RFC 5321 section 4.5.3.1.10): the rest
-                # wait for another transaction.
-                for rest in rcpts[i + 1:]:
-                    result.recipients.setdefault(rest.address, reply)
-                break
+                stop = reply
         if not self.accepted:
-            self.reset()
-            return result
-        try:
-            self.append_message(content)
-        except SMTPDataError as e:
-            result.reply = e.reply
             if self.connected:
                 self.reset()
             return result
-        result.reply = self.close_message()
+        if tx.data is None or tx.data.code != 354:
+            # A refused DATA command (Too many recipients... or 4xx/5xx): returned, after RSET.
+            result.reply = tx.data
+            if self.connected:
+                self.reset()
+            return result
+        result.reply = self.send_content(content)
         return result
 
     def reset(self) -> Reply:

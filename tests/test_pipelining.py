@@ -1,0 +1,335 @@
+"""PIPELINING (RFC 2920): ``SMTPSession.start_transaction`` / ``send_message`` with
+``pipelining=True``, and ``deliver_domain``'s pipelined transactions.
+
+Two kinds of real peers on loopback:
+
+- a raw socket server scripted line by line (``RawServer``), which proves the
+  client really pipelines: it reads MAIL, every RCPT and DATA *before* it
+  answers anything, so a client waiting for the MAIL reply would time out;
+- the scripted aiosmtpd servers (``workers.sandbox.smtpd``), which advertise
+  PIPELINING, for the per-recipient semantics (452, refused MAIL, refused
+  DATA, 421) being the same as in the classic dialogue.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+
+from workers.config import Settings, parse_dns_servers
+from workers.delivery import MemoryHostStatus, deliver_domain
+from workers.envelope import Envelope, Recipient
+from workers.errors import SMTPSenderRefused, SMTPServerDisconnected, Scope
+from workers.mx import Resolver
+from workers.results import State
+from workers.sandbox.smtpd import Behaviour, start_server
+from workers.session import SMTPSession
+from workers.timeouts import Timeouts
+
+IN_NETNS = os.environ.get("MXQ_IN_TEST_NETNS") == "1"
+pytestmark = pytest.mark.skipif(not IN_NETNS, reason="needs the test network namespace (port 25 on 127.0.31.x)")
+
+FAST = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=3, data_final=3)
+MSG = b"From: a@src.test\r\nSubject: pipelined\r\n\r\nHello.\r\n.leading dot\r\n"
+
+
+class RawServer:
+    """A one-connection-at-a-time SMTP server driven by a script function (``script(conn)``).
+
+    ``conn.line()`` reads one line (``None`` when the client sent nothing for
+    ``wait`` seconds or closed), ``conn.send(*lines)`` writes reply lines in one
+    write.  Whatever the script records goes in ``self.seen``; an exception in
+    the script is kept in ``self.error`` and re-raised by ``check()``.
+    """
+
+    def __init__(self, host: str, script, port: int = 25):
+        self.script, self.seen, self.error = script, [], None
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(5)
+        self.host, self.port = host, port
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                self.script(_Conn(conn, self.seen))
+            except Exception as e:      # reported by check()
+                self.error = e
+
+    def check(self):
+        """Wait for the script to end; raise what it raised."""
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the server script did not finish"
+        if self.error is not None:
+            raise self.error
+
+    def stop(self):
+        """Close the listening socket."""
+        self.sock.close()
+
+
+class _Conn:
+    def __init__(self, sock, seen):
+        self.sock, self.seen = sock, seen
+        self.f = sock.makefile("rb")
+
+    def line(self, wait: float = 1.5) -> str | None:
+        self.sock.settimeout(wait)
+        try:
+            raw = self.f.readline()
+        except (TimeoutError, socket.timeout):
+            return None
+        return raw.decode("utf-8").rstrip("\r\n") if raw else None
+
+    def send(self, *lines: str) -> None:
+        self.sock.sendall("".join(f"{x}\r\n" for x in lines).encode())
+
+    def greet(self, pipelining: bool = True) -> None:
+        self.send("220 raw.test ESMTP")
+        assert self.line().upper().startswith("EHLO")
+        self.send("250-raw.test", *(["250-PIPELINING"] if pipelining else []), "250 8BITMIME")
+
+    def group(self, n: int) -> list[str]:
+        """Read n command lines without answering any (the client must have pipelined them)."""
+        got = []
+        for _ in range(n):
+            x = self.line()
+            assert x is not None, f"the client stopped after {got}: it waited for a reply (no pipelining)"
+            got.append(x)
+        self.seen.append(("group", got))
+        return got
+
+    def data(self) -> bytes:
+        """Read message text up to the lone dot; returns it with the dot."""
+        out = []
+        while True:
+            x = self.line()
+            assert x is not None, "message text ended early"
+            out.append(x)
+            if x == ".":
+                self.seen.append(("data", out))
+                return "\r\n".join(out).encode()
+
+
+@pytest.fixture
+def raw():
+    started = []
+
+    def start(host, script):
+        s = RawServer(host, script)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def session(host, **kw):
+    return SMTPSession(host, 25, helo_name="client.pipe.test", tls="none", timeouts=FAST, **kw)
+
+
+# ----------------------------------------------------------------------------- the wire
+
+
+def test_envelope_goes_in_one_group_and_content_with_the_dot(raw):
+    def script(c):
+        c.greet()
+        verbs = [x.split(":")[0].split(" ")[0] for x in c.group(4)]
+        assert verbs == ["MAIL", "RCPT", "RCPT", "DATA"], verbs
+        c.send("250 2.1.0 ok", "250 2.1.5 ok", "550 5.1.1 no such user", "354 go ahead")
+        c.data()
+        c.send("250 2.0.0 queued as X1")
+        assert c.line() == "QUIT"
+        c.send("221 bye")
+
+    srv = raw("127.0.31.1", script)
+    with session("127.0.31.1", pipelining=True) as s:
+        assert s.pipelining
+        r = s.send_message("a@src.test", ["ok@dst.test", "nobody@dst.test"], MSG)
+    srv.check()
+    assert [r.recipients[a].code for a in ("ok@dst.test", "nobody@dst.test")] == [250, 550]
+    assert r.reply.code == 250 and r.delivered == ["ok@dst.test"]
+    (kind, lines), = [x for x in srv.seen if x[0] == "data"]
+    assert lines == ["From: a@src.test", "Subject: pipelined", "", "Hello.", "..leading dot", "."]
+
+
+def test_nobody_accepted_but_data_says_354_gets_a_lone_dot_then_rset(raw):
+    """RFC 2920 section 3.1: the client must not assume DATA fails when no RCPT worked."""
+    def script(c):
+        c.greet()
+        c.group(3)
+        c.send("250 ok", "550 5.1.1 no", "354 go ahead anyway")
+        assert c.line() == "."            # an empty message: nothing of the content
+        c.seen.append(("dot", True))
+        c.send("554 5.5.1 no valid recipients")
+        assert c.line() == "RSET"
+        c.send("250 ok")
+        assert c.line() == "QUIT"
+        c.send("221 bye")
+
+    srv = raw("127.0.31.2", script)
+    with session("127.0.31.2", pipelining=True) as s:
+        r = s.send_message("a@src.test", ["nobody@dst.test"], MSG)
+        assert r.reply is None and r.accepted == []
+    srv.check()
+    assert ("dot", True) in srv.seen
+
+
+def test_without_the_extension_commands_go_one_at_a_time(raw):
+    def script(c):
+        c.greet(pipelining=False)
+        for reply in ("250 ok", "250 ok", "354 go"):
+            x = c.line()
+            c.seen.append(("cmd", x))
+            c.send(reply)
+        c.data()
+        c.send("250 2.0.0 queued")
+        assert c.line() == "QUIT"
+        c.send("221 bye")
+
+    srv = raw("127.0.31.3", script)
+    with session("127.0.31.3", pipelining=True) as s:
+        assert not s.pipelining
+        assert s.send_message("a@src.test", ["ok@dst.test"], MSG).reply.code == 250
+    srv.check()
+    assert [x[1].split(":")[0] for x in srv.seen if x[0] == "cmd"] == ["MAIL FROM", "RCPT TO", "DATA"]
+
+
+# ----------------------------------------------------------------------------- same verdicts as the classic dialogue
+
+
+@pytest.fixture
+def serve():
+    handles = []
+
+    def _serve(host, behaviour=None):
+        h = start_server(host, 25, behaviour or Behaviour())
+        handles.append(h)
+        return h
+
+    yield _serve
+    for h in handles:
+        h.stop()
+
+
+def test_452_each_recipient_keeps_its_own_reply(serve):
+    srv = serve("127.0.31.10", Behaviour(rcpt_limit=2))
+    rcpts = [f"r{i}@b.test" for i in range(4)]
+    with session(srv.host, pipelining=True) as s:
+        r = s.send_message("a@a.test", rcpts, MSG)
+        assert [r.recipients[a].code for a in rcpts] == [250, 250, 452, 452]
+        assert r.delivered == ["r0@b.test", "r1@b.test"]
+        assert s.send_message("a@a.test", rcpts[2:], MSG).delivered == rcpts[2:]
+    assert [m.rcpt_tos for m in srv.messages] == [rcpts[:2], rcpts[2:]]
+    assert len(srv.sessions) == 1
+
+
+def test_refused_mail_leaves_the_connection_usable_without_rset(serve):
+    srv = serve("127.0.31.11", Behaviour(mail_reply="553 5.7.1 <{address}>: Sender address rejected"))
+    with session(srv.host, pipelining=True) as s:
+        with pytest.raises(SMTPSenderRefused) as ei:
+            s.send_message("bad@a.test", ["b@b.test"], MSG)
+        assert ei.value.code == 553 and ei.value.scope == Scope.MESSAGE
+        assert s.connected and s.noop().code == 250      # the RCPT/DATA replies were read: in step
+    assert srv.messages == [] and srv.stats["rset"] == 0
+
+
+def test_refused_data_is_returned_and_reset(serve):
+    srv = serve("127.0.31.12", Behaviour(data_init_reply="451 4.3.0 not now"))
+    with session(srv.host, pipelining=True) as s:
+        assert s.send_message("a@a.test", ["b@b.test"], MSG).reply.code == 451
+        assert s.send_message("a@a.test", ["c@b.test"], MSG).reply.code == 451
+    assert srv.stats["rset"] == 2 and srv.messages == []
+
+
+def test_421_to_rcpt_is_a_site_failure(serve):
+    srv = serve("127.0.31.13", Behaviour(rcpt_rules={"bye": "421 4.3.2 shutting down"}))
+    with session(srv.host, pipelining=True) as s:
+        with pytest.raises(SMTPServerDisconnected) as ei:
+            s.send_message("a@a.test", ["ok@b.test", "bye@b.test", "c@b.test"], MSG)
+        assert not s.connected
+    assert ei.value.code == 421 and ei.value.scope == Scope.SITE
+    assert srv.messages == []
+
+
+def test_non_ascii_recipient_without_smtputf8_is_refused_locally(serve):
+    srv = serve("127.0.31.14", Behaviour(smtputf8=False))
+    with session(srv.host, pipelining=True) as s:
+        tx = s.start_transaction("a@a.test", ["ok@b.test", "\u00fcber@b.test"], None)
+        assert tx.recipients[0].code == 250
+        assert tx.recipients[1].code is None and tx.recipients[1].enhanced == "5.6.7"    # never sent
+        assert tx.data.code == 354 and s.accepted == ["ok@b.test"]
+        assert s.send_content(MSG).code == 250
+        assert s.send_message("a@a.test", ["ok2@b.test"], MSG).reply.code == 250
+    assert [m.rcpt_tos for m in srv.messages] == [["ok@b.test"], ["ok2@b.test"]]
+    assert not any("\u00fc" in c for c in srv.sessions[0].commands)
+
+
+# ----------------------------------------------------------------------------- deliver_domain
+
+
+def engine():
+    settings = Settings(helo_name="client.pipe.test", dns_servers=parse_dns_servers("127.0.0.1:9"), timeouts=FAST,
+                        tls="none")
+    return settings, Resolver(settings)
+
+
+def env(*rcpts, content=MSG):
+    return Envelope(sender="s@src.test", recipients=[Recipient(r) for r in rcpts], content=content)
+
+
+def test_deliver_domain_pipelines_and_a_recipient_after_452_is_not_sent_twice(raw):
+    """Replies 250, 452, 250: a and c are in the first transaction, b alone in the second."""
+    def script(c):
+        c.greet()
+        first = c.group(5)
+        assert [x.split(":")[0] for x in first] == ["MAIL FROM", "RCPT TO", "RCPT TO", "RCPT TO", "DATA"]
+        c.send("250 ok", "250 ok", "452 4.5.3 too many recipients", "250 ok", "354 go")
+        c.data()
+        c.send("250 2.0.0 queued as A")
+        second = c.group(3)
+        c.seen.append(("second", second))
+        c.send("250 ok", "250 ok", "354 go")
+        c.data()
+        c.send("250 2.0.0 queued as B")
+        assert c.line() == "QUIT"
+        c.send("221 bye")
+
+    srv = raw("127.0.31.20", script)
+    settings, resolver = engine()
+    d = "[127.0.31.20]"
+    (results,) = deliver_domain(d, [env(f"a@{d}", f"b@{d}", f"c@{d}")], settings=settings, resolver=resolver,
+                                host_status=MemoryHostStatus())
+    srv.check()
+    assert [r.state for r in results] == [State.DELIVERED] * 3
+    assert [r.text for r in results] == ["queued as A", "queued as B", "queued as A"]
+    assert all(r.attempts == 1 for r in results)
+    (second,) = [x[1] for x in srv.seen if x[0] == "second"]
+    assert second[1] == f"RCPT TO:<b@{d}>"
+    assert len([x for x in srv.seen if x[0] == "data"]) == 2
+
+
+def test_deliver_domain_verdicts_match_the_classic_dialogue(serve):
+    """One connection, several envelopes: bounced, deferred, delivered as with one command at a time."""
+    srv = serve("127.0.31.21")
+    settings, resolver = engine()
+    d = "[127.0.31.21]"
+    envs = [env(f"ok1@{d}", f"reject1@{d}"), env(f"later1@{d}"), env(f"ok2@{d}")]
+    results = deliver_domain(d, envs, settings=settings, resolver=resolver, host_status=MemoryHostStatus())
+    assert [[r.state for r in rs] for rs in results] == [
+        [State.DELIVERED, State.BOUNCED], [State.DEFERRED], [State.DELIVERED]]
+    assert results[0][1].code == 550 and results[1][0].code == 450
+    assert srv.stats["connections"] == 1
+    assert srv.stats["rset"] == 1            # the all-refused envelope was reset, nothing else
+    assert [m.rcpt_tos for m in srv.messages] == [[f"ok1@{d}"], [f"ok2@{d}"]]
