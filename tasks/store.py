@@ -139,27 +139,42 @@ end
 -- at most maxpar queued at once, minus those already published and not
 -- started.  force: treat the published ones as lost (the scheduler, for a
 -- lane with ready work and no activity for a while).
-local function dispatch(lanes, now, k, maxpar, force, out)
-  for _, lane in ipairs(lanes) do
-    local n = redis.call('LLEN', P .. 'ready:' .. lane)
+-- lens (optional): lane -> its ready list's length, when the caller knows it (RPUSH returns it).
+-- A constant number of commands whatever the number of lanes: one HMGET, one HSET,
+-- one ZADD, one ZADD NX, one ZREM, plus an LLEN per lane whose length is not known.
+local function dispatch(lanes, now, k, maxpar, force, out, lens)
+  if #lanes == 0 then return out end
+  local pends = {}
+  if not force then pends = redis.call('HMGET', P .. 'pending', unpack(lanes)) end
+  local sets, touch, keep, gone = {}, {}, {}, {}
+  for i, lane in ipairs(lanes) do
+    local n = lens and lens[lane]
+    if n == nil then n = redis.call('LLEN', P .. 'ready:' .. lane) end
     if n == 0 then
-      redis.call('ZREM', P .. 'dispatch', lane)
+      table.insert(gone, lane)
     else
-      local pend = 0
-      if not force then pend = tonumber(redis.call('HGET', P .. 'pending', lane) or '0') end
+      local pend = tonumber(pends[i] or '0') or 0
       local mp = maxpar
       if lane == '!w' then mp = 1 end     -- webhooks: one task queued at a time (tasks.webhooks)
       local want = math.min(math.ceil(n / k), mp) - pend
       if want > 0 then
-        redis.call('HSET', P .. 'pending', lane, pend + want)
-        redis.call('ZADD', P .. 'dispatch', now, lane)
+        table.insert(sets, lane); table.insert(sets, pend + want)
+        table.insert(touch, now); table.insert(touch, lane)
         table.insert(out, lane)
         table.insert(out, want)
       else
-        redis.call('ZADD', P .. 'dispatch', 'NX', now, lane)
+        table.insert(keep, now); table.insert(keep, lane)
       end
     end
   end
+  if #sets > 0 then push('HSET', P .. 'pending', sets) end
+  if #touch > 0 then push('ZADD', P .. 'dispatch', touch) end
+  if #keep > 0 then
+    for i = 1, #keep, 1000 do
+      redis.call('ZADD', P .. 'dispatch', 'NX', unpack(keep, i, math.min(i + 999, #keep)))
+    end
+  end
+  if #gone > 0 then push('ZREM', P .. 'dispatch', gone) end
   return out
 end
 -- Put a batch's items back on their ready lists (front) and drop its lease.
@@ -246,10 +261,16 @@ for i, job in ipairs(spec) do
     end
   end
 end
-for _, d in ipairs(lanes) do push('RPUSH', P .. 'ready:' .. d, work[d]) end
+local lens = {}
+for _, d in ipairs(lanes) do
+  local w = work[d]
+  for i = 1, #w, 1000 do
+    lens[d] = redis.call('RPUSH', P .. 'ready:' .. d, unpack(w, i, math.min(i + 999, #w)))
+  end
+end
 if #intake > 0 then push('ZADD', P .. 'intake', intake) end
 if #hooks > 0 then push('RPUSH', P .. 'ready:!w', hooks); table.insert(lanes, '!w') end
-return {ids, dispatch(lanes, now, k, maxpar, false, {})}
+return {ids, dispatch(lanes, now, k, maxpar, false, {}, lens)}
 """
 
 # ARGV: now, k, maxpar, job ids...  Splits stored jobs into their domain lanes (once).
@@ -278,8 +299,11 @@ return dispatch(lanes, now, k, maxpar, false, {})
 
 # ARGV: now, lane, k, lease expiry, token, meta field names...
 # Pops up to k items, leases them as one batch.  Delivery lanes return
-# {wid, values} per item (values: HMGET of the meta fields, then 'c', then
-# each recipient record); the report and webhook lanes return {wid} per item.
+# {wid, content, packed} per item, packed being the JSON array of the HMGET
+# of the meta fields then each recipient record (false when missing): one
+# bulk string for Python to parse instead of a dozen RESP elements (the
+# reply parser was the largest cost of a claim, profiled).  The report and
+# webhook lanes return {wid} per item.
 _CLAIM = _PRELUDE + r"""
 local now, lane, k, expiry, token = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local items = redis.call('LPOP', P .. 'ready:' .. lane, k)
@@ -289,7 +313,8 @@ if pend > 1 then
 elseif pend == 1 then
   redis.call('HDEL', P .. 'pending', lane)      -- no zero entries left behind for idle domains
 end
-if redis.call('LLEN', P .. 'ready:' .. lane) > 0 then
+-- LPOP took min(k, length): fewer than k means the list is empty now.
+if items and #items == k then
   redis.call('ZADD', P .. 'dispatch', now, lane)
 else
   redis.call('ZREM', P .. 'dispatch', lane)
@@ -312,9 +337,11 @@ for _, wid in ipairs(items) do
     local fields = {unpack(meta)}
     for _, i in ipairs(idx) do table.insert(fields, 'r:' .. i) end
     local values = redis.call('HMGET', P .. 'job:' .. job, unpack(fields))
-    if values[nmeta] then                 -- the content: the job still exists
+    local content = values[nmeta]
+    if content then                       -- the job still exists
       table.insert(held, wid)
-      table.insert(out, {wid, values})
+      table.remove(values, nmeta)
+      table.insert(out, {wid, content, cjson.encode(values)})
     end
   end
 end
@@ -331,7 +358,9 @@ return redis.call('ZADD', 'mxq:lease', 'XX', 'CH', tonumber(ARGV[1]), ARGV[2])
 """
 
 # ARGV: now, token, result_ttl, k, maxpar, lane, payload JSON
-# payload: [{"wid", "due" (-1: nothing left), "idem", "updates": [[index, record, final, event,
+# payload: [{"wid", "due" (-1: nothing left), "idem", "left" (optional: the job's 'left' at
+#            claim time when the item holds every recipient of the job; see Outcome),
+#            "updates": [[index, record, final, event,
 #            suppress, hook]]}]; suppress: [key, entry, ttl] or false (tasks.suppress),
 #            hook: [id, body, ttl] or false (tasks.webhooks), both written only with the record.
 # Returns {applied, dispatch}: applied lists "job|index" of each update
@@ -382,8 +411,18 @@ for _, item in ipairs(payload) do
       end
     end
     if #writes > 0 then
-      redis.call('HSET', jk, unpack(writes))
-      if finals > 0 and redis.call('HINCRBY', jk, 'left', -finals) <= 0 then
+      local left
+      if item.left and not guarded then
+        -- The item is the whole job (every recipient, one domain) and the lease is
+        -- held: nobody else counts this job down, so 'left' is written with the records.
+        left = item.left - finals
+        table.insert(writes, 'left'); table.insert(writes, tostring(left))
+        push('HSET', jk, writes)
+      else
+        push('HSET', jk, writes)
+        if finals > 0 then left = redis.call('HINCRBY', jk, 'left', -finals) end
+      end
+      if finals > 0 and left <= 0 then
         redis.call('EXPIRE', jk, ttl)
         if item.idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. item.idem, ttl) end
       end
@@ -499,12 +538,17 @@ class Outcome:
     ``expired`` or ``delayed`` when a report is due, else "".  ``due`` is the
     time of the next attempt, or None when no recipient is left pending.
     ``idem`` is the job's idempotency key hash (expired with the job).
+    ``left``: see the field.
     """
 
     wid: str
     updates: list[tuple[str, dict, str]] = field(default_factory=list)
     due: float | None = None
     idem: str = ""
+    #: the job's ``left`` when claimed, set only when this item holds every
+    #: recipient of the job: the release then writes ``left`` with the records
+    #: (one HSET) instead of counting down with HINCRBY (while it holds the lease)
+    left: int | None = None
 
 
 @dataclass
@@ -556,6 +600,39 @@ def _dumps(obj) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
+#: A recipient record's fields that are left out of the stored JSON while they
+#: hold these values (a queued record is then ``{"address", "domain", "state"}``,
+#: a fifth of its full size); readers of this module get them back (``_record``).
+#: Lua readers (``tasks.admin``) treat a missing field as null / false / 0.
+RECORD_DEFAULTS = {"code": None, "enhanced": None, "text": "", "exchange": None, "ip": None, "relay": False,
+                   "attempts": 0, "first_attempt": None, "last_attempt": None, "next_attempt": None,
+                   "notify": None, "orcpt": None, "runs": 0, "delay_reported": False}
+#: Job hash fields left out while they hold these values (filled in again on reading).
+META_DEFAULTS = {"ret": "", "envid": "", "eightbit": "0", "smtputf8": "0", "idem": ""}
+_MISSING = object()
+
+
+def _compact(rec: dict) -> str:
+    """A record as stored: JSON without the fields that hold their default."""
+    return _dumps({k: v for k, v in rec.items()
+                   if RECORD_DEFAULTS.get(k, _MISSING) is _MISSING or v != RECORD_DEFAULTS[k]
+                   or type(v) is not type(RECORD_DEFAULTS[k])})
+
+
+def _record(raw) -> dict:
+    """A stored record (JSON) with its left-out fields back."""
+    rec = json.loads(raw)
+    return {**RECORD_DEFAULTS, **rec}
+
+
+def _meta(values) -> dict[str, str]:
+    """The meta fields read with HMGET (``META_FIELDS`` order) with left-out defaults back."""
+    meta = {f: _s(v) for f, v in zip(META_FIELDS, values) if v is not None and v is not False}
+    for f, v in META_DEFAULTS.items():
+        meta.setdefault(f, v)
+    return meta
+
+
 class Store:
     """mxq's Redis state; one per process (the client is thread-safe)."""
 
@@ -585,8 +662,9 @@ class Store:
         """
         now = time.time() if now is None else now
         s = self.settings
-        spec = [{"id": j.id, "idem": j.idem, "meta": j.meta,
-                 "rcpts": [_dumps(r) for r in j.records],
+        spec = [{"id": j.id, "idem": j.idem,
+                 "meta": {k: v for k, v in j.meta.items() if META_DEFAULTS.get(k) != v},
+                 "rcpts": [_compact(r) for r in j.records],
                  "domains": [[d, j.meta[f"d:{d}"]] for d in j.domains],
                  **({"hooks": j.hooks} if j.hooks else {}),
                  **({"expire": int(j.expire)} if j.expire else {})} for j in jobs]
@@ -615,13 +693,13 @@ class Store:
             return [_s(it[0]) for it in raw]
         out = []
         nm = len(META_FIELDS)
-        for wid, values in raw:
+        for wid, content, packed in raw:
             wid = _s(wid)
             job, _, idx = wid.split("|", 2)
-            meta = {f: _s(v) for f, v in zip(META_FIELDS, values[:nm]) if v is not None}
-            out.append(Claimed(wid=wid, job=job, domain=lane, meta=meta, indexes=idx.split(","),
-                               records=[json.loads(r) if r is not None else None for r in values[nm + 1:]],
-                               content=values[nm] or b""))
+            values = json.loads(packed)
+            out.append(Claimed(wid=wid, job=job, domain=lane, meta=_meta(values[:nm]), indexes=idx.split(","),
+                               records=[_record(r) if r else None for r in values[nm:]],
+                               content=content or b""))
         return out
 
     def renew(self, token: str, *, now: float | None = None) -> bool:
@@ -652,7 +730,8 @@ class Store:
             return [suppress.release_arg(job, rec, now, sup_ttl), webhooks.hook_arg(hooks, job, rec, now)]
 
         payload = [{"wid": o.wid, "due": -1 if o.due is None else o.due, "idem": o.idem,
-                    "updates": [[i, _dumps(rec), 1 if rec["state"] in FINAL_STATES else 0, ev,
+                    **({"left": int(o.left)} if o.left is not None else {}),
+                    "updates": [[i, _compact(rec), 1 if rec["state"] in FINAL_STATES else 0, ev,
                                  *extras(o.wid, rec)]
                                 for i, rec, ev in o.updates]} for o in outcomes]
         applied, disp = self._release(args=[now, token, s.result_ttl, s.batch_size, s.domain_concurrency,
@@ -675,8 +754,7 @@ class Store:
         if not values:
             return None
         nm = len(META_FIELDS)
-        meta = {f: _s(v) for f, v in zip(META_FIELDS, values[:nm]) if v is not None}
-        return meta, {i: json.loads(v) for i, v in enumerate(values[nm:]) if v is not None}
+        return _meta(values[:nm]), {i: _record(v) for i, v in enumerate(values[nm:]) if v is not None}
 
     def content(self, job_id: str) -> bytes | None:
         """The stored message, or None when the job is unknown or expired."""
