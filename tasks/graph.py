@@ -392,8 +392,12 @@ def _deliver_batch(rt: Runtime, domain: str, token: str, grant: "shaping.Grant")
         if plan:
             started = time.monotonic()
             try:
+                # Half the soft time limit for the whole batch: past it no new transaction
+                # starts, and what was not tried comes back for a prompt retry, so a slow
+                # server never runs a batch into SoftTimeLimitExceeded (which resends it all).
                 results = deliver_domain(domain, [env for _, _, env in plan], settings=rt.engine,
-                                         resolver=rt.resolver, host_status=rt.hosts)
+                                         resolver=rt.resolver, host_status=rt.hosts,
+                                         deadline=started + ps.soft_time_limit / 2)
                 metrics.run_seconds(time.monotonic() - started)
             except SoftTimeLimitExceeded:
                 # Out of time mid-batch: put every item back for a prompt retry.
@@ -421,6 +425,12 @@ def _deliver_batch(rt: Runtime, domain: str, token: str, grant: "shaping.Grant")
             for (idx, rec), res in zip(pending, per):
                 if res is None:
                     res = {"state": "deferred", "enhanced": "4.3.0", "text": "no result from the engine"}
+                elif res.get("state") == "queued":
+                    # Not attempted (the batch's time was up): the record stays, the item comes
+                    # back at once through the deferred queue.
+                    counts["not_attempted"] += 1
+                    dues.append(now)
+                    continue
                 new, event, due = _updated(rec, res, sender=it.meta.get("sender", ""), now=now,
                                            deadline=deadline, ps=ps)
                 out.updates.append((idx, new, event))

@@ -199,8 +199,11 @@ class _Run:
     """One ``deliver_domain`` call: the chain, the recipients, the log."""
 
     def __init__(self, domain: str, envelopes: list[Envelope], settings: Settings, resolver,
-                 host_status: HostStatus, relay_tls_context: ssl.SSLContext | None):
+                 host_status: HostStatus, relay_tls_context: ssl.SSLContext | None,
+                 deadline: float | None = None):
         self.domain = domain
+        self.deadline = deadline
+        self.out_of_time = False
         self.settings = settings
         self.resolver = resolver
         self.host_status = host_status
@@ -289,21 +292,32 @@ class _Run:
         routes[-1] = _Route(last.name, last.ip, last.port, True, final=True)
         return routes
 
+    def expired(self) -> bool:
+        """True once the run's deadline has passed (then no new connection or transaction starts)."""
+        if self.deadline is not None and not self.out_of_time and time.monotonic() >= self.deadline:
+            self.out_of_time = True
+        return self.out_of_time
+
     def run(self) -> list[list[RecipientResult]]:
         always = self.settings.relay is not None and self.settings.relay_mode == "always"
         routes = [] if always else self.exchange_routes()
         for route in routes:
-            if not self.pending():
+            if not self.pending() or self.expired():
                 break
             self.try_route(route)
-        if self.relay_on and self.pending():
+        if self.relay_on and self.pending() and not self.expired():
             for route in self.relay_routes():
-                if not self.pending():
+                if not self.pending() or self.expired():
                     break
                 self.try_route(route)
         for r in (r for job in self.jobs for r in job.rcpts):
             if r.pending:
-                r.state = State.DEFERRED
+                if self.out_of_time and r.reply is None:
+                    # Never tried in this run: not an attempt at all.
+                    r.state, r.attempts = State.QUEUED, 0
+                    r.reply = Reply.local("4.3.0", "not attempted: the delivery run's time was up")
+                else:
+                    r.state = State.DEFERRED
         return [[self.result(r) for r in job.rcpts] for job in self.jobs]
 
     def result(self, r: _Rcpt) -> RecipientResult:
@@ -374,7 +388,7 @@ class _Run:
         """Every transaction this envelope needs on this connection (several after 452)."""
         while True:
             todo = [r for r in job.pending() if r.tried_on != conn]
-            if not todo or job.stop:
+            if not todo or job.stop or self.expired():
                 return
             batch = todo[:max(1, self.settings.max_recipients)]
             self.transaction(session, route, job, batch, conn)
@@ -593,14 +607,19 @@ def _check(env: Envelope) -> None:
 
 def deliver_domain(domain: str, envelopes: Iterable[Envelope], *, settings: Settings | None = None,
                    resolver=None, host_status: HostStatus | None = None,
-                   relay_tls_context: ssl.SSLContext | None = None) -> list[list[RecipientResult]]:
+                   relay_tls_context: ssl.SSLContext | None = None,
+                   deadline: float | None = None) -> list[list[RecipientResult]]:
     """Deliver envelopes whose recipients are all in ``domain``; one result list per envelope.
 
     Results are in each envelope's recipient order.  Raises ``InvalidAddress``
     / ``InvalidMessage`` (nothing sent) for a malformed address, and
     ``ValueError`` for a recipient outside ``domain``.  ``relay_tls_context``
     replaces the default verifying context (system store or
-    ``SSL_CERT_FILE``) for the relay.
+    ``SSL_CERT_FILE``) for the relay.  ``deadline`` (``time.monotonic()``
+    seconds): no connection or transaction is started after it; a recipient
+    that got no reply at all by then comes back ``State.QUEUED`` with
+    ``attempts`` 0 (not attempted: the caller retries it at once), the others
+    as usual.
     """
     settings = settings if settings is not None else Settings.from_env()
     if resolver is None:
@@ -614,7 +633,7 @@ def deliver_domain(domain: str, envelopes: Iterable[Envelope], *, settings: Sett
         for r in env.recipients:
             if address_of(r.address).ascii_domain != d:
                 raise ValueError(f"recipient {r.address!r} is not in domain {domain!r}")
-    return _Run(d, envelopes, settings, resolver, host_status, relay_tls_context).run()
+    return _Run(d, envelopes, settings, resolver, host_status, relay_tls_context, deadline).run()
 
 
 def deliver(envelope: Envelope, *, settings: Settings | None = None, resolver=None,

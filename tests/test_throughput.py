@@ -1,0 +1,238 @@
+"""The throughput work of issue 5, held to its contracts with real peers (redis-server,
+the sandbox DNS server, scripted aiosmtpd servers) and no Celery worker:
+
+- a delivery run's time budget (``deliver_domain(deadline=)``, used by ``mxq.deliver``
+  at half the soft time limit): nothing starts after it, what was not tried is
+  "not attempted" and comes back at once, never resent after a soft time limit;
+- the compact storage (records and meta without their defaults; readers get them back)
+  and Redis memory per queued 2 KB message under twice the content;
+- Redis commands per delivered message (mxq's own, submission to release);
+- one heartbeat thread per process renewing every running batch's lease.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+import tasks
+from tasks.settings import PipelineSettings
+from tasks.store import Outcome, Store, make_client
+from workers.config import Settings, parse_dns_servers
+from workers.delivery import MemoryHostStatus, deliver_domain
+from workers.envelope import Envelope, Recipient
+from workers.mx import Resolver
+from workers.results import State
+from workers.sandbox.smtpd import Behaviour, start_server
+from workers.timeouts import Timeouts
+
+IN_NETNS = os.environ.get("MXQ_IN_TEST_NETNS") == "1"
+pytestmark = pytest.mark.skipif(not IN_NETNS, reason="needs the test network namespace (port 25 on 127.0.32.x)")
+
+FAST = Timeouts(connect=2, greeting=2, command=2, data_init=2, data_block=3, data_final=3)
+SENDER = "bench@src.test"
+
+
+def message(i: int, to: str, size: int = 2048) -> bytes:
+    head = f"From: <{SENDER}>\r\nTo: <{to}>\r\nSubject: m{i}\r\nMessage-ID: <m{i}@src.test>\r\n\r\n"
+    body = ("x" * 76 + "\r\n") * ((size - len(head)) // 78)
+    return (head + body).encode()
+
+
+@pytest.fixture
+def servers():
+    started = []
+
+    def start(host, behaviour=None):
+        srv = start_server(host, 25, behaviour or Behaviour(hostname=f"mx.{host}"))
+        started.append(srv)
+        return srv
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+# ----------------------------------------------------------------------------- the run's time budget
+
+
+def test_nothing_starts_after_the_deadline_and_untried_recipients_are_not_attempts(servers):
+    srv = servers("127.0.32.1", Behaviour(delays={"data_final": 0.6}))
+    settings = Settings(helo_name="client.tp.test", dns_servers=parse_dns_servers("127.0.0.1:9"), timeouts=FAST)
+    d = "[127.0.32.1]"
+    envs = [Envelope(sender=SENDER, recipients=[Recipient(f"u{i}@{d}")], content=message(i, f"u{i}@{d}"))
+            for i in range(3)]
+    results = deliver_domain(d, envs, settings=settings, resolver=Resolver(settings), host_status=MemoryHostStatus(),
+                             deadline=time.monotonic() + 0.3)
+    # the first transaction started in time and completed; the other two never started
+    assert [rs[0].state for rs in results] == [State.DELIVERED, State.QUEUED, State.QUEUED]
+    assert [rs[0].attempts for rs in results] == [1, 0, 0]
+    assert results[1][0].enhanced == "4.3.0" and "not attempted" in results[1][0].text
+    assert len(srv.messages) == 1 and srv.stats["mail"] == 1
+    # a deadline already past: no connection at all
+    results = deliver_domain(d, envs[:1], settings=settings, resolver=Resolver(settings),
+                             host_status=MemoryHostStatus(), deadline=time.monotonic() - 1)
+    assert results[0][0].state is State.QUEUED and srv.stats["connections"] == 1
+
+
+@pytest.fixture
+def pipeline_env(redis_server, dns_server, monkeypatch):
+    """Redis + the session DNS server, the environment a worker process reads, a fresh runtime."""
+    from tasks import graph
+    from tasks.app import rebind
+
+    srv = redis_server()
+    monkeypatch.setenv("MXQ_REDIS_URL", srv.url)
+    monkeypatch.setenv("MXQ_HELO_NAME", "client.tp.test")
+    monkeypatch.setenv("MXQ_CONNECT_TIMEOUT", "2")
+    monkeypatch.setenv("MXQ_COMMAND_TIMEOUT", "2")
+    rebind(srv.url)
+    monkeypatch.setattr(graph, "_runtime", None)
+    yield srv
+    graph._runtime = None
+
+
+def serve_domain(dns_server, domain: str, ip: str) -> None:
+    dns_server.add({domain: {"MX": [[10, f"mx.{domain}"]]}, f"mx.{domain}": {"A": [ip]}})
+
+
+def test_a_batch_out_of_time_brings_back_what_it_did_not_try(pipeline_env, dns_server, servers, monkeypatch):
+    from tasks import graph
+
+    monkeypatch.setenv("MXQ_TASK_SOFT_LIMIT", "1")      # half of it, 0.5 s, for the whole batch
+    monkeypatch.setenv("MXQ_TASK_HARD_LIMIT", "2")
+    serve_domain(dns_server, "slow.tp.test", "127.0.32.2")
+    srv = servers("127.0.32.2", Behaviour(delays={"data_final": 0.4}))
+    ids = tasks.submit_many([tasks.Item(message(i, f"u{i}@slow.tp.test"), sender=SENDER,
+                                        recipients=[f"u{i}@slow.tp.test"]) for i in range(4)])
+    counts = graph.run_delivery("slow.tp.test")
+    assert counts["items"] == 4 and counts["delivered"] == 2 and counts["not_attempted"] == 2
+    assert len(srv.messages) == 2
+    states = [tasks.status(j)["recipients"][0] for j in ids]
+    assert [s["state"] for s in states] == ["delivered", "delivered", "queued", "queued"]
+    assert [s["attempts"] for s in states] == [1, 1, 0, 0]          # not an attempt, no back-off
+    r = pipeline_env.client()
+    due = {k.decode(): v for k, v in r.zrange("mxq:deferred", 0, -1, withscores=True)}
+    assert len(due) == 2 and all(v <= time.time() for v in due.values())    # due now: the next tick
+    assert r.zcard("mxq:lease") == 0
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+@pytest.fixture
+def store(redis_server):
+    srv = redis_server()
+    st = Store(make_client(srv.url), PipelineSettings(redis_url=srv.url, lease_seconds=0.6, batch_size=64))
+    yield st
+    st.r.close()
+
+
+def job(i: int, to: str, size: int = 2048):
+    from tasks.producer import Item, build_job
+    return build_job(Item(message(i, to, size), sender=SENDER, recipients=[to]), max_size=10**6, now=1e9)
+
+
+def test_records_and_meta_are_stored_without_defaults_and_read_back_whole(store):
+    j = job(1, "a@one.tp.test")
+    store.submit([j], now=1e9)
+    raw = store.r.hgetall(f"mxq:job:{j.id}")
+    assert set(json.loads(raw[b"r:0"])) == {"address", "domain", "state"}
+    assert not {b"ret", b"envid", b"eightbit", b"smtputf8", b"idem"} & set(raw)
+    assert raw[b"sender"] == SENDER.encode() and raw[b"left"] == b"1"
+    meta, recs = store.job(j.id)
+    assert (meta["ret"], meta["envid"], meta["eightbit"], meta["smtputf8"], meta["idem"]) == ("", "", "0", "0", "")
+    assert recs[0] == j.records[0]                       # every field, defaults included
+    (it,) = store.claim("one.tp.test", "tok", now=1e9)
+    assert it.records == [j.records[0]] and it.meta == meta and it.content == j.content
+    # a release writes compact records too, and the whole-job item writes 'left' with them
+    done = dict(it.records[0], state="delivered", code=250, text="ok", attempts=1, runs=1)
+    store.release("tok", "one.tp.test", [Outcome(it.wid, [("0", done, "")], left=1)], now=1e9 + 1)
+    assert json.loads(store.r.hget(f"mxq:job:{j.id}", "r:0")) == {
+        "address": "a@one.tp.test", "domain": "one.tp.test", "state": "delivered", "code": 250, "text": "ok",
+        "attempts": 1, "runs": 1}
+    assert store.r.hget(f"mxq:job:{j.id}", "left") == b"0" and 0 < store.r.ttl(f"mxq:job:{j.id}")
+    assert store.job(j.id)[1][0] == done
+
+
+def test_redis_memory_per_queued_2kb_message_is_under_twice_the_content(store):
+    # 1000 messages, so that the query buffer a 100-message submission leaves behind
+    # (about 200 KB until Redis trims it) does not weigh much per message.
+    jobs = [job(i, f"user{i}@d{i % 20}.tp.test") for i in range(1010)]
+    store.submit(jobs[:10], now=1e9)                     # lanes, dispatch and pending exist already
+    before = store.r.info("memory")["used_memory"]
+    for k in range(10, 1010, 100):
+        store.submit(jobs[k:k + 100], now=1e9)
+    per = (store.r.info("memory")["used_memory"] - before) / 1000
+    content = sum(len(j.content) for j in jobs[10:]) / 1000
+    assert 2000 <= content <= 2100
+    assert per < 2 * content, (per, content)
+
+
+# ----------------------------------------------------------------------------- Redis commands
+
+
+def test_redis_commands_per_delivered_message(pipeline_env, dns_server, servers):
+    """Submission (batches of 100), claims, releases, shaping, failure memory and the
+    wake-up tasks' publication: mxq's own commands, counted inside scripts too."""
+    from tasks import graph
+
+    domains = [f"c{j}.tp.test" for j in range(10)]
+    for d in domains:
+        serve_domain(dns_server, d, "127.0.32.3")
+    servers("127.0.32.3")
+    items = [tasks.Item(message(i, f"u{i}@{domains[i % 10]}"), sender=SENDER,
+                        recipients=[f"u{i}@{domains[i % 10]}"]) for i in range(500)]
+    r = pipeline_env.client()
+    r.config_resetstat()
+    ids = []
+    for k in range(0, 500, 100):
+        ids += tasks.submit_many(items[k:k + 100])
+    while sum(graph.run_delivery(d)["items"] for d in domains):
+        pass
+    stats = r.info("commandstats")
+    total = sum(int(v["calls"]) for k, v in stats.items()
+                if k not in ("cmdstat_config|resetstat", "cmdstat_info", "cmdstat_hello"))
+    assert all(tasks.status(j)["recipients"][0]["state"] == "delivered" for j in ids[::25])
+    per = total / 500
+    # per message: HSET + RPUSH at submission, HMGET at claim, HSET + EXPIRE at release;
+    # the rest (scripts, leases, dispatch, shaping, publishing) per batch or per call
+    assert per <= 6.5, (per, {k: v["calls"] for k, v in stats.items()})
+    assert "cmdstat_hincrby" not in stats            # whole-job items write 'left' with the records
+
+
+# ----------------------------------------------------------------------------- heartbeat
+
+
+def test_one_heartbeat_thread_renews_every_running_batch(store):
+    import threading
+
+    from tasks.graph import Heartbeat
+    from tests.fixtures_infra import wait_until
+
+    for i in range(2):
+        store.submit([job(i, f"a{i}@hb.tp.test")], now=time.time())
+    store.claim("hb.tp.test", "t1", limit=1)
+    store.claim("hb.tp.test", "t2", limit=1)
+
+    def lease(t):
+        return store.r.zscore("mxq:lease", t)
+
+    start = {t: lease(t) for t in ("t1", "t2")}
+    with Heartbeat(store, "t1"):                        # renewed every max(0.6 / 3, 0.2) s
+        with Heartbeat(store, "t2"):
+            wait_until(lambda: lease("t1") > start["t1"] and lease("t2") > start["t2"], 10, "both leases renewed")
+            beaters = [t for t in threading.enumerate() if t.name == "mxq-heartbeat"]
+            assert len(beaters) == 1
+        ended = lease("t2")
+        mark = lease("t1")
+        wait_until(lambda: lease("t1") > mark, 10, "t1 renewed after t2's block ended")
+    time.sleep(0.7)                                      # several intervals with no block running
+    assert lease("t2") == ended                          # never renewed after its block ended
+    final = lease("t1")
+    time.sleep(0.5)
+    assert lease("t1") == final
+    assert [t for t in threading.enumerate() if t.name == "mxq-heartbeat"] == beaters   # the same thread
