@@ -23,7 +23,11 @@ key                              type    contents
                                          address, domain, state, code, enhanced, text,
                                          exchange, ip, relay, attempts, first_attempt,
                                          last_attempt, next_attempt, notify, orcpt, runs,
-                                         exchanges, delay_reported
+                                         exchanges, delay_reported.  Fields holding their
+                                         default are not stored (``RECORD_DEFAULTS``,
+                                         ``META_DEFAULTS``: a queued record is address,
+                                         domain and state); this module's readers fill
+                                         them in again
 ``mxq:idem:{sha256(key)}``       string  job id for an idempotency key (SET NX)
 ``mxq:ready:{lane}``             list    work items ready to run in that lane
 ``mxq:lease``                    zset    batch token -> lease expiry (work in flight)
@@ -81,11 +85,14 @@ work has gone quiet.  When ``left`` reaches 0 the job gets ``EXPIRE
 result_ttl`` (state, recipients and content go together, with the
 idempotency key).
 
-Redis commands per delivered message stay low: per message one HSET at
-submission, one HMGET at claim, one HSET (all of the job's recipients in
-the domain), one HINCRBY and, for the job's last recipient, one EXPIRE at
-release; the rest (the scripts themselves, LPOP, lease, dispatch, the
-Celery task) is paid once per batch of K.
+Redis commands per delivered message stay low: per message one HSET and
+(with one message per domain in a submission) one RPUSH at submission, one
+HMGET at claim, one HSET (all of the job's recipients in the domain, and
+``left`` when the item is the whole job; HINCRBY otherwise) and, for the
+job's last recipient, one EXPIRE at release; the rest (the scripts
+themselves, LPOP, lease, dispatch, shaping, the Celery task) is paid once per
+batch of K or once per call.  ``dispatch`` costs a constant number of
+commands per call whatever the number of lanes (one HMGET, HSET, ZADD each).
 """
 
 from __future__ import annotations
@@ -144,6 +151,11 @@ end
 -- one ZADD, one ZADD NX, one ZREM, plus an LLEN per lane whose length is not known.
 local function dispatch(lanes, now, k, maxpar, force, out, lens)
   if #lanes == 0 then return out end
+  local uniq, once = {}, {}
+  for _, lane in ipairs(lanes) do
+    if not once[lane] then once[lane] = true; table.insert(uniq, lane) end
+  end
+  lanes = uniq
   local pends = {}
   if not force then pends = redis.call('HMGET', P .. 'pending', unpack(lanes)) end
   local sets, touch, keep, gone = {}, {}, {}, {}
