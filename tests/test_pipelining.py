@@ -81,15 +81,21 @@ class RawServer:
 class _Conn:
     def __init__(self, sock, seen):
         self.sock, self.seen = sock, seen
-        self.f = sock.makefile("rb")
+        self.buf = b""
 
     def line(self, wait: float = 1.5) -> str | None:
+        """One line; None when nothing complete came within ``wait`` seconds, or at end of stream."""
         self.sock.settimeout(wait)
-        try:
-            raw = self.f.readline()
-        except (TimeoutError, socket.timeout):
-            return None
-        return raw.decode("utf-8").rstrip("\r\n") if raw else None
+        while b"\n" not in self.buf:
+            try:
+                chunk = self.sock.recv(65536)
+            except (TimeoutError, socket.timeout):
+                return None
+            if not chunk:
+                return None
+            self.buf += chunk
+        raw, _, self.buf = self.buf.partition(b"\n")
+        return raw.decode("utf-8").rstrip("\r")
 
     def send(self, *lines: str) -> None:
         self.sock.sendall("".join(f"{x}\r\n" for x in lines).encode())
@@ -333,3 +339,108 @@ def test_deliver_domain_verdicts_match_the_classic_dialogue(serve):
     assert srv.stats["connections"] == 1
     assert srv.stats["rset"] == 1            # the all-refused envelope was reset, nothing else
     assert [m.rcpt_tos for m in srv.messages] == [[f"ok1@{d}"], [f"ok2@{d}"]]
+
+
+# ----------------------------------------------------------------------------- one round trip per message
+
+
+def test_next_message_goes_before_the_final_reply_of_the_one_before(raw):
+    """The text and dot of message 1 open the group of message 2 (RFC 2920 section 3.1)."""
+    def script(c):
+        c.greet()
+        c.group(3)
+        c.send("250 ok", "250 ok", "354 go")
+        c.data()
+        second = c.group(3)                  # message 2's envelope before any final reply was sent
+        c.seen.append(("second", second))
+        c.send("250 2.0.0 queued as A", "250 ok", "250 ok", "354 go")
+        c.data()
+        assert c.line(wait=0.5) is None      # nothing more until message 2's final reply is read
+        c.send("250 2.0.0 queued as B")
+        assert c.line() == "QUIT"
+        c.send("221 bye")
+
+    srv = raw("127.0.31.30", script)
+    settings, resolver = engine()
+    d = "[127.0.31.30]"
+    results = deliver_domain(d, [env(f"a@{d}"), env(f"b@{d}")], settings=settings, resolver=resolver,
+                             host_status=MemoryHostStatus())
+    srv.check()
+    assert [(rs[0].state, rs[0].text) for rs in results] == [(State.DELIVERED, "queued as A"),
+                                                            (State.DELIVERED, "queued as B")]
+    (second,) = [x[1] for x in srv.seen if x[0] == "second"]
+    assert second == ["MAIL FROM:<s@src.test>", f"RCPT TO:<b@{d}>", "DATA"]
+
+
+def test_a_late_refusal_of_the_message_before_bounces_only_that_one(serve):
+    srv = serve("127.0.31.31", Behaviour(data_reply="554 5.6.0 rejected after DATA"))
+    settings, resolver = engine()
+    d = "[127.0.31.31]"
+    results = deliver_domain(d, [env(f"a@{d}"), env(f"b@{d}"), env(f"later@{d}")], settings=settings,
+                             resolver=resolver, host_status=MemoryHostStatus())
+    assert [rs[0].state for rs in results] == [State.BOUNCED, State.BOUNCED, State.DEFERRED]
+    assert [rs[0].code for rs in results] == [554, 554, 450]
+    assert srv.stats["connections"] == 1 and srv.stats["data_refused"] == 2
+
+
+def test_421_as_the_final_reply_moves_that_message_and_the_next_on(raw):
+    def script(c):
+        c.greet()
+        c.group(3)
+        c.send("250 ok", "250 ok", "354 go")
+        c.data()
+        c.group(3)                           # message 2's envelope, sent before the reply below
+        c.send("421 4.3.2 shutting down")
+        c.seen.append(("closed", True))
+
+    srv = raw("127.0.31.32", script)
+    settings, resolver = engine()
+    d = "[127.0.31.32]"
+    results = deliver_domain(d, [env(f"a@{d}"), env(f"b@{d}")], settings=settings, resolver=resolver,
+                             host_status=MemoryHostStatus())
+    srv.check()
+    assert [rs[0].state for rs in results] == [State.DEFERRED, State.DEFERRED]
+    assert [rs[0].code for rs in results] == [421, 421]
+
+
+def test_connection_lost_before_the_final_reply_is_never_a_delivery(raw):
+    def script(c):
+        c.greet()
+        c.group(3)
+        c.send("250 ok", "250 ok", "354 go")
+        c.data()
+        c.seen.append(("dropped", True))     # close without any final reply
+
+    srv = raw("127.0.31.33", script)
+    settings, resolver = engine()
+    d = "[127.0.31.33]"
+    results = deliver_domain(d, [env(f"a@{d}"), env(f"b@{d}")], settings=settings, resolver=resolver,
+                             host_status=MemoryHostStatus())
+    srv.check()
+    assert [rs[0].state for rs in results] == [State.DEFERRED, State.DEFERRED]
+    assert results[0][0].enhanced == "4.4.2"
+
+
+def test_the_owed_final_reply_must_be_read_before_another_command(serve):
+    from workers.errors import SMTPProtocolError
+
+    srv = serve("127.0.31.34")
+    with session(srv.host, pipelining=True) as s:
+        tx = s.start_transaction("a@a.test", ["b@b.test"])
+        assert tx.data.code == 354 and tx.previous is None
+        assert s.send_content(MSG, wait=False) is None and s.owes_final
+        with pytest.raises(SMTPProtocolError):
+            s.noop()                         # its reply would be taken for the message's
+        tx = s.start_transaction("a@a.test", ["c@b.test"])
+        assert tx.previous.code == 250 and s.last_final is tx.previous and not s.owes_final
+        s.send_content(MSG, wait=False)
+        assert s.final_reply().code == 250 and s.final_reply() is None
+        s.start_transaction("a@a.test", ["d@b.test"])
+        s.send_content(MSG, wait=False)
+    # disconnect read the owed reply before QUIT: three messages, a clean QUIT
+    assert [m.rcpt_tos for m in srv.messages] == [["b@b.test"], ["c@b.test"], ["d@b.test"]]
+    assert srv.sessions[0].commands[-1] == "QUIT" and srv.stats["quit"] == 1
+    with session(srv.host) as s:             # without PIPELINING asked for, no deferred reply
+        s.start_transaction("a@a.test", ["e@b.test"])
+        with pytest.raises(SMTPProtocolError):
+            s.send_content(MSG, wait=False)

@@ -60,7 +60,7 @@ def servers():
 
 
 def test_nothing_starts_after_the_deadline_and_untried_recipients_are_not_attempts(servers):
-    srv = servers("127.0.32.1", Behaviour(delays={"data_final": 0.6}))
+    srv = servers("127.0.32.1", Behaviour(delays={"mail": 0.6}))     # 0.6 s before each MAIL reply
     settings = Settings(helo_name="client.tp.test", dns_servers=parse_dns_servers("127.0.0.1:9"), timeouts=FAST)
     d = "[127.0.32.1]"
     envs = [Envelope(sender=SENDER, recipients=[Recipient(f"u{i}@{d}")], content=message(i, f"u{i}@{d}"))
@@ -105,7 +105,7 @@ def test_a_batch_out_of_time_brings_back_what_it_did_not_try(pipeline_env, dns_s
     monkeypatch.setenv("MXQ_TASK_SOFT_LIMIT", "1")      # half of it, 0.5 s, for the whole batch
     monkeypatch.setenv("MXQ_TASK_HARD_LIMIT", "2")
     serve_domain(dns_server, "slow.tp.test", "127.0.32.2")
-    srv = servers("127.0.32.2", Behaviour(delays={"data_final": 0.4}))
+    srv = servers("127.0.32.2", Behaviour(delays={"mail": 0.4}))     # two transactions start in 0.5 s
     ids = tasks.submit_many([tasks.Item(message(i, f"u{i}@slow.tp.test"), sender=SENDER,
                                         recipients=[f"u{i}@slow.tp.test"]) for i in range(4)])
     counts = graph.run_delivery("slow.tp.test")

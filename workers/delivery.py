@@ -47,9 +47,11 @@ pipeline passes a shared, Redis-backed one.
 
 Pipelining: when a server advertises PIPELINING (RFC 2920) and the content
 is in memory, MAIL, the RCPTs and DATA go in one write and the message text
-with its final dot in another (two round trips per message); each reply is
-judged as below, and recipients after a 452 are tried in the same group
-(an accepted one is in the transaction, a refused one waits for the next).
+with its final dot in another, and the final reply is read with the next
+message's replies (the text opens the next group, as RFC 2920 allows), so a
+message costs one round trip; each reply is judged as below, and recipients
+after a 452 are tried in the same group (an accepted one is in the
+transaction, a refused one waits for the next).
 
 Transactions: at most ``settings.max_recipients`` recipients per
 transaction; a 452 (too many recipients) ends the RCPT phase, the accepted
@@ -204,6 +206,9 @@ class _Run:
         self.domain = domain
         self.deadline = deadline
         self.out_of_time = False
+        # The accepted recipients of the last pipelined message, whose final reply is
+        # still unread (it comes with the next message's replies, or confirm() reads it).
+        self.unconfirmed: list[_Rcpt] | None = None
         self.settings = settings
         self.resolver = resolver
         self.host_status = host_status
@@ -352,7 +357,9 @@ class _Run:
             for job in self.jobs:
                 if not job.stop and job.pending():
                     self.deliver_job(session, route, job, conn)
+            self.confirm(session, route)            # the last message's final reply
         except _SiteFailure as f:
+            self.unconfirmed = None                 # their outcome is unknown: pending, settled below
             state = State.BOUNCED if f.hard and route.final else None
             for r in self.pending():
                 self.settle(r, state, f.reply, route, unreached=f.unreached)
@@ -398,6 +405,7 @@ class _Run:
         if session.pipelining and isinstance(env.content, (bytes, bytearray, str)):
             self.pipelined_transaction(session, route, job, batch, conn)
             return
+        self.confirm(session, route)
         try:
             session.create_message(env.sender, env.size, env.dsn, smtputf8=env.smtputf8, eightbit=env.eightbit)
         except Exception as e:  # noqa: BLE001
@@ -468,14 +476,27 @@ class _Run:
         """
         env = job.envelope
         content = env.content.encode("utf-8") if isinstance(env.content, str) else env.content
+        prev, self.unconfirmed = self.unconfirmed, None
+        session.last_final = None
         try:
             tx = session.start_transaction(
                 env.sender, [Recipient(r.address, notify=r.notify, orcpt=r.orcpt) for r in batch], env.size,
                 env.dsn, smtputf8=env.smtputf8, eightbit=env.eightbit)
         except Exception as e:  # noqa: BLE001
             # A refused MAIL (its pipelined replies read: no transaction open), or a dead connection.
+            if prev is not None:
+                reply = session.last_final
+                if reply is None and session.owes_final and session.connected:
+                    try:                          # refused before anything was sent (SIZE, SMTPUTF8)
+                        reply = session.final_reply()
+                    except Exception:  # noqa: BLE001 -- unknown outcome: pending, the failure settles it
+                        reply = None
+                if reply is not None and reply.code != 421:
+                    self.final(session, route, prev, reply)
             self.message_failure(session, e, route, job, job.pending(), conn, reset=False)
             return
+        if prev is not None:
+            self.final(session, route, prev, tx.previous)
         accepted: list[_Rcpt] = []
         for r, reply in zip(batch, tx.recipients):
             if reply is None:
@@ -502,12 +523,30 @@ class _Run:
             if data is None or data.code != 354:
                 raise SMTPDataError(data or Reply.local("4.3.0", "DATA was not answered"),
                                     scope=Scope.SITE if data is not None and data.code == 421 else None)
-            reply = session.send_content(content)
+            # The final reply is read with the next message's replies (one round trip per
+            # message), or by confirm() after the last one.
+            session.send_content(content, wait=False)
         except Exception as e:  # noqa: BLE001
             if isinstance(e, SMTPError) and classify(e).scope is Scope.MESSAGE:
                 self.message_failure(session, e, route, job, accepted, conn, reset=True)
                 return
             raise self.site_failure(e, route) from None
+        self.unconfirmed = accepted
+
+    def confirm(self, session: SMTPSession, route: _Route) -> None:
+        """Read the final reply of the last pipelined message, if unread, and settle its recipients."""
+        accepted, self.unconfirmed = self.unconfirmed, None
+        if accepted is None:
+            return
+        try:
+            reply = session.final_reply()
+        except Exception as e:  # noqa: BLE001 -- like a failed close_message: they move on
+            self.unconfirmed = accepted
+            raise self.site_failure(e, route) from None
+        self.final(session, route, accepted, reply)
+
+    def final(self, session: SMTPSession, route: _Route, accepted: list[_Rcpt], reply: Reply) -> None:
+        """The verdict of a message's final reply for its accepted recipients."""
         if reply.is_positive():
             state = State.DELIVERED
         elif reply.code == 421:

@@ -135,12 +135,14 @@ class Transaction:
     recipient in order (None for a recipient not tried: after a 452 without
     pipelining, or after a 421); ``data``: the reply to DATA (354: DATA is
     open), or None when DATA was not sent (or ended at once because nobody
-    was accepted).
+    was accepted); ``previous``: the final reply of the message before, when
+    ``send_content(wait=False)`` left it to be read with this group.
     """
 
     mail: Reply | None = None
     recipients: list = field(default_factory=list)
     data: Reply | None = None
+    previous: Reply | None = None
 
 
 class DotStuffer:
@@ -300,6 +302,10 @@ class SMTPSession:
         self._in_mail = False        # MAIL FROM accepted, transaction open
         self._stuffer: DotStuffer | None = None   # not None while DATA is in progress
         self._held = b""             # message text send_content leaves for close_message to send
+        self._defer_final = False    # close_message: send, leave the final reply unread
+        self._final_unread = False   # a final reply is owed: read by start_transaction or final_reply()
+        self._out = b""              # a message's text and dot, held to open the next group
+        self.last_final: Reply | None = None   # the owed final reply, once read
         self._smtputf8 = False
 
     # ------------------------------------------------------------------
@@ -321,6 +327,8 @@ class SMTPSession:
         smtp, self._smtp = self._smtp, None
         self._stuffer = None
         self._held = b""
+        self._defer_final = self._final_unread = False
+        self._out = b""              # never sent: the server never saw its dot
         self._in_mail = False
         self.accepted = []
         if smtp is not None:
@@ -358,6 +366,9 @@ class SMTPSession:
             raise self._lost(phase, e) from e
 
     def _command(self, phase: str, timeout: float, cmd: str, args: str = "") -> Reply:
+        if self._final_unread:
+            # Its reply would be taken for this command's: read it with final_reply() first.
+            raise SMTPProtocolError(Reply.local("4.3.0", f"{cmd}: the previous message's final reply is unread"))
         code, msg = self._io(phase, timeout, self._smtp.docmd, cmd, args)
         if code == -1:   # smtplib's "no valid reply"
             raise self._lost(phase, OSError(msg.decode("utf-8", "replace") if isinstance(msg, bytes) else msg))
@@ -727,7 +738,17 @@ class SMTPSession:
         lines.append("DATA\r\n")
         payload = "".join(lines).encode(encoding)
         smtp = self._smtp
-        self._io("sending MAIL FROM", self.timeouts.command, smtp.sock.sendall, payload)
+        out, self._out = self._out, b""
+        if out:         # the previous message's text and dot open the group
+            self._io("sending message content", self.timeouts.data_block, smtp.sock.sendall, out + payload)
+        else:
+            self._io("sending MAIL FROM", self.timeouts.command, smtp.sock.sendall, payload)
+        if self._final_unread:
+            # The previous message's final reply comes first (its text opened this group).
+            tx.previous = self.final_reply()
+            if tx.previous.code == 421:
+                self._abort()
+                raise SMTPServerDisconnected(tx.previous, scope=Scope.SITE)
         tx.mail = self._reply("waiting for the reply to MAIL FROM", self.timeouts.command)
         if tx.mail.code == 421:
             self._abort()
@@ -859,6 +880,16 @@ class SMTPSession:
             self.append_message(b"")
         tail = self._stuffer.finish()
         held, self._held = self._held, b""
+        defer, self._defer_final = self._defer_final, False
+        if defer:
+            # Held, not sent: it opens the next group in the same write (a server that
+            # answers a group at once is not left waiting on a half of it, and a reply
+            # to the dot sent alone could wait behind Nagle for our delayed ACK).
+            self._out = held + tail
+            self._stuffer = None
+            self._in_mail = False
+            self._final_unread = True
+            return None
         if held:
             self._io("sending message content", self.timeouts.data_block, self._smtp.sock.sendall, held + tail)
         else:
@@ -871,21 +902,55 @@ class SMTPSession:
         self._in_mail = False
         return reply
 
-    def send_content(self, content) -> Reply:
+    def send_content(self, content, *, wait: bool = True) -> Reply | None:
         """``append_message(content)`` then ``close_message()``: the whole message text and the final reply.
 
         When DATA is open (354 from ``start_transaction``) and ``content`` is
         bytes no longer than ``chunk_size``, the text and the final "." go
         in one write; otherwise it streams as ``append_message`` does.
+
+        ``wait=False`` (pipelining only): return None at once; the text and
+        dot are held and go out in the same write as the next
+        ``start_transaction``'s commands (RFC 2920 lets the message text open
+        a group), whose replies start with this message's final reply (given
+        as ``previous``), or with ``final_reply()``.  Nothing else may be
+        sent before one of those two; ``disconnect`` calls ``final_reply``
+        first, a dropped connection never sends the held dot.
         """
-        if self._stuffer is not None and isinstance(content, (bytes, bytearray)) \
-                and len(content) <= self.chunk_size and self.connected:
-            # Held back and sent by close_message with the final dot (through
-            # close_message, so a subclass wrapping it sees the end of the transaction).
-            self._held = self._stuffer.feed(bytes(content))
+        if not wait and not self.pipelining:
+            raise SMTPProtocolError(Reply.local("4.3.0", "send_content(wait=False) needs PIPELINING"))
+        self._defer_final = not wait
+        try:
+            if self._stuffer is not None and isinstance(content, (bytes, bytearray)) \
+                    and len(content) <= self.chunk_size and self.connected:
+                # Held back and sent by close_message with the final dot (through
+                # close_message, so a subclass wrapping it sees the end of the transaction).
+                self._held = self._stuffer.feed(bytes(content))
+                return self.close_message()
+            self.append_message(content)
             return self.close_message()
-        self.append_message(content)
-        return self.close_message()
+        finally:
+            self._defer_final = False
+
+    @property
+    def owes_final(self) -> bool:
+        """True while a final reply left unread by ``send_content(wait=False)`` is owed."""
+        return self._final_unread
+
+    def final_reply(self) -> Reply | None:
+        """Read the final reply ``send_content(wait=False)`` left unread; None when none is owed.
+
+        Also kept in ``last_final``.  A dropped connection or a timeout raises,
+        as ``close_message`` does.
+        """
+        if not self._final_unread:
+            return None
+        out, self._out = self._out, b""
+        if out:
+            self._io("sending message content", self.timeouts.data_block, self._smtp.sock.sendall, out)
+        self._final_unread = False
+        self.last_final = self._reply("waiting for the reply to the end of data", self.timeouts.data_final)
+        return self.last_final
 
     def send_message(self, sender: str | None, recipients: Iterable[str | Recipient], content,
                      dsn: DSN | None = None, *, size: int | None = None, eightbit: bool | None = None,
@@ -977,6 +1042,8 @@ class SMTPSession:
             return
         if self._stuffer is None and self._smtp.sock is not None:
             try:
+                if self._final_unread:          # kept in last_final; QUIT's reply must be QUIT's
+                    self.final_reply()
                 self._smtp.sock.settimeout(min(self.timeouts.command, 10.0))
                 self._smtp.docmd("QUIT")
             except Exception:   # a dead peer: nothing more to say
