@@ -275,12 +275,16 @@ class RssSampler:
         now = time.time()
         for root in self.roots:
             for pid in process_tree(root):
+                # The command line first: a process that exits between the two
+                # reads leaves an empty cmdline (a zombie has none), and a row
+                # without its command could not be told apart from others.
+                cmd = _cmdline(pid)
                 kb = rss_kb(pid)
-                if kb is None:
+                if kb is None or not cmd:
                     continue
                 row = self.samples.get(pid)
                 if row is None:
-                    row = self.samples[pid] = {"cmd": _cmdline(pid), "samples": []}
+                    row = self.samples[pid] = {"cmd": cmd, "samples": []}
                 row["samples"].append((now, kb))
 
     def _loop(self) -> None:
