@@ -85,11 +85,11 @@ class Runtime:
         self.ps = PipelineSettings.from_env()
         self.store: Store = get_store(self.ps)
         self.engine = Settings.from_env()
-        self.resolver = Resolver(self.engine)
-        # The failure memory is an optimisation: a short timeout and no retries,
-        # so Redis trouble never stalls a delivery on it.
+        # The failure memory and the DNS cache are optimisations: a short timeout
+        # and no retries, so Redis trouble never stalls a delivery on them.
         quick = redis.Redis.from_url(self.ps.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0,
                                      retry=Retry(NoBackoff(), 0))
+        self.resolver = Resolver(self.engine, cache=_shared_dns_cache(self.engine, quick))
         self.hosts = RedisHostStatus(quick)
         # Traffic shaping (MXQ_SHAPING): slots live as long as a batch lease and
         # are renewed by the same heartbeat.
@@ -101,6 +101,80 @@ class Runtime:
 def _pid() -> int:
     import os
     return os.getpid()
+
+
+def _shared_dns_cache(settings, client):
+    """A ``workers.dnscache.DNSCache`` on ``client`` whose misses are resolved by one worker at a time.
+
+    Two workers missing the same name at once (two tasks of a new domain
+    starting together) would both ask DNS: the first takes a lock
+    (``mxq:dnslock:{type}:{name}``, SET NX, 2 s) and resolves; the others wait
+    for its answer to appear in Redis (polling every 5 ms, at most the lock's
+    life), then ask DNS themselves only if none came (a failure is not
+    cached).  So a name and type is asked once per TTL across every worker.
+    """
+    import json as _json
+
+    from workers.dnscache import CachedAnswer, DNSCache
+
+    class SharedLookups(DNSCache):
+        """``DNSCache`` with one DNS lookup per name and type across processes (see above)."""
+
+        LOCK = "mxq:dnslock:"
+        WAIT = 2.0
+
+        def get(self, rtype: str, name: str):
+            hit = super().get(rtype, name)
+            if hit is not None or not self._redis_usable():
+                return hit
+            lock = f"{self.LOCK}{rtype}:{name}"
+            key = self.redis_key(rtype, name)
+
+            def cached(check_lock: bool):
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.get(key)
+                pipe.pttl(key)
+                if check_lock:
+                    pipe.exists(lock)
+                got = pipe.execute()
+                value, pttl = got[0], got[1]
+                if value is not None and pttl and pttl > 0:
+                    answer = CachedAnswer.from_json(value)
+                    self._store((rtype, name), answer, pttl / 1000.0)
+                    return answer, True
+                return None, bool(got[2]) if check_lock else False
+
+            try:
+                if self.redis.set(lock, _pid(), nx=True, px=int(self.WAIT * 1000)):
+                    # Ours -- unless the answer came between our miss and the lock.
+                    answer, _ = cached(False)
+                    if answer is not None:
+                        self.redis.delete(lock)
+                    return answer               # None: ours to resolve; put() lets go
+                deadline = time.monotonic() + self.WAIT
+                while time.monotonic() < deadline:
+                    time.sleep(0.005)
+                    answer, locked = cached(True)
+                    if answer is not None:
+                        return answer
+                    if not locked:
+                        break                   # let go without an answer (a failure): ask ourselves
+            except (ValueError, KeyError, TypeError, _json.JSONDecodeError):
+                return None
+            except Exception:                   # Redis trouble never stops a lookup
+                return None
+            return None
+
+        def put(self, rtype: str, name: str, answer):
+            stored = super().put(rtype, name, answer)
+            if self._redis_usable():
+                try:
+                    self.redis.delete(f"{self.LOCK}{rtype}:{name}")
+                except Exception:               # the lock expires by itself
+                    pass
+            return stored
+
+    return SharedLookups(settings, redis=client)
 
 
 _runtime: Runtime | None = None

@@ -236,3 +236,61 @@ def test_one_heartbeat_thread_renews_every_running_batch(store):
     time.sleep(0.5)
     assert lease("t1") == final
     assert [t for t in threading.enumerate() if t.name == "mxq-heartbeat"] == beaters   # the same thread
+
+
+# ----------------------------------------------------------------------------- DNS across workers
+
+
+def test_a_name_is_asked_once_across_workers_missing_it_at_once(redis_server, dns_server):
+    """Eight 'workers' (a resolver and cache each, one Redis) resolving a new domain together."""
+    import threading
+
+    from tasks.graph import _shared_dns_cache
+
+    client = redis_server().client()
+    settings = Settings(helo_name="client.tp.test", dns_servers=parse_dns_servers(dns_server.address),
+                        timeouts=FAST)
+    serve_domain(dns_server, "once.tp.test", "127.0.32.9")
+    resolvers = [Resolver(settings, cache=_shared_dns_cache(settings, client)) for _ in range(8)]
+    go = threading.Barrier(8)
+    got = []
+
+    def work(r):
+        go.wait(10)
+        got.append(r.exchanges("once.tp.test"))
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in resolvers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert len(got) == 8 and all(x[0].addresses == ["127.0.32.9"] for x in got)
+    assert dns_server.queries("once.tp.test", "MX") == 1
+    assert dns_server.queries("mx.once.tp.test", "A") == 1
+    assert sum(r.stats["queries"] for r in resolvers) == 3          # MX, A, AAAA: once each
+
+
+def test_a_worker_waits_for_the_one_resolving_instead_of_asking_too(redis_server, dns_server):
+    import threading
+
+    from tasks.graph import _shared_dns_cache
+    from workers.dnscache import DNSCache
+
+    client = redis_server().client()
+    settings = Settings(helo_name="client.tp.test", dns_servers=parse_dns_servers(dns_server.address),
+                        timeouts=FAST)
+    serve_domain(dns_server, "wait.tp.test", "127.0.32.10")
+    client.set("mxq:dnslock:MX:wait.tp.test", "another worker", px=5000)     # someone is resolving it
+    waiter = Resolver(settings, cache=_shared_dns_cache(settings, client))
+    out = []
+    t = threading.Thread(target=lambda: out.append(waiter.exchanges("wait.tp.test")))
+    t.start()
+    time.sleep(0.2)
+    assert not out and dns_server.queries("wait.tp.test", "MX") == 0           # waiting, not asking
+    # the other worker's answer lands in Redis and it lets go of the lock
+    Resolver(settings, cache=DNSCache(settings, redis=client)).exchanges("wait.tp.test")
+    client.delete("mxq:dnslock:MX:wait.tp.test")
+    t.join(10)
+    assert out and out[0][0].addresses == ["127.0.32.10"]
+    assert dns_server.queries("wait.tp.test", "MX") == 1
+    assert waiter.stats["queries"] <= 2                                       # never the MX
