@@ -437,10 +437,38 @@ def test_the_owed_final_reply_must_be_read_before_another_command(serve):
         assert s.final_reply().code == 250 and s.final_reply() is None
         s.start_transaction("a@a.test", ["d@b.test"])
         s.send_content(MSG, wait=False)
-    # disconnect read the owed reply before QUIT: three messages, a clean QUIT
-    assert [m.rcpt_tos for m in srv.messages] == [["b@b.test"], ["c@b.test"], ["d@b.test"]]
-    assert srv.sessions[0].commands[-1] == "QUIT" and srv.stats["quit"] == 1
+    # leaving the block without reading it: the held text and dot were never sent
+    assert not s.connected and s.owes_final is False
+    assert [m.rcpt_tos for m in srv.messages] == [["b@b.test"], ["c@b.test"]]
+    assert "QUIT" not in srv.sessions[0].commands and srv.stats["quit"] == 0
     with session(srv.host) as s:             # without PIPELINING asked for, no deferred reply
         s.start_transaction("a@a.test", ["e@b.test"])
         with pytest.raises(SMTPProtocolError):
             s.send_content(MSG, wait=False)
+
+
+def test_a_run_interrupted_while_a_message_is_held_never_completes_it(serve, monkeypatch):
+    """An exception (a soft time limit, say) between two messages: the held dot is never sent."""
+    import workers.delivery as delivery
+
+    class Interrupted(Exception):
+        pass
+
+    calls = []
+    real = delivery._Run.pipelined_transaction
+
+    def second_call_interrupted(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            assert self.unconfirmed            # message 1 is held, its verdict unknown
+            raise Interrupted()
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(delivery._Run, "pipelined_transaction", second_call_interrupted)
+    srv = serve("127.0.31.35")
+    settings, resolver = engine()
+    d = "[127.0.31.35]"
+    with pytest.raises(Interrupted):
+        deliver_domain(d, [env(f"a@{d}"), env(f"b@{d}")], settings=settings, resolver=resolver,
+                       host_status=MemoryHostStatus())
+    assert srv.messages == [] and srv.stats["mail"] == 1       # DATA was answered 354, the text never came

@@ -914,8 +914,9 @@ class SMTPSession:
         ``start_transaction``'s commands (RFC 2920 lets the message text open
         a group), whose replies start with this message's final reply (given
         as ``previous``), or with ``final_reply()``.  Nothing else may be
-        sent before one of those two; ``disconnect`` calls ``final_reply``
-        first, a dropped connection never sends the held dot.
+        sent before one of those two; ``disconnect`` before them drops the
+        connection without sending the held text (the server discards the
+        unfinished message), so a message is never completed unseen.
         """
         if not wait and not self.pipelining:
             raise SMTPProtocolError(Reply.local("4.3.0", "send_content(wait=False) needs PIPELINING"))
@@ -1040,10 +1041,13 @@ class SMTPSession:
         """
         if self._smtp is None:
             return
+        if self._out:
+            # A message held by send_content(wait=False) and never sent: its dot must not go
+            # out now (nobody would read the verdict), and QUIT would be taken for its text.
+            self._abort()
+            return
         if self._stuffer is None and self._smtp.sock is not None:
             try:
-                if self._final_unread:          # kept in last_final; QUIT's reply must be QUIT's
-                    self.final_reply()
                 self._smtp.sock.settimeout(min(self.timeouts.command, 10.0))
                 self._smtp.docmd("QUIT")
             except Exception:   # a dead peer: nothing more to say
