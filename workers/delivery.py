@@ -467,12 +467,14 @@ class _Run:
                               conn: int) -> None:
         """``transaction`` when the server pipelines (RFC 2920) and the content is in memory.
 
-        MAIL, the RCPTs and DATA go in one write, the message text and the
-        final dot in another: two round trips per message instead of 3 + n.
-        Each reply is judged exactly as in ``transaction``; the one difference
-        on the wire is that recipients after a 452 were tried too, so an
-        accepted one is delivered in this transaction, and a 452 one (once
-        something was accepted) waits for the next transaction, as there.
+        MAIL, the RCPTs and DATA go in one write; the message text and its
+        final dot are held and open the next message's group (or are sent by
+        ``confirm``), whose replies start with this message's final reply:
+        one round trip per message instead of 4 + n.  Each reply is judged
+        exactly as in ``transaction``; the one difference on the wire is that
+        recipients after a 452 were tried too, so an accepted one is delivered
+        in this transaction, and a 452 one (once something was accepted)
+        waits for the next transaction, as there.
         """
         env = job.envelope
         content = env.content.encode("utf-8") if isinstance(env.content, str) else env.content
@@ -496,6 +498,8 @@ class _Run:
             self.message_failure(session, e, route, job, job.pending(), conn, reset=False)
             return
         if prev is not None:
+            if tx.previous is None:           # cannot happen: the session owed it; never guess
+                raise _SiteFailure(Reply.local("4.3.0", "the final reply of the previous message went missing"))
             self.final(session, route, prev, tx.previous)
         accepted: list[_Rcpt] = []
         for r, reply in zip(batch, tx.recipients):

@@ -710,8 +710,9 @@ class SMTPSession:
         - ``data.code == 354``: DATA is open, send the content with
           ``append_message`` / ``close_message`` (or ``send_content``);
         - otherwise the transaction (MAIL) is still open: ``reset()`` it;
-        - a 421 to any command: the connection is dropped (``connected`` is
-          False) and the replies after it are None.
+        - a 421 to a RCPT (or, pipelining, to DATA): the connection is
+          dropped (``connected`` is False) and the replies after it are
+          None; a 421 to MAIL raises ``SMTPSenderRefused`` (site scope).
 
         Raises what ``create_message`` raises (a refused MAIL raises
         ``SMTPSenderRefused`` after the pipelined replies were read, so the
