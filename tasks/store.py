@@ -51,6 +51,8 @@ key                              type    contents
 ``mxq:shape:tat:{domain}``       string  the domain's rate limiter state (GCRA, Redis time)
 ``mxq:down:{ip}:{port}``         string  failure memory of one exchange (``hoststatus``)
 ``mxq:dns:*``                    string  the engine's shared DNS cache (``workers.dnscache``)
+``mxq:dnslock:{type}:{name}``    string  the worker resolving that name now (2 s; the others
+                                         wait for its answer: ``graph._shared_dns_cache``)
 ===============================  ======  ==================================================
 
 Lanes and work items:
