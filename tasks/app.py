@@ -41,7 +41,7 @@ def make_app(settings: PipelineSettings | None = None) -> Celery:
     app.conf.update(
         broker_url=s.redis_url,
         result_backend=s.redis_url,
-        # JSON only: a pickled message is code execution for whoever can write to Redis.
+        # JSON only: a binary-serialized message would be code execution for whoever can write to Redis.
         task_serializer="json",
         result_serializer="json",
         event_serializer="json",
