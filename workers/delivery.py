@@ -453,15 +453,7 @@ class _Run:
                 self.message_failure(session, e, route, job, accepted, conn, reset=True)
                 return
             raise self.site_failure(e, route) from None
-        if reply.is_positive():
-            state = State.DELIVERED
-        elif reply.code == 421:
-            session.disconnect()
-            raise _SiteFailure(reply)     # the accepted ones are pending: they move on
-        else:
-            state = None if reply.is_transient() else State.BOUNCED
-        for r in accepted:
-            self.settle(r, state, reply, route)
+        self.final(session, route, accepted, reply)
 
     def pipelined_transaction(self, session: SMTPSession, route: _Route, job: _Job, batch: list[_Rcpt],
                               conn: int) -> None:
