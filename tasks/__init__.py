@@ -1,21 +1,21 @@
 """mxq's queue manager: the Celery app, the producer API and the task graph.
 
-``celery -A tasks worker`` finds the Celery app as ``tasks.app`` (note: the
-attribute is the app object; the module is ``tasks.app`` in ``sys.modules``,
-so write ``from tasks.app import make_app`` for the module's other names).
+``celery -A mxq.tasks worker`` finds the Celery app as ``mxq.tasks.app`` (note: the
+attribute is the app object; the module is ``mxq.tasks.app`` in ``sys.modules``,
+so write ``from mxq.tasks.app import make_app`` for the module's other names).
 
 Producer API::
 
-    import tasks
-    job = tasks.submit(message, sender=None, recipients=None, dsn=None, idempotency_key=None)
-    jobs = tasks.submit_many([message_or_item, ...])     # all-or-nothing, one round trip
-    tasks.status(job)     # {"job", "state", "recipients": [...]}; KeyError when unknown
-    except tasks.InvalidMessage as e: e.reason            # every bad input, nothing stored
+    import mxq.tasks
+    job = mxq.tasks.submit(message, sender=None, recipients=None, dsn=None, idempotency_key=None)
+    jobs = mxq.tasks.submit_many([message_or_item, ...])     # all-or-nothing, one round trip
+    mxq.tasks.status(job)     # {"job", "state", "recipients": [...]}; KeyError when unknown
+    except mxq.tasks.InvalidMessage as e: e.reason            # every bad input, nothing stored
 
-See ``tasks.store`` for the Redis key layout and ``tasks.graph`` for the task graph.
+See ``mxq.tasks.store`` for the Redis key layout and ``mxq.tasks.graph`` for the task graph.
 """
 
-from workers.errors import InvalidAddress
+from mxq.workers.errors import InvalidAddress
 
 from .app import app
 from .producer import InvalidMessage, Item, status, submit, submit_many

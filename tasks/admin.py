@@ -33,7 +33,7 @@
     (``dropped``) go out when ``MXQ_WEBHOOK_URL`` is set for this command.
 
 ``mxq suppress list [--json] | add ADDR [--ttl SECONDS] [--reason TEXT] | remove ADDR``
-    The suppression list (``tasks.suppress``).
+    The suppression list (``mxq.tasks.suppress``).
 
 Exit statuses (sysexits, as the other commands): 0 done, 1 drop not
 confirmed, 64 usage, 65 a malformed address or domain, 66 unknown job / not
@@ -218,7 +218,7 @@ return {#moved, dispatch(lanes, now, k, maxpar, false, {})}
 
 # ---------------------------------------------------------------- the operations (API)
 class Admin:
-    """Queue inspection and surgery on a ``tasks.store.Store`` (what the commands run)."""
+    """Queue inspection and surgery on a ``mxq.tasks.store.Store`` (what the commands run)."""
 
     def __init__(self, store):
         from .store import _PRELUDE
@@ -523,8 +523,8 @@ def run_queue(args) -> int:
 
 
 def _domain(arg: str, cmd: str) -> str | None:
-    from workers.address import normalize_domain
-    from workers.errors import InvalidAddress
+    from mxq.workers.address import normalize_domain
+    from mxq.workers.errors import InvalidAddress
 
     try:
         return normalize_domain(arg.strip().rstrip("."))
@@ -658,7 +658,7 @@ def run_suppress_list(args) -> int:
 @_redis_errors
 def run_suppress_add(args) -> int:
     """``mxq suppress add ADDR [--ttl S] [--reason TEXT]``."""
-    from workers.errors import InvalidAddress
+    from mxq.workers.errors import InvalidAddress
 
     if args.ttl is not None and args.ttl <= 0:
         print("mxq suppress add: --ttl must be a positive number of seconds", file=sys.stderr)
@@ -684,7 +684,7 @@ def run_suppress_add(args) -> int:
 @_redis_errors
 def run_suppress_remove(args) -> int:
     """``mxq suppress remove ADDR``: 66 when the address was not suppressed."""
-    from workers.errors import InvalidAddress
+    from mxq.workers.errors import InvalidAddress
 
     s, err = _suppressions("remove")
     if s is None:
@@ -702,6 +702,6 @@ def run_suppress_remove(args) -> int:
 
 
 def suppress_norm(address: str) -> str:
-    """The normalised form ``tasks.suppress`` keys an address by."""
+    """The normalised form ``mxq.tasks.suppress`` keys an address by."""
     from .suppress import normalize
     return normalize(address)

@@ -1,6 +1,6 @@
 """The Celery app: broker, serialization, queues, limits and beat's schedule.
 
-``celery -A tasks worker`` finds it as ``tasks.app``.  Everything comes from
+``celery -A mxq.tasks worker`` finds it as ``mxq.tasks.app``.  Everything comes from
 ``PipelineSettings.from_env()`` (``MXQ_REDIS_URL`` and friends); nothing
 secret is in this configuration, so Celery's start-up banner and Flower show
 no credential (relay credentials are read by the engine's ``Settings`` in the
@@ -37,7 +37,7 @@ ROUTES = {
 def make_app(settings: PipelineSettings | None = None) -> Celery:
     """Build the Celery app for ``settings`` (default: the environment)."""
     s = settings or PipelineSettings.from_env()
-    app = Celery("mxq", include=["tasks.graph"])
+    app = Celery("mxq", include=["mxq.tasks.graph"])
     app.conf.update(
         broker_url=s.redis_url,
         result_backend=s.redis_url,
@@ -47,14 +47,14 @@ def make_app(settings: PipelineSettings | None = None) -> Celery:
         event_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
-        # Tasks report through mxq's own state (tasks.status); storing every
+        # Tasks report through mxq's own state (mxq.tasks.status); storing every
         # task's return value would only add Redis writes.  The backend stays
         # configured for anyone who asks for a result explicitly.
         task_ignore_result=True,
         result_expires=s.result_ttl,
         # Acknowledge after the task ran, and put a task back when its worker
         # process dies, so a crash never silently drops the wake-up (mxq's
-        # leases are what really recover the work; see tasks.store).
+        # leases are what really recover the work; see mxq.tasks.store).
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         # One message reserved per process: a long SMTP batch never holds
@@ -96,7 +96,7 @@ def make_app(settings: PipelineSettings | None = None) -> Celery:
 
 
 def _settings_or_error() -> tuple[PipelineSettings, str | None]:
-    # A malformed MXQ_* value must not crash `import tasks`: every `mxq`
+    # A malformed MXQ_* value must not crash `import mxq.tasks`: every `mxq`
     # command (even --help and the engine's `mxq deliver`) imports this
     # package first.  The app is built on defaults and the error kept, so
     # the commands that need the settings report it cleanly (exit 78) and
@@ -123,7 +123,7 @@ def rebind(redis_url: str) -> None:
     """Point the existing ``app`` at another Redis (tests, or a process that learns the URL late).
 
     Updates the broker and result backend URLs and drops the connection pools
-    made for the old URL.  ``tasks.store`` reads ``MXQ_REDIS_URL`` on every
+    made for the old URL.  ``mxq.tasks.store`` reads ``MXQ_REDIS_URL`` on every
     call, so set that too.
     """
     app.conf.broker_url = redis_url

@@ -1,9 +1,9 @@
 """The ``mxq`` command: one entry point, one sub-command per job.
 
-``deliver`` comes from the engine (``workers.cli``); the pipeline's commands
+``deliver`` comes from the engine (``mxq.workers.cli``); the pipeline's commands
 are defined here:
 
-- ``mxq send FILE.eml|-``   submit a message to the pipeline (``tasks.submit``),
+- ``mxq send FILE.eml|-``   submit a message to the pipeline (``mxq.tasks.submit``),
   print its job id; ``--wait`` follows it until every recipient is final.
 - ``mxq status JOB``        the job and its recipients (a table, or ``--json``).
 - ``mxq worker``            a Celery worker consuming mxq's queues (extra
@@ -11,14 +11,14 @@ are defined here:
 - ``mxq scheduler``         Celery beat running mxq's schedule.
 - ``mxq flower``            Flower, the Celery monitor (extra options go to it).
 - ``mxq up``                the whole stack on one machine, in the foreground
-  (``tasks.up``).
+  (``mxq.tasks.up``).
 
 Exit statuses follow sysexits, as ``mxq deliver``: 0 ok (all delivered),
 64 usage, 65 bad input, 66 unknown job or missing file, 69 something bounced
 or expired, 75 something deferred or not final yet (and nothing bounced) --
 or Redis unreachable, 78 a malformed ``MXQ_*`` setting.
 
-The Celery app (``tasks.app``) is imported only by the commands that use it,
+The Celery app (``mxq.tasks.app``) is imported only by the commands that use it,
 after the environment is final, so ``mxq --help`` and ``mxq deliver`` never
 need Redis.
 """
@@ -49,8 +49,8 @@ DEFAULT_WAIT_TIMEOUT = 600.0
 #: Sub-commands whose unknown options are passed through to Celery / Flower.
 PASSTHROUGH = ("worker", "scheduler", "flower")
 
-#: States that never change again (as ``tasks.store.FINAL_STATES``): ``suppressed`` is refused at
-#: submission (``tasks.suppress``), ``dropped`` given up by the operator (``mxq queue drop``).
+#: States that never change again (as ``mxq.tasks.store.FINAL_STATES``): ``suppressed`` is refused at
+#: submission (``mxq.tasks.suppress``), ``dropped`` given up by the operator (``mxq queue drop``).
 FINAL_STATES = ("delivered", "bounced", "expired", "suppressed", "dropped")
 #: Final states that mean "not delivered": the job's exit status is 69 when any recipient has one.
 FAILED_STATES = ("bounced", "expired", "suppressed", "dropped")
@@ -60,7 +60,7 @@ FAILED_STATES = ("bounced", "expired", "suppressed", "dropped")
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command registered."""
-    from workers import cli as engine_cli
+    from mxq.workers import cli as engine_cli
 
     parser = argparse.ArgumentParser(prog="mxq", description="Distributed mail delivery workers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -70,11 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker(sub)
     _add_scheduler(sub)
     _add_flower(sub)
-    from tasks import up
+    from mxq.tasks import up
     up.add_parser(sub)
     import importlib.util
-    if importlib.util.find_spec("tasks.admin") is not None:    # mxq queue, mxq suppress
-        from tasks import admin
+    if importlib.util.find_spec("mxq.tasks.admin") is not None:    # mxq queue, mxq suppress
+        from mxq.tasks import admin
         admin.add_parsers(sub)
     return parser
 
@@ -84,7 +84,7 @@ def _add_send(sub) -> None:
                        description="Submit a message (an .eml file, or - for standard input) to the "
                                    "pipeline and print its job id.  Envelope defaults come from the "
                                    "headers (From/Sender; To, Cc, Bcc).")
-    from workers.cli import add_envelope_arguments
+    from mxq.workers.cli import add_envelope_arguments
     add_envelope_arguments(p)
     p.add_argument("--json", action="store_true", help='print {"job": ID} (and the status with --wait) as JSON')
     p.add_argument("--wait", action="store_true",
@@ -105,7 +105,7 @@ def _add_status(sub) -> None:
 
 def _add_worker(sub) -> None:
     p = sub.add_parser("worker", help="run a Celery worker on mxq's queues", allow_abbrev=False,
-                       description="Run `celery -A tasks worker` consuming mxq's queues.  Any other "
+                       description="Run `celery -A mxq.tasks worker` consuming mxq's queues.  Any other "
                                    "option is passed to celery worker (e.g. -c 4, -l debug, "
                                    "-Q to choose queues); `mxq worker -- --help` shows Celery's help.")
     p.set_defaults(run=run_worker, passthrough=True)
@@ -113,7 +113,7 @@ def _add_worker(sub) -> None:
 
 def _add_scheduler(sub) -> None:
     p = sub.add_parser("scheduler", help="run Celery beat with mxq's schedule", allow_abbrev=False,
-                       description="Run `celery -A tasks beat`: the periodic tasks that release "
+                       description="Run `celery -A mxq.tasks beat`: the periodic tasks that release "
                                    "deferred mail.  Run exactly one.  The schedule state file is "
                                    "$MXQ_BEAT_SCHEDULE (default: in the temporary directory); other "
                                    "options are passed to celery beat.")
@@ -122,7 +122,7 @@ def _add_scheduler(sub) -> None:
 
 def _add_flower(sub) -> None:
     p = sub.add_parser("flower", help="run Flower, the Celery monitor", allow_abbrev=False,
-                       description="Run `celery -A tasks flower` (default --address=127.0.0.1 "
+                       description="Run `celery -A mxq.tasks flower` (default --address=127.0.0.1 "
                                    "--port=5555).  Set FLOWER_BASIC_AUTH=user:password to require "
                                    "a login; other options are passed to Flower.")
     p.set_defaults(run=run_flower, passthrough=True)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args.extra = [a for a in extra if a != "--"] if extra[:1] == ["--"] else extra
     if args.command != "deliver":      # the engine's command reads only the engine's settings
         import importlib
-        config_error = importlib.import_module("tasks.app").config_error
+        config_error = importlib.import_module("mxq.tasks.app").config_error
         if config_error:
             print(f"mxq {args.command}: {config_error}", file=sys.stderr)
             return EX_CONFIG
@@ -156,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_send(args) -> int:
     """``mxq send``: submit, print the job id; with ``--wait`` follow it to the end."""
-    from workers.cli import split_recipients
-    from workers.envelope import DSN, parse_notify
-    from workers.errors import InvalidInput
+    from mxq.workers.cli import split_recipients
+    from mxq.workers.envelope import DSN, parse_notify
+    from mxq.workers.errors import InvalidInput
 
     if args.file == "-":
         content: object = sys.stdin.buffer.read()
@@ -175,9 +175,9 @@ def run_send(args) -> int:
         return EX_DATAERR
     import redis
 
-    import tasks
-    from tasks.settings import PipelineSettings
-    from workers.message import max_message_size_from_env
+    from mxq import tasks
+    from mxq.tasks.settings import PipelineSettings
+    from mxq.workers.message import max_message_size_from_env
 
     try:
         PipelineSettings.from_env()
@@ -192,7 +192,7 @@ def run_send(args) -> int:
             _check_redis()
         except redis.exceptions.RedisError:
             # Tell bad input (65: do not retry) from an outage (75: retry later).
-            from tasks.producer import Item, build_job
+            from mxq.tasks.producer import Item, build_job
             build_job(Item(message=content, **options), max_size=max_size, now=time.time())
             raise
         job = tasks.submit(content, **options)
@@ -227,7 +227,7 @@ def _check_redis() -> None:
     client's ~30 s of reconnection attempts, which are meant for a restarting server."""
     import redis
 
-    from tasks.settings import PipelineSettings
+    from mxq.tasks.settings import PipelineSettings
     client = redis.Redis.from_url(PipelineSettings.from_env().redis_url, socket_connect_timeout=3,
                                   socket_timeout=3)
     try:
@@ -254,9 +254,9 @@ def run_status(args) -> int:
 
 
 def exit_status(status: dict) -> int:
-    """sysexits status of a job, as ``mxq deliver`` (``workers.cli.exit_status``): 69 if anything
+    """sysexits status of a job, as ``mxq deliver`` (``mxq.workers.cli.exit_status``): 69 if anything
     bounced, expired, was suppressed or dropped, else 75 if anything is not final, else 0."""
-    from workers.cli import exit_status as engine_exit_status
+    from mxq.workers.cli import exit_status as engine_exit_status
     return engine_exit_status("bounced" if r.get("state") in FAILED_STATES else r.get("state")
                               for r in status.get("recipients", []))
 
@@ -276,8 +276,8 @@ def counts(status: dict) -> dict[str, int]:
 
 
 def _status(job: str) -> dict | None:
-    """``tasks.status(job)``, or None when the job is unknown (or expired)."""
-    import tasks
+    """``mxq.tasks.status(job)``, or None when the job is unknown (or expired)."""
+    from mxq import tasks
     try:
         return tasks.status(job)
     except KeyError:
@@ -286,7 +286,7 @@ def _status(job: str) -> dict | None:
 
 def wait_for(job: str, *, timeout: float | None, progress: bool, interval: float = 0.25,
              out=None) -> dict | None:
-    """Poll ``tasks.status(job)`` until every recipient is final or ``timeout`` passes.
+    """Poll ``mxq.tasks.status(job)`` until every recipient is final or ``timeout`` passes.
 
     With ``progress`` (a terminal), a one-line bar with per-state counts is
     redrawn in place; otherwise nothing is printed while waiting.  Returns the
@@ -351,17 +351,17 @@ def print_status(status: dict, *, as_json: bool = False, out=None) -> None:
 # -- worker, scheduler, flower: exec Celery -------------------------------------------------------
 
 def celery_argv(*args: str) -> list[str]:
-    """``python -m celery -A tasks ARGS``: the same interpreter (and venv) as this ``mxq``."""
-    return [sys.executable, "-m", "celery", "-A", "tasks", *args]
+    """``python -m celery -A mxq.tasks ARGS``: the same interpreter (and venv) as this ``mxq``."""
+    return [sys.executable, "-m", "celery", "-A", "mxq.tasks", *args]
 
 
 def default_queues() -> list[str]:
     """The queues a worker consumes by default: every queue the app declares, plus notifications."""
-    from tasks.app import app
+    from mxq.tasks.app import app
     names = [q.name for q in (app.conf.task_queues or [])]
     if not names:
         names = [app.conf.task_default_queue or "celery"]
-    from tasks.notify import QUEUE
+    from mxq.tasks.notify import QUEUE
     if QUEUE not in names:
         names.append(QUEUE)
     return names
@@ -407,17 +407,17 @@ def _exec(argv: list[str]) -> int:
 
 
 def run_worker(args) -> int:
-    """``mxq worker``: exec ``celery -A tasks worker -Q <mxq's queues> ...``."""
+    """``mxq worker``: exec ``celery -A mxq.tasks worker -Q <mxq's queues> ...``."""
     return _exec(worker_argv(args.extra))
 
 
 def run_scheduler(args) -> int:
-    """``mxq scheduler``: exec ``celery -A tasks beat --schedule $MXQ_BEAT_SCHEDULE ...``."""
+    """``mxq scheduler``: exec ``celery -A mxq.tasks beat --schedule $MXQ_BEAT_SCHEDULE ...``."""
     return _exec(scheduler_argv(args.extra))
 
 
 def run_flower(args) -> int:
-    """``mxq flower``: exec ``celery -A tasks flower --address=127.0.0.1 --port=5555 ...``."""
+    """``mxq flower``: exec ``celery -A mxq.tasks flower --address=127.0.0.1 --port=5555 ...``."""
     if not _has_module("flower"):
         print("mxq flower: flower is not installed (pip install flower)", file=sys.stderr)
         return EX_UNAVAILABLE

@@ -1,7 +1,7 @@
 """The task graph: intake, delivery, notifications and the scheduler tick.
 
 Tasks carry ids only (a domain, job ids): never message content, addresses
-or credentials.  The work itself lives in Redis (``tasks.store``); a task is
+or credentials.  The work itself lives in Redis (``mxq.tasks.store``); a task is
 a wake-up call for a lane, so a lost, duplicated or late task costs
 nothing but time.
 
@@ -21,13 +21,13 @@ nothing but time.
                bounced/expired (or first delay with NOTIFY=DELAY) -> report lane,
                more ready items -> publish more mxq.deliver
     mxq.notify()  [notifications]: claim report items, group by job and event,
-               tasks.notify.send_reports(...) submits the RFC 3464 report as a new job
+               mxq.tasks.notify.send_reports(...) submits the RFC 3464 report as a new job
     mxq.schedule()  [scheduling, beat every second]: one atomic script --
                expired leases -> front of their lane, due deferred -> back of
                their lane, quiet lanes with ready work -> tasks re-published,
                stalled intake -> mxq.intake re-published
 
-Queues: ``intake``, ``delivery``, ``notifications``, ``scheduling`` (see ``tasks.app``).
+Queues: ``intake``, ``delivery``, ``notifications``, ``scheduling`` (see ``mxq.tasks.app``).
 Retries: only Redis connection errors (``TRANSIENT_REDIS_ERRORS``), a few
 times with a short back-off; never a blanket autoretry, never a long
 countdown (the deferred queue is a Redis ZSET, not ETA tasks).
@@ -44,8 +44,8 @@ from collections import defaultdict
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_init
 
-from workers.envelope import DSN, Envelope, Recipient
-from workers.results import RecipientResult
+from mxq.workers.envelope import DSN, Envelope, Recipient
+from mxq.workers.results import RecipientResult
 
 from . import metrics, shaping
 from .app import app
@@ -78,8 +78,8 @@ class Runtime:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        from workers.config import Settings
-        from workers.mx import Resolver
+        from mxq.workers.config import Settings
+        from mxq.workers.mx import Resolver
 
         self.pid = _pid()
         self.ps = PipelineSettings.from_env()
@@ -104,7 +104,7 @@ def _pid() -> int:
 
 
 def _shared_dns_cache(settings, client):
-    """A ``workers.dnscache.DNSCache`` on ``client`` whose misses are resolved by one worker at a time.
+    """A ``mxq.workers.dnscache.DNSCache`` on ``client`` whose misses are resolved by one worker at a time.
 
     Two workers missing the same name at once (two tasks of a new domain
     starting together) would both ask DNS: the first takes a lock
@@ -115,7 +115,7 @@ def _shared_dns_cache(settings, client):
     """
     import json as _json
 
-    from workers.dnscache import CachedAnswer, DNSCache
+    from mxq.workers.dnscache import CachedAnswer, DNSCache
 
     class SharedLookups(DNSCache):
         """``DNSCache`` with one DNS lookup per name and type across processes (see above)."""
@@ -303,7 +303,7 @@ def publish(dispatch: list[tuple[str, int]], *, fan_out: bool = False) -> int:
             for _ in range(count):
                 if lane == REPORT_LANE:
                     notify.apply_async(producer=producer)
-                elif lane == webhooks.WEBHOOK_LANE:     # >>> webhook events (tasks.webhooks) <<<
+                elif lane == webhooks.WEBHOOK_LANE:     # >>> webhook events (mxq.tasks.webhooks) <<<
                     webhooks.deliver_events.apply_async(producer=producer, queue=webhooks.QUEUE)
                 else:
                     deliver.apply_async(args=[lane], producer=producer)
@@ -407,7 +407,7 @@ def _results_for(env: Envelope, results: list) -> list[dict | None]:
 def run_delivery(domain: str) -> dict:
     """Claim up to K work items of ``domain``, deliver them, record the outcome.
 
-    Traffic shaping comes first (``tasks.shaping``): a concurrency slot and a
+    Traffic shaping comes first (``mxq.tasks.shaping``): a concurrency slot and a
     token per message, or the work stays on its ready list, the lane goes to
     ``mxq:throttled`` for the scheduler, and the task returns at once (it
     never sleeps waiting for a token).  Returns counts for the task's
@@ -442,7 +442,7 @@ def _deliver_batch(rt: Runtime, domain: str, token: str, grant: "shaping.Grant")
 
     Returns ``(counts, dispatch)``; ``dispatch`` is None when nothing was claimed.
     """
-    from workers.delivery import deliver_domain
+    from mxq.workers.delivery import deliver_domain
 
     store, ps = rt.store, rt.ps
     items = store.claim(domain, token, limit=grant.granted)
@@ -574,7 +574,7 @@ def run_notify() -> int:
 
             action = "delayed" if event == "delayed" else "failed"
             try:
-                # >>> the one call site into tasks.notify (owned by the notifications helper) <<<
+                # >>> the one call site into mxq.tasks.notify (owned by the notifications helper) <<<
                 if reports.send_reports(message, chosen, action=action, submit=submit_once):
                     sent += 1
             except TRANSIENT_REDIS_ERRORS:

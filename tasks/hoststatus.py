@@ -1,6 +1,6 @@
 """The exchanges' failure memory in Redis, shared by every worker.
 
-Implements the engine's ``workers.delivery.HostStatus`` protocol: an
+Implements the engine's ``mxq.workers.delivery.HostStatus`` protocol: an
 exchange that timed out or refused is marked down with ``SET EX`` (the key
 expires by itself when the time is up), and every worker skips it meanwhile
 instead of each paying the connect timeout again.  Key:

@@ -49,13 +49,13 @@ series count):
     shared Redis cache).
 ``mxq_shaping_throttled_total{domain, reason}``  counter
     deliver tasks that found the domain at its limit (``concurrency`` or
-    ``rate``) and returned without work (``tasks.shaping``).
+    ``rate``) and returned without work (``mxq.tasks.shaping``).
 ``mxq_queue_depth{queue}``  gauge, read from Redis at scrape time
     ``intake`` (jobs stored, not yet split), ``ready`` (work items on every
     delivery lane's ready list), ``deferred`` (``mxq:deferred``: work items
     waiting for their next attempt), ``leased`` (batches in flight), ``throttled`` (lanes held
     back by shaping), ``reports`` (delivery status reports waiting),
-    ``webhooks`` (webhook events waiting, ``tasks.webhooks``).
+    ``webhooks`` (webhook events waiting, ``mxq.tasks.webhooks``).
 ``mxq_ready_depth{lane}``  gauge, read from Redis at scrape time
     ready work items per delivery lane (the ``MAX_LANE_LABELS`` deepest).
 ``mxq_redis_up``  gauge
@@ -66,7 +66,7 @@ in the folder until the worker restarts; its counters stay counted, as
 they should.
 
 The one hook into the engine: ``instrument_engine()`` makes
-``workers.delivery`` open its connections with ``CountedSession``, an
+``mxq.workers.delivery`` open its connections with ``CountedSession``, an
 ``SMTPSession`` subclass that counts open connections and times
 transactions (the engine has no callback for them).  It is installed in the
 worker processes only, when metrics are on.
@@ -214,9 +214,9 @@ def dns(resolver) -> None:
 
 
 def instrument_engine() -> None:
-    """Make ``workers.delivery`` use ``CountedSession`` (idempotent)."""
-    import workers.delivery as delivery
-    from workers.session import SMTPSession
+    """Make ``mxq.workers.delivery`` use ``CountedSession`` (idempotent)."""
+    import mxq.workers.delivery as delivery
+    from mxq.workers.session import SMTPSession
 
     global CountedSession
     if CountedSession is None:
@@ -301,7 +301,7 @@ class RedisCollector:
         for cmd, key in (("zcard", "intake"), ("zcard", "deferred"), ("zcard", "lease"), ("zcard", "throttled"),
                          ("llen", "ready:!r"), ("llen", "ready:!w")):
             getattr(p, cmd)("mxq:" + key)
-        # mxq:dispatch holds exactly the lanes with ready work (see tasks.store);
+        # mxq:dispatch holds exactly the lanes with ready work (see mxq.tasks.store);
         # lanes starting with "!" are not domains (reports, webhooks).
         p.zrange("mxq:dispatch", 0, -1)
         intake, deferred, leased, throttled_, reports, hooks, lanes = p.execute()
@@ -436,7 +436,7 @@ def on_process_shutdown(**_kw) -> None:
 
 
 def connect_signals() -> None:
-    """Connect the handlers above to Celery's worker signals (done by ``tasks.graph``)."""
+    """Connect the handlers above to Celery's worker signals (done by ``mxq.tasks.graph``)."""
     from celery import signals
     signals.worker_init.connect(on_worker_init, weak=False)
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False)

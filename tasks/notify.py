@@ -2,7 +2,7 @@
 
 When a recipient bounces or expires and its NOTIFY asks for failures (the
 default when NOTIFY is unset), a report goes back to the envelope sender
-through the same pipeline: it is submitted with ``tasks.submit`` with the null
+through the same pipeline: it is submitted with ``mxq.tasks.submit`` with the null
 sender ``<>`` as its envelope sender, so a report can never trigger another
 report, and a message whose own sender is null never gets one.  When NOTIFY
 includes DELAY, a delay notice (Action: delayed) goes out once per message
@@ -36,17 +36,17 @@ keywords or None), ``orcpt`` (str or None) and optionally ``last_attempt``
 (epoch seconds).  ``action`` is ``"failed"`` (bounced/expired) or
 ``"delayed"``.  Recipients whose NOTIFY does not ask for this kind of report
 are dropped; all the remaining ones of the message go into ONE report.  The
-report is submitted with ``tasks.submit(report_bytes, sender="",
+report is submitted with ``mxq.tasks.submit(report_bytes, sender="",
 recipients=[message["sender"]])`` (``submit`` overrides that callable, for
 tests) and its job id returned; None when no report was due.
 
 Delay notices are sent once: the core marks a recipient's record
 ``delay_reported`` and queues a ``delayed`` event only the first time it is
-deferred (``tasks.store``: report work items ``!r|{job}|{index}|{event}`` on
+deferred (``mxq.tasks.store``: report work items ``!r|{job}|{index}|{event}`` on
 the report lane, handled by the core's ``mxq.notify`` task, which groups the
 items of one job and event and calls ``send_reports`` once per group).
 ``message_from_meta(job_id, meta, content)`` turns the store's job hash
-(``tasks.store``: ``sender``, ``ret``, ``envid``, ``created``) into the
+(``mxq.tasks.store``: ``sender``, ``ret``, ``envid``, ``created``) into the
 ``message`` mapping above.  Reports are ordinary jobs, delivered like any mail.
 """
 
@@ -350,14 +350,14 @@ def _human_text(recipients: Sequence[ReportRecipient], helo_name: str, delayed: 
 
 def message_from_meta(job_id: str, meta: Mapping[str, str], content: bytes,
                       max_lifetime: float | None = None) -> dict:
-    """The ``message`` mapping of ``send_reports`` from the store's job hash (``tasks.store``).
+    """The ``message`` mapping of ``send_reports`` from the store's job hash (``mxq.tasks.store``).
 
     ``expires`` (reported as Will-Retry-Until in delay notices) is the
     submission time plus ``max_lifetime`` (default: ``MXQ_MAX_LIFETIME``).
     """
     created = float(meta["created"]) if meta.get("created") else None
     if max_lifetime is None:
-        from tasks.settings import PipelineSettings
+        from mxq.tasks.settings import PipelineSettings
         max_lifetime = PipelineSettings.from_env().max_lifetime
     return {"job": job_id, "sender": meta.get("sender") or "", "content": content,
             "ret": meta.get("ret") or None, "envid": meta.get("envid") or None,
@@ -379,7 +379,7 @@ def send_reports(message: Mapping, records: Iterable[Mapping], *, action: str = 
     if not chosen:
         return None
     if helo_name is None:
-        from workers.config import Settings
+        from mxq.workers.config import Settings
         helo_name = Settings.from_env().helo_name
     recipients = [ReportRecipient.from_record(r, action=action, will_retry_until=message.get("expires"))
                   for r in chosen]
@@ -387,5 +387,5 @@ def send_reports(message: Mapping, records: Iterable[Mapping], *, action: str = 
                           helo_name=helo_name, ret=message.get("ret"), envid=message.get("envid"),
                           arrival=message.get("arrival"))
     if submit is None:
-        from tasks import submit as submit    # the core's producer API; imported late (no cycle)
+        from mxq.tasks import submit as submit    # the core's producer API; imported late (no cycle)
     return submit(report.as_bytes(), sender="", recipients=[sender])

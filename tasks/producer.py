@@ -1,9 +1,9 @@
 """The producer API: ``submit``, ``submit_many`` and ``status``.
 
 Everything is validated first, in the caller's process, with the engine's
-``workers.message.prepare`` (address syntax, CR/LF, headers, size limit
+``mxq.workers.message.prepare`` (address syntax, CR/LF, headers, size limit
 ``MXQ_MAX_MESSAGE_SIZE``).  A bad item raises ``InvalidMessage`` (an alias of
-``workers.errors.InvalidInput``, so it also catches ``InvalidAddress``) with
+``mxq.workers.errors.InvalidInput``, so it also catches ``InvalidAddress``) with
 the reason, and nothing is written to Redis or enqueued.
 
 Then the whole batch is stored by ONE Redis script (atomic, one round trip):
@@ -30,18 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from workers.address import parse_address
-from workers.dkim import signer_from_env
-from workers.envelope import DSN
-from workers.errors import InvalidInput
-from workers.message import max_message_size_from_env, prepare
+from mxq.workers.address import parse_address
+from mxq.workers.dkim import signer_from_env
+from mxq.workers.envelope import DSN
+from mxq.workers.errors import InvalidInput
+from mxq.workers.message import max_message_size_from_env, prepare
 
 from . import suppress, webhooks
 from .settings import PipelineSettings
 from .store import JobSpec, get_store, idem_key, new_job_id, status_of
 
-#: Every bad input ``submit`` refuses: ``except tasks.InvalidMessage`` catches
-#: ``workers.errors.InvalidMessage`` and ``InvalidAddress`` alike.
+#: Every bad input ``submit`` refuses: ``except mxq.tasks.InvalidMessage`` catches
+#: ``mxq.workers.errors.InvalidMessage`` and ``InvalidAddress`` alike.
 InvalidMessage = InvalidInput
 
 INTAKE_CHUNK = 200      #: job ids per ``mxq.intake`` task
@@ -67,7 +67,7 @@ def _dsn(value) -> DSN | None:
             return DSN(ret=value.get("ret"), envid=value.get("envid"))
         except ValueError as e:
             raise InvalidMessage(str(e)) from None
-    raise InvalidMessage(f"dsn must be a workers.envelope.DSN or a mapping, not {type(value).__name__}")
+    raise InvalidMessage(f"dsn must be a mxq.workers.envelope.DSN or a mapping, not {type(value).__name__}")
 
 
 def _check_key(key) -> str:
@@ -141,7 +141,7 @@ def _publish(jobs: list[JobSpec], s: PipelineSettings) -> list[str]:
 
     store = get_store(s)
     hooks = webhooks.current()          # a bad MXQ_WEBHOOK_* setting is refused here (ValueError)
-    # Suppressed recipients (tasks.suppress) become final here, before storing:
+    # Suppressed recipients (mxq.tasks.suppress) become final here, before storing:
     # one MGET for the whole batch.
     if suppress.apply(jobs, store.r):
         for j in jobs:
@@ -211,7 +211,7 @@ def status(job_id: str) -> dict:
     ``state`` is ``queued`` (nothing attempted yet), ``active`` or ``done``
     (every recipient final: delivered, bounced, expired, ``suppressed`` --
     refused at submission because the address bounced permanently before, see
-    ``tasks.suppress`` -- or ``dropped`` by the operator); each recipient
+    ``mxq.tasks.suppress`` -- or ``dropped`` by the operator); each recipient
     has ``address, domain, state, code, enhanced, text, exchange, ip, relay,
     attempts, first_attempt, last_attempt, next_attempt``: ``attempts`` counts
     delivery attempts (runs that tried the recipient), times are epoch

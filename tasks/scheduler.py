@@ -16,7 +16,7 @@ Then the tasks it asked for are published.  Because each step is a single
 script that moves what it takes, ticks from several beat instances or
 workers at once do the same work once; a tick is idempotent.
 
-``mxq.schedule`` runs from Celery beat (``beat_schedule`` in ``tasks.app``);
+``mxq.schedule`` runs from Celery beat (``beat_schedule`` in ``mxq.tasks.app``);
 ``run_forever()`` is the same loop without beat (one process doing both).
 """
 

@@ -1,8 +1,8 @@
-"""The pipeline's own ``MXQ_*`` settings (the engine's are ``workers.config.Settings``).
+"""The pipeline's own ``MXQ_*`` settings (the engine's are ``mxq.workers.config.Settings``).
 
 ``PipelineSettings.from_env()`` is the one place ``tasks`` reads its part of
 the environment (``MXQ_MAX_MESSAGE_SIZE`` is the engine's: see
-``workers.message.max_message_size_from_env``).  It holds no secret: relay credentials stay in the engine's
+``mxq.workers.message.max_message_size_from_env``).  It holds no secret: relay credentials stay in the engine's
 ``Settings``, which only the worker reads (``Settings.from_env()``) and which
 never goes into a task argument, a Redis key or a log line.
 
@@ -19,8 +19,8 @@ never goes into a task argument, a Redis key or a log line.
 | ``MXQ_INTAKE_THRESHOLD`` | 500 | ``submit_many`` batches larger than this are split by ``mxq.intake`` |
 | ``MXQ_TASK_SOFT_LIMIT`` | 900 | soft time limit of a task (seconds) |
 | ``MXQ_TASK_HARD_LIMIT`` | 960 | hard time limit (the child is killed) |
-| ``MXQ_SHAPING`` | ``default=20c`` | per-domain connection and rate limits shared by every worker (read by ``tasks.shaping``) |
-| ``MXQ_METRICS_PORT`` | unset | each worker serves Prometheus ``/metrics`` there (read by ``tasks.metrics``) |
+| ``MXQ_SHAPING`` | ``default=20c`` | per-domain connection and rate limits shared by every worker (read by ``mxq.tasks.shaping``) |
+| ``MXQ_METRICS_PORT`` | unset | each worker serves Prometheus ``/metrics`` there (read by ``mxq.tasks.metrics``) |
 """
 
 from __future__ import annotations

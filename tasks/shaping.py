@@ -88,8 +88,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from workers.address import normalize_domain
-from workers.errors import InvalidInput
+from mxq.workers.address import normalize_domain
+from mxq.workers.errors import InvalidInput
 
 #: Connections open at once to one domain when nothing says otherwise (Postfix's default).
 DEFAULT_CONCURRENCY = 20

@@ -33,9 +33,9 @@ key                              type    contents
 ``mxq:lease``                    zset    batch token -> lease expiry (work in flight)
 ``mxq:batch:{token}``            string  the lane and work items of one leased batch
 ``mxq:deferred``                 zset    work item -> due time
-``mxq:suppress:{address}``       string  a suppressed recipient (``tasks.suppress``): JSON
+``mxq:suppress:{address}``       string  a suppressed recipient (``mxq.tasks.suppress``): JSON
                                          reason, EXPIRE ``MXQ_SUPPRESS_TTL``
-``mxq:hook:{id}``                hash    one webhook event (``tasks.webhooks``): ``b`` the JSON
+``mxq:hook:{id}``                hash    one webhook event (``mxq.tasks.webhooks``): ``b`` the JSON
                                          body, ``n`` failed POSTs so far
 ``mxq:guard``                    set     batch tokens whose release must check each record
                                          before writing (``mxq queue drop`` hit them in flight)
@@ -46,11 +46,11 @@ key                              type    contents
 ``mxq:intake``                   zset    jobs stored but not yet split (large batches),
                                          score = last (re)publication of ``mxq.intake``
 ``mxq:throttled``                zset    lane -> when the scheduler dispatches it again:
-                                         work held back by traffic shaping (``tasks.shaping``)
+                                         work held back by traffic shaping (``mxq.tasks.shaping``)
 ``mxq:shape:conn:{domain}``      zset    concurrency slots: holder token -> expiry (Redis time)
 ``mxq:shape:tat:{domain}``       string  the domain's rate limiter state (GCRA, Redis time)
 ``mxq:down:{ip}:{port}``         string  failure memory of one exchange (``hoststatus``)
-``mxq:dns:*``                    string  the engine's shared DNS cache (``workers.dnscache``)
+``mxq:dns:*``                    string  the engine's shared DNS cache (``mxq.workers.dnscache``)
 ``mxq:dnslock:{type}:{name}``    string  the worker resolving that name now (2 s; the others
                                          wait for its answer: ``graph._shared_dns_cache``)
 ===============================  ======  ==================================================
@@ -63,10 +63,10 @@ Lanes and work items:
 - the report lane is ``!r``; its work items are ``!r|{job}|{index}|{event}``
   (event ``bounced``, ``expired`` or ``delayed``), handled by ``mxq.notify``;
 - the webhook lane is ``!w``; its work items are ``!w|{id}`` (the event in
-  ``mxq:hook:{id}``), handled by ``mxq.webhook`` (``tasks.webhooks``).
+  ``mxq:hook:{id}``), handled by ``mxq.webhook`` (``mxq.tasks.webhooks``).
 
 Final states: ``delivered``, ``bounced``, ``expired``, ``suppressed`` (refused
-at submission, ``tasks.suppress``) and ``dropped`` (``mxq queue drop``).  The
+at submission, ``mxq.tasks.suppress``) and ``dropped`` (``mxq queue drop``).  The
 release script writes a suppression entry for a recipient-level hard bounce
 and a webhook event for each outcome ``MXQ_WEBHOOK_EVENTS`` asks for, in the
 same atomic step as the record.
@@ -169,7 +169,7 @@ local function dispatch(lanes, now, k, maxpar, force, out, lens)
     else
       local pend = tonumber(pends[i] or '0') or 0
       local mp = maxpar
-      if lane == '!w' then mp = 1 end     -- webhooks: one task queued at a time (tasks.webhooks)
+      if lane == '!w' then mp = 1 end     -- webhooks: one task queued at a time (mxq.tasks.webhooks)
       local want = math.min(math.ceil(n / k), mp) - pend
       if want > 0 then
         table.insert(sets, lane); table.insert(sets, pend + want)
@@ -257,7 +257,7 @@ for i, job in ipairs(spec) do
       redis.call('EXPIRE', P .. 'job:' .. id, job.expire)
       if job.idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. job.idem, job.expire) end
     end
-    if job.hooks then           -- webhook events (tasks.webhooks): [[id, body, ttl], ...]
+    if job.hooks then           -- webhook events (mxq.tasks.webhooks): [[id, body, ttl], ...]
       for _, h in ipairs(job.hooks) do
         redis.call('HSET', P .. 'hook:' .. h[1], 'b', h[2])
         redis.call('EXPIRE', P .. 'hook:' .. h[1], h[3])
@@ -375,8 +375,8 @@ return redis.call('ZADD', 'mxq:lease', 'XX', 'CH', tonumber(ARGV[1]), ARGV[2])
 # payload: [{"wid", "due" (-1: nothing left), "idem", "left" (optional: the job's 'left' at
 #            claim time when the item holds every recipient of the job; see Outcome),
 #            "updates": [[index, record, final, event,
-#            suppress, hook]]}]; suppress: [key, entry, ttl] or false (tasks.suppress),
-#            hook: [id, body, ttl] or false (tasks.webhooks), both written only with the record.
+#            suppress, hook]]}]; suppress: [key, entry, ttl] or false (mxq.tasks.suppress),
+#            hook: [id, body, ttl] or false (mxq.tasks.webhooks), both written only with the record.
 # Returns {applied, dispatch}: applied lists "job|index" of each update
 # written (a final state already there is never overwritten -- except that a
 # recipient dropped while its transaction was in flight is recorded as
@@ -481,7 +481,7 @@ if #due > 0 then
   end
   for l, wids in pairs(by) do push('RPUSH', P .. 'ready:' .. l, wids) end
 end
--- Lanes held back by traffic shaping (tasks.shaping) whose wait is over.
+-- Lanes held back by traffic shaping (mxq.tasks.shaping) whose wait is over.
 local throttled = redis.call('ZRANGEBYSCORE', P .. 'throttled', '-inf', now, 'LIMIT', 0, limit)
 if #throttled > 0 then
   push('ZREM', P .. 'throttled', throttled)
@@ -525,7 +525,7 @@ class JobSpec:
     records: list[dict]
     domains: list[str]
     idem: str = ""
-    #: webhook events to store with the job: ``[id, body, ttl]`` each (``tasks.webhooks``)
+    #: webhook events to store with the job: ``[id, body, ttl]`` each (``mxq.tasks.webhooks``)
     hooks: list = field(default_factory=list)
     #: seconds to keep a job stored with nothing left to deliver (every recipient suppressed), else 0
     expire: int = 0
@@ -617,7 +617,7 @@ def _dumps(obj) -> str:
 #: A recipient record's fields that are left out of the stored JSON while they
 #: hold these values (a queued record is then ``{"address", "domain", "state"}``,
 #: a fifth of its full size); readers of this module get them back (``_record``).
-#: Lua readers (``tasks.admin``) treat a missing field as null / false / 0.
+#: Lua readers (``mxq.tasks.admin``) treat a missing field as null / false / 0.
 RECORD_DEFAULTS = {"code": None, "enhanced": None, "text": "", "exchange": None, "ip": None, "relay": False,
                    "attempts": 0, "first_attempt": None, "last_attempt": None, "next_attempt": None,
                    "notify": None, "orcpt": None, "runs": 0, "delay_reported": False}
@@ -727,8 +727,8 @@ class Store:
 
         ``applied`` holds ``"job|index"`` of each update actually written.  With
         each written record go, in the same script, a suppression entry for a
-        recipient-level hard bounce (``tasks.suppress``) and a webhook event
-        when ``MXQ_WEBHOOK_EVENTS`` asks for its state (``tasks.webhooks``).
+        recipient-level hard bounce (``mxq.tasks.suppress``) and a webhook event
+        when ``MXQ_WEBHOOK_EVENTS`` asks for its state (``mxq.tasks.webhooks``).
         """
         from . import suppress, webhooks
 
@@ -780,7 +780,7 @@ STATUS_FIELDS = ("address", "domain", "state", "code", "enhanced", "text", "exch
 
 
 def status_of(job_id: str, meta: dict[str, str], records: dict[int, dict]) -> dict:
-    """The public status dict of a job (see ``tasks.status``)."""
+    """The public status dict of a job (see ``mxq.tasks.status``)."""
     rows = [{f: records[i].get(f) for f in STATUS_FIELDS} for i in sorted(records)]
     if meta.get("left") is not None and int(meta["left"]) <= 0:
         state = "done"

@@ -13,11 +13,11 @@ replies without an enhanced code, expiries, and mxq's own local failures
 (``code`` None: null MX 5.1.10 or NXDOMAIN 5.1.2 come from DNS and say
 nothing about this mailbox; they fail again quickly anyway).  The entry is
 written by the release script, atomically with the bounce
-(``tasks.store``); ``MXQ_SUPPRESS_TTL=0`` turns the automatic entries off
+(``mxq.tasks.store``); ``MXQ_SUPPRESS_TTL=0`` turns the automatic entries off
 (entries added with ``mxq suppress add`` still apply).
 
 Effect: a new submission to a suppressed address gets that recipient in the
-final state ``suppressed`` at once (``tasks.status`` shows it, with the
+final state ``suppressed`` at once (``mxq.tasks.status`` shows it, with the
 reason in ``text`` and the original enhanced code, or 5.7.1 for an operator
 entry); it is never delivered and never silently dropped, and no delivery
 status report is sent (the submitter sees the state).  The job's other
@@ -32,7 +32,7 @@ case-insensitively in practice; a suppression list that missed ``Bob@`` for
 ``bob@`` would be useless) and the domain as its IDNA A-label, lower case.
 
 The operator's side is ``mxq suppress list|add ADDR [--ttl S]|remove ADDR``
-(``tasks.admin``); ``Suppressions`` is the same thing as an API.
+(``mxq.tasks.admin``); ``Suppressions`` is the same thing as an API.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import os
 import time
 from typing import Iterable, Mapping
 
-from workers.address import parse_address
+from mxq.workers.address import parse_address
 
 log = logging.getLogger("mxq.suppress")
 
@@ -218,7 +218,7 @@ class Suppressions:
 
 
 def apply(jobs, client) -> int:
-    """Mark the suppressed recipients of ``jobs`` (``tasks.store.JobSpec``) before they are stored.
+    """Mark the suppressed recipients of ``jobs`` (``mxq.tasks.store.JobSpec``) before they are stored.
 
     A suppressed recipient's record becomes final (``suppressed``, with the
     reason); it leaves the job's domain lanes, and ``left`` counts only the

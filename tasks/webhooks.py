@@ -11,7 +11,7 @@ One POST per event, ``Content-Type: application/json``, body::
      "relay": false, "attempts": 1, "next_attempt": null, "timestamp": 1767225600.25}
 
 ``state`` is the recipient's new state: ``delivered``, ``bounced``,
-``expired``, ``suppressed`` (refused at submission, ``tasks.suppress``),
+``expired``, ``suppressed`` (refused at submission, ``mxq.tasks.suppress``),
 ``dropped`` (``mxq queue drop``), and ``deferred`` when
 ``MXQ_WEBHOOK_EVENTS=all`` (``next_attempt`` then says when).  ``timestamp``
 is when the outcome was recorded (epoch seconds).  No content, no sender, no
@@ -34,7 +34,7 @@ Delivery, never blocking mail
 -----------------------------
 
 Events are enqueued in Redis by the same atomic script that records the
-outcome (``tasks.store``: the release script for deliveries, the submit
+outcome (``mxq.tasks.store``: the release script for deliveries, the submit
 script for suppressed recipients, the drop script for dropped ones): a hash
 ``mxq:hook:{id}`` (``b`` the body, ``n`` failed POSTs so far) and a work item
 ``!w|{id}`` on the webhook lane ``mxq:ready:!w``.  The ``mxq.webhook`` task
@@ -451,10 +451,10 @@ def _send(cfg: WebhookConfig, store, wids: list[str], outcomes: list[Outcome]) -
     return sent
 
 
-# Published on QUEUE by tasks.graph.publish (queue= at the call: tasks.app's routes are not ours).
+# Published on QUEUE by mxq.tasks.graph.publish (queue= at the call: mxq.tasks.app's routes are not ours).
 @app.task(name="mxq.webhook", acks_late=True, reject_on_worker_lost=True, ignore_result=True,
           autoretry_for=TRANSIENT_REDIS_ERRORS, max_retries=3, retry_backoff=1, retry_backoff_max=8,
           retry_jitter=True)
 def deliver_events() -> int:
-    """POST the webhook events waiting on the webhook lane (``tasks.webhooks``)."""
+    """POST the webhook events waiting on the webhook lane (``mxq.tasks.webhooks``)."""
     return run_webhooks()

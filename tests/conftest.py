@@ -47,12 +47,12 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def dns_server(tmp_path_factory):
-    """One real DNS server process (``workers.sandbox.dns``) shared by the whole session.
+    """One real DNS server process (``mxq.workers.sandbox.dns``) shared by the whole session.
 
     It listens on 127.0.0.53:53 (UDP and TCP) inside the private network
     namespace (on a free 127.0.0.1 port otherwise), starts with an empty zone,
     and ``MXQ_DNS_SERVERS`` points at it while the session runs, so
-    ``Settings.from_env()`` and ``workers.mx`` resolve through it.
+    ``Settings.from_env()`` and ``mxq.workers.mx`` resolve through it.
 
     Yields a ``DNSServerProcess``; serve your names with
 
@@ -67,9 +67,9 @@ def dns_server(tmp_path_factory):
     ``workers/sandbox/dns.py`` (A, AAAA, MX, CNAME, TXT, TTL, SERVFAIL, TIMEOUT).
     The server is shared: use names unique to your test module (for example
     ``<module>.test`` and names under it), and remember resolvers cache answers
-    (a fresh ``workers.mx.Resolver`` per test avoids surprises).
+    (a fresh ``mxq.workers.mx.Resolver`` per test avoids surprises).
     """
-    from workers.sandbox.dns import start_dns_server
+    from mxq.workers.sandbox.dns import start_dns_server
 
     if IN_PRIVATE_NETNS:
         host, port = "127.0.0.53", 53

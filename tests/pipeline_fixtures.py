@@ -5,7 +5,7 @@ Register with ``pytest_plugins = ["tests.pipeline_fixtures"]`` in a test module.
 ``pipeline``  -- factory fixture: ``pipeline(**env) -> Pipeline``.  Starts a fresh
                  ``redis-server`` (``appendonly=...`` passed through), points this
                  process's producer API at it (``MXQ_REDIS_URL`` and
-                 ``tasks.app.rebind``), and gives ``Pipeline.worker()`` /
+                 ``mxq.tasks.app.rebind``), and gives ``Pipeline.worker()`` /
                  ``Pipeline.beat()`` to start Celery processes with the pipeline's
                  environment plus ``env`` (short leases, retry schedule "1", ...).
                  Everything it started is stopped when the test ends.
@@ -135,7 +135,7 @@ class Pipeline:
         """Start a prefork worker on ``queues``; return it once it logged ``ready.``."""
         self._n += 1
         name = f"w{self._n}"
-        args = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-P", "prefork", "-c", str(concurrency),
+        args = [sys.executable, "-m", "celery", "-A", "mxq.tasks", "worker", "-P", "prefork", "-c", str(concurrency),
                 "-Q", queues, "-n", f"{name}@pipeline", "-l", loglevel,
                 "--without-gossip", "--without-mingle", "--without-heartbeat"]
         p = CeleryProcess(args, self._env(extra), self.workdir / f"{name}.log", "ready.", f"worker {name}")
@@ -144,7 +144,7 @@ class Pipeline:
 
     def beat(self, **extra: str) -> CeleryProcess:
         """Start ``celery beat`` (the scheduler: ``mxq.schedule`` every second)."""
-        args = [sys.executable, "-m", "celery", "-A", "tasks", "beat", "-l", "INFO",
+        args = [sys.executable, "-m", "celery", "-A", "mxq.tasks", "beat", "-l", "INFO",
                 "-s", str(self.workdir / "beat-schedule"), "--pidfile="]
         p = CeleryProcess(args, self._env(extra), self.workdir / "beat.log", "beat: Starting", "beat")
         self.processes.append(p)
@@ -171,8 +171,8 @@ class Pipeline:
 @pytest.fixture
 def pipeline(redis_server, tmp_path, monkeypatch):
     """Factory: ``pipeline(appendonly=False, **env) -> Pipeline`` on a fresh redis-server."""
-    import tasks.app as _  # noqa: F401  (the module, for rebind)
-    from tasks.app import rebind
+    import mxq.tasks.app as _  # noqa: F401  (the module, for rebind)
+    from mxq.tasks.app import rebind
 
     made: list[Pipeline] = []
 

@@ -1,4 +1,4 @@
-"""Infrastructure: the CI and ops scripts, the Redis fixture, and the demo sandbox (workers.sandbox.stack).
+"""Infrastructure: the CI and ops scripts, the Redis fixture, and the demo sandbox (mxq.workers.sandbox.stack).
 
 - ``ops/test`` must fail when tests fail *and* when no test was collected,
   and print pytest's summary line; ``.ci/run`` must run it.
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from workers.config import Settings
-from workers.errors import DNSError, NullMX, SMTPConnectError, SMTPTimeoutError
-from workers.mx import Resolver
-from workers.sandbox import stack
-from workers.session import SMTPSession
-from workers.timeouts import Timeouts
+from mxq.workers.config import Settings
+from mxq.workers.errors import DNSError, NullMX, SMTPConnectError, SMTPTimeoutError
+from mxq.workers.mx import Resolver
+from mxq.workers.sandbox import stack
+from mxq.workers.session import SMTPSession
+from mxq.workers.timeouts import Timeouts
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["ops/install-deps", "ops/test", "ops/demo", ".ci/run"]
@@ -236,8 +236,8 @@ def test_relay_requires_starttls_and_auth_with_a_verified_certificate(sandbox, s
 
 def test_demo_recipients_get_the_planned_outcomes(sandbox, settings):
     """What ops/demo shows: one deliver() run over DEMO_RECIPIENTS gives each domain's planned state."""
-    delivery = pytest.importorskip("workers.delivery")
-    from workers.envelope import Envelope, Recipient
+    delivery = pytest.importorskip("mxq.workers.delivery")
+    from mxq.workers.envelope import Envelope, Recipient
     env = Envelope(sender="demo@app.test", recipients=[Recipient(a) for a in stack.DEMO_RECIPIENTS],
                    content=b"Subject: demo\r\n\r\nhello\r\n")
     results = {r.address: r for r in delivery.deliver(env, settings=settings, resolver=Resolver(settings))}
@@ -252,7 +252,7 @@ def test_stack_command_line_writes_env_file_and_stops_on_sigterm(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("binds port 25: needs root")
     env_file = tmp_path / "env"
-    proc = subprocess.Popen([sys.executable, "-m", "workers.sandbox.stack", "--workdir", str(tmp_path / "w"),
+    proc = subprocess.Popen([sys.executable, "-m", "mxq.workers.sandbox.stack", "--workdir", str(tmp_path / "w"),
                              "--base-ip", "127.0.8.", "--env-file", str(env_file)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

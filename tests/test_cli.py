@@ -15,22 +15,22 @@ from pathlib import Path
 
 import pytest
 
-from workers.cli import exit_status
-from workers.results import State
-from workers.sandbox.smtpd import Behaviour, start_server
+from mxq.workers.cli import exit_status
+from mxq.workers.results import State
+from mxq.workers.sandbox.smtpd import Behaviour, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def mxq(*args, input: bytes | None = None, env: dict | None = None, timeout: float = 30):
-    """Run ``python -m tasks.cli ARGS`` with short SMTP timeouts; return the CompletedProcess."""
+    """Run ``python -m mxq.tasks.cli ARGS`` with short SMTP timeouts; return the CompletedProcess."""
     e = dict(os.environ)
     e.update({"MXQ_CONNECT_TIMEOUT": "1", "MXQ_COMMAND_TIMEOUT": "2", "MXQ_HELO_NAME": "client.cli.test",
               "PYTHONPATH": str(ROOT)})
     for k in ("MXQ_RELAY", "MXQ_RELAY_MODE", "MXQ_REDIS_URL", "MXQ_TLS", "MXQ_MAX_MESSAGE_SIZE"):
         e.pop(k, None)
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "tasks.cli", *args], input=input, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mxq.tasks.cli", *args], input=input, capture_output=True,
                           env=e, cwd=ROOT, timeout=timeout)
 
 

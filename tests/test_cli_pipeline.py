@@ -2,7 +2,7 @@
 
 Every command runs as a real subprocess (the installed ``mxq`` entry point)
 against a real redis-server and a real Celery worker (tests/pipeline_fixtures.py),
-delivering to real SMTP servers (aiosmtpd, ``workers.sandbox.smtpd``) found
+delivering to real SMTP servers (aiosmtpd, ``mxq.workers.sandbox.smtpd``) found
 through the session's DNS server process.  ``mxq up`` runs in a nested
 private network namespace, so its sandbox (127.0.0.x:25, :53) cannot clash
 with anything else in the test session.
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-import tasks
+from mxq import tasks
 from tests.fixtures_infra import wait_until
-from workers.sandbox.smtpd import Behaviour, start_server
+from mxq.workers.sandbox.smtpd import Behaviour, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 
@@ -183,9 +183,9 @@ def test_invalid_input_is_65_and_stores_nothing(pipeline, sink, tmp_path):
 
 def test_worker_scheduler_flower_commands():
     """The pass-through commands build the Celery command lines they promise."""
-    from tasks.cli import flower_argv, scheduler_argv, worker_argv
+    from mxq.tasks.cli import flower_argv, scheduler_argv, worker_argv
     w = worker_argv(["-c", "3"])
-    assert w[:5] == [sys.executable, "-m", "celery", "-A", "tasks"] and w[5] == "worker"
+    assert w[:5] == [sys.executable, "-m", "celery", "-A", "mxq.tasks"] and w[5] == "worker"
     queues = w[w.index("-Q") + 1].split(",")
     # every queue the app declares (intake, delivery, notifications, scheduling, ...)
     assert set(queues) == {q.name for q in tasks.app.conf.task_queues}
@@ -235,7 +235,7 @@ def test_up_sandbox_demo_end_to_end():
     out, err = r.stdout.decode(), r.stderr.decode()
     # Null MX, an unknown user and NXDOMAIN bounce by design: 69.
     assert r.returncode == 69, (out, err)
-    from workers.sandbox.stack import DEMO_EXPECTED
+    from mxq.workers.sandbox.stack import DEMO_EXPECTED
     for addr, want in DEMO_EXPECTED.items():
         final = "delivered" if want == "deferred" else want       # greylisting: retried, delivered
         assert re.search(rf"^{re.escape(addr)}\s+{final}\b", out, re.M), (addr, out)
@@ -331,7 +331,7 @@ def test_send_without_redis_or_with_bad_settings():
     assert r.returncode == 65, r.stderr
     r = subprocess.run([MXQ, "status", "0" * 32], capture_output=True, timeout=30, env=env)
     assert r.returncode == 75 and b"cannot reach Redis" in r.stderr
-    # (Settings that tasks.app reads at import, such as MXQ_RETRY_SCHEDULE, fail before
+    # (Settings that mxq.tasks.app reads at import, such as MXQ_RETRY_SCHEDULE, fail before
     # mxq's main() runs: a traceback, status 1.  Those belong to the app module.)
     for name, value in (("MXQ_MAX_MESSAGE_SIZE", "lots"),):
         r = subprocess.run([MXQ, "send", "-"], input=MESSAGE, capture_output=True, timeout=30,
@@ -342,7 +342,7 @@ def test_send_without_redis_or_with_bad_settings():
 
 def test_exit_status_and_finality_of_every_state():
     """Pure logic: suppressed and dropped are final non-deliveries (69), like bounced and expired."""
-    from tasks.cli import exit_status, is_final, progress_line
+    from mxq.tasks.cli import exit_status, is_final, progress_line
 
     def job(*states):
         return {"job": "j", "state": "x", "recipients": [{"address": f"r{i}@a.test", "state": s}
@@ -362,18 +362,18 @@ def test_exit_status_and_finality_of_every_state():
 
 
 def test_malformed_pipeline_setting_is_exit_78_not_a_traceback():
-    """`import tasks` survives a bad MXQ_* value; pipeline commands report it, a worker refuses to start."""
+    """`import mxq.tasks` survives a bad MXQ_* value; pipeline commands report it, a worker refuses to start."""
     import subprocess
     import sys
     env = dict(os.environ, MXQ_RETRY_SCHEDULE="soon")
-    r = subprocess.run([sys.executable, "-m", "tasks.cli", "status", "nojob"], env=env,
+    r = subprocess.run([sys.executable, "-m", "mxq.tasks.cli", "status", "nojob"], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 78, r.stderr
     assert "MXQ_RETRY_SCHEDULE" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "tasks.cli", "--help"], env=env,
+    r = subprocess.run([sys.executable, "-m", "mxq.tasks.cli", "--help"], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "deliver" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool", "solo"], env=env,
+    r = subprocess.run([sys.executable, "-m", "celery", "-A", "mxq.tasks", "worker", "--pool", "solo"], env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "MXQ_RETRY_SCHEDULE" in r.stderr

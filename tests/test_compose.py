@@ -122,11 +122,11 @@ def test_service_commands_exist(config, service):
 
 
 def test_celery_commands_resolve():
-    """``celery -A tasks`` (worker healthcheck, Flower) finds mxq's app, and Flower is importable."""
+    """``celery -A mxq.tasks`` (worker healthcheck, Flower) finds mxq's app, and Flower is importable."""
     r = subprocess.run([sys.executable, "-c", "import flower, celery.bin.celery"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "celery", "-A", "tasks", "inspect", "--list"],
+    r = subprocess.run([sys.executable, "-m", "celery", "-A", "mxq.tasks", "inspect", "--list"],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert re.search(r"^\s+ping\b", r.stdout, re.M), r.stdout

@@ -13,14 +13,14 @@ import time
 
 import pytest
 
-from workers.config import RelayConfig, Settings, parse_dns_servers
-from workers.delivery import MemoryHostStatus, deliver, deliver_domain
-from workers.envelope import Envelope, Recipient
-from workers.message import prepare
-from workers.mx import Resolver
-from workers.results import State
-from workers.sandbox.smtpd import Behaviour, make_tls, start_server, start_silent_server
-from workers.timeouts import Timeouts
+from mxq.workers.config import RelayConfig, Settings, parse_dns_servers
+from mxq.workers.delivery import MemoryHostStatus, deliver, deliver_domain
+from mxq.workers.envelope import Envelope, Recipient
+from mxq.workers.message import prepare
+from mxq.workers.mx import Resolver
+from mxq.workers.results import State
+from mxq.workers.sandbox.smtpd import Behaviour, make_tls, start_server, start_silent_server
+from mxq.workers.timeouts import Timeouts
 
 FAST = Timeouts(connect=1, greeting=1.5, command=2, data_init=2, data_block=2, data_final=2)
 MESSAGE = b"From: Sender <sender@src.test>\r\nSubject: hello\r\n\r\nHello there.\r\n"
@@ -492,7 +492,7 @@ def test_several_domains_results_in_recipient_order(dns_server, servers, setting
 
 
 def test_dsn_parameters_reach_the_server(dns_server, servers, settings, resolver):
-    from workers.envelope import DSN
+    from mxq.workers.envelope import DSN
     mx_domain(dns_server, "dsn.dlv.test", (10, "mx.dsn.dlv.test", "127.0.1.48"))
     srv = servers("127.0.1.48")
     e = prepare(MESSAGE, sender="s@src.test", recipients=["A@dsn.dlv.test"], notify=("SUCCESS", "FAILURE"),

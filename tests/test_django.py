@@ -1,4 +1,4 @@
-"""The Django email backend (tasks.contrib.django) in a real Django configuration against the real
+"""The Django email backend (mxq.contrib.django) in a real Django configuration against the real
 pipeline: redis-server, a ``celery worker`` process, the sandbox DNS server and an SMTP server that
 receives the mail.  Nothing is mocked.
 
@@ -14,14 +14,14 @@ import django
 import pytest
 from django.conf import settings
 
-import tasks
-from workers.sandbox.smtpd import Behaviour, start_server
+from mxq import tasks
+from mxq.workers.sandbox.smtpd import Behaviour, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 
 if not settings.configured:
     settings.configure(
-        EMAIL_BACKEND="tasks.contrib.django.EmailBackend",
+        EMAIL_BACKEND="mxq.contrib.django.EmailBackend",
         DEFAULT_FROM_EMAIL="Web Site <webmaster@site.django.test>",
         SERVER_EMAIL="server@site.django.test",
         ADMINS=[("Ops", "ops@to.django.test")],
@@ -152,7 +152,7 @@ def test_invalid_message_queues_nothing_of_the_batch(pipeline, mx):
 
 
 def test_settings_over_environment(monkeypatch):
-    from tasks.contrib.django import mxq_config
+    from mxq.contrib.django import mxq_config
 
     monkeypatch.setenv("MXQ_REDIS_URL", "redis://127.0.0.1:6390/0")
     monkeypatch.setenv("MXQ_BATCH_SIZE", "7")

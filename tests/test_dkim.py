@@ -1,4 +1,4 @@
-"""DKIM signing (workers.dkim): keys from a JSON map, RSA-SHA256 and Ed25519-SHA256 signatures over
+"""DKIM signing (mxq.workers.dkim): keys from a JSON map, RSA-SHA256 and Ed25519-SHA256 signatures over
 the RFC 6376 header set with From over-signed, relaxed/relaxed; delivered by the engine to a real
 SMTP server and verified with dkimpy against the public keys the sandbox DNS server publishes.
 
@@ -20,14 +20,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from workers.config import Settings, parse_dns_servers
-from workers.delivery import deliver
-from workers.dkim import DKIMKey, DKIMSigner, signer_from_env
-from workers.message import FileContent, prepare
-from workers.mx import Resolver
-from workers.results import State
-from workers.sandbox.smtpd import Behaviour, start_server
-from workers.timeouts import Timeouts
+from mxq.workers.config import Settings, parse_dns_servers
+from mxq.workers.delivery import deliver
+from mxq.workers.dkim import DKIMKey, DKIMSigner, signer_from_env
+from mxq.workers.message import FileContent, prepare
+from mxq.workers.mx import Resolver
+from mxq.workers.results import State
+from mxq.workers.sandbox.smtpd import Behaviour, start_server
+from mxq.workers.timeouts import Timeouts
 
 SIGNED = "signed.dkim.test"
 PLAIN = "plain.dkim.test"

@@ -1,8 +1,8 @@
 """DKIM through the pipeline: ``MXQ_DKIM`` set for the producer, a message submitted with
-``tasks.submit``, delivered by a real ``celery worker`` to a real SMTP server (aiosmtpd), and the
+``mxq.tasks.submit``, delivered by a real ``celery worker`` to a real SMTP server (aiosmtpd), and the
 received message verified with dkimpy against the public key the sandbox DNS server publishes.
 
-The message is signed once, at submission (``tasks.producer.build_job``): the stored content
+The message is signed once, at submission (``mxq.tasks.producer.build_job``): the stored content
 already carries the signature, and the worker -- which has no ``MXQ_DKIM`` at all here -- sends
 those bytes unchanged.
 
@@ -19,11 +19,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-import tasks
-from tasks.store import get_store
-from workers.config import parse_dns_servers
-from workers.dkim import DKIMSigner
-from workers.sandbox.smtpd import Behaviour, start_server
+from mxq import tasks
+from mxq.tasks.store import get_store
+from mxq.workers.config import parse_dns_servers
+from mxq.workers.dkim import DKIMSigner
+from mxq.workers.sandbox.smtpd import Behaviour, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 

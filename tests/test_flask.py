@@ -1,4 +1,4 @@
-"""The Flask extension (tasks.contrib.flask.Mxq) in a real Flask app whose views send mail, against
+"""The Flask extension (mxq.contrib.flask.Mxq) in a real Flask app whose views send mail, against
 the real pipeline: redis-server, a ``celery worker`` process, the sandbox DNS server and an SMTP
 server receiving the mail.  Requests go through ``app.test_client()``.
 
@@ -14,9 +14,9 @@ from email.message import EmailMessage
 import pytest
 from flask import Flask, jsonify, request
 
-import tasks
-from tasks.contrib.flask import Mxq
-from workers.sandbox.smtpd import Behaviour, start_server
+from mxq import tasks
+from mxq.contrib.flask import Mxq
+from mxq.workers.sandbox.smtpd import Behaviour, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 

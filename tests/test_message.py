@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from workers.envelope import DSN, Recipient
-from workers.errors import InvalidAddress, InvalidInput, InvalidMessage
-from workers.message import (DEFAULT_MAX_MESSAGE_SIZE, FileContent, max_message_size_from_env, prepare)
+from mxq.workers.envelope import DSN, Recipient
+from mxq.workers.errors import InvalidAddress, InvalidInput, InvalidMessage
+from mxq.workers.message import (DEFAULT_MAX_MESSAGE_SIZE, FileContent, max_message_size_from_env, prepare)
 
 
 def content_bytes(env) -> bytes:
@@ -278,7 +278,7 @@ def test_path_content_streams_a_20mb_file_without_reading_it_whole(tmp_path: Pat
 
 
 def test_path_crlf_split_across_chunks(tmp_path: Path):
-    from workers import message
+    from mxq.workers import message
     path = tmp_path / "m.eml"
     header = b"From: a@a.test\r\nTo: b@b.test\r\n\r\n"
     # Put a CRLF exactly on the chunk boundary of the body.

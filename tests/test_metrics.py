@@ -1,4 +1,4 @@
-"""Prometheus metrics (``tasks.metrics``): a real ``celery worker`` (prefork, two children) with
+"""Prometheus metrics (``mxq.tasks.metrics``): a real ``celery worker`` (prefork, two children) with
 ``MXQ_METRICS_PORT`` delivers real mail to real SMTP servers (aiosmtpd, sandbox), and its
 ``/metrics`` is scraped over HTTP and parsed with prometheus_client's own parser.
 
@@ -14,10 +14,10 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import tasks
-from tasks.metrics import parse_port
+from mxq import tasks
+from mxq.tasks.metrics import parse_port
 from tests.fixtures_infra import free_port, wait_until
-from workers.sandbox.smtpd import Behaviour, start_server
+from mxq.workers.sandbox.smtpd import Behaviour, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 

@@ -25,11 +25,11 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from workers import mx as mx_module
-from workers.config import Settings, parse_dns_servers
-from workers.dnscache import NODATA, NXDOMAIN, OK, CachedAnswer, DNSCache
-from workers.errors import DNSError, NullMX, Scope, classify
-from workers.mx import Exchange, Resolver
+from mxq.workers import mx as mx_module
+from mxq.workers.config import Settings, parse_dns_servers
+from mxq.workers.dnscache import NODATA, NXDOMAIN, OK, CachedAnswer, DNSCache
+from mxq.workers.errors import DNSError, NullMX, Scope, classify
+from mxq.workers.mx import Exchange, Resolver
 
 Z = "mxt.test"   # every name this module serves lives under here
 

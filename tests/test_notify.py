@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from tasks.notify import ReportRecipient, build_report, send_reports, wants_report
+from mxq.tasks.notify import ReportRecipient, build_report, send_reports, wants_report
 
 ORIGINAL = (b"From: Alice <alice@origin.test>\r\n"
             b"To: bob@dead.test\r\n"
@@ -177,7 +177,7 @@ def test_wants_report_policy():
 
 
 class Recorder:
-    """Stands in for ``tasks.submit`` in pure-logic tests: records what would be submitted."""
+    """Stands in for ``mxq.tasks.submit`` in pure-logic tests: records what would be submitted."""
 
     def __init__(self):
         self.calls = []
@@ -237,7 +237,7 @@ def test_build_report_refuses_null_sender_and_empty():
 
 
 def test_message_from_meta_maps_the_store_hash():
-    from tasks.notify import message_from_meta
+    from mxq.tasks.notify import message_from_meta
     meta = {"sender": "alice@origin.test", "ret": "FULL", "envid": "E1", "created": "1700000000.5", "n": "2"}
     m = message_from_meta("j9", meta, ORIGINAL, max_lifetime=3600)
     assert m == {"job": "j9", "sender": "alice@origin.test", "content": ORIGINAL, "ret": "FULL",
@@ -250,7 +250,7 @@ def test_message_from_meta_maps_the_store_hash():
 # Real redis-server, celery worker and beat (tests/pipeline_fixtures.py), the session's DNS
 # server process and an aiosmtpd sink for the senders' domain on 127.0.44.20:25.
 from tests.fixtures_infra import wait_until  # noqa: E402
-from workers.envelope import DSN  # noqa: E402
+from mxq.workers.envelope import DSN  # noqa: E402
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 
@@ -260,7 +260,7 @@ NIP = "127.0.44."
 @pytest.fixture(scope="module")
 def sender_sink(dns_server):
     """The senders' domain src.notify.test (a real SMTP server) and a dead domain (nothing listens)."""
-    from workers.sandbox.smtpd import Behaviour, start_server
+    from mxq.workers.sandbox.smtpd import Behaviour, start_server
     dns_server.add({
         "src.notify.test": {"MX": [[10, "mx.src.notify.test"]]},
         "mx.src.notify.test": {"A": [NIP + "20"]},
@@ -274,7 +274,7 @@ def sender_sink(dns_server):
 
 def test_expired_recipient_reports_to_sender_through_the_pipeline(pipeline, sender_sink):
     """A dead domain expires (MXQ_MAX_LIFETIME=3); the sender gets a delay notice, then the NDR."""
-    import tasks
+    from mxq import tasks
 
     sender_sink.clear()
     p = pipeline(MXQ_MAX_LIFETIME="3", MXQ_RETRY_SCHEDULE="1", MXQ_CONNECT_TIMEOUT="1")
@@ -315,7 +315,7 @@ def test_expired_recipient_reports_to_sender_through_the_pipeline(pipeline, send
 
 def test_null_sender_gets_no_report_through_the_pipeline(pipeline, sender_sink):
     """A message with the null sender expires silently: nothing reaches any sender."""
-    import tasks
+    from mxq import tasks
 
     sender_sink.clear()
     p = pipeline(MXQ_MAX_LIFETIME="2", MXQ_RETRY_SCHEDULE="1", MXQ_CONNECT_TIMEOUT="1")

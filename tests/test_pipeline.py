@@ -23,9 +23,9 @@ import time
 
 import pytest
 
-import tasks
+from mxq import tasks
 from tests.fixtures_infra import wait_until
-from workers.sandbox.smtpd import Behaviour, make_tls, start_server
+from mxq.workers.sandbox.smtpd import Behaviour, make_tls, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 
@@ -186,7 +186,7 @@ def test_thousand_messages_fifty_domains(pipeline, sinks):
     assert sinks.ok.stats["messages"] == healthy == 600
     assert sinks.ok.stats["connections"] <= healthy / 4, sinks.ok.stats
 
-    # each of the 200 bounces gets one report to the sender (tasks.notify, delivered like any mail)
+    # each of the 200 bounces gets one report to the sender (mxq.tasks.notify, delivered like any mail)
     wait_until(lambda: len(sinks.reports()) >= 200, 60, "200 bounce reports at the sender")
     time.sleep(0.5)
     reports = sinks.reports()

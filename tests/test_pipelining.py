@@ -6,7 +6,7 @@ Two kinds of real peers on loopback:
 - a raw socket server scripted line by line (``RawServer``), which proves the
   client really pipelines: it reads MAIL, every RCPT and DATA *before* it
   answers anything, so a client waiting for the MAIL reply would time out;
-- the scripted aiosmtpd servers (``workers.sandbox.smtpd``), which advertise
+- the scripted aiosmtpd servers (``mxq.workers.sandbox.smtpd``), which advertise
   PIPELINING, for the per-recipient semantics (452, refused MAIL, refused
   DATA, 421) being the same as in the classic dialogue.
 """
@@ -19,15 +19,15 @@ import threading
 
 import pytest
 
-from workers.config import Settings, parse_dns_servers
-from workers.delivery import MemoryHostStatus, deliver_domain
-from workers.envelope import Envelope, Recipient
-from workers.errors import SMTPSenderRefused, SMTPServerDisconnected, Scope
-from workers.mx import Resolver
-from workers.results import State
-from workers.sandbox.smtpd import Behaviour, start_server
-from workers.session import SMTPSession
-from workers.timeouts import Timeouts
+from mxq.workers.config import Settings, parse_dns_servers
+from mxq.workers.delivery import MemoryHostStatus, deliver_domain
+from mxq.workers.envelope import Envelope, Recipient
+from mxq.workers.errors import SMTPSenderRefused, SMTPServerDisconnected, Scope
+from mxq.workers.mx import Resolver
+from mxq.workers.results import State
+from mxq.workers.sandbox.smtpd import Behaviour, start_server
+from mxq.workers.session import SMTPSession
+from mxq.workers.timeouts import Timeouts
 
 IN_NETNS = os.environ.get("MXQ_IN_TEST_NETNS") == "1"
 pytestmark = pytest.mark.skipif(not IN_NETNS, reason="needs the test network namespace (port 25 on 127.0.31.x)")
@@ -422,7 +422,7 @@ def test_connection_lost_before_the_final_reply_is_never_a_delivery(raw):
 
 
 def test_the_owed_final_reply_must_be_read_before_another_command(serve):
-    from workers.errors import SMTPProtocolError
+    from mxq.workers.errors import SMTPProtocolError
 
     srv = serve("127.0.31.34")
     with session(srv.host, pipelining=True) as s:
@@ -449,7 +449,7 @@ def test_the_owed_final_reply_must_be_read_before_another_command(serve):
 
 def test_a_run_interrupted_while_a_message_is_held_never_completes_it(serve, monkeypatch):
     """An exception (a soft time limit, say) between two messages: the held dot is never sent."""
-    import workers.delivery as delivery
+    import mxq.workers.delivery as delivery
 
     class Interrupted(Exception):
         pass

@@ -22,12 +22,12 @@ import uuid
 import pytest
 
 from tests.fixtures_infra import _missing, _which, wait_until
-from workers.config import Settings
-from workers.envelope import DSN, Envelope, Recipient
-from workers.errors import SMTPServerDisconnected
-from workers.mx import Resolver
-from workers.session import SMTPSession
-from workers.timeouts import Timeouts
+from mxq.workers.config import Settings
+from mxq.workers.envelope import DSN, Envelope, Recipient
+from mxq.workers.errors import SMTPServerDisconnected
+from mxq.workers.mx import Resolver
+from mxq.workers.session import SMTPSession
+from mxq.workers.timeouts import Timeouts
 
 pytestmark = pytest.mark.postfix
 
@@ -160,7 +160,7 @@ def test_smtputf8_sender_and_dsn_parameters_accepted(postfix_mx):
 
 def test_deliver_reports_per_recipient_outcomes(postfix_mx):
     """The engine's deliver(): MX lookup, STARTTLS, delivered + bounced results from Postfix."""
-    delivery = pytest.importorskip("workers.delivery", reason="workers.delivery has not landed yet")
+    delivery = pytest.importorskip("mxq.workers.delivery", reason="mxq.workers.delivery has not landed yet")
     settings, postfix = postfix_mx
     marker = uuid.uuid4().hex
     envelope = Envelope(sender=SENDER, recipients=[Recipient("alice@postfix.test"),

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from workers.address import parse_address, parse_sender
-from workers.errors import InvalidAddress, InvalidInput
-from workers.message import prepare
+from mxq.workers.address import parse_address, parse_sender
+from mxq.workers.errors import InvalidAddress, InvalidInput
+from mxq.workers.message import prepare
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 QUICK = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -181,7 +181,7 @@ def test_prepare_message_object_never_gains_headers(fields, sender, compat):
 @pytest.fixture(scope="module")
 def recorder():
     """One scripted aiosmtpd server that accepts every recipient and records every command line."""
-    from workers.sandbox.smtpd import Behaviour, start_server
+    from mxq.workers.sandbox.smtpd import Behaviour, start_server
     srv = start_server("127.0.3.1", 25, Behaviour(rcpt_rules={}, hostname="recorder.prop.test"))
     yield srv
     srv.stop()
@@ -198,8 +198,8 @@ def _accepted(text):
                                                                  HealthCheck.function_scoped_fixture])
 @given(st.one_of(good_addresses, mutated_addresses), st.one_of(good_addresses, mutated_addresses))
 def test_command_lines_from_accepted_addresses_are_single_lines(recorder, sender_text, rcpt_text):
-    from workers.session import SMTPSession
-    from workers.timeouts import Timeouts
+    from mxq.workers.session import SMTPSession
+    from mxq.workers.timeouts import Timeouts
     sender, rcpt = _accepted(sender_text), _accepted(rcpt_text)
     assume(sender is not None and rcpt is not None)
     before = len(recorder.sessions)

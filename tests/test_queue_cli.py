@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-import tasks
-from tasks.admin import Admin
-from tasks.store import Outcome, get_store
+from mxq import tasks
+from mxq.tasks.admin import Admin
+from mxq.tasks.store import Outcome, get_store
 from tests.fixtures_infra import wait_until
 from tests.test_webhooks import Receiver
-from workers.sandbox.smtpd import Behaviour, start_server
+from mxq.workers.sandbox.smtpd import Behaviour, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 

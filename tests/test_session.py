@@ -1,4 +1,4 @@
-"""SMTPSession against real scripted aiosmtpd servers (workers.sandbox.smtpd) on loopback.
+"""SMTPSession against real scripted aiosmtpd servers (mxq.workers.sandbox.smtpd) on loopback.
 
 Inside the test network namespace every server listens on 127.0.30.x:25;
 outside it (non-root) on free ports.  Timeouts are short so failure paths
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.envelope import DSN, Recipient
-from workers.errors import (
+from mxq.workers.envelope import DSN, Recipient
+from mxq.workers.errors import (
     InvalidAddress,
     InvalidMessage,
     SMTPAuthError,
@@ -34,9 +34,9 @@ from workers.errors import (
     Scope,
     classify,
 )
-from workers.sandbox.smtpd import Behaviour, SilentServer, make_tls, start_server, xtext_decode
-from workers.session import DotStuffer, SMTPSession, xtext
-from workers.timeouts import Timeouts
+from mxq.workers.sandbox.smtpd import Behaviour, SilentServer, make_tls, start_server, xtext_decode
+from mxq.workers.session import DotStuffer, SMTPSession, xtext
+from mxq.workers.timeouts import Timeouts
 
 IN_NETNS = os.environ.get("MXQ_IN_TEST_NETNS") == "1"
 PORT = 25 if IN_NETNS else 0
@@ -772,7 +772,7 @@ def test_421_to_rcpt_is_a_site_failure(serve):
 
 
 def test_custom_protocol_subclass():
-    from workers.sandbox.smtpd import ScriptedSMTP
+    from mxq.workers.sandbox.smtpd import ScriptedSMTP
 
     class Chatty(ScriptedSMTP):
         async def smtp_NOOP(self, arg):

@@ -1,4 +1,4 @@
-"""Traffic shaping (``tasks.shaping``): the ``MXQ_SHAPING`` format, the Redis scripts against a
+"""Traffic shaping (``mxq.tasks.shaping``): the ``MXQ_SHAPING`` format, the Redis scripts against a
 real ``redis-server``, and the limits holding across several real ``celery worker`` processes,
 measured at real SMTP servers (aiosmtpd, sandbox) that count simultaneous sessions.
 
@@ -14,12 +14,12 @@ import time
 
 import pytest
 
-import tasks
-from tasks.shaping import BACKSTOP, THROTTLED, Limits, Policy, Shaper, slots_key, tat_key
-from tasks.store import Store
-from tasks.settings import PipelineSettings
+from mxq import tasks
+from mxq.tasks.shaping import BACKSTOP, THROTTLED, Limits, Policy, Shaper, slots_key, tat_key
+from mxq.tasks.store import Store
+from mxq.tasks.settings import PipelineSettings
 from tests.fixtures_infra import wait_until
-from workers.sandbox.smtpd import Behaviour, ScriptedSMTP, start_server
+from mxq.workers.sandbox.smtpd import Behaviour, ScriptedSMTP, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 

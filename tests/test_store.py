@@ -1,4 +1,4 @@
-"""The Redis state store (tasks.store) against a real redis-server: the Lua scripts'
+"""The Redis state store (mxq.tasks.store) against a real redis-server: the Lua scripts'
 contracts -- atomic submit, claim under lease, renew, release with the final-state
 guard, deferred queue, scheduler tick, dispatch bookkeeping and the producer's validation.
 
@@ -12,10 +12,10 @@ from email.message import EmailMessage
 
 import pytest
 
-import tasks
-from tasks.settings import PipelineSettings, parse_schedule
-from tasks.store import Outcome, Store, make_client
-from tasks.producer import build_job, Item, status_of
+from mxq import tasks
+from mxq.tasks.settings import PipelineSettings, parse_schedule
+from mxq.tasks.store import Outcome, Store, make_client
+from mxq.tasks.producer import build_job, Item, status_of
 
 NOW = 1_000_000.0
 
@@ -205,8 +205,8 @@ def test_invalid_submission_writes_nothing(redis_server, monkeypatch):
 def test_run_forever_moves_due_work_and_publishes(redis_server, monkeypatch):
     import threading
 
-    from tasks.app import rebind
-    from tasks.scheduler import run_forever
+    from mxq.tasks.app import rebind
+    from mxq.tasks.scheduler import run_forever
     from tests.fixtures_infra import wait_until
 
     srv = redis_server()
@@ -234,7 +234,7 @@ def test_run_forever_moves_due_work_and_publishes(redis_server, monkeypatch):
 
 
 def test_submit_forms_and_dsn_options(redis_server, monkeypatch, tmp_path):
-    from tasks.app import rebind
+    from mxq.tasks.app import rebind
 
     srv = redis_server()
     monkeypatch.setenv("MXQ_REDIS_URL", srv.url)
@@ -279,7 +279,7 @@ def test_settings_from_env_and_backoff():
 
 
 def test_redis_host_status(redis_server):
-    from tasks.hoststatus import RedisHostStatus
+    from mxq.tasks.hoststatus import RedisHostStatus
 
     srv = redis_server()
     hs = RedisHostStatus(srv.client())

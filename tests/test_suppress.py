@@ -1,4 +1,4 @@
-"""Suppression (tasks.suppress): a recipient that bounced permanently with a 5.1.x reply is not
+"""Suppression (mxq.tasks.suppress): a recipient that bounced permanently with a 5.1.x reply is not
 mailed again while its entry lives; new submissions show it ``suppressed`` (final), nothing reaches
 the server, the job's other recipients go ahead, and lifting the entry lets mail through again.
 
@@ -12,13 +12,13 @@ import json
 
 import pytest
 
-import tasks
-from tasks import suppress
-from tasks.settings import PipelineSettings
-from tasks.store import Outcome, Store, make_client
-from tasks.producer import Item, build_job
+from mxq import tasks
+from mxq.tasks import suppress
+from mxq.tasks.settings import PipelineSettings
+from mxq.tasks.store import Outcome, Store, make_client
+from mxq.tasks.producer import Item, build_job
 from tests.fixtures_infra import wait_until
-from workers.sandbox.smtpd import Behaviour, start_server
+from mxq.workers.sandbox.smtpd import Behaviour, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 

@@ -18,16 +18,16 @@ import time
 
 import pytest
 
-import tasks
-from tasks.settings import PipelineSettings
-from tasks.store import Outcome, Store, make_client
-from workers.config import Settings, parse_dns_servers
-from workers.delivery import MemoryHostStatus, deliver_domain
-from workers.envelope import Envelope, Recipient
-from workers.mx import Resolver
-from workers.results import State
-from workers.sandbox.smtpd import Behaviour, start_server
-from workers.timeouts import Timeouts
+from mxq import tasks
+from mxq.tasks.settings import PipelineSettings
+from mxq.tasks.store import Outcome, Store, make_client
+from mxq.workers.config import Settings, parse_dns_servers
+from mxq.workers.delivery import MemoryHostStatus, deliver_domain
+from mxq.workers.envelope import Envelope, Recipient
+from mxq.workers.mx import Resolver
+from mxq.workers.results import State
+from mxq.workers.sandbox.smtpd import Behaviour, start_server
+from mxq.workers.timeouts import Timeouts
 
 IN_NETNS = os.environ.get("MXQ_IN_TEST_NETNS") == "1"
 pytestmark = pytest.mark.skipif(not IN_NETNS, reason="needs the test network namespace (port 25 on 127.0.32.x)")
@@ -81,8 +81,8 @@ def test_nothing_starts_after_the_deadline_and_untried_recipients_are_not_attemp
 @pytest.fixture
 def pipeline_env(redis_server, dns_server, monkeypatch):
     """Redis + the session DNS server, the environment a worker process reads, a fresh runtime."""
-    from tasks import graph
-    from tasks.app import rebind
+    from mxq.tasks import graph
+    from mxq.tasks.app import rebind
 
     srv = redis_server()
     monkeypatch.setenv("MXQ_REDIS_URL", srv.url)
@@ -100,7 +100,7 @@ def serve_domain(dns_server, domain: str, ip: str) -> None:
 
 
 def test_a_batch_out_of_time_brings_back_what_it_did_not_try(pipeline_env, dns_server, servers, monkeypatch):
-    from tasks import graph
+    from mxq.tasks import graph
 
     monkeypatch.setenv("MXQ_TASK_SOFT_LIMIT", "1")      # half of it, 0.5 s, for the whole batch
     monkeypatch.setenv("MXQ_TASK_HARD_LIMIT", "2")
@@ -132,7 +132,7 @@ def store(redis_server):
 
 
 def job(i: int, to: str, size: int = 2048):
-    from tasks.producer import Item, build_job
+    from mxq.tasks.producer import Item, build_job
     return build_job(Item(message(i, to, size), sender=SENDER, recipients=[to]), max_size=10**6, now=1e9)
 
 
@@ -178,7 +178,7 @@ def test_redis_memory_per_queued_2kb_message_is_under_twice_the_content(store):
 def test_redis_commands_per_delivered_message(pipeline_env, dns_server, servers):
     """Submission (batches of 100), claims, releases, shaping, failure memory and the
     wake-up tasks' publication: mxq's own commands, counted inside scripts too."""
-    from tasks import graph
+    from mxq.tasks import graph
 
     domains = [f"c{j}.tp.test" for j in range(10)]
     for d in domains:
@@ -210,7 +210,7 @@ def test_redis_commands_per_delivered_message(pipeline_env, dns_server, servers)
 def test_one_heartbeat_thread_renews_every_running_batch(store):
     import threading
 
-    from tasks.graph import Heartbeat
+    from mxq.tasks.graph import Heartbeat
     from tests.fixtures_infra import wait_until
 
     for i in range(2):
@@ -245,7 +245,7 @@ def test_a_name_is_asked_once_across_workers_missing_it_at_once(redis_server, dn
     """Eight 'workers' (a resolver and cache each, one Redis) resolving a new domain together."""
     import threading
 
-    from tasks.graph import _shared_dns_cache
+    from mxq.tasks.graph import _shared_dns_cache
 
     client = redis_server().client()
     settings = Settings(helo_name="client.tp.test", dns_servers=parse_dns_servers(dns_server.address),
@@ -273,8 +273,8 @@ def test_a_name_is_asked_once_across_workers_missing_it_at_once(redis_server, dn
 def test_a_worker_waits_for_the_one_resolving_instead_of_asking_too(redis_server, dns_server):
     import threading
 
-    from tasks.graph import _shared_dns_cache
-    from workers.dnscache import DNSCache
+    from mxq.tasks.graph import _shared_dns_cache
+    from mxq.workers.dnscache import DNSCache
 
     client = redis_server().client()
     settings = Settings(helo_name="client.tp.test", dns_servers=parse_dns_servers(dns_server.address),

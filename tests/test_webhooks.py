@@ -1,4 +1,4 @@
-"""Event webhooks (tasks.webhooks) against a real HTTP server on loopback.
+"""Event webhooks (mxq.tasks.webhooks) against a real HTTP server on loopback.
 
 The receiver is ``http.server.ThreadingHTTPServer`` in a thread of this process, recording every
 request (headers and raw body) and answering from a script: a list of statuses, or never (it holds
@@ -16,10 +16,10 @@ import time
 
 import pytest
 
-import tasks
-from tasks import webhooks
+from mxq import tasks
+from mxq.tasks import webhooks
 from tests.fixtures_infra import wait_until
-from workers.sandbox.smtpd import Behaviour, start_server
+from mxq.workers.sandbox.smtpd import Behaviour, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 
@@ -157,7 +157,7 @@ def test_signature_scheme():
 
 
 def test_post_https_basic_auth_redirects_and_refusals(receiver, monkeypatch, tmp_path):
-    from workers.sandbox.smtpd import make_tls
+    from mxq.workers.sandbox.smtpd import make_tls
 
     tls = make_tls("127.0.0.1", directory=tmp_path)
     hook = receiver(statuses=[204, 302, 400], tls=tls.server_context)

@@ -5,7 +5,7 @@
     mxq deliver [--from ADDR] [--to ADDR ...] [--notify LIST] [--ret FULL|HDRS] [--envid ID]
                 [--json] [-v] FILE.eml|-
 
-The envelope defaults come from the headers (``workers.message.prepare``:
+The envelope defaults come from the headers (``mxq.workers.message.prepare``:
 From/Sender, To/Cc/Bcc; Bcc is removed from what is sent).  Settings come
 from the ``MXQ_*`` environment (``Settings.from_env()``), including the
 relay.  The result is a table (one row per recipient), or with ``--json``

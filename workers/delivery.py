@@ -679,7 +679,7 @@ def deliver(envelope: Envelope, *, settings: Settings | None = None, resolver=No
     Domains are delivered one after another (IDNA and case folded, so
     ``B.test`` and ``b.test`` are one domain; an address literal is its own
     domain).  ``settings`` defaults to ``Settings.from_env()``, ``resolver``
-    to a ``workers.mx.Resolver`` on those settings, ``host_status`` to a fresh
+    to a ``mxq.workers.mx.Resolver`` on those settings, ``host_status`` to a fresh
     ``MemoryHostStatus`` shared by the domains of this call only.
     """
     settings = settings if settings is not None else Settings.from_env()

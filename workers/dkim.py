@@ -48,7 +48,7 @@ DMARC aligns with; a message from a domain without a key is left unsigned,
 as is a message without a From field.
 
 Memory: dkimpy works on the whole message in memory.  ``signature()``
-accepts bytes or an iterable of bytes (``workers.message.FileContent``) and
+accepts bytes or an iterable of bytes (``mxq.workers.message.FileContent``) and
 reads it once; the peak is about three times the message size while it
 signs (the message, dkimpy's copy of the body, its canonicalized body), so
 about 100 MB for a 35 MB message (``DEFAULT_MAX_MESSAGE_SIZE``).  Use
@@ -269,7 +269,7 @@ class DKIMSigner:
         """The DKIM-Signature header field(s) for ``content``, CRLF-terminated; ``b""`` when not signed.
 
         ``content``: the message as it will be sent (CRLF line endings, as
-        ``workers.message.prepare`` makes it): bytes, or an iterable of bytes
+        ``mxq.workers.message.prepare`` makes it): bytes, or an iterable of bytes
         such as ``FileContent`` (read once, whole, into memory).
         ``sender_domain``: the signing domain; None (the default) takes the
         domain of the From header.  No key for the domain, or no From field:

@@ -42,7 +42,7 @@ Envelope defaults: recipients are the addresses in ``To``, ``Cc`` and ``Bcc``
 (deduplicated, in order); the sender is the first address of ``Sender``,
 else of ``From``.  Explicit ``sender``/``recipients`` override them;
 ``""`` or ``"<>"`` is the null sender.  Every address goes through
-``workers.address.parse_address`` (so no CR, LF or control character can reach
+``mxq.workers.address.parse_address`` (so no CR, LF or control character can reach
 the wire).
 """
 

@@ -15,7 +15,7 @@ agent:
 - DATA streamed in chunks from bytes, text, a file or an iterable, with line
   ends made CRLF and dot-stuffing done across chunk boundaries, so a large
   file is never read whole into memory;
-- every failure mapped to ``workers.errors`` with a ``Reply`` (local ones
+- every failure mapped to ``mxq.workers.errors`` with a ``Reply`` (local ones
   carry RFC 3463 codes: 4.4.1 connect, 4.4.2 lost connection or timeout,
   4.7.x TLS).
 
@@ -725,7 +725,7 @@ class SMTPSession:
             return self._transaction_stepwise(sender, rcpts, size, dsn, smtputf8=smtputf8, eightbit=eightbit)
         tx = Transaction()
         # Through create_message (which hands the group to _pipeline), so a subclass that
-        # wraps create_message / close_message / reset (tasks.metrics times transactions
+        # wraps create_message / close_message / reset (mxq.tasks.metrics times transactions
         # that way) sees a pipelined transaction as it sees a classic one.
         self.create_message(sender, size, dsn, smtputf8=smtputf8, eightbit=eightbit, _pipeline=(rcpts, tx))
         return tx

@@ -43,7 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--stages", default=DEFAULT_STAGES,
                    help=f"comma-separated subset of {DEFAULT_STAGES} (default: all)")
     p.add_argument("--steady-messages", type=int, default=1000,
-                   help="messages of the steady-rate stage (mxq, one tasks.submit each; default 1000, --quick 100)")
+                   help="messages of the steady-rate stage (mxq, one mxq.tasks.submit each; default 1000, --quick 100)")
     p.add_argument("--steady-rate", type=float, default=100.0,
                    help="messages per second offered in the steady-rate stage (default 100)")
     p.add_argument("--backlog", dest="backlog_messages", type=int, default=100000,

@@ -61,7 +61,7 @@ class Context:
     size: int
     run: str
     workdir: Path
-    dns: object                       # workers.sandbox.dns.DNSServerProcess
+    dns: object                       # mxq.workers.sandbox.dns.DNSServerProcess
     timeout: float                    # seconds for a stage's messages to reach the sinks
     settle: float                     # seconds waited after completion for late duplicates
     say: Callable[[str], None]
@@ -499,12 +499,12 @@ def django_celery_email(ctx: Context) -> dict:
 
 
 def _mxq_modules():
-    """``(tasks, tasks.app module, worker_argv, scheduler_argv)``, or BenchError if the pipeline is unusable."""
+    """``(tasks, mxq.tasks.app module, worker_argv, scheduler_argv)``, or BenchError if the pipeline is unusable."""
     try:
         import importlib
-        import tasks                                      # noqa: F401
-        from tasks.cli import scheduler_argv, worker_argv
-        app_module = importlib.import_module("tasks.app")
+        from mxq import tasks                             # noqa: F401
+        from mxq.tasks.cli import scheduler_argv, worker_argv
+        app_module = importlib.import_module("mxq.tasks.app")
     except Exception as e:                                # ImportError, or a half-landed pipeline
         raise BenchError(f"the mxq pipeline is not usable: {type(e).__name__}: {e}") from e
     return tasks, app_module, worker_argv, scheduler_argv
@@ -583,10 +583,10 @@ def _mxq_agrees(tasks_mod, ids: list[str], res: dict) -> str:
     states = [tasks_mod.status(j) for j in sample]
     bad = [s for s in states if s["state"] != "done" or s["recipients"][0]["state"] != "delivered"]
     if bad:
-        res["notes"].append(f"tasks.status disagrees with the sinks for {len(bad)} of {len(sample)} "
+        res["notes"].append(f"mxq.tasks.status disagrees with the sinks for {len(bad)} of {len(sample)} "
                             f"sampled jobs, e.g. {bad[0]}")
         res["sinks"]["exactly_once"] = False
-    return f"tasks.status agrees for {len(sample) - len(bad)}/{len(sample)} sampled jobs"
+    return f"mxq.tasks.status agrees for {len(sample) - len(bad)}/{len(sample)} sampled jobs"
 
 
 def _workers_note(ctx: Context) -> str:
@@ -594,10 +594,10 @@ def _workers_note(ctx: Context) -> str:
 
 
 def mxq(ctx: Context) -> dict:
-    """mxq: ``tasks.submit_many`` of N messages in batches, delivered by ``mxq worker`` processes.
+    """mxq: ``mxq.tasks.submit_many`` of N messages in batches, delivered by ``mxq worker`` processes.
 
-    The pipeline as deployed (``tasks.cli.worker_argv``: ``celery -A tasks
-    worker`` on every mxq queue, and ``celery -A tasks beat``, the scheduler),
+    The pipeline as deployed (``mxq.tasks.cli.worker_argv``: ``celery -A mxq.tasks
+    worker`` on every mxq queue, and ``celery -A mxq.tasks beat``, the scheduler),
     ``mxq_workers`` worker processes of ``mxq_concurrency`` prefork children
     each (by default one worker with 2 children, as the django-celery-email
     baseline), on a fresh Redis, MX lookups against the sandbox DNS server
@@ -607,7 +607,7 @@ def mxq(ctx: Context) -> dict:
     """
     st = ctx.stage_dir("mxq")
     tasks, app_module, worker_argv, scheduler_argv = _mxq_modules()
-    from tasks import Item, submit_many
+    from mxq.tasks import Item, submit_many
     addrs = [sandbox.domain_address(j) for j in range(ctx.m)]
     meas = Measure(ctx, "mxq", addrs)
     try:
@@ -664,7 +664,7 @@ STEADY_LATE_S = 0.005
 def mxq_steady(ctx: Context) -> dict:
     """mxq when not saturated: ``steady_n`` messages at a steady ``steady_rate`` per second.
 
-    One ``tasks.submit`` per message; message ``i`` is due ``i / rate``
+    One ``mxq.tasks.submit`` per message; message ``i`` is due ``i / rate``
     seconds after the first, on the monotonic clock (a late submission is
     not caught up with a burst: the next one is simply due at its own slot).
     Latency is taken per message from its ``X-Bench-Submitted`` stamp (set
@@ -725,7 +725,7 @@ def mxq_steady(ctx: Context) -> dict:
         }
         res["redis"] = redis_res
         res["workers"] = workers
-        res["notes"].append(f"one tasks.submit per message at {rate:g}/s (monotonic schedule, late "
+        res["notes"].append(f"one mxq.tasks.submit per message at {rate:g}/s (monotonic schedule, late "
                             f"submissions not caught up); {_workers_note(ctx)}; {agrees}; latency "
                             f"resolution {STEADY_MONITOR_INTERVAL * 1000:g} ms")
         for p, _, _ in procs:
@@ -752,7 +752,7 @@ def mxq_backlog(ctx: Context) -> dict:
     """
     st = ctx.stage_dir("mxq_backlog")
     tasks, app_module, worker_argv, scheduler_argv = _mxq_modules()
-    from tasks import Item, submit_many
+    from mxq.tasks import Item, submit_many
     n = ctx.backlog_n
     addrs = [sandbox.domain_address(j) for j in range(ctx.m)]
     meas = Measure(ctx, "mxq_backlog", addrs, count=n, timeout=ctx.timeout_for(n))

@@ -1,6 +1,6 @@
-"""Framework integrations: ``tasks.contrib.django`` (an ``EMAIL_BACKEND``) and ``tasks.contrib.flask`` (``Mxq``).
+"""Framework integrations: ``mxq.contrib.django`` (an ``EMAIL_BACKEND``) and ``mxq.contrib.flask`` (``Mxq``).
 
-Both hand mail to mxq's pipeline with ``tasks.submit_many`` (validate every
+Both hand mail to mxq's pipeline with ``mxq.tasks.submit_many`` (validate every
 message first, then store the whole batch with one Redis script: all or
 nothing) and share what is here: reading ``MXQ_*`` settings from the
 framework's configuration with the environment as fallback, and pointing
@@ -9,7 +9,7 @@ this process's Celery app at the configured Redis.
 Configuration precedence, per variable: the framework's setting
 (``settings.MXQ_REDIS_URL`` in Django, ``app.config["MXQ_REDIS_URL"]`` in
 Flask), else the environment variable of the same name, else mxq's default
-(see ``tasks.settings``).  Values may be strings, numbers or (for
+(see ``mxq.tasks.settings``).  Values may be strings, numbers or (for
 ``MXQ_RETRY_SCHEDULE``) a list of seconds.
 
 Limits: the Celery app is one per process, so one process sends to one
@@ -26,7 +26,7 @@ import os
 import threading
 from typing import Iterable, Mapping
 
-from workers.errors import InvalidInput
+from mxq.workers.errors import InvalidInput
 
 log = logging.getLogger("mxq.contrib")
 
@@ -46,7 +46,7 @@ def config_from(source: Mapping[str, object] | None, env: Mapping[str, str] | No
     """The ``MXQ_*`` configuration: the environment, overridden by ``source``'s ``MXQ_*`` entries.
 
     ``source`` is any mapping (Flask's ``app.config``, or the dict
-    ``tasks.contrib.django`` builds from Django's settings); entries whose
+    ``mxq.contrib.django`` builds from Django's settings); entries whose
     value is None are ignored, so a framework default of None falls back to
     the environment.
     """
@@ -60,8 +60,8 @@ def config_from(source: Mapping[str, object] | None, env: Mapping[str, str] | No
 
 def pipeline_settings(config: Mapping[str, str]):
     """``PipelineSettings`` for ``config``, with this process's Celery app pointed at its Redis."""
-    from tasks.app import app, rebind
-    from tasks.settings import PipelineSettings
+    from mxq.tasks.app import app, rebind
+    from mxq.tasks.settings import PipelineSettings
 
     s = PipelineSettings.from_env(config)
     if app.conf.broker_url != s.redis_url:
@@ -72,15 +72,15 @@ def pipeline_settings(config: Mapping[str, str]):
 
 
 def submit_all(items: Iterable, config: Mapping[str, str], *, fail_silently: bool = False) -> list[str] | None:
-    """``tasks.submit_many(items)`` with ``config``; None instead of an error when ``fail_silently``.
+    """``mxq.tasks.submit_many(items)`` with ``config``; None instead of an error when ``fail_silently``.
 
-    All or nothing: an invalid item raises ``tasks.InvalidMessage`` (its
+    All or nothing: an invalid item raises ``mxq.tasks.InvalidMessage`` (its
     ``reason`` names the item) before anything is stored.  With
     ``fail_silently`` that error, and Redis being unreachable, are logged
     (logger ``mxq.contrib``) and None is returned; a malformed ``MXQ_*``
     setting raises ``ValueError`` either way.
     """
-    import tasks
+    from mxq import tasks
     from kombu.exceptions import OperationalError
     from redis.exceptions import RedisError
 

@@ -2,24 +2,24 @@
 
 In ``settings.py``::
 
-    EMAIL_BACKEND = "tasks.contrib.django.EmailBackend"
+    EMAIL_BACKEND = "mxq.contrib.django.EmailBackend"
     MXQ_REDIS_URL = "redis://127.0.0.1:6379/0"     # else the MXQ_REDIS_URL environment variable
 
 Then ``send_mail``, ``send_mass_mail``, ``mail_admins``, ``EmailMessage.send()``
 and ``EmailMultiAlternatives`` (with attachments) queue their messages in
 mxq instead of talking SMTP from the web process.  Every ``MXQ_*`` variable
-of ``tasks.settings`` may be a Django setting; a setting wins over the
-environment variable of the same name (see ``tasks.contrib``).
+of ``mxq.tasks.settings`` may be a Django setting; a setting wins over the
+environment variable of the same name (see ``mxq.contrib``).
 
 ``send_messages(messages)`` returns how many messages were accepted (queued)
 and sets ``message.mxq_job_id`` on each (None for a message without
 recipients, which is skipped and not counted, as Django's SMTP backend does).
-Use ``tasks.status(message.mxq_job_id)`` to follow delivery.
+Use ``mxq.tasks.status(message.mxq_job_id)`` to follow delivery.
 
 All or nothing: every message is built and validated before any is stored,
-then the batch is stored with one ``tasks.submit_many``.  A bad message
+then the batch is stored with one ``mxq.tasks.submit_many``.  A bad message
 (malformed address, header injection, too large) raises
-``tasks.InvalidMessage`` and nothing of the batch is queued; with
+``mxq.tasks.InvalidMessage`` and nothing of the batch is queued; with
 ``fail_silently=True`` that (and Redis being unreachable) returns 0 instead.
 
 The envelope is Django's: sender ``from_email``, recipients ``to``, ``cc``
@@ -33,7 +33,7 @@ import email.utils
 
 from django.core.mail.backends.base import BaseEmailBackend
 
-from workers.errors import InvalidAddress, InvalidInput, InvalidMessage
+from mxq.workers.errors import InvalidAddress, InvalidInput, InvalidMessage
 
 from . import config_from, submit_all
 
@@ -52,7 +52,7 @@ def _addr_spec(value, what: str) -> str:
 
     ``email.utils`` is lenient (it reads ``"not an address"`` as ``not``), so
     the address found must be the whole value or its final ``<...>`` part;
-    ``tasks.submit_many`` then checks its syntax.
+    ``mxq.tasks.submit_many`` then checks its syntax.
     """
     if not isinstance(value, str):
         raise InvalidAddress(f"{what} must be a string, not {type(value).__name__}")
@@ -112,8 +112,8 @@ class EmailBackend(BaseEmailBackend):
 
     @staticmethod
     def _item(message, n: int):
-        """The ``tasks.Item`` for one Django message (content built by Django, envelope from its fields)."""
-        import tasks
+        """The ``mxq.tasks.Item`` for one Django message (content built by Django, envelope from its fields)."""
+        from mxq import tasks
 
         where = f"message {n}"
         try:

@@ -4,7 +4,7 @@
 
     from email.message import EmailMessage
     from flask import Flask
-    from tasks.contrib.flask import Mxq
+    from mxq.contrib.flask import Mxq
 
     app = Flask(__name__)
     app.config["MXQ_REDIS_URL"] = "redis://127.0.0.1:6379/0"   # else the environment variable
@@ -22,12 +22,12 @@ Messages are ``email.message.EmailMessage`` objects (or bytes / str message
 text); the envelope comes from the headers (sender: ``Sender`` else
 ``From``; recipients: ``To``, ``Cc`` and ``Bcc``; Bcc is stripped from the
 content) unless ``sender=`` / ``recipients=`` are given.  Configuration:
-every ``MXQ_*`` variable of ``tasks.settings`` may be set in ``app.config``,
-which wins over the environment (see ``tasks.contrib``); the application in
+every ``MXQ_*`` variable of ``mxq.tasks.settings`` may be set in ``app.config``,
+which wins over the environment (see ``mxq.contrib``); the application in
 the current app context is used, else the one given to ``Mxq(app)``.
 
 ``send_many(messages)`` is all or nothing: every message is validated before
-any is stored.  An invalid message raises ``tasks.InvalidMessage`` (nothing
+any is stored.  An invalid message raises ``mxq.tasks.InvalidMessage`` (nothing
 queued); ``fail_silently=True`` returns None (``send``) or ``[]``
 (``send_many``) instead, as it does when Redis is unreachable.
 """
@@ -54,7 +54,7 @@ class Mxq:
         if self.app is None:
             self.app = app
         app.extensions["mxq"] = self
-        from tasks.settings import PipelineSettings
+        from mxq.tasks.settings import PipelineSettings
         PipelineSettings.from_env(config_from(app.config))   # a malformed MXQ_* value fails at start
 
     def _config(self) -> dict[str, str]:
@@ -68,7 +68,7 @@ class Mxq:
     def send(self, message, *, sender: str | None = None, recipients: Sequence[str] | None = None,
              fail_silently: bool = False) -> str | None:
         """Queue one message; return its job id (also set as ``message.mxq_job_id`` when possible)."""
-        import tasks
+        from mxq import tasks
 
         ids = self._submit([message], [tasks.Item(message, sender=sender, recipients=recipients)], fail_silently)
         return ids[0] if ids else None
@@ -76,13 +76,13 @@ class Mxq:
     def send_many(self, messages: Iterable, *, fail_silently: bool = False) -> list[str]:
         """Queue several messages in one all-or-nothing batch; return their job ids in order.
 
-        Each is a message or a ``tasks.Item`` (for its own sender, recipients, dsn, ...).
+        Each is a message or a ``mxq.tasks.Item`` (for its own sender, recipients, dsn, ...).
         """
         messages = list(messages)
         return self._submit(messages, messages, fail_silently) or []
 
     def _submit(self, messages: list, items: list, fail_silently: bool) -> list[str] | None:
-        import tasks
+        from mxq import tasks
 
         ids = submit_all(items, self._config(), fail_silently=fail_silently)
         if ids:

@@ -1,0 +1,36 @@
+"""mxq installs one top-level package, ``mxq``: nothing named ``tasks`` or ``workers``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_has_one_top_level_package(tmp_path):
+    # --no-build-isolation: the test session has no network (private namespace);
+    # the test extra installs setuptools and wheel into the venv.
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wheels = list(tmp_path.glob("mxq-*.whl"))
+    assert len(wheels) == 1
+    names = zipfile.ZipFile(wheels[0]).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"mxq", wheels[0].name.split("-py")[0] + ".dist-info"}, tops
+    folders = {n.rsplit("/", 1)[0] for n in names if n.endswith(".py")}
+    assert {"mxq", "mxq/workers", "mxq/tasks", "mxq/contrib", "mxq/workers/sandbox"} <= folders
+    assert "mxq/tasks/contrib/__init__.py" not in names         # contrib is mxq.contrib only
+    assert "mxq/contrib/django.py" in names and "mxq/tasks/graph.py" in names
+
+
+def test_only_mxq_is_importable_outside_the_checkout(tmp_path):
+    code = ("import importlib.util as u, mxq.tasks, mxq.workers.session, mxq.contrib.django;"
+            "print(u.find_spec('tasks'), u.find_spec('workers'), mxq.contrib.django.EmailBackend.__module__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["None", "None", "mxq.contrib.django"]
