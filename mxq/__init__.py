@@ -7,7 +7,10 @@ Everything mxq installs lives under this one package:
 - ``mxq.tasks``, the pipeline: Celery app, producer API (``mxq.tasks.submit``,
   ``mxq.tasks.status``), task graph and state in Redis (folder ``tasks/``);
 - ``mxq.contrib.django`` and ``mxq.contrib.flask``, the framework
-  integrations (folder ``tasks/contrib/``).
+  integrations (folder ``tasks/contrib/``);
+- ``mxq.sandbox``, the test and demo servers (DNS, scripted SMTP) behind
+  ``mxq up --sandbox`` and the test suite; needs the ``sandbox`` extra
+  (folder ``mxq/sandbox/``).
 
 Importing ``mxq`` itself imports nothing else (no Celery, no Redis), so a web
 process pays only for what it uses.

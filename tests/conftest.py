@@ -47,7 +47,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def dns_server(tmp_path_factory):
-    """One real DNS server process (``mxq.workers.sandbox.dns``) shared by the whole session.
+    """One real DNS server process (``mxq.sandbox.dns``) shared by the whole session.
 
     It listens on 127.0.0.53:53 (UDP and TCP) inside the private network
     namespace (on a free 127.0.0.1 port otherwise), starts with an empty zone,
@@ -64,12 +64,12 @@ def dns_server(tmp_path_factory):
     ``.remove(*names)``, ``.update(zones)`` (replace everything: don't, the
     server is shared), ``.queries(name, rtype)`` / ``.stats()`` (query
     counters), ``.address``.  The record format is the zone file format in
-    ``workers/sandbox/dns.py`` (A, AAAA, MX, CNAME, TXT, TTL, SERVFAIL, TIMEOUT).
+    ``mxq/sandbox/dns.py`` (A, AAAA, MX, CNAME, TXT, TTL, SERVFAIL, TIMEOUT).
     The server is shared: use names unique to your test module (for example
     ``<module>.test`` and names under it), and remember resolvers cache answers
     (a fresh ``mxq.workers.mx.Resolver`` per test avoids surprises).
     """
-    from mxq.workers.sandbox.dns import start_dns_server
+    from mxq.sandbox.dns import start_dns_server
 
     if IN_PRIVATE_NETNS:
         host, port = "127.0.0.53", 53

@@ -1,4 +1,4 @@
-"""Infrastructure: the CI and ops scripts, the Redis fixture, and the demo sandbox (mxq.workers.sandbox.stack).
+"""Infrastructure: the CI and ops scripts, the Redis fixture, and the demo sandbox (mxq.sandbox.stack).
 
 - ``ops/test`` must fail when tests fail *and* when no test was collected,
   and print pytest's summary line; ``.ci/run`` must run it.
@@ -23,7 +23,7 @@ import pytest
 from mxq.workers.config import Settings
 from mxq.workers.errors import DNSError, NullMX, SMTPConnectError, SMTPTimeoutError
 from mxq.workers.mx import Resolver
-from mxq.workers.sandbox import stack
+from mxq.sandbox import stack
 from mxq.workers.session import SMTPSession
 from mxq.workers.timeouts import Timeouts
 
@@ -252,7 +252,7 @@ def test_stack_command_line_writes_env_file_and_stops_on_sigterm(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("binds port 25: needs root")
     env_file = tmp_path / "env"
-    proc = subprocess.Popen([sys.executable, "-m", "mxq.workers.sandbox.stack", "--workdir", str(tmp_path / "w"),
+    proc = subprocess.Popen([sys.executable, "-m", "mxq.sandbox.stack", "--workdir", str(tmp_path / "w"),
                              "--base-ip", "127.0.8.", "--env-file", str(env_file)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -17,7 +17,7 @@ import pytest
 
 from mxq.workers.cli import exit_status
 from mxq.workers.results import State
-from mxq.workers.sandbox.smtpd import Behaviour, start_server
+from mxq.sandbox.smtpd import Behaviour, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 

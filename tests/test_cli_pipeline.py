@@ -2,7 +2,7 @@
 
 Every command runs as a real subprocess (the installed ``mxq`` entry point)
 against a real redis-server and a real Celery worker (tests/pipeline_fixtures.py),
-delivering to real SMTP servers (aiosmtpd, ``mxq.workers.sandbox.smtpd``) found
+delivering to real SMTP servers (aiosmtpd, ``mxq.sandbox.smtpd``) found
 through the session's DNS server process.  ``mxq up`` runs in a nested
 private network namespace, so its sandbox (127.0.0.x:25, :53) cannot clash
 with anything else in the test session.
@@ -27,7 +27,7 @@ import pytest
 
 from mxq import tasks
 from tests.fixtures_infra import wait_until
-from mxq.workers.sandbox.smtpd import Behaviour, start_server
+from mxq.sandbox.smtpd import Behaviour, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 
@@ -235,7 +235,7 @@ def test_up_sandbox_demo_end_to_end():
     out, err = r.stdout.decode(), r.stderr.decode()
     # Null MX, an unknown user and NXDOMAIN bounce by design: 69.
     assert r.returncode == 69, (out, err)
-    from mxq.workers.sandbox.stack import DEMO_EXPECTED
+    from mxq.sandbox.stack import DEMO_EXPECTED
     for addr, want in DEMO_EXPECTED.items():
         final = "delivered" if want == "deferred" else want       # greylisting: retried, delivered
         assert re.search(rf"^{re.escape(addr)}\s+{final}\b", out, re.M), (addr, out)

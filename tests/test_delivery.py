@@ -19,7 +19,7 @@ from mxq.workers.envelope import Envelope, Recipient
 from mxq.workers.message import prepare
 from mxq.workers.mx import Resolver
 from mxq.workers.results import State
-from mxq.workers.sandbox.smtpd import Behaviour, make_tls, start_server, start_silent_server
+from mxq.sandbox.smtpd import Behaviour, make_tls, start_server, start_silent_server
 from mxq.workers.timeouts import Timeouts
 
 FAST = Timeouts(connect=1, greeting=1.5, command=2, data_init=2, data_block=2, data_final=2)

@@ -15,7 +15,7 @@ import pytest
 from django.conf import settings
 
 from mxq import tasks
-from mxq.workers.sandbox.smtpd import Behaviour, start_server
+from mxq.sandbox.smtpd import Behaviour, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 

@@ -26,7 +26,7 @@ from mxq.workers.dkim import DKIMKey, DKIMSigner, signer_from_env
 from mxq.workers.message import FileContent, prepare
 from mxq.workers.mx import Resolver
 from mxq.workers.results import State
-from mxq.workers.sandbox.smtpd import Behaviour, start_server
+from mxq.sandbox.smtpd import Behaviour, start_server
 from mxq.workers.timeouts import Timeouts
 
 SIGNED = "signed.dkim.test"

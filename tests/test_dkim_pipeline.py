@@ -23,7 +23,7 @@ from mxq import tasks
 from mxq.tasks.store import get_store
 from mxq.workers.config import parse_dns_servers
 from mxq.workers.dkim import DKIMSigner
-from mxq.workers.sandbox.smtpd import Behaviour, start_server
+from mxq.sandbox.smtpd import Behaviour, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 

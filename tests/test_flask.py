@@ -16,7 +16,7 @@ from flask import Flask, jsonify, request
 
 from mxq import tasks
 from mxq.contrib.flask import Mxq
-from mxq.workers.sandbox.smtpd import Behaviour, start_server
+from mxq.sandbox.smtpd import Behaviour, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mxq import tasks
 from mxq.tasks.metrics import parse_port
 from tests.fixtures_infra import free_port, wait_until
-from mxq.workers.sandbox.smtpd import Behaviour, start_server
+from mxq.sandbox.smtpd import Behaviour, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 

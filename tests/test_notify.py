@@ -260,7 +260,7 @@ NIP = "127.0.44."
 @pytest.fixture(scope="module")
 def sender_sink(dns_server):
     """The senders' domain src.notify.test (a real SMTP server) and a dead domain (nothing listens)."""
-    from mxq.workers.sandbox.smtpd import Behaviour, start_server
+    from mxq.sandbox.smtpd import Behaviour, start_server
     dns_server.add({
         "src.notify.test": {"MX": [[10, "mx.src.notify.test"]]},
         "mx.src.notify.test": {"A": [NIP + "20"]},

@@ -23,7 +23,7 @@ def test_wheel_has_one_top_level_package(tmp_path):
     tops = {n.split("/")[0] for n in names}
     assert tops == {"mxq", wheels[0].name.split("-py")[0] + ".dist-info"}, tops
     folders = {n.rsplit("/", 1)[0] for n in names if n.endswith(".py")}
-    assert {"mxq", "mxq/workers", "mxq/tasks", "mxq/contrib", "mxq/workers/sandbox"} <= folders
+    assert {"mxq", "mxq/workers", "mxq/tasks", "mxq/contrib", "mxq/sandbox"} <= folders
     assert "mxq/tasks/contrib/__init__.py" not in names         # contrib is mxq.contrib only
     assert "mxq/contrib/django.py" in names and "mxq/tasks/graph.py" in names
 

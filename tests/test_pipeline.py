@@ -25,7 +25,7 @@ import pytest
 
 from mxq import tasks
 from tests.fixtures_infra import wait_until
-from mxq.workers.sandbox.smtpd import Behaviour, make_tls, start_server
+from mxq.sandbox.smtpd import Behaviour, make_tls, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 

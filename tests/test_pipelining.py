@@ -6,7 +6,7 @@ Two kinds of real peers on loopback:
 - a raw socket server scripted line by line (``RawServer``), which proves the
   client really pipelines: it reads MAIL, every RCPT and DATA *before* it
   answers anything, so a client waiting for the MAIL reply would time out;
-- the scripted aiosmtpd servers (``mxq.workers.sandbox.smtpd``), which advertise
+- the scripted aiosmtpd servers (``mxq.sandbox.smtpd``), which advertise
   PIPELINING, for the per-recipient semantics (452, refused MAIL, refused
   DATA, 421) being the same as in the classic dialogue.
 """
@@ -25,7 +25,7 @@ from mxq.workers.envelope import Envelope, Recipient
 from mxq.workers.errors import SMTPSenderRefused, SMTPServerDisconnected, Scope
 from mxq.workers.mx import Resolver
 from mxq.workers.results import State
-from mxq.workers.sandbox.smtpd import Behaviour, start_server
+from mxq.sandbox.smtpd import Behaviour, start_server
 from mxq.workers.session import SMTPSession
 from mxq.workers.timeouts import Timeouts
 

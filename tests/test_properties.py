@@ -181,7 +181,7 @@ def test_prepare_message_object_never_gains_headers(fields, sender, compat):
 @pytest.fixture(scope="module")
 def recorder():
     """One scripted aiosmtpd server that accepts every recipient and records every command line."""
-    from mxq.workers.sandbox.smtpd import Behaviour, start_server
+    from mxq.sandbox.smtpd import Behaviour, start_server
     srv = start_server("127.0.3.1", 25, Behaviour(rcpt_rules={}, hostname="recorder.prop.test"))
     yield srv
     srv.stop()

@@ -24,7 +24,7 @@ from mxq.tasks.admin import Admin
 from mxq.tasks.store import Outcome, get_store
 from tests.fixtures_infra import wait_until
 from tests.test_webhooks import Receiver
-from mxq.workers.sandbox.smtpd import Behaviour, start_server
+from mxq.sandbox.smtpd import Behaviour, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 

@@ -1,4 +1,4 @@
-"""SMTPSession against real scripted aiosmtpd servers (mxq.workers.sandbox.smtpd) on loopback.
+"""SMTPSession against real scripted aiosmtpd servers (mxq.sandbox.smtpd) on loopback.
 
 Inside the test network namespace every server listens on 127.0.30.x:25;
 outside it (non-root) on free ports.  Timeouts are short so failure paths
@@ -34,7 +34,7 @@ from mxq.workers.errors import (
     Scope,
     classify,
 )
-from mxq.workers.sandbox.smtpd import Behaviour, SilentServer, make_tls, start_server, xtext_decode
+from mxq.sandbox.smtpd import Behaviour, SilentServer, make_tls, start_server, xtext_decode
 from mxq.workers.session import DotStuffer, SMTPSession, xtext
 from mxq.workers.timeouts import Timeouts
 
@@ -772,7 +772,7 @@ def test_421_to_rcpt_is_a_site_failure(serve):
 
 
 def test_custom_protocol_subclass():
-    from mxq.workers.sandbox.smtpd import ScriptedSMTP
+    from mxq.sandbox.smtpd import ScriptedSMTP
 
     class Chatty(ScriptedSMTP):
         async def smtp_NOOP(self, arg):

@@ -19,7 +19,7 @@ from mxq.tasks.shaping import BACKSTOP, THROTTLED, Limits, Policy, Shaper, slots
 from mxq.tasks.store import Store
 from mxq.tasks.settings import PipelineSettings
 from tests.fixtures_infra import wait_until
-from mxq.workers.sandbox.smtpd import Behaviour, ScriptedSMTP, start_server
+from mxq.sandbox.smtpd import Behaviour, ScriptedSMTP, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 

@@ -18,7 +18,7 @@ from mxq.tasks.settings import PipelineSettings
 from mxq.tasks.store import Outcome, Store, make_client
 from mxq.tasks.producer import Item, build_job
 from tests.fixtures_infra import wait_until
-from mxq.workers.sandbox.smtpd import Behaviour, start_server
+from mxq.sandbox.smtpd import Behaviour, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 

@@ -26,7 +26,7 @@ from mxq.workers.delivery import MemoryHostStatus, deliver_domain
 from mxq.workers.envelope import Envelope, Recipient
 from mxq.workers.mx import Resolver
 from mxq.workers.results import State
-from mxq.workers.sandbox.smtpd import Behaviour, start_server
+from mxq.sandbox.smtpd import Behaviour, start_server
 from mxq.workers.timeouts import Timeouts
 
 IN_NETNS = os.environ.get("MXQ_IN_TEST_NETNS") == "1"

@@ -19,7 +19,7 @@ import pytest
 from mxq import tasks
 from mxq.tasks import webhooks
 from tests.fixtures_infra import wait_until
-from mxq.workers.sandbox.smtpd import Behaviour, start_server
+from mxq.sandbox.smtpd import Behaviour, start_server
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 
@@ -157,7 +157,7 @@ def test_signature_scheme():
 
 
 def test_post_https_basic_auth_redirects_and_refusals(receiver, monkeypatch, tmp_path):
-    from mxq.workers.sandbox.smtpd import make_tls
+    from mxq.sandbox.smtpd import make_tls
 
     tls = make_tls("127.0.0.1", directory=tmp_path)
     hook = receiver(statuses=[204, 302, 400], tls=tls.server_context)

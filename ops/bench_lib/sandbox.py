@@ -391,11 +391,11 @@ def dns_breakdown(stats: dict, top: int = 10) -> dict:
 
 
 def start_dns(m: int, workdir: Path):
-    """The sandbox DNS server process (mxq.workers.sandbox.dns) on 127.0.0.53:53 serving ``zones(m)``."""
+    """The sandbox DNS server process (mxq.sandbox.dns) on 127.0.0.53:53 serving ``zones(m)``."""
     try:
-        from mxq.workers.sandbox.dns import start_dns_server
+        from mxq.sandbox.dns import start_dns_server
     except ImportError as e:                       # pragma: no cover - the module is part of the repo
-        raise BenchError(f"mxq.workers.sandbox.dns is not importable: {e}") from e
+        raise BenchError(f"mxq.sandbox.dns is not importable: {e}") from e
     return start_dns_server(zones(m), host=DNS_HOST, port=53, workdir=workdir / "dns", timeout=20)
 
 

@@ -61,7 +61,7 @@ class Context:
     size: int
     run: str
     workdir: Path
-    dns: object                       # mxq.workers.sandbox.dns.DNSServerProcess
+    dns: object                       # mxq.sandbox.dns.DNSServerProcess
     timeout: float                    # seconds for a stage's messages to reach the sinks
     settle: float                     # seconds waited after completion for late duplicates
     say: Callable[[str], None]

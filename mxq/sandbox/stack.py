@@ -1,8 +1,8 @@
 """The demo / local sandbox: a DNS server and a set of SMTP servers with named behaviours.
 
 Every domain in ``PLAN`` is served by the sandbox DNS server process
-(``mxq.workers.sandbox.dns``) and, where it has exchanges, by scripted aiosmtpd
-servers (``mxq.workers.sandbox.smtpd``) on ``127.0.0.x``.  Everything listens on
+(``mxq.sandbox.dns``) and, where it has exchanges, by scripted aiosmtpd
+servers (``mxq.sandbox.smtpd``) on ``127.0.0.x``.  Everything listens on
 loopback only and every name is under ``.test`` or ``.example``.
 
 ========================  ==================================================  =====================
@@ -40,7 +40,7 @@ Library use::
 
 Command line (prints the environment to use; runs until Ctrl-C / SIGTERM)::
 
-    python -m mxq.workers.sandbox.stack [--workdir DIR] [--base-ip 127.0.0.] [--dns-port 53]
+    python -m mxq.sandbox.stack [--workdir DIR] [--base-ip 127.0.0.] [--dns-port 53]
                                     [--smtp-port 25] [--env-file PATH]
 """
 
@@ -201,7 +201,7 @@ class Sandbox:
         return env
 
     def zones(self) -> dict:
-        """The DNS records of the plan (``mxq.workers.sandbox.dns`` format)."""
+        """The DNS records of the plan (``mxq.sandbox.dns`` format)."""
         records: dict[str, dict] = {}
         for d in self.domains:
             if d.null_mx:
@@ -314,8 +314,8 @@ def _shell_env(env: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mxq.workers.sandbox.stack``: run the sandbox until SIGINT/SIGTERM."""
-    p = argparse.ArgumentParser(prog="python -m mxq.workers.sandbox.stack", description=__doc__.split("\n")[0])
+    """``python -m mxq.sandbox.stack``: run the sandbox until SIGINT/SIGTERM."""
+    p = argparse.ArgumentParser(prog="python -m mxq.sandbox.stack", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", help="where received mail and server files go (default: a new temp dir)")
     p.add_argument("--base-ip", default="127.0.0.", help="address prefix (default 127.0.0.)")
     p.add_argument("--dns-port", type=int, default=53)

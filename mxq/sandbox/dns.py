@@ -3,7 +3,7 @@
 Built on dnslib (``DNSServer`` and a ``BaseResolver`` subclass), it serves a
 zone described by a JSON file over UDP and TCP::
 
-    python -m mxq.workers.sandbox.dns --zones FILE.json --listen 127.0.0.53 --port 53 \\
+    python -m mxq.sandbox.dns --zones FILE.json --listen 127.0.0.53 --port 53 \\
         [--ready-file PATH] [--stats-file PATH] [--log request,reply]
 
 Zone file format::
@@ -382,7 +382,7 @@ def _write_atomic(path: str, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the server until SIGTERM or SIGINT."""
-    p = argparse.ArgumentParser(prog="python -m mxq.workers.sandbox.dns", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mxq.sandbox.dns", description=__doc__.split("\n\n")[0])
     p.add_argument("--zones", required=True, help="zone file (JSON)")
     p.add_argument("--listen", default="127.0.0.53", help="address to bind (default 127.0.0.53)")
     p.add_argument("--port", type=int, default=53, help="UDP and TCP port; 0 picks a free one (default 53)")
@@ -582,7 +582,7 @@ class DNSServerProcess:
 def start_dns_server(zones: dict | None = None, host: str = "127.0.0.53", port: int = 53,
                      workdir: str | os.PathLike | None = None, timeout: float = 10.0,
                      log: str = "error") -> DNSServerProcess:
-    """Start the server as a child process (``sys.executable -m mxq.workers.sandbox.dns``) and wait until it serves.
+    """Start the server as a child process (``sys.executable -m mxq.sandbox.dns``) and wait until it serves.
 
     ``zones`` is the full zone format or a bare ``{name: records}`` mapping.
     ``port=0`` picks a free port (read it from ``.port``).  ``workdir`` holds
@@ -601,7 +601,7 @@ def start_dns_server(zones: dict | None = None, host: str = "127.0.0.53", port: 
         stale.unlink(missing_ok=True)
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mxq.workers.sandbox.dns", "--zones", str(zone_path), "--listen", host,
+            [sys.executable, "-m", "mxq.sandbox.dns", "--zones", str(zone_path), "--listen", host,
              "--port", str(port), "--ready-file", str(ready_path), "--stats-file", str(stats_path),
              "--log", log],
             stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
