@@ -40,7 +40,7 @@ def make_app(settings: PipelineSettings | None = None) -> Celery:
     app = Celery("mxq", include=["mxq.tasks.graph"])
     app.conf.update(
         broker_url=s.redis_url,
-        result_backend=s.redis_url,
+        result_backend=s.result_backend or s.redis_url,
         # JSON only: a binary-serialized message would be code execution for whoever can write to Redis.
         task_serializer="json",
         result_serializer="json",
@@ -119,15 +119,29 @@ def _refuse_bad_config(**_):
         raise SystemExit(f"mxq: {config_error}")
 
 
-def rebind(redis_url: str) -> None:
+def bind(settings: PipelineSettings) -> None:
+    """Point ``app`` at ``settings``' Redis and result backend unless it already is.
+
+    The app is made when ``mxq.tasks`` is first imported; in a Django or Flask
+    process the framework's ``MXQ_REDIS_URL`` may only be known later (or
+    change under ``override_settings``), so the producer calls this before
+    publishing.
+    """
+    backend = settings.result_backend or settings.redis_url
+    if app.conf.broker_url != settings.redis_url or app.conf.result_backend != backend:
+        rebind(settings.redis_url, backend)
+
+
+def rebind(redis_url: str, result_backend: str | None = None) -> None:
     """Point the existing ``app`` at another Redis (tests, or a process that learns the URL late).
 
-    Updates the broker and result backend URLs and drops the connection pools
-    made for the old URL.  ``mxq.tasks.store`` reads ``MXQ_REDIS_URL`` on every
-    call, so set that too.
+    Updates the broker and result backend URLs (the backend: ``result_backend``,
+    else ``redis_url``) and drops the connection pools made for the old URL.
+    ``mxq.tasks.store`` reads ``MXQ_REDIS_URL`` through the settings registry on
+    every call, so set that too.
     """
     app.conf.broker_url = redis_url
-    app.conf.result_backend = redis_url
+    app.conf.result_backend = result_backend or redis_url
     pool, app._pool = app._pool, None
     if pool is not None:
         pool.force_close_all()

@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker(sub)
     _add_scheduler(sub)
     _add_flower(sub)
+    _add_config(sub)
     from mxq.tasks import up
     up.add_parser(sub)
     import importlib.util
@@ -128,6 +129,20 @@ def _add_flower(sub) -> None:
     p.set_defaults(run=run_flower, passthrough=True)
 
 
+def _add_config(sub) -> None:
+    p = sub.add_parser("config", help="show the effective MXQ_* settings and where each comes from",
+                       description="Show the MXQ_* settings that are set (like postconf -n): the effective "
+                                   "value, secrets masked, and where it comes from (environment, Django "
+                                   "settings when DJANGO_SETTINGS_MODULE is set, ...).  Every value is "
+                                   "checked: exit 78 naming each malformed one.")
+    p.add_argument("names", nargs="*", metavar="NAME", help="only these settings (MXQ_ may be left out)")
+    p.add_argument("-a", "--all", action="store_true", help="every setting, defaults included (postconf)")
+    p.add_argument("-d", "--defaults", action="store_true", help="the defaults, whatever is set (postconf -d)")
+    p.add_argument("--json", action="store_true", help="a JSON list of {name, value, origin, default, secret}")
+    p.add_argument("--env-example", action="store_true", help="print the .env.example for docker-compose")
+    p.set_defaults(run=run_config)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``mxq``; return the exit status."""
     parser = build_parser()
@@ -143,13 +158,113 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mxq: error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
         return EX_USAGE
     args.extra = [a for a in extra if a != "--"] if extra[:1] == ["--"] else extra
-    if args.command != "deliver":      # the engine's command reads only the engine's settings
+    from mxq.settings import ConfigError
+    if args.command not in ("deliver", "config"):   # deliver reads only the engine's settings
         import importlib
         config_error = importlib.import_module("mxq.tasks.app").config_error
-        if config_error:
-            print(f"mxq {args.command}: {config_error}", file=sys.stderr)
+        problems = [config_error] if config_error else []
+        from mxq import settings as registry
+        problems += [str(e) for e in registry.current().errors() if str(e) not in problems]
+        if problems:
+            for p in problems:
+                print(f"mxq {args.command}: configuration: {p}", file=sys.stderr)
             return EX_CONFIG
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ConfigError as e:            # a setting found malformed on the way (a DKIM key file, ...)
+        print(f"mxq {args.command}: configuration: {e}", file=sys.stderr)
+        return EX_CONFIG
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+def config_problems(cfg=None) -> list[str]:
+    """Every configuration error of this process, each naming its variable: each setting parsed,
+    then what the owners check beyond a value's type (relay mode, time limits, webhook events,
+    shaping rules, the DKIM key map, the metrics port)."""
+    from mxq import settings as registry
+
+    cfg = cfg or registry.current()
+    problems = [str(e) for e in cfg.errors()]
+    bad = {e.name for e in cfg.errors()}
+
+    def check(names, fn):
+        if bad.intersection(names):
+            return                       # already reported
+        try:
+            fn()
+        except ValueError as e:          # ConfigError, or an owner's ValueError naming the variable
+            if str(e) not in problems:
+                problems.append(str(e))
+
+    from mxq.tasks import metrics, shaping, webhooks
+    from mxq.tasks.settings import PipelineSettings
+    from mxq.workers.config import Settings
+    from mxq.workers.dkim import DKIMSigner
+    check(("MXQ_RELAY", "MXQ_RELAY_MODE"), Settings.from_env)
+    check(("MXQ_TASK_SOFT_LIMIT", "MXQ_TASK_HARD_LIMIT"), PipelineSettings.from_env)
+    check(("MXQ_WEBHOOK_URL", "MXQ_WEBHOOK_EVENTS"), webhooks.WebhookConfig.from_env)
+    check(("MXQ_SHAPING",), shaping.Policy.from_env)
+    check(("MXQ_DKIM",), DKIMSigner.from_env)
+    if cfg.is_set("MXQ_METRICS_PORT"):
+        check(("MXQ_METRICS_PORT",), lambda: metrics.parse_port(cfg["MXQ_METRICS_PORT"]))
+    return problems
+
+
+def _django_settings_loaded() -> bool:
+    """With DJANGO_SETTINGS_MODULE set, load Django's settings so their MXQ_* values show."""
+    if not os.environ.get("DJANGO_SETTINGS_MODULE"):
+        return False
+    try:
+        from django.conf import settings
+        settings.INSTALLED_APPS        # noqa: B018 -- configures the lazy settings
+        return True
+    except Exception as e:             # no Django, or the settings module fails to import
+        print(f"mxq config: cannot load Django settings ({os.environ['DJANGO_SETTINGS_MODULE']}): {e}",
+              file=sys.stderr)
+        return False
+
+
+def run_config(args) -> int:
+    """``mxq config``: effective settings, their origin, secrets masked; 78 when any is malformed."""
+    from mxq import settings as registry
+
+    if args.env_example:
+        sys.stdout.write(registry.env_example())
+        return EX_OK
+    _django_settings_loaded()
+    cfg = registry.current()
+    wanted = []
+    for n in args.names:
+        name = n.upper() if n.upper().startswith("MXQ_") else "MXQ_" + n.upper()
+        if name not in registry.REGISTRY:
+            print(f"mxq config: {n}: no such setting (mxq config --all lists them)", file=sys.stderr)
+            return EX_USAGE
+        wanted.append(name)
+    names = wanted or [n for n in registry.REGISTRY if args.all or args.defaults or cfg.is_set(n)]
+    rows = []
+    for name in names:
+        s = registry.REGISTRY[name]
+        if args.defaults:
+            value, origin = s.default_shown, "default"
+        else:
+            value, origin = cfg.shown(name), cfg.origin(name)
+        rows.append({"name": name, "value": value, "origin": origin, "default": s.default_shown,
+                     "secret": s.secret})
+    problems = [] if args.defaults else config_problems(cfg)
+    if args.json:
+        print(json.dumps(rows))
+    elif rows:
+        width = max(len(r["name"]) for r in rows)
+        vwidth = min(max(len(r["value"]) for r in rows), 60)
+        for r in rows:
+            print(f"{r['name']:<{width}} = {r['value']:<{vwidth}}  ({r['origin']})".rstrip())
+    for name, origin in sorted(cfg.unknown.items()):
+        if name not in ("MXQ_SKIP_APT", "MXQ_PYTHON") and not name.startswith(("MXQ_DEMO_", "MXQ_BENCH_")):
+            print(f"mxq config: warning: {name} ({origin}) is not an mxq setting; ignored", file=sys.stderr)
+    for p in problems:
+        print(f"mxq config: error: {p}", file=sys.stderr)
+    return EX_CONFIG if problems else EX_OK
 
 
 # -- send and status ----------------------------------------------------------------------------
@@ -379,7 +494,8 @@ def scheduler_argv(extra: list[str]) -> list[str]:
     """The ``celery beat`` command line for ``mxq scheduler EXTRA``."""
     argv = ["beat"]
     if not any(a in ("-s", "--schedule") or a.startswith(("--schedule=", "-s")) for a in extra):
-        path = os.environ.get("MXQ_BEAT_SCHEDULE") or os.path.join(tempfile.gettempdir(), "mxq-celerybeat-schedule")
+        from mxq import settings as registry
+        path = registry.value("MXQ_BEAT_SCHEDULE") or os.path.join(tempfile.gettempdir(), "mxq-celerybeat-schedule")
         argv += ["--schedule", path]
     return celery_argv(*argv, *extra)
 

@@ -82,6 +82,8 @@ import threading
 import time
 from typing import Mapping
 
+from mxq import settings as mxq_settings
+
 log = logging.getLogger("mxq.metrics")
 
 MAX_DOMAIN_LABELS = 1000
@@ -100,8 +102,7 @@ _made_dir: str | None = None
 
 def enabled(env: Mapping[str, str] | None = None) -> bool:
     """True when ``MXQ_METRICS_PORT`` is set (metrics are recorded and served)."""
-    env = os.environ if env is None else env
-    return bool((env.get("MXQ_METRICS_PORT") or "").strip())
+    return mxq_settings.load(env).is_set("MXQ_METRICS_PORT")
 
 
 def parse_port(value: str) -> list[int]:
@@ -367,9 +368,9 @@ def serve(redis_url: str, env: Mapping[str, str] | None = None) -> int:
     global _server
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
-    env = os.environ if env is None else env
-    ports = parse_port(env.get("MXQ_METRICS_PORT", ""))
-    addr = (env.get("MXQ_METRICS_ADDR") or DEFAULT_ADDR).strip()
+    c = mxq_settings.load(env)
+    ports = parse_port(c["MXQ_METRICS_PORT"] or "")
+    addr = c["MXQ_METRICS_ADDR"]
     path = _multiproc_dir()
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=path)

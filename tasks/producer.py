@@ -138,7 +138,9 @@ def _item(x) -> Item:
 def _publish(jobs: list[JobSpec], s: PipelineSettings) -> list[str]:
     """Store validated jobs with one script, then publish the tasks they need."""
     from . import graph         # the Celery tasks; imported late so the store is usable alone
+    from .app import bind
 
+    bind(s)                     # the Celery app on the configured Redis (Django/Flask may set it late)
     store = get_store(s)
     hooks = webhooks.current()          # a bad MXQ_WEBHOOK_* setting is refused here (ValueError)
     # Suppressed recipients (mxq.tasks.suppress) become final here, before storing:

@@ -1,47 +1,29 @@
-"""The pipeline's own ``MXQ_*`` settings (the engine's are ``mxq.workers.config.Settings``).
+"""The pipeline's view of the settings registry: ``PipelineSettings`` (the engine's is
+``mxq.workers.config.Settings``).
 
-``PipelineSettings.from_env()`` is the one place ``tasks`` reads its part of
-the environment (``MXQ_MAX_MESSAGE_SIZE`` is the engine's: see
-``mxq.workers.message.max_message_size_from_env``).  It holds no secret: relay credentials stay in the engine's
-``Settings``, which only the worker reads (``Settings.from_env()``) and which
-never goes into a task argument, a Redis key or a log line.
-
-| variable | default | meaning |
-|---|---|---|
-| ``MXQ_REDIS_URL`` | ``redis://127.0.0.1:6379/0`` | broker, mxq's state, Celery's result backend |
-| ``MXQ_RETRY_SCHEDULE`` | ``60,300,900,1800,3600,7200,14400`` | seconds between attempts; the last repeats |
-| ``MXQ_MAX_LIFETIME`` | 432000 (5 days) | a recipient still deferred this long after submission expires |
-| ``MXQ_RESULT_TTL`` | 604800 (7 days) | how long a finished job's state and content are kept |
-| ``MXQ_LEASE_SECONDS`` | 45 | lease on in-flight work; renewed every third of it while a task runs |
-| ``MXQ_DISPATCH_STALE`` | 60 | a lane with ready work and no task activity this long gets new tasks |
-| ``MXQ_BATCH_SIZE`` | 64 | work items (messages of one domain) one ``mxq.deliver`` drains, over one connection per exchange (a batch stops starting transactions at half ``MXQ_TASK_SOFT_LIMIT``; what it did not try is retried at once) |
-| ``MXQ_DOMAIN_CONCURRENCY`` | 4 | deliver tasks queued at once for one domain |
-| ``MXQ_INTAKE_THRESHOLD`` | 500 | ``submit_many`` batches larger than this are split by ``mxq.intake`` |
-| ``MXQ_TASK_SOFT_LIMIT`` | 900 | soft time limit of a task (seconds) |
-| ``MXQ_TASK_HARD_LIMIT`` | 960 | hard time limit (the child is killed) |
-| ``MXQ_SHAPING`` | ``default=20c`` | per-domain connection and rate limits shared by every worker (read by ``mxq.tasks.shaping``) |
-| ``MXQ_METRICS_PORT`` | unset | each worker serves Prometheus ``/metrics`` there (read by ``mxq.tasks.metrics``) |
+Every ``MXQ_*`` setting -- name, type, default, doc -- is defined once in
+``mxq.settings``; ``PipelineSettings.from_env()`` reads the queue manager's
+part of it (the environment, and Django settings / Flask config in their
+process).  It holds no secret: relay credentials stay in the engine's
+``Settings``, which only the worker reads and which never goes into a task
+argument, a Redis key or a log line.  See the README's configuration table
+(generated from the registry) for the variables.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_RETRY_SCHEDULE = (60, 300, 900, 1800, 3600, 7200, 14400)
+from mxq import settings as registry
+
+DEFAULT_REDIS_URL = registry.REGISTRY["MXQ_REDIS_URL"].default
+DEFAULT_RETRY_SCHEDULE = registry.REGISTRY["MXQ_RETRY_SCHEDULE"].default
 
 
 def parse_schedule(value: str) -> tuple[float, ...]:
-    """``"60,300,900"`` into ``(60.0, 300.0, 900.0)``; raise ValueError on anything else."""
-    try:
-        steps = tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"MXQ_RETRY_SCHEDULE must be comma-separated seconds, not {value!r}") from None
-    if not steps or any(s <= 0 for s in steps):
-        raise ValueError(f"MXQ_RETRY_SCHEDULE needs at least one positive number of seconds, not {value!r}")
-    return steps
+    """``"60,300,900"`` into ``(60.0, 300.0, 900.0)``; ValueError (naming MXQ_RETRY_SCHEDULE) on anything else."""
+    return registry.REGISTRY["MXQ_RETRY_SCHEDULE"].parse(value)
 
 
 @dataclass(frozen=True)
@@ -61,6 +43,10 @@ class PipelineSettings:
     intake_threshold: int = 500
     soft_time_limit: float = 900
     hard_time_limit: float = 960
+    #: A submission fails within this when Redis is unreachable (``MXQ_SUBMIT_TIMEOUT``).
+    submit_timeout: float = 2.0
+    #: Celery result backend for final outcomes (``MXQ_RESULT_BACKEND``); None: ``redis_url``.
+    result_backend: str | None = None
 
     def backoff(self, deferrals: int) -> float:
         """Seconds to wait after the ``deferrals``-th deferral (1-based); the last step repeats."""
@@ -69,30 +55,15 @@ class PipelineSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "PipelineSettings":
-        """Read the ``MXQ_*`` variables above; raise ValueError naming a bad one."""
-        env = os.environ if env is None else env
-        kw: dict = {"redis_url": env.get("MXQ_REDIS_URL") or DEFAULT_REDIS_URL}
-        if env.get("MXQ_RETRY_SCHEDULE"):
-            kw["retry_schedule"] = parse_schedule(env["MXQ_RETRY_SCHEDULE"])
-        for name, attr, conv in (
-            ("MXQ_MAX_LIFETIME", "max_lifetime", float),
-            ("MXQ_RESULT_TTL", "result_ttl", int),
-            ("MXQ_LEASE_SECONDS", "lease_seconds", float),
-            ("MXQ_DISPATCH_STALE", "dispatch_stale", float),
-            ("MXQ_BATCH_SIZE", "batch_size", int),
-            ("MXQ_DOMAIN_CONCURRENCY", "domain_concurrency", int),
-            ("MXQ_INTAKE_THRESHOLD", "intake_threshold", int),
-            ("MXQ_TASK_SOFT_LIMIT", "soft_time_limit", float),
-            ("MXQ_TASK_HARD_LIMIT", "hard_time_limit", float),
-        ):
-            if env.get(name):
-                try:
-                    kw[attr] = conv(env[name])
-                except ValueError:
-                    raise ValueError(f"{name} must be a number, not {env[name]!r}") from None
-                if kw[attr] <= 0:
-                    raise ValueError(f"{name} must be positive, not {env[name]!r}")
-        s = cls(**kw)
+        """The queue manager's settings from the registry (``env``: that mapping alone); ValueError naming a bad one."""
+        c = registry.load(env)
+        s = cls(redis_url=c["MXQ_REDIS_URL"], retry_schedule=c["MXQ_RETRY_SCHEDULE"],
+                max_lifetime=c["MXQ_MAX_LIFETIME"], result_ttl=c["MXQ_RESULT_TTL"],
+                lease_seconds=c["MXQ_LEASE_SECONDS"], dispatch_stale=c["MXQ_DISPATCH_STALE"],
+                batch_size=c["MXQ_BATCH_SIZE"], domain_concurrency=c["MXQ_DOMAIN_CONCURRENCY"],
+                intake_threshold=c["MXQ_INTAKE_THRESHOLD"], soft_time_limit=c["MXQ_TASK_SOFT_LIMIT"],
+                hard_time_limit=c["MXQ_TASK_HARD_LIMIT"], submit_timeout=c["MXQ_SUBMIT_TIMEOUT"],
+                result_backend=c["MXQ_RESULT_BACKEND"])
         if s.hard_time_limit <= s.soft_time_limit:
-            raise ValueError("MXQ_TASK_HARD_LIMIT must be larger than MXQ_TASK_SOFT_LIMIT")
+            raise registry.ConfigError("MXQ_TASK_HARD_LIMIT", "must be larger than MXQ_TASK_SOFT_LIMIT")
         return s

@@ -83,11 +83,11 @@ Public API: ``Limits``, ``Policy`` (``parse``, ``from_env``, ``for_domain``),
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from mxq import settings as registry
 from mxq.workers.address import normalize_domain
 from mxq.workers.errors import InvalidInput
 
@@ -181,8 +181,7 @@ class Policy:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Policy":
         """The policy of ``MXQ_SHAPING`` (rules, or a file of rules); the built-in default when unset."""
-        env = os.environ if env is None else env
-        value = (env.get("MXQ_SHAPING") or "").strip()
+        value = (registry.value("MXQ_SHAPING", env) or "").strip()
         if not value:
             return cls()
         if "=" not in value:

@@ -39,10 +39,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Iterable, Mapping
 
+from mxq import settings as registry
 from mxq.workers.address import parse_address
 
 log = logging.getLogger("mxq.suppress")
@@ -55,17 +55,7 @@ OPERATOR_ENHANCED = "5.7.1"
 
 def ttl_from_env(env: Mapping[str, str] | None = None) -> int:
     """``MXQ_SUPPRESS_TTL`` in seconds (default 30 days; 0: no automatic suppression); ValueError when bad."""
-    env = os.environ if env is None else env
-    raw = (env.get("MXQ_SUPPRESS_TTL") or "").strip()
-    if not raw:
-        return DEFAULT_TTL
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"MXQ_SUPPRESS_TTL must be a whole number of seconds, not {raw!r}") from None
-    if value < 0:
-        raise ValueError(f"MXQ_SUPPRESS_TTL must be 0 (off) or positive, not {raw!r}")
-    return value
+    return registry.value("MXQ_SUPPRESS_TTL", env)
 
 
 _warned: set = set()

@@ -463,7 +463,8 @@ def run(args) -> int:
     try:
         if log_dir:
             stack.say(f"logs in {log_dir}")
-        if not os.environ.get("MXQ_REDIS_URL"):
+        from mxq import settings as registry
+        if not registry.current().is_set("MXQ_REDIS_URL"):
             stack.start_redis()
         sandbox = stack.start_sandbox() if args.sandbox else None
         stack.start_worker(args.concurrency)

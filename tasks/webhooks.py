@@ -88,7 +88,6 @@ import hmac
 import http.client
 import json
 import logging
-import os
 import time
 import urllib.error
 import urllib.parse
@@ -97,8 +96,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from mxq import settings as registry
+
 from .app import app
-from .settings import PipelineSettings, parse_schedule
+from .settings import PipelineSettings
 from .store import TRANSIENT_REDIS_ERRORS, Outcome, get_store
 
 log = logging.getLogger("mxq.webhooks")
@@ -207,35 +208,14 @@ class WebhookConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "WebhookConfig":
-        """Read the ``MXQ_WEBHOOK_*`` variables; ValueError naming a bad one."""
-        env = os.environ if env is None else env
-        url = (env.get("MXQ_WEBHOOK_URL") or "").strip()
+        """The ``MXQ_WEBHOOK_*`` settings from the registry (``mxq.settings``); ValueError naming a bad one."""
+        c = registry.load(env)
+        url = c["MXQ_WEBHOOK_URL"] or ""
         if url:
             check_url(url)
-        kw: dict = {"url": url, "secret": env.get("MXQ_WEBHOOK_SECRET") or "",
-                    "events": parse_events(env.get("MXQ_WEBHOOK_EVENTS"))}
-        if env.get("MXQ_WEBHOOK_RETRY_SCHEDULE"):
-            try:
-                kw["retry_schedule"] = parse_schedule(env["MXQ_WEBHOOK_RETRY_SCHEDULE"])
-            except ValueError:
-                raise ValueError("MXQ_WEBHOOK_RETRY_SCHEDULE must be comma-separated positive seconds, not "
-                                 f"{env['MXQ_WEBHOOK_RETRY_SCHEDULE']!r}") from None
-        for name, attr in (("MXQ_WEBHOOK_TIMEOUT", "timeout"), ("MXQ_WEBHOOK_MAX_AGE", "max_age")):
-            if env.get(name):
-                try:
-                    kw[attr] = float(env[name])
-                except ValueError:
-                    raise ValueError(f"{name} must be a number of seconds, not {env[name]!r}") from None
-                if kw[attr] <= 0:
-                    raise ValueError(f"{name} must be positive, not {env[name]!r}")
-        if env.get("MXQ_WEBHOOK_CONCURRENCY"):
-            raw = env["MXQ_WEBHOOK_CONCURRENCY"]
-            if not raw.strip().isdigit() or int(raw) < 1:
-                raise ValueError(f"MXQ_WEBHOOK_CONCURRENCY must be a positive whole number, not {raw!r}")
-            kw["concurrency"] = int(raw)
-        if kw.get("timeout", 5.0) > MAX_TIMEOUT:
-            raise ValueError(f"MXQ_WEBHOOK_TIMEOUT must be at most {MAX_TIMEOUT:g} seconds")
-        return cls(**kw)
+        return cls(url=url, secret=c["MXQ_WEBHOOK_SECRET"] or "", events=parse_events(c.raw("MXQ_WEBHOOK_EVENTS")),
+                   retry_schedule=c["MXQ_WEBHOOK_RETRY_SCHEDULE"], timeout=c["MXQ_WEBHOOK_TIMEOUT"],
+                   max_age=c["MXQ_WEBHOOK_MAX_AGE"], concurrency=c["MXQ_WEBHOOK_CONCURRENCY"])
 
 
 _cache: dict = {}
@@ -247,7 +227,8 @@ def current(*, strict: bool = True) -> WebhookConfig:
     ``strict=False`` (the delivery path, which must never fail over a
     setting): a bad configuration is logged once and means no events.
     """
-    stamp = tuple(os.environ.get(n) for n in ENV_NAMES)
+    c = registry.current()
+    stamp = tuple(c.raw(n) for n in ENV_NAMES)
     hit = _cache.get("config")
     if hit is not None and hit[0] == stamp:
         cfg, error = hit[1], hit[2]

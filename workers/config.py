@@ -1,18 +1,20 @@
-"""Engine settings read from ``MXQ_*`` environment variables.
+"""The engine's settings: ``Settings``, built from the ``MXQ_*`` registry (``mxq.settings``).
 
-``Settings.from_env()`` is the only place the engine reads the environment;
-everything else takes a ``Settings``.  Relay credentials live only here and
+``Settings.from_env()`` is the engine's view of the registry (the
+environment, and in a Django or Flask process their ``MXQ_*`` settings, see
+``mxq.settings``); everything else in the engine takes a ``Settings``.  Relay credentials live only here and
 in the relay connection: ``RelayConfig``'s repr hides the password, and no
 result, log line or task argument ever carries it.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass, field
 from typing import Mapping
 from urllib.parse import unquote, urlsplit
+
+from mxq import settings as registry
 
 from .timeouts import Timeouts
 
@@ -33,14 +35,10 @@ class RelayConfig:
     @classmethod
     def parse(cls, url: str) -> "RelayConfig":
         """Parse ``MXQ_RELAY``; raise ValueError (without echoing the password) when malformed."""
+        url = registry.REGISTRY["MXQ_RELAY"].parse(url)      # ConfigError (a ValueError) naming MXQ_RELAY
         parts = urlsplit(url)
-        if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
-            raise ValueError("MXQ_RELAY must look like smtp://user:password@host:587 or smtps://user:password@host:465")
         implicit = parts.scheme == "smtps"
-        try:
-            port = parts.port or (465 if implicit else 587)
-        except ValueError:
-            raise ValueError("MXQ_RELAY has an invalid port") from None
+        port = parts.port or (465 if implicit else 587)
         user = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password is not None else None
         return cls(host=parts.hostname, port=port, implicit_tls=implicit, username=user, password=password)
@@ -57,21 +55,8 @@ def default_helo_name() -> str:
 
 
 def parse_dns_servers(value: str) -> list[tuple[str, int]]:
-    """``host[:port],...`` (IPv6 as ``[::1]:5353``) into ``[(host, port), ...]``."""
-    servers = []
-    for item in (v.strip() for v in value.split(",")):
-        if not item:
-            continue
-        if item.startswith("["):
-            host, _, rest = item[1:].partition("]")
-            port = int(rest[1:]) if rest.startswith(":") else 53
-        elif item.count(":") == 1:
-            host, p = item.split(":")
-            port = int(p)
-        else:
-            host, port = item, 53
-        servers.append((host, port))
-    return servers
+    """``host[:port],...`` (IPv6 as ``[::1]:5353``) into ``[(host, port), ...]``; ValueError naming MXQ_DNS_SERVERS."""
+    return registry.REGISTRY["MXQ_DNS_SERVERS"].parse(value)
 
 
 @dataclass(frozen=True)
@@ -93,29 +78,17 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
-        """Read every ``MXQ_*`` variable the engine uses; raise ValueError naming a bad one."""
-        env = os.environ if env is None else env
-        relay = RelayConfig.parse(env["MXQ_RELAY"]) if env.get("MXQ_RELAY") else None
-        mode = env.get("MXQ_RELAY_MODE") or ("fallback" if relay else "never")
-        if mode not in RELAY_MODES:
-            raise ValueError(f"MXQ_RELAY_MODE must be one of {', '.join(RELAY_MODES)}, not {mode!r}")
+        """The engine's settings from the registry (``env``: that mapping alone); ValueError naming a bad one."""
+        c = registry.load(env)
+        relay = RelayConfig.parse(c.raw("MXQ_RELAY")) if c.is_set("MXQ_RELAY") else None
+        mode = c["MXQ_RELAY_MODE"] or ("fallback" if relay else "never")
         if mode == "always" and relay is None:
-            raise ValueError("MXQ_RELAY_MODE=always needs MXQ_RELAY")
-        tls = env.get("MXQ_TLS", "opportunistic")
-        if tls not in TLS_POLICIES:
-            raise ValueError(f"MXQ_TLS must be one of {', '.join(TLS_POLICIES)}, not {tls!r}")
+            raise registry.ConfigError("MXQ_RELAY_MODE", "is always, which needs MXQ_RELAY")
         kw = {}
-        if env.get("MXQ_HELO_NAME"):
-            kw["helo_name"] = env["MXQ_HELO_NAME"]
-        if env.get("MXQ_DNS_SERVERS"):
-            kw["dns_servers"] = parse_dns_servers(env["MXQ_DNS_SERVERS"])
-        for name, attr in (("MXQ_SMTP_PORT", "smtp_port"), ("MXQ_MAX_RECIPIENTS", "max_recipients"),
-                           ("MXQ_DNS_MIN_TTL", "dns_min_ttl"), ("MXQ_DNS_MAX_TTL", "dns_max_ttl"),
-                           ("MXQ_DNS_NEGATIVE_TTL", "dns_negative_ttl")):
-            if env.get(name):
-                try:
-                    kw[attr] = int(env[name])
-                except ValueError:
-                    raise ValueError(f"{name} must be an integer, not {env[name]!r}") from None
-        return cls(relay=relay, relay_mode=mode, tls=tls, timeouts=Timeouts.from_env(env),
-                   redis_url=env.get("MXQ_REDIS_URL") or None, **kw)
+        if c["MXQ_HELO_NAME"]:
+            kw["helo_name"] = c["MXQ_HELO_NAME"]
+        return cls(relay=relay, relay_mode=mode, tls=c["MXQ_TLS"], timeouts=Timeouts.from_env(env),
+                   redis_url=c.raw("MXQ_REDIS_URL"), dns_servers=c["MXQ_DNS_SERVERS"],
+                   smtp_port=c["MXQ_SMTP_PORT"], max_recipients=c["MXQ_MAX_RECIPIENTS"],
+                   dns_min_ttl=c["MXQ_DNS_MIN_TTL"], dns_max_ttl=c["MXQ_DNS_MAX_TTL"],
+                   dns_negative_ttl=c["MXQ_DNS_NEGATIVE_TTL"], **kw)

@@ -76,6 +76,8 @@ import nacl.encoding
 import nacl.exceptions
 import nacl.signing
 
+from mxq import settings as registry
+
 from .address import normalize_domain, parse_address
 from .envelope import Envelope
 from .errors import InvalidAddress, InvalidInput, InvalidMessage
@@ -246,9 +248,11 @@ class DKIMSigner:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "DKIMSigner":
         """The signer ``MXQ_DKIM`` configures (a signer without keys when it is unset or empty)."""
-        env = os.environ if env is None else env
-        path = env.get("MXQ_DKIM")
-        return cls.from_file(path) if path else cls()
+        path = registry.value("MXQ_DKIM", env)
+        try:
+            return cls.from_file(path) if path else cls()
+        except ValueError as e:         # an unreadable or malformed key map: a configuration error
+            raise registry.ConfigError("MXQ_DKIM", str(e)) from None
 
     @property
     def domains(self) -> list[str]:
@@ -361,8 +365,7 @@ def signer_from_env(env: Mapping[str, str] | None = None) -> DKIMSigner:
     For a producer that signs every message: the key file is read again only
     when its path, size or modification time changes.
     """
-    env = os.environ if env is None else env
-    path = env.get("MXQ_DKIM") or ""
+    path = registry.value("MXQ_DKIM", env) or ""
     try:
         st = os.stat(path) if path else None
         stamp = (path, st.st_mtime_ns, st.st_size) if st else (path,)

@@ -59,6 +59,8 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from mxq import settings as registry
+
 from .address import Address, parse_address, parse_sender
 from .envelope import DSN, Envelope, Recipient
 from .errors import InvalidAddress, InvalidInput, InvalidMessage
@@ -82,18 +84,8 @@ _EOL = re.compile(rb"\r\n|\n|\r")
 
 
 def max_message_size_from_env(env=None) -> int:
-    """``MXQ_MAX_MESSAGE_SIZE`` (octets) or ``DEFAULT_MAX_MESSAGE_SIZE``; ValueError when malformed."""
-    env = os.environ if env is None else env
-    value = env.get("MXQ_MAX_MESSAGE_SIZE")
-    if not value:
-        return DEFAULT_MAX_MESSAGE_SIZE
-    try:
-        size = int(value)
-    except ValueError:
-        raise ValueError(f"MXQ_MAX_MESSAGE_SIZE must be an integer number of octets, not {value!r}") from None
-    if size <= 0:
-        raise ValueError(f"MXQ_MAX_MESSAGE_SIZE must be positive, not {value!r}")
-    return size
+    """``MXQ_MAX_MESSAGE_SIZE`` (octets, ``mxq.settings``) or ``DEFAULT_MAX_MESSAGE_SIZE``; ValueError when malformed."""
+    return registry.value("MXQ_MAX_MESSAGE_SIZE", env)
 
 
 def normalize_eols(data: bytes) -> bytes:

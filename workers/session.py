@@ -44,6 +44,8 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+from mxq import settings as registry
+
 from .address import Address, parse_address, parse_sender
 from .envelope import DSN, Recipient
 from .errors import (
@@ -232,7 +234,10 @@ def sender_of(text: str | None) -> Address | None:
 
 
 def _default_helo_name() -> str:
-    return os.environ.get("MXQ_HELO_NAME") or socket.getfqdn()
+    try:
+        return registry.value("MXQ_HELO_NAME") or socket.getfqdn()
+    except registry.ConfigError:
+        return socket.getfqdn()
 
 
 class SMTPSession:

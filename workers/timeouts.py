@@ -8,9 +8,10 @@ overrides every other phase.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import Mapping
+
+from mxq import settings as registry
 
 
 @dataclass(frozen=True)
@@ -26,22 +27,10 @@ class Timeouts:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Timeouts":
-        """Defaults with ``MXQ_CONNECT_TIMEOUT`` and ``MXQ_COMMAND_TIMEOUT`` applied."""
-        env = os.environ if env is None else env
-        t = cls()
-        if env.get("MXQ_CONNECT_TIMEOUT"):
-            t = replace(t, connect=_seconds(env["MXQ_CONNECT_TIMEOUT"], "MXQ_CONNECT_TIMEOUT"))
-        if env.get("MXQ_COMMAND_TIMEOUT"):
-            s = _seconds(env["MXQ_COMMAND_TIMEOUT"], "MXQ_COMMAND_TIMEOUT")
+        """Defaults with ``MXQ_CONNECT_TIMEOUT`` and ``MXQ_COMMAND_TIMEOUT`` applied (``mxq.settings``)."""
+        c = registry.load(env)
+        t = replace(cls(), connect=c["MXQ_CONNECT_TIMEOUT"])
+        s = c["MXQ_COMMAND_TIMEOUT"]
+        if s is not None:
             t = replace(t, greeting=s, command=s, data_init=s, data_block=s, data_final=s)
         return t
-
-
-def _seconds(value: str, name: str) -> float:
-    try:
-        s = float(value)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, not {value!r}") from None
-    if not s > 0:
-        raise ValueError(f"{name} must be positive, not {value!r}")
-    return s

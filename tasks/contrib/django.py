@@ -35,16 +35,17 @@ from django.core.mail.backends.base import BaseEmailBackend
 
 from mxq.workers.errors import InvalidAddress, InvalidInput, InvalidMessage
 
-from . import config_from, submit_all
+from mxq import settings as registry
+
+from . import submit_all
 
 __all__ = ["EmailBackend", "mxq_config"]
 
 
 def mxq_config() -> dict[str, str]:
-    """The ``MXQ_*`` configuration: Django's ``MXQ_*`` settings over the environment."""
-    from django.conf import settings
-
-    return config_from({k: getattr(settings, k) for k in dir(settings) if k.startswith("MXQ_")})
+    """The ``MXQ_*`` values set in this process (Django's ``MXQ_*`` settings over the environment),
+    as environment text; ``mxq.settings.current()`` has them typed, with their origin."""
+    return registry.current().env()
 
 
 def _addr_spec(value, what: str) -> str:
@@ -100,7 +101,7 @@ class EmailBackend(BaseEmailBackend):
         if not items:
             return 0
         try:
-            ids = submit_all(items, mxq_config(), fail_silently=self.fail_silently)
+            ids = submit_all(items, fail_silently=self.fail_silently)
         except InvalidInput as e:
             # submit_many numbers the items it was given; name the message as the caller knows it.
             raise _relabel(e, positions) from None

@@ -34,6 +34,7 @@ queued); ``fail_silently=True`` returns None (``send``) or ``[]``
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Sequence
 
 from . import config_from, submit_all
@@ -57,13 +58,15 @@ class Mxq:
         from mxq.tasks.settings import PipelineSettings
         PipelineSettings.from_env(config_from(app.config))   # a malformed MXQ_* value fails at start
 
-    def _config(self) -> dict[str, str]:
-        from flask import current_app, has_app_context
+    def _context(self):
+        """The app context to submit in: the current one, else one of the app given to ``Mxq``."""
+        from flask import has_app_context
 
-        app = current_app if has_app_context() else self.app
-        if app is None:
+        if has_app_context():
+            return contextlib.nullcontext()
+        if self.app is None:
             raise RuntimeError("Mxq is not initialised: call Mxq(app) or init_app(app), or send in an app context")
-        return config_from(app.config)
+        return self.app.app_context()
 
     def send(self, message, *, sender: str | None = None, recipients: Sequence[str] | None = None,
              fail_silently: bool = False) -> str | None:
@@ -84,7 +87,8 @@ class Mxq:
     def _submit(self, messages: list, items: list, fail_silently: bool) -> list[str] | None:
         from mxq import tasks
 
-        ids = submit_all(items, self._config(), fail_silently=fail_silently)
+        with self._context():         # in this app's context the registry reads its config (mxq.settings)
+            ids = submit_all(items, fail_silently=fail_silently)
         if ids:
             for m, job in zip(messages, ids):
                 if isinstance(m, tasks.Item):
