@@ -24,10 +24,8 @@ by the scheduler.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from mxq.workers.address import parse_address
@@ -89,9 +87,9 @@ def _content(envelope) -> bytes:
 
 def build_job(item: Item, *, max_size: int, now: float) -> JobSpec:
     """Validate one item and turn it into a ``JobSpec``; raise ``InvalidMessage``."""
+    # A str is always message text, never a file name (a web app passing user text
+    # must not be able to queue /etc/passwd): a file is a pathlib.Path or an opened file.
     message = item.message
-    if isinstance(message, str) and "\n" not in message and os.path.isfile(message):
-        message = Path(message)     # a one-line str naming a file is a path, never message text
     try:
         env = prepare(message, sender=item.sender, recipients=item.recipients, dsn=_dsn(item.dsn),
                       notify=item.notify, max_size=max_size)
@@ -191,8 +189,10 @@ def submit(message, sender: str | None = None, recipients: Sequence[str] | None 
            notify: Sequence[str] | None = None) -> str:
     """Submit one message; return its job id.
 
-    ``message``: an ``email.message.EmailMessage``, bytes or str message
-    text, or a path (``pathlib.Path``, or a one-line str naming a file).
+    ``message``: an ``email.message.EmailMessage``, bytes, str message
+    text (always the text itself: ``submit("/etc/passwd")`` is refused as a
+    malformed message, it never reads that file), a ``pathlib.Path`` (read
+    here, then stored) or an opened file (binary or text mode, read here).
     ``sender`` and ``recipients`` default from the headers as in ``mxq
     deliver`` (``Sender``/``From``; ``To``, ``Cc``, ``Bcc``); ``""`` is the
     null sender.  ``dsn``: RET/ENVID (a ``DSN`` or ``{"ret": ..., "envid":

@@ -245,7 +245,8 @@ def test_submit_forms_and_dsn_options(redis_server, monkeypatch, tmp_path):
     path.write_bytes(bytes(m))
     a = tasks.submit(m, dsn={"ret": "hdrs", "envid": "E-1"}, notify=("FAILURE", "DELAY"))
     b = tasks.submit(path)                   # a pathlib.Path
-    c = tasks.submit(str(path), sender="")   # a one-line str naming a file; the null sender
+    with open(path, "rb") as f:
+        c = tasks.submit(f, sender="")       # an opened file; the null sender
     client = srv.client()
     for jid in (a, b, c):
         st = tasks.status(jid)

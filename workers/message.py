@@ -11,7 +11,10 @@ Content forms:
   endings (``SMTPUTF8`` policy when an address header holds a non-ASCII
   address, so the address survives; otherwise RFC 2047 encoding).
 - ``bytes``: the message as it would be sent (any line endings).
-- ``str``: message *text* (encoded as UTF-8), never a file name.
+- ``str``: message *text* (encoded as UTF-8), never a file name: a one-line
+  ``"/etc/passwd"`` is refused as a malformed message, not read.
+- an opened file (binary or text mode; anything with ``read()``): read here,
+  at most ``max_size`` octets (one more and it is refused as too large).
 - ``os.PathLike`` (``pathlib.Path``): a file.  Only the header block is read
   into memory; the body is scanned once in chunks (size, 8-bit data, NUL,
   line length) and streamed from the file at every delivery attempt, so a
@@ -190,8 +193,8 @@ def prepare(content, sender: str | None = None, recipients: Iterable[str | Recip
             max_size: int | None = None) -> Envelope:
     """Validate a message and build its ``Envelope``; raise ``InvalidInput`` (with ``.reason``) on bad input.
 
-    ``content``: ``EmailMessage``/``Message``, ``bytes``, ``str`` (message text)
-    or ``os.PathLike`` (a file).  ``sender``/``recipients`` override the
+    ``content``: ``EmailMessage``/``Message``, ``bytes``, ``str`` (message text,
+    never a file name), an opened file (read now) or ``os.PathLike`` (a file).  ``sender``/``recipients`` override the
     header-derived defaults.  ``notify`` (e.g. ``("SUCCESS", "FAILURE")``)
     is applied to every recipient given as a string, with ``ORCPT`` the
     address as given; ``dsn`` carries RET and ENVID.  ``max_size`` defaults
@@ -211,7 +214,7 @@ def prepare(content, sender: str | None = None, recipients: Iterable[str | Recip
         header_raw, body_offset, total = _read_file_header(path, limit)
         body = None
     else:
-        data = _content_bytes(content)
+        data = _read_file(content, limit) if _is_file(content) else _content_bytes(content)
         if len(data) > limit:
             raise InvalidMessage(f"message is {len(data)} octets, larger than the limit of {limit}")
         header_raw, body_offset = _split(data)
@@ -264,6 +267,25 @@ def prepare(content, sender: str | None = None, recipients: Iterable[str | Recip
 
 # -- content into bytes ------------------------------------------------------------------------------
 
+def _is_file(content) -> bool:
+    """An opened file (or any reader): not bytes, str or a message, and has ``read()``."""
+    return (not isinstance(content, (bytes, bytearray, memoryview, str, email.message.Message))
+            and callable(getattr(content, "read", None)))
+
+
+def _read_file(f, limit: int) -> bytes:
+    """At most ``limit + 1`` octets of an opened file (one more than allowed tells "too large")."""
+    try:
+        data = f.read(limit + 1)
+    except (OSError, ValueError) as e:      # closed, not readable, a decoding error in text mode
+        raise InvalidMessage(f"cannot read the message file: {e}") from None
+    if isinstance(data, str):
+        return _content_bytes(data)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidMessage(f"read() of the message file gave a {type(data).__name__}, not bytes or str")
+    return bytes(data)
+
+
 def _content_bytes(content) -> bytes:
     if isinstance(content, (bytes, bytearray, memoryview)):
         return bytes(content)
@@ -274,7 +296,8 @@ def _content_bytes(content) -> bytes:
             raise InvalidMessage(f"message text is not valid Unicode: {e.reason}") from None
     if isinstance(content, email.message.Message):
         return _serialize(content)
-    raise InvalidMessage(f"cannot send a {type(content).__name__}: give an EmailMessage, bytes, str or a path")
+    raise InvalidMessage(f"cannot send a {type(content).__name__}: give an EmailMessage, bytes, str (the "
+                         "message text), a pathlib.Path or an opened file")
 
 
 def _serialize(msg: email.message.Message) -> bytes:
