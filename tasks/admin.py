@@ -47,6 +47,8 @@ import re
 import sys
 import time
 
+from mxq.workers.reply import printable
+
 EX_OK = 0
 EX_DECLINED = 1
 EX_DATAERR = 65
@@ -501,7 +503,7 @@ def print_queue(doc: dict, out=None) -> None:
         rows = [("AGE", "TRIES", "NEXT", "RECIPIENT  LAST REPLY")]
         for o in doc["oldest_deferred"]:
             reply = " ".join(str(x) for x in (o["code"], o["enhanced"]) if x)
-            text = (o["text"] or "").replace("\n", " ")
+            text = printable(o["text"] or "")
             where = f" [{o['exchange']}]" if o.get("exchange") else ""
             rows.append((_duration(o["age"]), o["attempts"], "in " + _duration(o["next_attempt"] - now),
                          f"{o['recipient']}  {reply} {text}{where}".rstrip()))
@@ -650,7 +652,7 @@ def run_suppress_list(args) -> int:
         since = time.strftime("%Y-%m-%d %H:%M", time.gmtime(float(e["since"]))) if e.get("since") else "?"
         reason = " ".join(str(x) for x in (e.get("code"), e.get("enhanced"), e.get("text")) if x)
         rows.append((e["address"], e.get("source", "?"), since,
-                     _duration(e["ttl"]) if (e.get("ttl") or -1) >= 0 else "never", reason.replace("\n", " ")))
+                     _duration(e["ttl"]) if (e.get("ttl") or -1) >= 0 else "never", printable(reason)))
     _table(rows, sys.stdout)
     return EX_OK
 

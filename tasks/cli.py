@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from mxq.workers.reply import printable
+
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
@@ -436,7 +438,7 @@ def progress_line(status: dict, width: int = 30) -> str:
 
 def _detail(r: dict) -> str:
     reply = " ".join(str(x) for x in (r.get("code"), r.get("enhanced")) if x)
-    text = (r.get("text") or "").replace("\n", " ")
+    text = printable(str(r.get("text") or ""))
     where = ""
     if r.get("exchange"):
         where = f" [{r['exchange']}" + (f" {r['ip']}" if r.get("ip") else "") + ("; relay" if r.get("relay") else "") + "]"

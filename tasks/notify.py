@@ -63,6 +63,8 @@ from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from typing import Callable, Iterable, Mapping, Sequence
 
+from mxq.workers.reply import printable
+
 ACTIONS = ("failed", "delayed")
 
 #: Queue the notification task runs on (the core's routing and ``mxq worker`` consume it).
@@ -147,7 +149,7 @@ class ReportRecipient:
             action = "delayed" if state in ("deferred", "queued") else "failed"
         code = record.get("code")
         enhanced = record.get("enhanced")
-        text = (record.get("text") or "").replace("\r", " ").replace("\n", " ").strip()
+        text = printable(str(record.get("text") or "")).strip()
         if enhanced:
             status = enhanced
         elif code:
@@ -166,18 +168,21 @@ class ReportRecipient:
             remote = False
         exchange = record.get("exchange")
         return cls(address=str(record["address"]), action=action, status=status,
-                   orcpt=record.get("orcpt") or None, remote_mta=exchange or None,
+                   orcpt=record.get("orcpt") or None, remote_mta=printable(exchange) if exchange else None,
                    diagnostic=diagnostic, remote=remote,
                    last_attempt=record.get("last_attempt") or record.get("updated"),
                    will_retry_until=will_retry_until if action == "delayed" else None)
 
 
 def _fields(pairs: Iterable[tuple[str, str | None]]) -> Message:
-    """One header block of a message/delivery-status body (fields with a None value left out)."""
+    """One header block of a message/delivery-status body (fields with a None value left out).
+
+    Values are made ``printable`` (no control character from a remote reply gets in).
+    """
     block = Message(policy=email_policy.compat32)
     for name, value in pairs:
         if value is not None and value != "":
-            block[name] = value.replace("\r", " ").replace("\n", " ")
+            block[name] = printable(value)
     return block
 
 
@@ -210,7 +215,15 @@ class _ReportGenerator(BytesGenerator):
     the RFC 6533 form has the same structure (with UTF-8 allowed).
     """
 
-    _handle_message_global_delivery_status = BytesGenerator._handle_message_delivery_status
+    def _handle_message_global_delivery_status(self, msg):
+        # Its fields may hold UTF-8 (RFC 6533) even when the report's own header fields are ASCII.
+        saved = self.policy
+        if isinstance(saved, email_policy.EmailPolicy) and not saved.utf8:
+            self.policy = saved.clone(utf8=True)
+        try:
+            self._handle_message_delivery_status(msg)
+        finally:
+            self.policy = saved
 
 
 class Report(EmailMessage):
@@ -245,7 +258,13 @@ def build_report(*, sender: str, recipients: Sequence[ReportRecipient],
     is not ASCII, the report is ``report-type=global-delivery-status`` with a
     ``message/global-delivery-status`` part (``utf-8;`` address types), and
     its ``policy`` is SMTPUTF8; an original whose header section is not ASCII
-    is returned as ``message/global`` or ``message/global-headers``.
+    is returned as ``message/global`` or ``message/global-headers``.  A
+    diagnostic that is not ASCII (a server answering in UTF-8) makes the
+    status part ``message/global-delivery-status`` too (RFC 6533 allows UTF-8
+    in its fields), while the report's own header fields stay ASCII, so it
+    needs 8BITMIME but not SMTPUTF8; the text part is then quoted-printable.
+    Control characters in any value (ESC from a hostile reply) are replaced
+    with ``?`` (``mxq.workers.reply.printable``), so a report can always be built.
     Serialise with ``report.as_bytes()`` (a ``Report``).  Pure: no Redis, no
     network.
     """
@@ -260,8 +279,11 @@ def build_report(*, sender: str, recipients: Sequence[ReportRecipient],
     parsed = BytesParser(policy=email_policy.default).parsebytes(headers)
     utf8 = not sender.isascii() or any(not r.address.isascii() or not (r.orcpt or "").isascii()
                                        for r in recipients)
+    # A non-ASCII diagnostic (or remote MTA name): RFC 6533's status part, ASCII headers.
+    global_status = utf8 or any(not (r.diagnostic or "").isascii() or not (r.remote_mta or "").isascii()
+                                for r in recipients)
     policy = email_policy.SMTPUTF8 if utf8 else email_policy.SMTP
-    kind = "global-delivery-status" if utf8 else "delivery-status"
+    kind = "global-delivery-status" if global_status else "delivery-status"
 
     report = Report(policy=policy)
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{helo_name}>"
@@ -278,8 +300,8 @@ def build_report(*, sender: str, recipients: Sequence[ReportRecipient],
     report["Content-Type"] = f"multipart/report; report-type={kind}"
 
     human = EmailMessage(policy=policy)
-    human.set_content(_human_text(recipients, helo_name, delayed, parsed),
-                      cte=None if utf8 or all(r.address.isascii() for r in recipients) else "quoted-printable")
+    text = _human_text(recipients, helo_name, delayed, parsed)
+    human.set_content(text, cte=None if utf8 or text.isascii() else "quoted-printable")
     human["Content-Description"] = "Notification"
     report.attach(human)
 
@@ -301,7 +323,7 @@ def build_report(*, sender: str, recipients: Sequence[ReportRecipient],
     status = EmailMessage(policy=policy)
     status["Content-Type"] = f"message/{kind}"
     status["Content-Description"] = "Delivery report"
-    if utf8:
+    if global_status:
         status["Content-Transfer-Encoding"] = "8bit"
     status.set_payload(blocks)
     report.attach(status)
@@ -328,7 +350,7 @@ def build_report(*, sender: str, recipients: Sequence[ReportRecipient],
 def _human_text(recipients: Sequence[ReportRecipient], helo_name: str, delayed: bool,
                 parsed: Message) -> str:
     """The first part of the report, for people (after Postfix's bounce templates)."""
-    subject = parsed.get("Subject")
+    subject = printable(str(parsed.get("Subject") or "")) or None
     lines = [f"This is the mail system at host {helo_name}.", ""]
     if delayed:
         lines += ["####################################################################",

@@ -110,6 +110,8 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from mxq.workers.reply import printable
+
 from .settings import PipelineSettings
 
 PREFIX = "mxq:"
@@ -634,9 +636,13 @@ def _compact(rec: dict) -> str:
 
 
 def _record(raw) -> dict:
-    """A stored record (JSON) with its left-out fields back."""
-    rec = json.loads(raw)
-    return {**RECORD_DEFAULTS, **rec}
+    """A stored record (JSON) with its left-out fields back; its ``text`` printable (records
+    written before replies were sanitised at the source may hold control characters)."""
+    rec = {**RECORD_DEFAULTS, **json.loads(raw)}
+    text = rec["text"]
+    if text and not (isinstance(text, str) and text.isprintable()):
+        rec["text"] = printable(str(text))
+    return rec
 
 
 def _meta(values) -> dict[str, str]:

@@ -44,6 +44,7 @@ from typing import Iterable, Mapping
 
 from mxq import settings as registry
 from mxq.workers.address import parse_address
+from mxq.workers.reply import printable
 
 log = logging.getLogger("mxq.suppress")
 
@@ -115,10 +116,10 @@ def describe(entry: Mapping) -> str:
     since = entry.get("since")
     when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(float(since))) if since else "?"
     if entry.get("source") == "operator":
-        note = entry.get("text") or "added by the operator"
+        note = printable(str(entry.get("text") or "")) or "added by the operator"
         return f"suppressed since {when}: {note} (mxq suppress)"
     reply = " ".join(str(x) for x in (entry.get("code"), entry.get("enhanced")) if x)
-    text = (entry.get("text") or "").replace("\n", " ")
+    text = printable(str(entry.get("text") or ""))
     return f"suppressed since {when}: earlier permanent failure {reply} {text}".rstrip() + \
         (f" (job {entry['job']})" if entry.get("job") else "")
 

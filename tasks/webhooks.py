@@ -97,6 +97,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from mxq import settings as registry
+from mxq.workers.reply import printable
 
 from .app import app
 from .settings import PipelineSettings
@@ -250,7 +251,7 @@ def event_body(event_id: str, job: str, record: Mapping, now: float) -> str:
     return json.dumps({
         "id": event_id, "job": job, "recipient": record.get("address"), "domain": record.get("domain"),
         "state": record.get("state"), "code": record.get("code"), "enhanced": record.get("enhanced"),
-        "text": record.get("text") or "", "exchange": record.get("exchange"), "ip": record.get("ip"),
+        "text": printable(str(record.get("text") or "")), "exchange": record.get("exchange"), "ip": record.get("ip"),
         "relay": bool(record.get("relay")), "attempts": int(record.get("attempts") or 0),
         "next_attempt": record.get("next_attempt"), "timestamp": now,
     }, separators=(",", ":"))

@@ -13,6 +13,27 @@ import re
 from dataclasses import dataclass
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+#: What ``printable`` replaces: C0 controls (ESC included), DEL, C1 controls, the line and
+#: paragraph separators, and the bidirectional overrides and isolates (which reorder what a
+#: terminal or a mail reader shows).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_UNPRINTABLE_KEEP_NL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` safe to store, log, print or put in a report: every control character replaced.
+
+    Tabs and line breaks become spaces (with ``keep_newlines``, ``\\n`` stays: the line
+    separator of a multi-line reply); every other control character -- ESC, NUL, DEL,
+    the C1 range, U+2028/U+2029, bidirectional overrides -- becomes ``?`` (as Postfix's
+    ``printable()``).  Valid UTF-8 text stays as it is.
+    """
+    if text.isprintable():
+        return text
+    text = text.replace("\r\n", "\n").replace("\t", " ").replace("\r", " ")
+    if not keep_newlines:
+        text = text.replace("\n", " ")
+    return (_UNPRINTABLE_KEEP_NL if keep_newlines else _UNPRINTABLE).sub("?", text)
 
 
 @dataclass(frozen=True)
@@ -20,12 +41,18 @@ class Reply:
     """An SMTP reply: ``code`` (None for a local failure), ``enhanced`` and ``text``.
 
     ``text`` never includes the enhanced status code; multi-line replies are
-    joined with newlines.
+    joined with newlines.  It holds no other control character: whatever a
+    server sent is made ``printable`` here, once, so no ESC or NUL from a
+    remote reply reaches a record, a log line, a report or a terminal.
     """
 
     code: int | None
     text: str = ""
     enhanced: str | None = None
+
+    def __post_init__(self):
+        if not self.text.isprintable():
+            object.__setattr__(self, "text", printable(self.text, keep_newlines=True))
 
     @classmethod
     def parse(cls, code: int, message: bytes | str) -> "Reply":

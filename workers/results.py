@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import asdict, dataclass
 
+from .reply import printable
+
 
 class State(str, enum.Enum):
     """A recipient's state.  ``is_final`` says whether it can still change."""
@@ -31,7 +33,8 @@ class RecipientResult:
 
     ``exchange``/``ip`` name the server that gave the deciding reply (the relay's
     host when ``relay`` is true); ``attempts`` counts the exchanges (and relay)
-    tried for this recipient in this run.
+    tried for this recipient in this run.  ``text`` is one printable line (the
+    reply's lines joined with spaces, control characters replaced).
     """
 
     address: str
@@ -44,6 +47,10 @@ class RecipientResult:
     ip: str | None = None
     relay: bool = False
     attempts: int = 0
+
+    def __post_init__(self):
+        if self.text and not self.text.isprintable():
+            self.text = printable(self.text)
 
     def to_dict(self) -> dict:
         """JSON-ready form: the keys of ``mxq deliver --json``."""
