@@ -347,7 +347,7 @@ def _updated(rec: dict, result: dict | None, *, sender: str, now: float, deadlin
     """
     rec = dict(rec)
     if result is not None:
-        for f in ("state", "code", "enhanced", "text", "exchange", "ip", "relay"):
+        for f in ("state", "code", "enhanced", "text", "exchange", "ip", "relay", "scope"):
             rec[f] = result.get(f)
         rec["first_attempt"] = rec.get("first_attempt") or now
         rec["last_attempt"] = now
@@ -381,7 +381,7 @@ def _updated(rec: dict, result: dict | None, *, sender: str, now: float, deadlin
     return rec, event, due
 
 
-_RESULT_FIELDS = ("address", "domain", "code", "enhanced", "text", "exchange", "ip", "relay", "attempts")
+_RESULT_FIELDS = ("address", "domain", "code", "enhanced", "text", "exchange", "ip", "relay", "attempts", "scope")
 
 
 def _result_dict(r) -> dict:

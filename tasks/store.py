@@ -21,7 +21,8 @@ key                              type    contents
                                          of that domain's recipients);
                                          ``r:{index}`` one JSON record per recipient:
                                          address, domain, state, code, enhanced, text,
-                                         exchange, ip, relay, attempts, first_attempt,
+                                         exchange, ip, relay, scope (what the deciding reply
+                                         applied to: recipient, message, site), attempts, first_attempt,
                                          last_attempt, next_attempt, notify, orcpt, runs,
                                          exchanges, delay_reported.  Fields holding their
                                          default are not stored (``RECORD_DEFAULTS``,
@@ -621,6 +622,7 @@ def _dumps(obj) -> str:
 #: a fifth of its full size); readers of this module get them back (``_record``).
 #: Lua readers (``mxq.tasks.admin``) treat a missing field as null / false / 0.
 RECORD_DEFAULTS = {"code": None, "enhanced": None, "text": "", "exchange": None, "ip": None, "relay": False,
+                   "scope": None,
                    "attempts": 0, "first_attempt": None, "last_attempt": None, "next_attempt": None,
                    "notify": None, "orcpt": None, "runs": 0, "delay_reported": False}
 #: Job hash fields left out while they hold these values (filled in again on reading).

@@ -3,15 +3,30 @@
 Policy (what gets suppressed automatically)
 -------------------------------------------
 
-A recipient is suppressed when a delivery attempt ends ``bounced`` with a
-reply from a remote SMTP server (a 5xx ``code``, at RCPT or after DATA) whose
-enhanced status code is in class ``5.1.x`` -- the address itself is bad
-(5.1.1 no such mailbox, 5.1.0 other address status, 5.1.3 bad syntax, 5.1.6
-mailbox moved, ...).  Not suppressed: failures about the message or the
-policy (5.2.x mailbox full/disabled, 5.7.x policy, 5.6.x content, ...),
-replies without an enhanced code, expiries, and mxq's own local failures
-(``code`` None: null MX 5.1.10 or NXDOMAIN 5.1.2 come from DNS and say
-nothing about this mailbox; they fail again quickly anyway).  The entry is
+Only a permanent refusal of *that recipient*, by a remote SMTP server, about
+*that recipient's address*, suppresses it.  All of these must hold:
+
+- the attempt ended ``bounced`` with a 5xx ``code`` from a server;
+- the reply applied to this recipient alone (the record's ``scope`` is
+  ``recipient``: its own RCPT TO was refused, or the final reply after DATA
+  of a transaction that carried it alone -- ``mxq.workers.results``).  A MAIL
+  FROM or DATA refusal, or a final reply shared by several recipients, is
+  copied to every recipient of the transaction and says nothing about any
+  one of them: never suppressed;
+- the enhanced status says the destination mailbox address is bad
+  (``RECIPIENT_STATUSES``: 5.1.1 no such mailbox, 5.1.3 bad mailbox syntax,
+  5.1.6 mailbox moved, 5.1.10 null MX for the recipient's address).  Not
+  5.1.7 / 5.1.8 (the *sender's* address: an incident with the sending domain
+  must not suppress valid recipients for a month), not 5.1.0 (other address
+  status: sender or recipient) or 5.1.2 (the destination *domain*), not the
+  message or policy classes (5.2.x, 5.6.x, 5.7.x, ...), and not a reply
+  without an enhanced code;
+- a reply that names an address in angle brackets first (Postfix's
+  ``<addr>: Recipient address rejected: ...``) names this recipient.
+
+Expiries and mxq's own local failures (``code`` None: null MX 5.1.10 or
+NXDOMAIN 5.1.2 come from DNS and say nothing about this mailbox; they fail
+again quickly anyway) never suppress.  The entry is
 written by the release script, atomically with the bounce
 (``mxq.tasks.store``); ``MXQ_SUPPRESS_TTL=0`` turns the automatic entries off
 (entries added with ``mxq suppress add`` still apply).
@@ -39,6 +54,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Iterable, Mapping
 
@@ -90,12 +106,19 @@ def key(address: str) -> str:
     return PREFIX + normalize(address)
 
 
+#: Enhanced status codes (RFC 3463, RFC 7505) that say the recipient's mailbox address is bad.
+RECIPIENT_STATUSES = frozenset({"5.1.1", "5.1.3", "5.1.6", "5.1.10"})
+_NAMED = re.compile(r"\s*<([^<>\s]*)>")
+
+
 def should_suppress(record: Mapping) -> bool:
     """Whether a recipient record's outcome suppresses the address (the policy above)."""
     code = record.get("code")
-    enhanced = record.get("enhanced") or ""
-    return (record.get("state") == "bounced" and isinstance(code, int) and 500 <= code < 600
-            and enhanced.startswith("5.1."))
+    if not (record.get("state") == "bounced" and isinstance(code, int) and 500 <= code < 600
+            and record.get("scope") == "recipient" and record.get("enhanced") in RECIPIENT_STATUSES):
+        return False
+    named = _NAMED.match(record.get("text") or "")
+    return named is None or named.group(1).lower() == str(record.get("address") or "").lower()
 
 
 def release_arg(job: str, record: Mapping, now: float, ttl: int):

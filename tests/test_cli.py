@@ -72,7 +72,7 @@ def test_delivered_exit_0_json_and_bcc_removed(dns_server, server, message):
     assert [r["address"] for r in out["recipients"]] == ["a@ok.cli.test", "hidden@ok.cli.test"]
     for r in out["recipients"]:
         assert set(r) == {"address", "domain", "state", "code", "enhanced", "text", "exchange", "ip",
-                          "relay", "attempts"}
+                          "relay", "attempts", "scope"}
         assert (r["state"], r["code"], r["exchange"], r["ip"], r["relay"], r["attempts"]) == (
             "delivered", 250, "mx.ok.cli.test", "127.0.2.1", False, 1)
         assert r["domain"] == "ok.cli.test" and r["enhanced"] == "2.0.0"

@@ -488,7 +488,7 @@ def test_several_domains_results_in_recipient_order(dns_server, servers, setting
     assert len(two.messages) == 1
     d = results[0].to_dict()
     assert set(d) == {"address", "domain", "state", "code", "enhanced", "text", "exchange", "ip", "relay",
-                      "attempts"} and d["state"] == "delivered"
+                      "attempts", "scope"} and d["state"] == "delivered"
 
 
 def test_dsn_parameters_reach_the_server(dns_server, servers, settings, resolver):

@@ -57,9 +57,24 @@ def received(sink) -> list[str]:
 
 
 # ------------------------------------------------------------------ the policy, pure
+R = {"address": "bob@sup.test", "scope": "recipient"}
+
+
 @pytest.mark.parametrize("record, expected", [
     ({"state": "bounced", "code": 550, "enhanced": "5.1.1"}, True),
-    ({"state": "bounced", "code": 554, "enhanced": "5.1.0"}, True),
+    ({"state": "bounced", "code": 550, "enhanced": "5.1.1", "text": "<Bob@sup.test>: User unknown"}, True),
+    ({"state": "bounced", "code": 550, "enhanced": "5.1.10", "text": "recipient has a null MX"}, True),
+    ({"state": "bounced", "code": 553, "enhanced": "5.1.3"}, True),
+    ({"state": "bounced", "code": 551, "enhanced": "5.1.6"}, True),
+    ({"state": "bounced", "code": 550, "enhanced": "5.1.1", "scope": "message"}, False),   # MAIL/DATA, shared
+    ({"state": "bounced", "code": 550, "enhanced": "5.1.1", "scope": "site"}, False),
+    ({"state": "bounced", "code": 550, "enhanced": "5.1.1", "scope": None}, False),        # scope unknown
+    ({"state": "bounced", "code": 550, "enhanced": "5.1.8"}, False),       # the sender's address
+    ({"state": "bounced", "code": 550, "enhanced": "5.1.7"}, False),       # the sender's address syntax
+    ({"state": "bounced", "code": 554, "enhanced": "5.1.0"}, False),       # other address status: whose?
+    ({"state": "bounced", "code": 550, "enhanced": "5.1.2"}, False),       # the destination domain
+    ({"state": "bounced", "code": 550, "enhanced": "5.1.1",                # names another address
+      "text": "<shop@src.sup.test>: Sender address rejected: User unknown"}, False),
     ({"state": "bounced", "code": 550, "enhanced": "5.7.1"}, False),       # policy: not the address
     ({"state": "bounced", "code": 552, "enhanced": "5.2.2"}, False),       # mailbox full
     ({"state": "bounced", "code": 550, "enhanced": None}, False),          # no enhanced code: unsure
@@ -69,7 +84,7 @@ def received(sink) -> list[str]:
     ({"state": "delivered", "code": 250, "enhanced": "2.1.5"}, False),
 ])
 def test_policy(record, expected):
-    assert suppress.should_suppress(record) is expected
+    assert suppress.should_suppress({**R, **record}) is expected
 
 
 def test_normalisation_and_ttl_setting():
@@ -92,8 +107,9 @@ def test_release_writes_the_entry_only_with_the_record(redis_server, monkeypatch
                   max_size=10**6, now=1000.0)
     st.submit([j], now=1000.0)
     (it,) = st.claim(DOMAIN, "tok", now=1000.0)
-    gone = dict(it.records[0], state="bounced", code=550, enhanced="5.1.1", text="User unknown")
-    policy = dict(it.records[1], state="bounced", code=550, enhanced="5.7.1", text="not allowed")
+    gone = dict(it.records[0], state="bounced", code=550, enhanced="5.1.1", text="User unknown", scope="recipient")
+    policy = dict(it.records[1], state="bounced", code=550, enhanced="5.7.1", text="not allowed",
+                  scope="recipient")
     st.release("tok", DOMAIN, [Outcome(it.wid, [("0", gone, ""), ("1", policy, "")])], now=1001.0)
     entry = json.loads(st.r.get("mxq:suppress:gone@sup.test"))
     assert entry == {"address": "gone@sup.test", "code": 550, "enhanced": "5.1.1", "text": "User unknown",
@@ -188,3 +204,53 @@ def test_operator_entry_and_submit_many(pipeline, sink):
     p.wait_done(ids, timeout=30)
     assert received(sink) == ["free2@sup.test", "free@sup.test"]
     wait_until(lambda: client.llen("mxq:ready:" + DOMAIN) == 0, 5, "the lane to drain")
+
+
+# ------------------------------------------------------------------ only that recipient's own refusal
+SENDER_IP, DOT_IP = "127.0.72.11", "127.0.72.12"
+
+
+@pytest.fixture(scope="module")
+def sender_trouble(dns_server):
+    """snd.sup.test refuses every MAIL FROM for the sender's domain (5.1.8); its RCPT rules refuse
+    'sndrcpt*' for the sender (Postfix's smtpd_delay_reject) and 'other*' naming another address;
+    dot.sup.test accepts every RCPT and refuses after DATA with 5.1.1."""
+    dns_server.add({"snd.sup.test": {"MX": [[10, "mx.snd.sup.test"]]}, "mx.snd.sup.test": {"A": [SENDER_IP]},
+                    "rcpt.sup.test": {"MX": [[10, "mx.rcpt.sup.test"]]}, "mx.rcpt.sup.test": {"A": [IP]},
+                    "dot.sup.test": {"MX": [[10, "mx.dot.sup.test"]]}, "mx.dot.sup.test": {"A": [DOT_IP]}})
+    snd = start_server(SENDER_IP, 25, Behaviour(
+        hostname="mx.snd.sup.test", mail_reply="553 5.1.8 <shop@src.sup.test>: Sender address rejected: "
+                                               "Domain not found"))
+    dot = start_server(DOT_IP, 25, Behaviour(hostname="mx.dot.sup.test",
+                                             data_reply="550 5.1.1 Recipient address rejected after DATA"))
+    yield snd, dot
+    snd.stop()
+    dot.stop()
+
+
+def test_sender_and_message_refusals_never_suppress_recipients(pipeline, sink, sender_trouble):
+    """MAIL FROM refused 5.1.8 (copied to every recipient), a RCPT refused about the sender (5.1.8 at
+    RCPT time), a reply naming another address, a final reply shared by two recipients: all bounce,
+    none is suppressed.  The final reply of a one-recipient transaction with 5.1.1 is that recipient's."""
+    sink.rules.update({"sndrcpt": "550 5.1.8 <shop@src.sup.test>: Sender address rejected: Domain not found",
+                       "other": "550 5.1.1 <someone.else@elsewhere.test>: Recipient address rejected"})
+    p = pipeline()
+    p.worker(concurrency=1)
+    jobs = [tasks.submit(message("a@snd.sup.test", "s1"), recipients=["a@snd.sup.test", "b@snd.sup.test"]),
+            tasks.submit(message("sndrcpt.c@sup.test", "s2"),
+                         recipients=["sndrcpt.c@rcpt.sup.test", "other.d@rcpt.sup.test"]),
+            tasks.submit(message("e@dot.sup.test", "s3"), recipients=["e@dot.sup.test", "f@dot.sup.test"]),
+            tasks.submit(message("g@dot.sup.test", "s4"))]
+    p.wait_done(jobs, timeout=30)
+    recs = {r["address"]: r for j in jobs for r in tasks.status(j)["recipients"]}
+    assert {a: (r["state"], r["enhanced"]) for a, r in recs.items()} == {
+        "a@snd.sup.test": ("bounced", "5.1.8"), "b@snd.sup.test": ("bounced", "5.1.8"),
+        "sndrcpt.c@rcpt.sup.test": ("bounced", "5.1.8"), "other.d@rcpt.sup.test": ("bounced", "5.1.1"),
+        "e@dot.sup.test": ("bounced", "5.1.1"), "f@dot.sup.test": ("bounced", "5.1.1"),
+        "g@dot.sup.test": ("bounced", "5.1.1")}
+    client = p.redis.client()
+    assert client.keys("mxq:suppress:*") == [b"mxq:suppress:g@dot.sup.test"]
+    # the same recipients submitted again are tried again, not suppressed
+    again = tasks.submit(message("b@snd.sup.test", "s5"), recipients=["b@snd.sup.test", "f@dot.sup.test"])
+    assert [r["state"] for r in tasks.status(again)["recipients"]] == ["queued", "queued"]
+    p.wait_done([again], timeout=30)

@@ -167,6 +167,7 @@ class _Rcpt:
     state: State | None = None        # None while pending
     reply: Reply | None = None
     route: _Route | None = None       # the server that gave ``reply``
+    scope: Scope | None = None        # what ``reply`` applied to (RecipientResult.scope)
     attempts: int = 0
     tried_on: int = -1                # id of the connection where it got its last verdict
 
@@ -234,14 +235,15 @@ class _Run:
                                    delay=time.monotonic() - self.started, queue_id=env.id))
 
     def settle(self, rcpt: _Rcpt, state: State | None, reply: Reply, route: _Route | None, *,
-               weak: bool = False, unreached: bool = False) -> None:
+               weak: bool = False, unreached: bool = False, scope: Scope | None = None) -> None:
         """Record a verdict (``state`` None: still pending) and log it.
 
         A ``weak`` reply (a skipped host) never replaces a reply a server gave;
-        ``unreached`` logs ``relay=none`` (no server was talked to).
+        ``unreached`` logs ``relay=none`` (no server was talked to).  ``scope``:
+        what the reply applied to (None: a local decision, no server's reply).
         """
         if not (weak and rcpt.reply is not None and rcpt.reply.code is not None):
-            rcpt.reply, rcpt.route = reply, route
+            rcpt.reply, rcpt.route, rcpt.scope = reply, route, scope
         rcpt.state = state
         status = {State.DELIVERED: "sent", State.BOUNCED: "bounced"}.get(state, "deferred")
         self.log(rcpt, None if (weak or unreached) else route, reply, status)
@@ -331,7 +333,9 @@ class _Run:
         return RecipientResult(
             address=r.address, domain=r.parsed.domain, state=r.state, code=reply.code,
             enhanced=reply.dsn, text=reply.text, exchange=route.name if route else None,
-            ip=route.ip if route else None, relay=bool(route and route.relay), attempts=r.attempts)
+            ip=route.ip if route else None, relay=bool(route and route.relay), attempts=r.attempts,
+            scope=r.scope.value if r.scope is not None and reply.code is not None
+            and r.state is not State.DELIVERED else None)
 
     # -- one server ------------------------------------------------------------------------------
 
@@ -362,7 +366,7 @@ class _Run:
             self.unconfirmed = None                 # their outcome is unknown: pending, settled below
             state = State.BOUNCED if f.hard and route.final else None
             for r in self.pending():
-                self.settle(r, state, f.reply, route, unreached=f.unreached)
+                self.settle(r, state, f.reply, route, unreached=f.unreached, scope=Scope.SITE)
         finally:
             session.disconnect()
 
@@ -429,7 +433,7 @@ class _Run:
                 break        # too many recipients: the rest go in the next transaction
             r.tried_on = conn
             # Anything but a 5xx (including an odd 2xx/3xx) leaves the recipient pending.
-            self.settle(r, State.BOUNCED if reply.is_permanent() else None, reply, route)
+            self.settle(r, State.BOUNCED if reply.is_permanent() else None, reply, route, scope=Scope.RECIPIENT)
 
         if not accepted:
             self.reset(session, route)
@@ -506,7 +510,7 @@ class _Run:
             if reply.code == 452 and accepted:
                 continue                      # too many recipients: this one goes in the next transaction
             r.tried_on = conn
-            self.settle(r, State.BOUNCED if reply.is_permanent() else None, reply, route)
+            self.settle(r, State.BOUNCED if reply.is_permanent() else None, reply, route, scope=Scope.RECIPIENT)
         data = tx.data
         if not accepted:
             if data is not None and data.code == 421:
@@ -550,8 +554,11 @@ class _Run:
             raise _SiteFailure(reply)     # the accepted ones are pending: they move on
         else:
             state = None if reply.is_transient() else State.BOUNCED
+        # The final reply of a transaction that carried one recipient is about that
+        # recipient alone (as LMTP's per-recipient replies); shared, it is the message's.
+        scope = Scope.RECIPIENT if len(accepted) == 1 else Scope.MESSAGE
         for r in accepted:
-            self.settle(r, state, reply, route)
+            self.settle(r, state, reply, route, scope=scope)
 
     def message_failure(self, session, exc, route, job, rcpts, conn, reset: bool) -> None:
         """A MAIL or DATA refusal: soft -> those recipients move on; hard -> they bounce."""
@@ -561,7 +568,7 @@ class _Run:
         state = None if trouble.transient else State.BOUNCED
         for r in rcpts:
             r.tried_on = conn
-            self.settle(r, state, trouble.reply, route)
+            self.settle(r, state, trouble.reply, route, scope=Scope.MESSAGE)
         if reset and session.connected:
             self.reset(session, route)
 

@@ -33,7 +33,12 @@ class RecipientResult:
 
     ``exchange``/``ip`` name the server that gave the deciding reply (the relay's
     host when ``relay`` is true); ``attempts`` counts the exchanges (and relay)
-    tried for this recipient in this run.  ``text`` is one printable line (the
+    tried for this recipient in this run.  ``scope`` says what that server's
+    reply applied to (``mxq.workers.errors.Scope``): ``"recipient"`` (its RCPT
+    TO, or the final reply of a transaction that carried this recipient
+    alone), ``"message"`` (MAIL FROM, DATA, or a final reply shared by several
+    recipients), ``"site"`` (the connection: greeting, EHLO, TLS, a drop);
+    None when delivered, or when no server's reply decided (DNS, local failures).  ``text`` is one printable line (the
     reply's lines joined with spaces, control characters replaced).
     """
 
@@ -47,6 +52,7 @@ class RecipientResult:
     ip: str | None = None
     relay: bool = False
     attempts: int = 0
+    scope: str | None = None
 
     def __post_init__(self):
         if self.text and not self.text.isprintable():
