@@ -106,7 +106,7 @@ def build_job(item: Item, *, max_size: int, now: float) -> JobSpec:
     for i, r in enumerate(env.recipients):
         domain = parse_address(r.address).ascii_domain      # IDNA A-label, lower case (normalize_domain)
         by_domain.setdefault(domain, []).append(str(i))
-        records.append({"address": r.address, "domain": domain, "state": "queued", "code": None,
+        records.append({"address": r.address, "domain": domain, "state": "queued", "code": None, "scope": None,
                         "enhanced": None, "text": "", "exchange": None, "ip": None, "relay": False,
                         "attempts": 0, "first_attempt": None, "last_attempt": None, "next_attempt": None,
                         "notify": list(r.notify) if r.notify else None, "orcpt": r.orcpt, "runs": 0,
