@@ -355,7 +355,7 @@ _define("MXQ_SUPPRESS_TTL", integer(0), 2592000,
         "A recipient refused permanently (5.1.x) is suppressed this long (seconds; 0: never automatically).",
         group="pipeline")
 _define("MXQ_BEAT_SCHEDULE", text_kind("path"), None,
-        "mxq scheduler's state file.", group="pipeline", default_text="mxq-celerybeat-schedule in the temp dir")
+        "mxq scheduler touches this file after every tick (health checks read its age).", group="pipeline", default_text="mxq-celerybeat-schedule in the temp dir")
 _define("MXQ_LOG_LEVEL", choice("debug", "info", "warning", "error"), "info",
         "Log level of mxq worker and mxq scheduler (info shows one line per delivery attempt).",
         group="pipeline")

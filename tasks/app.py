@@ -1,4 +1,4 @@
-"""The Celery app: broker, serialization, queues, limits and beat's schedule.
+"""The Celery app: broker, serialization, queues and limits.
 
 ``celery -A mxq.tasks worker`` finds it as ``mxq.tasks.app``.  Everything comes from
 ``PipelineSettings.from_env()`` (``MXQ_REDIS_URL`` and friends); nothing
@@ -6,38 +6,99 @@ secret is in this configuration, so Celery's start-up banner and Flower show
 no credential (relay credentials are read by the engine's ``Settings`` in the
 worker only).
 
+A good citizen in someone else's Celery project: the app is never Celery's
+current or default app (``set_as_current=False``; nothing here calls
+``set_current``), so an application's own ``@shared_task`` and ``Celery()``
+keep their broker whatever mxq does; mxq's tasks are not shared with other
+apps (``MxqCelery.task``); its worker signal handlers act only in mxq's own
+worker processes (``only_ours``); and every queue and task name carries the
+``mxq`` prefix, so an application whose Celery shares the Redis database
+never consumes mxq's work, nor mxq its.
+
 One queue per role, so a flood in one cannot starve another:
 
-- ``intake``        -- ``mxq.intake``: splitting large stored batches by domain;
-                       ``mxq.fanout``: publishing a large batch's wake-up tasks
-- ``delivery``      -- ``mxq.deliver``: SMTP delivery, one domain per task
-- ``notifications`` -- ``mxq.notify``: delivery status reports to senders
-- ``scheduling``    -- ``mxq.schedule``: the scheduler tick, every second (beat)
+- ``mxq.intake``        -- ``mxq.intake``: splitting large stored batches by domain;
+                           ``mxq.fanout``: publishing a large batch's wake-up tasks
+- ``mxq.delivery``      -- ``mxq.deliver``: SMTP delivery, one domain per task
+- ``mxq.notifications`` -- ``mxq.notify``: delivery status reports to senders;
+                           ``mxq.webhook``: outcome events
+
+The scheduler tick is not a task: ``mxq scheduler`` runs it in its own loop
+(``mxq.tasks.scheduler.run_forever``), so Flower's task list shows deliveries,
+not a tick a second.  (``mxq.schedule`` stays registered, routed to the intake
+queue, for anyone who calls it.)
 """
 
 from __future__ import annotations
 
-from celery import Celery, signals
+import functools
+
+from celery import Celery, Task, signals
 from kombu import Exchange, Queue
 
 from .settings import PipelineSettings
 
-QUEUES = ("intake", "delivery", "notifications", "scheduling")
+INTAKE, DELIVERY, NOTIFICATIONS = "mxq.intake", "mxq.delivery", "mxq.notifications"
+QUEUES = (INTAKE, DELIVERY, NOTIFICATIONS)
 
 ROUTES = {
-    "mxq.intake": {"queue": "intake"},
-    "mxq.fanout": {"queue": "intake"},
-    "mxq.deliver": {"queue": "delivery"},
-    "mxq.notify": {"queue": "notifications"},
-    "mxq.schedule": {"queue": "scheduling"},
-    "mxq.webhook": {"queue": "notifications"},
+    "mxq.intake": {"queue": INTAKE},
+    "mxq.fanout": {"queue": INTAKE},
+    "mxq.deliver": {"queue": DELIVERY},
+    "mxq.notify": {"queue": NOTIFICATIONS},
+    "mxq.schedule": {"queue": INTAKE},
+    "mxq.webhook": {"queue": NOTIFICATIONS},
 }
+
+
+def readable_args(name: str, args) -> str | None:
+    """What Flower shows as a task's arguments: the domain of a delivery, counts for batches
+    (never hundreds of job ids).  None: Celery's own repr."""
+    if not args:
+        return None
+    first = args[0]
+    if name == "mxq.intake" and isinstance(first, (list, tuple)):
+        return f"({len(first)} jobs)"
+    if name == "mxq.fanout" and isinstance(first, (list, tuple)):
+        tasks = sum(int(n) for _, n in first)
+        return f"({len(first)} lanes, {tasks} tasks)"
+    return None
+
+
+class MxqTask(Task):
+    """mxq's task base: readable arguments in Flower (``readable_args``)."""
+
+    def apply_async(self, args=None, kwargs=None, **options):
+        if "argsrepr" not in options:
+            shown = readable_args(self.name, args)
+            if shown is not None:
+                options["argsrepr"] = shown
+        return super().apply_async(args, kwargs, **options)
+
+
+class MxqCelery(Celery):
+    """mxq's Celery app class: never made the current app, its tasks never shared with other apps.
+
+    ``@app.task`` defaults to ``shared=False``: a shared task is added to
+    every Celery app the process creates, so the application's own app would
+    carry ``mxq.deliver`` and friends.
+    """
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("set_as_current", False)
+        kw.setdefault("task_cls", MxqTask)
+        super().__init__(*args, **kw)
+
+    def task(self, *args, **opts):
+        """``Celery.task`` with ``shared=False`` unless given."""
+        opts.setdefault("shared", False)
+        return super().task(*args, **opts)
 
 
 def make_app(settings: PipelineSettings | None = None) -> Celery:
     """Build the Celery app for ``settings`` (default: the environment)."""
     s = settings or PipelineSettings.from_env()
-    app = Celery("mxq", include=["mxq.tasks.graph"])
+    app = MxqCelery("mxq", include=["mxq.tasks.graph"])
     app.conf.update(
         broker_url=s.redis_url,
         result_backend=s.result_backend or s.redis_url,
@@ -77,19 +138,9 @@ def make_app(settings: PipelineSettings | None = None) -> Celery:
             # redelivered task names only a lane, so a late copy does no harm.
             "visibility_timeout": int(2 * s.hard_time_limit),
         },
-        task_default_queue="delivery",
+        task_default_queue=DELIVERY,
         task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES],
         task_routes=ROUTES,
-        # The scheduler: one tick a second on its own queue.  A tick that
-        # waited more than a few seconds is dropped (the next one does the
-        # same work), so a stopped worker does not come back to a pile of ticks.
-        beat_schedule={
-            "mxq-schedule": {
-                "task": "mxq.schedule",
-                "schedule": 1.0,
-                "options": {"queue": "scheduling", "expires": 5},
-            },
-        },
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     return app
@@ -111,12 +162,39 @@ _settings, config_error = _settings_or_error()
 app = make_app(_settings)
 
 
-@signals.worker_init.connect
-@signals.beat_init.connect
+def is_ours(sender=None) -> bool:
+    """True when a Celery signal comes from one of mxq's own worker (or beat) processes.
+
+    ``sender`` is the worker or beat service (it has ``.app``); pool process
+    signals have no sender, and there the worker has made its app current.
+    """
+    owner = getattr(sender, "app", None)
+    if owner is None:
+        from celery import current_app
+        owner = current_app._get_current_object()
+    return owner is app
+
+
+def only_ours(handler):
+    """A worker signal handler that runs only in mxq's own workers, never in the application's
+    (which may import ``mxq.tasks`` to send mail from its own tasks)."""
+    @functools.wraps(handler)
+    def wrapper(sender=None, **kw):
+        if is_ours(sender):
+            return handler(sender=sender, **kw)
+        return None
+    return wrapper
+
+
+@only_ours
 def _refuse_bad_config(**_):
     """A worker or scheduler never runs on defaults that replaced a malformed setting."""
     if config_error:
         raise SystemExit(f"mxq: {config_error}")
+
+
+signals.worker_init.connect(_refuse_bad_config, weak=False)
+signals.beat_init.connect(_refuse_bad_config, weak=False)
 
 
 def bind(settings: PipelineSettings) -> None:

@@ -8,7 +8,8 @@ are defined here:
 - ``mxq status JOB``        the job and its recipients (a table, or ``--json``).
 - ``mxq worker``            a Celery worker consuming mxq's queues (extra
   options go to ``celery worker``).
-- ``mxq scheduler``         Celery beat running mxq's schedule.
+- ``mxq scheduler``         the scheduler: mxq's tick, once a second, in a loop of
+  its own (not Celery beat: no task a second in Flower).
 - ``mxq flower``            Flower, the Celery monitor (extra options go to it).
 - ``mxq up``                the whole stack on one machine, in the foreground
   (``mxq.tasks.up``).
@@ -49,7 +50,7 @@ EX_CONFIG = 78
 DEFAULT_WAIT_TIMEOUT = 600.0
 
 #: Sub-commands whose unknown options are passed through to Celery / Flower.
-PASSTHROUGH = ("worker", "scheduler", "flower")
+PASSTHROUGH = ("worker", "flower")
 
 #: States that never change again (as ``mxq.tasks.store.FINAL_STATES``): ``suppressed`` is refused at
 #: submission (``mxq.tasks.suppress``), ``dropped`` given up by the operator (``mxq queue drop``).
@@ -115,12 +116,21 @@ def _add_worker(sub) -> None:
 
 
 def _add_scheduler(sub) -> None:
-    p = sub.add_parser("scheduler", help="run Celery beat with mxq's schedule", allow_abbrev=False,
-                       description="Run `celery -A mxq.tasks beat`: the periodic tasks that release "
-                                   "deferred mail.  Run exactly one.  The schedule state file is "
-                                   "$MXQ_BEAT_SCHEDULE (default: in the temporary directory); other "
-                                   "options are passed to celery beat.")
-    p.set_defaults(run=run_scheduler, passthrough=True)
+    p = sub.add_parser("scheduler", help="run the scheduler (releases deferred mail, recovers lost work)",
+                       description="Run mxq's scheduler: once a second one atomic step in Redis moves due "
+                                   "deferred mail and the work of dead workers back to the ready lists and "
+                                   "re-publishes tasks for quiet domains.  Run one (a second one is harmless).  "
+                                   "It touches its heartbeat file (--schedule, $MXQ_BEAT_SCHEDULE) after "
+                                   "every tick, for health checks.")
+    p.add_argument("-s", "--schedule", metavar="PATH",
+                   help="heartbeat file (default $MXQ_BEAT_SCHEDULE, else mxq-celerybeat-schedule in the "
+                        "temporary directory)")
+    p.add_argument("-l", "--loglevel", metavar="LEVEL", type=str.lower,
+                   choices=("debug", "info", "warning", "error", "critical"),
+                   help="log level (default $MXQ_LOG_LEVEL, info)")
+    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="seconds between ticks (1)")
+    p.add_argument("--pidfile", metavar="PATH", default="", help="write the process id there ('' : none)")
+    p.set_defaults(run=run_scheduler)
 
 
 def _add_flower(sub) -> None:
@@ -484,22 +494,41 @@ def default_queues() -> list[str]:
     return names
 
 
+def _given(extra: list[str], short: str, long: str) -> bool:
+    """True when EXTRA sets an option: ``-Q x``, ``-Qx``, ``--queues x`` or ``--queues=x``."""
+    return any(a in (short, long) or a.startswith(long + "=") or (a.startswith(short) and not a.startswith("--"))
+               for a in extra)
+
+
 def worker_argv(extra: list[str]) -> list[str]:
-    """The ``celery worker`` command line for ``mxq worker EXTRA``."""
+    """The ``celery worker`` command line for ``mxq worker EXTRA``.
+
+    Defaults, each unless EXTRA gives its own: mxq's queues (``-Q``); a node
+    name of its own, ``mxq-<pid>@<host>`` (two workers on one host are two
+    nodes in Flower, and remote-control replies never mix); the log level
+    ``MXQ_LOG_LEVEL`` (info: one line per delivery attempt).
+    """
     argv = ["worker"]
-    if not any(a in ("-Q", "--queues") or a.startswith(("--queues=", "-Q")) for a in extra):
+    if not _given(extra, "-Q", "--queues"):
         argv += ["-Q", ",".join(default_queues())]
+    if not _given(extra, "-n", "--hostname"):
+        argv += ["--hostname", f"mxq-{os.getpid()}@%h"]
+    if not _given(extra, "-l", "--loglevel"):
+        from mxq import settings as registry
+        argv += ["--loglevel", registry.value("MXQ_LOG_LEVEL").upper()]
     return celery_argv(*argv, *extra)
 
 
 def scheduler_argv(extra: list[str]) -> list[str]:
-    """The ``celery beat`` command line for ``mxq scheduler EXTRA``."""
-    argv = ["beat"]
-    if not any(a in ("-s", "--schedule") or a.startswith(("--schedule=", "-s")) for a in extra):
-        from mxq import settings as registry
-        path = registry.value("MXQ_BEAT_SCHEDULE") or os.path.join(tempfile.gettempdir(), "mxq-celerybeat-schedule")
-        argv += ["--schedule", path]
-    return celery_argv(*argv, *extra)
+    """The command line of ``mxq scheduler EXTRA`` (for a supervisor such as ``mxq up``)."""
+    return [sys.executable, "-m", "mxq.tasks.cli", "scheduler", *extra]
+
+
+def heartbeat_path(given: str | None = None) -> str:
+    """The scheduler's heartbeat file: ``given``, else ``MXQ_BEAT_SCHEDULE``, else in the temp directory."""
+    from mxq import settings as registry
+    return given or registry.value("MXQ_BEAT_SCHEDULE") or os.path.join(tempfile.gettempdir(),
+                                                                        "mxq-celerybeat-schedule")
 
 
 def flower_argv(extra: list[str]) -> list[str]:
@@ -530,8 +559,46 @@ def run_worker(args) -> int:
 
 
 def run_scheduler(args) -> int:
-    """``mxq scheduler``: exec ``celery -A mxq.tasks beat --schedule $MXQ_BEAT_SCHEDULE ...``."""
-    return _exec(scheduler_argv(args.extra))
+    """``mxq scheduler``: the tick once a second until SIGTERM/SIGINT (``scheduler.run_forever``)."""
+    import logging
+    import signal
+    import threading
+
+    from mxq import settings as registry
+    from mxq.tasks import scheduler
+
+    if args.interval <= 0:
+        print("mxq scheduler: --interval must be positive", file=sys.stderr)
+        return EX_USAGE
+    level = (args.loglevel or registry.value("MXQ_LOG_LEVEL")).upper()
+    logging.basicConfig(level=level, format="[%(asctime)s: %(levelname)s/scheduler] %(message)s")
+    path = heartbeat_path(args.schedule)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def touch(ok: bool) -> None:
+        if ok:
+            try:
+                with open(path, "a"):
+                    os.utime(path)
+            except OSError as e:
+                logging.getLogger("mxq.scheduler").warning("cannot touch the heartbeat file %s: %s", path, e)
+
+    touch(True)
+    if args.pidfile:
+        with open(args.pidfile, "w") as f:
+            f.write(f"{os.getpid()}\n")
+    from mxq.tasks.app import app
+    log = logging.getLogger("mxq.scheduler")
+    log.info("mxq scheduler ready: pid %d, a tick every %g s on %s, heartbeat %s", os.getpid(), args.interval,
+             registry.current().shown("MXQ_REDIS_URL"), path)
+    try:
+        scheduler.run_forever(args.interval, stop, on_tick=touch)
+    finally:
+        app.pool.force_close_all()
+    log.info("mxq scheduler stopped")
+    return EX_OK
 
 
 def run_flower(args) -> int:

@@ -22,12 +22,12 @@ nothing but time.
                more ready items -> publish more mxq.deliver
     mxq.notify()  [notifications]: claim report items, group by job and event,
                mxq.tasks.notify.send_reports(...) submits the RFC 3464 report as a new job
-    mxq.schedule()  [scheduling, beat every second]: one atomic script --
+    mxq scheduler (a loop, not a task; mxq.schedule does the same): one atomic script --
                expired leases -> front of their lane, due deferred -> back of
                their lane, quiet lanes with ready work -> tasks re-published,
                stalled intake -> mxq.intake re-published
 
-Queues: ``intake``, ``delivery``, ``notifications``, ``scheduling`` (see ``mxq.tasks.app``).
+Queues: ``mxq.intake``, ``mxq.delivery``, ``mxq.notifications`` (see ``mxq.tasks.app``).
 Retries: only Redis connection errors (``TRANSIENT_REDIS_ERRORS``), a few
 times with a short back-off; never a blanket autoretry, never a long
 countdown (the deferred queue is a Redis ZSET, not ETA tasks).
@@ -48,7 +48,7 @@ from mxq.workers.envelope import DSN, Envelope, Recipient
 from mxq.workers.results import RecipientResult
 
 from . import metrics, shaping
-from .app import app
+from .app import app, only_ours
 from .hoststatus import RedisHostStatus
 from .settings import PipelineSettings
 from .store import FINAL_STATES, REPORT_LANE, TRANSIENT_REDIS_ERRORS, Claimed, Outcome, Store, get_store
@@ -61,7 +61,7 @@ _RETRY = dict(autoretry_for=TRANSIENT_REDIS_ERRORS, max_retries=3, retry_backoff
 
 # A worker refuses to start with a bad MXQ_SHAPING or MXQ_METRICS_PORT, and
 # serves /metrics from its main process when MXQ_METRICS_PORT is set.
-worker_init.connect(shaping.check_on_worker_init, weak=False)
+worker_init.connect(only_ours(shaping.check_on_worker_init), weak=False)
 metrics.connect_signals()
 
 

@@ -439,6 +439,8 @@ def on_process_shutdown(**_kw) -> None:
 def connect_signals() -> None:
     """Connect the handlers above to Celery's worker signals (done by ``mxq.tasks.graph``)."""
     from celery import signals
-    signals.worker_init.connect(on_worker_init, weak=False)
-    signals.worker_shutdown.connect(on_worker_shutdown, weak=False)
-    signals.worker_process_shutdown.connect(on_process_shutdown, weak=False)
+
+    from .app import only_ours       # never in the application's own workers
+    signals.worker_init.connect(only_ours(on_worker_init), weak=False)
+    signals.worker_shutdown.connect(only_ours(on_worker_shutdown), weak=False)
+    signals.worker_process_shutdown.connect(only_ours(on_process_shutdown), weak=False)

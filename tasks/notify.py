@@ -68,7 +68,7 @@ from mxq.workers.reply import printable
 ACTIONS = ("failed", "delayed")
 
 #: Queue the notification task runs on (the core's routing and ``mxq worker`` consume it).
-QUEUE = "notifications"
+QUEUE = "mxq.notifications"
 
 
 def wants_report(sender: str | None, notify: Sequence[str] | None, action: str) -> bool:

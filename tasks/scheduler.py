@@ -16,8 +16,10 @@ Then the tasks it asked for are published.  Because each step is a single
 script that moves what it takes, ticks from several beat instances or
 workers at once do the same work once; a tick is idempotent.
 
-``mxq.schedule`` runs from Celery beat (``beat_schedule`` in ``mxq.tasks.app``);
-``run_forever()`` is the same loop without beat (one process doing both).
+``mxq scheduler`` runs ``run_forever()``: the tick in a loop of its own, once a
+second, not a Celery task (Flower's task list is not flooded with a tick a
+second).  Run one; a second is harmless (each step is one atomic script).
+``mxq.schedule`` is the same tick as a task, for anyone who calls it.
 """
 
 from __future__ import annotations
@@ -48,13 +50,20 @@ def tick(now: float | None = None) -> dict:
     return {"requeued": t.requeued, "due": t.moved, "published": published, "intake": len(t.intake)}
 
 
-def run_forever(interval: float = 1.0, stop: threading.Event | None = None) -> None:
-    """Tick every ``interval`` seconds until ``stop`` is set; Redis errors are logged, not fatal."""
+def run_forever(interval: float = 1.0, stop: threading.Event | None = None, on_tick=None) -> None:
+    """Tick every ``interval`` seconds until ``stop`` is set; Redis errors are logged, not fatal.
+
+    ``on_tick(ok)`` runs after each tick (``mxq scheduler`` touches its heartbeat file there).
+    """
     stop = stop or threading.Event()
     while not stop.is_set():
         started = time.monotonic()
+        ok = True
         try:
             tick()
         except Exception as e:          # Redis restarting: the next tick catches up
+            ok = False
             log.warning("scheduler tick failed: %s", e)
+        if on_tick is not None:
+            on_tick(ok)
         stop.wait(max(0.0, interval - (time.monotonic() - started)))

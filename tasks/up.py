@@ -10,7 +10,7 @@ Ctrl-C reaches only ``mxq up``, which then stops them in order):
    server and scripted SMTP servers on 127.0.0.x:25 for ``*.test`` domains),
    and ``MXQ_DNS_SERVERS`` pointed at it;
 3. a Celery worker on mxq's queues (``mxq worker``);
-4. the scheduler (``mxq scheduler``, Celery beat);
+4. the scheduler (``mxq scheduler``: the tick, once a second);
 5. Flower on 127.0.0.1:5555 (``--flower-port``).
 
 Each has a readiness check with a bound (Redis answers PING, the worker

@@ -61,7 +61,7 @@ delivery, so, across all workers:
   one timeout per retry step, not one per event.
 
 For high event rates, raise ``MXQ_WEBHOOK_CONCURRENCY`` and run the
-``notifications`` queue on workers of its own (``mxq worker -Q notifications``).
+``mxq.notifications`` queue on workers of its own (``mxq worker -Q mxq.notifications``).
 
 Which process decides: the one that records the outcome (the worker for
 deliveries; the producer for ``suppressed``; ``mxq queue drop`` for
@@ -105,7 +105,7 @@ from .store import TRANSIENT_REDIS_ERRORS, Outcome, get_store
 
 log = logging.getLogger("mxq.webhooks")
 
-QUEUE = "notifications"
+QUEUE = "mxq.notifications"
 WEBHOOK_LANE = "!w"
 HOOK_PREFIX = "mxq:hook:"
 FINAL_EVENTS = ("delivered", "bounced", "expired", "suppressed", "dropped")

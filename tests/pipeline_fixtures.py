@@ -130,7 +130,7 @@ class Pipeline:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def worker(self, *, concurrency: int = 2, queues: str = "intake,delivery,notifications,scheduling",
+    def worker(self, *, concurrency: int = 2, queues: str = "mxq.intake,mxq.delivery,mxq.notifications",
                loglevel: str = "INFO", **extra: str) -> CeleryProcess:
         """Start a prefork worker on ``queues``; return it once it logged ``ready.``."""
         self._n += 1
@@ -143,10 +143,10 @@ class Pipeline:
         return p.start()
 
     def beat(self, **extra: str) -> CeleryProcess:
-        """Start ``celery beat`` (the scheduler: ``mxq.schedule`` every second)."""
-        args = [sys.executable, "-m", "celery", "-A", "mxq.tasks", "beat", "-l", "INFO",
-                "-s", str(self.workdir / "beat-schedule"), "--pidfile="]
-        p = CeleryProcess(args, self._env(extra), self.workdir / "beat.log", "beat: Starting", "beat")
+        """Start ``mxq scheduler`` (the tick every second, in a loop of its own; was Celery beat)."""
+        args = [sys.executable, "-m", "mxq.tasks.cli", "scheduler", "-l", "INFO",
+                "-s", str(self.workdir / "scheduler-heartbeat")]
+        p = CeleryProcess(args, self._env(extra), self.workdir / "beat.log", "mxq scheduler ready", "scheduler")
         self.processes.append(p)
         return p.start()
 

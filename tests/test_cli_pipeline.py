@@ -187,13 +187,16 @@ def test_worker_scheduler_flower_commands():
     w = worker_argv(["-c", "3"])
     assert w[:5] == [sys.executable, "-m", "celery", "-A", "mxq.tasks"] and w[5] == "worker"
     queues = w[w.index("-Q") + 1].split(",")
-    # every queue the app declares (intake, delivery, notifications, scheduling, ...)
+    # every queue the app declares, each with mxq's prefix
     assert set(queues) == {q.name for q in tasks.app.conf.task_queues}
-    assert {"delivery", "notifications", "scheduling"} <= set(queues)
+    assert set(queues) == {"mxq.intake", "mxq.delivery", "mxq.notifications"}
     assert w[-2:] == ["-c", "3"]
-    assert "-Q" not in worker_argv(["-Q", "delivery"])[:-2]        # the caller's -Q wins
-    s = scheduler_argv([])
-    assert s[5] == "beat" and "--schedule" in s
+    assert "-Q" not in worker_argv(["-Q", "mxq.delivery"])[:-2]        # the caller's -Q wins
+    assert w[w.index("--hostname") + 1] == f"mxq-{os.getpid()}@%h"      # a node name of its own
+    assert w[w.index("--loglevel") + 1] == "INFO"                        # delivery lines by default
+    assert "--hostname" not in worker_argv(["-n", "a@b"]) and "--loglevel" not in worker_argv(["-l", "debug"])
+    s = scheduler_argv(["--schedule", "/x"])
+    assert s == [sys.executable, "-m", "mxq.tasks.cli", "scheduler", "--schedule", "/x"]
     f = flower_argv(["--port=6000"])
     assert f[5] == "flower" and "--address=127.0.0.1" in f and "--port=6000" in f and "--port=5555" not in f
     for sub in ("worker", "scheduler", "flower", "up", "send", "status"):

@@ -94,7 +94,7 @@ def test_worker_metrics_over_http(pipeline, servers, dns_server):
     p = pipeline(MXQ_SHAPING="held.metrics.test=1/h", MXQ_RETRY_SCHEDULE="600", MXQ_INTAKE_THRESHOLD="3",
                  MXQ_COMMAND_TIMEOUT="10")
     # No intake queue: a batch stored for mxq.intake stays there, for the intake depth.
-    w = p.worker(concurrency=2, queues="delivery,notifications,scheduling",
+    w = p.worker(concurrency=2, queues="mxq.delivery,mxq.notifications",
                  MXQ_METRICS_PORT=str(port), MXQ_METRICS_ADDR="127.0.0.1")
     assert f"mxq metrics: serving http://127.0.0.1:{port}/metrics" in w.log()
     p.beat()
@@ -145,7 +145,7 @@ def test_worker_metrics_over_http(pipeline, servers, dns_server):
 
     # A second worker on the same host takes the next free port ("port+"); it reads the same
     # queue depths but has delivered nothing (its queue gets no task in this test).
-    w2 = p.worker(concurrency=1, queues="notifications", MXQ_METRICS_PORT=f"{port}+",
+    w2 = p.worker(concurrency=1, queues="mxq.notifications", MXQ_METRICS_PORT=f"{port}+",
                   MXQ_METRICS_ADDR="127.0.0.1")
     m = re.search(r"mxq metrics: serving http://127\.0\.0\.1:(\d+)/metrics", w2.log())
     assert m and int(m.group(1)) != port

@@ -218,18 +218,18 @@ def test_run_forever_moves_due_work_and_publishes(redis_server, monkeypatch):
     (it,) = st.claim("one.test", "tok", now=NOW)
     st.release("tok", "one.test", [Outcome(it.wid, [("0", dict(it.records[0], state="deferred"), "")], due=NOW + 1)],
                now=NOW)
-    st.r.delete("delivery")                       # the submit's wake-up task; we want the scheduler's
+    st.r.delete("mxq.delivery")                       # the submit's wake-up task; we want the scheduler's
     stop = threading.Event()
     t = threading.Thread(target=run_forever, kwargs={"interval": 0.1, "stop": stop}, daemon=True)
     t.start()
     try:
-        wait_until(lambda: st.r.llen("delivery") >= 1, 10, "a deliver task published by the scheduler")
+        wait_until(lambda: st.r.llen("mxq.delivery") >= 1, 10, "a deliver task published by the scheduler")
     finally:
         stop.set()
         t.join(5)
     assert not t.is_alive()
     assert st.r.lrange("mxq:ready:one.test", 0, -1) == [it.wid.encode()]
-    body = json.loads(st.r.lindex("delivery", 0))
+    body = json.loads(st.r.lindex("mxq.delivery", 0))
     assert body["headers"]["task"] == "mxq.deliver" and body["headers"]["argsrepr"] == "['one.test']"
 
 
@@ -260,7 +260,7 @@ def test_submit_forms_and_dsn_options(redis_server, monkeypatch, tmp_path):
     assert rec["notify"] == ["FAILURE", "DELAY"] and rec["orcpt"] == "ann@one.test"
     assert client.hget(f"mxq:job:{c}", "sender") == b""
     # one deliver task per lane for the three jobs: two lanes, each woken once
-    assert client.llen("delivery") == 2
+    assert client.llen("mxq.delivery") == 2
 
 
 def test_settings_from_env_and_backoff():

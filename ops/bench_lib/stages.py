@@ -545,7 +545,7 @@ def _start_mxq(ctx: Context, st: Path, env: dict, worker_argv, scheduler_argv, o
     beat = sandbox.spawn(scheduler_argv(["--schedule", str(beat_dir / "schedule"), "-l", "INFO",
                                          "--pidfile="]), log=st / "beat.log", env=env, cwd=str(ROOT),
                          session=True)
-    procs.append((beat, st / "beat.log", "beat: Starting"))
+    procs.append((beat, st / "beat.log", "mxq scheduler ready"))
     if on_spawn is not None:
         on_spawn([p.pid for p, _, _ in procs[:-1]])
     for p, log, needle in procs:
