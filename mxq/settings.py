@@ -304,8 +304,16 @@ _define("MXQ_RELAY_MODE", choice("fallback", "always", "never"), None,
         default_text="fallback with MXQ_RELAY, else never")
 _define("MXQ_CONNECT_TIMEOUT", seconds(), 30.0, "TCP connect (and implicit TLS handshake) timeout.")
 _define("MXQ_COMMAND_TIMEOUT", seconds(), None,
-        "One timeout for every SMTP phase (greeting, commands, DATA, final dot).",
+        "One timeout for every SMTP phase (greeting, commands, DATA, final dot); each is a deadline for "
+        "the whole phase, however the server spreads its bytes.",
         default_text="RFC 5321's per phase (300, DATA 120, final dot 600)")
+_define("MXQ_DNS_TIMEOUT", seconds(), 20.0,
+        "Deadline for the whole DNS phase of one delivery attempt (the MX and address lookups together).")
+_define("MXQ_MX_ADDRESS_LIMIT", integer(0), 5,
+        "Exchange addresses tried per delivery attempt; 0: no limit (Postfix's smtp_mx_address_limit).")
+_define("MXQ_MX_SESSION_LIMIT", integer(0), 2,
+        "SMTP sessions (connections that got through TCP) per delivery attempt before the exchanges are "
+        "given up or the fallback relay is tried; 0: no limit (Postfix's smtp_mx_session_limit).")
 _define("MXQ_DNS_MIN_TTL", integer(0), 60, "Shortest time a DNS answer is cached (seconds).")
 _define("MXQ_DNS_MAX_TTL", integer(1), 3600, "Longest time a DNS answer is cached (seconds).")
 _define("MXQ_DNS_NEGATIVE_TTL", integer(0), 300, "How long NXDOMAIN / no-data answers are cached (seconds).")

@@ -45,6 +45,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_init
 
 from mxq.workers.envelope import DSN, Envelope, Recipient
+from mxq.workers.errors import register_interrupt, reraise_interrupt
 from mxq.workers.results import RecipientResult
 
 from . import metrics, shaping
@@ -55,6 +56,11 @@ from .store import FINAL_STATES, REPORT_LANE, TRANSIENT_REDIS_ERRORS, Claimed, O
 from . import webhooks      # (webhooks) registers mxq.webhook; its lane is published below
 
 log = logging.getLogger("mxq.tasks")
+
+# The soft time limit is a plain Exception raised wherever the task happens to
+# be: the engine (and dnspython under it) must let it through, not classify it
+# as a failed exchange or lookup.
+register_interrupt(SoftTimeLimitExceeded)
 
 _RETRY = dict(autoretry_for=TRANSIENT_REDIS_ERRORS, max_retries=3, retry_backoff=1,
               retry_backoff_max=8, retry_jitter=True)
@@ -94,8 +100,8 @@ class Runtime:
         # Traffic shaping (MXQ_SHAPING): slots live as long as a batch lease and
         # are renewed by the same heartbeat.
         self.shaper = shaping.Shaper(self.store.r, shaping.Policy.from_env(), slot_ttl=self.ps.lease_seconds)
-        if metrics.enabled():
-            metrics.instrument_engine()
+        # Session observers for every delivery run of this process (metrics when enabled).
+        self.observers = metrics.session_observers()
 
 
 def _pid() -> int:
@@ -161,7 +167,8 @@ def _shared_dns_cache(settings, client):
                         break                   # let go without an answer (a failure): ask ourselves
             except (ValueError, KeyError, TypeError, _json.JSONDecodeError):
                 return None
-            except Exception:                   # Redis trouble never stops a lookup
+            except Exception as e:              # Redis trouble never stops a lookup
+                reraise_interrupt(e)
                 return None
             return None
 
@@ -170,8 +177,8 @@ def _shared_dns_cache(settings, client):
             if self._redis_usable():
                 try:
                     self.redis.delete(f"{self.LOCK}{rtype}:{name}")
-                except Exception:               # the lock expires by itself
-                    pass
+                except Exception as e:          # the lock expires by itself
+                    reraise_interrupt(e)
             return stored
 
     return SharedLookups(settings, redis=client)
@@ -471,7 +478,7 @@ def _deliver_batch(rt: Runtime, domain: str, token: str, grant: "shaping.Grant")
                 # server never runs a batch into SoftTimeLimitExceeded (which resends it all).
                 results = deliver_domain(domain, [env for _, _, env in plan], settings=rt.engine,
                                          resolver=rt.resolver, host_status=rt.hosts,
-                                         deadline=started + ps.soft_time_limit / 2)
+                                         deadline=started + ps.soft_time_limit / 2, observers=rt.observers)
                 metrics.run_seconds(time.monotonic() - started)
             except SoftTimeLimitExceeded:
                 # Out of time mid-batch: put every item back for a prompt retry.

@@ -65,11 +65,10 @@ A child killed outright (SIGKILL) leaves its last ``mxq_open_connections``
 in the folder until the worker restarts; its counters stay counted, as
 they should.
 
-The one hook into the engine: ``instrument_engine()`` makes
-``mxq.workers.delivery`` open its connections with ``CountedSession``, an
-``SMTPSession`` subclass that counts open connections and times
-transactions (the engine has no callback for them).  It is installed in the
-worker processes only, when metrics are on.
+The engine is observed, not patched: ``session_observers()`` gives the
+worker's delivery runs a ``SessionMetrics`` observer (``mxq.workers.events``)
+that counts open connections and times transactions from the sessions'
+events.  Only in worker processes, only when metrics are on.
 """
 
 from __future__ import annotations
@@ -214,73 +213,74 @@ def dns(resolver) -> None:
             counter.inc(delta)
 
 
-def instrument_engine() -> None:
-    """Make ``mxq.workers.delivery`` use ``CountedSession`` (idempotent)."""
-    import mxq.workers.delivery as delivery
-    from mxq.workers.session import SMTPSession
+class SessionMetrics:
+    """A session observer (``mxq.workers.events``) that counts open connections and times transactions.
 
-    global CountedSession
-    if CountedSession is None:
-        CountedSession = _make_counted(SMTPSession)
-    if delivery.SMTPSession is not CountedSession:
-        delivery.SMTPSession = CountedSession
+    ``mxq_open_connections`` goes up at ``Connected`` and down at ``Closed``;
+    a transaction starts when its MAIL command goes out and ends at the
+    reply to its final dot, at a refused MAIL, at the RSET that abandons
+    it, or when the connection closes.  Pipelined transactions overlap on
+    the wire (the next MAIL goes out before the previous dot's reply is
+    read), so the starts queue up per session, first in, first out.
+    One instance serves every session of a process; thread-safe.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._conns: dict[int, object] = {}            # id(session) -> its gauge child
+        self._starts: dict[int, list[float]] = {}      # id(session) -> MAIL times not yet ended
+
+    def _end(self, key: int, all_: bool = False) -> None:
+        now = time.monotonic()
+        with self._lock:
+            starts = self._starts.get(key)
+            if not starts:
+                return
+            ended = list(starts) if all_ else [starts.pop(0)]
+            if all_:
+                starts.clear()
+        m = instruments()
+        for t in ended:
+            m.transaction.observe(now - t)
+
+    def __call__(self, event) -> None:
+        kind = event.kind
+        key = id(event.session)
+        if kind == "command":
+            if event.verb == "MAIL":
+                with self._lock:
+                    self._starts.setdefault(key, []).append(time.monotonic())
+        elif kind == "reply":
+            phase = event.phase
+            if phase == "dot" or phase == "rset" or (phase == "mail" and event.reply.code != 250):
+                self._end(key)
+        elif kind == "connected":
+            s = event.session
+            gauge = instruments().connections.labels(s.server_hostname, f"{s.host}:{s.port}")
+            gauge.inc()
+            with self._lock:
+                self._conns[key] = gauge
+        elif kind == "closed":
+            self._end(key, all_=True)
+            with self._lock:
+                gauge = self._conns.pop(key, None)
+                self._starts.pop(key, None)
+            if gauge is not None:
+                gauge.dec()
 
 
-CountedSession = None
+_observer: SessionMetrics | None = None
 
 
-def _make_counted(base):
-    class Counted(base):
-        """``SMTPSession`` that counts its open connection and times its transactions."""
-
-        _mxq_conn = None
-        _mxq_tx = None
-
-        def connect(self):
-            reply = super().connect()
-            if self._mxq_conn is None and self.connected:
-                self._mxq_conn = instruments().connections.labels(self.server_hostname, f"{self.host}:{self.port}")
-                self._mxq_conn.inc()
-            return reply
-
-        def _tx_end(self):
-            if self._mxq_tx is not None:
-                instruments().transaction.observe(time.monotonic() - self._mxq_tx)
-                self._mxq_tx = None
-
-        def create_message(self, *args, **kw):
-            self._mxq_tx = time.monotonic()
-            try:
-                return super().create_message(*args, **kw)
-            except BaseException:
-                self._tx_end()          # refused MAIL: the transaction never opened
-                raise
-
-        def close_message(self):
-            try:
-                return super().close_message()
-            finally:
-                self._tx_end()
-
-        def reset(self):
-            try:
-                return super().reset()
-            finally:
-                self._tx_end()
-
-        def disconnect(self):
-            try:
-                super().disconnect()
-            finally:
-                self._tx_end()
-                if self._mxq_conn is not None:
-                    self._mxq_conn.dec()
-                    self._mxq_conn = None
-
-        close = disconnect
-
-    Counted.__name__ = Counted.__qualname__ = "CountedSession"
-    return Counted
+def session_observers() -> tuple:
+    """The session observers a worker process passes to the engine: ``(SessionMetrics,)`` when metrics are on."""
+    global _observer
+    if not enabled():
+        return ()
+    with _lock:
+        if _observer is None:
+            _observer = SessionMetrics()
+    return (_observer,)
 
 
 # ---------------------------------------------------------------- scrape-time gauges

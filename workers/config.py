@@ -75,6 +75,11 @@ class Settings:
     dns_min_ttl: int = 60
     dns_max_ttl: int = 3600
     dns_negative_ttl: int = 300
+    #: exchange addresses tried per delivery attempt, 0: no limit (Postfix's smtp_mx_address_limit)
+    mx_address_limit: int = 5
+    #: SMTP sessions (connections that got through TCP) per delivery attempt before the
+    #: exchanges are given up (or the fallback relay is tried); 0: no limit (smtp_mx_session_limit)
+    mx_session_limit: int = 2
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -91,4 +96,5 @@ class Settings:
                    redis_url=c.raw("MXQ_REDIS_URL"), dns_servers=c["MXQ_DNS_SERVERS"],
                    smtp_port=c["MXQ_SMTP_PORT"], max_recipients=c["MXQ_MAX_RECIPIENTS"],
                    dns_min_ttl=c["MXQ_DNS_MIN_TTL"], dns_max_ttl=c["MXQ_DNS_MAX_TTL"],
-                   dns_negative_ttl=c["MXQ_DNS_NEGATIVE_TTL"], **kw)
+                   dns_negative_ttl=c["MXQ_DNS_NEGATIVE_TTL"], mx_address_limit=c["MXQ_MX_ADDRESS_LIMIT"],
+                   mx_session_limit=c["MXQ_MX_SESSION_LIMIT"], **kw)

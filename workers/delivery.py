@@ -28,6 +28,21 @@ made.  A recipient moves down the chain while it is *pending*:
 - authentication failure at the relay: deferred, never bounced (Postfix's
   ``smtp_sasl_auth_soft_bounce``: our credentials are wrong, not the mail).
 
+Bounds per attempt (Postfix's smtp_mx_address_limit / smtp_mx_session_limit):
+at most ``settings.mx_address_limit`` exchange addresses (5) are tried, and
+once ``settings.mx_session_limit`` sessions (2: connections that got through
+TCP; refused and timed-out connects do not count) were made, no further
+exchange is tried -- the pending recipients are deferred, or go to the
+fallback relay, which the limits do not cover.  The DNS phase (MX and address
+lookups) ends ``settings.timeouts.dns`` seconds after it starts, or at the
+run's ``deadline``; each SMTP phase has its deadline in the session.
+
+Interrupts: the run catches broad exceptions around every server it talks
+to, but an exception type registered with
+``mxq.workers.errors.register_interrupt`` (Celery's SoftTimeLimitExceeded)
+always goes through: the open connection is dropped without QUIT and the
+interrupt reaches the caller, who knows what was not finished.
+
 What is still pending after the last server is *deferred* with the last
 reply it got.  The relay, in fallback mode, receives only recipients that are
 still pending after every exchange (port 25 blocked, every exchange down or
@@ -77,8 +92,9 @@ from typing import Callable, Iterable, Protocol
 from .address import Address, normalize_domain
 from .config import Settings
 from .envelope import Envelope, Recipient
-from .errors import (DNSError, InvalidInput, InvalidMessage, Scope, SMTPAuthError, SMTPConnectError,
-                     SMTPDataError, SMTPError, SMTPGreetingError, SMTPHeloError, SMTPTimeoutError, classify)
+from .errors import (DNSError, InvalidInput, InvalidMessage, Scope, SMTPAuthError, SMTPBindError, SMTPConnectError,
+                     SMTPDataError, SMTPError, SMTPGreetingError, SMTPHeloError, SMTPTimeoutError, classify,
+                     reraise_interrupt)
 from .logline import format_line
 from .reply import Reply
 from .results import RecipientResult, State
@@ -203,8 +219,9 @@ class _Run:
 
     def __init__(self, domain: str, envelopes: list[Envelope], settings: Settings, resolver,
                  host_status: HostStatus, relay_tls_context: ssl.SSLContext | None,
-                 deadline: float | None = None):
+                 deadline: float | None = None, observers: tuple = ()):
         self.domain = domain
+        self.observers = observers
         self.deadline = deadline
         self.out_of_time = False
         # The accepted recipients of the last pipelined message, whose final reply is
@@ -216,6 +233,7 @@ class _Run:
         self.relay_tls_context = relay_tls_context
         self.started = time.monotonic()
         self.conn_seq = 0
+        self.sessions = 0             # connections that got through TCP, to exchanges (not the relay)
         self.jobs = []
         for e, env in enumerate(envelopes):
             job = _Job(env)
@@ -263,7 +281,8 @@ class _Run:
         """
         s = self.settings
         try:
-            exchanges = self.resolver.exchanges(self.domain)
+            exchanges = self.resolver.exchanges(self.domain, deadline=self.dns_deadline(),
+                                                limit=s.mx_address_limit)
         except DNSError as e:
             if e.is_permanent():
                 for r in self.pending():
@@ -274,6 +293,8 @@ class _Run:
             return []
         routes = [_Route(x.name, ip, s.smtp_port, relay=False, final=False)
                   for x in exchanges for ip in x.addresses]
+        if s.mx_address_limit and len(routes) > s.mx_address_limit:
+            routes = routes[:s.mx_address_limit]       # Postfix's smtp_mx_address_limit
         if routes:
             # The last exchange's hard site error bounces, relay or not: the relay takes only
             # what is still deferred (4xx, unreachable), never what an exchange refused for good.
@@ -287,7 +308,7 @@ class _Run:
             ips = [str(ipaddress.ip_address(relay.host))]
         except ValueError:
             try:
-                ips = self.resolver.addresses(relay.host)
+                ips = self.resolver.addresses(relay.host, deadline=self.dns_deadline())
             except DNSError as e:
                 # Our relay's name does not resolve: a configuration problem, never a bounce.
                 reply = Reply.local("4.4.3", f"relay host {relay.host}: {e.reply.text}")
@@ -299,6 +320,16 @@ class _Run:
         routes[-1] = _Route(last.name, last.ip, last.port, True, final=True)
         return routes
 
+    def dns_deadline(self) -> float:
+        """When the DNS phase must be over: ``timeouts.dns`` from now, and never after the run's deadline."""
+        end = time.monotonic() + self.settings.timeouts.dns
+        return end if self.deadline is None else min(end, self.deadline)
+
+    def sessions_used_up(self) -> bool:
+        """True once ``mx_session_limit`` exchange sessions were made (Postfix's smtp_mx_session_limit)."""
+        limit = self.settings.mx_session_limit
+        return bool(limit) and self.sessions >= limit
+
     def expired(self) -> bool:
         """True once the run's deadline has passed (then no new connection or transaction starts)."""
         if self.deadline is not None and not self.out_of_time and time.monotonic() >= self.deadline:
@@ -309,7 +340,7 @@ class _Run:
         always = self.settings.relay is not None and self.settings.relay_mode == "always"
         routes = [] if always else self.exchange_routes()
         for route in routes:
-            if not self.pending() or self.expired():
+            if not self.pending() or self.expired() or self.sessions_used_up():
                 break
             self.try_route(route)
         if self.relay_on and self.pending() and not self.expired():
@@ -357,6 +388,7 @@ class _Run:
                     relay = self.settings.relay
                     session.authenticate(relay.username, relay.password)
             except Exception as e:  # noqa: BLE001 -- every failure is classified
+                reraise_interrupt(e)
                 raise self.site_failure(e, route, connecting=True) from None
             for job in self.jobs:
                 if not job.stop and job.pending():
@@ -367,7 +399,14 @@ class _Run:
             state = State.BOUNCED if f.hard and route.final else None
             for r in self.pending():
                 self.settle(r, state, f.reply, route, unreached=f.unreached, scope=Scope.SITE)
+        except BaseException:
+            # An interrupt (or a bug): no QUIT round trip, and a message whose final
+            # reply was not read is left to the caller as not known to be delivered.
+            session.abort()
+            raise
         finally:
+            if session.peer is not None and not route.relay:
+                self.sessions += 1
             session.disconnect()
 
     def open_session(self, route: _Route) -> SMTPSession:
@@ -379,13 +418,15 @@ class _Run:
             tls, ctx = s.tls, None
         server_hostname = None if route.name.startswith("[") else route.name
         return SMTPSession(route.ip, route.port, helo_name=s.helo_name, tls=tls, tls_context=ctx,
-                           server_hostname=server_hostname, timeouts=s.timeouts, pipelining=True)
+                           server_hostname=server_hostname, timeouts=s.timeouts, pipelining=True,
+                           observers=self.observers)
 
     def site_failure(self, exc: BaseException, route: _Route, connecting: bool = False) -> _SiteFailure:
         """Turn a failure that makes the connection unusable into a ``_SiteFailure``."""
         trouble = classify(exc)
         reply = trouble.reply
-        if connecting and isinstance(exc, (SMTPConnectError, SMTPTimeoutError)):
+        if connecting and isinstance(exc, (SMTPConnectError, SMTPTimeoutError)) and not isinstance(exc, SMTPBindError):
+            # (a source address we cannot bind says nothing about the exchange)
             self.host_status.mark_down(route.ip, route.port, HOST_DOWN_SECONDS, reply.text)
         if isinstance(exc, SMTPAuthError):
             # Postfix's smtp_sasl_auth_soft_bounce: a credential problem defers, it never bounces.
@@ -413,6 +454,7 @@ class _Run:
         try:
             session.create_message(env.sender, env.size, env.dsn, smtputf8=env.smtputf8, eightbit=env.eightbit)
         except Exception as e:  # noqa: BLE001
+            reraise_interrupt(e)
             # A refused MAIL opens no transaction: no RSET needed before the next one.
             self.message_failure(session, e, route, job, job.pending(), conn, reset=False)
             return
@@ -422,6 +464,7 @@ class _Run:
             try:
                 reply = session.add_recipient(r.address, notify=r.notify, orcpt=r.orcpt)
             except Exception as e:  # noqa: BLE001 -- a dead connection
+                reraise_interrupt(e)
                 raise self.site_failure(e, route) from None
             if reply.code == 421:
                 session.disconnect()
@@ -453,6 +496,7 @@ class _Run:
                 self.reset(session, route)
             return
         except Exception as e:  # noqa: BLE001
+            reraise_interrupt(e)
             if isinstance(e, SMTPError) and classify(e).scope is Scope.MESSAGE:
                 self.message_failure(session, e, route, job, accepted, conn, reset=True)
                 return
@@ -481,13 +525,15 @@ class _Run:
                 env.sender, [Recipient(r.address, notify=r.notify, orcpt=r.orcpt) for r in batch], env.size,
                 env.dsn, smtputf8=env.smtputf8, eightbit=env.eightbit)
         except Exception as e:  # noqa: BLE001
+            reraise_interrupt(e)
             # A refused MAIL (its pipelined replies read: no transaction open), or a dead connection.
             if prev is not None:
                 reply = session.last_final
                 if reply is None and session.owes_final and session.connected:
                     try:                          # refused before anything was sent (SIZE, SMTPUTF8)
                         reply = session.final_reply()
-                    except Exception:  # noqa: BLE001 -- unknown outcome: pending, the failure settles it
+                    except Exception as e2:  # noqa: BLE001 -- unknown outcome: pending, the failure settles it
+                        reraise_interrupt(e2)
                         reply = None
                 if reply is not None and reply.code != 421:
                     self.final(session, route, prev, reply)
@@ -527,6 +573,7 @@ class _Run:
             # message), or by confirm() after the last one.
             session.send_content(content, wait=False)
         except Exception as e:  # noqa: BLE001
+            reraise_interrupt(e)
             if isinstance(e, SMTPError) and classify(e).scope is Scope.MESSAGE:
                 self.message_failure(session, e, route, job, accepted, conn, reset=True)
                 return
@@ -541,6 +588,7 @@ class _Run:
         try:
             reply = session.final_reply()
         except Exception as e:  # noqa: BLE001 -- like a failed close_message: they move on
+            reraise_interrupt(e)
             self.unconfirmed = accepted
             raise self.site_failure(e, route) from None
         self.final(session, route, accepted, reply)
@@ -576,6 +624,7 @@ class _Run:
         try:
             session.reset()
         except Exception as e:  # noqa: BLE001
+            reraise_interrupt(e)
             raise self.site_failure(e, route) from None
 
 
@@ -650,7 +699,7 @@ def _check(env: Envelope) -> None:
 def deliver_domain(domain: str, envelopes: Iterable[Envelope], *, settings: Settings | None = None,
                    resolver=None, host_status: HostStatus | None = None,
                    relay_tls_context: ssl.SSLContext | None = None,
-                   deadline: float | None = None) -> list[list[RecipientResult]]:
+                   deadline: float | None = None, observers: Iterable = ()) -> list[list[RecipientResult]]:
     """Deliver envelopes whose recipients are all in ``domain``; one result list per envelope.
 
     Results are in each envelope's recipient order.  Raises ``InvalidAddress``
@@ -661,7 +710,8 @@ def deliver_domain(domain: str, envelopes: Iterable[Envelope], *, settings: Sett
     seconds): no connection or transaction is started after it; a recipient
     that got no reply at all by then comes back ``State.QUEUED`` with
     ``attempts`` 0 (not attempted: the caller retries it at once), the others
-    as usual.
+    as usual.  ``observers``: session observers (``mxq.workers.events``)
+    attached to every SMTP session the run opens (metrics, tracing).
     """
     settings = settings if settings is not None else Settings.from_env()
     if resolver is None:
@@ -675,19 +725,21 @@ def deliver_domain(domain: str, envelopes: Iterable[Envelope], *, settings: Sett
         for r in env.recipients:
             if address_of(r.address).ascii_domain != d:
                 raise ValueError(f"recipient {r.address!r} is not in domain {domain!r}")
-    return _Run(d, envelopes, settings, resolver, host_status, relay_tls_context, deadline).run()
+    return _Run(d, envelopes, settings, resolver, host_status, relay_tls_context, deadline,
+                tuple(observers)).run()
 
 
 def deliver(envelope: Envelope, *, settings: Settings | None = None, resolver=None,
             host_status: HostStatus | None = None,
-            relay_tls_context: ssl.SSLContext | None = None) -> list[RecipientResult]:
+            relay_tls_context: ssl.SSLContext | None = None, observers: Iterable = ()) -> list[RecipientResult]:
     """Deliver one envelope to all its recipients' domains; results in the envelope's recipient order.
 
     Domains are delivered one after another (IDNA and case folded, so
     ``B.test`` and ``b.test`` are one domain; an address literal is its own
     domain).  ``settings`` defaults to ``Settings.from_env()``, ``resolver``
     to a ``mxq.workers.mx.Resolver`` on those settings, ``host_status`` to a fresh
-    ``MemoryHostStatus`` shared by the domains of this call only.
+    ``MemoryHostStatus`` shared by the domains of this call only;
+    ``observers`` as for ``deliver_domain``.
     """
     settings = settings if settings is not None else Settings.from_env()
     if resolver is None:
@@ -705,7 +757,8 @@ def deliver(envelope: Envelope, *, settings: Settings | None = None, resolver=No
                        content=envelope.content, dsn=envelope.dsn, eightbit=envelope.eightbit,
                        smtputf8=envelope.smtputf8, size=envelope.size, id=envelope.id)
         (domain_results,) = deliver_domain(domain, [sub], settings=settings, resolver=resolver,
-                                           host_status=host_status, relay_tls_context=relay_tls_context)
+                                           host_status=host_status, relay_tls_context=relay_tls_context,
+                                           observers=observers)
         for i, res in zip(indexes, domain_results):
             results[i] = res
     return results

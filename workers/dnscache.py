@@ -22,7 +22,8 @@ given), then DNS (the caller's job: on a miss it resolves and calls ``put``).
   rather than replay a stale failure.  Within one delivery batch the
   resolver asks once per name anyway (the pipeline groups a domain's
   messages), so there is no thundering herd worth trading correctness for.
-- Redis errors never break resolution: the failing Redis call is skipped
+- Redis errors never break resolution (an interrupt registered with
+  ``mxq.workers.errors.register_interrupt`` is not an error: it goes through): the failing Redis call is skipped
   (the answer comes from DNS), the first failure of an outage is logged as a
   warning, and Redis is not tried again for ``redis_retry`` seconds, so a dead
   Redis costs one failed call per retry period rather than one per lookup.
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .config import Settings
+from .errors import reraise_interrupt
 
 log = logging.getLogger("mxq.dns")
 
@@ -192,6 +194,7 @@ class DNSCache:
             pipe.pttl(key)
             value, pttl = pipe.execute()
         except Exception as e:   # redis-py raises RedisError subclasses and OSError; none may stop delivery
+            reraise_interrupt(e)
             self._redis_failed(e)
             return None
         self._redis_ok()
@@ -209,6 +212,7 @@ class DNSCache:
         try:
             self.redis.set(self.redis_key(rtype, name), answer.to_json(), ex=ttl)
         except Exception as e:   # see _redis_get
+            reraise_interrupt(e)
             self._redis_failed(e)
             return
         self._redis_ok()

@@ -97,6 +97,10 @@ class SMTPConnectError(SMTPError, ConnectionError):
     """The exchange could not be reached (refused, unreachable, TLS-on-connect failed)."""
 
 
+class SMTPBindError(SMTPConnectError):
+    """The local source address could not be used (4.3.5): our configuration, not the exchange."""
+
+
 class SMTPTimeoutError(SMTPError, TimeoutError):
     """A phase of the session ran past its timeout."""
 
@@ -208,3 +212,65 @@ def classify(exc: BaseException) -> Trouble:
     if isinstance(exc, OSError):
         return Trouble(Scope.SITE, Reply.local("4.4.2", f"lost connection: {exc}"), True)
     return Trouble(Scope.SITE, Reply.local("4.3.0", f"{type(exc).__name__}: {exc}"), True)
+
+
+# ------------------------------------------------------------------------------------------ interrupts
+#
+# The engine catches broad exceptions in a few places (a failed server must
+# never stop a delivery run; dnspython records every exception a query raises
+# and tries the next server).  An interrupt that belongs to the caller -- such
+# as Celery's SoftTimeLimitExceeded, a plain Exception raised from a signal
+# handler -- must go through all of them.  The engine never imports the
+# caller's framework: the caller registers the types instead.
+
+_interrupts: tuple[type[BaseException], ...] = ()
+
+
+def register_interrupt(*types: type[BaseException]) -> None:
+    """Make the engine re-raise exceptions of these types wherever it would otherwise catch them.
+
+    Idempotent.  ``mxq.tasks`` registers ``celery.exceptions.SoftTimeLimitExceeded``;
+    an application running the engine under its own time limit registers
+    its own exception the same way.  ``BaseException`` subclasses that are
+    not ``Exception`` (``KeyboardInterrupt``, ``SystemExit``) always go
+    through: the engine never catches them.
+    """
+    global _interrupts
+    for t in types:
+        if not (isinstance(t, type) and issubclass(t, BaseException)):
+            raise TypeError(f"register_interrupt takes exception types, not {t!r}")
+        if t not in _interrupts:
+            _interrupts = _interrupts + (t,)
+
+
+def unregister_interrupt(*types: type[BaseException]) -> None:
+    """Undo ``register_interrupt`` for these types (tests)."""
+    global _interrupts
+    _interrupts = tuple(t for t in _interrupts if t not in types)
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    """True for an exception the engine must never swallow: a registered type, or not an ``Exception``."""
+    return not isinstance(exc, Exception) or (bool(_interrupts) and isinstance(exc, _interrupts))
+
+
+def reraise_interrupt(exc: BaseException) -> None:
+    """``raise exc`` when it is an interrupt (see ``is_interrupt``); otherwise return.
+
+    For ``except Exception as e:`` blocks that classify any failure::
+
+        except Exception as e:
+            reraise_interrupt(e)
+            ...
+    """
+    if is_interrupt(exc):
+        raise exc
+
+
+def find_interrupt(errors) -> BaseException | None:
+    """The first interrupt among ``errors`` (exceptions, or tuples holding one, as dnspython lists them)."""
+    for item in errors or ():
+        for value in (item if isinstance(item, tuple) else (item,)):
+            if isinstance(value, BaseException) and is_interrupt(value):
+                return value
+    return None

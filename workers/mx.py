@@ -25,6 +25,23 @@ order to try them, each with its addresses (A records, then AAAA):
 - Address literals (``[127.0.0.5]``, ``[IPv6:::1]``): one implicit exchange
   with that address and no DNS query.
 
+Bounds (``exchanges(domain, deadline=..., limit=...)``): addresses are
+looked up exchange by exchange, in delivery order, only until ``limit``
+usable addresses are known (like Postfix's ``smtp_mx_address_limit``: an MX
+set of 50 hosts costs a handful of lookups, not 100); no lookup starts after
+``deadline``, and each lookup's lifetime ends at it, so a DNS server that
+never answers costs at most the DNS phase, however many names there are.
+What was found by then is used; nothing found is a transient 4.4.3.
+A ``policy`` (``mxq.workers.destinations.DestinationPolicy``) keeps refused
+addresses out of ``Exchange.addresses`` (they are listed in ``refused``
+with the reason); a domain whose every address is refused fails with 5.4.4.
+
+Interrupts: dnspython catches every exception a query raises and tries the
+next server.  An interrupt registered with
+``mxq.workers.errors.register_interrupt`` (Celery's SoftTimeLimitExceeded)
+is caught at the server it hit, makes every remaining server fail at once,
+and is raised again from the lookup, so it reaches the caller promptly.
+
 Answers are cached per ``(type, name)`` in a ``dnscache.DNSCache`` (in
 process, plus Redis shared by all workers when a client or
 ``settings.redis_url`` is given).  Names are resolved as absolute names (no
@@ -38,7 +55,8 @@ from __future__ import annotations
 import ipaddress
 import random
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import dns.exception
@@ -51,7 +69,7 @@ import dns.resolver
 from .address import normalize_domain
 from .config import Settings
 from .dnscache import NODATA, NXDOMAIN, OK, CachedAnswer, DNSCache
-from .errors import DNSError, NullMX
+from .errors import DNSError, NullMX, is_interrupt
 from .reply import Reply
 
 DEFAULT_LIFETIME = 5.0   #: seconds for one whole lookup (all tries, all servers)
@@ -63,13 +81,39 @@ class Exchange:
     """One mail exchanger: ``name`` (no trailing dot), ``preference``, ``addresses`` (A then AAAA).
 
     ``implicit`` is True for the implicit MX (the domain's own address) and
-    for address literals.
+    for address literals.  ``refused``: ``(address, reason)`` pairs a
+    destination policy kept out of ``addresses``.
     """
 
     name: str
     preference: int
     addresses: list[str]
     implicit: bool = False
+    refused: tuple = field(default=())
+
+
+class _Interrupted(OSError):
+    """Internal: an interrupt hit a DNS query.  An OSError, so dnspython drops that server at once."""
+
+
+_interrupt = threading.local()   # the interrupt caught inside dnspython by this thread's lookup
+
+
+class _Nameserver(dns.nameserver.Do53Nameserver):
+    """A Do53 server whose queries let registered interrupts out of dnspython's retry loop."""
+
+    def query(self, request, timeout, source, source_port, max_size=False, one_rr_per_rrset=False,
+              ignore_trailing=False):
+        if getattr(_interrupt, "exc", None) is not None:
+            raise _Interrupted("interrupted")          # every other server fails at once too
+        try:
+            return super().query(request, timeout, source, source_port, max_size, one_rr_per_rrset,
+                                 ignore_trailing)
+        except Exception as e:
+            if is_interrupt(e):
+                _interrupt.exc = e
+                raise _Interrupted("interrupted") from e
+            raise
 
 
 class _Transient(Exception):
@@ -119,10 +163,13 @@ class Resolver:
         servers = self.settings.dns_servers
         if servers is None:
             r = dns.resolver.Resolver(configure=True)
+            r.nameservers = [_Nameserver(ns.address, ns.port) if type(ns) is dns.nameserver.Do53Nameserver
+                             else ns for ns in r.nameservers]
         else:
             r = dns.resolver.Resolver(configure=False)
             # Nameserver objects carry their own port, so servers may differ in port.
-            r.nameservers = [dns.nameserver.Do53Nameserver(host, port) for host, port in servers]
+            r.nameservers = [_Nameserver(host, port) for host, port in servers]
+        self.lifetime = lifetime
         r.lifetime = lifetime
         r.timeout = min(timeout, lifetime)
         r.cache = None                  # our cache does the caching (and the clamping)
@@ -139,27 +186,45 @@ class Resolver:
 
     # ----------------------------------------------------------------- public
 
-    def exchanges(self, domain: str) -> list[Exchange]:
+    def exchanges(self, domain: str, *, deadline: float | None = None, limit: int | None = None,
+                  policy=None) -> list[Exchange]:
         """The exchanges for ``domain`` in delivery order (see the module docstring).
 
+        ``deadline`` (``time.monotonic()`` seconds): no lookup starts after it
+        and none runs past it; ``limit``: stop looking up exchanges once this
+        many usable addresses are known (0/None: all); ``policy``: a
+        ``DestinationPolicy`` whose refused addresses go to
+        ``Exchange.refused`` instead of ``addresses``.
+
         Raises ``NullMX`` (5.1.10), ``DNSError`` (5.1.2 NXDOMAIN, 5.4.4 no
-        exchange with an address, 4.4.3 SERVFAIL/timeout), ``InvalidAddress``
-        for a malformed domain.
+        exchange with a usable address, 4.4.3 SERVFAIL/timeout/deadline),
+        ``InvalidAddress`` for a malformed domain.
         """
         d = normalize_domain(domain)
         literal = _literal(d)
         if literal is not None:
-            return [Exchange(name=d, preference=0, addresses=[literal], implicit=True)]
+            x = _split(Exchange(name=d, preference=0, addresses=[literal], implicit=True), policy)
+            if not x.addresses:
+                raise DNSError(d, Reply.local("5.4.4", f"address literal {d} is a {x.refused[0][1]} address, "
+                                                       f"which mxq does not deliver to ({_HINT})"))
+            return [x]
         try:
-            mx = self._lookup("MX", d)
+            mx = self._lookup("MX", d, deadline)
         except _Transient as e:
             raise DNSError(d, Reply.local("4.4.3", f"MX lookup for {d} failed: {e}")) from None
         if mx.status == NXDOMAIN:
             raise DNSError(d, Reply.local("5.1.2", f"Host or domain name not found: {d} (NXDOMAIN)"))
         if mx.status == NODATA or not mx.records:
-            addresses, transient = self._host_addresses(d)
+            addresses, transient = self._host_addresses(d, deadline)
             if addresses:
-                return [Exchange(name=d, preference=0, addresses=addresses, implicit=True)]
+                x = _split(Exchange(name=d, preference=0, addresses=addresses, implicit=True), policy)
+                if x.addresses:
+                    return [x]
+                if transient:
+                    raise DNSError(d, Reply.local("4.4.3", f"{d} has no MX and its address lookup failed"))
+                raise DNSError(d, Reply.local("5.4.4", f"{d} has no MX record and its address "
+                                                       f"{_refused_text([x])}, which mxq does not deliver to "
+                                                       f"({_HINT})"))
             if transient:
                 raise DNSError(d, Reply.local("4.4.3", f"{d} has no MX and its address lookup failed"))
             raise DNSError(d, Reply.local("5.4.4", f"{d} has no MX record and no address"))
@@ -167,20 +232,33 @@ class Resolver:
         real = [(int(p), n) for p, n in mx.records if n != "."]
         if not real:
             raise NullMX(d, Reply.local("5.1.10", f"{d} does not accept mail (null MX, RFC 7505)"))
-        result, transient = [], False
+        result, refused, transient, usable = [], [], False, 0
         for pref, name in self._ordered(real):
-            addresses, failed = self._host_addresses(name)
+            if limit and usable >= limit:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                transient = True        # out of time: use what was found
+                break
+            addresses, failed = self._host_addresses(name, deadline)
             transient = transient or failed
             if addresses:
-                result.append(Exchange(name=name, preference=pref, addresses=addresses))
+                x = _split(Exchange(name=name, preference=pref, addresses=addresses), policy)
+                if x.addresses:
+                    result.append(x)
+                    usable += len(x.addresses)
+                if x.refused:
+                    refused.append(x)
         if result:
             return result
-        names = ", ".join(n for _, n in real)
+        names = ", ".join(n for _, n in real[:10]) + (", ..." if len(real) > 10 else "")
         if transient:
             raise DNSError(d, Reply.local("4.4.3", f"address lookup failed for the MX hosts of {d} ({names})"))
+        if refused:
+            raise DNSError(d, Reply.local("5.4.4", f"the MX hosts of {d} resolve only to addresses mxq does not "
+                                                   f"deliver to: {_refused_text(refused)} ({_HINT})"))
         raise DNSError(d, Reply.local("5.4.4", f"no MX host of {d} has an address ({names})"))
 
-    def addresses(self, hostname: str) -> list[str]:
+    def addresses(self, hostname: str, *, deadline: float | None = None) -> list[str]:
         """A then AAAA addresses of ``hostname`` (an IP address, or ``[literal]``, returns itself).
 
         Never returns an empty list: raises ``DNSError`` 4.4.3 when a lookup
@@ -196,7 +274,7 @@ class Resolver:
         literal = _literal(name)
         if literal is not None:
             return [literal]
-        addresses, transient = self._host_addresses(name)
+        addresses, transient = self._host_addresses(name, deadline)
         if addresses:
             return addresses
         if transient:
@@ -222,7 +300,7 @@ class Resolver:
             ordered.extend((pref, n) for n in names)
         return ordered
 
-    def _host_addresses(self, name: str) -> tuple[list[str], bool]:
+    def _host_addresses(self, name: str, deadline: float | None = None) -> tuple[list[str], bool]:
         """``(addresses A then AAAA, whether a lookup failed transiently)``."""
         literal = _ip(name)
         if literal is not None:
@@ -231,7 +309,7 @@ class Resolver:
         transient = False
         for rtype in ("A", "AAAA"):
             try:
-                ans = self._lookup(rtype, name)
+                ans = self._lookup(rtype, name, deadline)
             except _Transient:
                 transient = True
                 continue
@@ -241,15 +319,30 @@ class Resolver:
                 break                  # the name does not exist: no point asking for AAAA
         return addresses, transient
 
-    def _lookup(self, rtype: str, name: str) -> CachedAnswer:
-        """One cached lookup; raises ``_Transient`` for SERVFAIL, timeouts and other failures."""
+    def _lookup(self, rtype: str, name: str, deadline: float | None = None) -> CachedAnswer:
+        """One cached lookup; raises ``_Transient`` for SERVFAIL, timeouts, failures and a passed ``deadline``."""
         hit = self.cache.get(rtype, name)
         if hit is not None:
             return hit
+        lifetime = self.lifetime
+        if deadline is not None:
+            lifetime = min(lifetime, deadline - time.monotonic())
+            if lifetime <= 0:
+                raise _Transient("the DNS phase's time is up")
         with self._lock:
             self._stats["queries"] += 1
+        _interrupt.exc = None
         try:
-            ans = self._dns.resolve(dns.name.from_text(name), rtype, search=False, raise_on_no_answer=False)
+            try:
+                ans = self._dns.resolve(dns.name.from_text(name), rtype, search=False, raise_on_no_answer=False,
+                                        lifetime=lifetime)
+            except Exception:
+                caught = getattr(_interrupt, "exc", None)
+                if caught is not None:
+                    raise caught from None
+                raise
+            finally:
+                _interrupt.exc = None
         except dns.resolver.NXDOMAIN as e:
             response = next(iter(e.responses().values()), None)
             answer = CachedAnswer(NXDOMAIN, [], 0, _negative_ttl(response))
@@ -287,6 +380,30 @@ def _negative_ttl(response: dns.message.Message | None) -> int | None:
         if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
             return int(min(rrset.ttl, rrset[0].minimum))
     return None
+
+
+_HINT = "the destination policy refuses them"
+
+
+def _split(x: Exchange, policy) -> Exchange:
+    """``x`` with the addresses ``policy`` refuses moved to ``refused``."""
+    if policy is None:
+        return x
+    ok, refused = [], []
+    for ip in x.addresses:
+        why = policy.refusal(ip)
+        if why is None:
+            ok.append(ip)
+        else:
+            refused.append((ip, why))
+    if not refused:
+        return x
+    return Exchange(x.name, x.preference, ok, x.implicit, tuple(refused))
+
+
+def _refused_text(exchanges: list[Exchange]) -> str:
+    items = [f"{x.name}[{ip}] {why}" for x in exchanges for ip, why in x.refused]
+    return ", ".join(items[:5]) + (", ..." if len(items) > 5 else "")
 
 
 def _ip(text: str) -> str | None:

@@ -4,8 +4,10 @@
 parsing and the AUTH exchanges) and adds what smtplib lacks for a delivery
 agent:
 
-- per-phase timeouts (RFC 5321 section 4.5.3.2): the socket timeout is set
-  before every phase from ``Timeouts``;
+- per-phase deadlines (RFC 5321 section 4.5.3.2) from ``Timeouts``: each
+  phase (greeting, each command, each block of DATA, the final dot) must
+  finish by its deadline, however the server spreads its bytes, and a reply
+  is bounded in size (``MAX_REPLY_BYTES``, lines kept to ``MAX_REPLY_LINE``);
 - TLS policy like Postfix's ``smtp_tls_security_level``: ``none``,
   ``opportunistic`` (``may``: STARTTLS when offered, certificate not checked,
   clear text after a failed handshake), ``required`` (``secure``: STARTTLS must
@@ -17,7 +19,15 @@ agent:
   file is never read whole into memory;
 - every failure mapped to ``mxq.workers.errors`` with a ``Reply`` (local ones
   carry RFC 3463 codes: 4.4.1 connect, 4.4.2 lost connection or timeout,
-  4.7.x TLS).
+  4.5.0 a reply too large, 4.7.x TLS);
+- events for observers (``mxq.workers.events``): each command and reply,
+  progress during DATA, timeouts, TLS -- at no cost when nobody listens;
+- lower-level access: ``command(verb, argument)`` for any command the
+  session does not wrap, and ``write(data)`` for raw message text.
+
+smtplib still parses EHLO and runs the AUTH exchanges, but every byte it
+reads or writes goes through the session (``_Wire``), so the bounds and the
+events cover it too.
 
 Usage::
 
@@ -41,17 +51,21 @@ import re
 import smtplib
 import socket
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from mxq import settings as registry
 
+from . import events
 from .address import Address, parse_address, parse_sender
 from .envelope import DSN, Recipient
 from .errors import (
+    InvalidInput,
     InvalidMessage,
     Scope,
     SMTPAuthError,
+    SMTPBindError,
     SMTPConnectError,
     SMTPDataError,
     SMTPGreetingError,
@@ -62,13 +76,17 @@ from .errors import (
     SMTPServerDisconnected,
     SMTPTimeoutError,
     SMTPTLSError,
+    is_interrupt,
+    reraise_interrupt,
 )
+from .events import PHASE_TIMEOUT, Observer
 from .reply import Reply
 from .timeouts import Timeouts
 
 log = logging.getLogger("mxq.session")
 
-__all__ = ["SMTPSession", "SendResult", "Transaction", "DotStuffer", "TLS_POLICIES", "xtext", "utf8_addr_xtext"]
+__all__ = ["SMTPSession", "SendResult", "Transaction", "DotStuffer", "TLS_POLICIES", "xtext", "utf8_addr_xtext",
+           "MAX_REPLY_LINE", "MAX_REPLY_BYTES", "MAX_COMMAND_LINE"]
 
 #: The accepted values of ``SMTPSession(tls=...)``.
 TLS_POLICIES = ("none", "opportunistic", "required", "implicit")
@@ -240,6 +258,118 @@ def _default_helo_name() -> str:
         return socket.getfqdn()
 
 
+# ------------------------------------------------------------------------------------------ the wire
+
+#: Octets of one reply line kept (RFC 5321 4.5.3.1.5 allows 512 including CRLF;
+#: like Postfix's ``line_length_limit`` we tolerate four times that, and skip
+#: whatever a longer line has beyond it).
+MAX_REPLY_LINE = 2048
+
+#: Octets read for one reply, all its lines together, before the server is
+#: given up on (an EHLO reply is a few hundred octets; a server that streams
+#: ``220-`` lines for ever is cut here, or by the phase deadline, whichever
+#: comes first).
+MAX_REPLY_BYTES = 64 * 1024
+
+#: Longest command line ``command()`` sends (RFC 4954's limit for AUTH lines).
+MAX_COMMAND_LINE = 12288
+
+# Human phase names, as error texts and logs say them (Postfix's wording).
+_PHASE_TEXT = {
+    "connect": "connecting", "greeting": "receiving the initial server greeting",
+    "ehlo": "sending EHLO", "helo": "sending HELO", "starttls": "sending STARTTLS",
+    "auth": "authenticating", "mail": "sending MAIL FROM", "rcpt": "sending RCPT TO",
+    "data": "sending DATA", "content": "sending message content",
+    "dot": "waiting for the reply to the end of data", "rset": "sending RSET", "noop": "sending NOOP",
+    "quit": "sending QUIT", "command": "sending a command",
+}
+
+# Commands ``command()`` refuses, and why: the session's own methods own them.
+_OWNED_VERBS = {
+    "STARTTLS": "TLS is started by connect() according to the tls policy",
+    "EHLO": "connect() sends EHLO/HELO",
+    "HELO": "connect() sends EHLO/HELO",
+    "QUIT": "use disconnect()",
+    "BDAT": "BDAT (CHUNKING) is not supported: use DATA",
+}
+
+_PIPELINED_PHASE = {"MAIL": "mail", "RCPT": "rcpt", "DATA": "data"}
+
+_RCPT_PATH = re.compile(r"TO:\s*<([^>]*)>", re.IGNORECASE)
+
+
+class _ReplyTooLarge(Exception):
+    """Internal: a reply ran past ``MAX_REPLY_BYTES``."""
+
+
+class _Reader:
+    """Reads reply lines from a socket under a deadline, never more than a budget.
+
+    ``readline`` returns one line (with its line end), truncated to
+    ``limit`` octets (the rest of a longer line is read and dropped), and
+    how many octets it consumed; ``b""`` at end of file.  Every ``recv``
+    waits at most until ``deadline`` (``time.monotonic()`` seconds), so a
+    server trickling one byte at a time is cut at the deadline, not after
+    one timeout per byte.
+    """
+
+    __slots__ = ("sock", "buf")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
+
+    def readline(self, limit: int, deadline: float, budget: int) -> tuple[bytes, int]:
+        buf = self.buf
+        head = None          # the kept part of an over-long line
+        dropped = 0
+        while True:
+            i = buf.find(b"\n")
+            if i >= 0:
+                n = i + 1
+                if head is None:
+                    line = bytes(buf[:n]) if n <= limit else bytes(buf[:limit]) + b"\r\n"
+                else:
+                    line = head
+                del buf[:n]
+                return line, dropped + n
+            if head is None and len(buf) > limit:
+                head = bytes(buf[:limit]) + b"\r\n"
+            if head is not None:
+                dropped += len(buf)
+                buf.clear()
+            if dropped + len(buf) > budget:
+                raise _ReplyTooLarge(dropped + len(buf))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("phase deadline passed")
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(65536)
+            if not data:
+                return b"", dropped
+            buf += data
+
+
+class _Wire(smtplib.SMTP):
+    """``smtplib.SMTP`` whose reads and writes go through the session.
+
+    smtplib still does what it is good at (EHLO parsing, the AUTH
+    exchanges); every byte it sends goes through ``SMTPSession._send_command``
+    and every reply it reads comes from ``SMTPSession._read_reply``: bounded,
+    under the phase deadline, and seen by the session's observers.
+    """
+
+    def __init__(self, session: "SMTPSession"):
+        super().__init__(local_hostname=session.helo_name)
+        self._mxq = session
+
+    def send(self, s):
+        self._mxq._send_command(s)
+
+    def getreply(self):
+        return self._mxq._read_reply()
+
+
 class SMTPSession:
     """One SMTP client connection to ``host:port``.
 
@@ -261,25 +391,40 @@ class SMTPSession:
     ``start_transaction`` (and so ``send_message``) send MAIL, every RCPT
     and DATA in one write when the server advertises PIPELINING (RFC 2920);
     off by default, so the classic one-command-at-a-time dialogue is what a
-    library user gets unless asked for.
+    library user gets unless asked for.  ``source_address``: the local
+    address to connect from, ``"ip"`` or ``(ip, port)`` (it must be of the
+    server's address family).  ``observers``: callables that receive the
+    session's events (``mxq.workers.events``; more with ``observe()``).
+
+    Bounds (each a deadline for the whole phase, never per ``recv``): the
+    connect (with an implicit TLS handshake) ``timeouts.connect``; the
+    greeting ``timeouts.greeting``; each command and its reply
+    ``timeouts.command`` (DATA: ``data_init``); each block of message text
+    written ``timeouts.data_block``; the final dot and its reply
+    ``timeouts.data_final``.  A reply is at most ``MAX_REPLY_BYTES`` octets
+    (a longer one is a 4.5.0 protocol failure and the connection is
+    dropped), each of its lines is kept to ``MAX_REPLY_LINE`` octets.
 
     Local failure codes: 4.4.1 for connect failures (refused, unreachable,
     connect timeout), 4.4.2 for a timeout or lost connection after that,
-    4.7.4 TLS required but not offered, 4.7.5 STARTTLS refused or handshake /
-    certificate failure (``SMTPTLSError``, also for implicit TLS).
+    4.5.0 for a reply too large to be an SMTP reply, 4.3.5 for a source
+    address that cannot be used (``SMTPBindError``), 4.7.4 TLS required but
+    not offered, 4.7.5 STARTTLS refused or handshake / certificate failure
+    (``SMTPTLSError``, also for implicit TLS).
 
     Attributes after ``connect()``: ``greeting`` (Reply), ``extensions``
     (EHLO keywords lower-case -> parameters; empty after HELO), ``esmtp``,
-    ``tls_active``, ``tls_fallback`` (why opportunistic TLS was dropped, or
-    None), ``peer`` ((ip, port)), ``accepted`` (recipients accepted in the
-    open transaction).
+    ``tls_active``, ``tls_protocol``, ``tls_cipher``, ``tls_verified``,
+    ``tls_fallback`` (why opportunistic TLS was dropped, or None), ``peer``
+    ((ip, port)), ``local`` ((ip, port) we connected from), ``accepted``
+    (recipients accepted in the open transaction).
     """
 
     def __init__(self, host: str, port: int = 25, *, helo_name: str | None = None,
                  tls: str = "opportunistic", tls_context: ssl.SSLContext | None = None,
                  server_hostname: str | None = None, timeouts: Timeouts | None = None,
-                 source_address: tuple[str, int] | None = None, chunk_size: int = CHUNK_SIZE,
-                 pipelining: bool = False):
+                 source_address: str | tuple[str, int] | None = None, chunk_size: int = CHUNK_SIZE,
+                 pipelining: bool = False, observers: Iterable[Observer] = ()):
         if tls not in TLS_POLICIES:
             raise ValueError(f"tls must be one of {', '.join(TLS_POLICIES)}, not {tls!r}")
         if chunk_size < 1:
@@ -291,27 +436,69 @@ class SMTPSession:
         self.tls_context = tls_context
         self.server_hostname = server_hostname or host
         self.timeouts = timeouts if timeouts is not None else Timeouts.from_env()
+        if isinstance(source_address, str):
+            source_address = (source_address, 0)
         self.source_address = source_address
         self.chunk_size = chunk_size
         self.use_pipelining = pipelining
+        self._observers: tuple = tuple(observers)
 
         self.greeting: Reply | None = None
         self.helo_reply: Reply | None = None
         self.extensions: dict[str, str] = {}
         self.esmtp = False
         self.tls_active = False
+        self.tls_protocol: str | None = None
+        self.tls_cipher: str | None = None
+        self.tls_verified = False
         self.tls_fallback: str | None = None
         self.peer: tuple[str, int] | None = None
+        self.local: tuple[str, int] | None = None
         self.accepted: list[str] = []
-        self._smtp: smtplib.SMTP | None = None
+        self._smtp: _Wire | None = None
+        self._reader: _Reader | None = None
+        self._phase = "connect"      # the phase in progress, its limit and deadline
+        self._limit = 0.0
+        self._deadline = 0.0
+        self._masking = False        # in an AUTH exchange: command lines are masked in events
+        self._auth_open = False      # command("AUTH") got a 334: the next line answers it
         self._in_mail = False        # MAIL FROM accepted, transaction open
         self._stuffer: DotStuffer | None = None   # not None while DATA is in progress
+        self._sent = 0               # message bytes written in this DATA (progress)
+        self._total: int | None = None   # the message's size, when known (progress)
         self._held = b""             # message text send_content leaves for close_message to send
         self._defer_final = False    # close_message: send, leave the final reply unread
         self._final_unread = False   # a final reply is owed: read by start_transaction or final_reply()
         self._out = b""              # a message's text and dot, held to open the next group
+        self._out_progress: tuple[int, int | None] | None = None   # its progress, told when it goes out
         self.last_final: Reply | None = None   # the owed final reply, once read
         self._smtputf8 = False
+
+    # ------------------------------------------------------------------
+    # observers
+
+    def observe(self, observer: Observer) -> Observer:
+        """Add an observer (a callable taking one event, see ``mxq.workers.events``); returns it."""
+        if observer not in self._observers:
+            self._observers = self._observers + (observer,)
+        return observer
+
+    def unobserve(self, observer: Observer) -> None:
+        """Remove an observer added before (no error if it was not there)."""
+        self._observers = tuple(o for o in self._observers if o is not observer)
+
+    @property
+    def observers(self) -> tuple:
+        """The observers, in the order they are told."""
+        return self._observers
+
+    def _emit(self, event) -> None:
+        for observer in self._observers:
+            try:
+                observer(event)
+            except Exception as e:  # noqa: BLE001 -- an observer must never break a delivery
+                reraise_interrupt(e)
+                log.exception("%s: session observer %r failed on %s", self.where, observer, event.kind)
 
     # ------------------------------------------------------------------
     # plumbing
@@ -327,56 +514,147 @@ class SMTPSession:
         """True while the connection is open (as far as the client knows)."""
         return self._smtp is not None and self._smtp.sock is not None
 
-    def _abort(self) -> None:
-        """Drop the connection without QUIT (after a timeout or a broken connection)."""
+    @property
+    def phase(self) -> str:
+        """The phase in progress or last run (see ``mxq.workers.events``)."""
+        return self._phase
+
+    def _abort(self, quit: bool = False) -> None:
+        """Drop the connection (without QUIT unless ``quit``: after a timeout or a broken connection)."""
         smtp, self._smtp = self._smtp, None
+        self._reader = None
         self._stuffer = None
         self._held = b""
         self._defer_final = self._final_unread = False
         self._out = b""              # never sent: the server never saw its dot
+        self._out_progress = None
         self._in_mail = False
+        self._masking = self._auth_open = False
         self.accepted = []
         if smtp is not None:
             try:
                 smtp.close()
             except OSError:
                 pass
+            if self._observers:
+                self._emit(events.Closed(self, quit))
 
-    def _lost(self, phase: str, exc: BaseException) -> SMTPServerDisconnected:
+    def _begin(self, phase: str, limit: float | None = None) -> None:
+        """Start ``phase``: its deadline is now + its timeout (or ``limit``)."""
+        if limit is None:
+            limit = getattr(self.timeouts, PHASE_TIMEOUT[phase])
+        self._phase, self._limit = phase, limit
+        self._deadline = time.monotonic() + limit
+
+    def _lost(self, text: str, exc: BaseException) -> SMTPServerDisconnected:
         self._abort()
         detail = f": {exc}" if str(exc) else ""
         return SMTPServerDisconnected(
-            Reply.local("4.4.2", f"lost connection with {self.where} while {phase}{detail}"))
+            Reply.local("4.4.2", f"lost connection with {self.where} while {text}{detail}"))
 
-    def _timed_out(self, phase: str) -> SMTPTimeoutError:
+    def _timed_out(self, text: str) -> SMTPTimeoutError:
+        phase, limit = self._phase, self._limit
+        if self._observers:
+            self._emit(events.TimedOut(self, phase, limit))
         self._abort()
-        return SMTPTimeoutError(Reply.local("4.4.2", f"conversation with {self.where} timed out while {phase}"))
+        return SMTPTimeoutError(Reply.local(
+            "4.4.2", f"conversation with {self.where} timed out while {text} (limit {limit:g} s)"))
 
-    def _io(self, phase: str, timeout: float, fn, *args):
-        """Run one exchange with the server under ``timeout``, mapping network failures."""
+    def _io(self, phase: str, fn, *args, text: str | None = None, limit: float | None = None):
+        """Run one exchange with the server as ``phase``, under its deadline, mapping network failures."""
+        text = text or _PHASE_TEXT[phase]
         if not self.connected:
-            raise SMTPServerDisconnected(Reply.local("4.4.2", f"not connected to {self.where} ({phase})"))
-        self._smtp.sock.settimeout(timeout)
+            raise SMTPServerDisconnected(Reply.local("4.4.2", f"not connected to {self.where} ({text})"))
+        self._begin(phase, limit)
         try:
             return fn(*args)
+        except _ReplyTooLarge as e:
+            self._abort()
+            raise SMTPProtocolError(Reply.local(
+                "4.5.0", f"reply from {self.where} exceeded {MAX_REPLY_BYTES} bytes while {text}"),
+                scope=Scope.SITE) from e
         except smtplib.SMTPServerDisconnected as e:
-            if _caused_by(e, TimeoutError):   # smtplib turns a read timeout into this
-                raise self._timed_out(phase) from e
-            raise self._lost(phase, e) from e
+            if _caused_by(e, TimeoutError):
+                raise self._timed_out(text) from e
+            raise self._lost(text, e) from e
         except smtplib.SMTPException:   # a reply-carrying error (AUTH): the caller maps it
             raise
         except OSError as e:   # socket and ssl errors
             if _caused_by(e, TimeoutError):
-                raise self._timed_out(phase) from e
-            raise self._lost(phase, e) from e
+                raise self._timed_out(text) from e
+            raise self._lost(text, e) from e
 
-    def _command(self, phase: str, timeout: float, cmd: str, args: str = "") -> Reply:
+    def _send_bytes(self, data) -> None:
+        """Write ``data`` whole before the phase deadline (a slow reader is cut at it)."""
+        sock = self._smtp.sock
+        deadline = self._deadline
+        view = memoryview(data)
+        n = len(view)
+        off = 0
+        while off < n:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("phase deadline passed")
+            sock.settimeout(remaining)
+            off += sock.send(view[off:] if off else view)
+
+    def _send_command(self, s) -> None:
+        """smtplib's ``send``: one command line (or AUTH line), then its event."""
+        data = s.encode(self._smtp.command_encoding) if isinstance(s, str) else bytes(s)
+        self._send_bytes(data)
+        if self._observers:
+            self._command_events(data, pipelined=False)
+
+    def _command_events(self, data: bytes, pipelined: bool) -> None:
+        for raw in data.split(b"\r\n"):
+            if not raw:
+                continue
+            line = raw.decode("utf-8", "replace")
+            verb = line.split(" ", 1)[0].upper()
+            phase = _PIPELINED_PHASE.get(verb, self._phase) if pipelined else self._phase
+            if self._masking:
+                if verb == "AUTH":
+                    parts = line.split(" ")
+                    line = " ".join(parts[:2] + (["****"] if len(parts) > 2 else []))
+                else:
+                    line, verb = "****", ""
+            self._emit(events.CommandSent(self, phase, line, verb, pipelined))
+
+    def _read_reply(self) -> tuple[int, bytes]:
+        """smtplib's ``getreply``: one whole reply, bounded (see ``_Reader``); ``(-1, text)`` if malformed."""
+        reader, deadline = self._reader, self._deadline
+        lines = []
+        total = 0
+        code = -1
+        while True:
+            line, used = reader.readline(MAX_REPLY_LINE, deadline, MAX_REPLY_BYTES - total)
+            if not line:
+                raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+            total += used
+            if total > MAX_REPLY_BYTES:
+                raise _ReplyTooLarge(total)
+            digits = line[:3]
+            if len(digits) != 3 or not digits.isdigit():
+                code = -1
+                lines.append(line.strip(b" \t\r\n"))
+                break
+            code = int(digits)
+            lines.append(line[4:].strip(b" \t\r\n"))
+            if line[3:4] != b"-":
+                break
+        msg = b"\n".join(lines)
+        if self._observers and code != -1:
+            self._emit(events.ReplyReceived(self, self._phase, Reply.parse(code, msg)))
+        return code, msg
+
+    def _command(self, phase: str, cmd: str, args: str = "", *, text: str | None = None) -> Reply:
         if self._final_unread:
             # Its reply would be taken for this command's: read it with final_reply() first.
             raise SMTPProtocolError(Reply.local("4.3.0", f"{cmd}: the previous message's final reply is unread"))
-        code, msg = self._io(phase, timeout, self._smtp.docmd, cmd, args)
-        if code == -1:   # smtplib's "no valid reply"
-            raise self._lost(phase, OSError(msg.decode("utf-8", "replace") if isinstance(msg, bytes) else msg))
+        code, msg = self._io(phase, self._smtp.docmd, cmd, args, text=text)
+        if code == -1:   # not an SMTP reply
+            raise self._lost(text or _PHASE_TEXT[phase], OSError(
+                "malformed reply: " + (msg.decode("utf-8", "replace") if isinstance(msg, bytes) else msg)[:200]))
         return Reply.parse(code, msg)
 
     def _require_connected(self, what: str) -> None:
@@ -391,10 +669,12 @@ class SMTPSession:
         """Connect, read the greeting, EHLO (HELO fallback) and apply the TLS policy.
 
         Returns the greeting.  Raises ``SMTPConnectError`` (refused,
-        unreachable), ``SMTPTimeoutError`` (connect, greeting or command
-        timeout), ``SMTPServerDisconnected``, ``SMTPGreetingError`` (not 220),
-        ``SMTPHeloError`` or ``SMTPTLSError``.  Calling it while connected
-        returns the current greeting.
+        unreachable; ``SMTPBindError`` for an unusable source address),
+        ``SMTPTimeoutError`` (connect, greeting or command timeout),
+        ``SMTPServerDisconnected``, ``SMTPGreetingError`` (not 220),
+        ``SMTPHeloError``, ``SMTPTLSError`` or ``SMTPProtocolError`` (a
+        reply too large).  Calling it while connected returns the current
+        greeting.
         """
         if self.connected:
             return self.greeting
@@ -409,50 +689,119 @@ class SMTPSession:
             self._open(starttls=False)
         return self.greeting
 
+    def _connect_failed(self, text: str, exc: BaseException, timed_out: bool = False):
+        if timed_out:
+            if self._observers:
+                self._emit(events.TimedOut(self, "connect", self._limit))
+            return SMTPTimeoutError(Reply.local("4.4.1", f"connect to {self.where}: Connection timed out"))
+        return SMTPConnectError(Reply.local("4.4.1", f"connect to {self.where}: {text}"))
+
     def _new_socket(self) -> socket.socket:
+        """A connected socket (TLS-wrapped for implicit TLS), under the connect deadline."""
+        self._begin("connect")
         try:
-            sock = socket.create_connection((self.host, self.port), self.timeouts.connect, self.source_address)
-        except TimeoutError as e:
-            raise SMTPTimeoutError(Reply.local(
-                "4.4.1", f"connect to {self.where}: Connection timed out")) from e
-        except ConnectionRefusedError as e:
-            raise SMTPConnectError(Reply.local("4.4.1", f"connect to {self.where}: Connection refused")) from e
+            infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
         except OSError as e:
-            raise SMTPConnectError(Reply.local(
-                "4.4.1", f"connect to {self.where}: {e.strerror or e}")) from e
+            raise self._connect_failed(f"cannot resolve {self.host}: {e.strerror or e}", e) from e
+        sock = None
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            try:
+                if self.source_address is not None:
+                    self._bind(sock, family)
+                remaining = self._deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("connect deadline passed")
+                sock.settimeout(remaining)
+                sock.connect(addr)
+                break
+            except SMTPBindError:
+                sock.close()
+                raise
+            except TimeoutError as e:
+                sock.close()
+                raise self._connect_failed("", e, timed_out=True) from e
+            except ConnectionRefusedError as e:
+                sock.close()
+                if addr is infos[-1][4]:
+                    raise self._connect_failed("Connection refused", e) from e
+            except OSError as e:
+                sock.close()
+                if addr is infos[-1][4]:
+                    raise self._connect_failed(e.strerror or str(e), e) from e
         # Every write we make is a whole command or a whole data chunk, so
         # Nagle's algorithm only adds latency: with the server's delayed ACK
         # the final "." waited ~40 ms behind the last data chunk per message.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.tls == "implicit":
-            ctx = self.tls_context or ssl.create_default_context()
-            sock.settimeout(self.timeouts.connect)
-            try:
-                sock = ctx.wrap_socket(sock, server_hostname=self.server_hostname)
-            except TimeoutError as e:
-                sock.close()
-                raise SMTPTimeoutError(Reply.local(
-                    "4.4.2", f"TLS handshake with {self.where} timed out")) from e
-            except (ssl.SSLError, ssl.CertificateError, OSError) as e:
-                sock.close()
-                raise SMTPTLSError(Reply.local("4.7.5", f"TLS handshake with {self.where} failed: {e}")) from e
         return sock
+
+    def _bind(self, sock: socket.socket, family: int) -> None:
+        ip, port = self.source_address[0], int(self.source_address[1] or 0)
+        want = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        if want != family:
+            raise SMTPBindError(Reply.local(
+                "4.3.5", f"source address {ip} is not of the address family of {self.where}"))
+        try:
+            sock.bind((ip, port))
+        except OSError as e:
+            raise SMTPBindError(Reply.local(
+                "4.3.5", f"cannot use source address {ip} for {self.where}: {e.strerror or e}")) from e
+
+    def _wrap(self, sock: socket.socket, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+        """The TLS handshake under the current phase's deadline (one deadline for the whole handshake)."""
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("phase deadline passed")
+        sock.settimeout(remaining)
+        tls = ctx.wrap_socket(sock, server_hostname=self.server_hostname)
+        cipher = tls.cipher() or (None, None, None)
+        self.tls_protocol = tls.version()
+        self.tls_cipher = cipher[0]
+        self.tls_verified = ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+        return tls
+
+    def _tls_started(self, sock: ssl.SSLSocket) -> None:
+        if self._observers:
+            cipher = sock.cipher() or (None, None, None)
+            self._emit(events.TLSStarted(self, self.tls_protocol, self.tls_cipher, cipher[2],
+                                         self.tls_verified, self.server_hostname))
 
     def _open(self, starttls: bool) -> None:
         self._abort()
         self.greeting = self.helo_reply = None
-        self.extensions, self.esmtp, self.tls_active, self.peer = {}, False, False, None
-        smtp = smtplib.SMTP(local_hostname=self.helo_name)
+        self.extensions, self.esmtp, self.tls_active, self.peer, self.local = {}, False, False, None, None
+        self.tls_protocol = self.tls_cipher = None
+        self.tls_verified = False
         sock = self._new_socket()
+        self.peer = tuple(sock.getpeername()[:2])
+        self.local = tuple(sock.getsockname()[:2])
+        smtp = _Wire(self)
         smtp.sock = sock
         smtp._host = self.server_hostname  # smtplib's name for the peer (used in its own messages)
         self._smtp = smtp
-        self.peer = tuple(sock.getpeername()[:2])
-        self.tls_active = self.tls == "implicit"
-        code, msg = self._io("receiving the initial server greeting", self.timeouts.greeting, smtp.getreply)
-        self.greeting = Reply.parse(code, msg)
+        self._reader = _Reader(sock)
+        if self._observers:
+            self._emit(events.Connected(self, self.peer, self.local))
+        if self.tls == "implicit":
+            ctx = self.tls_context or ssl.create_default_context()
+            try:
+                smtp.sock = self._wrap(sock, ctx)
+            except TimeoutError as e:
+                raise self._timed_out("performing the TLS handshake") from e
+            except (ssl.SSLError, ssl.CertificateError, OSError) as e:
+                self._abort()
+                raise SMTPTLSError(Reply.local("4.7.5", f"TLS handshake with {self.where} failed: {e}")) from e
+            self._reader = _Reader(smtp.sock)
+            self.tls_active = True
+            self._tls_started(smtp.sock)
+        code, msg = self._io("greeting", smtp.getreply)
+        self.greeting = Reply.parse(code, msg) if code != -1 else Reply.local("4.5.0", "malformed greeting")
         if code != 220:
             self._abort()
+            if code == -1:
+                raise SMTPProtocolError(Reply.local(
+                    "4.5.0", f"malformed greeting from {self.where}: {msg.decode('utf-8', 'replace')[:200]}"),
+                    scope=Scope.SITE)
             raise SMTPGreetingError(self.greeting)
         self._hello()
         if not starttls:
@@ -466,17 +815,21 @@ class SMTPSession:
 
     def _hello(self) -> None:
         smtp = self._smtp
-        code, msg = self._io("sending EHLO", self.timeouts.command, smtp.ehlo, self.helo_name)
+        code, msg = self._io("ehlo", smtp.ehlo, self.helo_name)
         if code == 250:
             self.esmtp = True
             self.extensions = {k.lower(): v.strip() for k, v in smtp.esmtp_features.items()}
             self.helo_reply = Reply.parse(code, msg)
             return
+        if code == -1:
+            raise self._lost("sending EHLO", OSError("malformed reply"))
         ehlo_reply = Reply.parse(code, msg)
         if code == 421:
             self._abort()
             raise SMTPHeloError(ehlo_reply)
-        code, msg = self._io("sending HELO", self.timeouts.command, smtp.helo, self.helo_name)
+        code, msg = self._io("helo", smtp.helo, self.helo_name)
+        if code == -1:
+            raise self._lost("sending HELO", OSError("malformed reply"))
         self.helo_reply = Reply.parse(code, msg)
         if code != 250:
             self.disconnect()
@@ -490,7 +843,7 @@ class SMTPSession:
             ctx = self.tls_context
         else:
             ctx = _UNVERIFIED if opportunistic else ssl.create_default_context()
-        reply = self._command("sending STARTTLS", self.timeouts.command, "STARTTLS")
+        reply = self._command("starttls", "STARTTLS")
         if reply.code != 220:
             if opportunistic:
                 # The session is still in a known state (RFC 3207 section 4):
@@ -501,9 +854,11 @@ class SMTPSession:
             self.disconnect()
             raise SMTPTLSError(Reply.local("4.7.5", f"STARTTLS refused by {self.where}: {reply}"))
         smtp = self._smtp
-        smtp.sock.settimeout(self.timeouts.command)
+        # Anything the server sent after its 220 came in clear text and must
+        # not be taken as a reply inside TLS (the STARTTLS injection attack).
+        self._reader = None
         try:
-            smtp.sock = ctx.wrap_socket(smtp.sock, server_hostname=self.server_hostname)
+            smtp.sock = self._wrap(smtp.sock, ctx)
         except (ssl.SSLError, ssl.CertificateError, OSError) as e:
             self._abort()
             if opportunistic:
@@ -511,12 +866,14 @@ class SMTPSession:
             if isinstance(e, TimeoutError):
                 raise SMTPTimeoutError(Reply.local("4.4.2", f"TLS handshake with {self.where} timed out")) from e
             raise SMTPTLSError(Reply.local("4.7.5", f"TLS handshake with {self.where} failed: {e}")) from e
+        self._reader = _Reader(smtp.sock)
         # Forget everything learnt in clear text (RFC 3207 section 4.2).
         smtp.file = None
         smtp.helo_resp = smtp.ehlo_resp = None
         smtp.esmtp_features = {}
         smtp.does_esmtp = False
         self.tls_active = True
+        self._tls_started(smtp.sock)
         self._hello()
 
     # ------------------------------------------------------------------
@@ -529,7 +886,7 @@ class SMTPSession:
         ``mechanism`` forces one (it must be offered).  Raises
         ``SMTPAuthError`` with the server's reply on failure, or with a local
         5.7.4 reply when no usable mechanism is offered.  Credentials are
-        never logged.
+        never logged, and events show AUTH payloads as ``****``.
         """
         self._require_connected("authenticate")
         offered = [m.upper() for m in self.extensions.get("auth", "").split()]
@@ -561,9 +918,9 @@ class SMTPSession:
             smtp = self._smtp
             smtp.user, smtp.password = user, password
             authobject = getattr(smtp, "auth_" + mech.lower().replace("-", "_"))
+        self._masking = True
         try:
-            code, msg = self._io(f"authenticating with {mech}", self.timeouts.command,
-                                 self._smtp.auth, mech, authobject)
+            code, msg = self._io("auth", self._smtp.auth, mech, authobject, text=f"authenticating with {mech}")
         except smtplib.SMTPAuthenticationError as e:
             raise SMTPAuthError(Reply.parse(e.smtp_code, e.smtp_error)) from None
         except UnicodeEncodeError:
@@ -574,15 +931,129 @@ class SMTPSession:
             self._abort()
             raise SMTPAuthError(Reply.local("4.7.0", f"AUTH {mech} with {self.where} failed: {e}")) from None
         finally:
+            self._masking = False
             if self._smtp is not None:
                 self._smtp.password = None
         return Reply.parse(code, msg)
 
     # ------------------------------------------------------------------
+    # lower-level access
+
+    def command(self, verb: str, argument: str = "") -> Reply:
+        """Send one command line and return the server's reply (never raised for a 4xx/5xx).
+
+        For extensions the session does not wrap (VRFY, EXPN, ETRN, HELP, a
+        vendor command) and for driving a transaction by hand.  The session
+        keeps track of what it can: MAIL (250 opens a transaction), RCPT
+        (250/251 adds to ``accepted``), DATA (354 opens DATA: then
+        ``write()`` raw text or ``append_message()``, and ``close_message()``),
+        RSET, and AUTH (while the server answers 334, the next ``command``
+        is the response line; its text is masked in events).  A 421 reply
+        closes the connection.
+
+        Refused (``SMTPProtocolError``, nothing sent): while a pipelined
+        final reply is owed (``final_reply()`` first), while DATA is open,
+        MAIL inside a transaction, RCPT outside one, DATA without an
+        accepted recipient, AUTH inside a transaction, and the commands the
+        session owns (STARTTLS, EHLO, HELO, QUIT, BDAT).  A verb or argument
+        with CR, LF or NUL, or a line over ``MAX_COMMAND_LINE`` octets, is
+        ``InvalidInput``.
+        """
+        self._require_connected("command")
+        if not isinstance(verb, str) or not verb or any(c.isspace() for c in verb):
+            raise InvalidInput(f"command verb must be one word, not {verb!r}")
+        argument = "" if argument is None else str(argument)
+        if any(c in "\r\n\0" for c in verb + argument):
+            raise InvalidInput("command verb and argument must not contain CR, LF or NUL")
+        line_len = len((verb + " " + argument).encode("utf-8"))
+        if line_len > MAX_COMMAND_LINE:
+            raise InvalidInput(f"command line of {line_len} octets exceeds {MAX_COMMAND_LINE}")
+        if self._final_unread or self._out:
+            raise SMTPProtocolError(Reply.local("4.3.0", f"{verb}: a pipelined final reply is owed; "
+                                                         "read it with final_reply() first"))
+        if self._stuffer is not None:
+            raise SMTPProtocolError(Reply.local("4.3.0", f"{verb}: DATA is open; write() the text, "
+                                                         "then close_message()"))
+        upper = verb.upper()
+        if self._auth_open:
+            phase = "auth"               # a response to a 334 challenge, whatever it looks like
+        else:
+            why = _OWNED_VERBS.get(upper)
+            if why is None and upper == "MAIL" and self._in_mail:
+                why = "a transaction is open: close_message() or RSET first"
+            elif why is None and upper == "RCPT" and not self._in_mail:
+                why = "no transaction is open (MAIL first)"
+            elif why is None and upper == "DATA" and not (self._in_mail and self.accepted):
+                why = "DATA outside a transaction with an accepted recipient"
+            elif why is None and upper == "AUTH" and self._in_mail:
+                why = "AUTH is not allowed during a transaction (RFC 4954)"
+            if why is not None:
+                raise SMTPProtocolError(Reply.local("4.3.0", f"{upper} refused: {why}"))
+            phase = {"MAIL": "mail", "RCPT": "rcpt", "DATA": "data", "RSET": "rset", "NOOP": "noop",
+                     "AUTH": "auth"}.get(upper, "command")
+        encoding = self._smtp.command_encoding
+        if not (verb + argument).isascii():
+            if "smtputf8" not in self.extensions:
+                raise InvalidInput(f"{upper}: a non-ASCII command needs SMTPUTF8, which {self.where} does not offer")
+            self._smtp.command_encoding = "utf-8"
+        if phase == "auth":
+            self._masking = True
+        try:
+            reply = self._command(phase, verb, argument, text=f"sending {upper}" if phase == "command" else None)
+        finally:
+            if phase == "auth":
+                self._masking = False
+            if self._smtp is not None and upper != "MAIL":
+                self._smtp.command_encoding = encoding
+        if phase == "auth":
+            self._auth_open = reply.code == 334
+        elif upper == "MAIL" and reply.code == 250:
+            self._in_mail, self.accepted = True, []
+            self._smtputf8 = "SMTPUTF8" in argument.upper()
+        elif upper == "RCPT" and reply.code in (250, 251):
+            m = _RCPT_PATH.search(argument)
+            self.accepted.append(m.group(1) if m else argument)
+        elif upper == "DATA" and reply.code == 354:
+            self._stuffer = DotStuffer()
+            self._sent = 0
+        elif upper == "RSET" and reply.code == 250:
+            self._in_mail, self.accepted = False, []
+        if reply.code == 421:
+            self._abort()
+        return reply
+
+    def write(self, data) -> None:
+        """Write raw bytes while DATA is open (after a 354), exactly as given.
+
+        No dot-stuffing and no line-end conversion: ``data`` must already be
+        SMTP message text (CRLF line ends, a line starting with "." doubled).
+        It must not hold the end-of-data sequence (``CRLF.CRLF``): end with
+        ``close_message()``, which adds a CRLF first when the text did not
+        end with one.  Bounded by ``timeouts.data_block``; observers get a
+        ``DataWritten`` with the size.  Raises ``SMTPProtocolError`` when
+        DATA is not open, ``InvalidInput`` for data that would end DATA.
+        """
+        self._require_connected("write")
+        if self._stuffer is None or self._final_unread:
+            raise SMTPProtocolError(Reply.local("4.3.0", "write: DATA is not open (DATA must be answered 354 first)"))
+        data = bytes(data)
+        if not data:
+            return
+        stuffer = self._stuffer
+        if b"\r\n.\r\n" in data or (stuffer._at_line_start and data.startswith(b".\r\n")):
+            raise InvalidInput("write: data holds the end-of-data sequence; use close_message()")
+        self._io("content", self._send_bytes, data)
+        stuffer._pending_cr = False
+        stuffer._at_line_start = data.endswith(b"\r\n")
+        self._sent += len(data)
+        if self._observers:
+            self._emit(events.DataWritten(self, len(data)))
+
+    # ------------------------------------------------------------------
     # the transaction
 
     def create_message(self, sender: str | None, size: int | None = None, dsn: DSN | None = None, *,
-                       smtputf8: bool = False, eightbit: bool = False, _pipeline=None) -> Reply:
+                       smtputf8: bool = False, eightbit: bool = False) -> Reply:
         """MAIL FROM; "" or None is the null sender ``<>``.
 
         Parameters are sent only when the server advertises them: SIZE,
@@ -592,16 +1063,16 @@ class SMTPSession:
         ``SMTPNotSupported`` (5.3.4 size over the advertised limit; 5.6.7
         SMTPUTF8 needed but not offered; nothing sent), ``SMTPSenderRefused``
         (the server's refusal), ``SMTPProtocolError`` (a transaction is open).
+        ``size`` is also the total that progress events count towards.
         """
         args, needs_utf8 = self._mail_args(sender, size, dsn, smtputf8=smtputf8, eightbit=eightbit)
-        if _pipeline is not None:
-            return self._pipeline(args, needs_utf8, *_pipeline)
         self._smtp.command_encoding = "utf-8" if needs_utf8 else "ascii"
-        reply = self._command("sending MAIL FROM", self.timeouts.command, "MAIL", args)
+        reply = self._command("mail", "MAIL", args)
         if reply.code != 250:
             raise SMTPSenderRefused(reply, scope=Scope.SITE if reply.code == 421 else None)
         self._in_mail = True
         self._smtputf8 = needs_utf8
+        self._total = size
         self.accepted = []
         return reply
 
@@ -653,7 +1124,7 @@ class SMTPSession:
         address, args = self._rcpt_args(address, notify, orcpt, in_mail=self._in_mail, utf8=self._smtputf8)
         if isinstance(args, Reply):
             return args
-        reply = self._command("sending RCPT TO", self.timeouts.command, "RCPT", args)
+        reply = self._command("rcpt", "RCPT", args)
         if reply.code in (250, 251):
             self.accepted.append(address)
         return reply
@@ -729,13 +1200,19 @@ class SMTPSession:
         if not self.pipelining:
             return self._transaction_stepwise(sender, rcpts, size, dsn, smtputf8=smtputf8, eightbit=eightbit)
         tx = Transaction()
-        # Through create_message (which hands the group to _pipeline), so a subclass that
-        # wraps create_message / close_message / reset (mxq.tasks.metrics times transactions
-        # that way) sees a pipelined transaction as it sees a classic one.
-        self.create_message(sender, size, dsn, smtputf8=smtputf8, eightbit=eightbit, _pipeline=(rcpts, tx))
+        args, needs_utf8 = self._mail_args(sender, size, dsn, smtputf8=smtputf8, eightbit=eightbit)
+        self._pipeline(args, needs_utf8, size, rcpts, tx)
         return tx
 
-    def _pipeline(self, mail_args: str, needs_utf8: bool, rcpts: list[Recipient], tx: "Transaction") -> Reply:
+    def _flush_events(self, out: bytes, pipelined: bool) -> None:
+        """Events for a held message text and dot that just went out (see ``send_content(wait=False)``)."""
+        progress, self._out_progress = self._out_progress, None
+        if self._observers and progress is not None:
+            self._emit(events.DataProgress(self, progress[0], progress[1], True))
+            self._emit(events.CommandSent(self, "dot", ".", ".", pipelined))
+
+    def _pipeline(self, mail_args: str, needs_utf8: bool, size: int | None, rcpts: list[Recipient],
+                  tx: "Transaction") -> Reply:
         """The pipelined envelope (see ``start_transaction``): fills ``tx``, returns the MAIL reply."""
         prepared = [self._rcpt_args(r, None, None, in_mail=True, utf8=needs_utf8) for r in rcpts]
         encoding = "utf-8" if needs_utf8 else "ascii"
@@ -743,32 +1220,35 @@ class SMTPSession:
         lines += [f"RCPT {args}\r\n" for _, args in prepared if not isinstance(args, Reply)]
         lines.append("DATA\r\n")
         payload = "".join(lines).encode(encoding)
-        smtp = self._smtp
         out, self._out = self._out, b""
         if out:         # the previous message's text and dot open the group
-            self._io("sending message content", self.timeouts.data_block, smtp.sock.sendall, out + payload)
+            self._io("content", self._send_bytes, out + payload)
         else:
-            self._io("sending MAIL FROM", self.timeouts.command, smtp.sock.sendall, payload)
+            self._io("mail", self._send_bytes, payload)
+        if self._observers:
+            self._flush_events(out, True)
+            self._command_events(payload, pipelined=True)
         if self._final_unread:
             # The previous message's final reply comes first (its text opened this group).
-            tx.previous = self.final_reply()
+            tx.previous = self._owed_final()
             if tx.previous.code == 421:
                 self._abort()
                 raise SMTPServerDisconnected(tx.previous, scope=Scope.SITE)
-        tx.mail = self._reply("waiting for the reply to MAIL FROM", self.timeouts.command)
+        tx.mail = self._reply("mail")
         if tx.mail.code == 421:
             self._abort()
             raise SMTPSenderRefused(tx.mail, scope=Scope.SITE)
         mail_ok = tx.mail.code == 250
         self._in_mail = mail_ok
         self._smtputf8 = needs_utf8
+        self._total = size
         self.accepted = []
         closing = False
         for address, args in prepared:
             if isinstance(args, Reply) or closing:
                 tx.recipients.append(args if isinstance(args, Reply) else None)
                 continue
-            reply = self._reply("waiting for the reply to RCPT TO", self.timeouts.command)
+            reply = self._reply("rcpt")
             tx.recipients.append(reply)
             if reply.code == 421:
                 closing = True
@@ -779,17 +1259,20 @@ class SMTPSession:
             if not mail_ok:
                 raise SMTPSenderRefused(tx.mail)
             return tx.mail
-        data = self._reply("waiting for the reply to DATA", self.timeouts.data_init)
+        data = self._reply("data")
         if data.code == 421:
             self._abort()
             tx.data = data
         elif data.code == 354 and (not mail_ok or not self.accepted):
             # DATA accepted with nobody to deliver to: end the empty message now.
-            self._io("sending end of data", self.timeouts.data_block, smtp.sock.sendall, b".\r\n")
-            self._reply("waiting for the reply to the end of data", self.timeouts.data_final)
+            self._io("dot", self._send_bytes, b".\r\n")
+            if self._observers:
+                self._emit(events.CommandSent(self, "dot", ".", ".", False))
+            self._reply("dot")
             self._in_mail = False
         elif data.code == 354:
             self._stuffer = DotStuffer()
+            self._sent = 0
             tx.data = data
         else:
             tx.data = data
@@ -816,17 +1299,18 @@ class SMTPSession:
                 stopped = True          # too many recipients: the rest wait for another transaction
         if not self.connected or not self.accepted:
             return tx
-        reply = self._command("sending DATA", self.timeouts.data_init, "DATA")
+        reply = self._command("data", "DATA")
         tx.data = reply
         if reply.code == 354:
             self._stuffer = DotStuffer()
+            self._sent = 0
         return tx
 
-    def _reply(self, phase: str, timeout: float) -> Reply:
-        """Read one reply (of a pipelined group)."""
-        code, msg = self._io(phase, timeout, self._smtp.getreply)
+    def _reply(self, phase: str) -> Reply:
+        """Read one reply (of a pipelined group) under ``phase``'s deadline."""
+        code, msg = self._io(phase, self._smtp.getreply)
         if code == -1:
-            raise self._lost(phase, OSError("no valid reply"))
+            raise self._lost(_PHASE_TEXT[phase], OSError("malformed reply"))
         return Reply.parse(code, msg)
 
     def append_message(self, content) -> None:
@@ -835,10 +1319,11 @@ class SMTPSession:
         ``content``: bytes, ``str`` (message text, UTF-8), a path
         (``os.PathLike``), a binary file object, or an iterable of byte
         chunks.  It is streamed in ``chunk_size`` pieces with line ends made
-        CRLF and dot-stuffing applied, with ``timeouts.data_block`` per write.
-        Raises ``SMTPProtocolError`` when no recipient was accepted (DATA is
-        not sent), ``SMTPDataError`` when the server refuses DATA (the
-        transaction stays open: ``reset()``), ``InvalidMessage`` for an
+        CRLF and dot-stuffing applied, each write within
+        ``timeouts.data_block``.  Observers get a ``DataProgress`` after each
+        block.  Raises ``SMTPProtocolError`` when no recipient was accepted
+        (DATA is not sent), ``SMTPDataError`` when the server refuses DATA
+        (the transaction stays open: ``reset()``), ``InvalidMessage`` for an
         unreadable content (nothing sent when it is detected before DATA).
         If reading the content fails midway the connection is dropped, so a
         truncated message is never completed.
@@ -850,7 +1335,7 @@ class SMTPSession:
                 _close_quietly(chunks)
                 raise SMTPProtocolError(Reply.local("5.5.1", "no accepted recipient: DATA not sent"))
             try:
-                reply = self._command("sending DATA", self.timeouts.data_init, "DATA")
+                reply = self._command("data", "DATA")
             except BaseException:
                 _close_quietly(chunks)
                 raise
@@ -858,17 +1343,22 @@ class SMTPSession:
                 _close_quietly(chunks)
                 raise SMTPDataError(reply, scope=Scope.SITE if reply.code == 421 else None)
             self._stuffer = DotStuffer()
-        sock_send = self._smtp.sock.sendall
+            self._sent = 0
+        stuffer = self._stuffer
+        observed = bool(self._observers)
         try:
             for chunk in chunks:
-                data = self._stuffer.feed(chunk)
+                data = stuffer.feed(chunk)
                 if data:
-                    self._io("sending message content", self.timeouts.data_block, sock_send, data)
+                    self._io("content", self._send_bytes, data)
+                self._sent += len(chunk)
+                if observed:
+                    self._emit(events.DataProgress(self, self._sent, self._total))
         except (SMTPServerDisconnected, SMTPTimeoutError):
             raise
         except BaseException:
-            # The content source failed mid-stream: never let a partial message
-            # be completed by a later close_message().
+            # The content source failed mid-stream (or the caller was interrupted):
+            # never let a partial message be completed by a later close_message().
             self._abort()
             raise
         finally:
@@ -892,20 +1382,25 @@ class SMTPSession:
             # answers a group at once is not left waiting on a half of it, and a reply
             # to the dot sent alone could wait behind Nagle for our delayed ACK).
             self._out = held + tail
+            self._out_progress = (self._sent, self._total)
             self._stuffer = None
             self._in_mail = False
             self._final_unread = True
             return None
         if held:
-            self._io("sending message content", self.timeouts.data_block, self._smtp.sock.sendall, held + tail)
+            self._io("content", self._send_bytes, held + tail)
         else:
-            self._io("sending end of data", self.timeouts.data_block, self._smtp.sock.sendall, tail)
+            self._io("dot", self._send_bytes, tail, text="sending end of data")
+        if self._observers:
+            self._out_progress = (self._sent, self._total)
+            self._flush_events(tail, False)
         return self._final_reply()
 
     def _final_reply(self) -> Reply:
-        reply = self._reply("waiting for the reply to the end of data", self.timeouts.data_final)
+        reply = self._reply("dot")
         self._stuffer = None
         self._in_mail = False
+        self._total = None
         return reply
 
     def send_content(self, content, *, wait: bool = True) -> Reply | None:
@@ -913,7 +1408,9 @@ class SMTPSession:
 
         When DATA is open (354 from ``start_transaction``) and ``content`` is
         bytes no longer than ``chunk_size``, the text and the final "." go
-        in one write; otherwise it streams as ``append_message`` does.
+        in one write; otherwise it streams as ``append_message`` does.  For
+        progress events the total is the ``size`` given to the transaction,
+        else the content's own size when it is known (bytes, str, a path).
 
         ``wait=False`` (pipelining only): return None at once; the text and
         dot are held and go out in the same write as the next
@@ -926,13 +1423,15 @@ class SMTPSession:
         """
         if not wait and not self.pipelining:
             raise SMTPProtocolError(Reply.local("4.3.0", "send_content(wait=False) needs PIPELINING"))
+        if self._total is None and self._sent == 0:
+            self._total = _size_of(content)
         self._defer_final = not wait
         try:
             if self._stuffer is not None and isinstance(content, (bytes, bytearray)) \
                     and len(content) <= self.chunk_size and self.connected:
-                # Held back and sent by close_message with the final dot (through
-                # close_message, so a subclass wrapping it sees the end of the transaction).
+                # Held back and sent by close_message with the final dot.
                 self._held = self._stuffer.feed(bytes(content))
+                self._sent += len(content)
                 return self.close_message()
             self.append_message(content)
             return self.close_message()
@@ -954,9 +1453,15 @@ class SMTPSession:
             return None
         out, self._out = self._out, b""
         if out:
-            self._io("sending message content", self.timeouts.data_block, self._smtp.sock.sendall, out)
+            self._io("content", self._send_bytes, out)
+            if self._observers:
+                self._flush_events(out, False)
+        return self._owed_final()
+
+    def _owed_final(self) -> Reply:
         self._final_unread = False
-        self.last_final = self._reply("waiting for the reply to the end of data", self.timeouts.data_final)
+        self.last_final = self._reply("dot")
+        self._total = None
         return self.last_final
 
     def send_message(self, sender: str | None, recipients: Iterable[str | Recipient], content,
@@ -1029,18 +1534,19 @@ class SMTPSession:
         self._require_connected("reset")
         if self._stuffer is not None:
             raise SMTPProtocolError(Reply.local("4.3.0", "cannot RSET during DATA"))
-        reply = self._command("sending RSET", self.timeouts.command, "RSET")
+        reply = self._command("rset", "RSET")
         self._in_mail = False
+        self._total = None
         self.accepted = []
         return reply
 
     def noop(self) -> Reply:
         """NOOP: check that the connection is still alive."""
         self._require_connected("noop")
-        return self._command("sending NOOP", self.timeouts.command, "NOOP")
+        return self._command("noop", "NOOP")
 
     def disconnect(self) -> None:
-        """QUIT and close; tolerant of a dead peer, never raises.
+        """QUIT and close; tolerant of a dead peer, never raises (but an interrupt goes through).
 
         During DATA no QUIT is sent (it would become message text): the
         connection is just closed, so the server discards the message.
@@ -1052,15 +1558,20 @@ class SMTPSession:
             # out now (nobody would read the verdict), and QUIT would be taken for its text.
             self._abort()
             return
-        if self._stuffer is None and self._smtp.sock is not None:
+        quit = False
+        if self._stuffer is None and self._smtp.sock is not None and not self._final_unread:
             try:
-                self._smtp.sock.settimeout(min(self.timeouts.command, 10.0))
-                self._smtp.docmd("QUIT")
-            except Exception:   # a dead peer: nothing more to say
-                pass
-        self._abort()
+                self._io("quit", self._smtp.docmd, "QUIT", limit=min(self.timeouts.command, 10.0))
+                quit = True
+            except Exception as e:  # noqa: BLE001 -- a dead peer: nothing more to say
+                reraise_interrupt(e)
+        self._abort(quit=quit)
 
     close = disconnect
+
+    def abort(self) -> None:
+        """Drop the connection at once, without QUIT (the server discards an unfinished message)."""
+        self._abort()
 
     def __enter__(self) -> "SMTPSession":
         if not self.connected:
@@ -1068,11 +1579,28 @@ class SMTPSession:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.disconnect()
+        if exc[1] is not None and is_interrupt(exc[1]):
+            self._abort()           # out of time: no QUIT round trip
+        else:
+            self.disconnect()
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "closed"
         return f"<SMTPSession {self.where} tls={self.tls} {state}>"
+
+
+def _size_of(content) -> int | None:
+    """The message size in bytes when it is known without reading (bytes, str, a path)."""
+    if isinstance(content, (bytes, bytearray, memoryview)):
+        return len(content)
+    if isinstance(content, str):
+        return len(content.encode("utf-8"))
+    if isinstance(content, os.PathLike):
+        try:
+            return os.path.getsize(content)
+        except OSError:
+            return None
+    return None
 
 
 class _TLSFallback(Exception):
