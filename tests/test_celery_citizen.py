@@ -78,8 +78,11 @@ def test_two_workers_on_one_host_are_two_nodes_and_flower_stays_readable(redis_s
     redis = redis_server()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    # MXQ_DNS_SERVERS: a server that does not exist, whatever an earlier test's session-wide DNS
+    # server left in the environment -- with it, gone.citizen.test is NXDOMAIN, bounces, and the
+    # report's own deliver task (lane "!r") joins the list below.
     env = {**os.environ, "MXQ_REDIS_URL": redis.url, "MXQ_INTAKE_THRESHOLD": "2", "MXQ_CONNECT_TIMEOUT": "2",
-           "MXQ_COMMAND_TIMEOUT": "2", "FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}"}
+           "MXQ_COMMAND_TIMEOUT": "2", "FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}", "MXQ_DNS_SERVERS": "127.0.0.1:9"}
     logs = {n: tmp_path / f"{n}.log" for n in ("w1", "w2", "scheduler", "flower")}
     with child([MXQ, "worker", "--pool", "solo"], env, logs["w1"]) as w1, \
          child([MXQ, "worker", "--pool", "solo"], env, logs["w2"]) as w2, \
