@@ -11,7 +11,10 @@ Module map (each concern in its own file, after Postfix's smtp(8)):
 - ``timeouts``  -- per-phase timeouts as one settings structure.
 - ``address``   -- address parsing and validation (IDNA, literals, SMTPUTF8).
 - ``config``    -- ``Settings`` read from ``MXQ_*`` environment variables.
-- ``session``   -- the SMTP session (connect, authenticate, staged transaction).
+- ``session``   -- the SMTP session (connect, authenticate, staged transaction,
+                   ``command``/``write``; bounded: a deadline per phase, replies capped).
+- ``events``    -- what a session tells its observers (commands, replies, progress,
+                   timeouts, TLS); ``trace`` -- a swaks-like trace and a progress bar.
 - ``mx``        -- MX resolution with a TTL cache (in-process, optional Redis).
 - ``delivery``  -- delivery of messages to one domain across its exchanges and relay.
 - ``results``   -- per-recipient outcome records.

@@ -3,14 +3,18 @@
 ::
 
     mxq deliver [--from ADDR] [--to ADDR ...] [--notify LIST] [--ret FULL|HDRS] [--envid ID]
-                [--json] [-v] FILE.eml|-
+                [--json] [-v] [--trace] [--progress] FILE.eml|-
 
 The envelope defaults come from the headers (``mxq.workers.message.prepare``:
 From/Sender, To/Cc/Bcc; Bcc is removed from what is sent).  Settings come
 from the ``MXQ_*`` environment (``Settings.from_env()``), including the
 relay.  The result is a table (one row per recipient), or with ``--json``
 ``{"recipients": [RecipientResult.to_dict(), ...]}``.  ``-v`` also prints
-the Postfix-style delivery log on standard error.
+the Postfix-style delivery log on standard error; ``--trace`` prints every
+SMTP conversation on standard error as swaks does (``->``/``<-`` lines,
+``~>``/``<~`` inside TLS, AUTH payloads masked, message text as its size:
+``mxq.workers.trace.ConversationTrace``); ``--progress`` draws a progress
+bar on standard error while a message's text is sent.
 
 Exit status (sysexits): 0 every recipient delivered; 75 (EX_TEMPFAIL)
 something deferred and nothing bounced; 69 (EX_UNAVAILABLE) something
@@ -78,6 +82,10 @@ def add_parser(subparsers) -> None:
     add_envelope_arguments(p)
     p.add_argument("--json", action="store_true", help='print {"recipients": [...]} as JSON')
     p.add_argument("-v", "--verbose", action="store_true", help="print the delivery log on standard error")
+    p.add_argument("--trace", action="store_true",
+                   help="print the SMTP conversation on standard error (like swaks; AUTH payloads masked)")
+    p.add_argument("--progress", action="store_true",
+                   help="show a progress bar on standard error while the message text is sent")
     p.set_defaults(run=run)
 
 
@@ -131,7 +139,10 @@ def run(args) -> int:
         logger.setLevel(logging.INFO)
 
     try:
-        results = deliver(envelope, settings=settings)
+        from .trace import ConversationTrace, ProgressBar
+        observers = ([ConversationTrace(err)] if getattr(args, "trace", False) else []) \
+            + ([ProgressBar(err)] if getattr(args, "progress", False) else [])
+        results = deliver(envelope, settings=settings, observers=observers)
     except InvalidInput as e:
         print(f"mxq deliver: invalid input: {e.reason}", file=err)
         return EX_DATAERR

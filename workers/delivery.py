@@ -76,7 +76,12 @@ server (RSET only after an aborted transaction).  A recipient is reported
 ``delivered`` only when the reply to the final dot of its transaction was 2xx.
 
 Logging: logger ``mxq.delivery``, one line per recipient per attempt, in
-Postfix's format (see ``logline``).  Credentials are never logged.
+Postfix's format (see ``logline``; a refusal says what it answered: ``(in
+reply to RCPT TO command)``).  Logger ``mxq.smtp``, fed by session events:
+a line per TLS connection (``Untrusted TLS connection established to
+mx[ip]:25: TLSv1.3 with cipher ...``, Postfix's words) and, when set to
+DEBUG, the whole conversation (AUTH payloads masked).  Credentials are
+never logged.
 """
 
 from __future__ import annotations
@@ -93,8 +98,8 @@ from .address import Address, normalize_domain
 from .config import Settings
 from .envelope import Envelope, Recipient
 from .errors import (DNSError, InvalidInput, InvalidMessage, Scope, SMTPAuthError, SMTPBindError, SMTPConnectError,
-                     SMTPDataError, SMTPError, SMTPGreetingError, SMTPHeloError, SMTPTimeoutError, classify,
-                     reraise_interrupt)
+                     SMTPDataError, SMTPError, SMTPGreetingError, SMTPHeloError, SMTPSenderRefused, SMTPTimeoutError,
+                     classify, reraise_interrupt)
 from .logline import format_line
 from .reply import Reply
 from .results import RecipientResult, State
@@ -207,11 +212,40 @@ class _Job:
 class _SiteFailure(Exception):
     """The connection is unusable: every pending recipient moves on."""
 
-    def __init__(self, reply: Reply, hard: bool = False, unreached: bool = False):
+    def __init__(self, reply: Reply, hard: bool = False, unreached: bool = False, command: str | None = None):
         super().__init__(str(reply))
         self.reply = reply
         self.hard = hard
         self.unreached = unreached    # no server reply at all (connect failed): logged as relay=none
+        self.command = command        # what the reply answered, when known (else the session's phase)
+
+
+# What a reply in each session phase answered, as Postfix's log says it ("in reply to X command").
+_PHASE_COMMAND = {"ehlo": "EHLO", "helo": "HELO", "starttls": "STARTTLS", "auth": "AUTH", "mail": "MAIL FROM",
+                  "rcpt": "RCPT TO", "data": "DATA", "content": "end of DATA", "dot": "end of DATA",
+                  "rset": "RSET"}
+
+smtp_log = logging.getLogger("mxq.smtp")
+
+
+def _conversation(event) -> None:
+    """Observer: the SMTP conversation on logger ``mxq.smtp`` at DEBUG (attached only when DEBUG is on)."""
+    kind = event.kind
+    if kind == "command":
+        smtp_log.debug("%s: -> %s", event.session.where, event.line)
+    elif kind == "reply":
+        smtp_log.debug("%s: <- %s", event.session.where, event.reply)
+    elif kind == "timeout":
+        smtp_log.debug("%s: timed out after %gs in phase %s", event.session.where, event.limit, event.phase)
+
+
+def _tls_logged(event) -> None:
+    """Observer: one line per TLS connection, as Postfix logs it (logger ``mxq.smtp``, INFO)."""
+    if event.kind == "tls":
+        bits = f" ({event.bits}/{event.bits} bits)" if event.bits else ""
+        smtp_log.info("%s TLS connection established to %s: %s with cipher %s%s",
+                      "Verified" if event.verified else "Untrusted", event.session.where, event.protocol,
+                      event.cipher, bits)
 
 
 class _Run:
@@ -247,24 +281,26 @@ class _Run:
     def pending(self) -> list[_Rcpt]:
         return [r for job in self.jobs if not job.stop for r in job.rcpts if r.pending]
 
-    def log(self, rcpt: _Rcpt, route: _Route | None, reply: Reply, status: str) -> None:
+    def log(self, rcpt: _Rcpt, route: _Route | None, reply: Reply, status: str, command: str | None = None) -> None:
         env = self.jobs[rcpt.env].envelope
         log.info("%s", format_line(rcpt.address, route and (route.name, route.ip, route.port), reply, status,
-                                   delay=time.monotonic() - self.started, queue_id=env.id))
+                                   delay=time.monotonic() - self.started, queue_id=env.id, command=command))
 
     def settle(self, rcpt: _Rcpt, state: State | None, reply: Reply, route: _Route | None, *,
-               weak: bool = False, unreached: bool = False, scope: Scope | None = None) -> None:
+               weak: bool = False, unreached: bool = False, scope: Scope | None = None,
+               command: str | None = None) -> None:
         """Record a verdict (``state`` None: still pending) and log it.
 
         A ``weak`` reply (a skipped host) never replaces a reply a server gave;
         ``unreached`` logs ``relay=none`` (no server was talked to).  ``scope``:
-        what the reply applied to (None: a local decision, no server's reply).
+        what the reply applied to (None: a local decision, no server's reply);
+        ``command``: what the reply answered, for the log (``RCPT TO``...).
         """
         if not (weak and rcpt.reply is not None and rcpt.reply.code is not None):
             rcpt.reply, rcpt.route, rcpt.scope = reply, route, scope
         rcpt.state = state
         status = {State.DELIVERED: "sent", State.BOUNCED: "bounced"}.get(state, "deferred")
-        self.log(rcpt, None if (weak or unreached) else route, reply, status)
+        self.log(rcpt, None if (weak or unreached) else route, reply, status, command)
 
     # -- the chain -------------------------------------------------------------------------------
 
@@ -397,8 +433,9 @@ class _Run:
         except _SiteFailure as f:
             self.unconfirmed = None                 # their outcome is unknown: pending, settled below
             state = State.BOUNCED if f.hard and route.final else None
+            command = f.command or (_PHASE_COMMAND.get(session.phase) if f.reply.code is not None else None)
             for r in self.pending():
-                self.settle(r, state, f.reply, route, unreached=f.unreached, scope=Scope.SITE)
+                self.settle(r, state, f.reply, route, unreached=f.unreached, scope=Scope.SITE, command=command)
         except BaseException:
             # An interrupt (or a bug): no QUIT round trip, and a message whose final
             # reply was not read is left to the caller as not known to be delivered.
@@ -417,9 +454,12 @@ class _Run:
         else:
             tls, ctx = s.tls, None
         server_hostname = None if route.name.startswith("[") else route.name
+        observers = (_tls_logged,) + self.observers
+        if smtp_log.isEnabledFor(logging.DEBUG):
+            observers = (_conversation,) + observers
         return SMTPSession(route.ip, route.port, helo_name=s.helo_name, tls=tls, tls_context=ctx,
                            server_hostname=server_hostname, timeouts=s.timeouts, pipelining=True,
-                           observers=self.observers)
+                           observers=observers)
 
     def site_failure(self, exc: BaseException, route: _Route, connecting: bool = False) -> _SiteFailure:
         """Turn a failure that makes the connection unusable into a ``_SiteFailure``."""
@@ -468,7 +508,7 @@ class _Run:
                 raise self.site_failure(e, route) from None
             if reply.code == 421:
                 session.disconnect()
-                raise _SiteFailure(reply)
+                raise _SiteFailure(reply, command="RCPT TO")
             if reply.code in (250, 251):      # what the session counts as accepted, too
                 accepted.append(r)
                 continue
@@ -476,7 +516,8 @@ class _Run:
                 break        # too many recipients: the rest go in the next transaction
             r.tried_on = conn
             # Anything but a 5xx (including an odd 2xx/3xx) leaves the recipient pending.
-            self.settle(r, State.BOUNCED if reply.is_permanent() else None, reply, route, scope=Scope.RECIPIENT)
+            self.settle(r, State.BOUNCED if reply.is_permanent() else None, reply, route, scope=Scope.RECIPIENT,
+                        command="RCPT TO")
 
         if not accepted:
             self.reset(session, route)
@@ -549,18 +590,19 @@ class _Run:
                 continue                      # never tried (after a 421): still pending
             if reply.code == 421:
                 session.disconnect()
-                raise _SiteFailure(reply)
+                raise _SiteFailure(reply, command="RCPT TO")
             if reply.code in (250, 251):
                 accepted.append(r)
                 continue
             if reply.code == 452 and accepted:
                 continue                      # too many recipients: this one goes in the next transaction
             r.tried_on = conn
-            self.settle(r, State.BOUNCED if reply.is_permanent() else None, reply, route, scope=Scope.RECIPIENT)
+            self.settle(r, State.BOUNCED if reply.is_permanent() else None, reply, route, scope=Scope.RECIPIENT,
+                        command="RCPT TO")
         data = tx.data
         if not accepted:
             if data is not None and data.code == 421:
-                raise _SiteFailure(data)
+                raise _SiteFailure(data, command="DATA")
             self.reset(session, route)
             return
         for r in accepted:
@@ -599,14 +641,14 @@ class _Run:
             state = State.DELIVERED
         elif reply.code == 421:
             session.disconnect()
-            raise _SiteFailure(reply)     # the accepted ones are pending: they move on
+            raise _SiteFailure(reply, command="end of DATA")     # the accepted ones are pending: they move on
         else:
             state = None if reply.is_transient() else State.BOUNCED
         # The final reply of a transaction that carried one recipient is about that
         # recipient alone (as LMTP's per-recipient replies); shared, it is the message's.
         scope = Scope.RECIPIENT if len(accepted) == 1 else Scope.MESSAGE
         for r in accepted:
-            self.settle(r, state, reply, route, scope=scope)
+            self.settle(r, state, reply, route, scope=scope, command="end of DATA")
 
     def message_failure(self, session, exc, route, job, rcpts, conn, reset: bool) -> None:
         """A MAIL or DATA refusal: soft -> those recipients move on; hard -> they bounce."""
@@ -614,9 +656,11 @@ class _Run:
         if trouble.scope is Scope.SITE or not isinstance(exc, SMTPError):
             raise self.site_failure(exc, route) from None
         state = None if trouble.transient else State.BOUNCED
+        command = "MAIL FROM" if isinstance(exc, SMTPSenderRefused) else "DATA" if isinstance(exc, SMTPDataError) \
+            else None
         for r in rcpts:
             r.tried_on = conn
-            self.settle(r, state, trouble.reply, route, scope=Scope.MESSAGE)
+            self.settle(r, state, trouble.reply, route, scope=Scope.MESSAGE, command=command)
         if reset and session.connected:
             self.reset(session, route)
 

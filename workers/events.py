@@ -96,10 +96,16 @@ class CommandSent(Event):
 
 @dataclass(frozen=True)
 class ReplyReceived(Event):
-    """A whole reply was read, in ``phase`` (the command it answers; ``greeting`` for the banner)."""
+    """A whole reply was read, in ``phase`` (the command it answers; ``greeting`` for the banner).
+
+    ``reply`` is parsed (code, enhanced status, text); ``lines`` is the text
+    of each line as the server sent it, after its code and separator
+    (enhanced status codes included), for traces.
+    """
 
     phase: str
     reply: Reply
+    lines: tuple = ()
     kind = "reply"
 
 

@@ -8,8 +8,10 @@
 
 ``relay=none`` when no server was talked to (connect failure, DNS failure,
 a host skipped because it is marked down).  The status text is the server's
-reply for a success, ``host NAME[IP] said: REPLY`` for a refusal, and mxq's
-own text for a local failure.  Everything is on one line: line breaks in a
+reply for a success, ``host NAME[IP] said: REPLY (in reply to COMMAND
+command)`` for a refusal (as Postfix says it: ``RCPT TO``, ``MAIL FROM``,
+``DATA``, ``end of DATA``, ``EHLO``...), and mxq's own text for a local
+failure.  Everything is on one line: line breaks in a
 reply become spaces.
 """
 
@@ -24,20 +26,22 @@ def _one_line(text: str) -> str:
     return " ".join(text.split()) if ("\n" in text or "\r" in text) else text
 
 
-def status_text(reply: Reply, where: tuple[str, str, int] | None) -> str:
+def status_text(reply: Reply, where: tuple[str, str, int] | None, command: str | None = None) -> str:
     """What goes in the parentheses after ``status=``."""
     if reply.code is None:
         return _one_line(reply.text)
     if reply.is_positive() or where is None:
         return _one_line(str(reply))
     name, ip, _ = where
-    return _one_line(f"host {name}[{ip}] said: {reply}")
+    note = f" (in reply to {command} command)" if command else ""
+    return _one_line(f"host {name}[{ip}] said: {reply}{note}")
 
 
 def format_line(address: str, where: tuple[str, str, int] | None, reply: Reply, status: str, *,
-                delay: float, queue_id: str | None = None) -> str:
-    """One log line; ``where`` is ``(name, ip, port)`` of the server, None for ``relay=none``."""
+                delay: float, queue_id: str | None = None, command: str | None = None) -> str:
+    """One log line; ``where`` is ``(name, ip, port)`` of the server, None for ``relay=none``;
+    ``command``: what the reply answered (``RCPT TO``...), said for refusals."""
     relay = "none" if where is None else f"{where[0]}[{where[1]}]:{where[2]}"
     line = (f"to=<{address}>, relay={relay}, delay={delay:.2f}, dsn={reply.dsn}, "
-            f"status={status} ({status_text(reply, where)})")
+            f"status={status} ({status_text(reply, where, command)})")
     return f"{queue_id}: {line}" if queue_id else line

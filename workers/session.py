@@ -359,9 +359,17 @@ class _Wire(smtplib.SMTP):
     under the phase deadline, and seen by the session's observers.
     """
 
+    ehlo_msg = "EHLO"       # smtplib sends "ehlo"; commands go out upper-case, as RFC 5321 writes them
+
     def __init__(self, session: "SMTPSession"):
         super().__init__(local_hostname=session.helo_name)
         self._mxq = session
+
+    def helo(self, name=""):
+        self.putcmd("HELO", name or self.local_hostname)
+        code, msg = self.getreply()
+        self.helo_resp = msg
+        return code, msg
 
     def send(self, s):
         self._mxq._send_command(s)
@@ -485,7 +493,7 @@ class SMTPSession:
 
     def unobserve(self, observer: Observer) -> None:
         """Remove an observer added before (no error if it was not there)."""
-        self._observers = tuple(o for o in self._observers if o is not observer)
+        self._observers = tuple(o for o in self._observers if o != observer)   # == : bound methods
 
     @property
     def observers(self) -> tuple:
@@ -644,7 +652,8 @@ class SMTPSession:
                 break
         msg = b"\n".join(lines)
         if self._observers and code != -1:
-            self._emit(events.ReplyReceived(self, self._phase, Reply.parse(code, msg)))
+            self._emit(events.ReplyReceived(self, self._phase, Reply.parse(code, msg),
+                                            tuple(x.decode("utf-8", "replace") for x in lines)))
         return code, msg
 
     def _command(self, phase: str, cmd: str, args: str = "", *, text: str | None = None) -> Reply:
