@@ -307,6 +307,28 @@ _define("MXQ_COMMAND_TIMEOUT", seconds(), None,
         "One timeout for every SMTP phase (greeting, commands, DATA, final dot); each is a deadline for "
         "the whole phase, however the server spreads its bytes.",
         default_text="RFC 5321's per phase (300, DATA 120, final dot 600)")
+def _destinations(t: str) -> str:
+    v = t.strip()
+    if v.lower() in ("0", "no", "false", "off", "none", "1", "yes", "true", "all", "on"):
+        return v.lower()
+    import ipaddress
+    for item in (x.strip() for x in v.split(",")):
+        if not item:
+            continue
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"must be 0, 1/all, or a comma list of networks (10.20.0.0/16,fd00::/8); "
+                             f"{item!r} is not a network") from None
+    return v
+
+
+_define("MXQ_ALLOW_PRIVATE_DESTINATIONS", Kind("0 | 1/all | networks", _destinations), None,
+        "By default mxq never connects to loopback, private, link-local, multicast, unspecified or other "
+        "non-public addresses, whatever DNS or an address literal says (a domain left with no allowed "
+        "address bounces, 5.4.4); 1 or all allows every address (the sandbox, tests), a comma list of "
+        "networks allows those.  The relay is never subject to it.",
+        default_text="public addresses only", example="10.20.0.0/16")
 _define("MXQ_DNS_TIMEOUT", seconds(), 20.0,
         "Deadline for the whole DNS phase of one delivery attempt (the MX and address lookups together).")
 _define("MXQ_MX_ADDRESS_LIMIT", integer(0), 5,

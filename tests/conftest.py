@@ -35,6 +35,10 @@ IN_PRIVATE_NETNS = _enter_private_netns()
 # at a server that does not exist until a test starts its own.
 os.environ.setdefault("MXQ_DNS_SERVERS", "127.0.0.1:9")
 os.environ.setdefault("MXQ_HELO_NAME", "client.mxq.test")
+# Every test exchange is on loopback (or an address the test put on the private
+# namespace's loopback), which the destination policy refuses by default
+# (mxq.workers.destinations); tests/test_destinations.py checks the default itself.
+os.environ.setdefault("MXQ_ALLOW_PRIVATE_DESTINATIONS", "1")
 
 # Redis and Postfix fixtures (redis_server, postfix) live in tests/fixtures_infra.py.
 pytest_plugins = ["tests.fixtures_infra"]

@@ -16,6 +16,7 @@ Module map (each concern in its own file, after Postfix's smtp(8)):
 - ``events``    -- what a session tells its observers (commands, replies, progress,
                    timeouts, TLS); ``trace`` -- a swaks-like trace and a progress bar.
 - ``mx``        -- MX resolution with a TTL cache (in-process, optional Redis).
+- ``destinations`` -- which addresses may be connected to (public only by default).
 - ``delivery``  -- delivery of messages to one domain across its exchanges and relay.
 - ``results``   -- per-recipient outcome records.
 """

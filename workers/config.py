@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlsplit
 
 from mxq import settings as registry
 
+from .destinations import DestinationPolicy
 from .timeouts import Timeouts
 
 TLS_POLICIES = ("none", "opportunistic", "required")
@@ -59,6 +60,12 @@ def parse_dns_servers(value: str) -> list[tuple[str, int]]:
     return registry.REGISTRY["MXQ_DNS_SERVERS"].parse(value)
 
 
+def _destination_policy() -> DestinationPolicy:
+    """``MXQ_ALLOW_PRIVATE_DESTINATIONS`` from the registry: a ``Settings`` made by hand follows it too
+    (unless given ``destinations=``), so the policy is never silently off or on."""
+    return DestinationPolicy.parse(registry.value("MXQ_ALLOW_PRIVATE_DESTINATIONS"))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the engine needs to deliver; see the README's configuration table."""
@@ -80,6 +87,8 @@ class Settings:
     #: SMTP sessions (connections that got through TCP) per delivery attempt before the
     #: exchanges are given up (or the fallback relay is tried); 0: no limit (smtp_mx_session_limit)
     mx_session_limit: int = 2
+    #: which exchange addresses may be connected to (MXQ_ALLOW_PRIVATE_DESTINATIONS; the relay is exempt)
+    destinations: DestinationPolicy = field(default_factory=_destination_policy)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -97,4 +106,5 @@ class Settings:
                    smtp_port=c["MXQ_SMTP_PORT"], max_recipients=c["MXQ_MAX_RECIPIENTS"],
                    dns_min_ttl=c["MXQ_DNS_MIN_TTL"], dns_max_ttl=c["MXQ_DNS_MAX_TTL"],
                    dns_negative_ttl=c["MXQ_DNS_NEGATIVE_TTL"], mx_address_limit=c["MXQ_MX_ADDRESS_LIMIT"],
-                   mx_session_limit=c["MXQ_MX_SESSION_LIMIT"], **kw)
+                   mx_session_limit=c["MXQ_MX_SESSION_LIMIT"],
+                   destinations=DestinationPolicy.parse(c["MXQ_ALLOW_PRIVATE_DESTINATIONS"]), **kw)

@@ -318,7 +318,7 @@ class _Run:
         s = self.settings
         try:
             exchanges = self.resolver.exchanges(self.domain, deadline=self.dns_deadline(),
-                                                limit=s.mx_address_limit)
+                                                limit=s.mx_address_limit, policy=s.destinations)
         except DNSError as e:
             if e.is_permanent():
                 for r in self.pending():
@@ -327,6 +327,10 @@ class _Run:
             for r in self.pending():
                 self.settle(r, None, e.reply, None)   # deferred, or on to the relay
             return []
+        for x in exchanges:
+            for ip, why in x.refused:
+                log.info("%s: not connecting to %s[%s]: %s address (destination policy)",
+                         self.domain, x.name, ip, why)
         routes = [_Route(x.name, ip, s.smtp_port, relay=False, final=False)
                   for x in exchanges for ip in x.addresses]
         if s.mx_address_limit and len(routes) > s.mx_address_limit:

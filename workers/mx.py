@@ -205,7 +205,8 @@ class Resolver:
         if literal is not None:
             x = _split(Exchange(name=d, preference=0, addresses=[literal], implicit=True), policy)
             if not x.addresses:
-                raise DNSError(d, Reply.local("5.4.4", f"address literal {d} is a {x.refused[0][1]} address, "
+                kind = x.refused[0][1]
+                raise DNSError(d, Reply.local("5.4.4", f"address literal {d} is {_a(kind)} {kind} address, "
                                                        f"which mxq does not deliver to ({_HINT})"))
             return [x]
         try:
@@ -222,9 +223,8 @@ class Resolver:
                     return [x]
                 if transient:
                     raise DNSError(d, Reply.local("4.4.3", f"{d} has no MX and its address lookup failed"))
-                raise DNSError(d, Reply.local("5.4.4", f"{d} has no MX record and its address "
-                                                       f"{_refused_text([x])}, which mxq does not deliver to "
-                                                       f"({_HINT})"))
+                raise DNSError(d, Reply.local("5.4.4", f"{d} has no MX record and resolves only to addresses "
+                                                       f"mxq does not deliver to: {_refused_text([x])} ({_HINT})"))
             if transient:
                 raise DNSError(d, Reply.local("4.4.3", f"{d} has no MX and its address lookup failed"))
             raise DNSError(d, Reply.local("5.4.4", f"{d} has no MX record and no address"))
@@ -382,7 +382,7 @@ def _negative_ttl(response: dns.message.Message | None) -> int | None:
     return None
 
 
-_HINT = "the destination policy refuses them"
+_HINT = "MXQ_ALLOW_PRIVATE_DESTINATIONS allows them"
 
 
 def _split(x: Exchange, policy) -> Exchange:
@@ -399,6 +399,10 @@ def _split(x: Exchange, policy) -> Exchange:
     if not refused:
         return x
     return Exchange(x.name, x.preference, ok, x.implicit, tuple(refused))
+
+
+def _a(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def _refused_text(exchanges: list[Exchange]) -> str:

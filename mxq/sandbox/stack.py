@@ -195,6 +195,8 @@ class Sandbox:
             "MXQ_TLS": "opportunistic",
             "MXQ_CONNECT_TIMEOUT": "5",
             "MXQ_COMMAND_TIMEOUT": "5",
+            # The sandbox's exchanges are on loopback, which the destination policy refuses by default.
+            "MXQ_ALLOW_PRIVATE_DESTINATIONS": "1",
         }
         if self.tls:
             env["SSL_CERT_FILE"] = self.tls.ca_file

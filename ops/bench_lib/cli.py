@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         resolv = sandbox.bind_resolv_conf(workdir)
         dns = sandbox.start_dns(args.domains, workdir)
         os.environ["MXQ_DNS_SERVERS"] = dns.address
+        os.environ["MXQ_ALLOW_PRIVATE_DESTINATIONS"] = "1"     # the bench's exchanges are on loopback
         ctx = stages.Context(
             n=args.messages, m=args.domains, size=args.size, run=secrets.token_hex(4), workdir=workdir,
             dns=dns, timeout=args.timeout, settle=args.settle, say=say,

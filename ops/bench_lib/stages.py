@@ -518,9 +518,11 @@ def _mxq_redis(ctx: Context, st: Path, app_module) -> tuple[sandbox.Redis, dict]
         "MXQ_REDIS_URL": r.url,
         "MXQ_DNS_SERVERS": ctx.dns.address,
         "MXQ_HELO_NAME": "mxq.bench.test",
+        "MXQ_ALLOW_PRIVATE_DESTINATIONS": "1",        # the bench's exchanges are on loopback
         "PYTHONUNBUFFERED": "1",
     })
-    os.environ.update({k: env[k] for k in ("MXQ_REDIS_URL", "MXQ_DNS_SERVERS", "MXQ_HELO_NAME")})
+    os.environ.update({k: env[k] for k in ("MXQ_REDIS_URL", "MXQ_DNS_SERVERS", "MXQ_HELO_NAME",
+                                           "MXQ_ALLOW_PRIVATE_DESTINATIONS")})
     app_module.rebind(r.url)
     return r, env
 
