@@ -329,6 +329,71 @@ _define("MXQ_ALLOW_PRIVATE_DESTINATIONS", Kind("0 | 1/all | networks", _destinat
         "address bounces, 5.4.4); 1 or all allows every address (the sandbox, tests), a comma list of "
         "networks allows those.  The relay is never subject to it.",
         default_text="public addresses only", example="10.20.0.0/16")
+_POOL = re.compile(r"([A-Za-z_][A-Za-z0-9_-]*):(?:\s+|$)")
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+def parse_source_addresses(t: str) -> tuple:
+    """``MXQ_SOURCE_ADDRESSES`` into ``((pool, ((ip, helo or None), ...)), ...)``; ValueError with the reason.
+
+    Pools are separated by ``;``; a pool after the first starts with ``NAME:``
+    and a blank (the first may too; without a name it is ``default``); a pool
+    lists ``IP[=HELO]`` entries separated by commas.  IPv4 and IPv6 entries
+    may be mixed: each connection uses an entry of the destination's family.
+    """
+    import ipaddress
+
+    pools: list = []
+    seen: set = set()
+    for n, group in enumerate(g.strip() for g in t.split(";")):
+        if not group:
+            continue
+        m = _POOL.match(group)
+        if m:
+            name, group = m.group(1), group[m.end():]
+        elif n == 0:
+            name = "default"
+        else:
+            raise ValueError(f"pool {n + 1} ({group!r}) must start with its name: 'NAME: IP[=HELO], ...'")
+        if name in seen:
+            raise ValueError(f"pool {name!r} is defined twice")
+        seen.add(name)
+        entries = []
+        for item in (x.strip() for x in group.split(",")):
+            if not item:
+                continue
+            ip_text, eq, helo = item.partition("=")
+            ip_text, helo = ip_text.strip().strip("[]"), helo.strip()
+            try:
+                ip = ipaddress.ip_address(ip_text)
+            except ValueError:
+                raise ValueError(f"{ip_text!r} (pool {name}) is not an IP address") from None
+            if ip.is_unspecified or ip.is_multicast:
+                raise ValueError(f"{ip_text!r} (pool {name}) cannot be a source address")
+            if eq and not _HOSTNAME.fullmatch(helo):
+                raise ValueError(f"{helo!r} (pool {name}) is not a host name for EHLO")
+            entries.append((str(ip), helo or None))
+        if not entries:
+            raise ValueError(f"pool {name!r} has no address")
+        pools.append((name, tuple(entries)))
+    if not pools:
+        raise ValueError("lists no address")
+    return tuple(pools)
+
+
+def _show_source_addresses(v) -> str:
+    return "; ".join(f"{name}: " + ", ".join(ip + (f"={helo}" if helo else "") for ip, helo in entries)
+                     for name, entries in v)
+
+
+_define("MXQ_SOURCE_ADDRESSES", Kind("IP[=HELO],... [; NAME: IP[=HELO],...]", parse_source_addresses,
+                                     _show_source_addresses), None,
+        "Local addresses to send from, each with the name to give in EHLO for it (its reverse DNS): "
+        "IPv4 and IPv6 mixed, a connection uses one of the destination's family (in turn).  Named pools "
+        "after ';' (\"bulk: 192.0.2.20=b1.example.com, 192.0.2.21=b2.example.com\") are chosen per domain "
+        "in MXQ_SHAPING (gmail.com=5c,pool=bulk).", default_text="the system's choice, MXQ_HELO_NAME",
+        example="192.0.2.10=mx1.example.com, 2001:db8::10=mx1.example.com")
 _define("MXQ_DNS_TIMEOUT", seconds(), 20.0,
         "Deadline for the whole DNS phase of one delivery attempt (the MX and address lookups together).")
 _define("MXQ_MX_ADDRESS_LIMIT", integer(0), 5,

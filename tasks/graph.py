@@ -478,7 +478,8 @@ def _deliver_batch(rt: Runtime, domain: str, token: str, grant: "shaping.Grant")
                 # server never runs a batch into SoftTimeLimitExceeded (which resends it all).
                 results = deliver_domain(domain, [env for _, _, env in plan], settings=rt.engine,
                                          resolver=rt.resolver, host_status=rt.hosts,
-                                         deadline=started + ps.soft_time_limit / 2, observers=rt.observers)
+                                         deadline=started + ps.soft_time_limit / 2, observers=rt.observers,
+                                         source_pool=rt.shaper.policy.for_domain(domain).pool)
                 metrics.run_seconds(time.monotonic() - started)
             except SoftTimeLimitExceeded:
                 # Out of time mid-batch: put every item back for a prompt retry.

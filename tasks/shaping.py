@@ -27,6 +27,8 @@ literal such as ``[192.0.2.1]`` works too).  Each ``LIMIT`` is one of:
                ``R/min``, ``R/h``; R may be a decimal: ``0.5/s``); ``*/s``: no rate
 ``burst=N``    how many messages may go at once after an idle spell (the token
                bucket's size); default: one second's worth, ``ceil(R)``, at least 1
+``pool=NAME``  send from the source address pool NAME of ``MXQ_SOURCE_ADDRESSES``
+               (``mxq.workers.sources``); default: the ``default`` pool
 =============  ==================================================================
 
 Without ``MXQ_SHAPING`` the policy is ``default=20c`` (Postfix's
@@ -83,6 +85,7 @@ Public API: ``Limits``, ``Policy`` (``parse``, ``from_env``, ``for_domain``),
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -112,6 +115,7 @@ class Limits:
     concurrency: int | None = DEFAULT_CONCURRENCY
     rate: float | None = None
     burst: int | None = None
+    pool: str | None = None          #: source address pool (MXQ_SOURCE_ADDRESSES); None: the default one
 
     @property
     def bucket(self) -> int:
@@ -126,6 +130,8 @@ class Limits:
         parts.append(f"{self.rate:g}/s" if self.rate else "*/s")
         if self.rate:
             parts.append(f"burst={self.bucket}")
+        if self.pool:
+            parts.append(f"pool={self.pool}")
         return ",".join(parts)
 
 
@@ -231,13 +237,18 @@ def _parse_limits(body: str, where: str) -> dict:
                 raise ValueError(f"{where}: {item!r}: a rate must be a positive number per second, "
                                  f"minute or hour (or */s for no limit)")
             put("rate", value / _UNITS[unit], item)
+        elif low.startswith("pool="):
+            name = item.split("=", 1)[1].strip()
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name):
+                raise ValueError(f"{where}: {item!r}: pool=NAME names a pool of MXQ_SOURCE_ADDRESSES")
+            put("pool", name, item)
         elif low.startswith("burst="):
             num = low[len("burst="):]
             if not num.isdigit() or not 1 <= int(num) <= MAX_CONCURRENCY * 100:
                 raise ValueError(f"{where}: {item!r}: burst must be a whole number of messages, at least 1")
             put("burst", int(num), item)
         else:
-            raise ValueError(f"{where}: {item!r} is not a limit (use Nc, R/s, R/m, R/h or burst=N)")
+            raise ValueError(f"{where}: {item!r} is not a limit (use Nc, R/s, R/m, R/h, burst=N or pool=NAME)")
     if "burst" in out and not out.get("rate"):
         raise ValueError(f"{where}: burst=N needs a rate in the same rule (R/s, R/m or R/h)")
     return out
@@ -249,7 +260,7 @@ def _merge(base: Limits, fields: dict) -> Limits:
         rate, burst = fields["rate"], fields.get("burst")
     else:
         rate, burst = base.rate, base.burst
-    return Limits(concurrency=concurrency, rate=rate, burst=burst)
+    return Limits(concurrency=concurrency, rate=rate, burst=burst, pool=fields.get("pool", base.pool))
 
 
 # ---------------------------------------------------------------- Redis side
@@ -415,12 +426,27 @@ class Shaper:
 
 
 def check_on_worker_init(**_kw) -> None:
-    """Celery ``worker_init`` hook: refuse to start a worker with a bad ``MXQ_SHAPING``.
+    """Celery ``worker_init`` hook: refuse to start a worker with a bad ``MXQ_SHAPING``
+    (or one naming a source pool ``MXQ_SOURCE_ADDRESSES`` does not define).
 
     Celery logs and swallows exceptions from signal handlers, so this exits
     (``SystemExit``) with the parse error instead.
     """
     try:
-        Policy.from_env()
+        check_pools(Policy.from_env())
     except ValueError as e:
         raise SystemExit(f"mxq: {e}") from None
+
+
+def check_pools(policy: Policy, env: Mapping[str, str] | None = None) -> Policy:
+    """``policy``, after checking that every ``pool=`` it names is a pool of ``MXQ_SOURCE_ADDRESSES``."""
+    named = {lim.pool for lim in [policy.default, *policy.domains.values()] if lim.pool}
+    if not named:
+        return policy
+    sources = registry.value("MXQ_SOURCE_ADDRESSES", env) or ()
+    defined = {name for name, _ in sources}
+    missing = sorted(named - defined - {"default"})
+    if missing:
+        raise ValueError(f"MXQ_SHAPING names source pool(s) {', '.join(missing)}, which MXQ_SOURCE_ADDRESSES "
+                         f"does not define (pools: {', '.join(sorted(defined)) or 'none'})")
+    return policy

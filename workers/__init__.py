@@ -17,6 +17,7 @@ Module map (each concern in its own file, after Postfix's smtp(8)):
                    timeouts, TLS); ``trace`` -- a swaks-like trace and a progress bar.
 - ``mx``        -- MX resolution with a TTL cache (in-process, optional Redis).
 - ``destinations`` -- which addresses may be connected to (public only by default).
+- ``sources``   -- which local address (and EHLO name) a connection comes from, in pools.
 - ``delivery``  -- delivery of messages to one domain across its exchanges and relay.
 - ``results``   -- per-recipient outcome records.
 """

@@ -17,6 +17,7 @@ from urllib.parse import unquote, urlsplit
 from mxq import settings as registry
 
 from .destinations import DestinationPolicy
+from .sources import SourcePools
 from .timeouts import Timeouts
 
 TLS_POLICIES = ("none", "opportunistic", "required")
@@ -89,6 +90,8 @@ class Settings:
     mx_session_limit: int = 2
     #: which exchange addresses may be connected to (MXQ_ALLOW_PRIVATE_DESTINATIONS; the relay is exempt)
     destinations: DestinationPolicy = field(default_factory=_destination_policy)
+    #: local addresses (and EHLO names) to connect from, in named pools (MXQ_SOURCE_ADDRESSES)
+    source_pools: SourcePools = field(default_factory=SourcePools)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -107,4 +110,5 @@ class Settings:
                    dns_min_ttl=c["MXQ_DNS_MIN_TTL"], dns_max_ttl=c["MXQ_DNS_MAX_TTL"],
                    dns_negative_ttl=c["MXQ_DNS_NEGATIVE_TTL"], mx_address_limit=c["MXQ_MX_ADDRESS_LIMIT"],
                    mx_session_limit=c["MXQ_MX_SESSION_LIMIT"],
-                   destinations=DestinationPolicy.parse(c["MXQ_ALLOW_PRIVATE_DESTINATIONS"]), **kw)
+                   destinations=DestinationPolicy.parse(c["MXQ_ALLOW_PRIVATE_DESTINATIONS"]),
+                   source_pools=SourcePools(c["MXQ_SOURCE_ADDRESSES"] or ()), **kw)

@@ -253,9 +253,10 @@ class _Run:
 
     def __init__(self, domain: str, envelopes: list[Envelope], settings: Settings, resolver,
                  host_status: HostStatus, relay_tls_context: ssl.SSLContext | None,
-                 deadline: float | None = None, observers: tuple = ()):
+                 deadline: float | None = None, observers: tuple = (), source_pool: str | None = None):
         self.domain = domain
         self.observers = observers
+        self.source_pool = source_pool
         self.deadline = deadline
         self.out_of_time = False
         # The accepted recipients of the last pipelined message, whose final reply is
@@ -458,12 +459,14 @@ class _Run:
         else:
             tls, ctx = s.tls, None
         server_hostname = None if route.name.startswith("[") else route.name
+        source = s.source_pools.pick(ipaddress.ip_address(route.ip).version, self.source_pool) \
+            if s.source_pools else None
         observers = (_tls_logged,) + self.observers
         if smtp_log.isEnabledFor(logging.DEBUG):
             observers = (_conversation,) + observers
-        return SMTPSession(route.ip, route.port, helo_name=s.helo_name, tls=tls, tls_context=ctx,
-                           server_hostname=server_hostname, timeouts=s.timeouts, pipelining=True,
-                           observers=observers)
+        return SMTPSession(route.ip, route.port, helo_name=(source and source.helo) or s.helo_name, tls=tls,
+                           tls_context=ctx, server_hostname=server_hostname, timeouts=s.timeouts, pipelining=True,
+                           observers=observers, source_address=source.ip if source else None)
 
     def site_failure(self, exc: BaseException, route: _Route, connecting: bool = False) -> _SiteFailure:
         """Turn a failure that makes the connection unusable into a ``_SiteFailure``."""
@@ -747,7 +750,8 @@ def _check(env: Envelope) -> None:
 def deliver_domain(domain: str, envelopes: Iterable[Envelope], *, settings: Settings | None = None,
                    resolver=None, host_status: HostStatus | None = None,
                    relay_tls_context: ssl.SSLContext | None = None,
-                   deadline: float | None = None, observers: Iterable = ()) -> list[list[RecipientResult]]:
+                   deadline: float | None = None, observers: Iterable = (),
+                   source_pool: str | None = None) -> list[list[RecipientResult]]:
     """Deliver envelopes whose recipients are all in ``domain``; one result list per envelope.
 
     Results are in each envelope's recipient order.  Raises ``InvalidAddress``
@@ -760,6 +764,9 @@ def deliver_domain(domain: str, envelopes: Iterable[Envelope], *, settings: Sett
     ``attempts`` 0 (not attempted: the caller retries it at once), the others
     as usual.  ``observers``: session observers (``mxq.workers.events``)
     attached to every SMTP session the run opens (metrics, tracing).
+    ``source_pool``: the ``settings.source_pools`` pool to connect from
+    (``mxq.workers.sources``; None: ``default``); ValueError when there is
+    no such pool.
     """
     settings = settings if settings is not None else Settings.from_env()
     if resolver is None:
@@ -773,13 +780,17 @@ def deliver_domain(domain: str, envelopes: Iterable[Envelope], *, settings: Sett
         for r in env.recipients:
             if address_of(r.address).ascii_domain != d:
                 raise ValueError(f"recipient {r.address!r} is not in domain {domain!r}")
+    if source_pool is not None and source_pool != "default" and source_pool not in settings.source_pools.names():
+        raise ValueError(f"source pool {source_pool!r} is not defined in MXQ_SOURCE_ADDRESSES "
+                         f"(pools: {', '.join(settings.source_pools.names()) or 'none'})")
     return _Run(d, envelopes, settings, resolver, host_status, relay_tls_context, deadline,
-                tuple(observers)).run()
+                tuple(observers), source_pool).run()
 
 
 def deliver(envelope: Envelope, *, settings: Settings | None = None, resolver=None,
             host_status: HostStatus | None = None,
-            relay_tls_context: ssl.SSLContext | None = None, observers: Iterable = ()) -> list[RecipientResult]:
+            relay_tls_context: ssl.SSLContext | None = None, observers: Iterable = (),
+            source_pool: str | None = None) -> list[RecipientResult]:
     """Deliver one envelope to all its recipients' domains; results in the envelope's recipient order.
 
     Domains are delivered one after another (IDNA and case folded, so
@@ -787,7 +798,7 @@ def deliver(envelope: Envelope, *, settings: Settings | None = None, resolver=No
     domain).  ``settings`` defaults to ``Settings.from_env()``, ``resolver``
     to a ``mxq.workers.mx.Resolver`` on those settings, ``host_status`` to a fresh
     ``MemoryHostStatus`` shared by the domains of this call only;
-    ``observers`` as for ``deliver_domain``.
+    ``observers`` and ``source_pool`` as for ``deliver_domain``.
     """
     settings = settings if settings is not None else Settings.from_env()
     if resolver is None:
@@ -806,7 +817,7 @@ def deliver(envelope: Envelope, *, settings: Settings | None = None, resolver=No
                        smtputf8=envelope.smtputf8, size=envelope.size, id=envelope.id)
         (domain_results,) = deliver_domain(domain, [sub], settings=settings, resolver=resolver,
                                            host_status=host_status, relay_tls_context=relay_tls_context,
-                                           observers=observers)
+                                           observers=observers, source_pool=source_pool)
         for i, res in zip(indexes, domain_results):
             results[i] = res
     return results
