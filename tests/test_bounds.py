@@ -61,6 +61,18 @@ def hostile(octet: int, mode: str, **kw):
         srv.stop()
 
 
+@contextmanager
+def peak_memory(limit: int = 4 * 1024 * 1024):
+    """Assert that Python allocations peak below ``limit`` bytes inside the block."""
+    tracemalloc.start()
+    try:
+        yield
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < limit, f"peak {peak} bytes"
+
+
 def timed(fn):
     t0 = time.monotonic()
     try:
@@ -142,7 +154,7 @@ def test_long_reply_lines_are_kept_short_but_accepted(tmp_path):
 
 def test_server_trickling_one_byte_a_second_is_cut_at_the_greeting_deadline():
     seen = []
-    with hostile(6, "trickle", interval=1.0) as srv:
+    with hostile(6, "trickle", interval=1.0) as srv, peak_memory():
         s = SMTPSession(srv.host, 25, timeouts=quick(greeting=2.0), observers=[seen.append])
         elapsed, err = timed(s.connect)
         sent = srv.bytes_sent
@@ -213,8 +225,9 @@ def test_mx_set_of_50_hosts_costs_five_addresses_and_few_lookups(dns):
     settings = settings_for(dns)
     assert settings.mx_address_limit == 5 and settings.mx_session_limit == 2
     t0 = time.monotonic()
-    [[r]] = deliver_domain(d, [env(f"u@{d}")], settings=settings, resolver=Resolver(settings),
-                           host_status=MemoryHostStatus())
+    with peak_memory():
+        [[r]] = deliver_domain(d, [env(f"u@{d}")], settings=settings, resolver=Resolver(settings),
+                               host_status=MemoryHostStatus())
     elapsed = time.monotonic() - t0
     assert r.state is State.DEFERRED and "Connection refused" in r.text
     assert r.attempts == 5, "one attempt per address tried"
@@ -266,8 +279,9 @@ def test_dns_server_that_never_answers_costs_the_dns_phase_only():
         settings = Settings(helo_name="client.bounds.test", dns_servers=parse_dns_servers(silent.address),
                             timeouts=quick(dns=1.5))
         t0 = time.monotonic()
-        [[r]] = deliver_domain("never.bounds.test", [env("u@never.bounds.test")], settings=settings,
-                               resolver=Resolver(settings), host_status=MemoryHostStatus())
+        with peak_memory():
+            [[r]] = deliver_domain("never.bounds.test", [env("u@never.bounds.test")], settings=settings,
+                                   resolver=Resolver(settings), host_status=MemoryHostStatus())
         elapsed = time.monotonic() - t0
         assert silent.queries >= 1
     assert r.state is State.DEFERRED and r.enhanced == "4.4.3"
