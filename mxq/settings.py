@@ -290,18 +290,49 @@ def _relay_url(t: str) -> str:
     except ValueError:
         raise ValueError("has an invalid port") from None
     if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
-        raise ValueError("must look like smtp://user:password@host:587 or smtps://user:password@host:465")
+        raise ValueError("must look like smtp://[user:password@]host[:port][?tls=required|opportunistic|none] "
+                         "or smtps://[user:password@]host[:port]")
     return v
 
 
-_define("MXQ_RELAY", Kind("smtp[s]://user:password@host[:port]", _relay_url), None,
-        "A smarthost: smtp:// (STARTTLS required, port 587) or smtps:// (implicit TLS, port 465), "
-        "credentials in the URL (percent-encoded).", secret=True, default_text="none",
-        example="smtp://user:password@smtp.example.com:587")
+def _networks(t: str) -> str:
+    import ipaddress
+    for item in (v.strip() for v in t.split(",")):
+        if item:
+            try:
+                ipaddress.ip_network(item.strip("[]"), strict=False)
+            except ValueError:
+                raise _bad("IP addresses or networks (a.b.c.d[/n], ipv6[/n]), comma-separated", t) from None
+    return t.strip()
+
+
+_define("MXQ_RELAY", Kind("smtp[s]://[user:password@]host[:port][?tls=...]", _relay_url), None,
+        "A smarthost: smtp:// (port 587; ?tls=required, the default: verified STARTTLS; ?tls=opportunistic; "
+        "?tls=none, only to addresses named by IP or in MXQ_RELAY_CLEARTEXT) or smtps:// (implicit TLS, "
+        "port 465); credentials in the URL (percent-encoded), AUTH only when given and offered.",
+        secret=True, default_text="none", example="smtp://user:password@smtp.example.com:587")
+_define("MXQ_RELAY_CLEARTEXT", Kind("addresses/networks, comma-separated", _networks), None,
+        "Addresses where the relay may be used without TLS (?tls=none) and credentials may go in clear "
+        "text.", default_text="none", example="10.0.0.0/8")
+_define("MXQ_RELAY_TOKEN_FILE", text_kind("path"), None,
+        "XOAUTH2 at the relay (smtp://user@host, no password): a file holding the OAuth 2.0 access "
+        "token, read again whenever it changes.", default_text="none", example="/run/secrets/relay-token")
+_define("MXQ_RELAY_TOKEN_COMMAND", text_kind("shell command"), None,
+        "XOAUTH2 at the relay: a command printing the access token (or JSON with access_token and "
+        "expires_in); run again when the token expires or is refused.", secret=True, default_text="none",
+        example="gcloud auth print-access-token")
 _define("MXQ_RELAY_MODE", choice("fallback", "always", "never"), None,
         "When the relay is used: fallback (for recipients still pending after every exchange), always "
         "(no MX lookup), never.",
         default_text="fallback with MXQ_RELAY, else never")
+_define("MXQ_PORT25_PROBE_INTERVAL", seconds(), 300.0,
+        "While outbound port 25 is concluded blocked (mail goes straight to the relay), seconds between "
+        "direct connect probes, one for the whole fleet.")
+_define("MXQ_MTA_STS", boolean(), True,
+        "Apply recipient domains' MTA-STS policies (RFC 8461): in enforce mode only MX hosts the policy "
+        "lists, with verified TLS.")
+_define("MXQ_MTA_STS_TIMEOUT", seconds(maximum=120), 10.0,
+        "Seconds for one MTA-STS policy fetch over HTTPS (connect, TLS, response).")
 _define("MXQ_CONNECT_TIMEOUT", seconds(), 30.0, "TCP connect (and implicit TLS handshake) timeout.")
 _define("MXQ_COMMAND_TIMEOUT", seconds(), None,
         "One timeout for every SMTP phase (greeting, commands, DATA, final dot); each is a deadline for "
@@ -454,6 +485,13 @@ _define("MXQ_BEAT_SCHEDULE", text_kind("path"), None,
 _define("MXQ_LOG_LEVEL", choice("debug", "info", "warning", "error"), "info",
         "Log level of mxq worker and mxq scheduler (info shows one line per delivery attempt).",
         group="pipeline")
+
+_define("MXQ_TLSRPT_ORG", text_kind("name"), None,
+        "organization-name in the TLS-RPT reports mxq tlsrpt prints.", group="pipeline",
+        default_text="MXQ_HELO_NAME", example="Example Inc")
+_define("MXQ_TLSRPT_CONTACT", text_kind("address"), None,
+        "contact-info in the TLS-RPT reports mxq tlsrpt prints.", group="pipeline",
+        default_text="postmaster@ the HELO name", example="tlsrpt@example.com")
 
 # -- webhooks (mxq.tasks.webhooks)
 _define("MXQ_WEBHOOK_URL", url("http", "https"), None,

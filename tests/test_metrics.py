@@ -98,7 +98,9 @@ def test_worker_metrics_over_http(pipeline, servers, dns_server):
                  MXQ_METRICS_PORT=str(port), MXQ_METRICS_ADDR="127.0.0.1")
     assert f"mxq metrics: serving http://127.0.0.1:{port}/metrics" in w.log()
     p.beat()
-    dns_before = sum(dns_server.queries(name) for name in ZONES)
+    # The names the resolvers ask for: ZONES, and each domain's MTA-STS policy record (RFC 8461).
+    names = list(ZONES) + [f"_mta-sts.{d}" for d, rr in ZONES.items() if "MX" in rr]
+    dns_before = sum(dns_server.queries(name) for name in names)
 
     healthy = [_submit(f"u{i}@ok.metrics.test", i) for i in range(12)]
     bounced = [_submit(f"reject{i}@bounce.metrics.test", i) for i in range(5)]
@@ -133,7 +135,7 @@ def test_worker_metrics_over_http(pipeline, servers, dns_server):
     assert value(s, "mxq_open_connections", exchange="mx.ok.metrics.test", address=IP + "10:25") == 0
     # DNS: every query the resolvers sent reached the sandbox DNS server
     queries = value(s, "mxq_dns_queries_total")
-    assert queries == sum(dns_server.queries(name) for name in ZONES) - dns_before
+    assert queries == sum(dns_server.queries(name) for name in names) - dns_before
     assert value(s, "mxq_dns_cache_misses_total") >= 5 and value(s, "mxq_dns_cache_hits_total") >= 1
     # Queue depths, read from Redis at scrape time
     assert value(s, "mxq_redis_up") == 1

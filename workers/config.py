@@ -9,46 +9,148 @@ result, log line or task argument ever carries it.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 from typing import Mapping
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from mxq import settings as registry
 
 from .destinations import DestinationPolicy
 from .sources import SourcePools
+from .oauth2 import TokenSource
 from .timeouts import Timeouts
 
 TLS_POLICIES = ("none", "opportunistic", "required")
 RELAY_MODES = ("fallback", "always", "never")
 
 
+#: The relay's TLS policies (``?tls=`` in ``MXQ_RELAY``).
+RELAY_TLS = ("required", "opportunistic", "none")
+
+
+def parse_networks(value: str, name: str = "MXQ_RELAY_CLEARTEXT") -> tuple:
+    """``addr[/len],...`` into a tuple of ``ipaddress`` networks; ConfigError naming ``name``."""
+    nets = []
+    for item in (v.strip() for v in value.split(",")):
+        if not item:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(item.strip("[]"), strict=False))
+        except ValueError:
+            raise registry.ConfigError(name, f"has {item!r}, not an IP address or network "
+                                             "(a.b.c.d[/n] or ipv6[/n])") from None
+    return tuple(nets)
+
+
 @dataclass(frozen=True)
 class RelayConfig:
-    """A smarthost: ``smtp://`` (STARTTLS required, port 587) or ``smtps://`` (implicit TLS, 465)."""
+    """A relay (smarthost), from ``MXQ_RELAY``.
+
+    ``smtp://[user[:password]@]host[:port][?tls=required|opportunistic|none]``
+    (port 587 by default) or ``smtps://[user[:password]@]host[:port]``
+    (implicit TLS, port 465).  ``tls`` (smtp:// only):
+
+    - ``required`` (default): STARTTLS with a certificate verified for
+      ``host`` (system trust store, or ``SSL_CERT_FILE``);
+    - ``opportunistic``: STARTTLS when offered, certificate not checked,
+      clear text otherwise;
+    - ``none``: never TLS -- allowed only towards addresses the operator
+      names: the relay given as an IP address, or its addresses in
+      ``cleartext`` (``MXQ_RELAY_CLEARTEXT``).  A host name that resolves
+      elsewhere is not used.
+
+    AUTH is used only when credentials are given (a user name with a
+    password, or with a token source for XOAUTH2), and credentials are never
+    sent over a connection without TLS unless the address is one the
+    operator named (as for ``none``).  ``token`` is an
+    ``oauth2.TokenSource`` (``MXQ_RELAY_TOKEN_FILE`` /
+    ``MXQ_RELAY_TOKEN_COMMAND``): AUTH XOAUTH2 as ``username`` with a fresh
+    token.  ``repr`` shows neither the password nor the token.
+    """
 
     host: str
     port: int
     implicit_tls: bool
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    tls: str = "required"
+    cleartext: tuple = ()
+    token: TokenSource | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.tls not in RELAY_TLS:
+            raise registry.ConfigError("MXQ_RELAY", f"?tls= must be one of {', '.join(RELAY_TLS)}, not {self.tls!r}")
+        if self.implicit_tls and self.tls != "required":
+            raise registry.ConfigError("MXQ_RELAY", "is smtps://, TLS from the first byte: ?tls= can only be required")
+        if self.tls == "none" and not self.cleartext and _ip(self.host) is None:
+            raise registry.ConfigError(
+                "MXQ_RELAY", f"has ?tls=none, which sends mail in clear text: name {self.host}'s addresses in "
+                             "MXQ_RELAY_CLEARTEXT (e.g. 10.1.2.3 or 10.0.0.0/8), or give the relay as an IP address")
+        if self.token is not None and (not self.username or self.password is not None):
+            raise registry.ConfigError(
+                "MXQ_RELAY", "needs a user name and no password for XOAUTH2: smtp://user@host with "
+                             "MXQ_RELAY_TOKEN_FILE or MXQ_RELAY_TOKEN_COMMAND")
 
     @classmethod
-    def parse(cls, url: str) -> "RelayConfig":
-        """Parse ``MXQ_RELAY``; raise ValueError (without echoing the password) when malformed."""
+    def parse(cls, url: str, *, cleartext: str | None = None, token_file: str | None = None,
+              token_command: str | None = None) -> "RelayConfig":
+        """Parse ``MXQ_RELAY``; raise ConfigError (a ValueError, without echoing the password) when malformed.
+
+        ``cleartext``: ``MXQ_RELAY_CLEARTEXT``; ``token_file`` /
+        ``token_command``: the XOAUTH2 token's source (at most one).
+        """
         url = registry.REGISTRY["MXQ_RELAY"].parse(url)      # ConfigError (a ValueError) naming MXQ_RELAY
         parts = urlsplit(url)
         implicit = parts.scheme == "smtps"
         port = parts.port or (465 if implicit else 587)
+        query = parse_qs(parts.query, keep_blank_values=True)
+        unknown = sorted(set(query) - {"tls"})
+        if unknown:
+            raise registry.ConfigError("MXQ_RELAY", f"has an unknown parameter {unknown[0]!r} (known: tls)")
+        tls = query.get("tls", ["required"])[-1].lower()
+        if token_file and token_command:
+            raise registry.ConfigError("MXQ_RELAY_TOKEN_FILE",
+                                       "and MXQ_RELAY_TOKEN_COMMAND are both set: set one, not both")
+        token = None
+        if token_file:
+            token = TokenSource(file=token_file)
+        elif token_command:
+            token = TokenSource(command=token_command)
         user = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password is not None else None
-        return cls(host=parts.hostname, port=port, implicit_tls=implicit, username=user, password=password)
+        if user and password is None and token is None:
+            raise registry.ConfigError("MXQ_RELAY", "names a user without a password: add :password, or set "
+                                                    "MXQ_RELAY_TOKEN_FILE / MXQ_RELAY_TOKEN_COMMAND for XOAUTH2")
+        return cls(host=parts.hostname, port=port, implicit_tls=implicit, username=user, password=password,
+                   tls=tls, cleartext=parse_networks(cleartext or ""), token=token)
 
     @property
     def name(self) -> str:
         """``host:port``, safe to log."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def has_credentials(self) -> bool:
+        """True when AUTH is to be used (a user with a password or a token)."""
+        return bool(self.username) and (self.password is not None or self.token is not None)
+
+    def cleartext_allowed(self, ip: str) -> bool:
+        """True when mail and credentials may go to ``ip`` without TLS: an address the operator named."""
+        addr = _ip(ip)
+        if addr is None:
+            return False
+        if _ip(self.host) == addr:
+            return True
+        return any(addr in net for net in self.cleartext)
+
+
+def _ip(text: str):
+    try:
+        return ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return None
 
 
 def default_helo_name() -> str:
@@ -92,12 +194,18 @@ class Settings:
     destinations: DestinationPolicy = field(default_factory=_destination_policy)
     #: local addresses (and EHLO names) to connect from, in named pools (MXQ_SOURCE_ADDRESSES)
     source_pools: SourcePools = field(default_factory=SourcePools)
+    mta_sts: bool = True                                #: apply MTA-STS policies (RFC 8461)
+    mta_sts_timeout: float = 10.0                       #: seconds for one policy fetch
+    port25_probe_interval: float = 300.0                #: while port 25 looks blocked, seconds between probes
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         """The engine's settings from the registry (``env``: that mapping alone); ValueError naming a bad one."""
         c = registry.load(env)
-        relay = RelayConfig.parse(c.raw("MXQ_RELAY")) if c.is_set("MXQ_RELAY") else None
+        relay = None
+        if c.is_set("MXQ_RELAY"):
+            relay = RelayConfig.parse(c.raw("MXQ_RELAY"), cleartext=c.raw("MXQ_RELAY_CLEARTEXT"),
+                                      token_file=c["MXQ_RELAY_TOKEN_FILE"], token_command=c["MXQ_RELAY_TOKEN_COMMAND"])
         mode = c["MXQ_RELAY_MODE"] or ("fallback" if relay else "never")
         if mode == "always" and relay is None:
             raise registry.ConfigError("MXQ_RELAY_MODE", "is always, which needs MXQ_RELAY")
@@ -111,4 +219,6 @@ class Settings:
                    dns_negative_ttl=c["MXQ_DNS_NEGATIVE_TTL"], mx_address_limit=c["MXQ_MX_ADDRESS_LIMIT"],
                    mx_session_limit=c["MXQ_MX_SESSION_LIMIT"],
                    destinations=DestinationPolicy.parse(c["MXQ_ALLOW_PRIVATE_DESTINATIONS"]),
-                   source_pools=SourcePools(c["MXQ_SOURCE_ADDRESSES"] or ()), **kw)
+                   source_pools=SourcePools(c["MXQ_SOURCE_ADDRESSES"] or ()),
+                   mta_sts=c["MXQ_MTA_STS"], mta_sts_timeout=c["MXQ_MTA_STS_TIMEOUT"],
+                   port25_probe_interval=c["MXQ_PORT25_PROBE_INTERVAL"], **kw)

@@ -52,6 +52,28 @@ DNS failure (4.4.3) defers, or, with a fallback relay configured, goes to the
 relay (the relay has its own resolver and can deliver what we could not
 look up).
 
+The relay (``workers/relay.py``): TLS per ``MXQ_RELAY``'s ``?tls=``
+(``required`` by default: verified STARTTLS; ``smtps://`` implicit TLS),
+clear text only to addresses the operator named, AUTH only with
+credentials and only when offered, never in clear text to an unnamed
+address, XOAUTH2 with a refreshable token.
+
+MTA-STS (``workers/mtasts.py``, RFC 8461): after the MX lookup the domain's
+policy is looked up (cached).  ``enforce``: exchanges the policy does not
+list are left out (all of them: deferred 4.7.5 naming the policy), and each
+remaining one must give STARTTLS with a certificate verified for its name,
+else it fails like a down site (4.7.5) and the next one is tried --
+never clear text.  ``testing``: the same checks, failures counted, and the
+mail goes out over an opportunistic session.  TLS-RPT
+(``workers/tlsrpt.py``, RFC 8460): each TLS session with an exchange (and
+each exchange a policy ruled out) is counted in ``tls_report``.
+
+Port 25 blocked (``workers/port25.py``): with a relay in fallback mode,
+failed connects feed the detector; once it concludes (the same failure at
+3 exchanges of 2 domains within 5 minutes while the relay works), runs skip
+the exchanges and give their recipients to the relay at once, and one
+caller per interval re-probes port 25 in the background.
+
 Failure memory: an address that refused a connection or timed out before
 its greeting is marked down in ``host_status`` for ``HOST_DOWN_SECONDS``;
 while it is down later deliveries skip it (a soft site failure "host marked
@@ -99,11 +121,20 @@ from .config import Settings
 from .envelope import Envelope, Recipient
 from .errors import (DNSError, InvalidInput, InvalidMessage, Scope, SMTPAuthError, SMTPBindError, SMTPConnectError,
                      SMTPDataError, SMTPError, SMTPGreetingError, SMTPHeloError, SMTPSenderRefused, SMTPTimeoutError,
+                     SMTPTLSError,
                      classify, reraise_interrupt)
 from .logline import format_line
+from .mtasts import MTASTS, Lookup
+from .mtasts import default_cache as default_policy_cache
+from .port25 import MemoryPort25State, Port25, Thresholds
+from .relay import login as relay_login
+from .relay import refusal as relay_refusal
+from .relay import session_tls as relay_session_tls
 from .reply import Reply
 from .results import RecipientResult, State
 from .session import SMTPSession, address_of, sender_of
+from .tlsrpt import (STARTTLS_NOT_SUPPORTED, VALIDATION_FAILURE, Failure, PolicyRef, TLSReportSink,
+                     classify_tls_failure, default_report, local_address)
 
 log = logging.getLogger("mxq.delivery")
 
@@ -173,6 +204,7 @@ class _Route:
     port: int
     relay: bool
     final: bool        # the last server of the chain: its hard site errors bounce
+    sts: str | None = None   # MTA-STS mode applied to this exchange: "enforce", "testing" or None
 
 
 @dataclass
@@ -253,10 +285,16 @@ class _Run:
 
     def __init__(self, domain: str, envelopes: list[Envelope], settings: Settings, resolver,
                  host_status: HostStatus, relay_tls_context: ssl.SSLContext | None,
-                 deadline: float | None = None, observers: tuple = (), source_pool: str | None = None):
+                 deadline: float | None = None, observers: tuple = (), source_pool: str | None = None, *,
+                 mta_sts: MTASTS | None = None, tls_report: TLSReportSink | None = None,
+                 port25: Port25 | None = None):
         self.domain = domain
         self.observers = observers
         self.source_pool = source_pool
+        self.mta_sts = mta_sts
+        self.tls_report = tls_report
+        self.port25 = port25
+        self.sts: Lookup | None = None      # the MTA-STS lookup of this run's domain
         self.deadline = deadline
         self.out_of_time = False
         # The accepted recipients of the last pipelined message, whose final reply is
@@ -310,37 +348,64 @@ class _Run:
         s = self.settings
         return s.relay is not None and s.relay_mode in ("fallback", "always")
 
-    def exchange_routes(self) -> list[_Route]:
-        """Every exchange address to try, in order; settles recipients on a DNS failure.
-
-        The relay is not in this list: ``run`` resolves and tries it only when
-        something is still pending after the exchanges.
-        """
+    def exchanges(self) -> list:
+        """The domain's exchanges in order; settles every pending recipient on a DNS failure ([] then)."""
         s = self.settings
         try:
             exchanges = self.resolver.exchanges(self.domain, deadline=self.dns_deadline(),
                                                 limit=s.mx_address_limit, policy=s.destinations)
         except DNSError as e:
-            if e.is_permanent():
-                for r in self.pending():
-                    self.settle(r, State.BOUNCED, e.reply, None)
-                return []
+            state = State.BOUNCED if e.is_permanent() else None    # deferred, or on to the relay
             for r in self.pending():
-                self.settle(r, None, e.reply, None)   # deferred, or on to the relay
+                self.settle(r, state, e.reply, None)
             return []
         for x in exchanges:
             for ip, why in x.refused:
                 log.info("%s: not connecting to %s[%s]: %s address (destination policy)",
                          self.domain, x.name, ip, why)
-        routes = [_Route(x.name, ip, s.smtp_port, relay=False, final=False)
-                  for x in exchanges for ip in x.addresses]
+        return exchanges
+
+    def exchange_routes(self, exchanges: list) -> list[_Route]:
+        """Every exchange address to try, in order, under the domain's MTA-STS policy.
+
+        With a policy in ``enforce`` mode, exchanges the policy does not list
+        are left out (and counted for TLS-RPT); when none is left every
+        pending recipient is deferred with the policy's reason.  In
+        ``testing`` mode they stay, and the mismatch is only counted.  The
+        relay is not in this list: ``run`` resolves and tries it only when
+        something is still pending after the exchanges.
+        """
+        s = self.settings
+        policy = None
+        if self.mta_sts is not None and exchanges:
+            self.sts = self.mta_sts.lookup(self.domain)
+            policy = self.sts.policy
+        mode = policy.mode if policy is not None and policy.mode in ("enforce", "testing") else None
+        routes, left_out = [], []
+        for x in exchanges:
+            if mode is not None and not policy.matches(x.name):
+                for ip in x.addresses:
+                    self.report_tls(_Route(x.name, ip, s.smtp_port, relay=False, final=False, sts=mode),
+                                    VALIDATION_FAILURE, "mx-not-in-policy")
+                if mode == "enforce":
+                    left_out.append(x.name)
+                    log.info("%s: MX host %s is not in the MTA-STS policy (enforce): not used", self.domain, x.name)
+                    continue
+            routes.extend(_Route(x.name, ip, s.smtp_port, relay=False, final=False, sts=mode)
+                          for ip in x.addresses)
+        if not routes and left_out:
+            reply = Reply.local("4.7.5", f"MTA-STS policy of {self.domain} (mode enforce, id {policy.id}) lists "
+                                         f"none of its MX hosts ({', '.join(left_out)}; policy mx: "
+                                         f"{', '.join(policy.mx)}): not delivered")
+            for r in self.pending():
+                self.settle(r, None, reply, None)
         if s.mx_address_limit and len(routes) > s.mx_address_limit:
             routes = routes[:s.mx_address_limit]       # Postfix's smtp_mx_address_limit
         if routes:
             # The last exchange's hard site error bounces, relay or not: the relay takes only
             # what is still deferred (4xx, unreachable), never what an exchange refused for good.
             last = routes[-1]
-            routes[-1] = _Route(last.name, last.ip, last.port, last.relay, final=True)
+            routes[-1] = _Route(last.name, last.ip, last.port, last.relay, final=True, sts=last.sts)
         return routes
 
     def relay_routes(self) -> list[_Route]:
@@ -356,9 +421,18 @@ class _Run:
                 for r in self.pending():
                     self.settle(r, None, reply, None)
                 return []
-        routes = [_Route(relay.host, ip, relay.port, relay=True, final=False) for ip in ips]
-        last = routes[-1]
-        routes[-1] = _Route(last.name, last.ip, last.port, True, final=True)
+        routes = []
+        for ip in ips:
+            refused = relay_refusal(relay, ip)
+            if refused is not None:
+                # ?tls=none towards an address the operator did not name: nothing is sent there.
+                for r in self.pending():
+                    self.settle(r, None, refused, None)
+                continue
+            routes.append(_Route(relay.host, ip, relay.port, relay=True, final=False))
+        if routes:
+            last = routes[-1]
+            routes[-1] = _Route(last.name, last.ip, last.port, True, final=True)
         return routes
 
     def dns_deadline(self) -> float:
@@ -377,13 +451,35 @@ class _Run:
             self.out_of_time = True
         return self.out_of_time
 
+    def port25_blocked(self, exchanges: list) -> bool:
+        """True when port 25 is known blocked (fleet-wide): the exchanges are skipped for the relay.
+
+        Meanwhile one caller per probe interval tries the first exchange in
+        the background; when that connects, later runs use the exchanges again.
+        """
+        if self.port25 is None or not self.relay_on or self.settings.relay_mode != "fallback":
+            return False
+        if self.port25.blocked() is None:
+            return False
+        first = next((ip for x in exchanges for ip in x.addresses), None)
+        if first is not None:
+            self.port25.maybe_probe(first, self.settings.smtp_port, self.settings.timeouts.connect)
+        reply = Reply.local("4.4.1", f"exchanges of {self.domain} not tried: outbound port {self.settings.smtp_port} "
+                                     "is blocked on this network; sent through the relay")
+        for r in self.pending():
+            self.settle(r, None, reply, None, weak=True)
+        return True
+
     def run(self) -> list[list[RecipientResult]]:
         always = self.settings.relay is not None and self.settings.relay_mode == "always"
-        routes = [] if always else self.exchange_routes()
+        exchanges = [] if always else self.exchanges()
+        routes = [] if not exchanges or self.port25_blocked(exchanges) else self.exchange_routes(exchanges)
         for route in routes:
             if not self.pending() or self.expired() or self.sessions_used_up():
                 break
             self.try_route(route)
+            if self.port25 is not None and self.pending() and self.port25_blocked(exchanges):
+                break                                   # just concluded: the rest go to the relay now
         if self.relay_on and self.pending() and not self.expired():
             for route in self.relay_routes():
                 if not self.pending() or self.expired():
@@ -409,6 +505,42 @@ class _Run:
             scope=r.scope.value if r.scope is not None and reply.code is not None
             and r.state is not State.DELIVERED else None)
 
+    # -- TLS reporting (RFC 8460) ----------------------------------------------------------------
+
+    def report_tls(self, route: _Route, result_type: str | None, reason: str | None = None,
+                   session: SMTPSession | None = None) -> None:
+        """Count one TLS session with an exchange of this domain (``result_type`` None: a success)."""
+        if self.tls_report is None or route.relay:
+            return
+        sts = self.sts
+        if sts is not None and sts.failure and sts.policy is None:
+            # The domain announced a policy we could not obtain: every session is that failure.
+            result_type, reason = sts.failure, None
+        policy = PolicyRef.of(sts) if sts is not None else PolicyRef.none(self.domain)
+        failure = None
+        if result_type is not None:
+            source = session.local[0] if session is not None and session.local else None
+            failure = Failure(result_type, route.name, route.ip, source or local_address(route.ip, route.port),
+                              reason)
+        try:
+            self.tls_report.record(policy, failure)
+        except Exception:  # noqa: BLE001 -- reporting must never stop a delivery
+            log.exception("TLS-RPT: could not record a session with %s", route.name)
+
+    def report_session(self, route: _Route, session: SMTPSession) -> None:
+        """Count a connected session's TLS outcome (exchanges only; ``MXQ_TLS=none`` counts nothing)."""
+        if route.sts is not None:
+            self.report_tls(route, None, session=session)          # verified TLS, or connect() raised
+            return
+        if session.tls == "none" and not (self.sts and self.sts.failure):
+            return
+        if session.tls_active:
+            self.report_tls(route, None, session=session)
+        elif session.tls_fallback and not session.tls_fallback.startswith("STARTTLS refused"):
+            self.report_tls(route, VALIDATION_FAILURE, "tls-handshake-failed", session=session)
+        else:
+            self.report_tls(route, STARTTLS_NOT_SUPPORTED, session=session)
+
     # -- one server ------------------------------------------------------------------------------
 
     def try_route(self, route: _Route) -> None:
@@ -424,10 +556,11 @@ class _Run:
         session = self.open_session(route)
         try:
             try:
-                session.connect()
-                if route.relay and self.settings.relay.username:
-                    relay = self.settings.relay
-                    session.authenticate(relay.username, relay.password)
+                session = self.connect(session, route)
+                if route.relay:
+                    relay_login(session, self.settings.relay, route.ip)
+                    if self.port25 is not None:
+                        self.port25.relay_worked()
             except Exception as e:  # noqa: BLE001 -- every failure is classified
                 reraise_interrupt(e)
                 raise self.site_failure(e, route, connecting=True) from None
@@ -451,13 +584,62 @@ class _Run:
                 self.sessions += 1
             session.disconnect()
 
-    def open_session(self, route: _Route) -> SMTPSession:
+    def connect(self, session: SMTPSession, route: _Route) -> SMTPSession:
+        """``session.connect()`` with the exchange's TLS accounting; returns the session to use.
+
+        Under an MTA-STS policy the session verifies the MX's certificate;
+        a TLS failure is counted for TLS-RPT and then, in ``enforce`` mode,
+        fails the exchange (4.7.5, naming the policy), while in ``testing``
+        mode a new opportunistic session is opened and the mail goes out.
+        """
+        try:
+            session.connect()
+        except Exception as e:  # noqa: BLE001
+            reraise_interrupt(e)
+            if route.relay:
+                raise
+            if self.port25 is not None:
+                self.port25.connect_failed(e, route.ip, self.domain)
+            result_type = classify_tls_failure(e)
+            if result_type is None:
+                raise
+            self.report_tls(route, result_type, session=session)
+            if route.sts == "enforce":
+                trouble = classify(e)
+                raise SMTPTLSError(Reply.local(
+                    "4.7.5", f"MTA-STS policy of {self.domain} (enforce) requires verified TLS: "
+                             f"{trouble.reply.text}")) from e
+            if route.sts != "testing":
+                raise
+            log.info("%s: MTA-STS (testing): %s with %s[%s]; delivering without verified TLS",
+                     self.domain, result_type, route.name, route.ip)
+            session.disconnect()
+            second = self.open_session(route, tls="opportunistic")
+            try:
+                second.connect()
+            except BaseException:
+                second.disconnect()
+                raise
+            self.report_session_port25(route)
+            return second
+        if not route.relay:
+            self.report_session_port25(route)
+            self.report_session(route, session)
+        return session
+
+    def report_session_port25(self, route: _Route) -> None:
+        if self.port25 is not None:
+            self.port25.connected(route.ip)
+
+    def open_session(self, route: _Route, tls: str | None = None) -> SMTPSession:
         s = self.settings
+        ctx = None
         if route.relay:
-            tls = "implicit" if s.relay.implicit_tls else "required"
-            ctx = self.relay_tls_context
-        else:
-            tls, ctx = s.tls, None
+            tls = relay_session_tls(s.relay)
+            ctx = self.relay_tls_context if tls in ("required", "implicit") else None
+        elif tls is None:
+            # MTA-STS: STARTTLS with a certificate verified for the MX name, whatever MXQ_TLS says.
+            tls = "required" if route.sts is not None else s.tls
         server_hostname = None if route.name.startswith("[") else route.name
         source = s.source_pools.pick(ipaddress.ip_address(route.ip).version, self.source_pool) \
             if s.source_pools else None
@@ -751,7 +933,9 @@ def deliver_domain(domain: str, envelopes: Iterable[Envelope], *, settings: Sett
                    resolver=None, host_status: HostStatus | None = None,
                    relay_tls_context: ssl.SSLContext | None = None,
                    deadline: float | None = None, observers: Iterable = (),
-                   source_pool: str | None = None) -> list[list[RecipientResult]]:
+                   source_pool: str | None = None, mta_sts: MTASTS | None = None,
+                   tls_report: TLSReportSink | None = None,
+                   port25: Port25 | None = None) -> list[list[RecipientResult]]:
     """Deliver envelopes whose recipients are all in ``domain``; one result list per envelope.
 
     Results are in each envelope's recipient order.  Raises ``InvalidAddress``
@@ -767,6 +951,12 @@ def deliver_domain(domain: str, envelopes: Iterable[Envelope], *, settings: Sett
     ``source_pool``: the ``settings.source_pools`` pool to connect from
     (``mxq.workers.sources``; None: ``default``); ValueError when there is
     no such pool.
+    ``mta_sts``: the ``MTASTS`` policy source (default: one on ``resolver``
+    and the process-wide policy cache, when ``settings.mta_sts``);
+    ``tls_report``: where TLS sessions are counted (default: the
+    process-wide ``tlsrpt.default_report()``); ``port25``: the port-25
+    detector (default: a fresh in-process one when a relay is configured in
+    fallback mode).
     """
     settings = settings if settings is not None else Settings.from_env()
     if resolver is None:
@@ -783,28 +973,44 @@ def deliver_domain(domain: str, envelopes: Iterable[Envelope], *, settings: Sett
     if source_pool is not None and source_pool != "default" and source_pool not in settings.source_pools.names():
         raise ValueError(f"source pool {source_pool!r} is not defined in MXQ_SOURCE_ADDRESSES "
                          f"(pools: {', '.join(settings.source_pools.names()) or 'none'})")
+    mta_sts, tls_report, port25 = _defaults(settings, resolver, mta_sts, tls_report, port25)
     return _Run(d, envelopes, settings, resolver, host_status, relay_tls_context, deadline,
-                tuple(observers), source_pool).run()
+                tuple(observers), source_pool, mta_sts=mta_sts, tls_report=tls_report, port25=port25).run()
+
+
+def _defaults(settings: Settings, resolver, mta_sts, tls_report, port25):
+    """The engine's defaults for the policy source, the TLS-RPT sink and the port-25 detector."""
+    if mta_sts is None and settings.mta_sts:
+        mta_sts = MTASTS(resolver, default_policy_cache(), timeout=settings.mta_sts_timeout)
+    if tls_report is None:
+        tls_report = default_report()
+    if port25 is None and settings.relay is not None and settings.relay_mode == "fallback":
+        port25 = Port25(MemoryPort25State(), Thresholds(probe_interval=settings.port25_probe_interval),
+                        relay=settings.relay.name)
+    return mta_sts, tls_report, port25
 
 
 def deliver(envelope: Envelope, *, settings: Settings | None = None, resolver=None,
             host_status: HostStatus | None = None,
             relay_tls_context: ssl.SSLContext | None = None, observers: Iterable = (),
-            source_pool: str | None = None) -> list[RecipientResult]:
+            source_pool: str | None = None, mta_sts: MTASTS | None = None,
+            tls_report: TLSReportSink | None = None, port25: Port25 | None = None) -> list[RecipientResult]:
     """Deliver one envelope to all its recipients' domains; results in the envelope's recipient order.
 
     Domains are delivered one after another (IDNA and case folded, so
     ``B.test`` and ``b.test`` are one domain; an address literal is its own
     domain).  ``settings`` defaults to ``Settings.from_env()``, ``resolver``
     to a ``mxq.workers.mx.Resolver`` on those settings, ``host_status`` to a fresh
-    ``MemoryHostStatus`` shared by the domains of this call only;
-    ``observers`` and ``source_pool`` as for ``deliver_domain``.
+    ``MemoryHostStatus`` shared by the domains of this call only (and so is
+    the default port-25 detector); ``observers``, ``source_pool``,
+    ``mta_sts``, ``tls_report``, ``port25`` as for ``deliver_domain``.
     """
     settings = settings if settings is not None else Settings.from_env()
     if resolver is None:
         from .mx import Resolver
         resolver = Resolver(settings)
     host_status = host_status if host_status is not None else MemoryHostStatus()
+    mta_sts, tls_report, port25 = _defaults(settings, resolver, mta_sts, tls_report, port25)
     envelope = _reusable(envelope)
     _check(envelope)
     groups: dict[str, list[int]] = {}
@@ -817,7 +1023,8 @@ def deliver(envelope: Envelope, *, settings: Settings | None = None, resolver=No
                        smtputf8=envelope.smtputf8, size=envelope.size, id=envelope.id)
         (domain_results,) = deliver_domain(domain, [sub], settings=settings, resolver=resolver,
                                            host_status=host_status, relay_tls_context=relay_tls_context,
-                                           observers=observers, source_pool=source_pool)
+                                           observers=observers, source_pool=source_pool, mta_sts=mta_sts,
+                                           tls_report=tls_report, port25=port25)
         for i, res in zip(indexes, domain_results):
             results[i] = res
     return results

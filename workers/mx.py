@@ -281,6 +281,21 @@ class Resolver:
             raise DNSError(name, Reply.local("4.4.3", f"address lookup for {name} failed"))
         raise DNSError(name, Reply.local("5.4.4", f"Host not found: {name} has no address"))
 
+    def txt(self, name: str, *, deadline: float | None = None) -> list[str]:
+        """The TXT records of ``name`` (each record's strings joined, as text), cached like the rest.
+
+        Returns [] when the name has none (NXDOMAIN or NODATA); raises
+        ``DNSError`` 4.4.3 when the lookup failed transiently.  Used for
+        policy records such as ``_mta-sts.<domain>`` (RFC 8461).
+        """
+        # Not normalize_domain(): policy names have underscore labels, which are not host names.
+        n = name[:-1].lower() if name.endswith(".") else name.lower()
+        try:
+            ans = self._lookup("TXT", n, deadline)
+        except _Transient as e:
+            raise DNSError(n, Reply.local("4.4.3", f"TXT lookup for {n} failed: {e}")) from None
+        return list(ans.records) if ans.status == OK else []
+
     # ----------------------------------------------------------------- internals
 
     def _ordered(self, records: list[tuple[int, str]]) -> list[tuple[int, str]]:
@@ -369,6 +384,8 @@ def _records(rtype: str, rrset) -> list:
             else:
                 out.append([rd.preference, rd.exchange.to_text(omit_final_dot=True).lower()])
         return out
+    if rtype == "TXT":
+        return [b"".join(rd.strings).decode("utf-8", "replace") for rd in rrset]
     return [rd.address for rd in rrset]
 
 
