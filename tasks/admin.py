@@ -35,6 +35,14 @@
 ``mxq suppress list [--json] | add ADDR [--ttl SECONDS] [--reason TEXT] | remove ADDR``
     The suppression list (``mxq.tasks.suppress``).
 
+``mxq tlsrpt [--day DAY] [--domain DOMAIN ...] [--organization NAME] [--contact EMAIL] [--list]``
+    The RFC 8460 aggregate report (JSON) of one UTC day's TLS sessions with
+    recipient domains' exchanges, from the counts the workers keep in Redis
+    (``mxq.tasks.hoststatus.RedisTLSReport``): one ``policies`` entry per
+    domain and policy (``sts`` with the MTA-STS policy, or
+    ``no-policy-found``), session counts, failure details.  ``--domain``
+    narrows it to the report for one domain's TLS-RPT address.
+
 Exit statuses (sysexits, as the other commands): 0 done, 1 drop not
 confirmed, 64 usage, 65 a malformed address or domain, 66 unknown job / not
 suppressed, 75 Redis unreachable, 78 a malformed ``MXQ_*`` setting.
@@ -276,8 +284,19 @@ class Admin:
         doc = {"time": now, "totals": totals, "domains": domains, "intake": r.zcard("mxq:intake"),
                "reports": {s: special.get("!r", {}).get(s, 0) for s in ("ready", "in_flight")},
                "webhooks": {s: special.get("!w", {}).get(s, 0) for s in ("ready", "in_flight", "deferred")},
-               "oldest_deferred": self._oldest([(w, d) for w, d in deferred if not w.startswith("!")], oldest, now)}
+               "oldest_deferred": self._oldest([(w, d) for w, d in deferred if not w.startswith("!")], oldest, now),
+               "port25": self.port25()}
         return doc
+
+    def port25(self) -> dict | None:
+        """The fleet's port-25 verdict (``mxq.workers.port25``): None, or the state with ``next_probe`` seconds."""
+        from .hoststatus import RedisPort25State
+
+        st = RedisPort25State(self.r)
+        state = st.blocked()
+        if state is not None:
+            state["next_probe"] = st.probe_due()
+        return state
 
     def _oldest(self, deferred: list[tuple[str, float]], n: int, now: float) -> list[dict]:
         """The ``n`` oldest deferred recipients (by the job's submission time)."""
@@ -422,6 +441,22 @@ def add_parsers(subparsers) -> None:
     rm.set_defaults(run=run_suppress_remove)
     s.set_defaults(run=lambda args: _usage(s))
 
+    t = subparsers.add_parser("tlsrpt", help="print the TLS-RPT aggregate report (RFC 8460) of a day",
+                              description="Print, as JSON, the RFC 8460 aggregate report of the TLS sessions the "
+                                          "workers had with recipient domains' exchanges on one UTC day: per "
+                                          "domain its policy (MTA-STS or none), successful and failed session "
+                                          "counts and the failure details.  Counts are kept 8 days.")
+    t.add_argument("--day", default="today", metavar="DAY",
+                   help="YYYY-MM-DD, 'today' (the default, counts so far) or 'yesterday' (UTC)")
+    t.add_argument("--domain", action="append", metavar="DOMAIN",
+                   help="only this recipient domain (repeatable): the report to send to its TLS-RPT address")
+    t.add_argument("--organization", metavar="NAME",
+                   help="organization-name (default MXQ_TLSRPT_ORG, else MXQ_HELO_NAME / the host name)")
+    t.add_argument("--contact", metavar="EMAIL",
+                   help="contact-info (default MXQ_TLSRPT_CONTACT, else postmaster@ the HELO name)")
+    t.add_argument("--list", action="store_true", help="list the domains with counts that day instead")
+    t.set_defaults(run=run_tlsrpt)
+
 
 def _usage(parser) -> int:
     parser.print_usage(sys.stderr)
@@ -485,6 +520,13 @@ def print_queue(doc: dict, out=None) -> None:
     """The ``mxq queue`` table."""
     out = out or sys.stdout
     t = doc["totals"]
+    p25 = doc.get("port25")
+    if p25:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p25["since"]))
+        due = p25.get("next_probe")
+        out.write(f"port 25: BLOCKED since {since} (connections to {p25['exchanges']} exchanges of "
+                  f"{p25['domains']} domains failed: {p25['kind']}); mail goes straight to the relay"
+                  + (f"; next probe in {_duration(due)}" if due is not None else "") + "\n")
     if not doc["domains"] and not doc["intake"] and not any(doc["reports"].values()) \
             and not any(doc["webhooks"].values()):
         out.write("mail queue is empty\n")
@@ -707,3 +749,61 @@ def suppress_norm(address: str) -> str:
     """The normalised form ``mxq.tasks.suppress`` keys an address by."""
     from .suppress import normalize
     return normalize(address)
+
+
+def _day(arg: str) -> str | None:
+    import datetime as dt
+
+    today = dt.datetime.now(dt.timezone.utc).date()
+    if arg == "today":
+        return today.isoformat()
+    if arg == "yesterday":
+        return (today - dt.timedelta(days=1)).isoformat()
+    try:
+        return dt.date.fromisoformat(arg).isoformat()
+    except ValueError:
+        return None
+
+
+@_redis_errors
+def run_tlsrpt(args) -> int:
+    """``mxq tlsrpt``: the RFC 8460 aggregate report of a day, as JSON."""
+    from mxq import settings as registry
+    from mxq.workers.config import Settings
+    from mxq.workers.tlsrpt import report
+
+    from .hoststatus import RedisTLSReport
+
+    day = _day(args.day)
+    if day is None:
+        print(f"mxq tlsrpt: --day must be YYYY-MM-DD, today or yesterday, not {args.day!r}", file=sys.stderr)
+        return 64
+    domains = None
+    if args.domain:
+        domains = []
+        from mxq.workers.address import normalize_domain
+        from mxq.workers.errors import InvalidAddress
+        for d in args.domain:
+            try:
+                domains.append(normalize_domain(d.strip().rstrip(".")))
+            except InvalidAddress as e:
+                print(f"mxq tlsrpt: {d!r} is not a domain: {e.reason}", file=sys.stderr)
+                return EX_DATAERR
+    admin, err = _admin("tlsrpt")
+    if admin is None:
+        return err
+    counts = RedisTLSReport(admin.r)
+    if args.list:
+        for d in counts.domains(day):
+            print(d)
+        return EX_OK
+    try:
+        helo = Settings.from_env().helo_name
+        org = args.organization or registry.value("MXQ_TLSRPT_ORG") or helo
+        contact = args.contact or registry.value("MXQ_TLSRPT_CONTACT") or f"postmaster@{helo}"
+    except ValueError as e:
+        print(f"mxq tlsrpt: configuration: {e}", file=sys.stderr)
+        return EX_CONFIG
+    doc = report(day, counts.entries(day, domains), organization=org, contact=contact)
+    print(json.dumps(doc, indent=2))
+    return EX_OK

@@ -50,7 +50,7 @@ from mxq.workers.results import RecipientResult
 
 from . import metrics, shaping
 from .app import app, only_ours
-from .hoststatus import RedisHostStatus
+from .hoststatus import RedisHostStatus, RedisPolicyCache, RedisPort25State, RedisTLSReport
 from .settings import PipelineSettings
 from .store import FINAL_STATES, REPORT_LANE, TRANSIENT_REDIS_ERRORS, Claimed, Outcome, Store, get_store
 from . import webhooks      # (webhooks) registers mxq.webhook; its lane is published below
@@ -85,7 +85,9 @@ class Runtime:
         from redis.retry import Retry
 
         from mxq.workers.config import Settings
+        from mxq.workers.mtasts import MTASTS
         from mxq.workers.mx import Resolver
+        from mxq.workers.port25 import Port25, Thresholds
 
         self.pid = _pid()
         self.ps = PipelineSettings.from_env()
@@ -97,6 +99,16 @@ class Runtime:
                                      retry=Retry(NoBackoff(), 0))
         self.resolver = Resolver(self.engine, cache=_shared_dns_cache(self.engine, quick))
         self.hosts = RedisHostStatus(quick)
+        # Fleet-wide transport state (mxq.tasks.hoststatus): MTA-STS policies, TLS-RPT counts, and
+        # whether port 25 is blocked (tracked only when a fallback relay exists to act on it).
+        self.mta_sts = MTASTS(self.resolver, RedisPolicyCache(quick),
+                              timeout=self.engine.mta_sts_timeout) if self.engine.mta_sts else None
+        self.tls_report = RedisTLSReport(quick)
+        self.port25 = None
+        if self.engine.relay is not None and self.engine.relay_mode == "fallback":
+            self.port25 = Port25(RedisPort25State(quick),
+                                 Thresholds(probe_interval=self.engine.port25_probe_interval),
+                                 relay=self.engine.relay.name)
         # Traffic shaping (MXQ_SHAPING): slots live as long as a batch lease and
         # are renewed by the same heartbeat.
         self.shaper = shaping.Shaper(self.store.r, shaping.Policy.from_env(), slot_ttl=self.ps.lease_seconds)
@@ -479,7 +491,8 @@ def _deliver_batch(rt: Runtime, domain: str, token: str, grant: "shaping.Grant")
                 results = deliver_domain(domain, [env for _, _, env in plan], settings=rt.engine,
                                          resolver=rt.resolver, host_status=rt.hosts,
                                          deadline=started + ps.soft_time_limit / 2, observers=rt.observers,
-                                         source_pool=rt.shaper.policy.for_domain(domain).pool)
+                                         source_pool=rt.shaper.policy.for_domain(domain).pool,
+                                         mta_sts=rt.mta_sts, tls_report=rt.tls_report, port25=rt.port25)
                 metrics.run_seconds(time.monotonic() - started)
             except SoftTimeLimitExceeded:
                 # Out of time mid-batch: put every item back for a prompt retry.

@@ -1,16 +1,32 @@
-"""The exchanges' failure memory in Redis, shared by every worker.
+"""The delivery agent's shared memory in Redis: what every worker knows about the network.
 
-Implements the engine's ``mxq.workers.delivery.HostStatus`` protocol: an
-exchange that timed out or refused is marked down with ``SET EX`` (the key
-expires by itself when the time is up), and every worker skips it meanwhile
-instead of each paying the connect timeout again.  Key:
-``mxq:down:{ip}:{port}``, value: the reason (never a credential: reasons are
-connection failures).
+- ``RedisHostStatus``: the exchanges' failure memory (the engine's
+  ``mxq.workers.delivery.HostStatus``): an exchange that timed out or
+  refused is marked down with ``SET EX`` (the key expires by itself when the
+  time is up), and every worker skips it meanwhile instead of each paying
+  the connect timeout again.  Key ``mxq:down:{ip}:{port}``, value: the
+  reason (never a credential: reasons are connection failures).
+- ``RedisPort25State``: whether outbound port 25 is blocked
+  (``mxq.workers.port25``): ``mxq:port25`` (the verdict),
+  ``mxq:port25:ev`` (recent failed connects), ``mxq:port25:relay`` (the
+  relay worked lately), ``mxq:port25:probe`` (whose turn to re-probe).
+- ``RedisPolicyCache``: MTA-STS policies (``mxq.workers.mtasts``):
+  ``mxq:sts:{domain}`` for the policy's max_age, ``mxq:stsfail:{domain}``
+  for a failed fetch (5 minutes).
+- ``RedisTLSReport``: TLS-RPT session counts (``mxq.workers.tlsrpt``):
+  ``mxq:tlsrpt:{day}:{domain}`` and ``mxq:tlsrpt:{day}``, kept 8 days.
+
+Every key of these kinds is written and read here only (``mxq queue``,
+``mxq tlsrpt`` and the metrics read through these classes).  None holds a
+secret.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import time
 
 import redis
 
@@ -47,3 +63,258 @@ class RedisHostStatus:
         """Why ``ip:port`` is marked down, or None when it is not."""
         v = self.r.get(KEY.format(ip=ip, port=port))
         return v.decode("utf-8", "replace") if v is not None else None
+
+
+# ---------------------------------------------------------------- port 25 (mxq.workers.port25)
+
+PORT25 = "mxq:port25"              #: string: JSON state while port 25 is concluded blocked
+PORT25_EVIDENCE = "mxq:port25:ev"  #: zset: "kind|ip|domain" -> time of the last failed connect
+PORT25_RELAY = "mxq:port25:relay"  #: string: time the relay last worked (EX the window)
+PORT25_PROBE = "mxq:port25:probe"  #: string: held by the worker whose turn it is to re-probe (NX EX interval)
+
+# KEYS: state, evidence, relay, probe.  ARGV: kind ('' when the relay worked), ip, domain, now, window,
+# exchanges, domains, state_ttl, probe_interval.  Returns the new state (JSON) when this call concluded
+# "blocked", else nil.  The rule is mxq.workers.port25.conclude's.
+_PORT25_RECORD = r"""
+local now, window = tonumber(ARGV[4]), tonumber(ARGV[5])
+if ARGV[1] == '' then
+  redis.call('SET', KEYS[3], ARGV[4], 'EX', math.ceil(window))
+else
+  redis.call('ZADD', KEYS[2], now, ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[3])
+  redis.call('EXPIRE', KEYS[2], math.ceil(window) + 1)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - window))
+if redis.call('EXISTS', KEYS[1]) == 1 then return nil end
+local relay = tonumber(redis.call('GET', KEYS[3]) or '')
+if relay == nil or relay < now - window then return nil end
+local ips, doms, nips, ndoms = {}, {}, {}, {}
+for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local a = string.find(m, '|', 1, true)
+  local b = string.find(m, '|', a + 1, true)
+  local kind, ip, dom = string.sub(m, 1, a - 1), string.sub(m, a + 1, b - 1), string.sub(m, b + 1)
+  ips[kind] = ips[kind] or {}; doms[kind] = doms[kind] or {}
+  if not ips[kind][ip] then ips[kind][ip] = true; nips[kind] = (nips[kind] or 0) + 1 end
+  if not doms[kind][dom] then doms[kind][dom] = true; ndoms[kind] = (ndoms[kind] or 0) + 1 end
+end
+for _, kind in ipairs({'timeout', 'refused', 'unreachable'}) do
+  if (nips[kind] or 0) >= tonumber(ARGV[6]) and (ndoms[kind] or 0) >= tonumber(ARGV[7]) then
+    local state = cjson.encode({since = now, kind = kind, exchanges = nips[kind], domains = ndoms[kind]})
+    if redis.call('SET', KEYS[1], state, 'NX', 'EX', math.ceil(tonumber(ARGV[8]))) then
+      redis.call('SET', KEYS[4], '1', 'EX', math.ceil(tonumber(ARGV[9])))
+      return state
+    end
+    return nil
+  end
+end
+return nil
+"""
+
+# KEYS: state, evidence, probe.  A connect to port 25 worked: wipe everything; return the state it cleared.
+_PORT25_SUCCESS = r"""
+if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('EXISTS', KEYS[2]) == 0 then return nil end
+local state = redis.call('GET', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return state
+"""
+
+
+class RedisPort25State:
+    """``mxq.workers.port25.Port25State`` in Redis, shared by every worker (atomic Lua).
+
+    Redis trouble never stops delivery: reads answer "not blocked" (the
+    exchanges are tried), writes are forgotten.
+    """
+
+    def __init__(self, client: redis.Redis):
+        self.r = client
+        self._record = client.register_script(_PORT25_RECORD)
+        self._success = client.register_script(_PORT25_SUCCESS)
+
+    def _run(self, args: list) -> dict | None:
+        try:
+            got = self._record(keys=[PORT25, PORT25_EVIDENCE, PORT25_RELAY, PORT25_PROBE], args=args)
+        except redis.exceptions.RedisError:
+            return None
+        return json.loads(got) if got else None
+
+    def failure(self, kind: str, ip: str, domain: str, now: float, t) -> dict | None:
+        return self._run([kind, ip, domain, now, t.window, t.exchanges, t.domains, t.state_ttl, t.probe_interval])
+
+    def relay_ok(self, now: float, t) -> dict | None:
+        return self._run(["", "", "", now, t.window, t.exchanges, t.domains, t.state_ttl, t.probe_interval])
+
+    def success(self) -> dict | None:
+        try:
+            got = self._success(keys=[PORT25, PORT25_EVIDENCE, PORT25_PROBE])
+        except redis.exceptions.RedisError:
+            return None
+        return json.loads(got) if got else None
+
+    def blocked(self) -> dict | None:
+        try:
+            got = self.r.get(PORT25)
+        except redis.exceptions.RedisError:
+            return None
+        try:
+            return json.loads(got) if got else None
+        except ValueError:
+            return None
+
+    def claim_probe(self, now: float, interval: float) -> bool:
+        try:
+            return bool(self.r.set(PORT25_PROBE, "1", nx=True, ex=max(1, math.ceil(interval))))
+        except redis.exceptions.RedisError:
+            return False
+
+    def refresh(self, ttl: float) -> None:
+        try:
+            self.r.expire(PORT25, max(1, math.ceil(ttl)), xx=True)
+        except redis.exceptions.RedisError:
+            pass
+
+    def probe_due(self) -> float | None:
+        """Seconds until the next probe may start (None: none pending), for ``mxq queue``."""
+        try:
+            ttl = self.r.ttl(PORT25_PROBE)
+        except redis.exceptions.RedisError:
+            return None
+        return float(ttl) if ttl is not None and ttl >= 0 else 0.0
+
+
+# ---------------------------------------------------------------- MTA-STS policies (mxq.workers.mtasts)
+
+STS_POLICY = "mxq:sts:{domain}"        #: string: JSON {"id", "text"}, EX the policy's max_age
+STS_FAILURE = "mxq:stsfail:{domain}"   #: string: JSON {"id", "type", "detail"} of a failed fetch, EX 300 s
+
+
+class RedisPolicyCache:
+    """``mxq.workers.mtasts.PolicyCache`` in Redis: one fetch per policy for the whole fleet."""
+
+    def __init__(self, client: redis.Redis, clock=time.time):
+        self.r = client
+        self.clock = clock
+
+    def get(self, domain: str):
+        from mxq.workers.mtasts import Policy, PolicyError
+
+        key = STS_POLICY.format(domain=domain)
+        try:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.get(key)
+            pipe.pttl(key)
+            value, pttl = pipe.execute()
+        except redis.exceptions.RedisError:
+            return None
+        if value is None or pttl is None or pttl <= 0:
+            return None
+        try:
+            d = json.loads(value)
+            return Policy.parse(d["text"], d["id"]), self.clock() + pttl / 1000.0
+        except (ValueError, KeyError, TypeError, PolicyError):
+            return None
+
+    def put(self, domain: str, policy, ttl: float) -> None:
+        if ttl < 1:
+            return
+        try:
+            self.r.set(STS_POLICY.format(domain=domain), json.dumps({"id": policy.id, "text": policy.text}),
+                       ex=int(ttl))
+        except redis.exceptions.RedisError:
+            pass
+
+    def get_failure(self, domain: str):
+        try:
+            value = self.r.get(STS_FAILURE.format(domain=domain))
+            if value is None:
+                return None
+            d = json.loads(value)
+            return d["id"], d["type"], d.get("detail", "")
+        except (redis.exceptions.RedisError, ValueError, KeyError, TypeError):
+            return None
+
+    def put_failure(self, domain: str, id: str, result_type: str, detail: str, ttl: float) -> None:
+        try:
+            self.r.set(STS_FAILURE.format(domain=domain),
+                       json.dumps({"id": id, "type": result_type, "detail": detail[:500]}), ex=max(1, int(ttl)))
+        except redis.exceptions.RedisError:
+            pass
+
+
+# ---------------------------------------------------------------- TLS-RPT counts (mxq.workers.tlsrpt)
+
+TLSRPT = "mxq:tlsrpt:{day}:{domain}"   #: hash: p:{pk} policy JSON, ok:{pk} / fail:{pk} counts, f:{pk}:{failure} counts
+TLSRPT_DAY = "mxq:tlsrpt:{day}"        #: set: the domains with counts that day
+#: Days the counts are kept (a week of reports, plus the day being written).
+TLSRPT_KEEP_DAYS = 8
+
+
+class RedisTLSReport:
+    """``mxq.workers.tlsrpt.TLSReportSink`` in Redis: counts of every worker, by UTC day and domain.
+
+    One round trip per recorded session: one HINCRBY for a success, two for
+    a failure; the policy text, the day's domain set and the expiries are
+    written by the first session of a (day, domain, policy) in each process.
+    Redis trouble loses the count, never the delivery.
+    """
+
+    def __init__(self, client: redis.Redis):
+        self.r = client
+        self._known: set[tuple[str, str, str]] = set()     # (day, domain, pk) set up by this process
+        self._day = ""
+
+    def record(self, policy, failure=None, *, when: float | None = None) -> None:
+        from mxq.workers.tlsrpt import day_of
+
+        day = day_of(when)
+        key = TLSRPT.format(day=day, domain=policy.domain)
+        pk = hashlib.sha1(policy.key().encode()).hexdigest()[:16]
+        if day != self._day:
+            self._day, self._known = day, set()
+        first = (day, policy.domain, pk) not in self._known
+        try:
+            pipe = self.r.pipeline(transaction=False)
+            if failure is None:
+                pipe.hincrby(key, f"ok:{pk}", 1)
+            else:
+                pipe.hincrby(key, f"fail:{pk}", 1)
+                pipe.hincrby(key, f"f:{pk}:{failure.key()}", 1)
+            if first:
+                ttl = TLSRPT_KEEP_DAYS * 86400
+                pipe.hsetnx(key, f"p:{pk}", policy.key())
+                pipe.expire(key, ttl)
+                pipe.sadd(TLSRPT_DAY.format(day=day), policy.domain)
+                pipe.expire(TLSRPT_DAY.format(day=day), ttl)
+            pipe.execute()
+        except redis.exceptions.RedisError:
+            return
+        if first:
+            self._known.add((day, policy.domain, pk))
+
+    def domains(self, day: str) -> list[str]:
+        """Domains with counts on ``day`` (``YYYY-MM-DD``)."""
+        return sorted(_text(d) for d in self.r.smembers(TLSRPT_DAY.format(day=day)))
+
+    def entries(self, day: str, domains=None) -> list[dict]:
+        """The counts of ``day`` (of ``domains`` only, when given), as ``mxq.workers.tlsrpt.report`` takes them.
+
+        Raises ``redis.RedisError`` (the caller is a command that must say so).
+        """
+        out = []
+        for domain in (sorted(domains) if domains is not None else self.domains(day)):
+            fields = {_text(k): _text(v) for k, v in self.r.hgetall(TLSRPT.format(day=day, domain=domain)).items()}
+            for name, value in fields.items():
+                if not name.startswith("p:"):
+                    continue
+                pk = name[2:]
+                details = []
+                prefix = f"f:{pk}:"
+                for fname, n in fields.items():
+                    if fname.startswith(prefix):
+                        details.append((json.loads(fname[len(prefix):]), int(n)))
+                out.append({"policy": json.loads(value), "ok": int(fields.get(f"ok:{pk}", 0)),
+                            "fail": int(fields.get(f"fail:{pk}", 0)), "details": details})
+        return out
+
+
+def _text(v) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)

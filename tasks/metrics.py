@@ -60,6 +60,9 @@ series count):
     ready work items per delivery lane (the ``MAX_LANE_LABELS`` deepest).
 ``mxq_redis_up``  gauge
     1 when the scrape could read Redis, else 0 (and no depth is reported).
+``mxq_port25_blocked``  gauge, read from Redis at scrape time
+    1 while the fleet has concluded that outbound port 25 is blocked and
+    sends mail straight to the relay (``mxq.workers.port25``), else 0.
 
 A child killed outright (SIGKILL) leaves its last ``mxq_open_connections``
 in the folder until the worker restarts; its counters stay counted, as
@@ -338,6 +341,11 @@ class RedisCollector:
         for lane, n in sorted(ready.items(), key=lambda kv: -kv[1])[:MAX_LANE_LABELS]:
             lanes.add_metric([lane], n)
         yield lanes
+        from .hoststatus import RedisPort25State
+        p25 = GaugeMetricFamily("mxq_port25_blocked", "1 while outbound port 25 is concluded blocked and mail "
+                                                      "goes straight to the relay (fleet-wide)")
+        p25.add_metric([], 1 if RedisPort25State(self.r).blocked() else 0)
+        yield p25
 
 
 # ---------------------------------------------------------------- serving (worker main process)

@@ -51,6 +51,19 @@ key                              type    contents
 ``mxq:shape:conn:{domain}``      zset    concurrency slots: holder token -> expiry (Redis time)
 ``mxq:shape:tat:{domain}``       string  the domain's rate limiter state (GCRA, Redis time)
 ``mxq:down:{ip}:{port}``         string  failure memory of one exchange (``hoststatus``)
+``mxq:port25``                   string  JSON verdict while outbound port 25 is concluded blocked
+                                         (``hoststatus.RedisPort25State``, ``mxq.workers.port25``);
+                                         ``mxq:port25:ev`` zset of recent failed connects
+                                         (``kind|ip|domain`` -> time), ``mxq:port25:relay`` when
+                                         the relay last worked, ``mxq:port25:probe`` whose turn
+                                         it is to re-probe (NX EX the probe interval)
+``mxq:sts:{domain}``             string  an MTA-STS policy, JSON ``{id, text}``, EX its max_age;
+                                         ``mxq:stsfail:{domain}`` a failed fetch (5 min)
+                                         (``hoststatus.RedisPolicyCache``)
+``mxq:tlsrpt:{day}:{domain}``    hash    TLS-RPT session counts of one UTC day (``p:``, ``ok:``,
+                                         ``fail:``, ``f:`` fields per policy); ``mxq:tlsrpt:{day}``
+                                         set of that day's domains; 8 days
+                                         (``hoststatus.RedisTLSReport``, ``mxq tlsrpt``)
 ``mxq:dns:*``                    string  the engine's shared DNS cache (``mxq.workers.dnscache``)
 ``mxq:dnslock:{type}:{name}``    string  the worker resolving that name now (2 s; the others
                                          wait for its answer: ``graph._shared_dns_cache``)

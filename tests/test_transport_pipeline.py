@@ -1,0 +1,179 @@
+"""Port 25 blocked and MTA-STS / TLS-RPT in the pipeline: real ``celery worker`` processes sharing
+the state in a real redis-server, the real ``mxq queue`` / ``mxq tlsrpt`` commands, /metrics.
+
+Faults and peers, all real, in the test session's private network namespace: nftables drops every
+SYN to 127.0.185.0/24 port 25 (the exchanges); the relay is an aiosmtpd server on 127.0.186.10:587
+(STARTTLS + AUTH, test CA trusted through SSL_CERT_FILE); MTA-STS exchanges on 127.0.186.2x:25 and
+the HTTPS policy server on 127.0.186.30:443.  Domains under ``tp.test``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mxq import tasks
+from mxq.sandbox.https import issue_context, policy_text, start_policy_server
+from mxq.sandbox.smtpd import Behaviour, make_tls, start_server
+from tests.fixtures_infra import free_port, wait_until
+
+from .conftest import IN_PRIVATE_NETNS
+
+pytest_plugins = ["tests.pipeline_fixtures"]
+
+MXQ = str(Path(sys.executable).with_name("mxq"))
+NET = "127.0.185."
+IP = "127.0.186."
+RELAY = "smtp.relay.tp.test"
+SENDER = "s@src.tp.test"
+
+
+def mxq(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([MXQ, *args], capture_output=True, timeout=60, env=dict(os.environ), stdin=subprocess.DEVNULL)
+
+
+def message(to: str, tag: str) -> bytes:
+    return (f"From: {SENDER}\r\nTo: {to}\r\nSubject: {tag}\r\nMessage-ID: <{tag}@src.tp.test>\r\n\r\n"
+            f"body {tag}\r\n").encode()
+
+
+def nft(*args: str) -> None:
+    subprocess.run(["nft", *args], check=True, capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def dropped():
+    if not IN_PRIVATE_NETNS:
+        pytest.skip("needs the private network namespace (root): never touches the host's firewall")
+    nft("add", "table", "inet", "mxq_tp_test")
+    nft("add", "chain", "inet", "mxq_tp_test", "out", "{ type filter hook output priority 0; }")
+    nft("add", "rule", "inet", "mxq_tp_test", "out", "ip", "daddr", NET + "0/24", "tcp", "dport", "25", "drop")
+    yield
+    nft("delete", "table", "inet", "mxq_tp_test")
+
+
+@pytest.fixture
+def relay(dns_server, tmp_path):
+    tls = make_tls(RELAY, directory=tmp_path)
+    srv = start_server(IP + "10", 587, Behaviour(hostname=RELAY, starttls=tls.server_context, require_starttls=True,
+                                                 auth={"mxq": "relay-secret"}, auth_required=True, keep_content=False))
+    dns_server.add({RELAY: {"A": [IP + "10"]}})
+    srv.tls = tls
+    yield srv
+    srv.stop()
+
+
+def domains(dns_server, first: int, n: int) -> list[str]:
+    records, names = {}, []
+    for i in range(first, first + n):
+        d = f"d{i}.tp.test"
+        records[d] = {"MX": [[10, f"mx1.{d}"], [20, f"mx2.{d}"]]}
+        records[f"mx1.{d}"] = {"A": [f"{NET}{2 * i}"]}
+        records[f"mx2.{d}"] = {"A": [f"{NET}{2 * i + 1}"]}
+        names.append(d)
+    dns_server.add(records)
+    return names
+
+
+def scrape(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+
+def test_blocked_port_25_fleet_wide_mail_goes_through_the_relay_within_seconds(pipeline, dns_server, dropped,
+                                                                                 relay):
+    metrics_port = free_port()
+    p = pipeline(MXQ_RELAY=f"smtp://mxq:relay-secret@{RELAY}", SSL_CERT_FILE=relay.tls.ca_file,
+                 MXQ_CONNECT_TIMEOUT="3", MXQ_MTA_STS="off")
+    w1 = p.worker(concurrency=2, MXQ_METRICS_PORT=str(metrics_port), MXQ_METRICS_ADDR="127.0.0.1")
+    p.worker(concurrency=2)
+    p.beat()
+    # The first mail finds out: connects to its exchanges time out (3 s each), the relay takes it.
+    first = domains(dns_server, 1, 4)
+    t0 = time.monotonic()
+    ids = [tasks.submit(message(f"a@{d}", f"first-{d}"), sender=SENDER, recipients=[f"a@{d}"]) for d in first]
+    p.wait_done(ids, timeout=60)
+    assert time.monotonic() - t0 >= 3
+    # From now on the whole fleet knows: later mail goes straight to the relay.
+    r = mxq("queue")
+    assert r.returncode == 0 and "port 25: BLOCKED" in r.stdout.decode(), r.stdout
+    doc = json.loads(mxq("queue", "--json").stdout)
+    assert doc["port25"]["kind"] == "timeout" and doc["port25"]["domains"] >= 2
+    wait_until(lambda: scrape(metrics_port).get("mxq_port25_blocked") == 1.0, 10, "the metric")
+    later = domains(dns_server, 11, 20)
+    t0 = time.monotonic()
+    ids = [tasks.submit(message(f"b@{d}", f"later-{d}"), sender=SENDER, recipients=[f"b@{d}"]) for d in later]
+    p.wait_done(ids, timeout=60)
+    took = time.monotonic() - t0
+    assert took < 10, took                   # not 20 domains x 2 exchanges x 3 s
+    for j in ids:
+        rec = tasks.status(j)["recipients"][0]
+        assert (rec["state"], rec["relay"], rec["attempts"]) == ("delivered", True, 1), rec
+    assert len(relay.messages) == 24
+    # Said once in the log, for the whole fleet; the exchanges were not all marked down.
+    said = p.logs().count("port 25 appears blocked")
+    assert said == 1, said
+    client = p.redis.client()
+    assert len(list(client.scan_iter(match=f"mxq:down:{NET}*"))) <= 8
+
+
+def test_mta_sts_policy_fetched_once_for_the_fleet_and_tlsrpt_reports_it(pipeline, dns_server, tmp_path):
+    ca = make_tls("mta-sts.enf.tp.test", "mta-sts.tst.tp.test", directory=tmp_path)
+    web = start_policy_server(IP + "30", ca.server_context,
+                              {"enf.tp.test": policy_text("enforce", "mx.enf.tp.test", max_age=3600),
+                               "tst.tp.test": policy_text("testing", "mx.tst.tp.test", max_age=3600)})
+    good = start_server(IP + "20", 25, Behaviour(hostname="mx.enf.tp.test",
+                                                 starttls=issue_context(ca.ca, "mx.enf.tp.test")))
+    wrong = start_server(IP + "21", 25, Behaviour(hostname="mx.tst.tp.test",
+                                                  starttls=issue_context(ca.ca, "other.tp.test")))
+    dns_server.add({"enf.tp.test": {"MX": [[10, "mx.enf.tp.test"]]}, "mx.enf.tp.test": {"A": [IP + "20"]},
+                    "_mta-sts.enf.tp.test": {"TXT": ["v=STSv1; id=e1;"]}, "mta-sts.enf.tp.test": {"A": [IP + "30"]},
+                    "tst.tp.test": {"MX": [[10, "mx.tst.tp.test"]]}, "mx.tst.tp.test": {"A": [IP + "21"]},
+                    "_mta-sts.tst.tp.test": {"TXT": ["v=STSv1; id=t1;"]}, "mta-sts.tst.tp.test": {"A": [IP + "30"]}})
+    try:
+        p = pipeline(SSL_CERT_FILE=ca.ca_file)
+        p.worker(concurrency=2)
+        p.worker(concurrency=2)
+        p.beat()
+        ids = []
+        for i in range(6):       # one by one: several tasks, on both workers
+            rcpts = [f"u{i}@enf.tp.test", f"u{i}@tst.tp.test"]
+            ids.append(tasks.submit(message(rcpts[0], f"sts-{i}"), sender=SENDER, recipients=rcpts))
+            p.wait_done(ids[-1:], timeout=30)
+        for j in ids:
+            assert {r["state"] for r in tasks.status(j)["recipients"]} == {"delivered"}
+        assert all(m.tls for m in good.messages) and len(good.messages) == 6 and len(wrong.messages) == 6
+        # One policy fetch per domain for the whole fleet: the cache is in Redis, for max_age.
+        assert sorted(h for h, _ in web.requests) == ["mta-sts.enf.tp.test", "mta-sts.tst.tp.test"]
+        client = p.redis.client()
+        assert 3500 < client.ttl("mxq:sts:enf.tp.test") <= 3600
+        # mxq tlsrpt: the day's RFC 8460 report from the fleet's counts.
+        r = mxq("tlsrpt", "--organization", "Tp Sender", "--contact", "tlsrpt@src.tp.test")
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        assert doc["organization-name"] == "Tp Sender" and doc["contact-info"] == "tlsrpt@src.tp.test"
+        by = {x["policy"]["policy-domain"]: x for x in doc["policies"]}
+        assert by["enf.tp.test"]["policy"]["policy-type"] == "sts"
+        assert by["enf.tp.test"]["summary"] == {"total-successful-session-count": 6, "total-failure-session-count": 0}
+        assert by["tst.tp.test"]["summary"] == {"total-successful-session-count": 0, "total-failure-session-count": 6}
+        [fd] = by["tst.tp.test"]["failure-details"]
+        assert (fd["result-type"], fd["receiving-mx-hostname"], fd["failed-session-count"]) == (
+            "certificate-host-mismatch", "mx.tst.tp.test", 6)
+        only = json.loads(mxq("tlsrpt", "--domain", "enf.tp.test").stdout)
+        assert [x["policy"]["policy-domain"] for x in only["policies"]] == ["enf.tp.test"]
+        assert mxq("tlsrpt", "--day", "yesterday").returncode == 0
+        assert json.loads(mxq("tlsrpt", "--day", "2001-01-01").stdout)["policies"] == []
+        assert mxq("tlsrpt", "--day", "someday").returncode == 64
+    finally:
+        web.stop()
+        good.stop()
+        wrong.stop()
