@@ -117,9 +117,12 @@ def test_worker_metrics_over_http(pipeline, servers, dns_server):
 
     def settled():
         s = scrape(port)
+        # The held lane's throttled tasks run after the one that sent its message: wait for them too.
         return s if value(s, "mxq_queue_depth", queue="reports") == 0 and \
             value(s, "mxq_queue_depth", queue="leased") == 0 and \
-            value(s, "mxq_deliveries_total", domain="src.metrics.test", outcome="delivered") == 5 else None
+            value(s, "mxq_deliveries_total", domain="src.metrics.test", outcome="delivered") == 5 and \
+            (value(s, "mxq_shaping_throttled_total", domain="held.metrics.test", reason="rate") or 0) >= 1 \
+            else None
 
     s = wait_until(settled, 20, "the reports' deliveries recorded and nothing in flight")
     assert value(s, "mxq_deliveries_total", domain="ok.metrics.test", outcome="delivered") == 12
