@@ -101,8 +101,8 @@ class Runtime:
         self.hosts = RedisHostStatus(quick)
         # Fleet-wide transport state (mxq.tasks.hoststatus): MTA-STS policies, TLS-RPT counts, and
         # whether port 25 is blocked (tracked only when a fallback relay exists to act on it).
-        self.mta_sts = MTASTS(self.resolver, RedisPolicyCache(quick),
-                              timeout=self.engine.mta_sts_timeout) if self.engine.mta_sts else None
+        self.mta_sts = MTASTS(self.resolver, RedisPolicyCache(quick), timeout=self.engine.mta_sts_timeout,
+                              destinations=self.engine.destinations) if self.engine.mta_sts else None
         self.tls_report = RedisTLSReport(quick)
         self.port25 = None
         if self.engine.relay is not None and self.engine.relay_mode == "fallback":

@@ -218,3 +218,17 @@ def test_no_txt_record_means_no_policy_and_no_fetch(dns_server, web, tls, resolv
     got = sts.lookup("nothing.sts.test")
     assert got.policy is None and got.failure is None and len(web.requests) == asked
     assert sts.lookup("[127.0.0.1]").policy is None
+
+
+def test_fetch_obeys_the_destination_policy(dns_server, web, tls, resolver):
+    """The policy host's name is the recipient domain's choice, like its MX: the same policy applies."""
+    from mxq.workers.destinations import DestinationPolicy
+
+    serve(dns_server, "ok.sts.test")
+    web.set("ok.sts.test", policy_text("enforce", "mx.ok.sts.test"))
+    asked = len(web.requests)
+    with pytest.raises(PolicyError) as e:
+        fetch_policy("ok.sts.test", resolver, context=tls.client_context, destinations=DestinationPolicy())
+    assert e.value.result_type == FETCH_ERROR and "loopback" in e.value.detail and len(web.requests) == asked
+    allowed = DestinationPolicy.parse(IP + "0/24")
+    assert "mode: enforce" in fetch_policy("ok.sts.test", resolver, context=tls.client_context, destinations=allowed)

@@ -121,8 +121,7 @@ from .config import Settings
 from .envelope import Envelope, Recipient
 from .errors import (DNSError, InvalidInput, InvalidMessage, Scope, SMTPAuthError, SMTPBindError, SMTPConnectError,
                      SMTPDataError, SMTPError, SMTPGreetingError, SMTPHeloError, SMTPSenderRefused, SMTPTimeoutError,
-                     SMTPTLSError,
-                     classify, reraise_interrupt)
+                     SMTPTLSError, classify, reraise_interrupt)
 from .logline import format_line
 from .mtasts import MTASTS, Lookup
 from .mtasts import default_cache as default_policy_cache
@@ -981,7 +980,8 @@ def deliver_domain(domain: str, envelopes: Iterable[Envelope], *, settings: Sett
 def _defaults(settings: Settings, resolver, mta_sts, tls_report, port25):
     """The engine's defaults for the policy source, the TLS-RPT sink and the port-25 detector."""
     if mta_sts is None and settings.mta_sts:
-        mta_sts = MTASTS(resolver, default_policy_cache(), timeout=settings.mta_sts_timeout)
+        mta_sts = MTASTS(resolver, default_policy_cache(), timeout=settings.mta_sts_timeout,
+                         destinations=settings.destinations)
     if tls_report is None:
         tls_report = default_report()
     if port25 is None and settings.relay is not None and settings.relay_mode == "fallback":

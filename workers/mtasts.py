@@ -330,13 +330,16 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 
 def fetch_policy(domain: str, resolver, *, timeout: float = DEFAULT_FETCH_TIMEOUT,
                  context: ssl.SSLContext | None = None, port: int = 443,
-                 max_size: int = MAX_POLICY_SIZE) -> str:
+                 max_size: int = MAX_POLICY_SIZE, destinations=None) -> str:
     """GET ``https://mta-sts.<domain>/.well-known/mta-sts.txt``; the body as text, or ``PolicyError``.
 
     The host name is resolved with ``resolver.addresses`` (mxq's resolver);
-    the addresses are tried in order until one connects.  ``context``
-    defaults to ``ssl.create_default_context()`` (verifying).  At most
-    ``timeout`` seconds in all; no redirect is followed.
+    the addresses are tried in order until one connects.  ``destinations``
+    (a ``mxq.workers.destinations.DestinationPolicy``, the one exchanges obey)
+    keeps the fetch off addresses it refuses: the policy host's name is
+    chosen by the recipient domain, like its MX.  ``context`` defaults to
+    ``ssl.create_default_context()`` (verifying).  At most ``timeout``
+    seconds in all; no redirect is followed.
     """
     host = f"mta-sts.{domain}"
     deadline = time.monotonic() + timeout
@@ -344,6 +347,12 @@ def fetch_policy(domain: str, resolver, *, timeout: float = DEFAULT_FETCH_TIMEOU
         addresses = resolver.addresses(host, deadline=deadline)
     except DNSError as e:
         raise PolicyError(FETCH_ERROR, f"{host}: {e.reply.text}") from None
+    if destinations is not None:
+        refused = [(ip, destinations.refusal(ip)) for ip in addresses]
+        addresses = [ip for ip, why in refused if why is None]
+        if not addresses:
+            raise PolicyError(FETCH_ERROR, f"{host}: no address the destination policy allows ("
+                              + ", ".join(f"{ip}: {why}" for ip, why in refused) + ")")
     ctx = context if context is not None else ssl.create_default_context()
     last: PolicyError | None = None
     for ip in addresses:
@@ -424,13 +433,17 @@ class MTASTS:
     process-wide ``default_cache()``).  ``timeout``: seconds per fetch.
     ``tls_context``: the verifying context for the policy host (default:
     ``ssl.create_default_context()``).  ``port``: the policy host's HTTPS
-    port (443; other values are for tests).  ``clock``: ``time.time``.
+    port (443; other values are for tests).  ``destinations``: the
+    ``DestinationPolicy`` the fetch obeys (None: any address).  ``clock``:
+    ``time.time``.
     """
 
     def __init__(self, resolver, cache: PolicyCache | None = None, *, timeout: float = DEFAULT_FETCH_TIMEOUT,
                  tls_context: ssl.SSLContext | None = None, port: int = 443,
-                 failure_retry: float = FAILURE_RETRY, clock: Callable[[], float] = time.time):
+                 failure_retry: float = FAILURE_RETRY, clock: Callable[[], float] = time.time,
+                 destinations=None):
         self.resolver = resolver
+        self.destinations = destinations
         self.cache = cache if cache is not None else default_cache()
         self.timeout = timeout
         self.tls_context = tls_context
@@ -457,7 +470,7 @@ class MTASTS:
             return Lookup(domain, None, failed[1], failed[2])
         try:
             text = fetch_policy(domain, self.resolver, timeout=self.timeout, context=self.tls_context,
-                                port=self.port)
+                                port=self.port, destinations=self.destinations)
             fresh = Policy.parse(text, ident)
         except PolicyError as e:
             log.warning("MTA-STS policy of %s (id %s) unavailable: %s", domain, ident, e)
