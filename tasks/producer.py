@@ -28,11 +28,10 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from mxq.workers.address import parse_address
 from mxq.workers.dkim import signer_from_env
 from mxq.workers.envelope import DSN
 from mxq.workers.errors import InvalidInput
-from mxq.workers.message import max_message_size_from_env, prepare
+from mxq.workers.message import max_message_size_from_env, prepare_with_addresses
 
 from . import suppress, webhooks
 from .settings import PipelineSettings
@@ -91,8 +90,8 @@ def build_job(item: Item, *, max_size: int, now: float) -> JobSpec:
     # must not be able to queue /etc/passwd): a file is a pathlib.Path or an opened file.
     message = item.message
     try:
-        env = prepare(message, sender=item.sender, recipients=item.recipients, dsn=_dsn(item.dsn),
-                      notify=item.notify, max_size=max_size)
+        env, addresses = prepare_with_addresses(message, sender=item.sender, recipients=item.recipients,
+                                                dsn=_dsn(item.dsn), notify=item.notify, max_size=max_size)
     except InvalidInput:        # already the right type, with its reason (it is a ValueError too)
         raise
     except ValueError as e:     # DSN/NOTIFY values the envelope types refuse
@@ -103,8 +102,8 @@ def build_job(item: Item, *, max_size: int, now: float) -> JobSpec:
     env = signer_from_env().sign_envelope(env)
     idem = _check_key(item.idempotency_key)
     records, by_domain = [], {}
-    for i, r in enumerate(env.recipients):
-        domain = parse_address(r.address).ascii_domain      # IDNA A-label, lower case (normalize_domain)
+    for i, (r, addr) in enumerate(zip(env.recipients, addresses)):
+        domain = addr.ascii_domain      # IDNA A-label, lower case (normalize_domain), parsed once by prepare
         by_domain.setdefault(domain, []).append(str(i))
         records.append({"address": r.address, "domain": domain, "state": "queued", "code": None, "scope": None,
                         "enhanced": None, "text": "", "exchange": None, "ip": None, "relay": False,

@@ -8,6 +8,7 @@ Names: recipients in ``to.django.test`` (exchange 127.0.7.10:25), senders in ``s
 from __future__ import annotations
 
 import email
+import email.utils
 import email.policy
 
 import django
@@ -167,3 +168,53 @@ def test_settings_over_environment(monkeypatch):
         with pytest.raises(ValueError, match="MXQ_BATCH_SIZE"):
             mail.get_connection(fail_silently=True).send_messages(
                 [mail.EmailMessage("s", "b", "a@site.django.test", [f"ok@{RCPT}"])])
+
+
+# -- the backend's fast paths (issue 8: producer speed) give what Django and email.utils give ----------
+
+
+def _django_messages():
+    from django.core.mail import EmailMessage, EmailMultiAlternatives
+    yield EmailMessage("plain", "body\nline two\n", "a@site.django.test", ["b@to.django.test"])
+    yield EmailMessage("Sübject with ümlauts " * 4, "bödy ✓\n" * 30, "Nämé <a@site.django.test>",
+                       ["x@to.django.test", "Y Name <y@to.django.test>"], cc=["c@to.django.test"],
+                       bcc=["hidden@to.django.test"], reply_to=["r@site.django.test"],
+                       headers={"X-Long": "word " * 40, "X-Tab": "a\tb", "X-Empty": "", "X-Eq": "=?x?="})
+    yield EmailMessage("long line", "x" * 1200 + "\n", "a@site.django.test", ["b@to.django.test"])
+    m = EmailMultiAlternatives("alt", "text\n", "a@site.django.test", ["b@to.django.test"])
+    m.attach_alternative("<p>html</p>", "text/html")
+    m.attach("f.bin", b"\x00\x01" * 300, "application/octet-stream")
+    m.attach("notes.txt", "From the start\nof a line\n", "text/plain")
+    yield m
+
+
+def test_rendering_is_djangos_own_as_bytes():
+    from mxq.contrib.django import _as_bytes
+    for m in _django_messages():
+        msg = m.message()                    # once: it stamps a new Date and Message-ID each call
+        assert _as_bytes(msg) == msg.as_bytes()
+
+
+def test_plain_address_shortcut_agrees_with_email_utils():
+    from hypothesis import given, settings as hsettings, strategies as st
+
+    from mxq.contrib import django as backend
+
+    def general(value):
+        found = [a for _, a in email.utils.getaddresses([value]) if a]
+        text = value.strip()
+        assert len(found) == 1 and (text == found[0] or text.endswith(f"<{found[0]}>"))
+        return found[0]
+
+    @hsettings(max_examples=300, deadline=None)
+    @given(st.from_regex(backend._PLAIN, fullmatch=True))
+    def check(value):
+        assert "\r" not in value and "\n" not in value
+        assert backend._addr_spec(value, "x") == general(value)
+
+    check()
+    # Near misses take the general path, with its verdicts.
+    assert backend._addr_spec('"Quoted, Name" <a@b.example>', "x") == "a@b.example"
+    for bad in ("a@b.example\n", "not an address", "a@b.example, c@d.example", "Name <a@b.example> trailing"):
+        with pytest.raises(tasks.InvalidMessage):
+            backend._addr_spec(bad, "x")

@@ -59,8 +59,8 @@ import io
 import os
 import re
 import time
-from dataclasses import dataclass
-from typing import Iterable, Iterator
+from email._policybase import Compat32
+from typing import Iterable, Iterator, NamedTuple
 
 from mxq import settings as registry
 
@@ -84,6 +84,8 @@ _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:(.*)", re.S)
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _LONE_CR = re.compile(rb"\r(?!\n)")
 _EOL = re.compile(rb"\r\n|\n|\r")
+# A header value compat32 writes as it is when it fits on the line: printable ASCII, blanks.
+_PLAIN_VALUE = re.compile(r"[\x20-\x7e\t]*")
 
 
 def max_message_size_from_env(env=None) -> int:
@@ -93,18 +95,21 @@ def max_message_size_from_env(env=None) -> int:
 
 def normalize_eols(data: bytes) -> bytes:
     """Every CRLF, lone LF and lone CR as CRLF (what ``smtplib`` sends)."""
+    # The two common cases in C, without the regular expression: already CRLF throughout, or
+    # LF only (what Python's email package writes by default).
+    if b"\r" not in data:
+        return data.replace(b"\n", b"\r\n")
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") == crlf and data.count(b"\r") == crlf:
+        return data
     return _EOL.sub(b"\r\n", data)
 
 
-@dataclass(frozen=True)
-class _Field:
+class _Field(NamedTuple):
     name: str          # as written
     raw: bytes         # the whole field, CRLF line endings, including continuation lines
     value: str         # unfolded, decoded value
-
-    @property
-    def key(self) -> str:
-        return self.name.lower()
+    key: str           # name in lower case
 
 
 class FileContent:
@@ -177,15 +182,20 @@ class _BodyScan:
             self.eightbit = True
         if self.long_line is not None:
             return
+        # Chunks never split a CRLF (_normalized_chunks keeps a trailing CR back), and no other CR
+        # or LF is left, so lines are the parts between CRLFs; the first continues the line in progress.
         parts = normalized.split(b"\r\n")
-        for i, part in enumerate(parts):
-            self.line += len(part)
-            if self.line > MAX_LINE_LENGTH:
-                self.long_line = self.line_no
+        self.line += len(parts[0])
+        if self.line > MAX_LINE_LENGTH:
+            self.long_line = self.line_no
+            return
+        if len(parts) > 1:
+            if max(map(len, parts)) > MAX_LINE_LENGTH:
+                self.long_line = self.line_no + next(k for k, part in enumerate(parts)
+                                                     if k and len(part) > MAX_LINE_LENGTH)
                 return
-            if i < len(parts) - 1:
-                self.line = 0
-                self.line_no += 1
+            self.line_no += len(parts) - 1
+            self.line = len(parts[-1])
 
 
 def prepare(content, sender: str | None = None, recipients: Iterable[str | Recipient] | None = None,
@@ -199,6 +209,19 @@ def prepare(content, sender: str | None = None, recipients: Iterable[str | Recip
     is applied to every recipient given as a string, with ``ORCPT`` the
     address as given; ``dsn`` carries RET and ENVID.  ``max_size`` defaults
     to ``DEFAULT_MAX_MESSAGE_SIZE``.
+    """
+    return prepare_with_addresses(content, sender, recipients, dsn, notify, max_size)[0]
+
+
+def prepare_with_addresses(content, sender: str | None = None,
+                           recipients: Iterable[str | Recipient] | None = None, dsn: DSN | None = None,
+                           notify: Iterable[str] | None = None,
+                           max_size: int | None = None) -> tuple[Envelope, list[Address]]:
+    """``prepare()``, also returning each envelope recipient's parsed ``Address``, in order.
+
+    Every address is parsed once; a caller that needs more of an address
+    than its text (the producer groups recipients by ``ascii_domain``) takes
+    it from here instead of parsing it again.
     """
     limit = DEFAULT_MAX_MESSAGE_SIZE if max_size is None else max_size
     notify_t = tuple(notify) if notify is not None else None
@@ -224,9 +247,9 @@ def prepare(content, sender: str | None = None, recipients: Iterable[str | Recip
     if isinstance(content, email.message.Message):
         _check_no_injection(content, fields)
 
-    # Envelope addresses.
-    env_sender = _envelope_sender(sender, fields)
-    rcpts = _envelope_recipients(recipients, fields, notify_t, dsn)
+    # Envelope addresses, each parsed once.
+    env_sender, sender_addr = _envelope_sender(sender, fields)
+    rcpts, rcpt_addrs = _envelope_recipients(recipients, fields, notify_t, dsn)
 
     # Content: header block without Bcc, with Date and Message-ID, then the body.
     kept = [f for f in fields if f.key not in _STRIPPED_HEADERS]
@@ -259,10 +282,10 @@ def prepare(content, sender: str | None = None, recipients: Iterable[str | Recip
     if size > limit:
         raise InvalidMessage(f"message is {size} octets, larger than the limit of {limit}")
 
-    addresses = ([parse_sender(env_sender)] if env_sender else []) + [parse_address(r.address) for r in rcpts]
-    smtputf8 = header_has_utf8 or any(a is not None and a.needs_smtputf8 for a in addresses)
+    smtputf8 = (header_has_utf8 or (sender_addr is not None and sender_addr.needs_smtputf8)
+                or any(a.needs_smtputf8 for a in rcpt_addrs))
     return Envelope(sender=env_sender, recipients=rcpts, content=final, dsn=dsn,
-                    eightbit=header_has_utf8 or scan.eightbit, smtputf8=smtputf8, size=size)
+                    eightbit=header_has_utf8 or scan.eightbit, smtputf8=smtputf8, size=size), rcpt_addrs
 
 
 # -- content into bytes ------------------------------------------------------------------------------
@@ -300,6 +323,60 @@ def _content_bytes(content) -> bytes:
                          "message text), a pathlib.Path or an opened file")
 
 
+class _Compat32Generator(email.generator.BytesGenerator):
+    """``BytesGenerator`` that writes a compat32 header field directly when folding would leave it as it is.
+
+    Under the compat32 policy (``email.message.Message``, Django's
+    ``EmailMessage.message()``) every field goes through
+    ``email.header.Header(value).encode()``, most of the cost of flattening a
+    small message.  A ``str`` value of printable ASCII and blanks (no CR, LF or
+    other control character) whose line fits in ``max_line_length`` comes out
+    of it unchanged, so it is written as ``name: value`` plus the line
+    separator; anything else (long, non-ASCII, ``Header`` objects, another
+    policy) goes through the policy as before.  The output is the same bytes
+    (``tests/test_message.py`` checks the fast path against ``fold_binary``).
+    """
+
+    def _write_headers(self, msg):
+        policy = self.policy
+        maxlen = getattr(policy, "max_line_length", None)
+        if (not isinstance(policy, Compat32) or type(policy).fold_binary is not Compat32.fold_binary
+                or not isinstance(maxlen, int) or maxlen <= 0):
+            return super()._write_headers(msg)
+        nl = self._NL
+        write = self._fp.write
+        for name, value in msg.raw_items():
+            if (type(value) is str and len(name) + 2 + len(value) <= maxlen and name.isascii()
+                    and _PLAIN_VALUE.fullmatch(value)):
+                write(f"{name}: {value}{nl}".encode("ascii"))
+            else:
+                write(policy.fold_binary(name, value))
+        self.write(nl)
+
+    def _write_lines(self, lines):
+        # Generator._write_lines writes (and encodes) each line and each separator on its own;
+        # the same strings joined first are the same bytes, in one write.
+        if not lines:
+            return
+        parts = email.generator.NLCRE.split(lines)
+        if len(parts) > 1:
+            self.write(self._NL.join(parts[:-1]) + self._NL)
+        if parts[-1]:
+            self.write(parts[-1])
+
+
+def flatten(msg: email.message.Message, linesep: str | None = None) -> bytes:
+    """``msg.as_bytes()`` (no "From " mangling, the policy's line separator unless ``linesep``), faster.
+
+    The same bytes as ``email.generator.BytesGenerator(fp, mangle_from_=False).flatten(msg,
+    linesep=linesep)``, with compat32 header fields that need no folding written
+    directly (``_Compat32Generator``).
+    """
+    buf = io.BytesIO()
+    _Compat32Generator(buf, mangle_from_=False).flatten(msg, linesep=linesep)
+    return buf.getvalue()
+
+
 def _serialize(msg: email.message.Message) -> bytes:
     """The message as bytes with CRLF line endings; UTF-8 headers only when an address needs them."""
     utf8 = False
@@ -313,7 +390,7 @@ def _serialize(msg: email.message.Message) -> bytes:
         else:
             policy = msg.policy.clone(linesep="\r\n")
         buf = io.BytesIO()
-        email.generator.BytesGenerator(buf, mangle_from_=False, policy=policy).flatten(msg)
+        _Compat32Generator(buf, mangle_from_=False, policy=policy).flatten(msg)
         return buf.getvalue()
     except InvalidInput:
         raise
@@ -379,6 +456,26 @@ def _parse_header_block(raw: bytes) -> list[_Field]:
     lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
     if lines and lines[0].startswith(b"From "):   # mbox separator, not a header
         lines = lines[1:]
+    # Fast path: one field per line (no continuation), every line valid.  Anything else -- a
+    # continuation line, or a line to refuse with its number -- is parsed line by line below.
+    out = []
+    fullmatch = _FIELD.fullmatch
+    for line in lines:
+        m = fullmatch(line)                      # a continuation line never matches (no blank in a name)
+        if m is None or len(line) > MAX_LINE_LENGTH:
+            return _parse_header_lines(lines)
+        name, first = m.groups()
+        try:
+            value = first.decode("utf-8")
+        except UnicodeDecodeError:
+            return _parse_header_lines(lines)
+        name = name.decode("ascii")
+        out.append(_Field(name, line + b"\r\n", value.strip(" \t"), name.lower()))
+    return out
+
+
+def _parse_header_lines(lines: list[bytes]) -> list[_Field]:
+    """``_parse_header_block``'s general case: fields with continuation lines; the reason a line is refused."""
     fields: list[list] = []
     for n, line in enumerate(lines, 1):
         if len(line) > MAX_LINE_LENGTH:
@@ -401,7 +498,7 @@ def _parse_header_block(raw: bytes) -> list[_Field]:
             value = value_bytes.decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidMessage(f"header {name} contains 8-bit data that is not UTF-8") from None
-        out.append(_Field(name, b"".join(line + b"\r\n" for line in raw_lines), value.strip(" \t")))
+        out.append(_Field(name, b"".join(line + b"\r\n" for line in raw_lines), value.strip(" \t"), name.lower()))
     return out
 
 
@@ -418,22 +515,25 @@ def _header_addresses(fields: list[_Field], names: tuple[str, ...]) -> list[tupl
     return out
 
 
-def _envelope_sender(sender: str | None, fields: list[_Field]) -> str:
+def _envelope_sender(sender: str | None, fields: list[_Field]) -> tuple[str, Address | None]:
+    """The envelope sender's text ("" for the null sender) and its parsed ``Address`` (None for null)."""
     if sender is not None:
         a = parse_sender(sender)
-        return "" if a is None else str(a)
+        return ("", None) if a is None else (str(a), a)
     for name in ("sender", "from"):
         found = _header_addresses(fields, (name,))
         if found:
             header, text = found[0]
             try:
-                return str(parse_address(text))
+                a = parse_address(text)
+                return str(a), a
             except InvalidAddress as e:
                 raise InvalidAddress(f"sender from the {header} header: {e.reason}") from None
     raise InvalidMessage("no sender: the message has no From or Sender header; give the sender explicitly")
 
 
-def _envelope_recipients(recipients, fields, notify, dsn) -> list[Recipient]:
+def _envelope_recipients(recipients, fields, notify, dsn) -> tuple[list[Recipient], list[Address]]:
+    """The envelope recipients (deduplicated, in order) and their parsed addresses."""
     want_dsn = notify is not None or dsn is not None
     given: list[tuple[str | None, str | Recipient]]
     if recipients is not None:
@@ -443,6 +543,7 @@ def _envelope_recipients(recipients, fields, notify, dsn) -> list[Recipient]:
     else:
         given = _header_addresses(fields, _RECIPIENT_HEADERS)
     out: list[Recipient] = []
+    parsed: list[Address] = []
     seen = set()
     for header, r in given:
         text = r.address if isinstance(r, Recipient) else r
@@ -455,6 +556,7 @@ def _envelope_recipients(recipients, fields, notify, dsn) -> list[Recipient]:
         if key in seen:
             continue
         seen.add(key)
+        parsed.append(addr)
         if isinstance(r, Recipient):
             if r.orcpt is not None:
                 try:
@@ -469,7 +571,7 @@ def _envelope_recipients(recipients, fields, notify, dsn) -> list[Recipient]:
             out.append(Recipient(str(addr), notify=notify, orcpt=stripped if want_dsn else None))
     if not out:
         raise InvalidMessage("no recipients: the message has no To, Cc or Bcc address; give the recipients explicitly")
-    return out
+    return out, parsed
 
 
 def _make_msgid(sender: str, fields: list[_Field]) -> str:

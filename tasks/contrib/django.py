@@ -30,10 +30,17 @@ headers and mxq strips any Bcc field).
 from __future__ import annotations
 
 import email.utils
+import re
 
 from django.core.mail.backends.base import BaseEmailBackend
 
 from mxq.workers.errors import InvalidAddress, InvalidInput, InvalidMessage
+from mxq.workers.message import flatten
+
+try:                                 # Django <= 5.x: the messages are compat32 MIME objects
+    from django.core.mail.message import MIMEMixin as _DjangoMIME
+except ImportError:                  # pragma: no cover - a Django without it: as_bytes() as it is
+    _DjangoMIME = None
 
 from mxq import settings as registry
 
@@ -48,6 +55,12 @@ def mxq_config() -> dict[str, str]:
     return registry.current().env()
 
 
+# "a@b.example" or "Name <a@b.example>" with a plain dot-atom address and a plain name:
+# email.utils.getaddresses finds exactly that address in it (tests/test_django.py checks).
+_ATOMS = r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*"
+_PLAIN = re.compile(rf"[ \t]*(?:({_ATOMS}@{_ATOMS})|[A-Za-z0-9 ]*<({_ATOMS}@{_ATOMS})>)[ \t]*")
+
+
 def _addr_spec(value, what: str) -> str:
     """The one mailbox address in ``value`` (``"Name <a@b>"`` or ``"a@b"``); InvalidAddress otherwise.
 
@@ -57,6 +70,9 @@ def _addr_spec(value, what: str) -> str:
     """
     if not isinstance(value, str):
         raise InvalidAddress(f"{what} must be a string, not {type(value).__name__}")
+    m = _PLAIN.fullmatch(value)
+    if m is not None:                    # the common case, without getaddresses' parser
+        return m.group(1) or m.group(2)
     if "\r" in value or "\n" in value:
         raise InvalidAddress(f"{what} contains CR or LF: {value!r}")
     found = [a for _, a in email.utils.getaddresses([value]) if a]
@@ -65,6 +81,18 @@ def _addr_spec(value, what: str) -> str:
         raise InvalidAddress(f"{what} must be one address (\"a@b.example\" or \"Name <a@b.example>\"), "
                              f"not {value!r}")
     return found[0]
+
+
+def _as_bytes(msg) -> bytes:
+    """``msg.as_bytes()``: through ``mxq.workers.message.flatten`` when it is Django's own ``as_bytes``.
+
+    Django's (``MIMEMixin.as_bytes``) is ``BytesGenerator(fp, mangle_from_=False)``
+    flattened with ``linesep="\\n"``; ``flatten`` gives the same bytes without
+    refolding every header.  Any other ``as_bytes`` is called as it is.
+    """
+    if _DjangoMIME is not None and getattr(type(msg), "as_bytes", None) is _DjangoMIME.as_bytes:
+        return flatten(msg, linesep="\n")
+    return msg.as_bytes()
 
 
 def _relabel(e: InvalidInput, positions: list[int]) -> InvalidInput:
@@ -118,7 +146,7 @@ class EmailBackend(BaseEmailBackend):
 
         where = f"message {n}"
         try:
-            content = message.message().as_bytes()
+            content = _as_bytes(message.message())
         except (ValueError, TypeError, UnicodeError) as e:   # BadHeaderError is a ValueError
             raise InvalidMessage(f"{where}: {e}") from None
         sender = _addr_spec(message.from_email, f"{where}: from_email")
