@@ -14,18 +14,24 @@ import sys
 import time
 from pathlib import Path
 
-from . import report, sandbox, stages
+from . import exchanges, report, sandbox, stages
 from .sandbox import BenchError
 
+#: ``--stages`` keys -> the stage results they produce (name in the JSON, function), in order.
 STAGES = {
-    "limit": ("limit", stages.limit),
-    "django": ("django_celery_email", stages.django_celery_email),
-    "postfix": ("postfix", stages.postfix),
-    "mxq": ("mxq", stages.mxq),
-    "steady": ("mxq_steady", stages.mxq_steady),
-    "backlog": ("mxq_backlog", stages.mxq_backlog),
+    "limit": [("limit", stages.limit)],
+    "dce": [("django_celery_email", stages.django_celery_email)],
+    "postfix": [("postfix", stages.postfix)],
+    "mxq": [("mxq", stages.mxq)],
+    "django": [("mxq_django", stages.mxq_django)],
+    "steady": [("mxq_steady", stages.mxq_steady)],
+    "backlog": [("mxq_backlog", stages.mxq_backlog)],
+    "slow": [("slow_postfix", exchanges.slow_postfix), ("slow_mxq", exchanges.slow_mxq)],
+    "dead": [("dead_postfix_base", exchanges.dead_postfix_base), ("dead_postfix", exchanges.dead_postfix),
+             ("dead_mxq_base", exchanges.dead_mxq_base), ("dead_mxq", exchanges.dead_mxq)],
+    "inflight": [("inflight_mxq", exchanges.inflight_mxq)],
 }
-DEFAULT_STAGES = "limit,django,postfix,mxq,steady,backlog"
+DEFAULT_STAGES = "limit,dce,postfix,mxq,django,steady,backlog,slow,dead,inflight"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -33,13 +39,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="ops/bench",
         description="Benchmark mxq against django-celery-email, Postfix and smtp-source -> smtp-sink "
-                    "(the loopback limit), in a private network namespace.  Prints a table and writes JSON.")
+                    "(the loopback limit), and against slow and dead exchanges, in a private network "
+                    "namespace.  Prints a table and writes JSON.")
     p.add_argument("-n", "--messages", type=int, default=10000, help="messages per stage (default 10000)")
     p.add_argument("-m", "--domains", type=int, default=100, help="recipient domains, one smtp-sink each (default 100)")
     p.add_argument("-s", "--size", type=int, default=2048, help="message size in bytes (default 2048)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 200 messages, 5 domains, steady stage 100 messages, backlog stage 2000 "
-                        "(unless given explicitly)")
+                   help="smoke run: 200 messages, 5 domains, steady stage 100 messages, backlog stage 2000, "
+                        "slow 4 domains x 3, dead 4 x 5 healthy + 2 x 5 dead with a 2 s connect timeout, "
+                        "inflight 10 deliveries at 1 s (each unless given explicitly)")
     p.add_argument("--stages", default=DEFAULT_STAGES,
                    help=f"comma-separated subset of {DEFAULT_STAGES} (default: all)")
     p.add_argument("--steady-messages", type=int, default=1000,
@@ -50,10 +58,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="messages queued with no worker running in the backlog stage, then drained "
                         "(default 100000, --quick 2000)")
     p.add_argument("--no-backlog", action="store_true", help="skip the backlog stage")
+    p.add_argument("--slow-domains", type=int, default=50, help="slow stage: domains, one slow sink each (50)")
+    p.add_argument("--slow-messages", dest="slow_per_domain", type=int, default=20,
+                   help="slow stage: messages per domain (20)")
+    p.add_argument("--slow-delay", type=int, default=1,
+                   help="slow stage: seconds each sink waits before answering the final dot (1; whole seconds)")
+    p.add_argument("--dead-healthy-domains", type=int, default=50, help="dead stage: instant domains (50)")
+    p.add_argument("--dead-messages", dest="dead_per_domain", type=int, default=40,
+                   help="dead stage: messages per domain, healthy and dead (40)")
+    p.add_argument("--dead-domains", type=int, default=5, help="dead stage: domains whose exchanges drop SYNs (5)")
+    p.add_argument("--dead-connect-timeout", type=float, default=None,
+                   help="dead stage: mxq's MXQ_CONNECT_TIMEOUT and Postfix's smtp_connect_timeout in seconds "
+                        "(default: neither set, their defaults of 30 s; --quick 2)")
+    p.add_argument("--inflight", dest="inflight_n", type=int, default=1000,
+                   help="inflight stage: deliveries meant to be in flight at once (1000, --quick 10)")
+    p.add_argument("--inflight-domains", type=int, default=200,
+                   help="inflight stage: domains they go to (200, i.e. 5 each; --quick 10)")
+    p.add_argument("--inflight-delay", type=int, default=5,
+                   help="inflight stage: seconds the sink waits before answering each final dot (5, --quick 1)")
     p.add_argument("--rss-interval", type=float, default=None,
                    help="seconds between worker RSS samples while the backlog drains (default 0.5, --quick 0.1)")
     p.add_argument("--strict", action="store_true",
-                   help="exit 1 also when a target of issue 5 fails (by default targets are only reported)")
+                   help="exit 1 also when a target fails (by default targets are only reported)")
     p.add_argument("--json", dest="json_path", default=None,
                    help="where to write the JSON result (default var/bench/result.json)")
     p.add_argument("--timeout", type=float, default=None,
@@ -67,8 +93,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--limit-sessions", type=int, default=20, help="smtp-source -s for the limit stage (20)")
     p.add_argument("--batch", type=int, default=100, help="messages per submit_many call (mxq; default 100)")
     p.add_argument("--mxq-workers", type=int, default=1, help="mxq worker processes (default 1)")
-    p.add_argument("--mxq-concurrency", type=int, default=2,
-                   help="prefork children per mxq worker (default 2, as the django-celery-email baseline)")
+    p.add_argument("--mxq-concurrency", type=int, default=None,
+                   help="mxq worker -c N (default: no flag, the worker's default); a tuning flag: "
+                        "the targets are meant for mxq at its defaults")
+    p.add_argument("--mxq-pool", default=None,
+                   help="mxq worker -P POOL (default: no flag, the worker's default); a tuning flag")
     p.add_argument("--keep", action="store_true", help="keep the work directory (sink dumps, logs)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the table")
     args = p.parse_args(argv)
@@ -82,6 +111,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             args.steady_messages = 100
         if "--backlog" not in explicit:
             args.backlog_messages = 2000
+        quick = {"--slow-domains": ("slow_domains", 4), "--slow-messages": ("slow_per_domain", 3),
+                 "--dead-healthy-domains": ("dead_healthy_domains", 4), "--dead-messages": ("dead_per_domain", 5),
+                 "--dead-domains": ("dead_domains", 2), "--dead-connect-timeout": ("dead_connect_timeout", 2.0),
+                 "--inflight": ("inflight_n", 10), "--inflight-domains": ("inflight_domains", 10),
+                 "--inflight-delay": ("inflight_delay", 1)}
+        for flag, (attr, value) in quick.items():
+            if flag not in explicit:
+                setattr(args, attr, value)
     if args.settle is None:
         args.settle = 0.3 if args.quick else 1.0
     if args.rss_interval is None:
@@ -89,6 +126,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.timeout_explicit = args.timeout is not None
     if args.timeout is None:
         args.timeout = 60 + args.messages / 20
+    args.stages = ",".join({"django-celery-email": "dce"}.get(k, k) for k in args.stages.split(","))
     bad = set(args.stages.split(",")) - set(STAGES)
     if bad:
         p.error(f"unknown stages {sorted(bad)}")
@@ -100,6 +138,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("need --messages >= 1, --domains >= 1, --size >= 300")
     if args.steady_messages < 1 or args.steady_rate <= 0 or args.backlog_messages < 1 or args.rss_interval <= 0:
         p.error("need --steady-messages >= 1, --steady-rate > 0, --backlog >= 1, --rss-interval > 0")
+    if min(args.slow_domains, args.slow_per_domain, args.slow_delay, args.dead_healthy_domains,
+           args.dead_per_domain, args.dead_domains, args.inflight_n, args.inflight_domains, args.inflight_delay) < 1:
+        p.error("the slow, dead and inflight sizes and delays must be >= 1")
+    if max(args.domains, args.slow_domains, args.dead_healthy_domains, args.dead_domains,
+           args.inflight_domains) > 250 * 250:
+        p.error("at most 62500 domains per family")
+    if args.dead_connect_timeout is not None and args.dead_connect_timeout <= 0:
+        p.error("--dead-connect-timeout must be positive")
     return args
 
 
@@ -137,7 +183,7 @@ def environment() -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; exit status 0 only if every selected stage ran and was exactly-once.
 
-    With ``--strict``, also 1 when a target of issue 5 fails (``targets_ok`` false).
+    With ``--strict``, also 1 when a target fails (``targets_ok`` false).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -163,14 +209,20 @@ def main(argv: list[str] | None = None) -> int:
     dns = None
     env_before = environment()
     result: dict = {
-        "benchmark": "mxq issue 5",
+        "benchmark": "mxq issues 5 and 8",
         "params": {"messages": args.messages, "domains": args.domains, "size": args.size, "quick": args.quick,
                    "stages": args.stages.split(","), "settle": args.settle, "timeout": args.timeout,
                    "postfix_clients": args.postfix_clients, "postfix_dns": args.postfix_dns, "limit_sessions": args.limit_sessions,
                    "batch": args.batch, "mxq_workers": args.mxq_workers,
                    "mxq_concurrency": args.mxq_concurrency, "steady_messages": args.steady_messages,
                    "steady_rate": args.steady_rate, "backlog_messages": args.backlog_messages,
-                   "rss_interval": args.rss_interval, "dns_ttl": sandbox.DNS_TTL, "strict": args.strict},
+                   "rss_interval": args.rss_interval, "dns_ttl": sandbox.DNS_TTL, "strict": args.strict,
+                   "mxq_pool": args.mxq_pool, "slow_domains": args.slow_domains,
+                   "slow_per_domain": args.slow_per_domain, "slow_delay": args.slow_delay,
+                   "dead_healthy_domains": args.dead_healthy_domains, "dead_per_domain": args.dead_per_domain,
+                   "dead_domains": args.dead_domains, "dead_connect_timeout": args.dead_connect_timeout,
+                   "inflight_messages": args.inflight_n, "inflight_domains": args.inflight_domains,
+                   "inflight_delay": args.inflight_delay},
         "environment": env_before,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "stages": {},
@@ -183,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"ops/bench: N={args.messages} M={args.domains} S={args.size} in {workdir} "
             f"(load {env_before['loadavg'][0]:.2f})")
         resolv = sandbox.bind_resolv_conf(workdir)
-        dns = sandbox.start_dns(args.domains, workdir)
+        dns = sandbox.start_dns({"d": args.domains, "s": args.slow_domains, "h": args.dead_healthy_domains,
+                                 "x": args.dead_domains, "f": args.inflight_domains}, workdir)
         os.environ["MXQ_DNS_SERVERS"] = dns.address
         os.environ["MXQ_ALLOW_PRIVATE_DESTINATIONS"] = "1"     # the bench's exchanges are on loopback
         ctx = stages.Context(
@@ -193,15 +246,23 @@ def main(argv: list[str] | None = None) -> int:
             mxq_workers=args.mxq_workers, mxq_concurrency=args.mxq_concurrency, probe=min(1000, args.messages), postfix_dns=args.postfix_dns,
             resolv_conf=resolv, steady_n=args.steady_messages, steady_rate=args.steady_rate,
             backlog_n=args.backlog_messages, rss_interval=args.rss_interval,
-            timeout_explicit=args.timeout_explicit)
+            timeout_explicit=args.timeout_explicit, mxq_pool=args.mxq_pool,
+            slow_domains=args.slow_domains, slow_per_domain=args.slow_per_domain, slow_delay=args.slow_delay,
+            dead_healthy_domains=args.dead_healthy_domains, dead_per_domain=args.dead_per_domain,
+            dead_domains=args.dead_domains, dead_connect_timeout=args.dead_connect_timeout,
+            inflight_n=args.inflight_n, inflight_domains=args.inflight_domains,
+            inflight_delay=args.inflight_delay, inflight_interval=0.1 if args.quick else 0.25)
         for key in args.stages.split(","):
-            name, fn = STAGES[key]
-            res = stages.run(name, fn, ctx)
-            result["stages"][name] = res
-            if res["status"] == "ok":
-                lat = res.get("latency_ms") or {}
-                say(f"   {res['msgs_per_sec']} msg/s, {res['seconds']} s, exactly once: "
-                    f"{res['sinks']['exactly_once']}" + (f", p50 {lat['p50']} ms" if lat else ""))
+            for name, fn in STAGES[key]:
+                began = time.monotonic()
+                res = stages.run(name, fn, ctx)
+                res["wall_seconds"] = round(time.monotonic() - began, 1)
+                result["stages"][name] = res
+                if res["status"] == "ok":
+                    lat = res.get("latency_ms") or {}
+                    say(f"   {res['msgs_per_sec']} msg/s, {res['seconds']} s, exactly once: "
+                        f"{res['sinks']['exactly_once']}" + (f", p50 {lat['p50']} ms" if lat else "")
+                        + f" (stage {res['wall_seconds']} s with set-up)")
     except KeyboardInterrupt:
         result["error"] = "interrupted"
     except BenchError as e:

@@ -9,8 +9,12 @@ was handed to the system under test:
 * ``X-Bench-Submitted: <epoch seconds>``: the submission time, from which the
   sink monitor computes the latency to acceptance by the sink.
 
-Message ``i`` goes to ``u<i>@d<i mod M>.bench.test``.  Names are under the
-reserved ``.test`` top-level domain.
+Message ``i`` goes to ``u<i>@<f><i mod M>.bench.test``, where ``<f>`` is the
+spec's domain family: ``d`` for the loopback stages, ``s`` (slow exchanges),
+``h`` (healthy domains of the dead-exchange stage), ``x`` (dead exchanges) and
+``f`` (the in-flight stage); each family's exchanges have their own address
+range (``sandbox.FAMILIES``).  Names are under the reserved ``.test``
+top-level domain.
 """
 
 from __future__ import annotations
@@ -24,28 +28,32 @@ SUBMITTED_HEADER = "X-Bench-Submitted"
 _LINE = 76                      # body line length, before CRLF
 
 
-def domain(j: int) -> str:
-    """The name of benchmark domain ``j`` (0-based)."""
-    return f"d{j}.bench.test"
+def domain(j: int, family: str = "d") -> str:
+    """The name of benchmark domain ``j`` (0-based) of ``family``."""
+    return f"{family}{j}.bench.test"
 
 
-def exchange(j: int) -> str:
-    """The MX host name of benchmark domain ``j``."""
-    return f"mx.d{j}.bench.test"
+def exchange(j: int, family: str = "d") -> str:
+    """The MX host name of benchmark domain ``j`` of ``family``."""
+    return f"mx.{family}{j}.bench.test"
 
 
 @dataclass(frozen=True)
 class Spec:
-    """What to send: ``count`` messages of about ``size`` bytes over ``domains`` domains, ids ``<run>-<i>``."""
+    """What to send: ``count`` messages of about ``size`` bytes over ``domains`` domains of ``family``.
+
+    Ids are ``<run>-<i>``.
+    """
 
     run: str
     count: int
     domains: int
     size: int
+    family: str = "d"
 
     def recipient(self, i: int) -> str:
         """Recipient address of message ``i``."""
-        return f"u{i}@{domain(i % self.domains)}"
+        return f"u{i}@{domain(i % self.domains, self.family)}"
 
     def message_id(self, i: int) -> str:
         """``X-Bench-Id`` value of message ``i``."""

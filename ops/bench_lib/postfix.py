@@ -90,7 +90,8 @@ maximal_queue_lifetime = 1h
 class Postfix:
     """One Postfix instance (``postfix -c DIR start``); ``stop()`` removes its directories."""
 
-    def __init__(self, workdir: Path, queue_base: str | None = None):
+    def __init__(self, workdir: Path, queue_base: str | None = None, main_cf_extra: str = ""):
+        self.main_cf_extra = main_cf_extra
         self.config = workdir / "postfix-etc"
         self.logdir = workdir / "postfix-log"
         self.log = self.logdir / "maillog"
@@ -114,7 +115,7 @@ class Postfix:
         # postfix set-permissions / check read postfix-files from meta_directory (Debian: /etc/postfix).
         (self.config / "main.cf").write_text(MAIN_CF.format(
             config=self.config, queue=self.queue, data=self.data, listen=LISTEN,
-            log=self.log, logdir=self.logdir))
+            log=self.log, logdir=self.logdir) + self.main_cf_extra)
         (self.config / "master.cf").write_text(MASTER_CF.format(listen=LISTEN))
         shutil.chown(self.data, "postfix")
         try:

@@ -2,18 +2,20 @@
 
 The JSON result (``--json PATH``, default ``var/bench/result.json``)::
 
-    benchmark     "mxq issue 5"
+    benchmark     "mxq issues 5 and 8"
     params        messages, domains, size, quick, stages, settle, timeout, postfix_clients,
-                  postfix_dns, limit_sessions, batch, mxq_workers, mxq_concurrency,
-                  steady_messages, steady_rate, backlog_messages, rss_interval, dns_ttl, strict
+                  postfix_dns, limit_sessions, batch, mxq_workers, mxq_concurrency, mxq_pool,
+                  steady_messages, steady_rate, backlog_messages, rss_interval, dns_ttl, strict,
+                  slow_domains, slow_per_domain, slow_delay, dead_healthy_domains,
+                  dead_per_domain, dead_domains, dead_connect_timeout, inflight_messages,
+                  inflight_domains, inflight_delay
     environment   cpus, loadavg (before), loadavg_after, platform, python, postfix, redis,
                   celery, django, django_celery_email (versions)
     started       UTC time stamp
-    stages        {"limit" | "django_celery_email" | "postfix" | "mxq" | "mxq_steady" |
-                   "mxq_backlog": STAGE}
-    ratios        {"mxq/django_celery_email", "mxq/postfix", "mxq/limit"}: msg/s ratios, null
-                  unless both sides ran
-    targets       {name: TARGET} for every target of issue 5 (see TARGETS below)
+    stages        {name: STAGE} for the names in STAGE_ORDER that ran
+    ratios        {key: numerator msg/s / denominator msg/s} for RATIOS, null unless both
+                  stages ran and finished
+    targets       {name: TARGET} for every target of issues 5 and 8 (see TARGETS below)
     targets_ok    true if every judged target passes, false if one fails, null if none judged
     ok            true only if every selected stage ran and was exactly-once (targets are
                   reported, not part of it; --strict makes a failing target exit 1 too)
@@ -21,19 +23,24 @@ The JSON result (``--json PATH``, default ``var/bench/result.json``)::
 
     TARGET:
     value         the measured figure (null when its stage did not run or failed)
-    limit         the bound of issue 5 (null: none given, reported only)
-    op            "<" or "<=": pass = value OP limit
+    limit         the bound (null: none given, reported only)
+    op            "<", "<=" or ">=": pass = value OP limit
     pass          true / false, null when not judged (no value or no limit)
+    partial       true when the value comes from a stage that did not finish (it then fails)
     source        the stage(s) the value comes from; by_stage: the figure of each mxq stage
 
     STAGE:
     status             "ok" | "failed";  error: why it failed (null when ok)
+    partial            (failed stages) how far it got: {at_sinks, expected, seconds, msgs_per_sec}
+                       for a timeout, plus e.g. the inflight block measured until then
     messages           N
-    seconds            first submission -> the sinks hold all N messages
+    seconds            first submission -> the sinks hold all N messages (sinks that wait W s
+                       before answering the final dot: the last arrival + W, when it is accepted)
     msgs_per_sec       N / seconds
     submit_seconds     first submission -> the last submission call returned
-    latency_ms         {p50, p99, max, samples, resolution_ms}: X-Bench-Submitted -> seen at the
-                       sink (null for the limit stage: smtp-source's messages carry no stamp)
+    wall_seconds       the whole stage, set-up and clean-up included
+    latency_ms         {p50, p99, max, samples, resolution_ms}: X-Bench-Submitted -> accepted by
+                       the sink (null for the limit stage: smtp-source's messages carry no stamp)
     sinks              {records (dumped), smtp_sink_counter (smtp-sink -c), unique_ids, duplicates,
                         missing, unexpected, exactly_once, bytes_per_record, sinks}
     dns_queries        queries the sandbox DNS server answered during the stage
@@ -54,31 +61,59 @@ The JSON result (``--json PATH``, default ``var/bench/result.json``)::
                        worker ready), rule, warmup_fraction, limit,
                        processes: [{pid, cmd, samples, first_kb, first_after_warmup_kb, peak_kb,
                        last_kb, ratio, flat}], total: {same, summed}, max_ratio, flat}}
+    slow               (slow_postfix, slow_mxq) {domains, per_domain, delay_s,
+                       concurrency_per_domain, ideal_seconds, ideal_msgs_per_sec, of_ideal}
+    dead               (dead_mxq) {dead_domains, dead_messages, healthy_messages, connect_timeout,
+                       deferred_with_reason, lost, states: {state: recipients}, all_deferred,
+                       seconds_to_all_deferred, reasons: {text: count} (top 3), sweeps,
+                       queue: {domain: {ready, in_flight, deferred}} (mxq queue's view)}
+    inflight           (inflight_mxq) {deliveries, domains, delay_s, interval_s, samples,
+                       peak_in_flight, peak_connections, connections_at_peak, rss_kb_before,
+                       rss_kb_at_peak, rss_growth_kb, rss_kb_per_delivery, processes_before,
+                       processes_at_peak, seconds_to_peak}
 """
 
 from __future__ import annotations
 
-STAGE_ORDER = ("limit", "django_celery_email", "postfix", "mxq", "mxq_steady", "mxq_backlog")
+STAGE_ORDER = ("limit", "django_celery_email", "postfix", "mxq", "mxq_django", "mxq_steady", "mxq_backlog",
+               "slow_postfix", "slow_mxq", "dead_postfix_base", "dead_postfix", "dead_mxq_base", "dead_mxq",
+               "inflight_mxq")
 LABELS = {
     "limit": "smtp-source -> smtp-sink (limit)",
     "django_celery_email": "django-celery-email 3.0",
     "postfix": "Postfix end to end",
     "mxq": "mxq",
+    "mxq_django": "mxq via Django send_messages",
     "mxq_steady": "mxq steady rate",
     "mxq_backlog": "mxq backlog drain",
+    "slow_postfix": "slow: Postfix",
+    "slow_mxq": "slow: mxq",
+    "dead_postfix_base": "dead: Postfix, no dead domains",
+    "dead_postfix": "dead: Postfix, healthy mail",
+    "dead_mxq_base": "dead: mxq, no dead domains",
+    "dead_mxq": "dead: mxq, healthy mail",
+    "inflight_mxq": "inflight: mxq",
 }
-MXQ_STAGES = ("mxq", "mxq_steady", "mxq_backlog")
-RATIOS = (("mxq/django_celery_email", "django_celery_email"), ("mxq/postfix", "postfix"), ("mxq/limit", "limit"))
+MXQ_STAGES = ("mxq", "mxq_django", "mxq_steady", "mxq_backlog", "slow_mxq", "dead_mxq_base", "dead_mxq",
+              "inflight_mxq")
+#: (key, numerator stage, denominator stage): msg/s ratios, each measured in the same invocation.
+RATIOS = (("mxq/django_celery_email", "mxq", "django_celery_email"), ("mxq/postfix", "mxq", "postfix"),
+          ("mxq/limit", "mxq", "limit"), ("mxq_django/django_celery_email", "mxq_django", "django_celery_email"),
+          ("slow_mxq/slow_postfix", "slow_mxq", "slow_postfix"), ("dead_mxq/dead_mxq_base", "dead_mxq", "dead_mxq_base"),
+          ("dead_postfix/dead_postfix_base", "dead_postfix", "dead_postfix_base"))
+
+
+def _ratio(a, b) -> float | None:
+    return float(f"{a / b:.4g}") if a and b else None
 
 
 def ratios(stages: dict) -> dict:
-    """``{"mxq/django_celery_email": x, "mxq/postfix": y, "mxq/limit": z}`` (null where a side failed)."""
+    """``{key: numerator msg/s / denominator msg/s}`` for ``RATIOS`` (null unless both stages ran and completed)."""
     out = {}
-    mxq = stages.get("mxq") or {}
-    for key, other in RATIOS:
-        o = stages.get(other) or {}
-        a, b = mxq.get("msgs_per_sec"), o.get("msgs_per_sec")
-        out[key] = float(f"{a / b:.4g}") if (mxq.get("status") == "ok" and o.get("status") == "ok" and a and b) else None
+    for key, num, den in RATIOS:
+        a, b = stages.get(num) or {}, stages.get(den) or {}
+        out[key] = _ratio(a.get("msgs_per_sec"), b.get("msgs_per_sec")) \
+            if a.get("status") == "ok" and b.get("status") == "ok" else None
     return out
 
 
@@ -87,6 +122,13 @@ def _label(name: str, params: dict) -> str:
         return f"mxq steady {params['steady_messages']} @ {params['steady_rate']:g}/s"
     if name == "mxq_backlog" and params.get("backlog_messages"):
         return f"mxq backlog {params['backlog_messages']} drained"
+    if name.startswith("slow_") and params.get("slow_domains") and params.get("slow_delay"):
+        return (f"{LABELS[name]} ({params['slow_domains']}x{params['slow_per_domain']}, "
+                f"{params['slow_delay']} s at the dot)")
+    if name.startswith("dead_") and params.get("dead_domains") and not name.endswith("_base"):
+        return f"{LABELS[name]} ({params['dead_domains']} dead domains)"
+    if name == "inflight_mxq" and params.get("inflight_messages") and params.get("inflight_delay"):
+        return f"inflight: mxq ({params['inflight_messages']} at {params['inflight_delay']} s)"
     return LABELS[name]
 
 
@@ -102,13 +144,16 @@ def _get(d, *path):
     return d
 
 
-#: The targets of issue 5: (name, label, op, limit, source stage(s), what the value is).
+#: The targets of issues 5 and 8: (name, label, op, limit, source stage(s), what the value is).
+#: A limit of ``"params:KEY"`` is the run's own parameter (the in-flight count asked for).
 TARGETS = (
-    ("mxq/django_celery_email", "throughput mxq / django-celery-email", None, None, "mxq, django_celery_email",
+    ("mxq/django_celery_email", "throughput mxq / django-celery-email", ">=", 1.3, "mxq, django_celery_email",
      "msg/s ratio (ratios)"),
     ("mxq/postfix", "throughput mxq / Postfix", None, None, "mxq, postfix", "msg/s ratio (ratios)"),
     ("mxq/limit", "throughput mxq / loopback limit", None, None, "mxq, limit", "msg/s ratio (ratios)"),
-    ("dns_queries_per_name_type", "DNS queries per name+type (max)", "<=", 1, "mxq, mxq_steady, mxq_backlog",
+    ("mxq_django/django_celery_email", "Django send_messages: mxq / django-celery-email", ">=", 1.3,
+     "mxq_django, django_celery_email", "msg/s ratio: the same Django EmailMessage objects through each backend"),
+    ("dns_queries_per_name_type", "DNS queries per name+type (max)", "<=", 1, ", ".join(MXQ_STAGES),
      "the most any one (name, type) was asked in any mxq stage (record TTL longer than the stage)"),
     ("redis_commands_per_message", "Redis commands per message", "<=", 10, "mxq",
      "all Redis commands (producer, workers, beat) / delivered messages, throughput stage"),
@@ -118,24 +163,63 @@ TARGETS = (
      "used_memory growth over the bytes of the queued messages"),
     ("worker_rss_flat", "worker RSS flat while draining (max last/first)", "<=", 1.2, "mxq_backlog",
      "largest last / first-after-warm-up RSS ratio of any worker process (backlog.rss.rule)"),
+    ("slow_mxq/slow_postfix", "slow exchanges: mxq / Postfix", ">=", 2.0, "slow_mxq, slow_postfix",
+     "msg/s ratio, mxq at its defaults; a stage that did not finish counts its partial rate and fails"),
+    ("slow_mxq/ideal", "slow exchanges: mxq / ideal", None, None, "slow_mxq",
+     "msg/s over what the destinations allow (slow.ideal_msgs_per_sec)"),
+    ("dead_mxq/dead_mxq_base", "dead exchanges: mxq healthy msg/s, with / without", ">=", 0.9,
+     "dead_mxq, dead_mxq_base", "healthy-domain msg/s with the dead domains' mail first over without it"),
+    ("dead_deferred_with_reason", "dead exchanges: recipients deferred with reason", ">=", 1.0, "dead_mxq",
+     "fraction of the dead domains' recipients in state deferred with a reason (mxq.tasks.status), none lost"),
+    ("dead_postfix/dead_postfix_base", "dead exchanges: Postfix, with / without", None, None,
+     "dead_postfix, dead_postfix_base", "Postfix's healthy-mail msg/s ratio (reference)"),
+    ("inflight_peak", "deliveries in flight (peak)", ">=", "params:inflight_messages", "inflight_mxq",
+     "most messages held by the sink awaiting its delayed final-dot reply at one sample"),
+    ("inflight_rss_kb_per_delivery", "worker RSS per delivery in flight (kB)", "<=", 200, "inflight_mxq",
+     "RSS of every worker process at the peak minus before submission, over the deliveries in flight then"),
 )
 
 
 def _cmp(value, op, limit) -> bool | None:
     if value is None or limit is None or op is None:
         return None
-    return value < limit if op == "<" else value <= limit
+    return {"<": value < limit, "<=": value <= limit, ">=": value >= limit}[op]
+
+
+def _rate(st: dict | None) -> tuple[float | None, bool]:
+    """A stage's msg/s, and whether it is only the partial rate of a stage that did not finish."""
+    if not st:
+        return None, False
+    if st.get("status") == "ok":
+        return st.get("msgs_per_sec"), False
+    return _get(st, "partial", "msgs_per_sec"), True
 
 
 def targets(result: dict) -> dict:
-    """``{name: {value, limit, op, pass, source, by_stage}}`` for every target of issue 5 (see TARGETS)."""
+    """``{name: {value, limit, op, pass, source, what, by_stage, partial}}`` for every target (see TARGETS).
+
+    A ratio whose numerator stage did not finish takes that stage's partial
+    rate (``partial`` true) and fails whatever its value; an unjudged target
+    (its stage not run, or no limit) has ``pass`` null.
+    """
     stages = result.get("stages") or {}
+    params = result.get("params") or {}
     ratios_ = result.get("ratios") or {}
+    num_den = {key: (num, den) for key, num, den in RATIOS}
     out = {}
     for name, _, op, limit, source, what in TARGETS:
         by_stage = None
-        if "/" in name:                        # the throughput ratios
+        partial = False
+        if isinstance(limit, str) and limit.startswith("params:"):
+            limit = params.get(limit.split(":", 1)[1])
+        if name in num_den:                    # the throughput ratios
             value = ratios_.get(name)
+            num, den = num_den[name]
+            if value is None and _ok(stages.get(den)):
+                rate, partial = _rate(stages.get(num))
+                value = _ratio(rate, stages[den].get("msgs_per_sec")) if partial else None
+        elif name == "slow_mxq/ideal":
+            value = _get(_ok(stages.get("slow_mxq")), "slow", "of_ideal")
         elif name == "dns_queries_per_name_type":
             by_stage = {s: _get(_ok(stages.get(s)), "dns", "max_per_name_type") for s in MXQ_STAGES if s in stages}
             vals = [v for v in by_stage.values() if v is not None]
@@ -150,13 +234,26 @@ def targets(result: dict) -> dict:
             value = _get(_ok(stages.get("mxq_backlog")), "backlog", "redis_memory_per_content_byte")
         elif name == "worker_rss_flat":
             value = _get(_ok(stages.get("mxq_backlog")), "backlog", "rss", "max_ratio")
+        elif name == "dead_deferred_with_reason":
+            dead = _get(_ok(stages.get("dead_mxq")), "dead")
+            value = round(dead["deferred_with_reason"] / dead["dead_messages"], 4) \
+                if dead and dead.get("dead_messages") else None
+        elif name in ("inflight_peak", "inflight_rss_kb_per_delivery"):
+            st = stages.get("inflight_mxq") or {}
+            block = st.get("inflight") or _get(st, "partial", "inflight")
+            partial = bool(block) and st.get("status") != "ok"
+            value = _get(block, "peak_in_flight" if name == "inflight_peak" else "rss_kb_per_delivery")
         else:                                   # pragma: no cover - TARGETS and this list go together
             value = None
         verdict = _cmp(value, op, limit)
         if name == "worker_rss_flat" and value is not None:
             verdict = _get(stages, "mxq_backlog", "backlog", "rss", "flat")
+        if name == "dead_deferred_with_reason" and value is not None:
+            verdict = bool(verdict) and _get(stages, "dead_mxq", "dead", "lost") == 0
+        if partial and verdict is not None:
+            verdict = False
         out[name] = {"value": value, "limit": limit, "op": op, "pass": verdict, "source": source,
-                     "what": what, "by_stage": by_stage}
+                     "what": what, "by_stage": by_stage, "partial": partial}
     return out
 
 
@@ -191,8 +288,15 @@ def table(result: dict) -> str:
         mem = redis.get("memory_per_queued_message")
         if mem is None and backlog.get("redis_bytes_per_message") is not None:
             mem = backlog["redis_bytes_per_message"]
+        part = st.get("partial") or {}
+        rate = _fmt(st.get("msgs_per_sec"), ".0f")
+        secs = _fmt(st.get("seconds"), ".2f")
+        if st["status"] != "ok" and part.get("msgs_per_sec") is not None:
+            # How far a stage that broke off got: "(rate)" and "(seconds, at_sinks/expected)".
+            rate = f"({part['msgs_per_sec']:.{0 if part['msgs_per_sec'] >= 10 else 1}f})"
+            secs = f"({part['seconds']:.0f}: {part['at_sinks']}/{part['expected']})"
         rows.append((
-            _label(name, params), st["status"], _fmt(st.get("msgs_per_sec"), ".0f"), _fmt(st.get("seconds"), ".2f"),
+            _label(name, params), st["status"], rate, secs,
             _fmt(lat.get("p50"), ".0f"), _fmt(lat.get("p99"), ".0f"),
             ("yes" if sinks.get("exactly_once") else "NO") if sinks else "-",
             _fmt(st.get("dns_queries")), _fmt((st.get("dns") or {}).get("max_per_name_type")),
@@ -213,15 +317,17 @@ def table(result: dict) -> str:
         lines.append(f"load average (1 min) before {env['loadavg'][0]:.2f}, after {_fmt(after[0], '.2f')} "
                      f"on {env.get('cpus')} CPUs: other work on the machine skews the figures")
     for key, val in result["ratios"].items():
-        lines.append(f"{key:<26} {_fmt(val, '.2f')}")
+        lines.append(f"{key:<31} {_fmt(val, '.2f')}")
     tg = result.get("targets")
     if tg:
         lines.append("")
         labels = {name: label for name, label, *_ in TARGETS}
-        trows = [("target (issue 5)", "value", "limit", "verdict")]
+        trows = [("target (issues 5, 8)", "value", "limit", "verdict")]
         for name, t in tg.items():
             v = t["value"]
             val = "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
+            if t.get("partial") and v is not None:
+                val += " (did not finish)"
             lim = "-" if t["limit"] is None else f"{t['op']} {t['limit']:g}"
             verdict = {True: "PASS", False: "FAIL", None: "-" if v is None else "(reported)"}[t["pass"]]
             trows.append((labels.get(name, name), val, lim, verdict))
@@ -245,8 +351,37 @@ def table(result: dict) -> str:
                          f"peak/last {_fmt(rss['first_kb'])}/{_fmt(rss['first_after_warmup_kb'])}/"
                          f"{_fmt(rss['peak_kb'])}/{_fmt(rss['last_kb'])} kB")
             lines.append(f"  RSS rule: {bl['rss']['rule']}")
+        lines += _exchange_lines(result)
     for name in STAGE_ORDER:
         st = result["stages"].get(name)
         if st and st["status"] != "ok":
             lines.append(f"{name} FAILED: {str(st['error']).splitlines()[0] if st['error'] else '?'}")
     return "\n".join(lines)
+
+
+def _exchange_lines(result: dict) -> list[str]:
+    """Summary lines of the slow, dead and inflight stages (issue 8)."""
+    stages = result["stages"]
+    lines = []
+    slow = {name: (stages.get(name) or {}).get("slow") for name in ("slow_postfix", "slow_mxq")}
+    sl = slow["slow_mxq"] or slow["slow_postfix"]
+    if sl:
+        lines.append(f"slow stage: ideal {sl['ideal_msgs_per_sec']:g} msg/s ({sl['concurrency_per_domain']} connections "
+                     f"x {sl['domains']} domains, {sl['per_domain']} messages each: {sl['ideal_seconds']:g} s); "
+                     + ", ".join(f"{LABELS[k].split(': ')[1]} {_fmt(v['of_ideal'])} of it"
+                                 for k, v in slow.items() if v))
+    dead = _get(stages, "dead_mxq", "dead")
+    if dead:
+        lines.append(f"dead stage (mxq): {dead['deferred_with_reason']}/{dead['dead_messages']} dead-domain recipients "
+                     f"deferred with a reason, {dead['lost']} lost, states {dead['states']}"
+                     + (f", all deferred {dead['seconds_to_all_deferred']} s after the first submission"
+                        if dead.get("all_deferred") else "")
+                     + (f"; e.g. {next(iter(dead['reasons']))!r}" if dead.get("reasons") else ""))
+    st = stages.get("inflight_mxq") or {}
+    fl = st.get("inflight") or _get(st, "partial", "inflight")
+    if fl:
+        lines.append(f"inflight stage: peak {fl['peak_in_flight']} of {fl['deliveries']} deliveries in flight "
+                     f"({fl['connections_at_peak']} connections open at the sink then, {fl['peak_connections']} at most), "
+                     f"worker RSS {_fmt(fl['rss_kb_before'])} kB before -> {_fmt(fl['rss_kb_at_peak'])} kB at the peak "
+                     f"({fl['processes_at_peak']} processes): {_fmt(fl['rss_kb_per_delivery'])} kB per delivery in flight")
+    return lines

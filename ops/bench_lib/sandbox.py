@@ -55,7 +55,25 @@ LIMIT_SINK = "127.0.0.40"     # the single sink of the limit and django-celery-e
 
 
 class BenchError(RuntimeError):
-    """A stage could not be run or did not finish; the message says why."""
+    """A stage could not be run or did not finish; the message says why.
+
+    ``partial``: what was measured before it broke off (``stages.run`` keeps
+    it in the stage's ``partial`` field), or None.
+    """
+
+    def __init__(self, message: str, partial: dict | None = None):
+        super().__init__(message)
+        self.partial = partial
+
+
+class StageTimeout(BenchError):
+    """The sinks did not get every message in time; ``progress`` of ``expected`` got there."""
+
+    def __init__(self, message: str, progress: int, expected: int, seconds: float):
+        super().__init__(message)
+        self.progress = progress
+        self.expected = expected
+        self.seconds = seconds
 
 
 # --------------------------------------------------------------------------- namespace
@@ -356,11 +374,22 @@ def rss_verdict(samples: dict[int, dict], t_start: float, t_end: float,
 # --------------------------------------------------------------------------- DNS
 
 
-def domain_address(j: int) -> str:
-    """The loopback address of benchmark domain ``j``'s exchange (127.1.x.y, 250 per /24)."""
+#: Domain families (``messages.Spec.family``) and the second octet of their exchanges' addresses:
+#: ``d`` the loopback stages' M domains, ``s`` the slow exchanges, ``h`` the healthy domains of the
+#: dead-exchange stage, ``x`` its dead exchanges (SYNs dropped, nothing listens), ``f`` the in-flight stage.
+FAMILIES = {"d": 1, "s": 2, "h": 3, "x": 4, "f": 5}
+
+
+def domain_address(j: int, family: str = "d") -> str:
+    """The loopback address of domain ``j``'s exchange in ``family`` (127.<family>.x.y, 250 per /24)."""
     if j >= 250 * 250:
         raise ValueError("too many domains")
-    return f"127.1.{j // 250}.{j % 250 + 1}"
+    return f"127.{FAMILIES[family]}.{j // 250}.{j % 250 + 1}"
+
+
+def family_network(family: str) -> str:
+    """The /16 holding every exchange address of ``family`` (for an nftables rule)."""
+    return f"127.{FAMILIES[family]}.0.0/16"
 
 
 #: TTL of every sandbox record (and the negative TTL): longer than any stage, so that the DNS
@@ -369,12 +398,17 @@ def domain_address(j: int) -> str:
 DNS_TTL = 3600
 
 
-def zones(m: int, ttl: int = DNS_TTL) -> dict:
-    """The sandbox zone: each ``d<j>.bench.test`` has one MX, ``mx.d<j>.bench.test`` -> its sink."""
+def zones(m: int | dict[str, int], ttl: int = DNS_TTL) -> dict:
+    """The sandbox zone: each domain has one MX, ``mx.<domain>`` -> its own exchange address.
+
+    ``m``: the number of ``d`` domains, or ``{family: count}`` for several families.
+    """
+    counts = {"d": m} if isinstance(m, int) else dict(m)
     records: dict[str, dict] = {}
-    for j in range(m):
-        records[messages.domain(j)] = {"MX": [[10, messages.exchange(j)]]}
-        records[messages.exchange(j)] = {"A": [domain_address(j)]}
+    for family, count in counts.items():
+        for j in range(count):
+            records[messages.domain(j, family)] = {"MX": [[10, messages.exchange(j, family)]]}
+            records[messages.exchange(j, family)] = {"A": [domain_address(j, family)]}
     return {"ttl": ttl, "records": records}
 
 
@@ -390,7 +424,7 @@ def dns_breakdown(stats: dict, top: int = 10) -> dict:
     return {"max_per_name_type": max(q.values(), default=0), "name_types": len(q), "repeated": dict(rep)}
 
 
-def start_dns(m: int, workdir: Path):
+def start_dns(m: int | dict[str, int], workdir: Path):
     """The sandbox DNS server process (mxq.sandbox.dns) on 127.0.0.53:53 serving ``zones(m)``."""
     try:
         from mxq.sandbox.dns import start_dns_server
@@ -473,11 +507,21 @@ class Sink:
 
 @dataclass
 class SinkFarm:
-    """smtp-sink processes on the given loopback addresses, port 25."""
+    """smtp-sink processes on the given loopback addresses, port 25.
+
+    ``flags``: extra smtp-sink options for every sink, e.g. ``("-p", "-W", ".:1")``
+    (no PIPELINING, the final dot answered after 1 s: a slow exchange).
+    ``max_connections``: smtp-sink ``-m`` and the listen backlog.  An address
+    of ``0.0.0.0`` listens on every local address (one sink for many
+    exchanges); ``probe`` is then the address its readiness is checked on.
+    """
 
     addresses: list[str]
     workdir: Path
     sinks: list[Sink] = field(default_factory=list)
+    flags: tuple[str, ...] = ()
+    max_connections: int = 1024
+    probe: str | None = None
 
     def start(self, timeout: float = 10.0) -> "SinkFarm":
         """Start one smtp-sink per address and wait until each greets."""
@@ -496,12 +540,14 @@ class SinkFarm:
             os.chmod(sdir, 0o777)
             sink = Sink(addr, sdir / "dump", sdir / "counters")
             # -c counters on stdout; -D one dump file, each record preceded by the separator line;
-            # backlog 1024 and -m 1024 connections: clients never wait on the sink.
-            sink.proc = spawn([exe, "-u", SINK_USER, "-c", "-m", "1024", "-D", str(sink.dump),
-                               "-S", f"\\n{SEPARATOR}\\n", f"{addr}:25", "1024"], log=sink.counters)
+            # backlog and -m max_connections (1024 by default): clients never wait on the sink.
+            conns = str(self.max_connections)
+            sink.proc = spawn([exe, "-u", SINK_USER, "-c", "-m", conns, "-D", str(sink.dump),
+                               "-S", f"\\n{SEPARATOR}\\n", *self.flags, f"{addr}:25", conns], log=sink.counters)
             self.sinks.append(sink)
         for sink in self.sinks:
-            wait_port(sink.address, 25, timeout, sink.proc, banner=b"220")
+            probe = self.probe if sink.address == "0.0.0.0" and self.probe else sink.address
+            wait_port(probe, 25, timeout, sink.proc, banner=b"220")
         return self
 
     def stop(self) -> None:
@@ -660,6 +706,7 @@ def _monitor_main(conn, paths: list[str], counters: list[str], expected: int, id
                     "duplicates": sum(tally.duplicates.values()),
                     "duplicate_ids": sorted(tally.duplicates)[:20],
                     "ids": sorted(tally.first_seen),
+                    "arrivals": sorted(tally.first_seen.values()),
                     "latencies": lat,
                     "complete_at": complete_at,
                     "last_seen": max(tally.first_seen.values(), default=None),
@@ -722,9 +769,10 @@ class Monitor:
         while self.complete_at is None:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise BenchError(f"timed out after {timeout:.0f}s with {self.progress} of "
-                                 f"{self.expected} messages at the sinks (about "
-                                 f"{self.progress / timeout:.1f} msg/s; raise --timeout to finish the run)")
+                raise StageTimeout(f"timed out after {timeout:.0f}s with {self.progress} of "
+                                   f"{self.expected} messages at the sinks (about "
+                                   f"{self.progress / timeout:.1f} msg/s; raise --timeout to finish the run)",
+                                   self.progress, self.expected, timeout)
             if alive is not None:
                 alive()
             if not self.conn.poll(min(1.0, left)):
@@ -757,6 +805,54 @@ class Monitor:
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(5)
+
+
+# --------------------------------------------------------------------------- faults and sockets
+
+
+NFT_TABLE = "mxq_bench"
+
+
+def drop_syns(network: str) -> None:
+    """Drop every TCP SYN to ``network`` port 25 (nftables, this network namespace only): dead exchanges.
+
+    A connect() there is never answered (no RST, no ICMP): the client waits
+    for its own connect timeout, as with an exchange whose firewall drops
+    traffic.  ``allow_syns()`` removes the rule.
+    """
+    if not in_namespace():
+        raise BenchError("refusing to add nftables rules outside the benchmark's network namespace")
+    if shutil.which("nft") is None:
+        raise BenchError("nft not found (apt-get install nftables; ops/install-deps does it)")
+    script = (f"add table inet {NFT_TABLE}\n"
+              f"add chain inet {NFT_TABLE} out {{ type filter hook output priority 0 ; }}\n"
+              f"add rule inet {NFT_TABLE} out ip daddr {network} tcp dport 25 tcp flags syn drop\n")
+    out = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise BenchError(f"nft failed: {out.stderr.strip()}")
+
+
+def allow_syns() -> None:
+    """Remove the benchmark's nftables table (if there is one)."""
+    if in_namespace() and shutil.which("nft"):
+        subprocess.run(["nft", "delete", "table", "inet", NFT_TABLE], capture_output=True)
+
+
+def established(port: int = 25) -> int:
+    """TCP connections ESTABLISHED on local ``port`` (server side) in this network namespace, IPv4 and IPv6."""
+    hexport = f":{port:04X}"
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split(None, 4)
+                    if len(parts) > 3 and parts[1].endswith(hexport) and parts[3] == "01":
+                        n += 1
+        except OSError:
+            continue
+    return n
 
 
 # --------------------------------------------------------------------------- misc

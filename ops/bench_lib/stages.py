@@ -29,7 +29,7 @@ from typing import Callable
 from . import messages, sandbox
 from .messages import Spec
 from .postfix import LISTEN as POSTFIX_LISTEN, Postfix
-from .sandbox import BenchError, Monitor, SinkFarm
+from .sandbox import BenchError, Monitor, SinkFarm, StageTimeout
 
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ROOT / "ops"
@@ -38,8 +38,10 @@ OPS = ROOT / "ops"
 RESULT_FIELDS = (
     "status", "error", "messages", "seconds", "msgs_per_sec", "submit_seconds",
     "latency_ms", "sinks", "dns_queries", "redis", "workers", "harness_cpu_seconds", "notes",
-    "dns", "steady", "backlog",
+    "dns", "steady", "backlog", "partial", "slow", "dead", "inflight", "wall_seconds",
 )
+#: ``partial`` of a stage that broke off (its other fields null): how far it got.
+PARTIAL_FIELDS = ("at_sinks", "expected", "seconds", "msgs_per_sec")
 DNS_FIELDS = ("max_per_name_type", "name_types", "repeated")
 STEADY_FIELDS = ("rate_target", "rate_achieved", "late_submissions", "max_lag_ms", "submit_call_ms",
                  "monitor_interval_ms")
@@ -69,7 +71,8 @@ class Context:
     limit_sessions: int = 20
     batch: int = 100
     mxq_workers: int = 1
-    mxq_concurrency: int = 2          # prefork children per worker (0: Celery's default, the CPU count)
+    mxq_concurrency: int | None = None  # `mxq worker -c` (None: no flag, the worker's default)
+    mxq_pool: str | None = None         # `mxq worker -P` (None: no flag, the worker's default)
     probe: int = 1000                 # messages queued (no worker running) to measure Redis memory
     postfix_dns: str = "direct"       # direct: Postfix asks the sandbox DNS; dnsmasq: through a caching dnsmasq
     resolv_conf: Path | None = None   # the bind-mounted /etc/resolv.conf (rewritten in place)
@@ -78,10 +81,32 @@ class Context:
     backlog_n: int = 100000           # messages queued with no worker running in the backlog stage
     rss_interval: float = 0.5         # seconds between worker RSS samples while the backlog drains
     timeout_explicit: bool = False    # --timeout given: it applies to every stage as it is
+    slow_domains: int = 50            # slow stage: domains, each with its own slow sink
+    slow_per_domain: int = 20         # ... messages per domain
+    slow_delay: int = 1               # ... seconds each sink waits before answering the final dot
+    slow_concurrency: int = 20        # the per-destination connection limit the ideal assumes (MXQ_SHAPING 20c)
+    dead_healthy_domains: int = 50    # dead stage: instant (healthy) domains
+    dead_per_domain: int = 40         # ... messages per domain, healthy and dead alike
+    dead_domains: int = 5             # ... domains whose exchange drops every SYN
+    dead_connect_timeout: float | None = None   # None: mxq's and Postfix's default (30 s)
+    inflight_n: int = 1000            # inflight stage: deliveries, all meant to be in flight at once
+    inflight_domains: int = 200       # ... over this many domains (5 each: Postfix's initial concurrency)
+    inflight_delay: int = 5           # ... seconds the sink waits before answering each final dot
+    inflight_interval: float = 0.25   # ... seconds between RSS / connection samples
 
-    def spec(self, stage: str, count: int | None = None) -> Spec:
-        """The messages of ``stage`` (ids unique per run and stage); ``count`` defaults to ``n``."""
-        return Spec(f"{self.run}-{stage}", self.n if count is None else count, self.m, self.size)
+    def spec(self, stage: str, count: int | None = None, domains: int | None = None, family: str = "d") -> Spec:
+        """The messages of ``stage`` (ids unique per run and stage); ``count`` defaults to ``n``, ``domains`` to ``m``."""
+        return Spec(f"{self.run}-{stage}", self.n if count is None else count, self.m if domains is None else domains,
+                    self.size, family)
+
+    def worker_flags(self) -> list[str]:
+        """The tuning flags given to every ``mxq worker`` (none by default: the worker's defaults)."""
+        out = []
+        if self.mxq_pool:
+            out += ["-P", self.mxq_pool]
+        if self.mxq_concurrency:
+            out += ["-c", str(self.mxq_concurrency)]
+        return out
 
     def timeout_for(self, count: int) -> float:
         """Seconds a stage of ``count`` messages may take: --timeout if given, else 60 + count/20."""
@@ -108,7 +133,7 @@ def run(name: str, fn: Callable[[Context], dict], ctx: Context) -> dict:
         return res
     except BenchError as e:
         res = empty_result()
-        res.update(status="failed", error=str(e))
+        res.update(status="failed", error=str(e), partial=_partial(e))
     except Exception as e:                         # a harness bug must not hide the other stages
         res = empty_result()
         res.update(status="failed", error=f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
@@ -121,6 +146,15 @@ def run(name: str, fn: Callable[[Context], dict], ctx: Context) -> dict:
     return res
 
 
+def _partial(e: BenchError) -> dict | None:
+    """What a stage that broke off had measured: the sink count at its timeout, and whatever it attached."""
+    out = dict(e.partial or {})
+    if isinstance(e, StageTimeout):
+        out.update(at_sinks=e.progress, expected=e.expected, seconds=round(e.seconds, 3),
+                   msgs_per_sec=round(e.progress / e.seconds, 1) if e.seconds > 0 else None)
+    return out or None
+
+
 # --------------------------------------------------------------------------- common measurement
 
 
@@ -129,12 +163,17 @@ class Measure:
 
     def __init__(self, ctx: Context, stage: str, addresses: list[str], id_header: str = messages.ID_HEADER,
                  submitted_header: str | None = messages.SUBMITTED_HEADER, *, count: int | None = None,
-                 interval: float | None = None, timeout: float | None = None):
+                 interval: float | None = None, timeout: float | None = None, sink_flags: tuple = (),
+                 max_connections: int = 1024, probe: str | None = None, reply_delay: float = 0.0):
         self.ctx = ctx
+        # Sinks that wait before answering the final dot (smtp-sink -W .:N) dump and count a message
+        # when its dot arrives, and answer it reply_delay s later: that is when it is accepted.
+        self.reply_delay = reply_delay
         self.stage = stage
         self.n = ctx.n if count is None else count            # messages that complete the stage
         self.timeout = ctx.timeout if timeout is None else timeout
-        self.farm = SinkFarm(addresses, ctx.stage_dir(stage) / "sinks").start()
+        self.farm = SinkFarm(addresses, ctx.stage_dir(stage) / "sinks", flags=tuple(sink_flags),
+                             max_connections=max_connections, probe=probe).start()
         # Without a submission time there is no latency to take: poll smtp-sink's counters only.
         # Poll interval: 10 ms for a few sinks, 20 ms for many (each poll reads every dump file);
         # the latency resolution, so a stage judged on latency may ask for finer.
@@ -177,6 +216,14 @@ class Measure:
                 last[0] = time.monotonic()
 
         self.t_done = self.monitor.wait_complete(self.timeout, alive=alive, on_progress=progress)
+        if self.reply_delay:
+            # The last message is accepted when the sink answers its dot: wait for that too, so
+            # that the sender sees every reply before the sinks are stopped.
+            self.t_done += self.reply_delay
+            while time.time() < self.t_done + 0.05:
+                if alive is not None:
+                    alive()
+                time.sleep(min(0.1, max(0.0, self.t_done + 0.05 - time.time())))
         cpu1 = self._cpu()
         self.cpu = {k: round(cpu1[k] - self.cpu0[k], 2) for k in cpu1}
         return self.t_done - self.t0
@@ -188,6 +235,7 @@ class Measure:
         dns_queries = dns_stats["total"]
         self.farm.stop()
         tally = self.monitor.finish()
+        self.tally = tally
         counter = self.farm.counter_total()
         seen = set(tally["ids"])
         if expected_ids is not None:
@@ -200,12 +248,12 @@ class Measure:
         exactly_once = (tally["records"] == n and counter == n and len(seen) == n
                         and tally["duplicates"] == 0 and missing == 0 and unexpected == 0)
         seconds = self.t_done - self.t0
-        lat = tally["latencies"]
+        lat = [x + self.reply_delay for x in tally["latencies"]]
         res = empty_result()
         res.update(
             messages=n,
             seconds=round(seconds, 3),
-            msgs_per_sec=round(n / seconds, 1) if seconds > 0 else None,
+            msgs_per_sec=(round(n / seconds, 1 if n / seconds >= 100 else 3)) if seconds > 0 else None,
             submit_seconds=round(self.t_submitted - self.t0, 3) if self.t_submitted else None,
             latency_ms=({
                 "p50": round(sandbox.percentile(lat, 0.50) * 1000, 1),
@@ -230,6 +278,9 @@ class Measure:
             harness_cpu_seconds=self.cpu,
             notes=[],
         )
+        if self.reply_delay:
+            res["notes"].append(f"the sinks answer each final dot {self.reply_delay:g} s after it arrives: a message "
+                                f"counts as accepted then (arrival at the sink + {self.reply_delay:g} s)")
         if not exactly_once:
             res["notes"].append(f"NOT exactly once: {res['sinks']}; duplicate ids e.g. {tally['duplicate_ids'][:5]}")
         return res
@@ -326,25 +377,46 @@ def postfix(ctx: Context) -> dict:
     SMTP connections (each reused for its share of the messages); Postfix
     routes each by an MX lookup against the sandbox DNS server.
     """
-    st = ctx.stage_dir("postfix")
-    addrs = [sandbox.domain_address(j) for j in range(ctx.m)]
-    meas = Measure(ctx, "postfix", addrs)
-    pf = Postfix(st)
+    spec = ctx.spec("postfix")
+    return postfix_deliver(ctx, "postfix", [spec], [spec], [sandbox.domain_address(j) for j in range(ctx.m)],
+                           dnsmasq=ctx.postfix_dns == "dnsmasq")
+
+
+def postfix_deliver(ctx: Context, stage: str, submit: list[Spec], counted: list[Spec], addrs: list[str], *,
+                    sink_flags: tuple = (), reply_delay: float = 0.0, main_cf: str = "", dnsmasq: bool = False) -> dict:
+    """Submit ``submit``'s messages (one spec after the other) into a fresh Postfix; time ``counted``'s.
+
+    Sinks listen on ``addrs`` (with ``sink_flags``); the stage completes when
+    every message of ``counted`` is at the sinks, timed from the first
+    submission.  Messages of a spec not counted (dead domains) are submitted
+    all the same, before the next spec's; ``main_cf`` is appended to Postfix's main.cf.
+    """
+    st = ctx.stage_dir(stage)
+    count = sum(s.count for s in counted)
+    total = sum(s.count for s in submit)
+    meas = Measure(ctx, stage, addrs, count=count, timeout=ctx.timeout_for(total), sink_flags=sink_flags,
+                   reply_delay=reply_delay)
+    pf = Postfix(st, main_cf_extra=main_cf)
     try:
-        if ctx.postfix_dns == "dnsmasq":
+        if dnsmasq:
             _dnsmasq(ctx, st)
         pf.start()
-        spec = ctx.spec("postfix")
-        body = spec.body()
+        bodies = [s.body() for s in submit]
         errors: list[str] = []
+        # Every client finishes its share of one spec before any starts the next: a spec is
+        # submitted whole before the next one (the dead domains' mail first, as the issue says).
+        barrier = threading.Barrier(ctx.postfix_clients)
 
         def client(k: int) -> None:
             try:
                 with smtplib.SMTP(POSTFIX_LISTEN, 25, local_hostname="client.bench.test", timeout=60) as s:
-                    for i in range(k, spec.count, ctx.postfix_clients):
-                        s.sendmail(messages.SENDER, [spec.recipient(i)], spec.render(i, time.time(), body))
+                    for spec, body in zip(submit, bodies):
+                        for i in range(k, spec.count, ctx.postfix_clients):
+                            s.sendmail(messages.SENDER, [spec.recipient(i)], spec.render(i, time.time(), body))
+                        barrier.wait(ctx.timeout)
             except Exception as e:
                 errors.append(f"client {k}: {type(e).__name__}: {e}")
+                barrier.abort()
 
         threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(ctx.postfix_clients)]
         meas.begin()
@@ -364,16 +436,21 @@ def postfix(ctx: Context) -> dict:
         waiter.start()
         try:
             meas.wait(alive)
+        except StageTimeout as e:
+            e.args = (f"{e}; Postfix queue holds {pf.queue_size()}; log tail: {pf.log_text()[-1500:]}",)
+            raise
         except BenchError as e:
             raise BenchError(f"{e}; Postfix queue holds {pf.queue_size()}; log tail: "
                              f"{pf.log_text()[-1500:]}") from None
         waiter.join(ctx.timeout)
         alive()
         workers = worker_fields(pf.processes())
-        res = meas.finish(spec.ids())
+        queued = pf.queue_size()
+        res = meas.finish({i for s in counted for i in s.ids()})
         res["workers"] = workers
         res["notes"].append(f"{ctx.postfix_clients} submitting SMTP connections; queue on disk "
-                            f"({pf.spool}); MX lookups via /etc/resolv.conf -> sandbox DNS")
+                            f"({pf.spool}); MX lookups via /etc/resolv.conf -> sandbox DNS"
+                            + (f"; {queued} messages still queued at the end" if queued else ""))
         return res
     except BaseException:
         meas.abort()
@@ -448,13 +525,7 @@ def django_celery_email(ctx: Context) -> dict:
         body = spec.body().replace("\r\n", "\n")
 
         def emails(idx: range, submitted: float) -> list:
-            out = []
-            for i in idx:
-                headers = dict(spec.headers(i, submitted))
-                headers["Date"] = "Sat, 01 Jan 2000 00:00:00 +0000"
-                out.append(EmailMessage(subject=spec.subject(i), body=body, from_email=f"mxq bench <{messages.SENDER}>",
-                                        to=[spec.recipient(i)], headers=headers))
-            return out
+            return _django_emails(EmailMessage, spec, idx, submitted, body)
 
         # Redis memory per queued message: queue a warm-up chunk, measure, queue `probe` more, measure.
         client = r.client()
@@ -537,9 +608,7 @@ def _start_mxq(ctx: Context, st: Path, env: dict, worker_argv, scheduler_argv, o
     procs = []
     for w in range(ctx.mxq_workers):
         log = st / f"worker{w}.log"
-        extra = ["-n", f"bench{w}@%h", "-l", "INFO", "-P", "prefork"]
-        if ctx.mxq_concurrency:
-            extra += ["-c", str(ctx.mxq_concurrency)]
+        extra = ["-n", f"bench{w}@%h", "-l", "INFO", *ctx.worker_flags()]
         p = sandbox.spawn(worker_argv(extra), log=log, env=env, cwd=str(ROOT), session=True)
         procs.append((p, log, " ready."))
     beat_dir = st / "beat"
@@ -569,7 +638,15 @@ def _mxq_wait(meas: Measure, procs: list[tuple]) -> None:
         meas.wait(_mxq_alive(procs))
     except BenchError as e:
         logs = "\n".join(log.read_text(errors="replace")[-1500:] for _, log, _ in procs[:1])
-        raise BenchError(f"{e}; worker log tail: {logs}") from None
+        e.args = (f"{e}; worker log tail: {logs}",)
+        raise
+
+
+def _mxq_stop(procs: list[tuple], r: sandbox.Redis) -> None:
+    """Stop the workers, the scheduler and the stage's Redis."""
+    for p, _, _ in procs:
+        sandbox.stop(p)
+    r.stop()
 
 
 def _mxq_workers(procs: list[tuple]) -> list[dict]:
@@ -592,7 +669,8 @@ def _mxq_agrees(tasks_mod, ids: list[str], res: dict) -> str:
 
 
 def _workers_note(ctx: Context) -> str:
-    return f"{ctx.mxq_workers} worker(s) -c {ctx.mxq_concurrency or 'default'} prefork + beat"
+    flags = " ".join(ctx.worker_flags()) or "no tuning flags (the worker's defaults)"
+    return f"{ctx.mxq_workers} x mxq worker, {flags}; mxq scheduler"
 
 
 def mxq(ctx: Context) -> dict:
@@ -600,10 +678,10 @@ def mxq(ctx: Context) -> dict:
 
     The pipeline as deployed (``mxq.tasks.cli.worker_argv``: ``celery -A mxq.tasks
     worker`` on every mxq queue, and ``celery -A mxq.tasks beat``, the scheduler),
-    ``mxq_workers`` worker processes of ``mxq_concurrency`` prefork children
-    each (by default one worker with 2 children, as the django-celery-email
-    baseline), on a fresh Redis, MX lookups against the sandbox DNS server
-    (``MXQ_DNS_SERVERS``).  Other settings are the pipeline's defaults.
+    ``mxq_workers`` worker processes (one by default) with no tuning flags
+    unless ``--mxq-pool``/``--mxq-concurrency`` are given, on a fresh Redis,
+    MX lookups against the sandbox DNS server (``MXQ_DNS_SERVERS``).  Other
+    settings are the pipeline's defaults.
     Before the timed run, ``probe`` messages are submitted with no worker
     running to measure Redis memory per queued message, then Redis is flushed.
     """
@@ -647,13 +725,142 @@ def mxq(ctx: Context) -> dict:
         res["redis"] = redis_res
         res["workers"] = workers
         res["notes"].append(f"submit_many in batches of {ctx.batch}; {_workers_note(ctx)}; {agrees}")
-        for p, _, _ in procs:
-            sandbox.stop(p)
-        r.stop()
+        _mxq_stop(procs, r)
         return res
     except BaseException:
         meas.abort()
         raise
+
+
+def mxq_deliver(ctx: Context, stage: str, submit: list[Spec], counted: list[Spec], addrs: list[str], *,
+                sink_flags: tuple = (), reply_delay: float = 0.0, env_extra: dict | None = None,
+                max_connections: int = 1024,
+                probe: str | None = None, on_ready: Callable | None = None, after: Callable | None = None,
+                finished: Callable | None = None, on_timeout: Callable | None = None) -> dict:
+    """mxq on a fresh Redis and fresh sinks: submit ``submit``'s messages (spec after spec), time ``counted``'s.
+
+    ``submit_many`` in batches of ``batch``, every spec in turn (a spec not
+    counted, such as the dead domains' mail, goes first and is never at a
+    sink).  The stage completes when every message of ``counted`` is at the
+    sinks on ``addrs`` (``sink_flags``, ``max_connections``, ``probe`` as for
+    ``SinkFarm``; ``reply_delay`` as for ``Measure``), timed from the first submission.  Hooks, each optional:
+    ``on_ready(procs)`` once the workers are ready, before submission;
+    ``after(procs, ids)`` with the workers still running once the counted
+    mail is at the sinks (``ids``: ``{spec.run: [job id]}``), returning a dict
+    merged into the result; ``finished(tally)`` with the sink monitor's tally
+    (``arrivals`` among it) once the sinks stopped, returning a dict merged
+    into the result; ``on_timeout(tally)`` with the sink monitor's
+    tally when the sinks did not get every message in time, returning what
+    goes into the failed stage's ``partial``.  ``env_extra``: more
+    environment for the workers (e.g. ``MXQ_CONNECT_TIMEOUT``).
+    """
+    st = ctx.stage_dir(stage)
+    tasks, app_module, worker_argv, scheduler_argv = _mxq_modules()
+    from mxq.tasks import Item, submit_many
+    count = sum(s.count for s in counted)
+    total = sum(s.count for s in submit)
+    meas = Measure(ctx, stage, addrs, count=count, timeout=ctx.timeout_for(total), sink_flags=sink_flags,
+                   max_connections=max_connections, probe=probe, reply_delay=reply_delay)
+    try:
+        r, env = _mxq_redis(ctx, st, app_module)
+        env.update(env_extra or {})
+        procs = _start_mxq(ctx, st, env, worker_argv, scheduler_argv)
+        r.client().config_resetstat()
+        if on_ready is not None:
+            on_ready(procs)
+        ids: dict[str, list[str]] = {s.run: [] for s in submit}
+        bodies = [s.body() for s in submit]
+        meas.begin()
+        for spec, body in zip(submit, bodies):
+            for k in range(0, spec.count, ctx.batch):
+                ids[spec.run] += submit_many([
+                    Item(message=spec.render(i, time.time(), body), sender=messages.SENDER,
+                         recipients=[spec.recipient(i)]) for i in range(k, min(spec.count, k + ctx.batch))])
+        meas.submitted()
+        try:
+            _mxq_wait(meas, procs)
+        except StageTimeout as e:
+            if on_timeout is not None:
+                meas.farm.stop()
+                e.partial = on_timeout(meas.monitor.finish())
+            raise
+        redis_res = redis_fields(r, count, None, None)
+        extra = after(procs, ids) if after is not None else None
+        workers = _mxq_workers(procs)
+        res = meas.finish({i for s in counted for i in s.ids()})
+        agrees = _mxq_agrees(tasks, [j for s in counted for j in ids[s.run]], res)
+        res["redis"] = redis_res
+        res["workers"] = workers
+        res["notes"].append(f"submit_many in batches of {ctx.batch}; {_workers_note(ctx)}"
+                            + "".join(f"; {k}={v}" for k, v in sorted((env_extra or {}).items())) + f"; {agrees}")
+        res.update(extra or {})
+        if finished is not None:
+            res.update(finished(meas.tally) or {})
+        _mxq_stop(procs, r)
+        return res
+    except BaseException:
+        meas.abort()
+        raise
+
+
+def mxq_django(ctx: Context) -> dict:
+    """mxq through Django: N ``django.core.mail.EmailMessage`` objects to ``mxq.contrib.django.EmailBackend``.
+
+    What a Django user does: ``get_connection("mxq.contrib.django.EmailBackend").send_messages(messages)``,
+    all N in one call (all or nothing: every message rendered and validated,
+    then one ``submit_many``).  The messages are built as in the
+    django-celery-email stage (same headers and body) and timed the same
+    way: from building them, right before ``send_messages``, until the sinks
+    hold every one.  Delivery as in the ``mxq`` stage: the pipeline's
+    defaults, MX routing to the M domains' sinks.
+    """
+    st = ctx.stage_dir("mxq_django")
+    tasks, app_module, worker_argv, scheduler_argv = _mxq_modules()
+    try:
+        from . import djapp                               # configures Django's settings (once per process)
+        from django.core.mail import EmailMessage, get_connection
+    except ImportError as e:
+        raise BenchError(f"django not installed ({e}); pip install -e '.[bench]' (ops/bench does it)") from e
+    addrs = [sandbox.domain_address(j) for j in range(ctx.m)]
+    spec = ctx.spec("mxq_django")
+    meas = Measure(ctx, "mxq_django", addrs, count=spec.count, timeout=ctx.timeout_for(spec.count))
+    try:
+        r, env = _mxq_redis(ctx, st, app_module)
+        body = spec.body().replace("\r\n", "\n")
+        procs = _start_mxq(ctx, st, env, worker_argv, scheduler_argv)
+        r.client().config_resetstat()
+        backend = get_connection("mxq.contrib.django.EmailBackend")
+        t0 = meas.begin()
+        emails = _django_emails(EmailMessage, spec, range(spec.count), t0, body)
+        sent = backend.send_messages(emails)
+        meas.submitted()
+        if sent != spec.count:
+            raise BenchError(f"send_messages queued {sent} of {spec.count} messages")
+        _mxq_wait(meas, procs)
+        redis_res = redis_fields(r, spec.count, None, None)
+        workers = _mxq_workers(procs)
+        res = meas.finish(spec.ids())
+        agrees = _mxq_agrees(tasks, [m.mxq_job_id for m in emails], res)
+        res["redis"] = redis_res
+        res["workers"] = workers
+        res["notes"].append(f"one EmailBackend.send_messages call of {spec.count} Django EmailMessage objects "
+                            f"({djapp.__name__} settings, MXQ_* from the environment); {_workers_note(ctx)}; {agrees}")
+        _mxq_stop(procs, r)
+        return res
+    except BaseException:
+        meas.abort()
+        raise
+
+
+def _django_emails(EmailMessage, spec: Spec, idx: range, submitted: float, body: str) -> list:
+    """Django ``EmailMessage`` objects for messages ``idx`` of ``spec`` (the same for both Django stages)."""
+    out = []
+    for i in idx:
+        headers = dict(spec.headers(i, submitted))
+        headers["Date"] = "Sat, 01 Jan 2000 00:00:00 +0000"
+        out.append(EmailMessage(subject=spec.subject(i), body=body, from_email=f"mxq bench <{messages.SENDER}>",
+                                to=[spec.recipient(i)], headers=headers))
+    return out
 
 
 #: Latency resolution of the steady-rate stage: the sink monitor polls every 5 ms (not 10-20 ms as
@@ -730,9 +937,7 @@ def mxq_steady(ctx: Context) -> dict:
         res["notes"].append(f"one mxq.tasks.submit per message at {rate:g}/s (monotonic schedule, late "
                             f"submissions not caught up); {_workers_note(ctx)}; {agrees}; latency "
                             f"resolution {STEADY_MONITOR_INTERVAL * 1000:g} ms")
-        for p, _, _ in procs:
-            sandbox.stop(p)
-        r.stop()
+        _mxq_stop(procs, r)
         return res
     except BaseException:
         meas.abort()
@@ -819,9 +1024,7 @@ def mxq_backlog(ctx: Context) -> dict:
         res["notes"].append(f"{n} messages queued by submit_many in batches of {ctx.batch} with no worker, "
                             f"then drained by {_workers_note(ctx)}; seconds = worker spawn -> all at the "
                             f"sinks (start-up included); latency = time in the queue; {agrees}")
-        for p, _, _ in procs:
-            sandbox.stop(p)
-        r.stop()
+        _mxq_stop(procs, r)
         return res
     except BaseException:
         if sampler:
