@@ -599,9 +599,9 @@ def _mxq_redis(ctx: Context, st: Path, app_module) -> tuple[sandbox.Redis, dict]
 
 
 def _start_mxq(ctx: Context, st: Path, env: dict, worker_argv, scheduler_argv, on_spawn=None) -> list[tuple]:
-    """Start ``mxq_workers`` workers and the scheduler (beat); wait until each is ready.
+    """Start ``mxq_workers`` workers and ``mxq scheduler``; wait until each is ready.
 
-    Returns ``[(Popen, log, ready-needle)]``, the workers first and beat last.
+    Returns ``[(Popen, log, ready-needle)]``, the workers first and the scheduler last.
     ``on_spawn(worker_pids)`` is called once every worker has been spawned,
     before the readiness wait (the backlog stage starts its clock there).
     """
@@ -625,7 +625,7 @@ def _start_mxq(ctx: Context, st: Path, env: dict, worker_argv, scheduler_argv, o
 
 
 def _mxq_alive(procs: list[tuple]) -> Callable[[], None]:
-    """A check that raises BenchError (with the log tail) if a worker or beat has exited."""
+    """A check that raises BenchError (with the log tail) if a worker or the scheduler has exited."""
     def alive() -> None:
         for p, log, _ in procs:
             if p.poll() is not None:
@@ -677,7 +677,7 @@ def mxq(ctx: Context) -> dict:
     """mxq: ``mxq.tasks.submit_many`` of N messages in batches, delivered by ``mxq worker`` processes.
 
     The pipeline as deployed (``mxq.tasks.cli.worker_argv``: ``celery -A mxq.tasks
-    worker`` on every mxq queue, and ``celery -A mxq.tasks beat``, the scheduler),
+    worker`` on every mxq queue, and ``mxq scheduler``),
     ``mxq_workers`` worker processes (one by default) with no tuning flags
     unless ``--mxq-pool``/``--mxq-concurrency`` are given, on a fresh Redis,
     MX lookups against the sandbox DNS server (``MXQ_DNS_SERVERS``).  Other
