@@ -177,3 +177,49 @@ def test_mta_sts_policy_fetched_once_for_the_fleet_and_tlsrpt_reports_it(pipelin
         web.stop()
         good.stop()
         wrong.stop()
+
+
+def test_redis_away_never_stops_delivery(dns_server, tmp_path, monkeypatch):
+    """The fleet-wide transport state is an aid: with its Redis gone (connection refused), deliveries
+    go on -- port 25 is taken as open, no policy is cached (fetched each time), counts are lost."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from mxq.tasks.hoststatus import RedisPolicyCache, RedisPort25State, RedisTLSReport
+    from mxq.workers.config import RelayConfig, Settings, parse_dns_servers
+    from mxq.workers.delivery import MemoryHostStatus, deliver_domain
+    from mxq.workers.message import prepare
+    from mxq.workers.mtasts import MTASTS
+    from mxq.workers.mx import Resolver
+    from mxq.workers.port25 import Port25
+    from mxq.workers.results import State
+    from tests.fixtures_infra import free_port as _free
+
+    dead = redis.Redis(port=_free(), socket_timeout=0.5, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+    ca = make_tls("mta-sts.away.tp.test", directory=tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", ca.ca_file)          # the exchange's certificate is verified (enforce)
+    web = start_policy_server(IP + "31", ca.server_context,
+                              {"away.tp.test": policy_text("enforce", "mx.away.tp.test")})
+    mx = start_server(IP + "22", 25, Behaviour(hostname="mx.away.tp.test",
+                                               starttls=issue_context(ca.ca, "mx.away.tp.test")))
+    dns_server.add({"away.tp.test": {"MX": [[10, "mx.away.tp.test"]]}, "mx.away.tp.test": {"A": [IP + "22"]},
+                    "_mta-sts.away.tp.test": {"TXT": ["v=STSv1; id=a1;"]},
+                    "mta-sts.away.tp.test": {"A": [IP + "31"]}})
+    try:
+        settings = Settings(helo_name="client.tp.test", dns_servers=parse_dns_servers(dns_server.address),
+                            relay=RelayConfig.parse("smtp://127.0.0.1:1?tls=none"), relay_mode="fallback")
+        resolver = Resolver(settings)
+        for i in range(2):
+            env = prepare(message(f"x{i}@away.tp.test", f"away-{i}"), sender=SENDER, recipients=[f"x{i}@away.tp.test"])
+            [[r]] = deliver_domain("away.tp.test", [env], settings=settings, resolver=resolver,
+                                   host_status=MemoryHostStatus(),
+                                   mta_sts=MTASTS(resolver, RedisPolicyCache(dead)),
+                                   tls_report=RedisTLSReport(dead), port25=Port25(RedisPort25State(dead)))
+            assert r.state is State.DELIVERED and not r.relay, r
+        assert len(mx.messages) == 2 and all(m.tls for m in mx.messages)   # enforce: verified TLS both times
+        assert len(web.requests) == 2                                        # no cache: fetched each time
+        assert RedisPort25State(dead).blocked() is None and not RedisPort25State(dead).claim_probe(0, 1)
+    finally:
+        web.stop()
+        mx.stop()
