@@ -20,8 +20,17 @@ domain                    what its exchanges do                               on
 ``bounce.test``           550 5.1.1 for local parts ``nobody*``, ``unknown*``, bounced for those,
                           ``reject*``; 552 5.2.2 for ``full*``; others ok     delivered for others
 (any other ``.test``)     not in DNS                                          bounced (5.1.2)
-``relay.example``         a smarthost on :587, STARTTLS required, AUTH        (used only when
-                          (user ``mxq``, password ``sandbox``)                MXQ_RELAY is set)
+``secure.test``           MTA-STS ``enforce`` (policy over HTTPS on :443,     delivered over TLS
+                          sandbox CA); its MX has a valid certificate         verified for mx.secure.test
+``stsmismatch.test``      MTA-STS ``enforce``, but its MX is not in the       deferred (4.7.5, the
+                          policy                                              policy named)
+``relay.example``         smarthosts (used only when MXQ_RELAY points at one):
+                          ``smtp.relay.example:587`` STARTTLS required, AUTH (user ``mxq``,
+                          password ``sandbox``); ``plain.relay.example:25`` no TLS, no AUTH
+                          (``MXQ_RELAY=smtp://plain.relay.example:25?tls=none`` with
+                          ``MXQ_RELAY_CLEARTEXT`` naming its address); ``oauth.relay.example:587``
+                          STARTTLS + XOAUTH2 (user ``mxq@relay.example``, the token in
+                          ``<workdir>/relay-token``: ``MXQ_RELAY_TOKEN_FILE``)
 ========================  ==================================================  =====================
 
 On every exchange, local parts starting ``reject`` get 550 5.1.1 and
@@ -58,6 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .dns import DNSServerProcess, start_dns_server
+from .https import PolicyServer, policy_text, start_policy_server
 from .smtpd import DEFAULT_RCPT_RULES, Behaviour, ServerHandle, SilentServer, TLSBundle, make_tls, start_server
 
 __all__ = ["Exchange", "Domain", "PLAN", "RELAY_DOMAIN", "RELAY_USER", "RELAY_PASSWORD",
@@ -117,12 +127,34 @@ PLAN: tuple[Domain, ...] = (
     Domain("nullmx.test", "null MX (RFC 7505): accepts no mail", "bounced", null_mx=True),
     Domain("bounce.test", "550 5.1.1 for nobody*/unknown*, 552 5.2.2 for full*", "bounced",
            (Exchange("mx.bounce.test", 10, 17, behaviour={"rcpt_rules": _BOUNCE_RULES}),)),
+    Domain("secure.test", "MTA-STS enforce: only mx.secure.test, with verified TLS", "delivered",
+           (Exchange("mx.secure.test", 10, 18),)),
+    Domain("stsmismatch.test", "MTA-STS enforce, but its MX is not in the policy", "deferred",
+           (Exchange("mx.stsmismatch.test", 10, 19),)),
 )
+
+#: MTA-STS policies (RFC 8461) the sandbox serves over HTTPS, by domain.
+STS_POLICIES = {
+    "secure.test": policy_text("enforce", "mx.secure.test", max_age=86400),
+    "stsmismatch.test": policy_text("enforce", "mx.elsewhere.example", max_age=86400),
+}
+#: The HTTPS policy server's last octet (``mta-sts.<domain>`` of every domain above resolves to it).
+STS_OCTET = 32
 
 #: The relay (smarthost); not an MX target, used only when MXQ_RELAY points at it.
 RELAY = Exchange(f"smtp.{RELAY_DOMAIN}", 0, 30, behaviour={
     "auth": {RELAY_USER: RELAY_PASSWORD}, "require_starttls": True, "auth_required": True})
 RELAY_PORT = 587
+#: A relay on port 25 without TLS or AUTH, as corporate networks run one.
+PLAIN_RELAY = Exchange(f"plain.{RELAY_DOMAIN}", 0, 33, behaviour={"starttls": None})
+PLAIN_RELAY_PORT = 25
+#: A relay taking XOAUTH2 (Gmail / Microsoft 365 style) for OAUTH_USER with OAUTH_TOKEN.
+OAUTH_USER = f"mxq@{RELAY_DOMAIN}"
+OAUTH_TOKEN = "sandbox-oauth2-token"
+OAUTH_RELAY = Exchange(f"oauth.{RELAY_DOMAIN}", 0, 34, behaviour={
+    "oauth2_tokens": {OAUTH_USER: OAUTH_TOKEN}, "require_starttls": True, "auth_required": True})
+OAUTH_RELAY_PORT = 587
+RELAYS = ((RELAY, RELAY_PORT), (PLAIN_RELAY, PLAIN_RELAY_PORT), (OAUTH_RELAY, OAUTH_RELAY_PORT))
 
 #: The DNS server's last octet (not 53: tests/conftest.py's dns_server fixture has 127.0.0.53).
 DNS_OCTET = 10
@@ -162,6 +194,8 @@ class Sandbox:
         self.tls: TLSBundle | None = None
         self.servers: dict[str, ServerHandle] = {}
         self.silent: dict[str, SilentServer] = {}
+        self.policy_server: PolicyServer | None = None
+        self.token_file = self.workdir / "relay-token"
         self.domains: tuple[Domain, ...] = PLAN
         self._lock = threading.Lock()
         self._stopped = False
@@ -212,7 +246,11 @@ class Sandbox:
             records[d.name] = {"MX": [[x.preference, x.name] for x in d.exchanges]}
             for x in d.exchanges:
                 records[x.name] = {"A": [self.ip(x.octet)]}
-        records[RELAY.name] = {"A": [self.ip(RELAY.octet)]}
+        for relay, _ in RELAYS:
+            records[relay.name] = {"A": [self.ip(relay.octet)]}
+        for domain in STS_POLICIES:
+            records[f"_mta-sts.{domain}"] = {"TXT": ["v=STSv1; id=sandbox1;"]}
+            records[f"mta-sts.{domain}"] = {"A": [self.ip(STS_OCTET)]}
         return {"ttl": 60, "records": records}
 
     # ---- life cycle
@@ -220,15 +258,25 @@ class Sandbox:
         """Start the DNS server and every SMTP server; on any failure stop what started and raise."""
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
-            names = [x.name for d in self.domains for x in d.exchanges] + [RELAY.name]
-            ips = [self.ip(x.octet) for d in self.domains for x in d.exchanges] + [self.ip(RELAY.octet)]
+            names = [x.name for d in self.domains for x in d.exchanges] + [r.name for r, _ in RELAYS] \
+                + [f"mta-sts.{d}" for d in STS_POLICIES]
+            ips = [self.ip(x.octet) for d in self.domains for x in d.exchanges] + [self.ip(r.octet) for r, _ in RELAYS]
             self.tls = make_tls(*names, *ips, directory=self.workdir)
+            self.token_file.write_text(OAUTH_TOKEN + "\n")
             self.dns = start_dns_server(self.zones(), host=self.ip(DNS_OCTET), port=self.dns_port,
                                         workdir=self.workdir / "dns")
             for d in self.domains:
                 for x in d.exchanges:
                     self._start_exchange(d.name, x, self.smtp_port)
-            self._start_exchange(RELAY_DOMAIN, RELAY, RELAY_PORT)
+            for relay, port in RELAYS:
+                self._start_exchange(RELAY_DOMAIN, relay, port)
+            try:
+                self.policy_server = start_policy_server(self.ip(STS_OCTET), self.tls.server_context,
+                                                         STS_POLICIES)
+            except PermissionError:
+                # Port 443 needs root like port 25; with --smtp-port above 1024 the MTA-STS domains
+                # just have no policy (their mail goes out as for any domain).
+                self.policy_server = None
         except BaseException:
             self.stop()
             raise
@@ -253,6 +301,11 @@ class Sandbox:
             if self._stopped:
                 return
             self._stopped = True
+        if self.policy_server is not None:
+            try:
+                self.policy_server.stop()
+            except Exception:   # keep stopping the others
+                pass
         for s in list(self.servers.values()) + list(self.silent.values()):
             try:
                 s.stop()
@@ -272,7 +325,7 @@ class Sandbox:
         """Messages the exchanges of ``domain`` accepted (``ReceivedMessage``s), oldest first."""
         plan = {d.name: d for d in self.domains}
         names = [x.name for x in plan[domain].exchanges] if domain in plan else (
-            [RELAY.name] if domain == RELAY_DOMAIN else [])
+            [r.name for r, _ in RELAYS] if domain == RELAY_DOMAIN else [])
         out = []
         for n in names:
             if n in self.servers:
@@ -291,6 +344,15 @@ class Sandbox:
             lines.append(f"  {d.name:<16} {d.description}\n  {'':<16} {where}")
         lines.append(f"  {RELAY_DOMAIN:<16} smarthost {RELAY.name} [{self.ip(RELAY.octet)}]:{RELAY_PORT}, "
                      f"STARTTLS + AUTH (MXQ_RELAY={self.relay_url})")
+        lines.append(f"  {'':<16} {PLAIN_RELAY.name} [{self.ip(PLAIN_RELAY.octet)}]:{PLAIN_RELAY_PORT}, no TLS, no AUTH "
+                     f"(MXQ_RELAY=smtp://{PLAIN_RELAY.name}:{PLAIN_RELAY_PORT}?tls=none "
+                     f"MXQ_RELAY_CLEARTEXT={self.ip(PLAIN_RELAY.octet)})")
+        lines.append(f"  {'':<16} {OAUTH_RELAY.name} [{self.ip(OAUTH_RELAY.octet)}]:{OAUTH_RELAY_PORT}, STARTTLS + "
+                     f"XOAUTH2 (MXQ_RELAY=smtp://{OAUTH_USER.replace('@', '%40')}@{OAUTH_RELAY.name} "
+                     f"MXQ_RELAY_TOKEN_FILE={self.token_file})")
+        if self.policy_server is not None:
+            lines.append(f"  {'(MTA-STS)':<16} policies of {', '.join(STS_POLICIES)} on "
+                         f"https://mta-sts.<domain> [{self.ip(STS_OCTET)}]:443")
         lines.append(f"  {'(other .test)':<16} not in DNS: NXDOMAIN")
         return "\n".join(lines)
 
