@@ -224,7 +224,7 @@ def test_backlog_stage_memory_and_rss(bench):
     # Every process of the worker (at its defaults), sampled during the drain.
     assert len(rss["processes"]) >= 1
     for proc in rss["processes"]:
-        assert proc["samples"] >= 1 and "celery" in proc["cmd"]
+        assert proc["samples"] >= 1 and "mxq.tasks" in proc["cmd"]      # mxq worker and what it starts
         assert proc["peak_kb"] >= max(proc["first_kb"], proc["last_kb"]) > 1000
         if proc["flat"] is not None:                 # judged by the stated rule
             assert proc["ratio"] == pytest.approx(proc["last_kb"] / proc["first_after_warmup_kb"], abs=0.001)
@@ -581,3 +581,13 @@ def test_established_counts_server_side_connections():
         finally:
             for c in clients + accepted:
                 c.close()
+
+
+def test_worker_ready_waits_for_every_process_mxq_worker_starts():
+    from bench_lib.stages import mxq_worker_argv, worker_ready
+    assert mxq_worker_argv(["-l", "INFO"])[-4:] == ["mxq.tasks.cli", "worker", "-l", "INFO"]
+    one = "[INFO/MainProcess] bench0@h ready.\n"
+    assert worker_ready(one) and not worker_ready("starting\n")
+    two = "mxq worker: 2 process(es) x 1000 deliveries in flight: bench0-1@h, bench0-2@h\n"
+    assert not worker_ready(two) and not worker_ready(two + one)
+    assert worker_ready(two + one + one.replace("bench0@", "bench0-2@"))

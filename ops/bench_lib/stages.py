@@ -16,6 +16,7 @@ null, never into made-up numbers.
 from __future__ import annotations
 
 import os
+import re
 import smtplib
 import subprocess
 import sys
@@ -315,13 +316,15 @@ def _env() -> dict:
     return env
 
 
-def _wait_log(path: Path, needle: str, proc: subprocess.Popen, timeout: float) -> None:
+def _wait_log(path: Path, needle: str | Callable[[str], bool], proc: subprocess.Popen, timeout: float) -> None:
+    """Wait until ``path`` holds ``needle`` (or ``needle(text)`` is true); BenchError if ``proc`` exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise BenchError(f"{proc.args[:4]} exited ({proc.returncode}): {path.read_text(errors='replace')[-3000:]}")
         try:
-            if needle in path.read_text(errors="replace"):
+            text = path.read_text(errors="replace")
+            if needle(text) if callable(needle) else needle in text:
                 return
         except FileNotFoundError:
             pass
@@ -574,11 +577,29 @@ def _mxq_modules():
     try:
         import importlib
         from mxq import tasks                             # noqa: F401
-        from mxq.tasks.cli import scheduler_argv, worker_argv
+        from mxq.tasks.cli import scheduler_argv
         app_module = importlib.import_module("mxq.tasks.app")
     except Exception as e:                                # ImportError, or a half-landed pipeline
         raise BenchError(f"the mxq pipeline is not usable: {type(e).__name__}: {e}") from e
-    return tasks, app_module, worker_argv, scheduler_argv
+    return tasks, app_module, mxq_worker_argv, scheduler_argv
+
+
+def mxq_worker_argv(extra: list[str]) -> list[str]:
+    """``mxq worker EXTRA``: the command a user runs (whatever it starts: Celery, or a supervisor of several)."""
+    return [sys.executable, "-m", "mxq.tasks.cli", "worker", *extra]
+
+
+_PROCESSES = re.compile(r"mxq worker: (\d+) process")
+
+
+def worker_ready(text: str) -> bool:
+    """Whether ``mxq worker``'s log says every process it started is ready.
+
+    Celery logs ``<node> ready.`` once per worker process; a ``mxq worker``
+    that starts several says how many first (``mxq worker: N process(es) ...``).
+    """
+    m = _PROCESSES.search(text)
+    return text.count(" ready.") >= (int(m.group(1)) if m else 1)
 
 
 def _mxq_redis(ctx: Context, st: Path, app_module) -> tuple[sandbox.Redis, dict]:
@@ -610,7 +631,7 @@ def _start_mxq(ctx: Context, st: Path, env: dict, worker_argv, scheduler_argv, o
         log = st / f"worker{w}.log"
         extra = ["-n", f"bench{w}@%h", "-l", "INFO", *ctx.worker_flags()]
         p = sandbox.spawn(worker_argv(extra), log=log, env=env, cwd=str(ROOT), session=True)
-        procs.append((p, log, " ready."))
+        procs.append((p, log, worker_ready))
     beat_dir = st / "beat"
     beat_dir.mkdir()
     beat = sandbox.spawn(scheduler_argv(["--schedule", str(beat_dir / "schedule"), "-l", "INFO",
@@ -676,8 +697,7 @@ def _workers_note(ctx: Context) -> str:
 def mxq(ctx: Context) -> dict:
     """mxq: ``mxq.tasks.submit_many`` of N messages in batches, delivered by ``mxq worker`` processes.
 
-    The pipeline as deployed (``mxq.tasks.cli.worker_argv``: ``celery -A mxq.tasks
-    worker`` on every mxq queue, and ``mxq scheduler``),
+    The pipeline as deployed (``mxq worker`` and ``mxq scheduler``),
     ``mxq_workers`` worker processes (one by default) with no tuning flags
     unless ``--mxq-pool``/``--mxq-concurrency`` are given, on a fresh Redis,
     MX lookups against the sandbox DNS server (``MXQ_DNS_SERVERS``).  Other
