@@ -334,6 +334,14 @@ _define("MXQ_MTA_STS", boolean(), True,
 _define("MXQ_MTA_STS_TIMEOUT", seconds(maximum=120), 10.0,
         "Seconds for one MTA-STS policy fetch over HTTPS (connect, TLS, response).")
 _define("MXQ_CONNECT_TIMEOUT", seconds(), 30.0, "TCP connect (and implicit TLS handshake) timeout.")
+_define("MXQ_CONNECTION_CACHE_TIME", seconds(allow_zero=True), 2.0,
+        "A worker keeps an idle connection this long for the next delivery to that exchange (Postfix's "
+        "smtp_connection_cache_time_limit; 0: no reuse across deliveries).")
+_define("MXQ_CONNECTION_REUSE_TIME", seconds(), 300.0,
+        "A connection is not reused for a new transaction this long after it was opened (Postfix's "
+        "smtp_connection_reuse_time_limit).")
+_define("MXQ_CONNECTION_REUSE_LIMIT", integer(0), 100,
+        "Transactions one connection carries at most, then a new one is opened (0: no limit).")
 _define("MXQ_COMMAND_TIMEOUT", seconds(), None,
         "One timeout for every SMTP phase (greeting, commands, DATA, final dot); each is a deadline for "
         "the whole phase, however the server spreads its bytes.",
@@ -465,9 +473,18 @@ _define("MXQ_LEASE_SECONDS", seconds(), 45.0,
 _define("MXQ_DISPATCH_STALE", seconds(), 60.0,
         "A lane with ready work and no task activity this long gets new tasks.", group="pipeline")
 _define("MXQ_BATCH_SIZE", integer(1), 64,
-        "Messages of one domain one delivery task drains over one connection per exchange.", group="pipeline")
-_define("MXQ_DOMAIN_CONCURRENCY", integer(1), 4, "Delivery tasks queued at once for one domain.",
+        "Most messages of one domain a delivery task takes at a time over its connection (it takes fewer "
+        "from a slow destination: about half a second of work).", group="pipeline")
+_define("MXQ_DOMAIN_CONCURRENCY", integer(1), 4,
+        "Delivery status report tasks queued at once (delivery to a domain follows its concurrency window).",
         group="pipeline")
+_define("MXQ_INITIAL_CONCURRENCY", integer(1), 5,
+        "Connections a destination starts with; one more per delivered message, up to its MXQ_SHAPING limit, "
+        "one fewer per failed connection (Postfix's initial_destination_concurrency).", group="pipeline")
+_define("MXQ_FAILED_COHORT_LIMIT", integer(1), 1,
+        "Failed cohorts (a window's worth of failed connections in a row) that declare a destination dead: "
+        "its mail waits deferred, one probe at a time retries it (Postfix's "
+        "default_destination_concurrency_failed_cohort_limit).", group="pipeline")
 _define("MXQ_INTAKE_THRESHOLD", integer(1), 500,
         "submit_many batches larger than this are split by domain on the workers.", group="pipeline")
 _define("MXQ_TASK_SOFT_LIMIT", seconds(), 900.0, "Soft time limit of a task (seconds).", group="pipeline")

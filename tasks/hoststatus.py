@@ -59,6 +59,13 @@ class RedisHostStatus:
         except redis.exceptions.RedisError:
             pass
 
+    def mark_up(self, ip: str, port: int) -> None:
+        """Forget the mark of ``ip:port`` (a probe of a dead destination got through)."""
+        try:
+            self.r.delete(KEY.format(ip=ip, port=port))
+        except redis.exceptions.RedisError:
+            pass
+
     def reason(self, ip: str, port: int) -> str | None:
         """Why ``ip:port`` is marked down, or None when it is not."""
         v = self.r.get(KEY.format(ip=ip, port=port))

@@ -20,6 +20,7 @@ from mxq import settings as registry
 from .destinations import DestinationPolicy
 from .sources import SourcePools
 from .oauth2 import TokenSource
+from .scache import ReuseLimits
 from .timeouts import Timeouts
 
 TLS_POLICIES = ("none", "opportunistic", "required")
@@ -197,6 +198,8 @@ class Settings:
     mta_sts: bool = True                                #: apply MTA-STS policies (RFC 8461)
     mta_sts_timeout: float = 10.0                       #: seconds for one policy fetch
     port25_probe_interval: float = 300.0                #: while port 25 looks blocked, seconds between probes
+    #: connection reuse across deliveries (``mxq.workers.scache``; used where a cache is given)
+    reuse: ReuseLimits = field(default_factory=ReuseLimits)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -221,4 +224,6 @@ class Settings:
                    destinations=DestinationPolicy.parse(c["MXQ_ALLOW_PRIVATE_DESTINATIONS"]),
                    source_pools=SourcePools(c["MXQ_SOURCE_ADDRESSES"] or ()),
                    mta_sts=c["MXQ_MTA_STS"], mta_sts_timeout=c["MXQ_MTA_STS_TIMEOUT"],
-                   port25_probe_interval=c["MXQ_PORT25_PROBE_INTERVAL"], **kw)
+                   port25_probe_interval=c["MXQ_PORT25_PROBE_INTERVAL"],
+                   reuse=ReuseLimits(idle=c["MXQ_CONNECTION_CACHE_TIME"], time=c["MXQ_CONNECTION_REUSE_TIME"],
+                                     count=c["MXQ_CONNECTION_REUSE_LIMIT"]), **kw)

@@ -120,8 +120,8 @@ from .address import Address, normalize_domain
 from .config import Settings
 from .envelope import Envelope, Recipient
 from .errors import (DNSError, InvalidInput, InvalidMessage, Scope, SMTPAuthError, SMTPBindError, SMTPConnectError,
-                     SMTPDataError, SMTPError, SMTPGreetingError, SMTPHeloError, SMTPSenderRefused, SMTPTimeoutError,
-                     SMTPTLSError, classify, reraise_interrupt)
+                     SMTPDataError, SMTPError, SMTPGreetingError, SMTPHeloError, SMTPSenderRefused,
+                     SMTPServerDisconnected, SMTPTimeoutError, SMTPTLSError, classify, reraise_interrupt)
 from .logline import format_line
 from .mtasts import MTASTS, Lookup
 from .mtasts import default_cache as default_policy_cache
@@ -131,6 +131,7 @@ from .relay import refusal as relay_refusal
 from .relay import session_tls as relay_session_tls
 from .reply import Reply
 from .results import RecipientResult, State
+from .scache import Connection
 from .session import SMTPSession, address_of, sender_of
 from .tlsrpt import (STARTTLS_NOT_SUPPORTED, VALIDATION_FAILURE, Failure, PolicyRef, TLSReportSink,
                      classify_tls_failure, default_report, local_address)
@@ -140,7 +141,8 @@ log = logging.getLogger("mxq.delivery")
 #: Seconds an address that refused a connection or timed out stays marked down.
 HOST_DOWN_SECONDS = 60.0
 
-__all__ = ["deliver", "deliver_domain", "HostStatus", "MemoryHostStatus", "HOST_DOWN_SECONDS"]
+__all__ = ["deliver", "deliver_domain", "HostStatus", "MemoryHostStatus", "HOST_DOWN_SECONDS", "RunStats",
+           "route_key"]
 
 
 # ------------------------------------------------------------------------------------------ host status
@@ -153,6 +155,8 @@ class HostStatus(Protocol):
 
     def mark_down(self, ip: str, port: int, seconds: float, reason: str) -> None:
         """Mark ``ip:port`` down for ``seconds`` (``reason`` is for humans and logs)."""
+
+    # Optional: ``mark_up(ip, port)`` forgets a mark (called when a probe got through).
 
 
 class MemoryHostStatus:
@@ -183,6 +187,11 @@ class MemoryHostStatus:
         with self._lock:
             self._down[(ip, int(port))] = (self._clock() + seconds, reason)
 
+    def mark_up(self, ip: str, port: int) -> None:
+        """Forget a mark of ``ip:port`` (it answered again)."""
+        with self._lock:
+            self._down.pop((ip, int(port)), None)
+
     def reason(self, ip: str, port: int) -> str | None:
         """Why ``ip:port`` is down, or None when it is not."""
         if not self.is_down(ip, port):
@@ -193,6 +202,59 @@ class MemoryHostStatus:
 
 
 # ------------------------------------------------------------------------------------------ internals
+
+@dataclass
+class RunStats:
+    """What one ``deliver_domain`` call saw of the destination (the queue manager's feedback).
+
+    ``connects``: connections opened that completed the handshake (greeting,
+    EHLO, TLS, AUTH); ``reused``: cached connections taken; ``connect_failures``:
+    connections that failed before or during the handshake, and exchanges
+    skipped as marked down; ``transactions``: transactions that got a server
+    verdict (a final reply, or a refusal of MAIL, every RCPT or DATA);
+    ``dns_transient``: the MX lookup failed transiently; ``seconds``: the
+    run's duration, ``setup_seconds`` the part of it spent in DNS lookups and
+    opening connections.  A run with no transaction and only connect failures
+    is what Postfix calls a failed delivery for its destination concurrency
+    (negative feedback).
+    """
+
+    connects: int = 0
+    reused: int = 0
+    connect_failures: int = 0
+    transactions: int = 0
+    dns_transient: bool = False
+    seconds: float = 0.0
+    setup_seconds: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        """True when the run reached no server at all: nothing but connection or handshake failures."""
+        return self.transactions == 0 and self.connect_failures > 0 and self.connects + self.reused == 0
+
+    @property
+    def seconds_per_message(self) -> float | None:
+        """The run's time per transaction, DNS and connection set-up left out (None without any)."""
+        if not self.transactions:
+            return None
+        return max(0.0, self.seconds - self.setup_seconds) / self.transactions
+
+
+def route_key(settings: Settings, route: "_Route", source_pool: str | None = None) -> tuple:
+    """What a connection to ``route`` can be reused for (``mxq.workers.scache``).
+
+    Address, port, relay or not, TLS policy (MTA-STS included), HELO name,
+    source pool, and the name the server's certificate is verified for when
+    it is (required TLS, MTA-STS, the relay): two domains sharing an exchange
+    share its connections unless a certificate check would differ.
+    """
+    if route.relay:
+        relay = settings.relay
+        return ("relay", route.ip, route.port, relay.host, relay.username or "", settings.helo_name, source_pool)
+    verified = settings.tls in ("required", "implicit") or route.sts is not None
+    return ("mx", route.ip, route.port, settings.tls, route.sts, settings.helo_name, source_pool,
+            route.name if verified else "")
+
 
 @dataclass(frozen=True)
 class _Route:
@@ -235,6 +297,7 @@ class _Job:
     envelope: Envelope
     rcpts: list[_Rcpt] = field(default_factory=list)
     stop: bool = False                # a local content error: no point trying other servers
+    reported: bool = False            # given to on_done already
 
     def pending(self) -> list[_Rcpt]:
         return [r for r in self.rcpts if r.pending]
@@ -243,11 +306,13 @@ class _Job:
 class _SiteFailure(Exception):
     """The connection is unusable: every pending recipient moves on."""
 
-    def __init__(self, reply: Reply, hard: bool = False, unreached: bool = False, command: str | None = None):
+    def __init__(self, reply: Reply, hard: bool = False, unreached: bool = False, command: str | None = None,
+                 lost: bool = False):
         super().__init__(str(reply))
         self.reply = reply
         self.hard = hard
         self.unreached = unreached    # no server reply at all (connect failed): logged as relay=none
+        self.lost = lost              # the connection dropped or timed out (no reply said so)
         self.command = command        # what the reply answered, when known (else the session's phase)
 
 
@@ -286,8 +351,14 @@ class _Run:
                  host_status: HostStatus, relay_tls_context: ssl.SSLContext | None,
                  deadline: float | None = None, observers: tuple = (), source_pool: str | None = None, *,
                  mta_sts: MTASTS | None = None, tls_report: TLSReportSink | None = None,
-                 port25: Port25 | None = None):
+                 port25: Port25 | None = None, cache=None, on_done=None, stats: RunStats | None = None,
+                 ignore_down: bool = False):
         self.domain = domain
+        self.cache = cache                # a scache.View (or None: a connection per route, closed after)
+        self.on_done = on_done
+        self.stats = stats if stats is not None else RunStats()
+        self.ignore_down = ignore_down
+        self.current: Connection | None = None    # the connection in use
         self.observers = observers
         self.source_pool = source_pool
         self.mta_sts = mta_sts
@@ -339,6 +410,14 @@ class _Run:
         rcpt.state = state
         status = {State.DELIVERED: "sent", State.BOUNCED: "bounced"}.get(state, "deferred")
         self.log(rcpt, None if (weak or unreached) else route, reply, status, command)
+        if state is not None and self.on_done is not None:
+            job = self.jobs[rcpt.env]
+            if not job.reported and all(r.state is not None for r in job.rcpts):
+                job.reported = True
+                try:
+                    self.on_done(rcpt.env, [self.result(r) for r in job.rcpts])
+                except Exception:  # noqa: BLE001 -- the caller's bookkeeping must not stop the delivery
+                    log.exception("on_done callback failed for message %s", job.envelope.id)
 
     # -- the chain -------------------------------------------------------------------------------
 
@@ -355,6 +434,7 @@ class _Run:
                                                 limit=s.mx_address_limit, policy=s.destinations)
         except DNSError as e:
             state = State.BOUNCED if e.is_permanent() else None    # deferred, or on to the relay
+            self.stats.dns_transient = state is None
             for r in self.pending():
                 self.settle(r, state, e.reply, None)
             return []
@@ -471,7 +551,9 @@ class _Run:
 
     def run(self) -> list[list[RecipientResult]]:
         always = self.settings.relay is not None and self.settings.relay_mode == "always"
+        started = time.monotonic()
         exchanges = [] if always else self.exchanges()
+        self.stats.setup_seconds += time.monotonic() - started
         routes = [] if not exchanges or self.port25_blocked(exchanges) else self.exchange_routes(exchanges)
         for route in routes:
             if not self.pending() or self.expired() or self.sessions_used_up():
@@ -492,6 +574,7 @@ class _Run:
                     r.reply = Reply.local("4.3.0", "not attempted: the delivery run's time was up")
                 else:
                     r.state = State.DEFERRED
+        self.stats.seconds = time.monotonic() - self.started
         return [[self.result(r) for r in job.rcpts] for job in self.jobs]
 
     def result(self, r: _Rcpt) -> RecipientResult:
@@ -543,8 +626,9 @@ class _Run:
     # -- one server ------------------------------------------------------------------------------
 
     def try_route(self, route: _Route) -> None:
-        if self.host_status.is_down(route.ip, route.port):
+        if self.host_status.is_down(route.ip, route.port) and not self.ignore_down:
             reply = Reply.local("4.4.1", f"host {route.name}[{route.ip}]:{route.port} is marked down: skipped")
+            self.stats.connect_failures += 1
             for r in self.pending():
                 self.settle(r, None, reply, route, weak=True)
             return
@@ -552,6 +636,69 @@ class _Run:
         conn = self.conn_seq
         for r in self.pending():
             r.attempts += 1
+        key = route_key(self.settings, route, self.source_pool) if self.cache is not None else None
+        cached = self.cache.take(key) if self.cache is not None else None
+        done = False
+        try:
+            while True:
+                reused = cached is not None
+                try:
+                    if cached is None:
+                        cached = self.open(route, key)
+                    else:
+                        self.stats.reused += 1
+                    self.current = cached
+                    for job in self.jobs:
+                        if not job.stop and job.pending():
+                            self.deliver_job(route, job, conn)
+                    self.confirm(self.current.session, route)   # the last message's final reply
+                    done = True
+                    return
+                except _SiteFailure as f:
+                    if not (reused and f.lost and not self.replied_on(conn)):
+                        raise
+                    # A cached connection the server had closed (idle timeout): say so and
+                    # open a new one; not a failure of the server.
+                    log.info("%s: cached connection to %s[%s]:%d was closed by the server; reconnecting",
+                             self.domain, route.name, route.ip, route.port)
+                    self.unconfirmed = None
+                    self.drop_current()
+                    cached = None
+        except _SiteFailure as f:
+            self.unconfirmed = None                 # their outcome is unknown: pending, settled below
+            state = State.BOUNCED if f.hard and route.final else None
+            session = self.current.session if self.current is not None else None
+            command = f.command or (_PHASE_COMMAND.get(session.phase)
+                                    if session is not None and f.reply.code is not None else None)
+            for r in self.pending():
+                self.settle(r, state, f.reply, route, unreached=f.unreached, scope=Scope.SITE, command=command)
+        except BaseException:
+            # An interrupt (or a bug): no QUIT round trip, and a message whose final
+            # reply was not read is left to the caller as not known to be delivered.
+            current, self.current = self.current, None
+            if current is not None:
+                current.session.abort()
+            raise
+        finally:
+            current, self.current = self.current, None
+            if current is not None:
+                if done and self.cache is not None and current.session.reusable:
+                    self.cache.give(current)
+                else:
+                    current.session.disconnect()
+
+    def replied_on(self, conn: int) -> bool:
+        """True when some recipient got a server reply on connection ``conn`` (see ``_Rcpt.tried_on``)."""
+        return any(r.tried_on == conn for job in self.jobs for r in job.rcpts)
+
+    def drop_current(self) -> None:
+        current, self.current = self.current, None
+        if current is not None:
+            current.session.disconnect()
+
+    def open(self, route: _Route, key) -> Connection:
+        """A new connection to ``route`` through the handshake (and login at the relay), or ``_SiteFailure``."""
+        started = time.monotonic()
         session = self.open_session(route)
         try:
             try:
@@ -561,27 +708,40 @@ class _Run:
                     if self.port25 is not None:
                         self.port25.relay_worked()
             except Exception as e:  # noqa: BLE001 -- every failure is classified
-                reraise_interrupt(e)
-                raise self.site_failure(e, route, connecting=True) from None
-            for job in self.jobs:
-                if not job.stop and job.pending():
-                    self.deliver_job(session, route, job, conn)
-            self.confirm(session, route)            # the last message's final reply
-        except _SiteFailure as f:
-            self.unconfirmed = None                 # their outcome is unknown: pending, settled below
-            state = State.BOUNCED if f.hard and route.final else None
-            command = f.command or (_PHASE_COMMAND.get(session.phase) if f.reply.code is not None else None)
-            for r in self.pending():
-                self.settle(r, state, f.reply, route, unreached=f.unreached, scope=Scope.SITE, command=command)
-        except BaseException:
-            # An interrupt (or a bug): no QUIT round trip, and a message whose final
-            # reply was not read is left to the caller as not known to be delivered.
-            session.abort()
-            raise
+                try:
+                    reraise_interrupt(e)
+                except BaseException:
+                    session.abort()
+                    raise
+                self.stats.connect_failures += 1
+                failure = self.site_failure(e, route, connecting=True)
+                if failure.command is None and failure.reply.code is not None:
+                    failure.command = _PHASE_COMMAND.get(session.phase)
+                session.disconnect()
+                raise failure from None
+            except BaseException:
+                session.abort()
+                raise
         finally:
             if session.peer is not None and not route.relay:
                 self.sessions += 1
-            session.disconnect()
+            self.stats.setup_seconds += time.monotonic() - started
+        self.stats.connects += 1
+        if self.ignore_down:
+            # A probe got through to a server marked down: it is up again for everyone.
+            mark_up = getattr(self.host_status, "mark_up", None)
+            if mark_up is not None:
+                mark_up(route.ip, route.port)
+        return Connection(session, key)
+
+    def rotate(self, route: _Route) -> None:
+        """Replace a connection that reached its reuse limits (``scache.ReuseLimits``) with a new one."""
+        current = self.current
+        if self.cache is None or current is None or not current.spent(self.cache.limits):
+            return
+        self.confirm(current.session, route)
+        self.drop_current()
+        self.current = self.open(route, current.key)
 
     def connect(self, session: SMTPSession, route: _Route) -> SMTPSession:
         """``session.connect()`` with the exchange's TLS accounting; returns the session to use.
@@ -660,18 +820,22 @@ class _Run:
             # Postfix's smtp_sasl_auth_soft_bounce: a credential problem defers, it never bounces.
             return _SiteFailure(reply if reply.is_transient() else _soften(reply))
         hard = not trouble.transient and isinstance(exc, (SMTPGreetingError, SMTPHeloError))
-        return _SiteFailure(reply, hard=hard, unreached=connecting and reply.code is None)
+        lost = not connecting and isinstance(exc, (SMTPServerDisconnected, SMTPTimeoutError))
+        return _SiteFailure(reply, hard=hard, unreached=connecting and reply.code is None, lost=lost)
 
     # -- transactions ----------------------------------------------------------------------------
 
-    def deliver_job(self, session: SMTPSession, route: _Route, job: _Job, conn: int) -> None:
+    def deliver_job(self, route: _Route, job: _Job, conn: int) -> None:
         """Every transaction this envelope needs on this connection (several after 452)."""
         while True:
             todo = [r for r in job.pending() if r.tried_on != conn]
             if not todo or job.stop or self.expired():
                 return
+            self.rotate(route)
             batch = todo[:max(1, self.settings.max_recipients)]
-            self.transaction(session, route, job, batch, conn)
+            self.transaction(self.current.session, route, job, batch, conn)
+            self.current.transactions += 1
+            self.stats.transactions += 1
 
     def transaction(self, session: SMTPSession, route: _Route, job: _Job, batch: list[_Rcpt], conn: int) -> None:
         env = job.envelope
@@ -934,7 +1098,9 @@ def deliver_domain(domain: str, envelopes: Iterable[Envelope], *, settings: Sett
                    deadline: float | None = None, observers: Iterable = (),
                    source_pool: str | None = None, mta_sts: MTASTS | None = None,
                    tls_report: TLSReportSink | None = None,
-                   port25: Port25 | None = None) -> list[list[RecipientResult]]:
+                   port25: Port25 | None = None, sessions=None,
+                   on_done: Callable[[int, list[RecipientResult]], None] | None = None,
+                   stats: RunStats | None = None, ignore_down: bool = False) -> list[list[RecipientResult]]:
     """Deliver envelopes whose recipients are all in ``domain``; one result list per envelope.
 
     Results are in each envelope's recipient order.  Raises ``InvalidAddress``
@@ -956,6 +1122,22 @@ def deliver_domain(domain: str, envelopes: Iterable[Envelope], *, settings: Sett
     process-wide ``tlsrpt.default_report()``); ``port25``: the port-25
     detector (default: a fresh in-process one when a relay is configured in
     fallback mode).
+
+    ``sessions``: a ``mxq.workers.scache.View`` (or anything with its
+    ``take(key)``, ``give(connection)`` and ``limits``): a cached connection
+    to a server is used when it holds one, a connection that reaches its
+    reuse limits is replaced by a new one, and a healthy idle connection is
+    given back to it at the end instead of closed.  Without it every server
+    gets a connection of its own, closed at the end (the library default).
+    ``on_done(index, results)``: called as soon as every recipient of
+    envelope ``index`` has its verdict for this run (delivered or bounced by
+    a server reply: right after the final reply to its message, usually), so
+    a caller can record outcomes while the rest of the batch is under way;
+    envelopes with a recipient still pending when the run ends (deferred,
+    not attempted) are not passed to it; every envelope is in the return
+    value either way.  ``stats``: a ``RunStats`` the run fills in.
+    ``ignore_down``: try exchanges even while ``host_status`` marks them down
+    (the probe of a destination declared dead).
     """
     settings = settings if settings is not None else Settings.from_env()
     if resolver is None:
@@ -974,7 +1156,8 @@ def deliver_domain(domain: str, envelopes: Iterable[Envelope], *, settings: Sett
                          f"(pools: {', '.join(settings.source_pools.names()) or 'none'})")
     mta_sts, tls_report, port25 = _defaults(settings, resolver, mta_sts, tls_report, port25)
     return _Run(d, envelopes, settings, resolver, host_status, relay_tls_context, deadline,
-                tuple(observers), source_pool, mta_sts=mta_sts, tls_report=tls_report, port25=port25).run()
+                tuple(observers), source_pool, mta_sts=mta_sts, tls_report=tls_report, port25=port25,
+                cache=sessions, on_done=on_done, stats=stats, ignore_down=ignore_down).run()
 
 
 def _defaults(settings: Settings, resolver, mta_sts, tls_report, port25):

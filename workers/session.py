@@ -48,6 +48,7 @@ import functools
 import logging
 import os
 import re
+import select
 import smtplib
 import socket
 import ssl
@@ -1548,6 +1549,28 @@ class SMTPSession:
         self._total = None
         self.accepted = []
         return reply
+
+    @property
+    def reusable(self) -> bool:
+        """True when the connection could carry another transaction as it is (``mxq.workers.scache``).
+
+        Open, no transaction or DATA in progress, no final reply owed, nothing
+        held back, and the server has sent nothing since its last reply (a
+        readable socket means it closed the connection or said something
+        unasked, such as a 421 on an idle timeout).  Costs one ``poll``.
+        """
+        if not self.connected or self._in_mail or self._stuffer is not None or self._final_unread \
+                or self._out or self._held:
+            return False
+        sock = self._smtp.sock
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return False
+        try:
+            poller = select.poll()          # not select(): descriptors above 1023 are common here
+            poller.register(sock, select.POLLIN | select.POLLPRI)
+            return not poller.poll(0)
+        except (OSError, ValueError):
+            return False
 
     def noop(self) -> Reply:
         """NOOP: check that the connection is still alive."""
