@@ -35,6 +35,7 @@ countdown (the deferred queue is a Redis ZSET, not ETA tasks).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -48,11 +49,14 @@ from mxq.workers.envelope import DSN, Envelope, Recipient
 from mxq.workers.errors import register_interrupt, reraise_interrupt
 from mxq.workers.results import RecipientResult
 
-from . import metrics, shaping
+from mxq.workers.delivery import RunStats
+from mxq.workers.scache import SessionCache, View
+
+from . import metrics, qmgr, shaping
 from .app import app, only_ours
 from .hoststatus import RedisHostStatus, RedisPolicyCache, RedisPort25State, RedisTLSReport
 from .settings import PipelineSettings
-from .store import FINAL_STATES, REPORT_LANE, TRANSIENT_REDIS_ERRORS, Claimed, Outcome, Store, get_store
+from .store import FINAL_STATES, REPORT_LANE, TRANSIENT_REDIS_ERRORS, Claimed, Grant, Outcome, Store, get_store
 from . import webhooks      # (webhooks) registers mxq.webhook; its lane is published below
 
 log = logging.getLogger("mxq.tasks")
@@ -111,9 +115,55 @@ class Runtime:
                                  relay=self.engine.relay.name)
         # Traffic shaping (MXQ_SHAPING): slots live as long as a batch lease and
         # are renewed by the same heartbeat.
-        self.shaper = shaping.Shaper(self.store.r, shaping.Policy.from_env(), slot_ttl=self.ps.lease_seconds)
+        self.shaper = shaping.Shaper(self.store.r, shaping.Policy.from_env(), slot_ttl=self.ps.lease_seconds,
+                                     dest=self.store.dest)
         # Session observers for every delivery run of this process (metrics when enabled).
         self.observers = metrics.session_observers()
+        # The destination scheduling policy every dispatch reads (mxq.tasks.qmgr).
+        self.store.publish_policy(qmgr.redis_policy(self.shaper.policy, self.ps))
+        # Connection reuse (mxq.workers.scache): a cached connection keeps the concurrency
+        # slot of the domain it last served, so it never idles more than half a slot's life.
+        reuse = self.engine.reuse
+        if reuse.idle > self.ps.lease_seconds / 2:
+            reuse = dataclasses.replace(reuse, idle=self.ps.lease_seconds / 2)
+        self.scache = SessionCache(reuse, on_close=self.closed)
+        self.recorder = qmgr.Recorder(self.store, publish)
+        # A gevent worker opens a lane's further connections inside the task (graph._Lane).
+        self.local_spawn = _green()
+        self.local_lock = threading.Lock()
+        self.local_active = 0
+        # How late a task that is ready gets its turn in this process (seconds, smoothed).
+        self.lag = 0.0
+        threading.Thread(target=self._watch_lag, name="mxq-lag", daemon=True).start()
+
+    def _watch_lag(self, period: float = 0.05) -> None:
+        """Measure the scheduling lag: how much later than asked a short sleep returns."""
+        while True:
+            t = time.monotonic()
+            time.sleep(period)
+            late = max(0.0, time.monotonic() - t - period)
+            self.lag = 0.8 * self.lag + 0.2 * late
+
+    def closed(self, tag) -> None:
+        """The connection cache closed a connection: the slot it held is free."""
+        if tag:
+            try:
+                publish(self.shaper.release(*tag))
+            except Exception as e:  # noqa: BLE001 -- the slot expires with its ttl
+                log.warning("giving back the slot of a closed connection failed: %s", e)
+
+    def adopted(self, tag) -> None:
+        """A task took a cached connection that held another task's slot: that slot is free."""
+        self.closed(tag)
+
+
+def _green() -> bool:
+    """True in a gevent worker (threads are greenlets: cheap, and the engine cooperates)."""
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return monkey.is_module_patched("threading")
 
 
 def _pid() -> int:
@@ -245,13 +295,36 @@ class _Beater:
                 for e in due:
                     e[1] = now + e[0].interval
                     e[0].beating = True
-            for hb, _ in due:
-                try:
-                    hb.beat()
-                finally:
-                    with self._cond:
+            try:
+                _beat_all([hb for hb, _ in due])
+            finally:
+                with self._cond:
+                    for hb, _ in due:
                         hb.beating = False
-                        self._cond.notify_all()
+                    self._cond.notify_all()
+
+
+def _beat_all(hbs: list["Heartbeat"]) -> None:
+    """Renew the leases and slots of ``hbs`` in one pipelined round trip per store, then their ``also``.
+
+    One round trip per heartbeat was too slow once a gevent worker runs
+    hundreds of connections: a full round of renewals took longer than a
+    lease, and live batches were put back and sent twice.
+    """
+    by_store: dict[int, tuple[Store, list[Heartbeat]]] = {}
+    for hb in hbs:
+        by_store.setdefault(id(hb.store), (hb.store, []))[1].append(hb)
+    for store, group in by_store.values():
+        try:
+            store.renew_many([hb.token for hb in group if hb.token], slots=[hb.slot for hb in group if hb.slot])
+        except Exception as e:          # Redis away for a while: the next beat tries again
+            log.warning("lease renewal failed: %s", e)
+    for hb in hbs:
+        if hb.also is not None:
+            try:
+                hb.also()
+            except Exception as e:
+                log.warning("lease renewal failed: %s", e)
 
 
 _beater: _Beater | None = None
@@ -269,24 +342,22 @@ def _the_beater() -> _Beater:
 class Heartbeat:
     """Renews the lease of the batch ``token`` every third of the lease while a task runs.
 
-    ``also``: called at every beat too (the delivery task renews its shaping slot with it).
-    The renewals run on one shared thread per process (see ``_Beater``);
-    leaving the ``with`` block waits for a renewal under way to finish.
+    ``slot``: ``(lane, token)`` of a concurrency slot renewed with it (a delivery task's);
+    ``also``: called at every beat too.  ``token`` may change while the
+    heartbeat runs (a delivery task's next chunk); "" renews no lease.
+    The renewals run on one shared thread per process (see ``_Beater``), all
+    that are due in one round trip; leaving the ``with`` block waits for a
+    renewal under way to finish.
     """
 
-    def __init__(self, store: Store, token: str, also=None):
-        self.store, self.token, self.also = store, token, also
+    def __init__(self, store: Store, token: str, also=None, slot: tuple[str, str] | None = None):
+        self.store, self.token, self.also, self.slot = store, token, also, slot
         self.interval = max(store.settings.lease_seconds / 3.0, 0.2)
         self.beating = False
 
     def beat(self) -> None:
-        """Renew the lease (and call ``also``) once; Redis errors are logged, never raised."""
-        try:
-            self.store.renew(self.token)
-            if self.also is not None:
-                self.also()
-        except Exception as e:          # Redis away for a while: the next beat tries again
-            log.warning("lease renewal failed: %s", e)
+        """Renew the lease and slot (and call ``also``) once; Redis errors are logged, never raised."""
+        _beat_all([self])
 
     def __enter__(self):
         self._beater = _the_beater()
@@ -303,6 +374,12 @@ class Heartbeat:
 FANOUT_DIRECT = 8
 
 
+#: Tasks publishing at once in one process (a gevent worker runs hundreds of tasks; the
+#: broker transport's connection pool is bounded: mxq.tasks.app's max_connections).
+PUBLISHERS = 16
+_publishing = threading.BoundedSemaphore(PUBLISHERS)
+
+
 def publish(dispatch: list[tuple[str, int]], *, fan_out: bool = False) -> int:
     """Publish the tasks a store script asked for: ``[(lane, count), ...]``; return how many.
 
@@ -317,7 +394,7 @@ def publish(dispatch: list[tuple[str, int]], *, fan_out: bool = False) -> int:
         fanout.apply_async(args=[[[lane, n] for lane, n in dispatch]])
         return 1
     n = 0
-    with app.producer_or_acquire() as producer:
+    with _publishing, app.producer_or_acquire() as producer:
         for lane, count in dispatch:
             for _ in range(count):
                 if lane == REPORT_LANE:
@@ -354,18 +431,25 @@ def _wants(sender: str, notify_kw, action: str) -> bool:
 
 
 def _updated(rec: dict, result: dict | None, *, sender: str, now: float, deadline: float,
-             ps: PipelineSettings) -> tuple[dict, str, float | None]:
+             ps: PipelineSettings, tried: bool = True, not_before: float | None = None
+             ) -> tuple[dict, str, float | None]:
     """A recipient's new record after one run: ``(record, report event, due)``.
 
     ``result`` is the engine's ``RecipientResult.to_dict()``, or None when the
     recipient was not attempted (its lifetime ran out before).  A deferral
     past the lifetime becomes ``expired`` (with the last reason); otherwise
-    the next attempt is due after the retry schedule's step for this run,
-    but never later than the end of the lifetime, so the last attempt happens
-    at the deadline.
+    the next attempt is due after the retry schedule's step for this run
+    (and not before ``not_before``), but never later than the end of the
+    lifetime, so the last attempt happens at the deadline.  ``tried=False``:
+    nothing was sent (a dead destination's mail deferred without a
+    connection): the state and reason change, the attempt counts and the
+    last exchange stay.
     """
     rec = dict(rec)
-    if result is not None:
+    if result is not None and not tried:
+        for f in ("state", "code", "enhanced", "text", "scope"):
+            rec[f] = result.get(f)
+    elif result is not None:
         for f in ("state", "code", "enhanced", "text", "exchange", "ip", "relay", "scope"):
             rec[f] = result.get(f)
         rec["first_attempt"] = rec.get("first_attempt") or now
@@ -389,7 +473,10 @@ def _updated(rec: dict, result: dict | None, *, sender: str, now: float, deadlin
             if not rec.get("enhanced"):
                 rec["enhanced"] = "4.4.7"
         else:
-            due = min(now + ps.backoff(int(rec.get("runs") or 1)), deadline)
+            due = now + ps.backoff(max(1, int(rec.get("runs") or 1)))
+            if not_before is not None:
+                due = max(due, not_before)
+            due = min(due, deadline)
             rec["next_attempt"] = due
             if not rec.get("delay_reported") and rec.get("notify") and "DELAY" in rec["notify"] \
                     and _wants(sender, rec["notify"], "delayed"):
@@ -424,55 +511,200 @@ def _results_for(env: Envelope, results: list) -> list[dict | None]:
 
 
 def run_delivery(domain: str) -> dict:
-    """Claim up to K work items of ``domain``, deliver them, record the outcome.
+    """One connection's worth of ``domain``'s mail (``mxq.tasks.qmgr``): claim, deliver, record, repeat.
 
-    Traffic shaping comes first (``mxq.tasks.shaping``): a concurrency slot and a
-    token per message, or the work stays on its ready list, the lane goes to
-    ``mxq:throttled`` for the scheduler, and the task returns at once (it
-    never sleeps waiting for a token).  Returns counts for the task's
-    result/logs (no addresses, no content).
+    Traffic shaping and the destination's window come first
+    (``mxq.tasks.shaping``): a concurrency slot and a token per message, or the
+    work stays on its ready list, the lane goes to ``mxq:throttled`` for the
+    scheduler, and the task returns at once (it never sleeps waiting).  A
+    dead destination's task defers the ready mail instead (no connection);
+    the first task after its dead period is its probe.  Then the task takes
+    chunks of the lane's ready mail over one connection until the lane is
+    empty, the destination fails, or half the soft time limit has passed.
+    Returns counts for the task's result/logs (no addresses, no content).
     """
     rt = runtime()
     token = uuid.uuid4().hex
     grant = rt.shaper.acquire(domain, token, rt.ps.batch_size, now=time.time())
     if not grant.granted:
-        if grant.reason != "empty":
-            metrics.throttled(domain, grant.reason)
-            log.info("deliver %s: held back by shaping (%s), looked at again in %.2f s",
-                     domain, grant.reason, grant.wait)
+        if _refused(domain, grant):
             return {"items": 0, "throttled": 1}
         return {"items": 0}
-    try:
-        counts, dispatch = _deliver_batch(rt, domain, token, grant)
-    finally:
-        if grant.slot:          # before publishing: the tasks published next may take the slot
-            rt.shaper.release(domain, token)
+    if grant.mode == "drain":
+        counts = _drain(rt, domain, token, grant)
+    else:
+        counts = _Lane(rt, domain).run(token, grant)
     metrics.dns(rt.resolver)
-    if dispatch is None:
-        return dict(counts)
-    metrics.outcomes(domain, counts)
-    publish(dispatch)
-    log.info("deliver %s: %s", domain, ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    if counts.get("items"):
+        metrics.outcomes(domain, counts)
+        log.info("deliver %s: %s", domain, ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     return dict(counts)
 
 
-def _deliver_batch(rt: Runtime, domain: str, token: str, grant: "shaping.Grant"):
-    """Claim up to ``grant.granted`` items of ``domain`` under ``token``, deliver, release.
+def _refused(domain: str, grant: Grant) -> bool:
+    """Count and log a refused acquire; True unless the lane was merely empty."""
+    if grant.reason == "empty":
+        return False
+    metrics.throttled(domain, grant.reason)
+    log.info("deliver %s: held back by %s (%s), looked at again in %.2f s", domain,
+             "a dead destination's probe" if grant.reason == "dead" else "shaping", grant.reason, grant.wait)
+    return True
 
-    Returns ``(counts, dispatch)``; ``dispatch`` is None when nothing was claimed.
+
+class _Lane:
+    """One ``mxq.deliver`` task: its connection to the lane, and the lane's further connections it runs here.
+
+    When the lane's dispatch wants more connections (its window grew, its
+    mail is slow) and this is a gevent worker with room, the task opens them
+    itself, each a ``_Connection`` with a slot of its own (taken through the
+    same acquire a published task makes, so every limit and count is the
+    same), up to ``qmgr.CONNECTIONS_PER_TASK`` per task and
+    ``qmgr.LOCAL_CONNECTIONS`` per process; what it cannot take is published
+    as tasks for any worker.  This saves a Celery task (about 2-3 ms of CPU:
+    publish, receive, events, ack) per connection.  The task returns when
+    all its connections are done.
     """
-    from mxq.workers.delivery import deliver_domain
 
-    store, ps = rt.store, rt.ps
-    items = store.claim(domain, token, limit=grant.granted)
-    if len(items) < grant.granted:      # another task took some: give their tokens back
-        rt.shaper.refund(domain, grant.granted - len(items))
-    counts: dict[str, int] = defaultdict(int)
-    counts["items"] = len(items)
-    if not items:
-        return counts, None
-    renew_slot = (lambda: rt.shaper.renew(domain, token)) if grant.slot else None
-    with Heartbeat(store, token, also=renew_slot):
+    def __init__(self, rt: Runtime, domain: str):
+        self.rt, self.domain = rt, domain
+        self.local = 0                      # this task's connections running
+        self.threads: list[threading.Thread] = []
+        self.conns: list[_Connection] = []
+        self.conns_counts: list[dict] = []
+        self.deadline = time.monotonic() + rt.ps.soft_time_limit / 2
+
+    def run(self, token: str, grant: Grant) -> dict:
+        first = self.start(token, grant)
+        try:
+            first.run()
+        finally:
+            first.close()
+            self.done()
+            while self.threads:
+                self.threads.pop().join()
+        counts: dict[str, int] = defaultdict(int)
+        for c in [c.counts for c in self.conns] + self.conns_counts:
+            for k, v in c.items():
+                counts[k] += v
+        return counts
+
+    def start(self, token: str, grant: Grant) -> "_Connection":
+        with self.rt.local_lock:
+            self.rt.local_active += 1
+            self.local += 1
+        conn = _Connection(self.rt, self.domain, token, grant, lane=self)
+        self.conns.append(conn)
+        return conn
+
+    def done(self) -> None:
+        with self.rt.local_lock:
+            self.rt.local_active -= 1
+            self.local -= 1
+
+    def publish(self, dispatch: list[tuple[str, int]]) -> None:
+        """Publish ``dispatch``, opening the wanted connections of this lane here when there is room."""
+        rest = []
+        for lane, n in dispatch:
+            if lane == self.domain and n > 0 and self.rt.local_spawn and time.monotonic() < self.deadline \
+                    and self.rt.lag < qmgr.MAX_LAG:
+                with self.rt.local_lock:
+                    k = max(0, min(n, qmgr.CONNECTIONS_PER_TASK - self.local,
+                                   qmgr.LOCAL_CONNECTIONS - self.rt.local_active))
+                    self.local += k                 # reserved; start() counts them again
+                    self.rt.local_active += k
+                for _ in range(k):
+                    t = threading.Thread(target=self.extra, name="mxq-conn", daemon=True)
+                    self.threads.append(t)
+                    t.start()
+                n -= k
+            if n > 0:
+                rest.append((lane, n))
+        publish(rest)
+
+    def extra(self) -> None:
+        """One more connection of the lane (a thread: a greenlet under gevent), as a published task would."""
+        with self.rt.local_lock:            # the reservation made in publish(); start() counts it
+            self.rt.local_active -= 1
+            self.local -= 1
+        try:
+            token = uuid.uuid4().hex
+            grant = self.rt.shaper.acquire(self.domain, token, self.rt.ps.batch_size, now=time.time())
+            if not grant.granted:
+                _refused(self.domain, grant)
+                return
+            if grant.mode != "deliver":
+                if grant.mode == "drain":           # declared dead meanwhile
+                    self.conns_counts.append(_drain(self.rt, self.domain, token, grant))
+                return
+            conn = self.start(token, grant)
+            try:
+                conn.run()
+            finally:
+                conn.close()
+                self.done()
+        except Exception:  # noqa: BLE001 -- like a task that failed: the leases bring its work back
+            log.exception("deliver %s: a connection failed", self.domain)
+
+
+class _Connection:
+    """A connection (slot) to ``domain`` taking chunks of its ready mail (see ``_Lane``)."""
+
+    def __init__(self, rt: Runtime, domain: str, token: str, grant: Grant, lane: _Lane):
+        self.rt, self.domain, self.token, self.grant, self.lane = rt, domain, token, grant, lane
+        self.ps = rt.ps
+        self.probe = grant.mode == "probe"
+        self.latency = grant.latency
+        limits = rt.shaper.policy.for_domain(domain)
+        self.tokens = grant.granted if limits.rate else None      # rate tokens left to use
+        self.sessions = View(rt.scache, tag=(domain, token) if grant.slot else None, on_adopt=rt.adopted,
+                             hold=True)
+        self.deadline = lane.deadline
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def run(self) -> dict:
+        with Heartbeat(self.rt.store, "", slot=(self.domain, self.token) if self.grant.slot else None) as hb:
+            seq = 0
+            while True:
+                k = 1 if self.probe else qmgr.chunk_size(self.latency, self.ps.batch_size)
+                if self.tokens is not None:
+                    k = min(k, self.tokens)
+                    if k <= 0:
+                        break
+                seq += 1
+                batch = f"{self.token}.{seq}"
+                hb.token = batch
+                items = self.rt.store.claim(self.domain, batch, limit=k)
+                if self.tokens is not None:
+                    self.tokens -= len(items)
+                if not items:
+                    break
+                status, stats = self.chunk(batch, items)
+                if status in ("dead", "error") or stats.failed or stats.dns_transient:
+                    break                   # the destination (or the engine) is in trouble: no more now
+                self.probe = False          # a probe that got this far revived it
+                if len(items) < k or time.monotonic() >= self.deadline:
+                    break                   # the lane was empty (what came since gets a task at close)
+        return self.counts
+
+    def close(self) -> None:
+        """The held connection goes to the process cache keeping the slot (parked); else the slot is given back.
+
+        Either way the task no longer counts as running, and the lane's ready
+        work (if any came meanwhile) gets tasks.
+        """
+        kept = self.sessions.release()
+        if self.tokens:
+            self.rt.shaper.refund(self.domain, self.tokens)
+        if self.grant.slot:
+            self.lane.publish(self.rt.shaper.release(self.domain, self.token, park=kept))
+
+    def chunk(self, batch: str, items: list[Claimed]) -> tuple[str, RunStats]:
+        """Deliver one claimed chunk over the task's connection, record it, release it."""
+        from mxq.workers.delivery import deliver_domain
+
+        rt, ps, domain = self.rt, self.ps, self.domain
+        counts = self.counts
+        counts["items"] += len(items)
         plan = []               # (item, pending, envelope)
         outcomes = []
         for it in items:
@@ -481,67 +713,160 @@ def _deliver_batch(rt: Runtime, domain: str, token: str, grant: "shaping.Grant")
                 plan.append((it, pending, _envelope(it, pending)))
             else:
                 outcomes.append(Outcome(it.wid))        # nothing left to do (a stale copy)
+        stats = RunStats()
         results: list[list] | None = None
+        recorded: set[int] = set()
+
+        def done(n: int, res: list) -> None:
+            # The message's final reply is in: record it now, while the chunk goes on.
+            it, pending, env = plan[n]
+            recorded.add(n)
+            rt.recorder.add(batch, domain, self.outcome(it, pending, _results_for(env, res), time.time()))
+
         if plan:
             started = time.monotonic()
             try:
-                # Half the soft time limit for the whole batch: past it no new transaction
-                # starts, and what was not tried comes back for a prompt retry, so a slow
-                # server never runs a batch into SoftTimeLimitExceeded (which resends it all).
                 results = deliver_domain(domain, [env for _, _, env in plan], settings=rt.engine,
-                                         resolver=rt.resolver, host_status=rt.hosts,
-                                         deadline=started + ps.soft_time_limit / 2, observers=rt.observers,
+                                         resolver=rt.resolver, host_status=rt.hosts, deadline=self.deadline,
+                                         observers=rt.observers,
                                          source_pool=rt.shaper.policy.for_domain(domain).pool,
-                                         mta_sts=rt.mta_sts, tls_report=rt.tls_report, port25=rt.port25)
+                                         mta_sts=rt.mta_sts, tls_report=rt.tls_report, port25=rt.port25,
+                                         sessions=self.sessions, on_done=done if self.progressive(len(plan)) else None,
+                                         stats=stats, ignore_down=self.probe)
                 metrics.run_seconds(time.monotonic() - started)
-            except SoftTimeLimitExceeded:
-                # Out of time mid-batch: put every item back for a prompt retry.
-                # Transactions that completed are sent again (at most K).
-                store.release(token, domain, [Outcome(it.wid, due=time.time()) for it, _, _ in plan]
-                              + outcomes)
+            except Exception as e:
+                if not isinstance(e, SoftTimeLimitExceeded):
+                    # An engine bug must not lose mail: a transient local failure, so the
+                    # recipients follow the retry schedule.
+                    log.exception("deliver_domain failed for %d message(s) of %s", len(plan), domain)
+                    results = None
+                else:
+                    self.interrupted(batch, plan, recorded, outcomes, "the task's soft time limit was reached")
+                    raise
+            except BaseException as e:      # gevent's Timeout (the hard time limit), GreenletExit, ...
+                self.interrupted(batch, plan, recorded, outcomes, f"the task was stopped ({type(e).__name__})")
                 raise
-            except Exception:
-                # An engine bug must not lose mail: record a transient local
-                # failure, so the recipients follow the retry schedule.
-                log.exception("deliver_domain failed for %d message(s) of %s", len(plan), domain)
-                results = None
         now = time.time()
         for n, (it, pending, env) in enumerate(plan):
+            if n in recorded:
+                continue
             if results is not None:
                 per = _results_for(env, results[n])
             else:
                 per = [{"state": "deferred", "code": None, "enhanced": "4.3.0",
                         "text": "internal error in the delivery engine", "attempts": 0}] * len(pending)
-            deadline = float(it.meta.get("created") or now) + ps.max_lifetime
+            outcomes.append(self.outcome(it, pending, per, now))
+        late, written = rt.recorder.take(batch)
+        fb = qmgr.feedback(stats, [_results_for(env, results[n]) for n, (_, _, env) in enumerate(plan)]
+                           if results is not None else None, probe=self.token if self.probe else "",
+                           lag=rt.lag)
+        # A busy process (CPU-bound, its tasks waiting for their turn) asks for no more
+        # connections to this lane: they would add work, not throughput.  This task goes on
+        # with the lane's mail, and what is left when it ends gets a task then.
+        applied, dispatch, status = rt.store.finish(batch, domain, late + outcomes, fb if plan else None,
+                                                    now=now, spread=rt.lag <= qmgr.MAX_LAG)
+        counts["written"] += written + len(applied)
+        if results is not None and stats.transactions and fb.latency:
+            self.latency = qmgr.smooth(self.latency, fb.latency)
+        self.lane.publish(dispatch)
+        if status == "dead":
+            log.warning("deliver %s: destination declared dead (%s)", domain, fb.why or "connection failures")
+        if plan and results is None:
+            status = "error"
+        return status, stats
+
+    def progressive(self, n: int) -> bool:
+        """Record this chunk's messages one by one as their final replies arrive (``qmgr.Recorder``)?
+
+        Only when the chunk takes a while: a fast destination's chunk is over
+        (and recorded whole) sooner than a recording would be written.
+        """
+        return n > 1 and (self.latency is None or self.latency * n >= qmgr.RECORD_AFTER)
+
+    def outcome(self, it: Claimed, pending: list[tuple[str, dict]], per: list[dict | None], now: float) -> Outcome:
+        """The ``Outcome`` of one work item from its recipients' results (counted in ``counts``)."""
+        counts, ps = self.counts, self.ps
+        deadline = float(it.meta.get("created") or now) + ps.max_lifetime
+        out = Outcome(it.wid, idem=it.meta.get("idem", ""))
+        if it.meta.get("n") and it.meta.get("left") and len(it.indexes) == int(it.meta["n"]):
+            out.left = int(it.meta["left"])     # the whole job: 'left' written with the records
+        dues = []
+        for (idx, rec), res in zip(pending, per):
+            if res is None:
+                res = {"state": "deferred", "enhanced": "4.3.0", "text": "no result from the engine"}
+            elif res.get("state") == "queued":
+                # Not attempted (the task's time was up): the record stays, the item comes
+                # back at once through the deferred queue.
+                counts["not_attempted"] += 1
+                dues.append(now)
+                continue
+            new, event, due = _updated(rec, res, sender=it.meta.get("sender", ""), now=now,
+                                       deadline=deadline, ps=ps)
+            out.updates.append((idx, new, event))
+            counts[new["state"]] += 1
+            if due is not None:
+                dues.append(due)
+        out.due = min(dues) if dues else None
+        return out
+
+    def interrupted(self, batch: str, plan: list, recorded: set[int], outcomes: list[Outcome], why: str) -> None:
+        """Out of time (or stopped) mid-chunk: every message not recorded yet is recorded deferred, with why.
+
+        Transactions that were under way may have been delivered: those are
+        sent again (they were in flight); nothing else is.
+        """
+        now = time.time()
+        for n, (it, pending, env) in enumerate(plan):
+            if n not in recorded:
+                per = [{"state": "deferred", "code": None, "enhanced": "4.3.0",
+                        "text": f"delivery interrupted: {why}", "attempts": 1}] * len(pending)
+                outcomes.append(self.outcome(it, pending, per, now))
+        late, _ = self.rt.recorder.take(batch)
+        try:
+            _, dispatch = self.rt.store.release(batch, self.domain, late + outcomes, now=now)
+            publish(dispatch)
+        except Exception:  # noqa: BLE001 -- the lease brings the items back
+            log.exception("deliver %s: recording an interrupted chunk failed", self.domain)
+
+
+def _drain(rt: Runtime, domain: str, token: str, grant: Grant) -> dict:
+    """A dead destination: record its ready mail deferred (no connection), due after its dead period."""
+    counts: dict[str, int] = defaultdict(int)
+    result = qmgr.suspended_result(grant.why, grant.enhanced)
+    seq = 0
+    while True:
+        seq += 1
+        batch = f"{token}.{seq}"
+        items = rt.store.claim(domain, batch, limit=rt.ps.batch_size)
+        if not items:
+            break
+        counts["items"] += len(items)
+        now = time.time()
+        outcomes = []
+        for it in items:
             out = Outcome(it.wid, idem=it.meta.get("idem", ""))
-            if it.meta.get("n") and it.meta.get("left") and len(it.indexes) == int(it.meta["n"]):
-                out.left = int(it.meta["left"])     # the whole job: 'left' written with the records
+            deadline = float(it.meta.get("created") or now) + rt.ps.max_lifetime
             dues = []
-            for (idx, rec), res in zip(pending, per):
-                if res is None:
-                    res = {"state": "deferred", "enhanced": "4.3.0", "text": "no result from the engine"}
-                elif res.get("state") == "queued":
-                    # Not attempted (the batch's time was up): the record stays, the item comes
-                    # back at once through the deferred queue.
-                    counts["not_attempted"] += 1
-                    dues.append(now)
-                    continue
-                new, event, due = _updated(rec, res, sender=it.meta.get("sender", ""), now=now,
-                                           deadline=deadline, ps=ps)
+            for idx, rec in _pending(it):
+                new, event, due = _updated(rec, result, sender=it.meta.get("sender", ""), now=now,
+                                           deadline=deadline, ps=rt.ps, tried=False,
+                                           not_before=now + grant.dead_wait)
                 out.updates.append((idx, new, event))
                 counts[new["state"]] += 1
                 if due is not None:
                     dues.append(due)
             out.due = min(dues) if dues else None
             outcomes.append(out)
-        applied, dispatch = store.release(token, domain, outcomes, now=now)
-    counts["written"] = len(applied)
-    return counts, dispatch
+        applied, dispatch = rt.store.release(batch, domain, outcomes, now=now)
+        counts["written"] += len(applied)
+        counts["suspended"] += len(items)
+        publish(dispatch)
+    return counts
 
 
 @app.task(name="mxq.deliver", acks_late=True, reject_on_worker_lost=True, ignore_result=True, **_RETRY)
 def deliver(domain: str) -> dict:
-    """Deliver up to ``MXQ_BATCH_SIZE`` ready messages of ``domain`` over one connection per exchange."""
+    """A connection's worth of ``domain``'s ready mail (``run_delivery``; chunks of up to ``MXQ_BATCH_SIZE``)."""
     return run_delivery(domain)
 
 

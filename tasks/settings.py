@@ -40,6 +40,8 @@ class PipelineSettings:
     #: much as a dozen delivered messages (profiled); graph bounds a batch's time instead.
     batch_size: int = 64
     domain_concurrency: int = 4
+    initial_concurrency: int = 5
+    failed_cohort_limit: int = 1
     intake_threshold: int = 500
     soft_time_limit: float = 900
     hard_time_limit: float = 960
@@ -61,6 +63,7 @@ class PipelineSettings:
                 max_lifetime=c["MXQ_MAX_LIFETIME"], result_ttl=c["MXQ_RESULT_TTL"],
                 lease_seconds=c["MXQ_LEASE_SECONDS"], dispatch_stale=c["MXQ_DISPATCH_STALE"],
                 batch_size=c["MXQ_BATCH_SIZE"], domain_concurrency=c["MXQ_DOMAIN_CONCURRENCY"],
+                initial_concurrency=c["MXQ_INITIAL_CONCURRENCY"], failed_cohort_limit=c["MXQ_FAILED_COHORT_LIMIT"],
                 intake_threshold=c["MXQ_INTAKE_THRESHOLD"], soft_time_limit=c["MXQ_TASK_SOFT_LIMIT"],
                 hard_time_limit=c["MXQ_TASK_HARD_LIMIT"], submit_timeout=c["MXQ_SUBMIT_TIMEOUT"],
                 result_backend=c["MXQ_RESULT_BACKEND"])

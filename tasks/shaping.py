@@ -94,6 +94,8 @@ from mxq import settings as registry
 from mxq.workers.address import normalize_domain
 from mxq.workers.errors import InvalidInput
 
+from .store import Destinations, Grant
+
 #: Connections open at once to one domain when nothing says otherwise (Postfix's default).
 DEFAULT_CONCURRENCY = 20
 #: Seconds before a lane refused for want of a slot is looked at again by the
@@ -264,81 +266,8 @@ def _merge(base: Limits, fields: dict) -> Limits:
 
 
 # ---------------------------------------------------------------- Redis side
-# KEYS: ready list, pending hash, dispatch zset, throttled zset, slot zset, tat string
-# ARGV: now (the caller's clock, for mxq:dispatch / mxq:throttled, which the
-#       scheduler compares with its own clock), lane, want, concurrency (0 =
-#       none), slot ttl, token, emission interval (0 = no rate), bucket size,
-#       backstop seconds
-# Returns {granted, wait (string: seconds), reason}: reason "ok", "empty",
-# "concurrency" or "rate".  Every limit is computed on Redis's TIME.
-_ACQUIRE = r"""
-local ready, pending, dispatch, throttled, slots, tatk = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local now, lane, want = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-local climit, ttl, token = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
-local T, bucket, backstop = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local t = redis.call('TIME')
-local rnow = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local n = redis.call('LLEN', ready)
--- Refusing: do the bookkeeping a claim would have done (this task is no
--- longer pending; the lane is active), and have the scheduler look again.
-local function refuse(reason, wait)
-  local pend = tonumber(redis.call('HGET', pending, lane) or '0')
-  if pend > 1 then
-    redis.call('HSET', pending, lane, pend - 1)
-  elseif pend == 1 then
-    redis.call('HDEL', pending, lane)
-  end
-  if n > 0 then
-    redis.call('ZADD', dispatch, now, lane)
-    redis.call('ZADD', throttled, 'LT', now + wait, lane)
-  else
-    redis.call('ZREM', dispatch, lane)
-  end
-  return {0, string.format('%.6f', wait), reason}
-end
-if n == 0 then return refuse('empty', 0) end
-if climit > 0 then
-  redis.call('ZREMRANGEBYSCORE', slots, '-inf', rnow)      -- holders that died
-  if redis.call('ZCARD', slots) >= climit then return refuse('concurrency', backstop) end
-end
-local grant = math.min(want, n)
-if T > 0 then
-  local tat = tonumber(redis.call('GET', tatk) or '0')
-  local base = math.max(tat, rnow)
-  local avail = math.floor(bucket - (base - rnow) / T + 1e-9)
-  if avail < 1 then return refuse('rate', (base - rnow) - (bucket - 1) * T) end
-  grant = math.min(grant, avail)
-  local tat2 = base + grant * T
-  redis.call('SET', tatk, string.format('%.6f', tat2), 'PX', math.ceil((tat2 - rnow) * 1000) + 1000)
-end
-if climit > 0 then
-  redis.call('ZADD', slots, rnow + ttl, token)
-  redis.call('PEXPIRE', slots, math.ceil(ttl * 1000) + 1000)
-end
-return {grant, '0', 'ok'}
-"""
-
-# KEYS: slot zset.  ARGV: ttl, token.  Extends the slot if the token still holds it.
-_RENEW = r"""
-local t = redis.call('TIME')
-local rnow = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local ttl = tonumber(ARGV[1])
-local ok = redis.call('ZADD', KEYS[1], 'XX', 'CH', rnow + ttl, ARGV[2])
-if redis.call('ZSCORE', KEYS[1], ARGV[2]) then
-  redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 1000) + 1000)
-  return 1
-end
-return 0
-"""
-
-# KEYS: tat string.  ARGV: tokens, emission interval.  Gives unused tokens back.
-_REFUND = r"""
-local tat = redis.call('GET', KEYS[1])
-if not tat then return 0 end
-local v = tonumber(tat) - tonumber(ARGV[1]) * tonumber(ARGV[2])
-redis.call('SET', KEYS[1], string.format('%.6f', v), 'KEEPTTL')
-return 1
-"""
+# The scripts and keys are the store's (mxq.tasks.store: _ACQUIRE, _SLOT_RENEW,
+# _SLOT_RELEASE, _REFUND, class Destinations); the Shaper applies a Policy through them.
 
 PREFIX = "mxq:"
 THROTTLED = PREFIX + "throttled"
@@ -354,75 +283,57 @@ def tat_key(domain: str) -> str:
     return f"{PREFIX}shape:tat:{domain}"
 
 
-@dataclass(frozen=True)
-class Grant:
-    """The answer to ``Shaper.acquire``: ``granted`` messages may be claimed (0: none).
-
-    ``reason``: ``ok``, ``empty`` (nothing ready), ``concurrency`` (every slot
-    taken) or ``rate`` (no token); ``wait``: seconds until the scheduler
-    looks at the lane again.  ``slot``: whether a concurrency slot is held
-    (and must be released).
-    """
-
-    granted: int
-    reason: str
-    wait: float = 0.0
-    slot: bool = False
-
-
 class Shaper:
-    """The shaping scripts on one Redis client, for one ``Policy``.
+    """A ``Policy`` applied through the store's destination scripts on one Redis client.
 
     ``slot_ttl``: seconds a slot outlives its holder's last renewal (the
     pipeline uses ``MXQ_LEASE_SECONDS``, renewed by the lease heartbeat).
     """
 
     def __init__(self, client, policy: Policy | None = None, *, slot_ttl: float = 45.0,
-                 backstop: float = BACKSTOP):
+                 backstop: float = BACKSTOP, dest: Destinations | None = None):
         self.r = client
         self.policy = policy if policy is not None else Policy.from_env()
         self.slot_ttl = float(slot_ttl)
         self.backstop = float(backstop)
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
-        self._refund = client.register_script(_REFUND)
+        self.dest = dest if dest is not None else Destinations(client)
 
     def acquire(self, domain: str, token: str, want: int, *, now: float) -> Grant:
         """Take a slot and up to ``want`` tokens for ``domain``'s ready work, or refuse.
 
-        On refusal nothing is held, the lane's ``mxq:pending`` count is
-        decremented (as a claim would) and the lane is put in
-        ``mxq:throttled`` for the scheduler.  ``now`` is the caller's clock
-        (the one the store and scheduler use); the limits use Redis time.
+        The slot is counted against the domain's concurrency window (which
+        grows from ``MXQ_INITIAL_CONCURRENCY`` to its limit, see
+        ``mxq.tasks.qmgr``).  On refusal nothing is held and the lane is put in
+        ``mxq:throttled`` for the scheduler; either way the task no longer
+        counts in ``mxq:pending``.  ``now`` is the caller's clock (the one the
+        store and scheduler use); the limits use Redis time.
         """
         lim = self.policy.for_domain(domain)
-        interval = 1.0 / lim.rate if lim.rate else 0.0
-        keys = [f"{PREFIX}ready:{domain}", f"{PREFIX}pending", f"{PREFIX}dispatch", THROTTLED,
-                slots_key(domain), tat_key(domain)]
-        args = [repr(float(now)), domain, int(want), lim.concurrency or 0, repr(self.slot_ttl), token,
-                repr(interval), lim.bucket, repr(self.backstop)]
-        granted, wait, reason = self._acquire(keys=keys, args=args)
-        reason = reason.decode() if isinstance(reason, bytes) else str(reason)
-        granted = int(granted)
-        return Grant(granted, reason, float(wait), slot=granted > 0 and bool(lim.concurrency))
+        return self.dest.acquire(domain, token, want, concurrency=lim.concurrency or 0,
+                                 interval=1.0 / lim.rate if lim.rate else 0.0, bucket=lim.bucket,
+                                 slot_ttl=self.slot_ttl, backstop=self.backstop, now=now)
 
     def renew(self, domain: str, token: str) -> bool:
         """Extend ``token``'s slot for ``domain``; False when it holds none (expired, or no limit)."""
-        return self._renew(keys=[slots_key(domain)], args=[repr(self.slot_ttl), token]) == 1
+        return self.dest.renew(domain, token, self.slot_ttl)
 
-    def release(self, domain: str, token: str) -> None:
-        """Give ``token``'s slot back (nothing happens when it holds none)."""
-        self.r.zrem(slots_key(domain), token)
+    def release(self, domain: str, token: str, *, park: bool = False) -> list[tuple[str, int]]:
+        """Give ``token``'s slot back (nothing happens when it holds none); return the tasks to publish.
+
+        ``park``: the holder's connection goes idle in a connection cache and
+        keeps the slot (it counts against the limit, not as a running task).
+        """
+        return self.dest.release(domain, token, park=park, ttl=self.slot_ttl)[1]
 
     def refund(self, domain: str, tokens: int) -> None:
         """Give back ``tokens`` granted but not used (the work was claimed by someone else)."""
         lim = self.policy.for_domain(domain)
         if tokens > 0 and lim.rate:
-            self._refund(keys=[tat_key(domain)], args=[int(tokens), repr(1.0 / lim.rate)])
+            self.dest.refund(domain, tokens, 1.0 / lim.rate)
 
     def holders(self, domain: str) -> int:
         """How many slots of ``domain`` are held now (expired holders included until the next acquire)."""
-        return int(self.r.zcard(slots_key(domain)))
+        return self.dest.holders(domain)
 
 
 def check_on_worker_init(**_kw) -> None:

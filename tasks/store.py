@@ -160,13 +160,86 @@ local function push(cmd, key, values)
     redis.call(cmd, key, unpack(values, i, math.min(i + 999, #values)))
   end
 end
--- How many more tasks each lane needs: enough to drain it in batches of k,
--- at most maxpar queued at once, minus those already published and not
--- started.  force: treat the published ones as lost (the scheduler, for a
--- lane with ready work and no activity for a while).
+-- ---- destinations (the queue manager's per-domain state; see the module docstring) ----
+-- mxq:policy (JSON, written by every worker at start: Store.publish_policy) says how
+-- destinations are scheduled; these defaults apply until a worker wrote it.
+local POLICY_DEFAULT = {d = 20, m = {}, i = 5, x = 1000, t = 0.5, c = 1, s = {60}, idle = 600}
+local _pol = nil
+local function policy()
+  if _pol == nil then
+    local v = redis.call('GET', P .. 'policy')
+    _pol = POLICY_DEFAULT
+    if v then
+      local ok, dec = pcall(cjson.decode, v)
+      if ok and type(dec) == 'table' then _pol = dec end
+    end
+    for f, d in pairs(POLICY_DEFAULT) do if _pol[f] == nil then _pol[f] = d end end
+  end
+  return _pol
+end
+local function rtime()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function dest_key(lane) return P .. 'dest:' .. lane end
+-- A lane's state as stored (a table; {} when none).  A lane quiet for pol.idle
+-- seconds (and not dead) starts again from the initial window, as Postfix forgets
+-- a destination whose queue emptied.
+local function dest_decode(v, rnow)
+  if not v then return {} end
+  local st = cjson.decode(v)
+  if not st.du and st.t and rnow and rnow - st.t > policy().idle then
+    st.w = nil; st.fc = nil
+  end
+  return st
+end
+local function dest_load(lane, rnow) return dest_decode(redis.call('GET', dest_key(lane)), rnow) end
+local function dest_save(lane, st, rnow)
+  st.t = rnow
+  local ttl = 3600
+  if st.du and st.du > rnow then ttl = ttl + math.ceil(st.du - rnow) end
+  redis.call('SET', dest_key(lane), cjson.encode(st), 'EX', ttl)
+end
+-- The lane's concurrency limit (MXQ_SHAPING's Nc): 0 when it has none.
+local function climit(lane)
+  local pol = policy()
+  local v = pol.m[lane]
+  if v == nil then v = pol.d end
+  return tonumber(v) or 0
+end
+-- The lane's concurrency window now: from pol.i (initial), never above its limit.
+local function window(lane, st)
+  local pol = policy()
+  local lim = climit(lane)
+  if lim == 0 then lim = pol.x end
+  local w = st.w or pol.i
+  if w > lim then w = lim end
+  if w < 1 then w = 1 end
+  return math.floor(w)
+end
+-- Messages one connection gets through in pol.t seconds at the lane's measured seconds per
+-- message (not capped: a fast lane's backlog is one connection's work); unknown: k.
+local function per_connection(st, k)
+  local pol = policy()
+  if not st.lat or st.lat <= 0 then return k end
+  return math.max(1, math.floor(pol.t / st.lat))
+end
+local function backoff(n)
+  local s = policy().s
+  return tonumber(s[math.min(math.max(n, 1), #s)]) or 60
+end
+-- How many more tasks each lane needs, minus those already published and not
+-- started (mxq:pending).  A delivery lane wants as many connections as its ready
+-- mail takes pol.t seconds each at its measured seconds per message (a slow lane's
+-- mail spread wide, a fast lane's backlog on one connection; unknown latency: one
+-- per k messages), at most its window, minus the tasks running (slot holders, as
+-- its state counted them last); a dead lane one task at a time (it defers the
+-- mail, or probes); the report lane at most maxpar, the webhook lane 1.
+-- force: treat the published ones as lost and count the running ones again (the
+-- scheduler, for a lane with ready work and no activity for a while).
 -- lens (optional): lane -> its ready list's length, when the caller knows it (RPUSH returns it).
--- A constant number of commands whatever the number of lanes: one HMGET, one HSET,
--- one ZADD, one ZADD NX, one ZREM, plus an LLEN per lane whose length is not known.
+-- A constant number of commands whatever the number of lanes: one HMGET, one MGET, one
+-- HSET, one ZADD, one ZADD NX, one ZREM, plus an LLEN per lane whose length is not known.
 local function dispatch(lanes, now, k, maxpar, force, out, lens)
   if #lanes == 0 then return out end
   local uniq, once = {}, {}
@@ -176,6 +249,17 @@ local function dispatch(lanes, now, k, maxpar, force, out, lens)
   lanes = uniq
   local pends = {}
   if not force then pends = redis.call('HMGET', P .. 'pending', unpack(lanes)) end
+  local dkeys, didx = {}, {}
+  for i, lane in ipairs(lanes) do
+    if string.sub(lane, 1, 1) ~= '!' then table.insert(dkeys, dest_key(lane)); didx[i] = #dkeys end
+  end
+  local dvals = {}
+  for i = 1, #dkeys, 500 do
+    local part = redis.call('MGET', unpack(dkeys, i, math.min(i + 499, #dkeys)))
+    for _, v in ipairs(part) do table.insert(dvals, v) end
+  end
+  local rnow = nil
+  if force and #dkeys > 0 then rnow = rtime() end
   local sets, touch, keep, gone = {}, {}, {}, {}
   for i, lane in ipairs(lanes) do
     local n = lens and lens[lane]
@@ -184,9 +268,23 @@ local function dispatch(lanes, now, k, maxpar, force, out, lens)
       table.insert(gone, lane)
     else
       local pend = tonumber(pends[i] or '0') or 0
-      local mp = maxpar
-      if lane == '!w' then mp = 1 end     -- webhooks: one task queued at a time (mxq.tasks.webhooks)
-      local want = math.min(math.ceil(n / k), mp) - pend
+      local mp, kk, run = maxpar, k, 0
+      if lane == '!w' then
+        mp = 1                                -- webhooks: one task queued at a time (mxq.tasks.webhooks)
+      elseif didx[i] then
+        local st = dest_decode(dvals[didx[i]] or nil, rnow or now)   -- (the idle rule is coarse)
+        if st.du then
+          mp, kk = 1, n                       -- dead: one task (defers the mail, or probes)
+        else
+          mp, kk = window(lane, st), per_connection(st, k)
+        end
+        run = tonumber(st.run) or 0
+        if force then
+          redis.call('ZREMRANGEBYSCORE', P .. 'shape:conn:' .. lane, '-inf', rnow)
+          run = redis.call('ZCARD', P .. 'shape:conn:' .. lane)
+        end
+      end
+      local want = math.min(math.ceil(n / kk), mp) - pend - run
       if want > 0 then
         table.insert(sets, lane); table.insert(sets, pend + want)
         table.insert(touch, now); table.insert(touch, lane)
@@ -337,11 +435,15 @@ return dispatch(lanes, now, k, maxpar, false, {})
 _CLAIM = _PRELUDE + r"""
 local now, lane, k, expiry, token = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local items = redis.call('LPOP', P .. 'ready:' .. lane, k)
-local pend = tonumber(redis.call('HGET', P .. 'pending', lane) or '0')
-if pend > 1 then
-  redis.call('HSET', P .. 'pending', lane, pend - 1)
-elseif pend == 1 then
-  redis.call('HDEL', P .. 'pending', lane)      -- no zero entries left behind for idle domains
+if string.sub(lane, 1, 1) == '!' then
+  -- a task of the report or webhook lane starts: no longer pending (a delivery task
+  -- did that in its acquire, before its first claim)
+  local pend = tonumber(redis.call('HGET', P .. 'pending', lane) or '0')
+  if pend > 1 then
+    redis.call('HSET', P .. 'pending', lane, pend - 1)
+  elseif pend == 1 then
+    redis.call('HDEL', P .. 'pending', lane)      -- no zero entries left behind for idle domains
+  end
 end
 -- LPOP took min(k, length): fewer than k means the list is empty now.
 if items and #items == k then
@@ -387,93 +489,327 @@ _RENEW = r"""
 return redis.call('ZADD', 'mxq:lease', 'XX', 'CH', tonumber(ARGV[1]), ARGV[2])
 """
 
-# ARGV: now, token, result_ttl, k, maxpar, lane, payload JSON
+# ---- traffic shaping and destination concurrency (mxq.tasks.shaping, the module docstring) ----
+# ARGV: now (the caller's clock, for mxq:dispatch / mxq:throttled, which the scheduler
+#       compares with its own clock), lane, want, concurrency limit (0 = none), slot ttl,
+#       token, emission interval (0 = no rate), bucket size, backstop seconds
+# Returns {granted, wait, reason, mode, latency, window, dead wait, why, enhanced}:
+#   reason "ok", "empty", "concurrency", "rate" or "dead" (a probe of the dead lane is
+#   under way); mode "deliver", "probe" (the one try of a dead lane whose wait is over:
+#   one message) or "drain" (the lane is dead: defer its ready mail, no connection);
+#   latency: the lane's seconds per message (-1 unknown); window: its concurrency window;
+#   dead wait: seconds until a dead lane may be probed.  The task is no longer pending
+#   whatever the answer.  Every limit is computed on Redis's TIME.
+_ACQUIRE = _PRELUDE + r"""
+local now, lane, want = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local lim, ttl, token = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local T, bucket, backstop = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local ready, slots, tatk = P .. 'ready:' .. lane, P .. 'shape:conn:' .. lane, P .. 'shape:tat:' .. lane
+local rnow = rtime()
+local n = redis.call('LLEN', ready)
+local pend = tonumber(redis.call('HGET', P .. 'pending', lane) or '0')
+if pend > 1 then
+  redis.call('HSET', P .. 'pending', lane, pend - 1)
+elseif pend == 1 then
+  redis.call('HDEL', P .. 'pending', lane)
+end
+-- Refusing: the lane is active, and the scheduler looks at it again after the wait.
+local function refuse(reason, wait)
+  if n > 0 then
+    redis.call('ZADD', P .. 'dispatch', now, lane)
+    redis.call('ZADD', P .. 'throttled', 'LT', now + wait, lane)
+  else
+    redis.call('ZREM', P .. 'dispatch', lane)
+  end
+  return {0, string.format('%.6f', wait), reason, '', '-1', '0', '0', '', ''}
+end
+if n == 0 then return refuse('empty', 0) end
+local st = dest_load(lane, rnow)
+local mode = 'deliver'
+local lat = '-1'
+if st.lat then lat = string.format('%.6f', st.lat) end
+if st.du then
+  if rnow < st.du then
+    return {math.min(want, n), '0', 'ok', 'drain', lat, '0', string.format('%.6f', st.du - rnow),
+            st.why or '', st.enh or ''}
+  end
+  if st.pr and st.pr ~= token and (st.pe or 0) > rnow then
+    return refuse('dead', math.max(backstop, st.pe - rnow))
+  end
+  st.pr, st.pe, mode, want = token, rnow + ttl, 'probe', 1
+end
+local w = window(lane, st)
+if lim > 0 and w > lim then w = lim end          -- the caller's limit wins over the published policy
+local idle = P .. 'shape:idle:' .. lane
+if lim > 0 then
+  redis.call('ZREMRANGEBYSCORE', slots, '-inf', rnow)      -- holders that died
+  redis.call('ZREMRANGEBYSCORE', idle, '-inf', rnow)
+  local run = redis.call('ZCARD', slots)
+  if mode ~= 'probe' and run + redis.call('ZCARD', idle) >= w then
+    if tonumber(st.run) ~= run then
+      st.run = run
+      dest_save(lane, st, rnow)
+    end
+    return refuse('concurrency', backstop)
+  end
+end
+local grant = math.min(want, n)
+if T > 0 then
+  local tat = tonumber(redis.call('GET', tatk) or '0')
+  local base = math.max(tat, rnow)
+  local avail = math.floor(bucket - (base - rnow) / T + 1e-9)
+  if avail < 1 then
+    if mode == 'probe' then st.pr, st.pe = nil, nil end
+    return refuse('rate', (base - rnow) - (bucket - 1) * T)
+  end
+  grant = math.min(grant, avail)
+  local tat2 = base + grant * T
+  redis.call('SET', tatk, string.format('%.6f', tat2), 'PX', math.ceil((tat2 - rnow) * 1000) + 1000)
+end
+if lim > 0 then
+  redis.call('ZADD', slots, rnow + ttl, token)
+  redis.call('PEXPIRE', slots, math.ceil(ttl * 1000) + 1000)
+  st.run = redis.call('ZCARD', slots)
+end
+dest_save(lane, st, rnow)
+return {grant, '0', 'ok', mode, lat, tostring(w), '0', '', ''}
+"""
+
+# ARGV: lane, ttl, token.  Extends the slot if the token still holds it (and a probe's claim).
+_SLOT_RENEW = _PRELUDE + r"""
+local slots = P .. 'shape:conn:' .. ARGV[1]
+local ttl, token = tonumber(ARGV[2]), ARGV[3]
+local rnow = rtime()
+redis.call('ZADD', slots, 'XX', 'CH', rnow + ttl, token)
+if redis.call('ZSCORE', slots, token) then
+  redis.call('PEXPIRE', slots, math.ceil(ttl * 1000) + 1000)
+  return 1
+end
+return 0
+"""
+
+# ARGV: now, lane, token, park (1: the holder's connection goes idle in a connection cache
+#       and keeps the slot: mxq:shape:idle:{lane}; 0: the slot is given back), ttl, k, maxpar.
+# The lane's count of running tasks (its state's 'run') is updated, a probe held by the
+# token is let go, and tasks are dispatched for the lane's ready work (nobody may be
+# left to take it).  Returns {1 if the token held a slot, dispatch}.
+_SLOT_RELEASE = _PRELUDE + r"""
+local now, lane, token, park = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4] == '1'
+local ttl, k, maxpar = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local slots, idle = P .. 'shape:conn:' .. lane, P .. 'shape:idle:' .. lane
+local removed = redis.call('ZREM', slots, token)
+local rnow = rtime()
+if park then
+  if removed == 1 then
+    redis.call('ZADD', idle, rnow + ttl, token)
+    redis.call('PEXPIRE', idle, math.ceil(ttl * 1000) + 1000)
+  end
+else
+  removed = removed + redis.call('ZREM', idle, token)
+end
+local v = redis.call('GET', dest_key(lane))
+if v then
+  local st = cjson.decode(v)
+  local run = redis.call('ZCARD', slots)
+  if tonumber(st.run) ~= run or st.pr == token then
+    st.run = run
+    if st.pr == token then st.pr, st.pe = nil, nil end
+    dest_save(lane, st, rnow)
+  end
+end
+return {removed, dispatch({lane}, now, k, maxpar, false, {})}
+"""
+
+# ARGV: lane, tokens, emission interval.  Gives unused rate tokens back.
+_REFUND = r"""
+local k = 'mxq:shape:tat:' .. ARGV[1]
+local tat = redis.call('GET', k)
+if not tat then return 0 end
+local v = tonumber(tat) - tonumber(ARGV[2]) * tonumber(ARGV[3])
+redis.call('SET', k, string.format('%.6f', v), 'KEEPTTL')
+return 1
+"""
+
+# The outcome writer shared by _RELEASE and _RECORD.
 # payload: [{"wid", "due" (-1: nothing left), "idem", "left" (optional: the job's 'left' at
 #            claim time when the item holds every recipient of the job; see Outcome),
 #            "updates": [[index, record, final, event,
 #            suppress, hook]]}]; suppress: [key, entry, ttl] or false (mxq.tasks.suppress),
 #            hook: [id, body, ttl] or false (mxq.tasks.webhooks), both written only with the record.
-# Returns {applied, dispatch}: applied lists "job|index" of each update
-# written (a final state already there is never overwritten -- except that a
-# recipient dropped while its transaction was in flight is recorded as
-# delivered when it was: the truth, not counted twice in "left").
-_RELEASE = _PRELUDE + r"""
+# Writes the records (a final state already there is never overwritten when the
+# batch may have been touched by someone else -- except that a recipient dropped
+# while its transaction was in flight is recorded as delivered when it was: the
+# truth, not counted twice in "left"), and, while the token holds its lease, the
+# deferred items' due times.  Fills applied ("job|index" of each update written)
+# and returns the report and webhook work items to queue.
+_WRITE = r"""
+local FINAL = {delivered = true, bounced = true, expired = true, suppressed = true, dropped = true}
+local function write_outcomes(payload, token, ttl, owner, applied)
+  local reports, deferred, hooks = {}, {}, {}
+  -- A batch 'mxq queue drop' hit while in flight: check each record as if the lease were lost.
+  local guarded = not owner or redis.call('SISMEMBER', P .. 'guard', token) == 1
+  for _, item in ipairs(payload) do
+    local wid = item.wid
+    local job = string.sub(wid, 1, string.find(wid, '|', 1, true) - 1)
+    local jk = P .. 'job:' .. job
+    if #item.updates > 0 then
+      local writes, finals = {}, 0
+      for _, u in ipairs(item.updates) do
+        local idx, rec, isfinal, event = u[1], u[2], u[3], u[4]
+        local ok = not guarded
+        if not ok then
+          -- Lost the lease: someone else may have written since the claim.
+          local cur = redis.call('HGET', jk, 'r:' .. idx)
+          local state = cur and cjson.decode(cur).state
+          ok = cur and not FINAL[state]
+          if state == 'dropped' and isfinal == 1 and cjson.decode(rec).state == 'delivered' then
+            -- dropped while the transaction was already under way, and it went through
+            table.insert(writes, 'r:' .. idx); table.insert(writes, rec)
+            table.insert(applied, job .. '|' .. idx)
+          end
+        end
+        if ok then
+          table.insert(writes, 'r:' .. idx); table.insert(writes, rec)
+          table.insert(applied, job .. '|' .. idx)
+          if isfinal == 1 then finals = finals + 1 end
+          if event ~= '' then table.insert(reports, '!r|' .. job .. '|' .. idx .. '|' .. event) end
+          local sup, hook = u[5], u[6]
+          if sup then redis.call('SET', sup[1], sup[2], 'EX', sup[3]) end
+          if hook then
+            redis.call('HSET', P .. 'hook:' .. hook[1], 'b', hook[2])
+            redis.call('EXPIRE', P .. 'hook:' .. hook[1], hook[3])
+            table.insert(hooks, '!w|' .. hook[1])
+          end
+        end
+      end
+      if #writes > 0 then
+        local left
+        if item.left and not guarded then
+          -- The item is the whole job (every recipient, one domain) and the lease is
+          -- held: nobody else counts this job down, so 'left' is written with the records.
+          left = item.left - finals
+          table.insert(writes, 'left'); table.insert(writes, tostring(left))
+          push('HSET', jk, writes)
+        else
+          push('HSET', jk, writes)
+          if finals > 0 then left = redis.call('HINCRBY', jk, 'left', -finals) end
+        end
+        if finals > 0 and left <= 0 then
+          redis.call('EXPIRE', jk, ttl)
+          if item.idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. item.idem, ttl) end
+        end
+      end
+    end
+    if owner and item.due >= 0 then table.insert(deferred, item.due); table.insert(deferred, wid) end
+  end
+  if #deferred > 0 then push('ZADD', P .. 'deferred', deferred) end
+  return reports, hooks, guarded
+end
+local function queue_events(reports, hooks, lanes)
+  if #reports > 0 then
+    push('RPUSH', P .. 'ready:!r', reports)
+    table.insert(lanes, '!r')
+  end
+  if #hooks > 0 then
+    push('RPUSH', P .. 'ready:!w', hooks)
+    table.insert(lanes, '!w')
+  end
+end
+-- Destination feedback after a delivery run (Postfix's qmgr): fb = {ok = transactions
+-- that got a server verdict, fail = runs that reached no server (connection or
+-- handshake failures), lat = seconds per message, why/enh = the failure's text and
+-- status, probe = the probe's token or ''}.  Success grows the window by one per
+-- message up to the limit and clears the failed cohorts (and revives a dead lane);
+-- a failure shrinks it by one and adds 1/window to the failed cohorts: a full cohort
+-- (pol.c) declares the lane dead until now + the retry schedule's step for that
+-- many dead periods.  Returns 'dead' or 'ok'.
+local function feedback(lane, fb)
+  local pol = policy()
+  local rnow = rtime()
+  local st = dest_load(lane, rnow)
+  local lim = climit(lane)
+  if lim == 0 then lim = pol.x end
+  local w = st.w or pol.i
+  if (fb.ok or 0) > 0 then
+    if st.du then st.du = nil; st.dn = nil; w = pol.i end      -- the probe got through: alive again
+    w = math.min(lim, w + fb.ok)
+    st.fc = nil
+    if fb.lat and fb.lat > 0 then        -- down at once, up a fifth of the way (qmgr.smooth)
+      if st.lat and fb.lat > st.lat then st.lat = st.lat + (fb.lat - st.lat) * 0.2 else st.lat = fb.lat end
+    end
+  elseif (fb.fail or 0) > 0 then
+    st.why, st.enh = fb.why, fb.enh
+    if st.du then
+      st.dn = (st.dn or 1) + 1                                 -- a failed probe: dead for longer
+      st.du = rnow + backoff(st.dn)
+    else
+      for _ = 1, fb.fail do
+        st.fc = (st.fc or 0) + 1 / math.max(1, w)
+        w = math.max(1, w - 1)
+      end
+      if st.fc >= pol.c then
+        st.du, st.dn, st.fc, w = rnow + backoff(1), 1, nil, pol.i
+      end
+    end
+  end
+  if fb.probe and fb.probe ~= '' and st.pr == fb.probe then st.pr = nil; st.pe = nil end
+  st.w = w
+  dest_save(lane, st, rnow)
+  if st.du then return 'dead' end
+  return 'ok'
+end
+"""
+
+# ARGV: now, token, result_ttl, k, maxpar, lane, payload JSON, feedback JSON ('' for none),
+#       spread ('0': no tasks for the lane itself: its task goes on and dispatches when it ends)
+# Writes the outcomes (see _WRITE), drops the lease, applies the destination feedback.
+# Returns {applied, dispatch, lane status ('ok', 'dead' or '' without feedback)}.
+_RELEASE = _PRELUDE + _WRITE + r"""
 local now, token, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local k, maxpar, lane = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local payload = cjson.decode(ARGV[7])
 local owner = redis.call('ZSCORE', P .. 'lease', token) ~= false
-local final = {delivered = true, bounced = true, expired = true, suppressed = true, dropped = true}
-local applied, lanes, reports, deferred, hooks = {}, {lane}, {}, {}, {}
--- A batch 'mxq queue drop' hit while in flight: check each record as if the lease were lost.
-local guarded = not owner or redis.call('SISMEMBER', P .. 'guard', token) == 1
-for _, item in ipairs(payload) do
-  local wid = item.wid
-  local job = string.sub(wid, 1, string.find(wid, '|', 1, true) - 1)
-  local jk = P .. 'job:' .. job
-  if #item.updates > 0 then
-    local writes, finals = {}, 0
-    for _, u in ipairs(item.updates) do
-      local idx, rec, isfinal, event = u[1], u[2], u[3], u[4]
-      local ok = not guarded
-      if not ok then
-        -- Lost the lease: someone else may have written since the claim.
-        local cur = redis.call('HGET', jk, 'r:' .. idx)
-        local state = cur and cjson.decode(cur).state
-        ok = cur and not final[state]
-        if state == 'dropped' and isfinal == 1 and cjson.decode(rec).state == 'delivered' then
-          -- dropped while the transaction was already under way, and it went through
-          table.insert(writes, 'r:' .. idx); table.insert(writes, rec)
-          table.insert(applied, job .. '|' .. idx)
-        end
-      end
-      if ok then
-        table.insert(writes, 'r:' .. idx); table.insert(writes, rec)
-        table.insert(applied, job .. '|' .. idx)
-        if isfinal == 1 then finals = finals + 1 end
-        if event ~= '' then table.insert(reports, '!r|' .. job .. '|' .. idx .. '|' .. event) end
-        local sup, hook = u[5], u[6]
-        if sup then redis.call('SET', sup[1], sup[2], 'EX', sup[3]) end
-        if hook then
-          redis.call('HSET', P .. 'hook:' .. hook[1], 'b', hook[2])
-          redis.call('EXPIRE', P .. 'hook:' .. hook[1], hook[3])
-          table.insert(hooks, '!w|' .. hook[1])
-        end
-      end
-    end
-    if #writes > 0 then
-      local left
-      if item.left and not guarded then
-        -- The item is the whole job (every recipient, one domain) and the lease is
-        -- held: nobody else counts this job down, so 'left' is written with the records.
-        left = item.left - finals
-        table.insert(writes, 'left'); table.insert(writes, tostring(left))
-        push('HSET', jk, writes)
-      else
-        push('HSET', jk, writes)
-        if finals > 0 then left = redis.call('HINCRBY', jk, 'left', -finals) end
-      end
-      if finals > 0 and left <= 0 then
-        redis.call('EXPIRE', jk, ttl)
-        if item.idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. item.idem, ttl) end
-      end
-    end
-  end
-  if owner and item.due >= 0 then table.insert(deferred, item.due); table.insert(deferred, wid) end
-end
+local applied, lanes = {}, {lane}
+if ARGV[9] == '0' then lanes = {} end
+local reports, hooks, guarded = write_outcomes(payload, token, ttl, owner, applied)
 if owner then
   redis.call('ZREM', P .. 'lease', token)
   redis.call('DEL', P .. 'batch:' .. token)
   if guarded then redis.call('SREM', P .. 'guard', token) end
-  if #deferred > 0 then push('ZADD', P .. 'deferred', deferred) end
 end
-if #reports > 0 then
-  push('RPUSH', P .. 'ready:!r', reports)
-  table.insert(lanes, '!r')
+local status = ''
+if ARGV[8] ~= '' then status = feedback(lane, cjson.decode(ARGV[8])) end
+queue_events(reports, hooks, lanes)
+return {applied, dispatch(lanes, now, k, maxpar, false, {}), status}
+"""
+
+# ARGV: now, token, result_ttl, k, maxpar, lane, payload JSON
+# Outcomes recorded while their batch is still under way (each message's as soon as its
+# final reply arrived): written as by _RELEASE, and the items leave the batch, so the
+# lease, if it ran out now, would put back only the others.  The lease stays.
+# Returns {applied, dispatch (report and webhook lanes only)}.
+_RECORD = _PRELUDE + _WRITE + r"""
+local now, token, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local k, maxpar, lane = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local payload = cjson.decode(ARGV[7])
+local owner = redis.call('ZSCORE', P .. 'lease', token) ~= false
+local applied, lanes = {}, {}
+local reports, hooks = write_outcomes(payload, token, ttl, owner, applied)
+if owner then
+  local bk = P .. 'batch:' .. token
+  local b = redis.call('GET', bk)
+  if b then
+    local done = {}
+    for _, item in ipairs(payload) do done[item.wid] = true end
+    local items = split(b, '\n')
+    local keep = {items[1]}
+    for i = 2, #items do
+      if not done[items[i]] then table.insert(keep, items[i]) end
+    end
+    redis.call('SET', bk, table.concat(keep, '\n'))
+  end
 end
-if #hooks > 0 then
-  push('RPUSH', P .. 'ready:!w', hooks)
-  table.insert(lanes, '!w')
-end
+queue_events(reports, hooks, lanes)
 return {applied, dispatch(lanes, now, k, maxpar, false, {})}
 """
 
@@ -601,14 +937,17 @@ def idem_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+#: Redis connections one process's store client opens at most (``make_client``).
+MAX_CONNECTIONS = 64
+
+
 def make_client(url: str) -> redis.Redis:
     """A Redis client that rides out a restart of the server (about 30 s of retries).
 
     Every script below is safe to run twice (it checks before it writes), so a
     command retried after a lost reply does no harm.
     """
-    return redis.Redis.from_url(
-        url,
+    options = dict(
         decode_responses=False,
         socket_timeout=10,
         socket_connect_timeout=5,
@@ -616,6 +955,10 @@ def make_client(url: str) -> redis.Redis:
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=40),
         retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
     )
+    # At most MAX_CONNECTIONS connections per process, waited for when all are busy: a
+    # gevent worker runs hundreds of tasks at once, and each would otherwise open its own.
+    pool = redis.BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=30, **options)
+    return redis.Redis(connection_pool=pool)
 
 
 def _s(v) -> str:
@@ -668,6 +1011,132 @@ def _meta(values) -> dict[str, str]:
     return meta
 
 
+@dataclass(frozen=True)
+class Grant:
+    """The answer to ``Destinations.acquire``: ``granted`` messages may be claimed (0: none).
+
+    ``reason``: ``ok``, ``empty`` (nothing ready), ``concurrency`` (every slot
+    of the window taken), ``rate`` (no token) or ``dead`` (the lane is dead and
+    its probe under way); ``wait``: seconds until the scheduler looks at the
+    lane again.  ``slot``: whether a concurrency slot is held (and must be
+    released).  ``mode``: ``deliver``; ``probe`` (the one try of a dead
+    destination: one message); ``drain`` (the destination is dead: the task
+    defers its ready mail without connecting; ``dead_wait`` seconds are left
+    of its back-off, ``why`` / ``enhanced`` say why it was declared dead).
+    ``latency``: the lane's measured seconds per message (None: unknown);
+    ``window``: its concurrency window.
+    """
+
+    granted: int
+    reason: str
+    wait: float = 0.0
+    slot: bool = False
+    mode: str = "deliver"
+    latency: float | None = None
+    window: int = 0
+    dead_wait: float = 0.0
+    why: str = ""
+    enhanced: str = ""
+
+
+@dataclass
+class Feedback:
+    """What a delivery run tells the queue manager about its destination (``_WRITE``'s ``feedback``).
+
+    ``ok``: transactions that got a server verdict; ``fail``: 1 when the run
+    reached no server (connection or handshake failures only); ``latency``:
+    seconds per message of the run; ``why`` / ``enhanced``: the failure;
+    ``probe``: the token of a probe run.
+    """
+
+    ok: int = 0
+    fail: int = 0
+    latency: float = 0.0
+    why: str = ""
+    enhanced: str = ""
+    probe: str = ""
+
+    def to_json(self) -> str:
+        return _dumps({"ok": self.ok, "fail": self.fail, "lat": round(self.latency, 6), "why": self.why[:300],
+                       "enh": self.enhanced, "probe": self.probe})
+
+
+class Destinations:
+    """The queue manager's state of each destination (lane) in Redis, shared by every worker.
+
+    ``mxq:dest:{lane}`` (the window, failed cohorts, measured latency, dead or
+    alive, the probe) and the shaping keys ``mxq:shape:conn:{lane}`` (slots)
+    and ``mxq:shape:tat:{lane}`` (rate); see the module docstring.  The limits
+    themselves come from the caller (``mxq.tasks.shaping.Shaper``).
+    """
+
+    def __init__(self, client: redis.Redis, settings: PipelineSettings | None = None):
+        self.r = client
+        self.settings = settings or PipelineSettings()
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_SLOT_RENEW)
+        self._release = client.register_script(_SLOT_RELEASE)
+        self._refund = client.register_script(_REFUND)
+
+    def acquire(self, lane: str, token: str, want: int, *, concurrency: int, interval: float, bucket: int,
+                slot_ttl: float, backstop: float, now: float) -> Grant:
+        """A slot (within the lane's window), up to ``want`` rate tokens and the lane's mode, or a refusal.
+
+        ``concurrency``: the lane's limit (0: none); ``interval``: seconds per
+        message of its rate (0: none); ``bucket``: the rate's burst.  On
+        refusal nothing is held, and the lane goes to ``mxq:throttled`` for the
+        scheduler.  Either way the task is no longer counted in ``mxq:pending``.
+        """
+        granted, wait, reason, mode, lat, window, dead_wait, why, enh = self._acquire(args=[
+            repr(float(now)), lane, int(want), int(concurrency), repr(float(slot_ttl)), token,
+            repr(float(interval)), int(bucket), repr(float(backstop))])
+        granted = int(granted)
+        mode = _s(mode)
+        lat = float(lat)
+        return Grant(granted, _s(reason), float(wait), slot=granted > 0 and concurrency > 0 and mode != "drain",
+                     mode=mode or "deliver", latency=lat if lat > 0 else None, window=int(window),
+                     dead_wait=float(dead_wait), why=_s(why), enhanced=_s(enh))
+
+    def renew(self, lane: str, token: str, ttl: float) -> bool:
+        """Extend ``token``'s slot; False when it holds none (expired, or no limit)."""
+        return self._renew(args=[lane, repr(float(ttl)), token]) == 1
+
+    def release(self, lane: str, token: str, *, park: bool = False, ttl: float = 45.0,
+                now: float | None = None) -> tuple[bool, list[tuple[str, int]]]:
+        """Give ``token``'s slot (and probe) back, or with ``park`` keep it for an idle cached connection.
+
+        Returns ``(held, dispatch)``: whether the token held a slot, and the
+        tasks to publish for the lane's ready work (no task may be left to take
+        it).  A parked slot still counts against the window but not as a
+        running task; ``release`` (without ``park``) frees it.
+        """
+        now = time.time() if now is None else now
+        s = self.settings
+        held, disp = self._release(args=[repr(float(now)), lane, token, 1 if park else 0, repr(float(ttl)),
+                                         s.batch_size, s.domain_concurrency])
+        return int(held) == 1, _pairs(disp)
+
+    def refund(self, lane: str, tokens: int, interval: float) -> None:
+        """Give back ``tokens`` rate tokens granted but not used."""
+        if tokens > 0 and interval > 0:
+            self._refund(args=[lane, int(tokens), repr(float(interval))])
+
+    def holders(self, lane: str) -> int:
+        """Slots of ``lane`` held now, by running tasks and parked idle connections (expired holders
+        included until the next acquire)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zcard(f"{PREFIX}shape:conn:{lane}")
+        pipe.zcard(f"{PREFIX}shape:idle:{lane}")
+        return sum(int(n) for n in pipe.execute())
+
+    def state(self, lane: str) -> dict:
+        """The lane's stored state (``{}`` when none): ``w`` window, ``fc`` failed cohorts, ``lat``
+        seconds per message, ``du`` dead until (Redis time), ``dn`` dead periods, ``why``/``enh``
+        the last failure, ``pr`` probe holder, ``run`` slot holders last counted, ``t`` last update."""
+        v = self.r.get(f"{PREFIX}dest:{lane}")
+        return json.loads(v) if v else {}
+
+
 class Store:
     """mxq's Redis state; one per process (the client is thread-safe)."""
 
@@ -681,6 +1150,8 @@ class Store:
         self._release = client.register_script(_RELEASE)
         self._tick = client.register_script(_TICK)
         self._job = client.register_script(_JOB)
+        self._record = client.register_script(_RECORD)
+        self.dest = Destinations(client, self.settings)
 
     @classmethod
     def from_settings(cls, settings: PipelineSettings) -> "Store":
@@ -743,18 +1214,9 @@ class Store:
         return self._renew(args=[now + self.settings.lease_seconds, token]) == 1 or \
             self.r.zscore(PREFIX + "lease", token) is not None
 
-    def release(self, token: str, lane: str, outcomes: list[Outcome], *, now: float | None = None):
-        """Write outcomes, drop the lease, schedule what is left; return ``(applied, dispatch)``.
-
-        ``applied`` holds ``"job|index"`` of each update actually written.  With
-        each written record go, in the same script, a suppression entry for a
-        recipient-level hard bounce (``mxq.tasks.suppress``) and a webhook event
-        when ``MXQ_WEBHOOK_EVENTS`` asks for its state (``mxq.tasks.webhooks``).
-        """
+    def _payload(self, lane: str, outcomes: list[Outcome], now: float) -> str:
         from . import suppress, webhooks
 
-        now = time.time() if now is None else now
-        s = self.settings
         sup_ttl = suppress.auto_ttl()
         hooks = webhooks.current(strict=False)
 
@@ -764,14 +1226,71 @@ class Store:
             job = wid.split("|", 1)[0]
             return [suppress.release_arg(job, rec, now, sup_ttl), webhooks.hook_arg(hooks, job, rec, now)]
 
-        payload = [{"wid": o.wid, "due": -1 if o.due is None else o.due, "idem": o.idem,
-                    **({"left": int(o.left)} if o.left is not None else {}),
-                    "updates": [[i, _compact(rec), 1 if rec["state"] in FINAL_STATES else 0, ev,
-                                 *extras(o.wid, rec)]
-                                for i, rec, ev in o.updates]} for o in outcomes]
-        applied, disp = self._release(args=[now, token, s.result_ttl, s.batch_size, s.domain_concurrency,
-                                            lane, _dumps(payload)])
+        return _dumps([{"wid": o.wid, "due": -1 if o.due is None else o.due, "idem": o.idem,
+                        **({"left": int(o.left)} if o.left is not None else {}),
+                        "updates": [[i, _compact(rec), 1 if rec["state"] in FINAL_STATES else 0, ev,
+                                     *extras(o.wid, rec)]
+                                    for i, rec, ev in o.updates]} for o in outcomes])
+
+    def renew_many(self, tokens: list[str], *, slots: list[tuple[str, str]] = (), now: float | None = None) -> None:
+        """Extend the leases of ``tokens`` and the concurrency slots ``[(lane, token)]`` in one round trip."""
+        if not tokens and not slots:
+            return
+        now = time.time() if now is None else now
+        expiry = now + self.settings.lease_seconds
+        pipe = self.r.pipeline(transaction=False)
+        for t in tokens:
+            pipe.zadd(PREFIX + "lease", {t: expiry}, xx=True, ch=True)
+        for lane, t in slots:
+            self.dest._renew(args=[lane, repr(float(self.settings.lease_seconds)), t], client=pipe)
+        pipe.execute()
+
+    def release(self, token: str, lane: str, outcomes: list[Outcome], *, now: float | None = None):
+        """Write outcomes, drop the lease, schedule what is left; return ``(applied, dispatch)``.
+
+        ``applied`` holds ``"job|index"`` of each update actually written.  With
+        each written record go, in the same script, a suppression entry for a
+        recipient-level hard bounce (``mxq.tasks.suppress``) and a webhook event
+        when ``MXQ_WEBHOOK_EVENTS`` asks for its state (``mxq.tasks.webhooks``).
+        """
+        applied, dispatch, _ = self.finish(token, lane, outcomes, now=now)
+        return applied, dispatch
+
+    def finish(self, token: str, lane: str, outcomes: list[Outcome], feedback: Feedback | None = None, *,
+               now: float | None = None, spread: bool = True) -> tuple[list[str], list[tuple[str, int]], str]:
+        """``release`` plus the destination feedback of the delivery run (``Feedback``).
+
+        ``spread=False``: no tasks for the lane itself (its task goes on, and
+        dispatches what is left when it ends).  Returns ``(applied, dispatch,
+        status)``; ``status`` is ``"dead"`` when the lane is (now) declared dead,
+        ``"ok"`` when it is not, ``""`` without feedback.
+        """
+        now = time.time() if now is None else now
+        s = self.settings
+        fb = feedback.to_json() if feedback is not None else ""
+        applied, disp, status = self._release(args=[now, token, s.result_ttl, s.batch_size, s.domain_concurrency,
+                                                    lane, self._payload(lane, outcomes, now), fb,
+                                                    "1" if spread else "0"])
+        return [_s(a) for a in applied], _pairs(disp), _s(status)
+
+    def record(self, token: str, lane: str, outcomes: list[Outcome], *, now: float | None = None):
+        """Write outcomes of a batch still under way; return ``(applied, dispatch)``.
+
+        As ``release``, except that the lease stays: the items written leave the
+        batch (a lease that ran out now would put back only the others), and
+        only report and webhook work is dispatched.  A delivery task calls it as
+        each message's final reply arrives, so a crash resends only what was in
+        flight (and what arrived within the last moments).
+        """
+        now = time.time() if now is None else now
+        s = self.settings
+        applied, disp = self._record(args=[now, token, s.result_ttl, s.batch_size, s.domain_concurrency, lane,
+                                           self._payload(lane, outcomes, now)])
         return [_s(a) for a in applied], _pairs(disp)
+
+    def publish_policy(self, policy: dict) -> None:
+        """Write the destination scheduling policy every dispatch reads (``mxq:policy``, see ``_PRELUDE``)."""
+        self.r.set(PREFIX + "policy", _dumps(policy))
 
     def tick(self, *, now: float | None = None, limit: int = 1000) -> Tick:
         """One scheduler step: items of expired leases back to the front of their lane,

@@ -67,16 +67,27 @@ def test_submit_stores_once_and_splits_by_domain(store):
                                         "next_attempt"}
 
 
-def test_dispatch_counts_pending_tasks(store):
-    # batch_size 3, domain_concurrency 2: 7 items want min(ceil(7/3), 2) = 2 tasks, once.
-    jobs = [job(i) for i in range(7)]
+def test_dispatch_counts_pending_tasks_up_to_the_window(store):
+    # batch_size 3, latency unknown: a task per 3 items, at most the initial window (5) at once.
+    jobs = [job(i) for i in range(20)]
     _, disp = store.submit(jobs[:4], now=NOW)
-    assert disp == [("one.test", 2)]
-    _, disp = store.submit(jobs[4:], now=NOW)
-    assert disp == []                     # two tasks already published and not started
-    assert store.r.hget("mxq:pending", "one.test") == b"2"
-    items = store.claim("one.test", "t1", now=NOW)
-    assert len(items) == 3 and store.r.hget("mxq:pending", "one.test") == b"1"
+    assert disp == [("one.test", 2)]                # ceil(4/3)
+    _, disp = store.submit(jobs[4:7], now=NOW)
+    assert disp == [("one.test", 1)]                # ceil(7/3) = 3, two already published
+    _, disp = store.submit(jobs[7:], now=NOW)
+    assert disp == [("one.test", 2)]                # ceil(20/3) = 7, but the window is 5
+    assert store.r.hget("mxq:pending", "one.test") == b"5"
+    # a task starting (its acquire) is no longer pending; its claims leave the count alone
+    g = store.dest.acquire("one.test", "t1", 3, concurrency=20, interval=0, bucket=1, slot_ttl=30, backstop=1,
+                           now=NOW)
+    assert (g.granted, g.mode, g.slot, g.window) == (3, "deliver", True, 5)
+    assert store.r.hget("mxq:pending", "one.test") == b"4"
+    items = store.claim("one.test", "t1.1", now=NOW)
+    assert len(items) == 3 and store.r.hget("mxq:pending", "one.test") == b"4"
+    # the running task counts too: 17 ready want 5 tasks, 4 pending + 1 running
+    assert store.dest.state("one.test")["run"] == 1
+    _, disp = store.submit([job(99)], now=NOW)
+    assert disp == []
 
 
 def test_idempotency_key_returns_existing_job(store):
@@ -138,15 +149,23 @@ def test_job_done_sets_ttl_on_every_key(store):
     assert store.r.zcard("mxq:lease") == 0 and store.r.llen("mxq:ready:!r") == 0
 
 
+def _start(store, lane, token, now):
+    """What a delivery task does first: its acquire (a slot, no longer pending)."""
+    return store.dest.acquire(lane, token, 3, concurrency=20, interval=0, bucket=1, slot_ttl=30, backstop=1,
+                              now=now)
+
+
 def test_tick_requeues_expired_leases_and_moves_due_items(store):
     a, b = job(1), job(2)
     store.submit([a, b], now=NOW)
+    _start(store, "one.test", "tb", NOW)
     (ib,) = store.claim("one.test", "tb", now=NOW, limit=1)
     (ia,) = store.claim("one.test", "ta", now=NOW, limit=1)
-    items = [ia, ib]
-    # b's worker releases it as deferred until NOW+10; a's worker dies (lease expires at NOW+30)
+    # b's worker releases it as deferred until NOW+10 and ends (its slot given back);
+    # a's worker dies (lease expires at NOW+30)
     store.release("tb", "one.test", [Outcome(ib.wid, [("0", dict(ib.records[0], state="deferred"), "")],
                                              due=NOW + 10)], now=NOW + 1)
+    store.dest.release("one.test", "tb", now=NOW + 1)
     t = store.tick(now=NOW + 5)
     assert (t.requeued, t.moved) == (0, 0)
     t = store.tick(now=NOW + 11)
@@ -215,9 +234,11 @@ def test_run_forever_moves_due_work_and_publishes(redis_server, monkeypatch):
     st = Store(make_client(srv.url), PipelineSettings.from_env())
     j = job(1)
     st.submit([j], now=NOW)
+    _start(st, "one.test", "tok", NOW)
     (it,) = st.claim("one.test", "tok", now=NOW)
     st.release("tok", "one.test", [Outcome(it.wid, [("0", dict(it.records[0], state="deferred"), "")], due=NOW + 1)],
                now=NOW)
+    st.dest.release("one.test", "tok", now=NOW)
     st.r.delete("mxq.delivery")                       # the submit's wake-up task; we want the scheduler's
     stop = threading.Event()
     t = threading.Thread(target=run_forever, kwargs={"interval": 0.1, "stop": stop}, daemon=True)

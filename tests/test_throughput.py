@@ -108,6 +108,8 @@ def test_a_batch_out_of_time_brings_back_what_it_did_not_try(pipeline_env, dns_s
     srv = servers("127.0.32.2", Behaviour(delays={"mail": 0.4}))     # two transactions start in 0.5 s
     ids = tasks.submit_many([tasks.Item(message(i, f"u{i}@slow.tp.test"), sender=SENDER,
                                         recipients=[f"u{i}@slow.tp.test"]) for i in range(4)])
+    # The destination was fast until now (1 ms a message): the task takes all four at once.
+    pipeline_env.client().set("mxq:dest:slow.tp.test", json.dumps({"lat": 0.001}))
     counts = graph.run_delivery("slow.tp.test")
     assert counts["items"] == 4 and counts["delivered"] == 2 and counts["not_attempted"] == 2
     assert len(srv.messages) == 2
@@ -199,8 +201,9 @@ def test_redis_commands_per_delivered_message(pipeline_env, dns_server, servers)
     assert all(tasks.status(j)["recipients"][0]["state"] == "delivered" for j in ids[::25])
     per = total / 500
     # per message: HSET + RPUSH at submission, HMGET at claim, HSET + EXPIRE at release;
-    # the rest (scripts, leases, dispatch, shaping, publishing) per batch or per call
-    assert per <= 6.5, (per, {k: v["calls"] for k, v in stats.items()})
+    # the rest (scripts, leases, dispatch, shaping, destination state, publishing, and the
+    # outcomes recorded while a chunk is under way: mxq.tasks.qmgr.Recorder) per chunk or per call
+    assert per <= 7.0, (per, sorted((v["calls"], k) for k, v in stats.items()))
     # Whole-job items write 'left' with the records: the only HINCRBYs are the TLS-RPT session
     # counts (mxq.tasks.hoststatus.RedisTLSReport: one per TLS session, none per message).
     sessions = sum(int(v) for k in r.scan_iter(match="mxq:tlsrpt:*:*") for f, v in r.hgetall(k).items()

@@ -1,0 +1,240 @@
+"""Destination scheduling: Postfix's queue manager, fleet-wide in Redis.
+
+A delivery task (``mxq.deliver``, ``mxq.tasks.graph``) is one SMTP connection
+to a destination (a lane: one recipient domain).  How many run at once for a
+destination, how much each takes at a time, and what happens when it stops
+answering, is decided here and kept in Redis (``mxq:dest:{lane}``, owned by
+``mxq.tasks.store``), so every worker on every machine follows the same state.
+
+Concurrency window (slow start)
+-------------------------------
+A destination starts with ``MXQ_INITIAL_CONCURRENCY`` (5) connections, gains
+one per message that got a server verdict (positive feedback), up to its
+``MXQ_SHAPING`` limit (``Nc``, default 20), and loses one per delivery run
+that reached no server (negative feedback: a connection or handshake failure
+-- refused, timed out, no greeting, TLS failure -- on every exchange), never
+below one.  A destination quiet for ``IDLE_RESET`` seconds starts again from
+the initial window.  The window is the number of concurrency slots a task may
+take (``mxq.tasks.shaping``), and what the dispatch aims at.
+
+Connections and chunks
+----------------------
+A task keeps its connection and takes the lane's next messages while there
+are any (``MXQ_BATCH_SIZE`` at most at a time), until half the soft time
+limit: one connection drains a fast destination, as one Postfix smtp process
+does with a cached connection.  How many messages it takes at a time (its
+*chunk*) follows the destination's measured seconds per message: about
+``CHUNK_SECONDS`` of work (a destination that needs 1 s at the final dot
+gets one message per claim, an instant one ``MXQ_BATCH_SIZE``); an unknown
+destination gets ``UNKNOWN_CHUNK`` first.  The dispatch publishes
+``ceil(ready / chunk)`` tasks up to the window, minus those queued and
+running: a slow destination's mail is spread over up to its window of
+parallel connections, a fast one's over as few as drain it.
+
+Dead destinations (the failed cohort rule)
+------------------------------------------
+Each failed run adds ``1 / window`` to the destination's failed cohorts (and
+shrinks the window); a success clears them.  At ``MXQ_FAILED_COHORT_LIMIT``
+(1: a window's worth of failures in a row) the destination is declared dead
+for the next step of ``MXQ_RETRY_SCHEDULE`` (longer for each dead period in a
+row).  While dead, a task for it opens no connection: it *drains* the lane,
+recording every ready recipient ``deferred`` with the reason ("delivery
+temporarily suspended: ...", the last failure) and a due time no earlier than
+the end of the dead period, so the mail waits in the deferred queue holding
+no worker.  When the period is over, the first task to come is the *probe*:
+one message, exchanges tried even if marked down; at most one probe at a
+time.  A probe that gets through revives the destination (initial window);
+one that fails makes it dead for longer.  Deferred mail still follows the
+retry schedule and expires at ``MXQ_MAX_LIFETIME``.
+
+Outcomes as they happen
+-----------------------
+``Recorder``: each message's outcome is written to Redis (``Store.record``)
+shortly after its final reply arrived, by one background writer per process
+that gathers whatever arrived meanwhile into one script call, while the
+rest of the chunk is still under way.  A worker killed mid-chunk then resends
+only the transactions that were in flight (and those whose outcome arrived
+within the last ``Recorder.DELAY``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+
+from mxq.workers.delivery import RunStats
+from mxq.workers.results import State
+
+from .settings import PipelineSettings
+from .store import Feedback, Outcome
+
+log = logging.getLogger("mxq.qmgr")
+
+#: Seconds of work a connection takes at a time (its chunk is this over the measured seconds per message).
+CHUNK_SECONDS = 0.5
+#: A destination faster than this (seconds per message) gets chunks of MXQ_BATCH_SIZE: spreading its
+#: mail over more connections would cost more (CPU, Redis, connections) than it saves.
+FAST_LATENCY = 0.05
+#: A process whose scheduling lag (``Runtime.lag``) is above this opens no further connections
+#: itself, and reports no latency (it would be measuring its own delays).
+MAX_LAG = 0.02
+#: A chunk expected to take longer than this has its messages recorded one by one (``Recorder``).
+RECORD_AFTER = 0.25
+
+
+def smooth(old: float | None, sample: float) -> float:
+    """A destination's seconds per message after a new sample: down at once, up a fifth of the way.
+
+    Measurement noise (a busy worker, a slow first connection) only ever adds
+    time, so the lower samples are the truer ones; a destination that really
+    slows down still shows after a few runs.  Same rule as the store's script.
+    """
+    if old is None or sample < old:
+        return sample
+    return old + (sample - old) * 0.2
+#: Messages the first claim on a destination of unknown latency takes (one message tells).
+UNKNOWN_CHUNK = 1
+#: A destination with no concurrency limit (``*c``) still grows its window only this far.
+UNLIMITED_WINDOW = 1000
+#: A destination quiet this long (and not dead) starts again from the initial window.
+IDLE_RESET = 600.0
+#: A delivery task opens at most this many connections of its lane in its own process
+#: (gevent workers; ``mxq.tasks.graph._Lane``); more are published as tasks.
+CONNECTIONS_PER_TASK = 10
+#: ... and a process at most this many connections opened that way, all tasks together.
+LOCAL_CONNECTIONS = 1000
+
+
+def redis_policy(policy, ps: PipelineSettings) -> dict:
+    """The scheduling policy the store's scripts read (``mxq:policy``): limits, window, chunks, dead rule.
+
+    ``policy``: the ``mxq.tasks.shaping.Policy`` (``MXQ_SHAPING``).
+    """
+    return {
+        "d": policy.default.concurrency or 0,
+        "m": {d: lim.concurrency or 0 for d, lim in policy.domains.items()
+              if lim.concurrency != policy.default.concurrency},
+        "i": max(1, int(ps.initial_concurrency)),
+        "x": UNLIMITED_WINDOW,
+        "t": CHUNK_SECONDS,
+        "c": float(ps.failed_cohort_limit),
+        "s": [float(x) for x in ps.retry_schedule],
+        "idle": IDLE_RESET,
+    }
+
+
+def chunk_size(latency: float | None, batch: int) -> int:
+    """Messages a connection takes at a time for a destination at ``latency`` seconds per message."""
+    if latency is None or latency <= 0:
+        return max(1, min(UNKNOWN_CHUNK, batch))
+    if latency < FAST_LATENCY:
+        return batch
+    return max(1, min(batch, int(math.floor(CHUNK_SECONDS / latency))))
+
+
+def feedback(stats: RunStats, results: list[list[dict | None]] | None, probe: str = "",
+             lag: float = 0.0) -> Feedback:
+    """The queue manager's feedback from one delivery run (see the module docstring).
+
+    ``lag``: the process's scheduling lag (seconds a ready task waits for its
+    turn), taken off the measured time per message, which would otherwise
+    count this busy process's delays as the destination's slowness.
+    """
+    fb = Feedback(probe=probe)
+    if stats.transactions:
+        fb.ok = stats.transactions
+        fb.latency = max(0.0, (stats.seconds_per_message or 0.0) - 2 * lag) or 1e-6
+    elif stats.failed:
+        fb.fail = 1
+        for per in results or ():
+            for r in per:
+                if r and r.get("text"):
+                    fb.why, fb.enhanced = str(r["text"]), str(r.get("enhanced") or "")
+                    return fb
+    return fb
+
+
+def suspended_result(why: str, enhanced: str) -> dict:
+    """The engine-like result recorded for a recipient of a dead destination (not an attempt)."""
+    text = f"delivery temporarily suspended: {why}" if why else "delivery temporarily suspended: " \
+        "the destination is not answering"
+    return {"state": State.DEFERRED.value, "code": None, "enhanced": enhanced or "4.4.1", "text": text,
+            "attempts": 0, "scope": "site"}
+
+
+class Recorder:
+    """Writes outcomes of messages whose final reply arrived while their chunk is still under way.
+
+    One per process (``mxq.tasks.graph.Runtime``); a background thread (a
+    greenlet under gevent) writes what was added, per batch token, with one
+    ``Store.record`` call each, ``DELAY`` seconds after the first of them
+    arrived.  ``take(token)`` waits for a write of that token under way and
+    returns what is still unwritten (to go with the batch's release), with how
+    many updates were written.  A write that fails (Redis away) keeps its
+    outcomes for ``take``: nothing is lost, the release writes them.
+    """
+
+    DELAY = 0.01
+
+    def __init__(self, store, publish):
+        self.store, self.publish = store, publish
+        self.pid = os.getpid()
+        self._cond = threading.Condition()
+        self._queue: dict[str, tuple[str, list[Outcome]]] = {}
+        self._busy: set[str] = set()
+        self._back: dict[str, list[Outcome]] = {}
+        self._applied: dict[str, int] = {}
+        self._thread: threading.Thread | None = None
+
+    def add(self, token: str, lane: str, outcome: Outcome) -> None:
+        with self._cond:
+            entry = self._queue.get(token)
+            if entry is None:
+                self._queue[token] = (lane, [outcome])
+            else:
+                entry[1].append(outcome)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="mxq-recorder", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def take(self, token: str) -> tuple[list[Outcome], int]:
+        """``(outcomes not written yet, updates written)`` for ``token``; forgets the token."""
+        with self._cond:
+            while token in self._busy:
+                self._cond.wait(1.0)
+            out = self._back.pop(token, [])
+            entry = self._queue.pop(token, None)
+            if entry is not None:
+                out.extend(entry[1])
+            return out, self._applied.pop(token, 0)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+            time.sleep(self.DELAY)          # what arrives meanwhile goes in the same call
+            with self._cond:
+                batch, self._queue = self._queue, {}
+                self._busy.update(batch)
+            for token, (lane, outcomes) in batch.items():
+                written = 0
+                try:
+                    applied, dispatch = self.store.record(token, lane, outcomes)
+                    written = len(applied)
+                    if dispatch:
+                        self.publish(dispatch)
+                except Exception as e:  # noqa: BLE001 -- Redis away: the release writes them
+                    log.warning("recording %d outcome(s) of %s failed (%s); they go with the release",
+                                len(outcomes), lane, e)
+                    with self._cond:
+                        self._back.setdefault(token, []).extend(outcomes)
+                finally:
+                    with self._cond:
+                        self._applied[token] = self._applied.get(token, 0) + written
+                        self._busy.discard(token)
+                        self._cond.notify_all()
