@@ -108,10 +108,13 @@ def _add_status(sub) -> None:
 
 
 def _add_worker(sub) -> None:
-    p = sub.add_parser("worker", help="run a Celery worker on mxq's queues", allow_abbrev=False,
-                       description="Run `celery -A mxq.tasks worker` consuming mxq's queues.  Any other "
-                                   "option is passed to celery worker (e.g. -c 4, -l debug, "
-                                   "-Q to choose queues); `mxq worker -- --help` shows Celery's help.")
+    p = sub.add_parser("worker", help="run Celery workers on mxq's queues, one per core", allow_abbrev=False,
+                       description="Run one `celery -A mxq.tasks worker -P gevent` process per CPU core "
+                                   "(--processes N), each with 1000 deliveries in flight (-c N), consuming "
+                                   "mxq's queues.  Any other option is passed to celery worker (e.g. "
+                                   "-l debug, -Q to choose queues, -n NAME@HOST: NAME-1@HOST...; -P prefork "
+                                   "runs one plain celery worker instead); `mxq worker -- --help` shows "
+                                   "Celery's help.")
     p.set_defaults(run=run_worker, passthrough=True)
 
 
@@ -554,8 +557,10 @@ def _exec(argv: list[str]) -> int:
 
 
 def run_worker(args) -> int:
-    """``mxq worker``: exec ``celery -A mxq.tasks worker -Q <mxq's queues> ...``."""
-    return _exec(worker_argv(args.extra))
+    """``mxq worker``: one gevent worker process per core (``mxq.tasks.supervisor``), each
+    ``celery -A mxq.tasks worker -Q <mxq's queues> -P gevent ...``; with another ``-P``, that one exec'd."""
+    from .supervisor import run
+    return run(args.extra, worker_argv)
 
 
 def run_scheduler(args) -> int:

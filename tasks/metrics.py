@@ -9,7 +9,9 @@ time.  mxq makes that folder itself (a fresh temporary one per worker, set
 in the environment before the pool forks, removed at shutdown); a
 ``PROMETHEUS_MULTIPROC_DIR`` you set is used instead, and is emptied at
 start, so it must belong to that one worker.  The same works for the
-``solo`` and ``threads`` pools (one process).
+``solo``, ``threads`` and ``gevent`` pools (one process).  ``mxq worker``
+runs one gevent worker process per core (``mxq.tasks.supervisor``): there
+the supervisor makes the folder and serves ``/metrics`` for all of them.
 
 =========================  ==========================================================
 variable                   meaning
@@ -99,6 +101,8 @@ _instruments = None
 _domains: set[str] = set()
 _dns_seen: dict[tuple[int, int], dict] = {}
 _server = None            # (httpd, thread, port) in the worker's main process
+#: Set by ``mxq worker``'s supervisor in its worker processes (``mxq.tasks.supervisor.CHILD_ENV``).
+CHILD_ENV = "_MXQ_WORKER_CHILD"
 _made_dir: str | None = None
 
 
@@ -421,6 +425,12 @@ def on_worker_init(**_kw) -> None:
     """
     if not enabled():
         return
+    if os.environ.get(CHILD_ENV) and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # One of `mxq worker`'s processes (mxq.tasks.supervisor): the supervisor serves
+        # /metrics from the folder it made; this process only records into it.
+        from prometheus_client import values
+        values.ValueClass = values.get_value_class()
+        return
     from .settings import PipelineSettings
     try:
         serve(PipelineSettings.from_env().redis_url)
@@ -430,7 +440,11 @@ def on_worker_init(**_kw) -> None:
 
 def on_worker_shutdown(**_kw) -> None:
     """``worker_shutdown`` (main process)."""
-    if enabled():
+    if not enabled():
+        return
+    if os.environ.get(CHILD_ENV):
+        on_process_shutdown()
+    else:
         stop()
 
 

@@ -85,7 +85,8 @@ def add_parser(sub) -> None:
                    help="Flower's port on 127.0.0.1 (default 5555; 0 picks a free one)")
     p.add_argument("--no-flower", action="store_true", help="do not start Flower")
     p.add_argument("--concurrency", "-c", type=int, default=None, metavar="N",
-                   help="worker processes (default: Celery's, the number of CPUs)")
+                   help="worker processes (default: one per CPU core; each keeps up to 1000 deliveries "
+                        "in flight)")
     p.add_argument("--log-dir", metavar="DIR",
                    help="write each child's output to DIR/<name>.log (default: inherit the terminal; "
                         "with --demo a temporary directory, so the outcomes stay readable)")
@@ -273,19 +274,21 @@ class Stack:
         return sandbox
 
     def start_worker(self, concurrency: int | None) -> Child:
-        """``mxq worker`` with a node name of its own; ready when it answers a Celery ping."""
-        from mxq.tasks.cli import worker_argv
+        """``mxq worker`` (one process per core, or ``concurrency``) with node names of its own;
+        ready when every process answers a Celery ping."""
+        from mxq.tasks.supervisor import node_names
         node = f"mxq-up-{os.getpid()}@{socket.gethostname()}"
-        extra = ["--hostname", node, "--loglevel", "INFO"]
-        if concurrency:
-            extra += ["--concurrency", str(concurrency)]
-        child = self.spawn("worker", worker_argv(extra))
+        processes = concurrency or os.cpu_count() or 1
+        extra = ["--hostname", node, "--loglevel", "INFO", "--processes", str(processes)]
+        child = self.spawn("worker", [sys.executable, "-m", "mxq.tasks.cli", "worker", *extra])
         from mxq.tasks.app import app
+        nodes = node_names(node, processes)
 
         def pong():
-            return app.control.ping(destination=[node], timeout=0.5)
-        wait_until(pong, WORKER_READY_TIMEOUT, f"worker {node} to answer a ping", check=child.check)
-        self.say(f"worker {node} ready (pid {child.pid})")
+            answered = app.control.ping(destination=nodes, timeout=0.5)
+            return len(answered) >= len(nodes)
+        wait_until(pong, WORKER_READY_TIMEOUT, f"workers {', '.join(nodes)} to answer a ping", check=child.check)
+        self.say(f"worker {node.split('@')[0]}: {processes} process(es) ready (pid {child.pid})")
         return child
 
     def start_scheduler(self) -> Child:

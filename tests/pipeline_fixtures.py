@@ -11,8 +11,8 @@ Register with ``pytest_plugins = ["tests.pipeline_fixtures"]`` in a test module.
                  Everything it started is stopped when the test ends.
 
 Each process runs in its own session (process group), so ``kill()`` can
-SIGKILL a prefork worker together with its children -- a whole machine
-dying, not just one child.  Readiness is a line in the process's log
+SIGKILL ``mxq worker`` together with its worker processes -- a whole machine
+dying, not just one process.  Readiness is a line in the process's log
 ("celery@... ready.", "beat: Starting..."), waited for with a bound.
 """
 
@@ -60,12 +60,14 @@ class CeleryProcess:
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
 
+        needle, count = self.ready if isinstance(self.ready, tuple) else (self.ready, 1)
+
         def ready():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            return self.ready in self.log()[offset:]
+            return self.log()[offset:].count(needle) >= count
 
-        wait_until(ready, timeout, f"{self.name} to log {self.ready!r}", interval=0.05)
+        wait_until(ready, timeout, f"{self.name} to log {needle!r} ({count} process(es))", interval=0.05)
         return self
 
     def log(self) -> str:
@@ -131,14 +133,26 @@ class Pipeline:
         return env
 
     def worker(self, *, concurrency: int = 2, queues: str = "mxq.intake,mxq.delivery,mxq.notifications",
-               loglevel: str = "INFO", **extra: str) -> CeleryProcess:
-        """Start a prefork worker on ``queues``; return it once it logged ``ready.``."""
+               loglevel: str = "INFO", pool: str | None = None, **extra: str) -> CeleryProcess:
+        """Start ``mxq worker`` on ``queues``; return it once every process logged ``ready.``.
+
+        ``concurrency``: worker processes (``mxq worker --processes``: one gevent pool each, at
+        its default deliveries in flight), as a machine with that many cores runs by default.
+        ``pool``: ``prefork`` (or another) runs one plain Celery worker of that pool with
+        ``concurrency`` children instead.
+        """
         self._n += 1
         name = f"w{self._n}"
-        args = [sys.executable, "-m", "celery", "-A", "mxq.tasks", "worker", "-P", "prefork", "-c", str(concurrency),
-                "-Q", queues, "-n", f"{name}@pipeline", "-l", loglevel,
-                "--without-gossip", "--without-mingle", "--without-heartbeat"]
-        p = CeleryProcess(args, self._env(extra), self.workdir / f"{name}.log", "ready.", f"worker {name}")
+        common = ["-Q", queues, "-n", f"{name}@pipeline", "-l", loglevel,
+                  "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        if pool is None:
+            args = [sys.executable, "-m", "mxq.tasks.cli", "worker", "--processes", str(concurrency), *common]
+            ready = ("ready.", concurrency)
+        else:
+            args = [sys.executable, "-m", "celery", "-A", "mxq.tasks", "worker", "-P", pool, "-c", str(concurrency),
+                    *common]
+            ready = ("ready.", 1)
+        p = CeleryProcess(args, self._env(extra), self.workdir / f"{name}.log", ready, f"worker {name}")
         self.processes.append(p)
         return p.start()
 

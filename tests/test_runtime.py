@@ -1,0 +1,381 @@
+"""Deliveries in flight, destination concurrency and dead destinations (issue 8, ``mxq.tasks.qmgr``).
+
+Real ``mxq worker`` processes (gevent, one per ``concurrency``), a real
+Redis, the sandbox DNS server and scripted aiosmtpd servers that count
+simultaneous sessions; a dead exchange is an address whose SYNs an nftables
+rule drops inside the test session's private network namespace.  The
+destination window's arithmetic is checked on the store's scripts directly.
+
+Servers in this module: 127.0.61.x:25; domains under ``rt.test``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from mxq import tasks
+from mxq.sandbox.smtpd import Behaviour, ScriptedSMTP, start_server
+from mxq.tasks.settings import PipelineSettings
+from mxq.tasks.store import Feedback, Outcome, Store, make_client
+from tests.fixtures_infra import wait_until
+
+pytest_plugins = ["tests.pipeline_fixtures"]
+
+IP = "127.0.61."
+SENDER = "sender@src.rt.test"
+
+
+# ====================================================================== helpers
+class Concurrency:
+    """Simultaneous SMTP sessions at a server, with the time of each change (server side).
+
+    A session counts from its connection to its QUIT (or the connection's end).
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.open: set[int] = set()
+        self.max = 0
+        self.total = 0
+        self.changes: list[tuple[float, int]] = []
+
+    def _note(self):
+        self.max = max(self.max, len(self.open))
+        self.changes.append((time.time(), len(self.open)))
+
+    def opened(self, key: int):
+        with self.lock:
+            self.open.add(key)
+            self.total += 1
+            self._note()
+
+    def closed(self, key: int):
+        with self.lock:
+            if key in self.open:
+                self.open.discard(key)
+                self._note()
+
+    def max_before(self, t: float) -> int:
+        with self.lock:
+            return max((n for when, n in self.changes if when < t), default=0)
+
+    def protocol(self):
+        counter = self
+
+        class Counted(ScriptedSMTP):
+            def connection_made(self, transport):
+                first = self.transport is None
+                super().connection_made(transport)
+                if first and not self.readiness:
+                    counter.opened(id(self))
+
+            async def smtp_QUIT(self, arg):
+                counter.closed(id(self))
+                await super().smtp_QUIT(arg)
+
+            def connection_lost(self, exc):
+                counter.closed(id(self))
+                super().connection_lost(exc)
+
+        return Counted
+
+
+def server(last: int, name: str, counter: Concurrency | None = None, **behaviour):
+    b = Behaviour(hostname=name, size_limit=None, **behaviour)
+    return start_server(IP + str(last), 25, b, protocol=counter.protocol() if counter else ScriptedSMTP)
+
+
+def message(i: int, to: str) -> bytes:
+    return (f"From: {SENDER}\r\nTo: {to}\r\nSubject: runtime {i}\r\n"
+            f"Message-ID: <rt.{i}.{to}>\r\n\r\nbody {i}\r\n").encode()
+
+
+def submit(addresses: list[str], start: int = 0) -> list[str]:
+    return tasks.submit_many([tasks.Item(message(start + i, a), sender=SENDER, recipients=[a])
+                              for i, a in enumerate(addresses)])
+
+
+def zone(dns_server, domain: str, ip: str) -> None:
+    dns_server.add({domain: {"MX": [[10, f"mx.{domain}"]]}, f"mx.{domain}": {"A": [ip]}})
+
+
+def states(ids: list[str]) -> list[dict]:
+    return [tasks.status(j)["recipients"][0] for j in ids]
+
+
+# ====================================================================== the window, on the scripts
+@pytest.fixture
+def store(redis_server):
+    srv = redis_server()
+    st = Store(make_client(srv.url), PipelineSettings(redis_url=srv.url, batch_size=4, retry_schedule=(30, 90)))
+    st.publish_policy({"d": 6, "m": {}, "i": 2, "x": 1000, "t": 0.5, "u": 0, "c": 1.0, "s": [30, 90],
+                       "idle": 600})
+    yield st
+    st.r.close()
+
+
+def _chunk(st: Store, lane: str, token: str, fb: Feedback) -> str:
+    """One chunk's release with its feedback (no outcomes): the lane's status."""
+    return st.finish(token, lane, [], fb)[2]
+
+
+def test_window_grows_one_per_delivery_shrinks_one_per_failed_run_and_a_cohort_declares_dead(store):
+    st, lane = store, "w.rt.test"
+    assert _chunk(st, lane, "a", Feedback(ok=1, latency=0.2)) == "ok"
+    s = st.dest.state(lane)
+    assert s["w"] == 3 and s["lat"] == 0.2                      # initial 2, +1
+    _chunk(st, lane, "b", Feedback(ok=10, latency=0.4))
+    assert st.dest.state(lane)["w"] == 6                         # capped by the limit (6c)
+    assert st.dest.state(lane)["lat"] == pytest.approx(0.24)     # slower: a fifth of the way up
+    _chunk(st, lane, "b2", Feedback(ok=1, latency=0.1))
+    assert st.dest.state(lane)["lat"] == pytest.approx(0.1)      # faster: at once (noise only adds)
+    # Failed runs (no server reached): -1 each and 1/window of a cohort each
+    _chunk(st, lane, "c", Feedback(fail=1, why="connect to x: Connection timed out", enhanced="4.4.1"))
+    s = st.dest.state(lane)
+    assert s["w"] == 5 and s["fc"] == pytest.approx(1 / 6) and "du" not in s
+    _chunk(st, lane, "d", Feedback(ok=1))                        # a success clears the cohorts
+    assert "fc" not in st.dest.state(lane) and st.dest.state(lane)["w"] == 6
+    statuses = [_chunk(st, lane, f"f{i}", Feedback(fail=1, why="timed out", enhanced="4.4.1")) for i in range(4)]
+    # 1/6 + 1/5 + 1/4 + 1/3 = 0.95 < 1; the fifth failed run completes the cohort: dead
+    assert statuses == ["ok"] * 4 and st.dest.state(lane)["w"] == 2
+    assert _chunk(st, lane, "f4", Feedback(fail=1, why="timed out", enhanced="4.4.1")) == "dead"
+    s = st.dest.state(lane)
+    t = st.r.time()
+    assert s["dn"] == 1 and s["w"] == 2 and s["du"] == pytest.approx(t[0] + t[1] / 1e6 + 30, abs=2)
+    assert s["why"] == "timed out" and s["enh"] == "4.4.1"
+
+
+def test_a_dead_lane_drains_then_takes_one_probe_at_a_time(store):
+    st, lane = store, "d.rt.test"
+    st.r.rpush(f"mxq:ready:{lane}", *[f"j{i}|{lane}|0" for i in range(5)])
+    rnow = st.r.time()
+    rnow = rnow[0] + rnow[1] / 1e6
+
+    def acquire(token):
+        return st.dest.acquire(lane, token, 4, concurrency=6, interval=0, bucket=1, slot_ttl=30, backstop=1,
+                               now=time.time())
+
+    st.r.set(f"mxq:dest:{lane}", json.dumps({"du": rnow + 60, "dn": 1, "why": "no answer", "enh": "4.4.1",
+                                               "t": rnow}))
+    g = acquire("a")
+    assert (g.mode, g.granted, g.slot) == ("drain", 4, False)    # dead: defer the mail, no connection
+    assert 59 < g.dead_wait <= 60 and g.why == "no answer"
+    # the dead period is over: the first task is the probe (one message, a slot); nobody else meanwhile
+    st.r.set(f"mxq:dest:{lane}", json.dumps({"du": rnow - 1, "dn": 1, "why": "no answer", "t": rnow}))
+    p = acquire("p")
+    assert (p.mode, p.granted, p.slot) == ("probe", 1, True)
+    q = acquire("q")
+    assert (q.granted, q.reason) == (0, "dead") and q.wait >= 1
+    assert st.r.zscore("mxq:throttled", lane) is not None     # looked at again later
+    # the probe fails: dead again, for the schedule's next step (90 s)
+    assert _chunk(st, lane, "p.1", Feedback(fail=1, why="still nothing", probe="p")) == "dead"
+    s = st.dest.state(lane)
+    assert s["dn"] == 2 and s["du"] - rnow == pytest.approx(90, abs=3) and "pr" not in s
+    # the next probe gets through: alive, at the initial window, and tasks for the ready work
+    st.r.set(f"mxq:dest:{lane}", json.dumps(dict(s, du=rnow - 1)))
+    assert acquire("p2").mode == "probe"
+    assert _chunk(st, lane, "p2.1", Feedback(ok=1, latency=0.1, probe="p2")) == "ok"
+    s = st.dest.state(lane)
+    assert "du" not in s and "dn" not in s and s["w"] == 3       # initial 2 + the probe's delivery
+    g = acquire("b")
+    assert (g.mode, g.granted) == ("deliver", 4)
+
+
+def test_dispatch_spreads_slow_mail_over_the_window_and_fast_mail_over_few_connections(store):
+    st = store
+    for lane, lat in (("slow.rt.test", 1.0), ("fast.rt.test", 0.001), ("new.rt.test", None)):
+        st.r.set(f"mxq:dest:{lane}", json.dumps({"w": 6, **({"lat": lat} if lat else {})}))
+    from mxq.tasks.producer import Item, build_job
+    jobs = [build_job(Item(message(i, f"u{i}@{d}"), sender=SENDER, recipients=[f"u{i}@{d}"]), max_size=10**6,
+                      now=1e9)
+            for i in range(8) for d in ("slow.rt.test", "fast.rt.test", "new.rt.test")]
+    _, dispatch = st.submit(jobs, now=1e9)
+    # slow (1 s a message): 8 s of work, half a second per connection, up to the window (6);
+    # fast (1 ms): 8 ms of work, one connection; unknown latency: one per MXQ_BATCH_SIZE (4)
+    assert dict(dispatch) == {"slow.rt.test": 6, "fast.rt.test": 1, "new.rt.test": 2}
+
+
+# ====================================================================== across real workers
+@pytest.fixture(scope="module")
+def zones(dns_server):
+    for last, name in ((10, "par.rt.test"), (11, "start.rt.test"), (20, "dead.rt.test"), (21, "ok.rt.test"),
+                       (30, "kill.rt.test"), (31, "kill2.rt.test"), (40, "a.reuse.rt.test"),
+                       (40, "b.reuse.rt.test")):
+        zone(dns_server, name, IP + str(last))
+
+
+def test_a_domain_gets_parallel_connections_up_to_its_limit_across_two_workers(pipeline, zones):
+    par = Concurrency()
+    srv = server(10, "mx.par.rt.test", par, delays={"data_final": 0.3}, keep_content=False)
+    try:
+        # A message per task (chunks of 1): the first dispatch publishes 4 tasks, so both workers
+        # (each blocked waiting for one) get some, and each may open more connections itself.
+        p = pipeline(MXQ_SHAPING="par.rt.test=4c", MXQ_BATCH_SIZE="1")
+        p.worker(concurrency=1)
+        p.worker(concurrency=1)
+        p.beat()
+        ids = submit([f"u{i}@par.rt.test" for i in range(40)])
+        p.wait_done(ids, timeout=60)
+        assert [s["state"] for s in states(ids)] == ["delivered"] * 40 and len(srv.messages) == 40
+        print(f"par.rt.test=4c: at most {par.max} sessions at once, {par.total} sessions")
+        assert 1 < par.max <= 4             # spread over parallel connections, never past the limit
+        assert par.max == 4                 # the window grew to the limit: 40 x 0.3 s is plenty
+        # both workers delivered: the limit held across them
+        logs = [w.log() for w in p.processes[:2]]
+        assert all("deliver par.rt.test: delivered=" in log for log in logs)
+    finally:
+        srv.stop()
+
+
+def test_slow_start_from_the_initial_window(pipeline, zones):
+    sessions = Concurrency()
+    srv = server(11, "mx.start.rt.test", sessions, delays={"data_final": 0.4}, keep_content=False)
+    try:
+        # one message per task (chunks of 1): the dispatch asks for 30 connections at once
+        p = pipeline(MXQ_SHAPING="start.rt.test=6c", MXQ_INITIAL_CONCURRENCY="2", MXQ_BATCH_SIZE="1")
+        p.worker(concurrency=2)
+        p.beat()
+        ids = submit([f"s{i}@start.rt.test" for i in range(30)])
+        p.wait_done(ids, timeout=60)
+        first = min(m.received_at for m in srv.messages)
+        before = sessions.max_before(first)
+        print(f"slow start: {before} sessions before the first delivery, {sessions.max} at most")
+        assert before == 2                  # the initial window, used in full, before any success
+        assert sessions.max == 6            # grown to the limit, never past it
+    finally:
+        srv.stop()
+
+
+def _nft(*rules: str) -> None:
+    subprocess.run(["nft", "-f", "-"], input="\n".join(rules).encode(), check=True)
+
+
+def _syn_sent(ip: str) -> int:
+    out = subprocess.run(["ss", "-Htn", "state", "syn-sent", "dst", ip], capture_output=True, text=True).stdout
+    return sum(1 for line in out.splitlines() if line.strip())
+
+
+@pytest.mark.skipif(shutil.which("nft") is None or shutil.which("ss") is None, reason="needs nft and ss")
+def test_a_dead_exchange_gets_one_probe_at_a_time_and_other_domains_deliver(pipeline, zones, dns_server):
+    from tests.conftest import IN_PRIVATE_NETNS
+    if not IN_PRIVATE_NETNS:
+        pytest.skip("nftables rules only inside the test session's private network namespace")
+    dead_ip = IP + "20"
+    _nft("add table inet mxq_rt_dead",
+         "add chain inet mxq_rt_dead out { type filter hook output priority 0; }",
+         f"add rule inet mxq_rt_dead out ip daddr {dead_ip} tcp dport 25 drop")
+    ok = server(21, "mx.ok.rt.test", delays={"data_final": 0.05}, keep_content=False)
+    revived = None
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            samples.append((time.monotonic(), _syn_sent(dead_ip)))
+            stop.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    try:
+        p = pipeline(MXQ_CONNECT_TIMEOUT="2", MXQ_RETRY_SCHEDULE="3", MXQ_MAX_LIFETIME="600")
+        p.worker(concurrency=2)
+        p.beat()
+        sampler.start()
+        dead = submit([f"d{i}@dead.rt.test" for i in range(30)])          # submitted first
+        healthy = submit([f"h{i}@ok.rt.test" for i in range(60)], start=100)
+        p.wait_done(healthy, timeout=30)
+        assert all(s["state"] == "delivered" for s in states(healthy))
+        assert not any(s["state"] == "delivered" for s in states(dead))
+        client = p.redis.client()
+        wait_until(lambda: "du" in json.loads(client.get("mxq:dest:dead.rt.test") or "{}"), 20,
+                   "the dead exchange's domain declared dead")
+        declared = time.monotonic()
+        # Every recipient of the dead domain ends deferred, with the reason, none lost.
+        wait_until(lambda: all(s["state"] == "deferred" for s in states(dead)), 20, "every dead recipient deferred")
+        texts = Counter("suspended" if "temporarily suspended" in s["text"] else s["text"] for s in states(dead))
+        print(f"dead domain: {dict(texts)}")
+        assert all("timed out" in s["text"] or "marked down" in s["text"] for s in states(dead))
+        assert texts["suspended"] >= 20     # most were never tried: deferred without a connection
+        assert all(s["next_attempt"] for s in states(dead))
+        # Two more dead periods (3 s each, and the probes' 2 s connect timeouts): one probe at a time.
+        time.sleep(9)
+        stop.set()
+        sampler.join(5)
+        after = [n for t, n in samples if t > declared + 2.5]        # connects under way at the verdict ended
+        before = max(n for t, n in samples if t <= declared)
+        print(f"connections trying the dead exchange: up to {before} before it was declared dead, "
+              f"up to {max(after)} after ({sum(1 for n in after if n)} samples of {len(after)} with one)")
+        assert before <= 5                  # the initial window
+        assert max(after) == 1              # probes, one at a time ...
+        assert any(after)                   # ... and there were some
+        # The exchange comes back: the next probe gets through and the domain's mail goes out.
+        subprocess.run(["nft", "delete", "table", "inet", "mxq_rt_dead"], check=True)
+        revived = server(20, "mx.dead.rt.test", keep_content=False)
+        p.wait_done(dead, timeout=40)
+        assert all(s["state"] == "delivered" for s in states(dead)) and len(revived.messages) == 30
+    finally:
+        stop.set()
+        subprocess.run(["nft", "delete", "table", "inet", "mxq_rt_dead"], capture_output=True)
+        ok.stop()
+        if revived is not None:
+            revived.stop()
+
+
+def _established(ip: str) -> int:
+    out = subprocess.run(["ss", "-Htn", "state", "established", "dst", ip], capture_output=True, text=True).stdout
+    return sum(1 for line in out.splitlines() if line.strip())
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss")
+def test_a_worker_killed_with_many_deliveries_in_flight_loses_nothing(pipeline, zones):
+    srv = server(30, "mx.kill.rt.test", delays={"data_final": 0.5})
+    srv2 = server(31, "mx.kill2.rt.test", delays={"data_final": 0.5})
+    try:
+        p = pipeline(MXQ_LEASE_SECONDS="2", MXQ_DISPATCH_STALE="2")
+        w1 = p.worker(concurrency=1)
+        p.beat()
+        rcpts = [f"k{i}@kill.rt.test" if i % 2 else f"k{i}@kill2.rt.test" for i in range(300)]
+        ids = submit(rcpts)
+        wait_until(lambda: len(srv.messages) + len(srv2.messages) >= 60, 30, "deliveries under way")
+        wait_until(lambda: _established(IP + "30") + _established(IP + "31") >= 10, 10, "connections in flight")
+        open_at_kill = _established(IP + "30") + _established(IP + "31")
+        w1.kill()                           # SIGKILL: no release, no ack, nothing recorded after this
+        sent_at_kill = len(srv.messages) + len(srv2.messages)
+        p.worker(concurrency=1)
+        p.wait_done(ids, timeout=90)
+        got = Counter(m.email()["Message-ID"] for m in srv.messages + srv2.messages)
+        dups = sum(n - 1 for n in got.values())
+        print(f"killed with {open_at_kill} connections open after {sent_at_kill} deliveries: "
+              f"{len(got)} distinct messages, {dups} sent twice")
+        assert len(got) == 300 and all(s["state"] == "delivered" for s in states(ids))   # nothing lost
+        assert dups <= open_at_kill         # only what was in flight is sent again
+    finally:
+        srv.stop()
+        srv2.stop()
+
+
+def test_a_connection_carries_several_tasks_and_domains_sharing_its_exchange(pipeline, zones):
+    sessions = Concurrency()
+    srv = server(40, "mx.reuse.rt.test", sessions, keep_content=False)
+    try:
+        p = pipeline()
+        p.worker(concurrency=1)
+        p.beat()
+        ids = []
+        for i in range(6):                  # one message at a time: a task each
+            ids += submit([f"r{i}@a.reuse.rt.test" if i % 2 else f"r{i}@b.reuse.rt.test"], start=i)
+            p.wait_done(ids, timeout=20)
+        assert all(s["state"] == "delivered" for s in states(ids))
+        print(f"6 tasks over {sessions.total} connection(s)")
+        assert sessions.total == 1          # both domains, all six tasks: one connection
+        # idle past MXQ_CONNECTION_CACHE_TIME (2 s), it is closed (QUIT)
+        wait_until(lambda: not sessions.open, 10, "the idle connection closed")
+        assert srv.stats["quit"] == 1
+    finally:
+        srv.stop()
