@@ -227,9 +227,11 @@ def test_a_domain_gets_parallel_connections_up_to_its_limit_across_two_workers(p
         print(f"par.rt.test=4c: at most {par.max} sessions at once, {par.total} sessions")
         assert 1 < par.max <= 4             # spread over parallel connections, never past the limit
         assert par.max == 4                 # the window grew to the limit: 40 x 0.3 s is plenty
-        # both workers delivered: the limit held across them
+        # both workers took part: each delivered to the domain, or was refused a connection
+        # because the other held the domain's every slot (the limit is fleet-wide)
         logs = [w.log() for w in p.processes[:2]]
-        assert all("deliver par.rt.test: delivered=" in log for log in logs)
+        assert all("deliver par.rt.test: delivered=" in log or "held back by shaping (concurrency)" in log
+                   for log in logs)
     finally:
         srv.stop()
 
