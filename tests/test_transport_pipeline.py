@@ -140,7 +140,9 @@ def test_mta_sts_policy_fetched_once_for_the_fleet_and_tlsrpt_reports_it(pipelin
                     "tst.tp.test": {"MX": [[10, "mx.tst.tp.test"]]}, "mx.tst.tp.test": {"A": [IP + "21"]},
                     "_mta-sts.tst.tp.test": {"TXT": ["v=STSv1; id=t1;"]}, "mta-sts.tst.tp.test": {"A": [IP + "30"]}})
     try:
-        p = pipeline(SSL_CERT_FILE=ca.ca_file)
+        # No connection reuse across tasks (MXQ_CONNECTION_CACHE_TIME=0): a TLS session per message,
+        # so the report's session counts are the message counts.
+        p = pipeline(SSL_CERT_FILE=ca.ca_file, MXQ_CONNECTION_CACHE_TIME="0")
         p.worker(concurrency=2)
         p.worker(concurrency=2)
         p.beat()
