@@ -398,69 +398,94 @@ def _lane_of(wid: str) -> str:
 
 
 # ---------------------------------------------------------------- the commands
-def add_parsers(subparsers) -> None:
-    """Register ``mxq queue`` and ``mxq suppress`` on the ``mxq`` sub-command parser."""
-    q = subparsers.add_parser("queue", help="the mail queue: list by domain, flush, drop",
-                              description="Show the queue by domain and state (ready, in flight, deferred) "
-                                          "and the oldest deferred recipients; or flush / drop.")
-    q.add_argument("--json", action="store_true", help="print the queue as one JSON document")
-    q.add_argument("--oldest", type=int, default=5, metavar="N", help="show the N oldest deferred recipients (5)")
-    q.set_defaults(run=run_queue)
-    qs = q.add_subparsers(dest="queue_command", metavar="ACTION")
-    f = qs.add_parser("flush", help="retry deferred mail now",
-                      description="Move deferred mail (of DOMAIN, or all of it) to its ready lists and publish "
-                                  "the tasks for it; without DOMAIN also forget which exchanges were down.")
-    f.add_argument("domain", nargs="?", metavar="DOMAIN")
-    f.add_argument("--json", action="store_true", help='print {"moved": N, "domain": ...}')
-    f.set_defaults(run=run_flush)
-    d = qs.add_parser("drop", help="give up on a job or a domain's mail",
-                      description="Give every recipient of JOB (a job id), or every recipient waiting for "
-                                  "DOMAIN, the final state 'dropped'; nothing of theirs is attempted afterwards. "
-                                  "Asks for confirmation unless --yes.")
-    d.add_argument("target", metavar="JOB|DOMAIN")
-    d.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
-    d.add_argument("--json", action="store_true", help="print the result as JSON")
-    d.set_defaults(run=run_drop)
+def add_commands(group) -> None:
+    """Add ``mxq queue`` and ``mxq suppress`` (click groups) to the ``mxq`` group."""
+    import argparse
 
-    s = subparsers.add_parser("suppress", help="the suppression list (list, add, remove)",
-                              description="Recipients that bounced permanently (5.1.x) are suppressed for "
-                                          "MXQ_SUPPRESS_TTL seconds: new mail to them is not sent and shows "
-                                          "the state 'suppressed'.")
-    ss = s.add_subparsers(dest="suppress_command", metavar="ACTION")
-    ls = ss.add_parser("list", help="list suppressed addresses")
-    ls.add_argument("--json", action="store_true", help="print a JSON list of entries")
-    ls.set_defaults(run=run_suppress_list)
-    a = ss.add_parser("add", help="suppress an address")
-    a.add_argument("address", metavar="ADDR")
-    a.add_argument("--ttl", type=int, metavar="SECONDS", help="how long (default MXQ_SUPPRESS_TTL, 30 days)")
-    a.add_argument("--reason", default="", metavar="TEXT", help="a note shown with the suppressed recipients")
-    a.add_argument("--json", action="store_true", help="print the entry as JSON")
-    a.set_defaults(run=run_suppress_add)
-    rm = ss.add_parser("remove", help="lift the suppression of an address")
-    rm.add_argument("address", metavar="ADDR")
-    rm.set_defaults(run=run_suppress_remove)
-    s.set_defaults(run=lambda args: _usage(s))
+    import click
 
-    t = subparsers.add_parser("tlsrpt", help="print the TLS-RPT aggregate report (RFC 8460) of a day",
-                              description="Print, as JSON, the RFC 8460 aggregate report of the TLS sessions the "
-                                          "workers had with recipient domains' exchanges on one UTC day: per "
-                                          "domain its policy (MTA-STS or none), successful and failed session "
-                                          "counts and the failure details.  Counts are kept 8 days.")
-    t.add_argument("--day", default="today", metavar="DAY",
-                   help="YYYY-MM-DD, 'today' (the default, counts so far) or 'yesterday' (UTC)")
-    t.add_argument("--domain", action="append", metavar="DOMAIN",
-                   help="only this recipient domain (repeatable): the report to send to its TLS-RPT address")
-    t.add_argument("--organization", metavar="NAME",
-                   help="organization-name (default MXQ_TLSRPT_ORG, else MXQ_HELO_NAME / the host name)")
-    t.add_argument("--contact", metavar="EMAIL",
-                   help="contact-info (default MXQ_TLSRPT_CONTACT, else postmaster@ the HELO name)")
-    t.add_argument("--list", action="store_true", help="list the domains with counts that day instead")
-    t.set_defaults(run=run_tlsrpt)
+    ctx_settings = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
+    def ns(**kw):
+        return argparse.Namespace(**kw)
 
-def _usage(parser) -> int:
-    parser.print_usage(sys.stderr)
-    return 64
+    @click.group("queue", invoke_without_command=True, short_help="the mail queue: summary, list, show, flush, drop",
+                 context_settings=ctx_settings)
+    @click.option("--json", "json", is_flag=True, help="Print the queue as one JSON document.")
+    @click.option("--oldest", type=int, default=5, show_default=True, metavar="N",
+                  help="Show the N oldest deferred recipients.")
+    @click.pass_context
+    def queue(ctx, json, oldest):
+        """The mail queue: by domain and state (ready, in flight, deferred) and the oldest deferred
+        recipients with their last reply; or an action on it."""
+        if ctx.invoked_subcommand is None:
+            return run_queue(ns(json=json, oldest=oldest))
+        return None
+
+    @queue.command("flush", context_settings=ctx_settings)
+    @click.argument("domain", required=False, metavar="[DOMAIN]")
+    @click.option("--json", "json", is_flag=True, help='Print {"moved": N, "domain": ...}.')
+    def flush(domain, json):
+        """Retry deferred mail now: move it (of DOMAIN, or all of it) to its ready lists and publish
+        the tasks for it; without DOMAIN also forget which exchanges were down."""
+        return run_flush(ns(domain=domain, json=json))
+
+    @queue.command("drop", context_settings=ctx_settings)
+    @click.argument("target", metavar="JOB|DOMAIN")
+    @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+    @click.option("--json", "json", is_flag=True, help="Print the result as JSON.")
+    def drop(target, yes, json):
+        """Give every recipient of JOB, or every recipient waiting for DOMAIN, the final state
+        'dropped'; nothing of theirs is attempted afterwards.  Asks y/N unless --yes."""
+        return run_drop(ns(target=target, yes=yes, json=json))
+
+    @click.group("suppress", short_help="the suppression list (list, add, remove)", context_settings=ctx_settings)
+    def suppress():
+        """The suppression list: recipients that bounced permanently (5.1.x) are suppressed for
+        MXQ_SUPPRESS_TTL seconds; new mail to them is not sent and ends 'suppressed'."""
+
+    @suppress.command("list", context_settings=ctx_settings)
+    @click.option("--json", "json", is_flag=True, help="Print a JSON list of entries.")
+    def list_(json):
+        """List suppressed addresses."""
+        return run_suppress_list(ns(json=json))
+
+    @suppress.command("add", context_settings=ctx_settings)
+    @click.argument("address", metavar="ADDR")
+    @click.option("--ttl", type=int, metavar="SECONDS", help="How long (default MXQ_SUPPRESS_TTL, 30 days).")
+    @click.option("--reason", default="", metavar="TEXT", help="A note shown with the suppressed recipients.")
+    @click.option("--json", "json", is_flag=True, help="Print the entry as JSON.")
+    def add(address, ttl, reason, json):
+        """Suppress an address."""
+        return run_suppress_add(ns(address=address, ttl=ttl, reason=reason, json=json))
+
+    @suppress.command("remove", context_settings=ctx_settings)
+    @click.argument("address", metavar="ADDR")
+    def remove(address):
+        """Lift the suppression of an address (66 when it was not suppressed)."""
+        return run_suppress_remove(ns(address=address))
+
+    @click.command("tlsrpt", short_help="the TLS-RPT aggregate report (RFC 8460) of a day",
+                   context_settings=ctx_settings)
+    @click.option("--day", default="today", metavar="DAY",
+                  help="YYYY-MM-DD, 'today' (the default, counts so far) or 'yesterday' (UTC).")
+    @click.option("--domain", multiple=True, metavar="DOMAIN",
+                  help="Only this recipient domain (repeatable): the report to send to its TLS-RPT address.")
+    @click.option("--organization", metavar="NAME",
+                  help="organization-name (default MXQ_TLSRPT_ORG, else MXQ_HELO_NAME / the host name).")
+    @click.option("--contact", metavar="EMAIL",
+                  help="contact-info (default MXQ_TLSRPT_CONTACT, else postmaster@ the HELO name).")
+    @click.option("--list", "list_", is_flag=True, help="List the domains with counts that day instead.")
+    def tlsrpt(day, domain, organization, contact, list_):
+        """Print, as JSON, the RFC 8460 aggregate report of the TLS sessions the workers had with
+        recipient domains' exchanges on one UTC day: per domain its policy (MTA-STS or none),
+        successful and failed session counts and the failure details.  Counts are kept 8 days."""
+        return run_tlsrpt(ns(day=day, domain=list(domain) or None, organization=organization, contact=contact,
+                             list=list_))
+
+    group.add_command(queue)
+    group.add_command(suppress)
+    group.add_command(tlsrpt)
 
 
 def _admin(cmd: str):
@@ -510,10 +535,9 @@ def _duration(seconds: float) -> str:
 
 
 def _table(rows: list[tuple], out) -> None:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:
-        out.write("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                            for i, (c, w) in enumerate(zip(r, widths))) + "  " + str(r[-1]) + "\n")
+    """``rows[0]`` is the header: the ``mxq`` table style (``mxq.tables``)."""
+    from mxq.tables import print_table
+    print_table(rows[0], rows[1:], out)
 
 
 def print_queue(doc: dict, out=None) -> None:

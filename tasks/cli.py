@@ -33,7 +33,6 @@ import sys
 import tempfile
 import time
 
-from mxq.workers.reply import printable
 
 EX_OK = 0
 EX_USAGE = 64
@@ -57,138 +56,6 @@ PASSTHROUGH = ("worker", "flower")
 FINAL_STATES = ("delivered", "bounced", "expired", "suppressed", "dropped")
 #: Final states that mean "not delivered": the job's exit status is 69 when any recipient has one.
 FAILED_STATES = ("bounced", "expired", "suppressed", "dropped")
-
-
-# -- the parser ---------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every sub-command registered."""
-    from mxq.workers import cli as engine_cli
-
-    parser = argparse.ArgumentParser(prog="mxq", description="Distributed mail delivery workers.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    engine_cli.add_parser(sub)
-    _add_send(sub)
-    _add_status(sub)
-    _add_worker(sub)
-    _add_scheduler(sub)
-    _add_flower(sub)
-    _add_config(sub)
-    from mxq.tasks import up
-    up.add_parser(sub)
-    import importlib.util
-    if importlib.util.find_spec("mxq.tasks.admin") is not None:    # mxq queue, mxq suppress
-        from mxq.tasks import admin
-        admin.add_parsers(sub)
-    return parser
-
-
-def _add_send(sub) -> None:
-    p = sub.add_parser("send", help="submit a message to the pipeline",
-                       description="Submit a message (an .eml file, or - for standard input) to the "
-                                   "pipeline and print its job id.  Envelope defaults come from the "
-                                   "headers (From/Sender; To, Cc, Bcc).")
-    from mxq.workers.cli import add_envelope_arguments
-    add_envelope_arguments(p)
-    p.add_argument("--json", action="store_true", help='print {"job": ID} (and the status with --wait) as JSON')
-    p.add_argument("--wait", action="store_true",
-                   help="follow the job until every recipient is final; exit 0/69/75 as mxq deliver")
-    p.add_argument("--timeout", type=float, default=DEFAULT_WAIT_TIMEOUT, metavar="SECONDS",
-                   help=f"bound on --wait (default {DEFAULT_WAIT_TIMEOUT:g}; 0: no bound); "
-                        "on expiry the current status is printed and the exit status is 75")
-    p.set_defaults(run=run_send)
-
-
-def _add_status(sub) -> None:
-    p = sub.add_parser("status", help="show a job and its recipients",
-                       description="Show a submitted job and the state of each recipient.")
-    p.add_argument("job", metavar="JOB", help="the job id mxq send printed")
-    p.add_argument("--json", action="store_true", help='print {"job", "state", "recipients": [...]}')
-    p.set_defaults(run=run_status)
-
-
-def _add_worker(sub) -> None:
-    p = sub.add_parser("worker", help="run Celery workers on mxq's queues, one per core", allow_abbrev=False,
-                       description="Run one `celery -A mxq.tasks worker -P gevent` process per CPU core "
-                                   "(--processes N), each with 1000 deliveries in flight (-c N), consuming "
-                                   "mxq's queues.  Any other option is passed to celery worker (e.g. "
-                                   "-l debug, -Q to choose queues, -n NAME@HOST: NAME-1@HOST...; -P prefork "
-                                   "runs one plain celery worker instead); `mxq worker -- --help` shows "
-                                   "Celery's help.")
-    p.set_defaults(run=run_worker, passthrough=True)
-
-
-def _add_scheduler(sub) -> None:
-    p = sub.add_parser("scheduler", help="run the scheduler (releases deferred mail, recovers lost work)",
-                       description="Run mxq's scheduler: once a second one atomic step in Redis moves due "
-                                   "deferred mail and the work of dead workers back to the ready lists and "
-                                   "re-publishes tasks for quiet domains.  Run one (a second one is harmless).  "
-                                   "It touches its heartbeat file (--schedule, $MXQ_BEAT_SCHEDULE) after "
-                                   "every tick, for health checks.")
-    p.add_argument("-s", "--schedule", metavar="PATH",
-                   help="heartbeat file (default $MXQ_BEAT_SCHEDULE, else mxq-celerybeat-schedule in the "
-                        "temporary directory)")
-    p.add_argument("-l", "--loglevel", metavar="LEVEL", type=str.lower,
-                   choices=("debug", "info", "warning", "error", "critical"),
-                   help="log level (default $MXQ_LOG_LEVEL, info)")
-    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="seconds between ticks (1)")
-    p.add_argument("--pidfile", metavar="PATH", default="", help="write the process id there ('' : none)")
-    p.set_defaults(run=run_scheduler)
-
-
-def _add_flower(sub) -> None:
-    p = sub.add_parser("flower", help="run Flower, the Celery monitor", allow_abbrev=False,
-                       description="Run `celery -A mxq.tasks flower` (default --address=127.0.0.1 "
-                                   "--port=5555).  Set FLOWER_BASIC_AUTH=user:password to require "
-                                   "a login; other options are passed to Flower.")
-    p.set_defaults(run=run_flower, passthrough=True)
-
-
-def _add_config(sub) -> None:
-    p = sub.add_parser("config", help="show the effective MXQ_* settings and where each comes from",
-                       description="Show the MXQ_* settings that are set (like postconf -n): the effective "
-                                   "value, secrets masked, and where it comes from (environment, Django "
-                                   "settings when DJANGO_SETTINGS_MODULE is set, ...).  Every value is "
-                                   "checked: exit 78 naming each malformed one.")
-    p.add_argument("names", nargs="*", metavar="NAME", help="only these settings (MXQ_ may be left out)")
-    p.add_argument("-a", "--all", action="store_true", help="every setting, defaults included (postconf)")
-    p.add_argument("-d", "--defaults", action="store_true", help="the defaults, whatever is set (postconf -d)")
-    p.add_argument("--json", action="store_true", help="a JSON list of {name, value, origin, default, secret}")
-    p.add_argument("--env-example", action="store_true", help="print the .env.example for docker-compose")
-    p.set_defaults(run=run_config)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run ``mxq``; return the exit status."""
-    parser = build_parser()
-    try:
-        args, extra = parser.parse_known_args(argv)
-    except SystemExit as e:  # argparse exits 2 on usage errors; sysexits says 64
-        return EX_USAGE if e.code not in (0, None) else 0
-    if not getattr(args, "run", None):
-        parser.print_usage(sys.stderr)
-        return EX_USAGE
-    if extra and not getattr(args, "passthrough", False):
-        parser.print_usage(sys.stderr)
-        print(f"mxq: error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
-        return EX_USAGE
-    args.extra = [a for a in extra if a != "--"] if extra[:1] == ["--"] else extra
-    from mxq.settings import ConfigError
-    if args.command not in ("deliver", "config"):   # deliver reads only the engine's settings
-        import importlib
-        config_error = importlib.import_module("mxq.tasks.app").config_error
-        problems = [config_error] if config_error else []
-        from mxq import settings as registry
-        problems += [str(e) for e in registry.current().errors() if str(e) not in problems]
-        if problems:
-            for p in problems:
-                print(f"mxq {args.command}: configuration: {p}", file=sys.stderr)
-            return EX_CONFIG
-    try:
-        return args.run(args)
-    except ConfigError as e:            # a setting found malformed on the way (a DKIM key file, ...)
-        print(f"mxq {args.command}: configuration: {e}", file=sys.stderr)
-        return EX_CONFIG
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -223,6 +90,7 @@ def config_problems(cfg=None) -> list[str]:
     check(("MXQ_DKIM",), DKIMSigner.from_env)
     if cfg.is_set("MXQ_METRICS_PORT"):
         check(("MXQ_METRICS_PORT",), lambda: metrics.parse_port(cfg["MXQ_METRICS_PORT"]))
+        check(("MXQ_METRICS_PORT",), metrics.require_client)
     return problems
 
 
@@ -449,33 +317,17 @@ def progress_line(status: dict, width: int = 30) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{len(recipients)} final  {parts}"
 
 
-def _detail(r: dict) -> str:
-    reply = " ".join(str(x) for x in (r.get("code"), r.get("enhanced")) if x)
-    text = printable(str(r.get("text") or ""))
-    where = ""
-    if r.get("exchange"):
-        where = f" [{r['exchange']}" + (f" {r['ip']}" if r.get("ip") else "") + ("; relay" if r.get("relay") else "") + "]"
-    return (f"{reply} {text}".strip() + where).strip()
-
-
 def print_status(status: dict, *, as_json: bool = False, out=None) -> None:
-    """Print a job's status: JSON (``{"job", "state", "recipients"}``), or a table."""
+    """Print a job's status: JSON (``{"job", "state", "recipients"}``), or the recipient table."""
+    from mxq.tables import print_recipients
+
     out = out or sys.stdout
     if as_json:
         out.write(json.dumps(status, default=str) + "\n")
         return
-    rows = status.get("recipients") or []
-    head = f"job {status.get('job')}  state {status.get('state')}"
     summary = "  ".join(f"{k} {v}" for k, v in counts(status).items())
-    out.write(f"{head}  ({summary})\n")
-    table = [("RECIPIENT", "STATE", "DSN", "TRIES", "DETAIL")]
-    for r in rows:
-        table.append((str(r.get("address", "")), str(r.get("state", "")),
-                      str(r.get("enhanced") or ""), str(r.get("attempts", "") or ""), _detail(r)))
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
-    for row in table:
-        out.write("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] + "\n")
-    out.flush()
+    out.write(f"job {status.get('job')}  state {status.get('state')}  ({summary})\n")
+    print_recipients(status.get("recipients") or [], out)
 
 
 # -- worker, scheduler, flower: exec Celery -------------------------------------------------------
@@ -558,7 +410,22 @@ def _exec(argv: list[str]) -> int:
 
 def run_worker(args) -> int:
     """``mxq worker``: one gevent worker process per core (``mxq.tasks.supervisor``), each
-    ``celery -A mxq.tasks worker -Q <mxq's queues> -P gevent ...``; with another ``-P``, that one exec'd."""
+    ``celery -A mxq.tasks worker -Q <mxq's queues> -P gevent ...``; with another ``-P``, that one exec'd.
+
+    A feature whose extra is missing (MXQ_METRICS_PORT without prometheus_client, MXQ_DKIM
+    without dkimpy) is refused here, before Celery starts: exit 78 naming the setting and the extra.
+    """
+    from mxq import settings as registry
+    from mxq.tasks import metrics
+    from mxq.workers.dkim import signer_from_env
+
+    try:
+        if registry.current().is_set("MXQ_METRICS_PORT"):
+            metrics.require_client()
+        signer_from_env()
+    except ValueError as e:
+        print(f"mxq worker: configuration: {e}", file=sys.stderr)
+        return EX_CONFIG
     from .supervisor import run
     return run(args.extra, worker_argv)
 
@@ -609,14 +476,218 @@ def run_scheduler(args) -> int:
 def run_flower(args) -> int:
     """``mxq flower``: exec ``celery -A mxq.tasks flower --address=127.0.0.1 --port=5555 ...``."""
     if not _has_module("flower"):
-        print("mxq flower: flower is not installed (pip install flower)", file=sys.stderr)
+        print("mxq flower: Flower is not installed: pip install 'mxq[flower]'", file=sys.stderr)
         return EX_UNAVAILABLE
     return _exec(flower_argv(args.extra))
 
 
 def _has_module(name: str) -> bool:
     import importlib.util
-    return importlib.util.find_spec(name) is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
+# -- the command line (click) ---------------------------------------------------------------------
+
+import click  # noqa: E402  (click comes with Celery; imported here so the helpers above stay light)
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+#: For worker and flower: every option mxq does not know goes to Celery / Flower.
+PASSTHROUGH_CONTEXT = dict(CONTEXT, ignore_unknown_options=True, allow_extra_args=True)
+#: Commands that never need the pipeline's settings checked first.
+NO_CONFIG_CHECK = ("deliver", "config", "completion")
+
+
+def _ns(**kw) -> argparse.Namespace:
+    """The ``args`` object the ``run_*`` functions take."""
+    return argparse.Namespace(**kw)
+
+
+class MxqGroup(click.Group):
+    """The ``mxq`` group: commands listed in the order they were added (the order of the docs)."""
+
+    def list_commands(self, ctx):
+        return list(self.commands)
+
+
+def _check_config(ctx: click.Context) -> None:
+    """Refuse to run a pipeline command with a malformed ``MXQ_*`` value (exit 78, each named)."""
+    import importlib
+
+    from mxq import settings as registry
+    config_error = importlib.import_module("mxq.tasks.app").config_error
+    problems = [config_error] if config_error else []
+    problems += [str(e) for e in registry.current().errors() if str(e) not in problems]
+    if problems:
+        for p in problems:
+            print(f"mxq {ctx.invoked_subcommand}: configuration: {p}", file=sys.stderr)
+        ctx.exit(EX_CONFIG)
+
+
+def _version() -> str:
+    import mxq
+    return mxq.__version__
+
+
+@click.group(cls=MxqGroup, context_settings=CONTEXT)
+@click.version_option(_version(), "--version", prog_name="mxq", message="%(prog)s %(version)s")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Distributed mail delivery workers: MX routing, retries and per-recipient outcomes on Celery and Redis.
+
+    Exit statuses (sysexits): 0 ok, 64 usage, 65 bad input, 66 no such file or job, 69 something
+    bounced, 75 something deferred or Redis unreachable, 78 a malformed MXQ_* setting.
+    Shell completion: eval "$(mxq completion bash)" (or zsh, fish).
+    """
+    if ctx.invoked_subcommand and ctx.invoked_subcommand not in NO_CONFIG_CHECK:
+        _check_config(ctx)
+
+
+def _add_engine_commands() -> None:
+    from mxq.workers import cli as engine_cli
+    cli.add_command(engine_cli.deliver_command)
+    cli.add_command(_send_command())
+
+
+def _send_command() -> click.Command:
+    """``mxq send``: the engine's envelope options (``mxq.workers.cli.envelope_options``) plus its own."""
+    from mxq.workers.cli import envelope_options
+
+    @click.command("send", short_help="submit a message to the pipeline", context_settings=CONTEXT)
+    @envelope_options
+    @click.option("--json", "json", is_flag=True,
+                  help='Print {"job": ID} (and the status with --wait) as JSON.')
+    @click.option("--wait", is_flag=True, help="Follow the job until every recipient is final.")
+    @click.option("--timeout", type=float, default=DEFAULT_WAIT_TIMEOUT, show_default=True, metavar="SECONDS",
+                  help="Bound on --wait (0: no bound); on expiry the status is printed, exit 75.")
+    def send(**kw):
+        """Submit a message (an .eml file, or - for standard input) to the pipeline; print its job id.
+
+        Envelope defaults come from the headers (From/Sender; To, Cc, Bcc).  With --wait, follow
+        the job until every recipient is final and exit as mxq deliver (0, 69, 75).
+        """
+        kw["ret"] = kw["ret"].upper() if kw.get("ret") else None
+        return run_send(_ns(**kw))
+    return send
+
+
+@cli.command("status", short_help="show a job and its recipients", context_settings=CONTEXT)
+@click.argument("job", metavar="JOB")
+@click.option("--json", "json", is_flag=True, help='Print {"job", "state", "recipients": [...]}.')
+def _status_cmd(job, json):
+    """Show a submitted job and the state of each recipient (66 when unknown or expired)."""
+    return run_status(_ns(job=job, json=json))
+
+
+@cli.command("worker", short_help="run Celery workers on mxq's queues, one per core", context_settings=PASSTHROUGH_CONTEXT)
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def _worker(celery_args):
+    """Run one `celery -A mxq.tasks worker -P gevent` process per CPU core (--processes N), each
+    with 1000 deliveries in flight (-c N), consuming mxq's queues.
+
+    Defaults: mxq's queues (-Q), the node name mxq-<pid>@<host> (-n NAME@HOST: NAME-1@HOST, ...),
+    the log level MXQ_LOG_LEVEL (-l).  Any other option goes to celery worker (e.g. -P prefork
+    runs one plain celery worker instead); `mxq worker -- --help` shows Celery's help.
+    """
+    return run_worker(_ns(extra=list(celery_args)))
+
+
+@cli.command("scheduler", short_help="run the scheduler (deferred mail, lost work)", context_settings=CONTEXT)
+@click.option("-s", "--schedule", metavar="PATH",
+              help="Heartbeat file touched after every tick (default $MXQ_BEAT_SCHEDULE, else in the temp dir).")
+@click.option("-l", "--loglevel", type=click.Choice(["debug", "info", "warning", "error", "critical"],
+                                                    case_sensitive=False),
+              help="Log level (default $MXQ_LOG_LEVEL, info).")
+@click.option("--interval", type=float, default=1.0, show_default=True, metavar="SECONDS",
+              help="Seconds between ticks.")
+@click.option("--pidfile", default="", metavar="PATH", help="Write the process id there.")
+def _scheduler(schedule, loglevel, interval, pidfile):
+    """Run the scheduler: once a second, one atomic step in Redis.
+
+    It moves due deferred mail and the work of dead workers back to the ready lists and
+    re-publishes tasks for quiet domains.  Run one (a second one is harmless).
+    """
+    return run_scheduler(_ns(schedule=schedule, loglevel=loglevel.lower() if loglevel else None,
+                             interval=interval, pidfile=pidfile))
+
+
+@cli.command("flower", short_help="run Flower, the Celery monitor", context_settings=PASSTHROUGH_CONTEXT)
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+def _flower(flower_args):
+    """Run Flower, the Celery monitor (default --address=127.0.0.1 --port=5555).
+
+    Set FLOWER_BASIC_AUTH=user:password to require a login; other options go to Flower.  Needs
+    the flower extra: pip install 'mxq[flower]'.
+    """
+    return run_flower(_ns(extra=list(flower_args)))
+
+
+@cli.command("config", short_help="effective MXQ_* settings and their origin", context_settings=CONTEXT)
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.option("-a", "--all", "all_", is_flag=True, help="Every setting, defaults included (postconf).")
+@click.option("-d", "--defaults", is_flag=True, help="The defaults, whatever is set (postconf -d).")
+@click.option("--json", "json", is_flag=True, help="A JSON list of {name, value, origin, default, secret}.")
+@click.option("--env-example", is_flag=True, help="Print the .env.example for docker-compose.")
+def _config(names, all_, defaults, json, env_example):
+    """Show the MXQ_* settings that are set (like postconf -n): effective value, origin, secrets masked.
+
+    Every value is checked: exit 78 naming each malformed one.  With DJANGO_SETTINGS_MODULE set,
+    Django's MXQ_* settings are read too.
+    """
+    return run_config(_ns(names=list(names), all=all_, defaults=defaults, json=json, env_example=env_example))
+
+
+@cli.command("completion", short_help="print the shell completion script", context_settings=CONTEXT)
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]), default="bash")
+def _completion(shell):
+    """Print the shell completion script: eval "$(mxq completion bash)" in ~/.bashrc (zsh, fish alike)."""
+    from click.shell_completion import get_completion_class
+
+    comp = get_completion_class(shell)(cli, {}, "mxq", "_MXQ_COMPLETE")
+    click.echo(comp.source())
+    return EX_OK
+
+
+def _add_pipeline_commands() -> None:
+    from mxq.tasks import admin, up
+    cli.add_command(up.up_command)
+    admin.add_commands(cli)
+
+
+def build_cli() -> click.Group:
+    """The ``mxq`` click group with every command registered (once)."""
+    if "deliver" not in cli.commands:
+        _add_engine_commands()
+        _add_pipeline_commands()
+        order = ["deliver", "send", "status", "worker", "scheduler", "flower", "up", "queue", "suppress",
+                 "config", "completion"]
+        cli.commands = {n: cli.commands[n] for n in order if n in cli.commands} | cli.commands
+    return cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``mxq``; return the exit status (sysexits: a usage error is 64, not click's 2)."""
+    from mxq.settings import ConfigError
+
+    group = build_cli()
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        rv = group.main(args=args, prog_name="mxq", standalone_mode=False)
+    except click.UsageError as e:          # unknown option or command, missing or bad argument
+        e.show()
+        return EX_USAGE
+    except click.ClickException as e:
+        e.show()
+        return EX_USAGE if e.exit_code == 2 else e.exit_code
+    except click.Abort:                     # Ctrl-C or EOF at a prompt
+        print("mxq: aborted", file=sys.stderr)
+        return 130
+    except ConfigError as e:                # a setting found malformed on the way (a DKIM key map, ...)
+        print(f"mxq: configuration: {e}", file=sys.stderr)
+        return EX_CONFIG
+    return rv if isinstance(rv, int) else EX_OK
 
 
 if __name__ == "__main__":

@@ -111,6 +111,18 @@ def enabled(env: Mapping[str, str] | None = None) -> bool:
     return mxq_settings.load(env).is_set("MXQ_METRICS_PORT")
 
 
+def require_client() -> None:
+    """ConfigError naming MXQ_METRICS_PORT when prometheus_client (the ``mxq[metrics]`` extra) is missing."""
+    import importlib.util
+    try:
+        found = importlib.util.find_spec("prometheus_client") is not None
+    except ImportError:
+        found = False
+    if not found:
+        raise mxq_settings.ConfigError("MXQ_METRICS_PORT", "is set but prometheus_client is not installed: "
+                                                           "pip install 'mxq[metrics]'")
+
+
 def parse_port(value: str) -> list[int]:
     """The ports to try for ``MXQ_METRICS_PORT``, in order (``[0]``: any free port).
 
@@ -433,6 +445,7 @@ def on_worker_init(**_kw) -> None:
         return
     from .settings import PipelineSettings
     try:
+        require_client()
         serve(PipelineSettings.from_env().redis_url)
     except (ValueError, OSError) as e:
         raise SystemExit(f"mxq: {e}") from None

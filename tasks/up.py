@@ -69,28 +69,33 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def add_parser(sub) -> None:
-    """Register ``mxq up`` on the ``mxq`` sub-command parser."""
-    p = sub.add_parser("up", help="run the whole stack on this machine (Redis, worker, scheduler, Flower)",
-                       description="Run Redis (embedded, unless MXQ_REDIS_URL is set), a worker, the "
-                                   "scheduler and Flower in the foreground; Ctrl-C stops them all.")
-    p.add_argument("--sandbox", action="store_true",
-                   help="also run the local sandbox (DNS + SMTP servers for *.test domains on "
-                        "127.0.0.x:25; needs root in a private network namespace, see ops/demo)")
-    p.add_argument("--demo", action="store_true",
-                   help="with --sandbox: submit sample mail, wait for the outcomes, print them and exit")
-    p.add_argument("--demo-timeout", type=float, default=DEMO_TIMEOUT, metavar="SECONDS",
-                   help=f"bound on the demo's wait for final outcomes (default {DEMO_TIMEOUT:g})")
-    p.add_argument("--flower-port", type=int, default=5555, metavar="PORT",
-                   help="Flower's port on 127.0.0.1 (default 5555; 0 picks a free one)")
-    p.add_argument("--no-flower", action="store_true", help="do not start Flower")
-    p.add_argument("--concurrency", "-c", type=int, default=None, metavar="N",
-                   help="worker processes (default: one per CPU core; each keeps up to 1000 deliveries "
-                        "in flight)")
-    p.add_argument("--log-dir", metavar="DIR",
-                   help="write each child's output to DIR/<name>.log (default: inherit the terminal; "
-                        "with --demo a temporary directory, so the outcomes stay readable)")
-    p.set_defaults(run=run)
+def _up_command():
+    """``mxq up`` as a click command (added to the ``mxq`` group by ``mxq.tasks.cli``); runs ``run(args)``."""
+    import argparse
+
+    import click
+
+    @click.command("up", short_help="run the whole stack on this machine", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+    @click.option("--sandbox", is_flag=True,
+                  help="Also run the local sandbox (DNS + SMTP servers for *.test domains on 127.0.0.x:25; "
+                       "needs root in a private network namespace, see ops/demo).")
+    @click.option("--demo", is_flag=True,
+                  help="With --sandbox: submit sample mail, wait for the outcomes, print them and exit.")
+    @click.option("--demo-timeout", type=float, default=DEMO_TIMEOUT, show_default=True, metavar="SECONDS",
+                  help="Bound on the demo's wait for final outcomes.")
+    @click.option("--flower-port", type=int, default=5555, show_default=True, metavar="PORT",
+                  help="Flower's port on 127.0.0.1 (0 picks a free one).")
+    @click.option("--no-flower", is_flag=True, help="Do not start Flower.")
+    @click.option("-c", "--concurrency", type=int, default=None, metavar="N",
+                  help="Worker processes (default: one per CPU core; each keeps up to 1000 deliveries in flight).")
+    @click.option("--log-dir", metavar="DIR",
+                  help="Write each child's output to DIR/<name>.log (default: the terminal; with --demo "
+                       "a temporary directory, so the outcomes stay readable).")
+    def up(**kw):
+        """Run the whole stack on this machine in the foreground: Redis (embedded, unless
+        MXQ_REDIS_URL is set), a worker, the scheduler and Flower; Ctrl-C stops them all."""
+        return run(argparse.Namespace(**kw))
+    return up
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -445,6 +450,9 @@ def _ignore_signals_while_stopping() -> None:
     """A second Ctrl-C must not abandon children half-stopped: note it and carry on."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+
+
+up_command = _up_command()
 
 
 def run(args) -> int:

@@ -26,6 +26,7 @@ def test_wheel_has_one_top_level_package(tmp_path):
     assert {"mxq", "mxq/workers", "mxq/tasks", "mxq/contrib", "mxq/sandbox"} <= folders
     assert "mxq/tasks/contrib/__init__.py" not in names         # contrib is mxq.contrib only
     assert "mxq/contrib/django.py" in names and "mxq/tasks/graph.py" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names), names
 
 
 def test_only_mxq_is_importable_outside_the_checkout(tmp_path):

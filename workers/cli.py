@@ -5,6 +5,9 @@
     mxq deliver [--from ADDR] [--to ADDR ...] [--notify LIST] [--ret FULL|HDRS] [--envid ID]
                 [--json] [-v] [--trace] [--progress] FILE.eml|-
 
+The command is a click command (``deliver_command``) that ``mxq``'s group
+(``mxq.tasks.cli``) adds; ``envelope_options`` is shared with ``mxq send``.
+
 The envelope defaults come from the headers (``mxq.workers.message.prepare``:
 From/Sender, To/Cc/Bcc; Bcc is removed from what is sent).  Settings come
 from the ``MXQ_*`` environment (``Settings.from_env()``), including the
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pathlib
 import sys
 from typing import Iterable
@@ -56,40 +58,56 @@ def exit_status(states: Iterable) -> int:
     return EX_OK
 
 
-def add_envelope_arguments(p) -> None:
-    """The message and envelope options shared by ``mxq deliver`` and ``mxq send``."""
-    p.add_argument("file", metavar="FILE.eml|-", help="the message; - reads standard input")
-    p.add_argument("--from", dest="sender", metavar="ADDR",
-                   help="envelope sender (MAIL FROM); '' or '<>' for the null sender")
-    p.add_argument("--to", dest="recipients", action="append", metavar="ADDR",
-                   help="envelope recipient (repeat, or comma-separate); replaces To/Cc/Bcc")
-    p.add_argument("--notify", metavar="LIST",
-                   help="DSN NOTIFY for every recipient: NEVER, or a comma list of SUCCESS,FAILURE,DELAY")
-    p.add_argument("--ret", choices=("FULL", "HDRS"), type=str.upper,
-                   help="DSN RET: return the full message or only its headers in a report")
-    p.add_argument("--envid", metavar="ID", help="DSN ENVID, echoed in reports")
+def envelope_options(f):
+    """The message and envelope options shared by ``mxq deliver`` and ``mxq send`` (a click decorator).
+
+    The command receives ``file``, ``sender``, ``recipients`` (a list), ``notify``, ``ret``, ``envid``.
+    """
+    import click
+
+    for decorate in reversed((
+        click.argument("file", metavar="FILE.eml|-"),
+        click.option("--from", "sender", metavar="ADDR",
+                     help="Envelope sender (MAIL FROM); '' or '<>' for the null sender."),
+        click.option("--to", "recipients", multiple=True, metavar="ADDR",
+                     help="Envelope recipient (repeat, or comma-separate); replaces To/Cc/Bcc."),
+        click.option("--notify", metavar="LIST",
+                     help="DSN NOTIFY for every recipient: NEVER, or a comma list of SUCCESS,FAILURE,DELAY."),
+        click.option("--ret", type=click.Choice(["FULL", "HDRS"], case_sensitive=False),
+                     help="DSN RET: return the full message or only its headers in a report."),
+        click.option("--envid", metavar="ID", help="DSN ENVID, echoed in reports."),
+    )):
+        f = decorate(f)
+    return f
 
 
-def add_parser(subparsers) -> None:
-    """Register ``deliver`` on an argparse sub-parsers object; it runs ``run(args)``."""
-    p = subparsers.add_parser(
-        "deliver", help="deliver a message now, without the queue",
-        description="Deliver a message (an .eml file, or - for standard input) now, synchronously: "
-                    "MX lookup, delivery across the exchanges (and the relay per MXQ_RELAY_MODE), and a "
-                    "result per recipient.  Envelope defaults come from the headers (From/Sender; "
-                    "To, Cc, Bcc).  Exit 0 all delivered, 75 deferred, 69 bounced, 65 bad input, "
-                    "78 bad configuration.")
-    add_envelope_arguments(p)
-    p.add_argument("--json", action="store_true", help='print {"recipients": [...]} as JSON')
-    p.add_argument("-v", "--verbose", action="store_true", help="print the delivery log on standard error")
-    p.add_argument("--trace", action="store_true",
-                   help="print the SMTP conversation on standard error (like swaks; AUTH payloads masked)")
-    p.add_argument("--progress", action="store_true",
-                   help="show a progress bar on standard error while the message text is sent")
-    p.set_defaults(run=run)
+def _deliver_command():
+    import argparse
+
+    import click
+
+    @click.command("deliver", short_help="deliver a message now, without the queue", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+    @envelope_options
+    @click.option("--json", "json", is_flag=True, help='Print {"recipients": [...]} as JSON.')
+    @click.option("-v", "--verbose", is_flag=True, help="Print the delivery log on standard error.")
+    @click.option("--trace", is_flag=True,
+                  help="Print the SMTP conversation on standard error (like swaks; AUTH payloads masked).")
+    @click.option("--progress", is_flag=True,
+                  help="Show a progress bar on standard error while the message text is sent.")
+    def deliver(**kw):
+        """Deliver a message (an .eml file, or - for standard input) now, without the queue.
+
+        MX lookup, delivery across the exchanges (and the relay per MXQ_RELAY_MODE), a result per
+        recipient.  Envelope defaults come from the headers (From/Sender; To, Cc, Bcc).  Exit 0 all
+        delivered, 75 deferred, 69 bounced, 65 bad input, 78 bad configuration.
+        """
+        kw["ret"] = kw["ret"].upper() if kw.get("ret") else None
+        kw["recipients"] = list(kw["recipients"]) or None
+        return run(argparse.Namespace(**kw))
+    return deliver
 
 
-def split_recipients(values: list[str] | None) -> list[str] | None:
+def split_recipients(values) -> list[str] | None:
     """``--to`` values (repeated and/or comma-separated) as one list; None when none were given."""
     if not values:
         return None
@@ -154,25 +172,10 @@ def run(args) -> int:
     return exit_status(r.state for r in results)
 
 
+deliver_command = _deliver_command()
+
+
 def print_table(results, out) -> None:
-    """One row per recipient: address, state, reply code, exchange[ip], text (truncated on a terminal)."""
-    rows = [("RECIPIENT", "STATE", "DSN", "SERVER", "REPLY")]
-    for r in results:
-        code = " ".join(str(x) for x in (r.code, r.enhanced) if x)
-        server = ""
-        if r.exchange:
-            server = r.exchange + (f"[{r.ip}]" if r.ip else "") + (" (relay)" if r.relay else "")
-        rows.append((r.address, r.state.value, code, server, " ".join((r.text or "").split())))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    limit = None
-    if out.isatty():
-        try:
-            limit = os.get_terminal_size(out.fileno()).columns
-        except OSError:
-            limit = None
-    for row in rows:
-        line = "  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4]
-        if limit and len(line) > limit:
-            line = line[:max(limit - 1, 0)] + "…"
-        out.write(line.rstrip() + "\n")
-    out.flush()
+    """One row per recipient, in the ``mxq`` table style (``mxq.tables``, as ``mxq status``)."""
+    from mxq.tables import print_recipients
+    print_recipients([r.to_dict() for r in results], out)

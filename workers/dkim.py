@@ -70,18 +70,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-import dkim
-import dkim.crypto
-import nacl.encoding
-import nacl.exceptions
-import nacl.signing
-
 from mxq import settings as registry
 
 from .address import normalize_domain, parse_address
 from .envelope import Envelope
 from .errors import InvalidAddress, InvalidInput, InvalidMessage
 from .message import FileContent
+
+
+def _libraries():
+    """dkimpy and PyNaCl, imported when DKIM is used (they are the ``mxq[dkim]`` extra: a web
+    process without ``MXQ_DKIM`` never loads them).  ConfigError naming MXQ_DKIM when missing."""
+    try:
+        import dkim
+        import dkim.crypto
+        import nacl.encoding
+        import nacl.signing
+    except ImportError as e:
+        raise registry.ConfigError("MXQ_DKIM", f"needs dkimpy and PyNaCl ({e.name} is not installed): "
+                                               "pip install 'mxq[dkim]'") from None
+    return dkim, nacl
 
 log = logging.getLogger("mxq.dkim")
 
@@ -152,6 +160,7 @@ class DKIMKey:
         Ed25519 does not.
         """
         if self.algorithm == "ed25519-sha256":
+            _, nacl = _libraries()
             verify = nacl.signing.SigningKey(self.private_key, encoder=nacl.encoding.Base64Encoder).verify_key
             return "v=DKIM1; k=ed25519; p=" + verify.encode(encoder=nacl.encoding.Base64Encoder).decode()
         from cryptography.hazmat.primitives import serialization
@@ -188,6 +197,7 @@ def _parse_private_key(data: bytes, domain: str) -> tuple[str, bytes]:
         return "ed25519-sha256", base64.b64encode(der[len(_ED25519_PKCS8_PREFIX):])
     if m.group(1) not in (b"RSA PRIVATE KEY", b"PRIVATE KEY"):
         raise ValueError(f"DKIM key for {domain}: a {m.group(1).decode()} is not an RSA or Ed25519 private key")
+    dkim, _ = _libraries()
     try:
         rsa = dkim.crypto.parse_private_key(der)
     except Exception as e:   # dkimpy raises UnparsableKeyError and ASN.1 errors of several kinds
@@ -218,6 +228,7 @@ class DKIMSigner:
     def from_file(cls, path: str | os.PathLike) -> "DKIMSigner":
         """Load the JSON key map at ``path`` (format in the module docstring); ValueError when bad."""
         path = Path(path)
+        _libraries()            # a key map without dkimpy installed: say so now, naming the extra
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
         except OSError as e:
@@ -281,6 +292,7 @@ class DKIMSigner:
         """
         if not self._keys:
             return b""
+        dkim, _ = _libraries()
         data = content if isinstance(content, bytes) else b"".join(content)
         msg = dkim.DKIM(data, linesep=b"\r\n", logger=log)
         names = [name.decode("ascii", "replace").lower() for name, _ in msg.headers]
