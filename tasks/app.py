@@ -244,15 +244,17 @@ def rebind(redis_url: str, result_backend: str | None = None) -> None:
     """Point the existing ``app`` at another Redis (tests, or a process that learns the URL late).
 
     Updates the broker and result backend URLs (the backend: ``result_backend``,
-    else ``redis_url``) and drops the connection pools made for the old URL.
-    ``mxq.tasks.store`` reads ``MXQ_REDIS_URL`` through the settings registry on
-    every call, so set that too.
+    else ``redis_url``) and lets go of the app's connection and producer pools.
+    They are not closed: kombu keeps one pool per URL for the whole process
+    (an application's own Celery app on the same URL shares it), and
+    pointing back to a URL later must find its pool usable -- closing it made
+    the next publish fail with "Acquire on closed pool" (Django's
+    ``override_settings`` and back).  ``mxq.tasks.store`` reads
+    ``MXQ_REDIS_URL`` through the settings registry on every call.
     """
     app.conf.broker_url = redis_url
     app.conf.result_backend = result_backend or redis_url
-    pool, app._pool = app._pool, None
-    if pool is not None:
-        pool.force_close_all()
+    app._pool = None
     app.amqp._producer_pool = None
     if getattr(app._local, "backend", None) is not None:
         del app._local.backend

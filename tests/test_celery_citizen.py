@@ -134,3 +134,22 @@ def test_two_workers_on_one_host_are_two_nodes_and_flower_stays_readable(redis_s
         assert deliver and all(t["args"] == "['gone.citizen.test']" for t in deliver), deliver
         # Each worker logs at INFO by default (Celery's task lines among them).
         assert "INFO" in logs["w1"].read_text() + logs["w2"].read_text()
+
+
+def test_pointing_the_app_away_and_back_keeps_publishing(redis_server, monkeypatch):
+    """Django's override_settings(MXQ_REDIS_URL=...) and back: the app is re-pointed twice and
+    every publish lands on the Redis configured at that moment (no "Acquire on closed pool")."""
+    from mxq.tasks import graph
+    from mxq.tasks.app import rebind
+
+    a, b = redis_server(), redis_server()
+    ca, cb = a.client(), b.client()
+    try:
+        for srv, client, n in ((a, ca, 1), (b, cb, 1), (a, ca, 2), (b, cb, 2)):
+            monkeypatch.setenv("MXQ_REDIS_URL", srv.url)
+            rebind(srv.url)
+            assert graph.publish([("back.citizen.test", 1)]) == 1
+            assert client.llen("mxq.delivery") == n
+    finally:
+        ca.close()
+        cb.close()
