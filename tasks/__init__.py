@@ -10,6 +10,8 @@ Producer API::
     job = mxq.tasks.submit(message, sender=None, recipients=None, dsn=None, idempotency_key=None)
     jobs = mxq.tasks.submit_many([message_or_item, ...])     # all-or-nothing, one round trip
     mxq.tasks.status(job)     # {"job", "state", "recipients": [...]}; KeyError when unknown
+    mxq.tasks.result(job).get(timeout=60)    # the same, from Celery's result backend, once final
+    except mxq.tasks.Unavailable: ...         # Redis unreachable within MXQ_SUBMIT_TIMEOUT
     except mxq.tasks.InvalidMessage as e: e.reason            # every bad input, nothing stored
 
 See ``mxq.tasks.store`` for the Redis key layout and ``mxq.tasks.graph`` for the task graph.
@@ -18,8 +20,17 @@ See ``mxq.tasks.store`` for the Redis key layout and ``mxq.tasks.graph`` for the
 from mxq.workers.errors import InvalidAddress
 
 from .app import app
-from .producer import InvalidMessage, Item, status, submit, submit_many
+from .producer import InvalidMessage, Item, Unavailable, status, submit, submit_many
 
 InvalidInput = InvalidMessage
 
-__all__ = ["app", "submit", "submit_many", "status", "Item", "InvalidMessage", "InvalidInput", "InvalidAddress"]
+
+def result(job_id: str):
+    """The job's ``AsyncResult`` on mxq's Celery app: ``.get(timeout=...)`` returns the outcome
+    (``mxq.tasks.status(job_id)`` of the finished job) once every recipient is final
+    (``mxq.tasks.outcomes``)."""
+    return app.AsyncResult(job_id)
+
+
+__all__ = ["app", "submit", "submit_many", "status", "result", "Item", "InvalidMessage", "InvalidInput",
+           "InvalidAddress", "Unavailable"]

@@ -226,8 +226,9 @@ def _check_redis() -> None:
     import redis
 
     from mxq.tasks.settings import PipelineSettings
-    client = redis.Redis.from_url(PipelineSettings.from_env().redis_url, socket_connect_timeout=3,
-                                  socket_timeout=3)
+    s = PipelineSettings.from_env()
+    client = redis.Redis.from_url(s.redis_url, socket_connect_timeout=s.submit_timeout,
+                                  socket_timeout=max(3.0, s.submit_timeout))
     try:
         client.ping()
     finally:

@@ -24,10 +24,14 @@ by the scheduler.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+import redis
+
+from mxq import settings as registry
 from mxq.workers.dkim import signer_from_env
 from mxq.workers.envelope import DSN
 from mxq.workers.errors import InvalidInput
@@ -35,7 +39,18 @@ from mxq.workers.message import max_message_size_from_env, prepare_with_addresse
 
 from . import suppress, webhooks
 from .settings import PipelineSettings
-from .store import JobSpec, get_store, idem_key, new_job_id, status_of
+from .store import TRANSIENT_REDIS_ERRORS, JobSpec, get_store, get_submit_store, idem_key, new_job_id, status_of
+
+log = logging.getLogger("mxq.producer")
+
+
+class Unavailable(redis.exceptions.ConnectionError):
+    """Redis could not be reached within ``MXQ_SUBMIT_TIMEOUT``: the submission failed.
+
+    A ``redis.exceptions.ConnectionError``, so code catching Redis errors keeps
+    working.  When only the reply was lost the batch may have been stored:
+    submitting again with the same ``idempotency_key`` is always safe.
+    """
 
 #: Every bad input ``submit`` refuses: ``except mxq.tasks.InvalidMessage`` catches
 #: ``mxq.workers.errors.InvalidMessage`` and ``InvalidAddress`` alike.
@@ -142,25 +157,35 @@ def _publish(jobs: list[JobSpec], s: PipelineSettings) -> list[str]:
     from .app import bind
 
     bind(s)                     # the Celery app on the configured Redis (Django/Flask may set it late)
-    store = get_store(s)
+    # Fail fast: this store's client gives up on an unreachable Redis after MXQ_SUBMIT_TIMEOUT.
+    store = get_submit_store(s)
     hooks = webhooks.current()          # a bad MXQ_WEBHOOK_* setting is refused here (ValueError)
-    # Suppressed recipients (mxq.tasks.suppress) become final here, before storing:
-    # one MGET for the whole batch.
-    if suppress.apply(jobs, store.r):
-        for j in jobs:
-            if j.meta["left"] == "0":
-                j.expire = s.result_ttl
-            if hooks.wants("suppressed"):
-                now = float(j.meta["created"])
-                j.hooks = [webhooks.hook_arg(hooks, j.id, r, now) for r in j.records if r["state"] == "suppressed"]
-    split = len(jobs) <= s.intake_threshold
-    ids, dispatch = store.submit(jobs, split=split, now=float(jobs[0].meta["created"]))
-    if split:
-        graph.publish(dispatch, fan_out=True)
-    else:
-        new = [j.id for j, i in zip(jobs, ids) if j.id == i]
-        for k in range(0, len(new), INTAKE_CHUNK):
-            graph.intake.apply_async(args=[new[k:k + INTAKE_CHUNK]])
+    try:
+        # Suppressed recipients (mxq.tasks.suppress) become final here, before storing:
+        # one MGET for the whole batch.
+        if suppress.apply(jobs, store.r):
+            for j in jobs:
+                if j.meta["left"] == "0":
+                    j.expire = s.result_ttl
+                if hooks.wants("suppressed"):
+                    now = float(j.meta["created"])
+                    j.hooks = [webhooks.hook_arg(hooks, j.id, r, now) for r in j.records
+                               if r["state"] == "suppressed"]
+        split = len(jobs) <= s.intake_threshold
+        ids, dispatch = store.submit(jobs, split=split, now=float(jobs[0].meta["created"]))
+    except TRANSIENT_REDIS_ERRORS as e:
+        shown = registry.current().shown("MXQ_REDIS_URL") if s == PipelineSettings.from_env() else "Redis"
+        raise Unavailable(f"cannot reach Redis ({shown}) within {s.submit_timeout:g} s (MXQ_SUBMIT_TIMEOUT): "
+                          f"{e}") from e
+    try:
+        if split:
+            graph.publish(dispatch, fan_out=True)
+        else:
+            new = [j.id for j, i in zip(jobs, ids) if j.id == i]
+            for k in range(0, len(new), INTAKE_CHUNK):
+                graph.intake.apply_async(args=[new[k:k + INTAKE_CHUNK]])
+    except Exception as e:      # stored: the scheduler publishes for quiet lanes and stalled intake
+        log.warning("%d job(s) stored; their tasks could not be published (%s): the scheduler will", len(ids), e)
     return ids
 
 
@@ -174,6 +199,16 @@ def submit_many(items: Iterable, *, settings: PipelineSettings | None = None) ->
     An item whose idempotency key was seen before gets the existing job's id.
     """
     s = settings or PipelineSettings.from_env()
+    return store_prepared(prepare_many(items), settings=s)
+
+
+def prepare_many(items: Iterable) -> list[JobSpec]:
+    """The validation half of ``submit_many``: every item checked and built into a job (its id
+    assigned), nothing stored.  Raises ``InvalidMessage`` (``item N: ...``) on the first bad one.
+
+    ``store_prepared`` stores them later -- ``MXQ_ON_COMMIT`` in Django validates in the view
+    and stores when the transaction commits, with the job ids known at once.
+    """
     max_size = max_message_size_from_env()
     now = time.time()
     jobs = []
@@ -187,7 +222,12 @@ def submit_many(items: Iterable, *, settings: PipelineSettings | None = None) ->
             err = type(e)(f"item {i}: {e.reason}")
             err.index = i
             raise err from None
-    return _publish(jobs, s) if jobs else []
+    return jobs
+
+
+def store_prepared(jobs: list[JobSpec], *, settings: PipelineSettings | None = None) -> list[str]:
+    """The storing half of ``submit_many``: one Redis script, then the tasks; the job ids."""
+    return _publish(jobs, settings or PipelineSettings.from_env()) if jobs else []
 
 
 def submit(message, sender: str | None = None, recipients: Sequence[str] | None = None,

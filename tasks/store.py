@@ -67,6 +67,10 @@ key                              type    contents
 ``mxq:dns:*``                    string  the engine's shared DNS cache (``mxq.workers.dnscache``)
 ``mxq:dnslock:{type}:{name}``    string  the worker resolving that name now (2 s; the others
                                          wait for its answer: ``graph._shared_dns_cache``)
+``mxq:final``                    zset    jobs that became final and whose outcome is not yet in
+                                         Celery's result backend -> when a recorder may take
+                                         them (``mxq.tasks.outcomes``; added by the script that
+                                         made the job final)
 ===============================  ======  ==================================================
 
 Lanes and work items:
@@ -369,6 +373,7 @@ for i, job in ipairs(spec) do
     push('HSET', P .. 'job:' .. id, flat)
     if job.expire then          -- nothing left to deliver (every recipient suppressed): done now
       redis.call('EXPIRE', P .. 'job:' .. id, job.expire)
+      redis.call('ZADD', P .. 'final', now, id)             -- its outcome for the result backend
       if job.idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. job.idem, job.expire) end
     end
     if job.hooks then           -- webhook events (mxq.tasks.webhooks): [[id, body, ttl], ...]
@@ -644,8 +649,8 @@ return 1
 # and returns the report and webhook work items to queue.
 _WRITE = r"""
 local FINAL = {delivered = true, bounced = true, expired = true, suppressed = true, dropped = true}
-local function write_outcomes(payload, token, ttl, owner, applied)
-  local reports, deferred, hooks = {}, {}, {}
+local function write_outcomes(payload, token, ttl, owner, applied, now)
+  local reports, deferred, hooks, done = {}, {}, {}, {}
   -- A batch 'mxq queue drop' hit while in flight: check each record as if the lease were lost.
   local guarded = not owner or redis.call('SISMEMBER', P .. 'guard', token) == 1
   for _, item in ipairs(payload) do
@@ -696,6 +701,7 @@ local function write_outcomes(payload, token, ttl, owner, applied)
         end
         if finals > 0 and left <= 0 then
           redis.call('EXPIRE', jk, ttl)
+          table.insert(done, now); table.insert(done, job)    -- outcome for the result backend
           if item.idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. item.idem, ttl) end
         end
       end
@@ -703,6 +709,7 @@ local function write_outcomes(payload, token, ttl, owner, applied)
     if owner and item.due >= 0 then table.insert(deferred, item.due); table.insert(deferred, wid) end
   end
   if #deferred > 0 then push('ZADD', P .. 'deferred', deferred) end
+  if #done > 0 then push('ZADD', P .. 'final', done) end
   return reports, hooks, guarded
 end
 local function queue_events(reports, hooks, lanes)
@@ -771,7 +778,7 @@ local payload = cjson.decode(ARGV[7])
 local owner = redis.call('ZSCORE', P .. 'lease', token) ~= false
 local applied, lanes = {}, {lane}
 if ARGV[9] == '0' then lanes = {} end
-local reports, hooks, guarded = write_outcomes(payload, token, ttl, owner, applied)
+local reports, hooks, guarded = write_outcomes(payload, token, ttl, owner, applied, now)
 if owner then
   redis.call('ZREM', P .. 'lease', token)
   redis.call('DEL', P .. 'batch:' .. token)
@@ -794,7 +801,7 @@ local k, maxpar, lane = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local payload = cjson.decode(ARGV[7])
 local owner = redis.call('ZSCORE', P .. 'lease', token) ~= false
 local applied, lanes = {}, {}
-local reports, hooks = write_outcomes(payload, token, ttl, owner, applied)
+local reports, hooks = write_outcomes(payload, token, ttl, owner, applied, now)
 if owner then
   local bk = P .. 'batch:' .. token
   local b = redis.call('GET', bk)
@@ -850,6 +857,34 @@ return {#expired, #due, out, intake}
 """
 
 # ARGV: job id.  Returns {meta values..., records...} without the content, or {} when unknown.
+# ARGV: now, lease, limit, meta fields...  Claims jobs of mxq:final (hidden for 'lease' seconds)
+# and returns, per job, {job, n, meta values..., records...} ({job, -1} when it expired meanwhile).
+_FINAL = r"""
+local now, lease, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local jobs = redis.call('ZRANGEBYSCORE', 'mxq:final', '-inf', now, 'LIMIT', 0, limit)
+local out, again = {}, {}
+for _, job in ipairs(jobs) do
+  table.insert(again, now + lease); table.insert(again, job)
+  local jk = 'mxq:job:' .. job
+  local n = redis.call('HGET', jk, 'n')
+  if not n then
+    table.insert(out, {job, -1})
+  else
+    local fields = {}
+    for i = 4, #ARGV do table.insert(fields, ARGV[i]) end
+    for i = 0, tonumber(n) - 1 do table.insert(fields, 'r:' .. i) end
+    local entry = {job, tonumber(n)}
+    for i = 1, #fields, 1000 do
+      local part = redis.call('HMGET', jk, unpack(fields, i, math.min(i + 999, #fields)))
+      for _, v in ipairs(part) do table.insert(entry, v or false) end
+    end
+    table.insert(out, entry)
+  end
+end
+if #again > 0 then redis.call('ZADD', 'mxq:final', unpack(again)) end
+return out
+"""
+
 _JOB = r"""
 local jk = 'mxq:job:' .. ARGV[1]
 local n = redis.call('HGET', jk, 'n')
@@ -941,12 +976,50 @@ def idem_key(key: str) -> str:
 MAX_CONNECTIONS = 64
 
 
-def make_client(url: str) -> redis.Redis:
+class DeadlineRetry(Retry):
+    """Retries with back-off, never past ``seconds`` after the first try (a submission's bound).
+
+    Nested uses (the client's command retry around the connection's connect
+    retry) each stop at about the same moment, so the whole call gives up within
+    ``seconds`` plus one connect attempt bounded by ``socket_connect_timeout``.
+    """
+
+    def __init__(self, seconds: float):
+        super().__init__(ExponentialWithJitterBackoff(base=0.02, cap=0.25), retries=-1)
+        self.seconds = seconds
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        deadline = time.monotonic() + self.seconds
+        self._backoff.reset()
+        failures = 0
+        while True:
+            try:
+                return do()
+            except self._supported_errors as error:
+                if is_retryable and not is_retryable(error):
+                    raise
+                failures += 1
+                fail(error, failures) if with_failure_count else fail(error)
+                wait = self._backoff.compute(failures)
+                if time.monotonic() + wait >= deadline:
+                    raise
+                time.sleep(wait)
+
+
+def make_client(url: str, *, deadline: float | None = None) -> redis.Redis:
     """A Redis client that rides out a restart of the server (about 30 s of retries).
 
     Every script below is safe to run twice (it checks before it writes), so a
-    command retried after a lost reply does no harm.
+    command retried after a lost reply does no harm.  ``deadline`` (a
+    producer's ``MXQ_SUBMIT_TIMEOUT``): give up on an unreachable server after
+    that many seconds instead.
     """
+    if deadline is not None:
+        return redis.Redis.from_url(url, decode_responses=False, socket_timeout=max(10.0, deadline),
+                                    socket_connect_timeout=deadline, health_check_interval=15,
+                                    retry=DeadlineRetry(deadline),
+                                    retry_on_error=[redis.exceptions.ConnectionError,
+                                                    redis.exceptions.TimeoutError])
     options = dict(
         decode_responses=False,
         socket_timeout=10,
@@ -1152,6 +1225,7 @@ class Store:
         self._job = client.register_script(_JOB)
         self._record = client.register_script(_RECORD)
         self.dest = Destinations(client, self.settings)
+        self._final = client.register_script(_FINAL)
 
     @classmethod
     def from_settings(cls, settings: PipelineSettings) -> "Store":
@@ -1310,6 +1384,28 @@ class Store:
         nm = len(META_FIELDS)
         return _meta(values[:nm]), {i: _record(v) for i, v in enumerate(values[nm:]) if v is not None}
 
+    def claim_final(self, *, limit: int = 200, lease: float = 60.0, now: float | None = None):
+        """Jobs that became final and whose outcome is not recorded yet (``mxq.tasks.outcomes``):
+        ``[(job, (meta, {index: record}) or None when expired)]``, hidden from other callers for
+        ``lease`` seconds (until ``forget_final``)."""
+        now = time.time() if now is None else now
+        out = []
+        nm = len(META_FIELDS)
+        for entry in self._final(args=[now, lease, limit, *META_FIELDS]):
+            job = _s(entry[0])
+            if int(entry[1]) < 0:
+                out.append((job, None))
+                continue
+            values = [v if v is not False else None for v in entry[2:]]
+            out.append((job, (_meta(values[:nm]), {i: _record(v) for i, v in enumerate(values[nm:])
+                                                   if v is not None})))
+        return out
+
+    def forget_final(self, jobs: list[str]) -> None:
+        """The outcomes of ``jobs`` are recorded: take them off ``mxq:final``."""
+        if jobs:
+            self.r.zrem(PREFIX + "final", *jobs)
+
     def content(self, job_id: str) -> bytes | None:
         """The stored message, or None when the job is unknown or expired."""
         return self.r.hget(PREFIX + "job:" + job_id, "c")
@@ -1332,6 +1428,17 @@ def status_of(job_id: str, meta: dict[str, str], records: dict[int, dict]) -> di
 
 
 _stores: dict[tuple[int, str], Store] = {}
+
+
+def get_submit_store(settings: PipelineSettings | None = None) -> Store:
+    """The producer's store: like ``get_store`` but giving up on an unreachable Redis after
+    ``MXQ_SUBMIT_TIMEOUT`` seconds (``make_client(deadline=...)``)."""
+    settings = settings or PipelineSettings.from_env()
+    key = (os.getpid(), settings.redis_url, "submit", settings.submit_timeout)
+    st = _stores.get(key)
+    if st is None or st.settings != settings:
+        st = _stores[key] = Store(make_client(settings.redis_url, deadline=settings.submit_timeout), settings)
+    return st
 
 
 def get_store(settings: PipelineSettings | None = None) -> Store:
