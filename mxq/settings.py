@@ -455,10 +455,18 @@ _define("MXQ_REDIS_URL", url("redis", "rediss", "unix"), "redis://127.0.0.1:6379
         "Redis: Celery's broker, mxq's state and (unless MXQ_RESULT_BACKEND) the result backend; for the "
         "engine alone, the shared DNS cache and exchange status when set.",
         secret=True, group="pipeline")
-_define("MXQ_RESULT_BACKEND", url("redis", "rediss", "db+", "unix", label="Celery result backend URL"), None,
-        "Where final job outcomes are stored for AsyncResult(job_id).get(): any Celery result backend "
-        "(redis://, db+postgresql+psycopg://...).", secret=True, group="pipeline",
-        default_text="MXQ_REDIS_URL")
+def _result_backend(t: str) -> str:
+    v = t.strip()
+    if v.lower() in ("none", "django-db", "django-cache"):
+        return v.lower()
+    return url("redis", "rediss", "db+", "unix").parse(v)
+
+
+_define("MXQ_RESULT_BACKEND", Kind("Celery result backend URL | django-db | none", _result_backend), None,
+        "Where each finished job's outcome is stored, under its job id, for AsyncResult(job_id).get(): "
+        "redis://..., db+postgresql+psycopg://... (Celery's SQLAlchemy backend), django-db "
+        "(django-celery-results; the worker needs DJANGO_SETTINGS_MODULE), or none.", secret=True,
+        group="pipeline", default_text="MXQ_REDIS_URL")
 _define("MXQ_SUBMIT_TIMEOUT", seconds(maximum=300), 2.0,
         "A submission fails (Redis unreachable) within this many seconds instead of waiting for Redis.",
         group="pipeline")

@@ -114,6 +114,7 @@ local function drop_records(job, idxs, now, ttl, hookttl, text, enhanced, hooks)
     push('HSET', jk, writes)
     if redis.call('HINCRBY', jk, 'left', -count) <= 0 then
       redis.call('EXPIRE', jk, ttl)
+      redis.call('ZADD', P .. 'final', now, job)      -- outcome for the result backend (mxq.tasks.outcomes)
       local idem = redis.call('HGET', jk, 'idem')
       if idem and idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. idem, ttl) end
     end

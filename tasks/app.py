@@ -96,13 +96,21 @@ class MxqCelery(Celery):
         return super().task(*args, **opts)
 
 
+def backend_url(s: PipelineSettings) -> str:
+    """Celery's result backend for ``s``: ``MXQ_RESULT_BACKEND`` (``none``: Celery's disabled
+    backend), else the Redis of ``MXQ_REDIS_URL``.  Job outcomes go there (``mxq.tasks.outcomes``)."""
+    if s.result_backend == "none":
+        return "disabled"
+    return s.result_backend or s.redis_url
+
+
 def make_app(settings: PipelineSettings | None = None) -> Celery:
     """Build the Celery app for ``settings`` (default: the environment)."""
     s = settings or PipelineSettings.from_env()
     app = MxqCelery("mxq", include=["mxq.tasks.graph"])
     app.conf.update(
         broker_url=s.redis_url,
-        result_backend=s.result_backend or s.redis_url,
+        result_backend=backend_url(s),
         # JSON only: a binary-serialized message would be code execution for whoever can write to Redis.
         task_serializer="json",
         result_serializer="json",
@@ -235,7 +243,7 @@ def bind(settings: PipelineSettings) -> None:
     change under ``override_settings``), so the producer calls this before
     publishing.
     """
-    backend = settings.result_backend or settings.redis_url
+    backend = backend_url(settings)
     if app.conf.broker_url != settings.redis_url or app.conf.result_backend != backend:
         rebind(settings.redis_url, backend)
 

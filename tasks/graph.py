@@ -53,6 +53,7 @@ from mxq.workers.delivery import RunStats
 from mxq.workers.scache import SessionCache, View
 
 from . import metrics, qmgr, shaping
+from . import outcomes as job_outcomes
 from .app import app, only_ours
 from .hoststatus import RedisHostStatus, RedisPolicyCache, RedisPort25State, RedisTLSReport
 from .settings import PipelineSettings
@@ -534,6 +535,8 @@ def run_delivery(domain: str) -> dict:
         counts = _drain(rt, domain, token, grant)
     else:
         counts = _Lane(rt, domain).run(token, grant)
+    if counts.get("items"):
+        job_outcomes.after_release(rt.store)    # finished jobs to Celery's result backend (mxq.tasks.outcomes)
     metrics.dns(rt.resolver)
     if counts.get("items"):
         metrics.outcomes(domain, counts)

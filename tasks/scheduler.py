@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 
+from . import outcomes
 from .store import get_store
 
 log = logging.getLogger("mxq.scheduler")
@@ -39,7 +40,9 @@ def tick(now: float | None = None) -> dict:
     """Run one scheduler step and publish the tasks it needs; return what it did."""
     from . import graph
 
-    t = get_store().tick(now=now)
+    store = get_store()
+    t = store.tick(now=now)
+    recorded = outcomes.after_release(store)     # outcomes no worker recorded (one died, or a drop)
     published = graph.publish(t.dispatch)
     for k in range(0, len(t.intake), INTAKE_CHUNK):
         graph.intake.apply_async(args=[t.intake[k:k + INTAKE_CHUNK]])
@@ -47,7 +50,8 @@ def tick(now: float | None = None) -> dict:
     if t.requeued or t.moved or published:
         log.info("schedule: requeued=%d due=%d published=%d intake=%d",
                  t.requeued, t.moved, published, len(t.intake))
-    return {"requeued": t.requeued, "due": t.moved, "published": published, "intake": len(t.intake)}
+    return {"requeued": t.requeued, "due": t.moved, "published": published, "intake": len(t.intake),
+            "recorded": recorded}
 
 
 def run_forever(interval: float = 1.0, stop: threading.Event | None = None, on_tick=None) -> None:

@@ -25,7 +25,8 @@ def test_wheel_has_one_top_level_package(tmp_path):
     folders = {n.rsplit("/", 1)[0] for n in names if n.endswith(".py")}
     assert {"mxq", "mxq/workers", "mxq/tasks", "mxq/contrib", "mxq/sandbox"} <= folders
     assert "mxq/tasks/contrib/__init__.py" not in names         # contrib is mxq.contrib only
-    assert "mxq/contrib/django.py" in names and "mxq/tasks/graph.py" in names
+    assert "mxq/contrib/django/__init__.py" in names and "mxq/contrib/django/urls.py" in names
+    assert "mxq/tasks/graph.py" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names), names
 
 

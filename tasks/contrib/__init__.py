@@ -52,7 +52,7 @@ def pipeline_settings(config: Mapping[str, str] | None = None):
 
 
 def submit_all(items: Iterable, config: Mapping[str, str] | None = None, *,
-               fail_silently: bool = False) -> list[str] | None:
+               fail_silently: bool = False, later=None) -> list[str] | None:
     """``mxq.tasks.submit_many(items)`` (settings: ``config``, else the registry's); None instead of
     an error when ``fail_silently``.
 
@@ -62,15 +62,127 @@ def submit_all(items: Iterable, config: Mapping[str, str] | None = None, *,
     (logger ``mxq.contrib``) and None is returned; a malformed ``MXQ_*``
     setting raises ``ValueError`` either way.
     """
-    from mxq import tasks
     from kombu.exceptions import OperationalError
     from redis.exceptions import RedisError
 
+    from mxq.tasks.producer import prepare_many, store_prepared
+
     settings = pipeline_settings(config)     # a bad MXQ_* setting raises ValueError, silent or not
     try:
-        return tasks.submit_many(list(items), settings=settings)
-    except (InvalidInput, RedisError, OperationalError) as e:
+        jobs = prepare_many(list(items))
+    except InvalidInput as e:
         if not fail_silently:
             raise
-        log.warning("mail not submitted (fail_silently): %s", getattr(e, "reason", e))
+        log.warning("mail not submitted (fail_silently): %s", e.reason)
         return None
+
+    def store():
+        try:
+            return store_prepared(jobs, settings=settings)
+        except (RedisError, OperationalError) as e:
+            if not fail_silently:
+                raise
+            log.warning("mail not submitted (fail_silently): %s", e)
+            return None
+
+    if later is not None:       # e.g. Django's transaction.on_commit (MXQ_ON_COMMIT): ids known now
+        later(store)
+        return [j.id for j in jobs]
+    return store()
+
+
+# ---------------------------------------------------------------- tracking (mxq's signed webhooks)
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingEvent:
+    """One recipient event from mxq's webhook (``mxq.tasks.webhooks``), as a receiver sees it.
+
+    Named after django-anymail's ``AnymailTrackingEvent`` where they mean the same: ``event_type``
+    (the recipient's new state: ``delivered``, ``bounced``, ``deferred``, ``expired``,
+    ``suppressed``, ``dropped``), ``timestamp`` (an aware datetime), ``event_id`` (stable across
+    retries of the POST), ``message_id`` (the mxq job id: ``message.mxq_job_id``),
+    ``recipient``, ``mta_response`` (the server's reply: code, enhanced status, text) and
+    ``description``; plus mxq's own fields and the decoded body as ``esp_event``.
+    """
+
+    event_type: str
+    timestamp: datetime.datetime | None
+    event_id: str
+    message_id: str
+    recipient: str
+    domain: str | None
+    code: int | None
+    enhanced: str | None
+    text: str
+    exchange: str | None
+    ip: str | None
+    relay: bool
+    attempts: int
+    next_attempt: datetime.datetime | None
+    esp_event: dict
+
+    @property
+    def mta_response(self) -> str:
+        """``550 5.1.1 text``, as the receiving server said it."""
+        return " ".join(str(x) for x in (self.code, self.enhanced, self.text) if x)
+
+    @property
+    def description(self) -> str:
+        """A line for people: ``bounced: 550 5.1.1 ... [mx.example.com]``."""
+        where = f" [{self.exchange}]" if self.exchange else ""
+        return f"{self.event_type}: {self.mta_response}{where}".strip()
+
+
+class Refused(Exception):
+    """The request is not a valid signed mxq event: ``status`` (400 or 403) and why."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _when(value) -> datetime.datetime | None:
+    if value in (None, ""):
+        return None
+    try:
+        return datetime.datetime.fromtimestamp(float(value), tz=datetime.timezone.utc)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def tracking_event(body: bytes, headers: Mapping[str, str], *, secret: str | None = None,
+                   now: float | None = None) -> TrackingEvent:
+    """Check one webhook request and return its event; ``Refused`` when it is not a valid one.
+
+    ``secret``: ``MXQ_WEBHOOK_SECRET`` (default: this process's setting, ``mxq.settings``).
+    Without a secret nothing is accepted: an unsigned endpoint would take events from anyone.
+    The signature and the timestamp (at most 300 s off) are checked with
+    ``mxq.tasks.webhooks.verify``.
+    """
+    import json
+
+    from mxq.tasks.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+
+    if secret is None:
+        secret = registry.value("MXQ_WEBHOOK_SECRET")
+    if not secret:
+        raise Refused(403, "MXQ_WEBHOOK_SECRET is not set in this process: unsigned events are refused")
+    lower = {k.lower(): v for k, v in headers.items()}
+    if not verify(secret, body, lower.get(TIMESTAMP_HEADER.lower()), lower.get(SIGNATURE_HEADER.lower()), now=now):
+        raise Refused(403, "bad or missing X-Mxq-Signature, or X-Mxq-Timestamp too far off")
+    try:
+        ev = json.loads(body)
+        if not isinstance(ev, dict) or not ev.get("id") or not ev.get("state"):
+            raise ValueError("not an mxq event")
+        return TrackingEvent(
+            event_type=str(ev["state"]), timestamp=_when(ev.get("timestamp")), event_id=str(ev["id"]),
+            message_id=str(ev.get("job") or ""), recipient=str(ev.get("recipient") or ""),
+            domain=ev.get("domain"), code=ev.get("code"), enhanced=ev.get("enhanced"), text=ev.get("text") or "",
+            exchange=ev.get("exchange"), ip=ev.get("ip"), relay=bool(ev.get("relay")),
+            attempts=int(ev.get("attempts") or 0), next_attempt=_when(ev.get("next_attempt")), esp_event=ev)
+    except (ValueError, TypeError) as e:
+        raise Refused(400, f"not an mxq event: {e}") from None

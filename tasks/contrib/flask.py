@@ -29,7 +29,22 @@ the current app context is used, else the one given to ``Mxq(app)``.
 ``send_many(messages)`` is all or nothing: every message is validated before
 any is stored.  An invalid message raises ``mxq.tasks.InvalidMessage`` (nothing
 queued); ``fail_silently=True`` returns None (``send``) or ``[]``
-(``send_many``) instead, as it does when Redis is unreachable.
+(``send_many``) instead, as it does when Redis is unreachable (given up
+after ``MXQ_SUBMIT_TIMEOUT``, 2 s; ``mxq.tasks.Unavailable`` otherwise).
+
+Delivery events: register the blueprint and connect to the blinker signal::
+
+    from mxq.contrib.flask import tracking, webhook_blueprint
+    app.register_blueprint(webhook_blueprint, url_prefix="/mxq")    # POST /mxq/events/
+
+    @tracking.connect
+    def on_event(app, event, **extra):        # event: mxq.contrib.TrackingEvent
+        ...
+
+mxq's workers POST there with ``MXQ_WEBHOOK_URL=https://app.example.com/mxq/events/``; the
+view checks the signature with the app's ``MXQ_WEBHOOK_SECRET`` (403 and no signal when it
+does not match or no secret is set), sends ``tracking`` once per event (``sender`` the app),
+and answers 200.
 """
 
 from __future__ import annotations
@@ -39,7 +54,7 @@ from typing import Iterable, Sequence
 
 from . import config_from, submit_all
 
-__all__ = ["Mxq"]
+__all__ = ["Mxq", "tracking", "webhook_blueprint"]
 
 
 class Mxq:
@@ -98,3 +113,43 @@ class Mxq:
                 except AttributeError:   # bytes and str messages cannot carry it
                     pass
         return ids
+
+
+# ---------------------------------------------------------------- tracking: blueprint and blinker signal
+def _make_blueprint():
+    from blinker import Namespace
+    from flask import Blueprint, current_app, request
+
+    from . import Refused, tracking_event
+
+    signals = Namespace()
+    signal = signals.signal("mxq-tracking", doc="one mxq recipient event (event=mxq.contrib.TrackingEvent)")
+    bp = Blueprint("mxq", __name__)
+    seen: dict[str, None] = {}              # recent event ids (this process): a re-POSTed event is not sent twice
+
+    @bp.post("/events/")
+    def events():
+        app = current_app._get_current_object()
+        secret = app.config.get("MXQ_WEBHOOK_SECRET")
+        if secret is None:
+            from mxq import settings as registry
+            secret = registry.value("MXQ_WEBHOOK_SECRET")
+        try:
+            event = tracking_event(request.get_data(), request.headers, secret=secret or "")
+        except Refused as e:
+            app.logger.warning("mxq webhook refused (%d): %s", e.status, e.reason)
+            return e.reason, e.status, {"Content-Type": "text/plain"}
+        if event.event_id in seen:
+            return "duplicate event, already handled", 200, {"Content-Type": "text/plain"}
+        signal.send(app, event=event)
+        seen[event.event_id] = None
+        while len(seen) > 10000:
+            seen.pop(next(iter(seen)))
+        return "ok", 200, {"Content-Type": "text/plain"}
+
+    return bp, signal
+
+
+#: The blueprint with ``POST /events/`` (register it with ``url_prefix="/mxq"``) and the blinker
+#: signal ``tracking`` it sends: ``sender`` the app, ``event`` a ``mxq.contrib.TrackingEvent``.
+webhook_blueprint, tracking = _make_blueprint()

@@ -25,6 +25,19 @@ then the batch is stored with one ``mxq.tasks.submit_many``.  A bad message
 The envelope is Django's: sender ``from_email``, recipients ``to``, ``cc``
 and ``bcc`` (Bcc never appears in the content: Django leaves it out of the
 headers and mxq strips any Bcc field).
+
+``MXQ_ON_COMMIT = True``: messages sent inside a database transaction
+(``transaction.atomic``, ``ATOMIC_REQUESTS``) are validated at once -- a bad
+one still raises in the view -- and stored when the transaction commits
+(``transaction.on_commit``, default database); a rolled-back transaction sends
+nothing.  ``message.mxq_job_id`` is set at once either way.  Outside a
+transaction they are stored at once.
+
+Redis unreachable: the send gives up within ``MXQ_SUBMIT_TIMEOUT`` (2 s) with
+``mxq.tasks.Unavailable``, or returns 0 with ``fail_silently=True``.
+
+Delivery events come back through a signal: ``mxq.contrib.django.signals.tracking``,
+fed by mxq's signed webhooks through ``path("mxq/", include("mxq.contrib.django.urls"))``.
 """
 
 from __future__ import annotations
@@ -44,9 +57,15 @@ except ImportError:                  # pragma: no cover - a Django without it: a
 
 from mxq import settings as registry
 
-from . import submit_all
+from .. import submit_all
 
 __all__ = ["EmailBackend", "mxq_config"]
+
+
+def _on_commit(fn) -> None:
+    """Run ``fn`` when the current transaction of the default database commits (now outside one)."""
+    from django.db import transaction
+    transaction.on_commit(fn)
 
 
 def mxq_config() -> dict[str, str]:
@@ -129,7 +148,8 @@ class EmailBackend(BaseEmailBackend):
         if not items:
             return 0
         try:
-            ids = submit_all(items, fail_silently=self.fail_silently)
+            later = _on_commit if registry.value("MXQ_ON_COMMIT") else None
+            ids = submit_all(items, fail_silently=self.fail_silently, later=later)
         except InvalidInput as e:
             # submit_many numbers the items it was given; name the message as the caller knows it.
             raise _relabel(e, positions) from None

@@ -1,0 +1,103 @@
+"""Final job outcomes in Celery's result backend: ``AsyncResult(job_id).get()`` returns them.
+
+When a job becomes final -- every recipient delivered, bounced, expired,
+suppressed or dropped -- the store script that wrote its last record also
+adds the job to ``mxq:final`` (``mxq.tasks.store``), in the same atomic step,
+so a worker dying a moment later loses nothing.  ``record()`` claims jobs from
+there under a short lease (two recorders never write the same job at once; a
+dead recorder's claim comes back), writes each job's outcome to the Celery
+app's result backend under the job id, state ``SUCCESS``, and lets the jobs go.
+It runs after every delivery batch in the worker that ran it
+(``after_release``) and, as a safety net, at every scheduler tick.
+
+The value is what ``mxq.tasks.status(job_id)`` returns for a finished job::
+
+    {"job": ID, "state": "done",
+     "recipients": [{"address", "domain", "state", "code", "enhanced", "text", "exchange", "ip",
+                     "relay", "attempts", "first_attempt", "last_attempt", "next_attempt"}, ...]}
+
+(``state`` per recipient: delivered, bounced, expired, suppressed or dropped.)
+
+The backend is ``MXQ_RESULT_BACKEND``, else ``MXQ_REDIS_URL``: any Celery
+result backend -- Redis, Celery's SQLAlchemy backend
+(``db+postgresql+psycopg://...``), ``django-db`` (django-celery-results, with
+``DJANGO_SETTINGS_MODULE`` set for the worker).  ``none`` turns this off.
+Results are kept ``MXQ_RESULT_TTL`` seconds (Celery's ``result_expires``).
+
+Reading, from any process::
+
+    import mxq.tasks
+    mxq.tasks.result(job_id).get(timeout=60)        # mxq's app's AsyncResult
+    # or with the application's own Celery app on the same backend:
+    AsyncResult(job_id, app=my_celery_app).get(timeout=60)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("mxq.outcomes")
+
+#: Seconds a claimed job stays hidden from other recorders.
+LEASE = 60.0
+#: Jobs one call records at most.
+BATCH = 200
+
+
+def enabled(app=None) -> bool:
+    """False when the result backend is off (``MXQ_RESULT_BACKEND=none``)."""
+    if app is None:
+        from .app import app
+    backend = str(app.conf.result_backend or "")
+    return backend.lower() not in ("", "none", "disabled")
+
+
+def _django_ready(app) -> None:
+    """django-celery-results' backend needs Django set up (a worker started with
+    ``DJANGO_SETTINGS_MODULE``): do it once, here, where the backend is first used."""
+    if not str(app.conf.result_backend or "").startswith("django-"):
+        return
+    import django
+    from django.apps import apps
+    if not apps.ready:
+        django.setup()
+
+
+def record(store=None, app=None, *, limit: int = BATCH, now: float | None = None) -> int:
+    """Write the outcomes of jobs that became final to the result backend; return how many.
+
+    Raises what the backend raises (a database away): the claimed jobs then
+    come back after ``LEASE`` seconds and are written by a later call.
+    """
+    from celery import states
+
+    from .store import get_store, status_of
+
+    if app is None:
+        from .app import app
+    if not enabled(app):
+        return 0
+    store = store or get_store()
+    now = time.time() if now is None else now
+    claimed = store.claim_final(limit=limit, lease=LEASE, now=now)
+    if not claimed:
+        return 0
+    _django_ready(app)
+    backend = app.backend
+    done = []
+    for job, found in claimed:
+        if found is not None:           # None: expired meanwhile (nothing left to say)
+            backend.store_result(job, status_of(job, *found), states.SUCCESS)
+        done.append(job)
+    store.forget_final(done)
+    return len(done)
+
+
+def after_release(store=None) -> int:
+    """``record()`` for a worker after its batch: never raises (the scheduler catches up)."""
+    try:
+        return record(store)
+    except Exception as e:          # the backend (or Redis) away: the jobs stay in mxq:final
+        log.warning("job outcomes not recorded in the result backend yet: %s", e)
+        return 0

@@ -1,0 +1,164 @@
+"""Outcomes where users look: a finished job's outcome in Celery's result backend under its job id.
+
+Real redis-server, real ``celery worker`` and ``mxq scheduler`` processes, a real SMTP server and,
+for Celery's SQLAlchemy backend, a real PostgreSQL from Debian's packages started by the test
+(``initdb`` + ``pg_ctl`` as the postgres user, on a loopback port of the test's namespace).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from mxq import tasks
+from mxq.sandbox.smtpd import Behaviour, start_server
+from tests.fixtures_infra import free_port, wait_until
+
+pytest_plugins = ["tests.pipeline_fixtures"]
+
+RCPT = "to.outcome.test"
+BOUNCE = "bounce.outcome.test"
+MX_IP = "127.0.9.10"
+
+
+@pytest.fixture(scope="module")
+def sink(dns_server):
+    dns_server.add({RCPT: {"MX": [[10, "mx." + RCPT]]}, "mx." + RCPT: {"A": [MX_IP]},
+                    BOUNCE: {"MX": [[10, "mx." + RCPT]]}})
+    server = start_server(MX_IP, 25, Behaviour(hostname="mx." + RCPT))
+    yield server
+    server.stop()
+
+
+def message(tag: str) -> bytes:
+    return (f"From: app@site.outcome.test\r\nTo: ann@{RCPT}, reject.me@{RCPT}\r\nSubject: {tag}\r\n\r\n"
+            f"body {tag}\r\n").encode()
+
+
+def check_outcome(result: dict, job: str) -> None:
+    assert result["job"] == job and result["state"] == "done"
+    by = {r["address"]: r for r in result["recipients"]}
+    ok, bad = by[f"ann@{RCPT}"], by[f"reject.me@{RCPT}"]
+    assert (ok["state"], ok["code"], ok["enhanced"], ok["exchange"], ok["attempts"]) == (
+        "delivered", 250, "2.0.0", "mx." + RCPT, 1), ok
+    assert (bad["state"], bad["code"], bad["enhanced"], bad["attempts"]) == ("bounced", 550, "5.1.1", 1), bad
+    assert ok["text"] and bad["text"]
+
+
+def test_async_result_get_returns_the_outcome_with_the_redis_backend(pipeline, sink):
+    p = pipeline()
+    p.worker()
+    p.beat()
+    job = tasks.submit(message("redis-backend"))
+    result = tasks.result(job).get(timeout=30)
+    check_outcome(result, job)
+    assert result == tasks.status(job)
+    # The application's own Celery app on the same backend sees it too (what AsyncResult(job) does there).
+    user = Celery("userapp", backend=p.url, set_as_current=False)
+    user.conf.accept_content = ["json"]
+    check_outcome(user.AsyncResult(job).get(timeout=10), job)
+    # Fully suppressed at submission, and dropped by the operator: final too, recorded by the scheduler.
+    from mxq.tasks.store import get_store
+    from mxq.tasks.suppress import Suppressions
+    Suppressions(get_store().r).add(f"gone@{RCPT}", text="no such user")
+    sup = tasks.submit(message("sup"), recipients=[f"gone@{RCPT}"])
+    assert tasks.result(sup).get(timeout=10)["recipients"][0]["state"] == "suppressed"
+    # Nothing in the task results but the jobs: deliver tasks still store no result of their own.
+    client = p.redis.client()
+    wait_until(lambda: client.zcard("mxq:final") == 0, 20, "every finished job recorded (the report too)")
+    keys = {k.decode() for k in client.keys("celery-task-meta-*")}
+    assert keys == {f"celery-task-meta-{job}", f"celery-task-meta-{sup}"} | {
+        k for k in keys if _is_report(client, k)}, keys
+    assert client.ttl(f"celery-task-meta-{job}") > 0           # MXQ_RESULT_TTL
+    client.close()
+
+
+def _is_report(client, key: str) -> bool:
+    """The non-delivery report to the sender is a job of its own, with its own outcome."""
+    import json
+    body = json.loads(client.get(key))
+    return body["result"]["recipients"][0]["address"] == "app@site.outcome.test"
+
+
+def test_an_outcome_lost_by_a_dead_worker_is_recorded_by_the_scheduler(pipeline, sink):
+    """The job is final in Redis but no worker recorded it (killed right after the release): the
+    scheduler's tick writes it."""
+    p = pipeline()
+    w = p.worker(MXQ_RESULT_BACKEND="none")     # this worker records nothing
+    job = tasks.submit(message("late"))
+    p.wait_done([job], timeout=30)
+    w.stop()
+    client = p.redis.client()
+    assert client.zscore("mxq:final", job) is not None and not client.exists(f"celery-task-meta-{job}")
+    p.beat()                                   # the scheduler, with the backend on
+    check_outcome(tasks.result(job).get(timeout=20), job)
+    client.close()
+
+
+# ---------------------------------------------------------------- PostgreSQL (Celery's SQLAlchemy backend)
+def _pg_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server as a child of the test: initdb + pg_ctl as the postgres user."""
+    bindir = _pg_bin()
+    if bindir is None or os.geteuid() != 0 or not shutil.which("runuser"):
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL (Debian's postgresql package) is missing: ops/install-deps installs it")
+        pytest.skip("needs Debian's postgresql package and root")
+    pytest.importorskip("sqlalchemy")
+    pytest.importorskip("psycopg")
+    d = Path(tempfile.mkdtemp(prefix="mxq-pg-", dir="/tmp"))
+    shutil.chown(d, "postgres", "postgres")
+    port = free_port()
+
+    def pg(*args):
+        return subprocess.run(["runuser", "-u", "postgres", "--", *args], capture_output=True, text=True,
+                              timeout=60)
+    r = pg(str(bindir / "initdb"), "-D", str(d / "data"), "-A", "trust", "-U", "mxq")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = pg(str(bindir / "pg_ctl"), "-D", str(d / "data"), "-o", f"-k {d} -h 127.0.0.1 -p {port}",
+           "-l", str(d / "log"), "-w", "start")
+    assert r.returncode == 0, r.stdout + r.stderr + (d / "log").read_text(errors="replace")
+    try:
+        yield f"db+postgresql+psycopg://mxq@127.0.0.1:{port}/postgres"
+    finally:
+        pg(str(bindir / "pg_ctl"), "-D", str(d / "data"), "-m", "fast", "stop")
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_async_result_get_returns_the_outcome_with_postgresql(pipeline, sink, postgres, monkeypatch):
+    from mxq.tasks.app import rebind
+
+    p = pipeline(MXQ_RESULT_BACKEND=postgres)
+    rebind(p.url, postgres)
+    p.worker()
+    p.beat()
+    job = tasks.submit(message("postgres"))
+    started = time.monotonic()
+    result = tasks.result(job).get(timeout=30, interval=0.2)
+    check_outcome(result, job)
+    assert time.monotonic() - started < 30
+    # It is a row in Celery's table, readable with plain SQL.
+    import sqlalchemy
+    engine = sqlalchemy.create_engine(postgres[len("db+"):])
+    with engine.connect() as c:
+        row = c.execute(sqlalchemy.text("select status from celery_taskmeta where task_id = :j"), {"j": job}).one()
+    engine.dispose()
+    assert row.status == "SUCCESS"
+    user = Celery("userapp", backend=postgres, set_as_current=False)
+    user.conf.accept_content = ["json"]
+    user.conf.result_serializer = "json"
+    check_outcome(user.AsyncResult(job).get(timeout=10), job)
+    wait_until(lambda: p.redis.client().zcard("mxq:final") == 0, 10, "mxq:final drained")
