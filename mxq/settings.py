@@ -840,10 +840,22 @@ def env_example() -> str:
            "# `python -m mxq.settings --write`; `mxq config` shows the effective values and their origin.",
            "# Copy to .env and uncomment what you change.  Empty means the default.",
            "#",
-           "# Required by docker-compose.yml:",
+           "# Required by docker-compose.yml (it refuses to start without them):",
            "MXQ_HELO_NAME=",
            "FLOWER_BASIC_AUTH=",
            "REDIS_PASSWORD=",
+           "",
+           "# ---- docker-compose.yml only",
+           "# The DKIM key directory on the host, mounted read-only at /etc/mxq/dkim",
+           "# (then MXQ_DKIM=/etc/mxq/dkim/keys.json):",
+           "#MXQ_DKIM_KEYS=./dkim",
+           "# The image's base (a build argument) and names:",
+           "#MXQ_BASE_IMAGE=python:3.11-slim",
+           "#MXQ_IMAGE=mxq:latest",
+           "#MXQ_REDIS_IMAGE=redis:7-alpine",
+           "# Flower on the host: 127.0.0.1:5555 unless these say otherwise:",
+           "#FLOWER_BIND=127.0.0.1",
+           "#FLOWER_PORT=5555",
            ""]
     for group, title in GROUP_TITLES.items():
         out.append(f"# ---- {title}")

@@ -458,6 +458,15 @@ def run_scheduler(args) -> int:
             except OSError as e:
                 logging.getLogger("mxq.scheduler").warning("cannot touch the heartbeat file %s: %s", path, e)
 
+    if registry.current().is_set("MXQ_METRICS_PORT"):     # the fleet-wide queue depths, served once
+        from mxq.tasks import metrics
+        from mxq.tasks.settings import PipelineSettings
+        try:
+            metrics.require_client()
+            metrics.serve_queue_depths(PipelineSettings.from_env().redis_url)
+        except (ValueError, OSError) as e:
+            print(f"mxq scheduler: {e}", file=sys.stderr)
+            return EX_CONFIG
     touch(True)
     if args.pidfile:
         with open(args.pidfile, "w") as f:

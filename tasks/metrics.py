@@ -52,6 +52,11 @@ series count):
 ``mxq_shaping_throttled_total{domain, reason}``  counter
     deliver tasks that found the domain at its limit (``concurrency`` or
     ``rate``) and returned without work (``mxq.tasks.shaping``).
+The fleet-wide gauges below (queue depths, read from Redis) come from one
+place, ``mxq scheduler`` (one per deployment), which serves them on its own
+``MXQ_METRICS_PORT``; workers never export them, so a sum over every scraped
+target counts each queued item once:
+
 ``mxq_queue_depth{queue}``  gauge, read from Redis at scrape time
     ``intake`` (jobs stored, not yet split), ``ready`` (work items on every
     delivery lane's ready list), ``deferred`` (``mxq:deferred``: work items
@@ -385,12 +390,12 @@ def _multiproc_dir() -> str:
 
 
 def serve(redis_url: str, env: Mapping[str, str] | None = None) -> int:
-    """Start the ``/metrics`` server of this worker (main process); return the port.
+    """Start the ``/metrics`` server of this worker (main process): its own processes' series,
+    not the fleet-wide queue depths (``serve_queue_depths``); return the port.
 
     Raises ValueError for a bad setting and OSError when no port could be bound.
     """
-    global _server
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+    from prometheus_client import CollectorRegistry, multiprocess
 
     c = mxq_settings.load(env)
     ports = parse_port(c["MXQ_METRICS_PORT"] or "")
@@ -398,7 +403,25 @@ def serve(redis_url: str, env: Mapping[str, str] | None = None) -> int:
     path = _multiproc_dir()
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=path)
+    return _listen(registry, ports, addr)
+
+
+def serve_queue_depths(redis_url: str, env: Mapping[str, str] | None = None) -> int:
+    """``mxq scheduler``'s ``/metrics``: the fleet-wide queue depths (``RedisCollector``), from
+    this one process only; return the port.  ValueError / OSError as ``serve``."""
+    from prometheus_client import CollectorRegistry
+
+    c = mxq_settings.load(env)
+    ports = parse_port(c["MXQ_METRICS_PORT"] or "")
+    registry = CollectorRegistry()
     registry.register(RedisCollector(redis_url))
+    return _listen(registry, ports, c["MXQ_METRICS_ADDR"])
+
+
+def _listen(registry, ports: list[int], addr: str) -> int:
+    global _server
+    from prometheus_client import start_http_server
+
     error: OSError | None = None
     for port in ports:
         try:

@@ -97,7 +97,11 @@ def test_worker_metrics_over_http(pipeline, servers, dns_server):
     w = p.worker(concurrency=2, queues="mxq.delivery,mxq.notifications",
                  MXQ_METRICS_PORT=str(port), MXQ_METRICS_ADDR="127.0.0.1")
     assert f"mxq metrics: serving http://127.0.0.1:{port}/metrics" in w.log()
-    p.beat()
+    # The fleet-wide queue depths come from one place: the scheduler's own /metrics.
+    sport = free_port()
+    sched = p.beat(MXQ_METRICS_PORT=str(sport), MXQ_METRICS_ADDR="127.0.0.1")
+    wait_until(lambda: f"mxq metrics: serving http://127.0.0.1:{sport}/metrics" in sched.log(), 10,
+               "the scheduler's metrics server")
     # The names the resolvers ask for: ZONES, and each domain's MTA-STS policy record (RFC 8461).
     names = list(ZONES) + [f"_mta-sts.{d}" for d, rr in ZONES.items() if "MX" in rr]
     dns_before = sum(dns_server.queries(name) for name in names)
@@ -117,9 +121,10 @@ def test_worker_metrics_over_http(pipeline, servers, dns_server):
 
     def settled():
         s = scrape(port)
+        q = scrape(sport)
         # The held lane's throttled tasks run after the one that sent its message: wait for them too.
-        return s if value(s, "mxq_queue_depth", queue="reports") == 0 and \
-            value(s, "mxq_queue_depth", queue="leased") == 0 and \
+        return s if value(q, "mxq_queue_depth", queue="reports") == 0 and \
+            value(q, "mxq_queue_depth", queue="leased") == 0 and \
             value(s, "mxq_deliveries_total", domain="src.metrics.test", outcome="delivered") == 5 and \
             (value(s, "mxq_shaping_throttled_total", domain="held.metrics.test", reason="rate") or 0) >= 1 \
             else None
@@ -142,22 +147,25 @@ def test_worker_metrics_over_http(pipeline, servers, dns_server):
     queries = value(s, "mxq_dns_queries_total")
     assert queries == sum(dns_server.queries(name) for name in names) - dns_before
     assert value(s, "mxq_dns_cache_misses_total") >= 5 and value(s, "mxq_dns_cache_hits_total") >= 1
-    # Queue depths, read from Redis at scrape time
-    assert value(s, "mxq_redis_up") == 1
-    assert value(s, "mxq_queue_depth", queue="intake") == len(stored) == 4
-    assert value(s, "mxq_queue_depth", queue="ready") == 4
-    assert value(s, "mxq_ready_depth", lane="held.metrics.test") == 4
-    assert value(s, "mxq_queue_depth", queue="deferred") == 2
-    assert value(s, "mxq_queue_depth", queue="throttled") == 1
+    # Queue depths, read from Redis at scrape time, by the scheduler only
+    assert value(s, "mxq_queue_depth", queue="ready") is None and value(s, "mxq_redis_up") is None
+    q = scrape(sport)
+    assert value(q, "mxq_redis_up") == 1
+    assert value(q, "mxq_queue_depth", queue="intake") == len(stored) == 4
+    assert value(q, "mxq_queue_depth", queue="ready") == 4
+    assert value(q, "mxq_ready_depth", lane="held.metrics.test") == 4
+    assert value(q, "mxq_queue_depth", queue="deferred") == 2
+    assert value(q, "mxq_queue_depth", queue="throttled") == 1
+    assert value(q, "mxq_deliveries_total", domain="ok.metrics.test", outcome="delivered") is None
 
-    # A second worker on the same host takes the next free port ("port+"); it reads the same
-    # queue depths but has delivered nothing (its queue gets no task in this test).
+    # A second worker on the same host takes the next free port ("port+"); it exports no queue
+    # depth (a sum over the workers would count them twice) and has delivered nothing.
     w2 = p.worker(concurrency=1, queues="mxq.notifications", MXQ_METRICS_PORT=f"{port}+",
                   MXQ_METRICS_ADDR="127.0.0.1")
     m = re.search(r"mxq metrics: serving http://127\.0\.0\.1:(\d+)/metrics", w2.log())
     assert m and int(m.group(1)) != port
     s2 = scrape(int(m.group(1)))
-    assert value(s2, "mxq_queue_depth", queue="ready") == 4
+    assert value(s2, "mxq_queue_depth", queue="ready") is None
     assert value(s2, "mxq_deliveries_total", domain="ok.metrics.test", outcome="delivered") is None
 
     # An open connection, seen while the slow server holds the final dot for 3 s.

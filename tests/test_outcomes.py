@@ -162,3 +162,31 @@ def test_async_result_get_returns_the_outcome_with_postgresql(pipeline, sink, po
     user.conf.result_serializer = "json"
     check_outcome(user.AsyncResult(job).get(timeout=10), job)
     wait_until(lambda: p.redis.client().zcard("mxq:final") == 0, 10, "mxq:final drained")
+
+
+def test_what_recording_outcomes_costs_in_redis_commands(pipeline, sink, monkeypatch):
+    """Per finished job: one HMGET (its records), the backend's SETEX and PUBLISH, and a share of
+    one claim script per batch; counted with Redis's own command statistics, scripts included."""
+    from mxq.tasks import graph
+    from mxq.tasks.store import get_store
+
+    p = pipeline()
+    n = 200
+    ids = tasks.submit_many([tasks.Item(f"From: a@site.outcome.test\r\nTo: u{i}@{RCPT}\r\nSubject: {i}\r\n\r\nx\r\n"
+                                        .encode()) for i in range(n)])
+    client = p.redis.client()
+    # Deliver with the worker's recording held back, then count only what recording these jobs costs.
+    monkeypatch.setattr("mxq.tasks.outcomes.after_release", lambda store=None: 0)
+    while graph.run_delivery(RCPT)["items"]:
+        pass
+    assert client.zcard("mxq:final") == n
+    client.config_resetstat()
+    from mxq.tasks import outcomes
+    while outcomes.record(get_store()):
+        pass
+    stats = client.info("commandstats")
+    total = sum(int(v["calls"]) for k, v in stats.items()
+                if k not in ("cmdstat_config|resetstat", "cmdstat_info", "cmdstat_hello"))
+    assert client.exists(*[f"celery-task-meta-{j}" for j in ids]) == n
+    assert total / n <= 3.2, (total / n, {k: v["calls"] for k, v in stats.items()})
+    client.close()

@@ -23,7 +23,8 @@ from mxq.settings import REGISTRY, ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIRS = [ROOT / "workers", ROOT / "tasks", ROOT / "mxq"]
 #: MXQ_* names in the package that are not settings: prefixes and the ops scripts' own variables.
-NOT_SETTINGS = {"MXQ_BENCH_", "MXQ_DEMO_", "MXQ_WEBHOOK_", "MXQ_PYTHON", "MXQ_SKIP_APT", "MXQ_NEW", "MXQ_X"}
+NOT_SETTINGS = {"MXQ_BENCH_", "MXQ_DEMO_", "MXQ_WEBHOOK_", "MXQ_PYTHON", "MXQ_SKIP_APT", "MXQ_NEW", "MXQ_X",
+                "MXQ_DKIM_KEYS", "MXQ_BASE_IMAGE", "MXQ_IMAGE", "MXQ_REDIS_IMAGE"}   # docker-compose.yml only
 
 
 def package_sources():
