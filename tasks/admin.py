@@ -10,8 +10,18 @@
     attempts, next attempt and last reply.  Reads only (no lock; numbers may
     move while they are read).
 
-``mxq queue flush [DOMAIN]``
-    Move deferred work (of DOMAIN, or all of it, webhook events included)
+``mxq queue list [--domain D] [--state S] [--json]``
+    Like ``postqueue -p``: every job with work waiting, oldest first -- id,
+    size, age, sender -- and each of its recipients not final yet with its
+    state (``queued``, ``deferred``, ``active`` while being delivered), tries
+    and last reply.  ``--domain`` / ``--state`` keep only those recipients.
+
+``mxq queue show JOB [--no-content] [--json]``
+    Like ``postcat``: the job's envelope (sender, DSN, arrival, size), every
+    recipient with its state and last reply, then the message as stored.
+
+``mxq queue flush [JOB|DOMAIN]``
+    Move deferred work (of JOB, of DOMAIN, or all of it, webhook events included)
     to the back of its ready lists now and publish the tasks for it: the
     next attempt starts as soon as a worker is free instead of at its due
     time.  A flush of everything also clears the exchanges' failure memory
@@ -226,6 +236,30 @@ for _, l in ipairs(lanes) do push('RPUSH', P .. 'ready:' .. l, by[l]) end
 return {#moved, dispatch(lanes, now, k, maxpar, false, {})}
 """
 
+# ARGV: now, k, maxpar, job.  One job's deferred work items back to their ready lists.
+# Returns {moved (-1: unknown job), dispatch}.
+_FLUSH_JOB = r"""
+local now, k, maxpar, job = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local jk = P .. 'job:' .. job
+if redis.call('EXISTS', jk) == 0 then return {-1, {}} end
+local lanes, moved = {}, 0
+local domains = redis.call('HGET', jk, 'domains')
+if domains then
+  for _, d in ipairs(split(domains, ',')) do
+    local idx = redis.call('HGET', jk, 'd:' .. d)
+    if idx then
+      local wid = job .. '|' .. d .. '|' .. idx
+      if redis.call('ZREM', P .. 'deferred', wid) == 1 then
+        redis.call('RPUSH', P .. 'ready:' .. d, wid)
+        table.insert(lanes, d)
+        moved = moved + 1
+      end
+    end
+  end
+end
+return {moved, dispatch(lanes, now, k, maxpar, false, {})}
+"""
+
 
 # ---------------------------------------------------------------- the operations (API)
 class Admin:
@@ -240,6 +274,79 @@ class Admin:
         self._drop_job = self.r.register_script(_PRELUDE + _DROP_LIB + _DROP_JOB)
         self._drop_domain = self.r.register_script(_PRELUDE + _DROP_LIB + _DROP_DOMAIN)
         self._flush = self.r.register_script(_PRELUDE + _FLUSH)
+        self._flush_job = self.r.register_script(_PRELUDE + _FLUSH_JOB)
+
+    # -------------------------------------------------------- postqueue -p / postcat
+    def where(self) -> dict[str, dict[str, str]]:
+        """Every job with work waiting: ``{job: {domain: "ready" | "deferred" | "active" | "intake"}}``."""
+        r = self.r
+        out: dict[str, dict[str, str]] = {}
+
+        def note(wid: str, how: str) -> None:
+            if wid.startswith("!"):
+                return
+            job, domain, _ = wid.split("|", 2)
+            out.setdefault(job, {})[domain] = how
+
+        for key in r.scan_iter(match="mxq:ready:*", count=1000):
+            lane = _s(key)[len("mxq:ready:"):]
+            if lane.startswith("!"):
+                continue
+            for start in range(0, 10**9, 10000):
+                chunk = r.lrange(key, start, start + 9999)
+                for wid in chunk:
+                    note(_s(wid), "ready")
+                if len(chunk) < 10000:
+                    break
+        for wid in r.zrange("mxq:deferred", 0, -1):
+            note(_s(wid), "deferred")
+        leases = r.zrange("mxq:lease", 0, -1)
+        if leases:
+            pipe = r.pipeline(transaction=False)
+            for t in leases:
+                pipe.get(b"mxq:batch:" + t)
+            for b in pipe.execute():
+                if b:
+                    for wid in _s(b).split("\n")[1:]:
+                        note(wid, "active")
+        for job in r.zrange("mxq:intake", 0, -1):
+            out.setdefault(_s(job), {})["*"] = "intake"
+        return out
+
+    def listing(self, *, domain: str | None = None, state: str | None = None, now: float | None = None) -> list[dict]:
+        """The jobs in the queue, oldest first, each with its recipients not final yet (``mxq queue list``).
+
+        A recipient's ``state`` here is ``active`` while its delivery is in flight, else its
+        record's (``queued``, ``deferred``).  ``domain`` and ``state`` filter recipients (a job
+        without any left is not listed).
+        """
+        from .store import FINAL_STATES
+
+        now = time.time() if now is None else now
+        jobs = []
+        for job, places in self.where().items():
+            found = self.store.job(job)
+            if found is None:
+                continue
+            meta, records = found
+            rows = []
+            for i in sorted(records):
+                rec = records[i]
+                if rec.get("state") in FINAL_STATES:
+                    continue
+                shown = "active" if places.get(rec.get("domain")) == "active" else rec.get("state")
+                if (domain and rec.get("domain") != domain) or (state and shown != state):
+                    continue
+                rows.append({"address": rec.get("address"), "domain": rec.get("domain"), "state": shown,
+                             "attempts": rec.get("attempts") or 0, "code": rec.get("code"),
+                             "enhanced": rec.get("enhanced"), "text": printable(rec.get("text") or ""),
+                             "exchange": rec.get("exchange"), "next_attempt": rec.get("next_attempt")})
+            if rows:
+                created = float(meta.get("created") or now)
+                jobs.append({"job": job, "size": int(meta.get("size") or 0), "created": created,
+                             "age": now - created, "sender": meta.get("sender", ""), "recipients": rows})
+        jobs.sort(key=lambda j: (j["created"], j["job"]))
+        return jobs
 
     # -------------------------------------------------------- mailq
     def snapshot(self, *, oldest: int = 5, now: float | None = None) -> dict:
@@ -346,6 +453,25 @@ class Admin:
             self.r.delete(*keys[i:i + 1000])
         return int(moved), _pairs(disp)
 
+    def flush_job(self, job: str, *, now: float | None = None) -> tuple[int, list] | None:
+        """One job's deferred work back to its ready lists (``mxq queue flush JOB``); None when unknown.
+
+        The failure memory of the exchanges its recipients last tried is forgotten too."""
+        now = time.time() if now is None else now
+        s = self.settings
+        found = self.store.job(job)
+        if found is None:
+            return None
+        ips = {r.get("ip") for r in found[1].values() if r.get("ip")}
+        moved, disp = self._flush_job(args=[now, s.batch_size, s.domain_concurrency, job])
+        if int(moved) < 0:
+            return None
+        keys = [k for k in self.r.scan_iter(match="mxq:down:*", count=1000)
+                if _s(k)[len("mxq:down:"):].rsplit(":", 1)[0] in ips]
+        if keys:
+            self.r.delete(*keys)
+        return int(moved), _pairs(disp)
+
     def _last_ips(self, domain: str) -> set[str]:
         """The exchange addresses the deferred recipients of ``domain`` last tried."""
         ips: set[str] = set()
@@ -423,12 +549,32 @@ def add_commands(group) -> None:
             return run_queue(ns(json=json, oldest=oldest))
         return None
 
+    @queue.command("list", short_help="the jobs in the queue (postqueue -p)", context_settings=ctx_settings)
+    @click.option("--domain", metavar="DOMAIN", help="Only recipients of this domain.")
+    @click.option("--state", type=click.Choice(["queued", "deferred", "active"]),
+                  help="Only recipients in this state (active: being delivered now).")
+    @click.option("--json", "json", is_flag=True, help="Print a JSON list of jobs.")
+    def list_jobs(domain, state, json):
+        """The jobs waiting, oldest first, like postqueue -p: id, size, age, sender, and each
+        recipient not final yet with its state, tries and last reply."""
+        return run_list(ns(domain=domain, state=state, json=json))
+
+    @queue.command("show", short_help="one job: envelope and message (postcat)", context_settings=ctx_settings)
+    @click.argument("job", metavar="JOB")
+    @click.option("--no-content", is_flag=True, help="The envelope and recipients only.")
+    @click.option("--json", "json", is_flag=True, help="Print the job as JSON (the message as text).")
+    def show_job(job, no_content, json):
+        """One job, like postcat: its envelope (sender, DSN, arrival, size), every recipient with its
+        state and last reply, then the message as stored (DKIM-signed if it was)."""
+        return run_show(ns(job=job, no_content=no_content, json=json))
+
     @queue.command("flush", context_settings=ctx_settings)
-    @click.argument("domain", required=False, metavar="[DOMAIN]")
-    @click.option("--json", "json", is_flag=True, help='Print {"moved": N, "domain": ...}.')
+    @click.argument("domain", required=False, metavar="[JOB|DOMAIN]")
+    @click.option("--json", "json", is_flag=True, help='Print {"moved": N, "domain": ...} ({"job": ...} for a job).')
     def flush(domain, json):
-        """Retry deferred mail now: move it (of DOMAIN, or all of it) to its ready lists and publish
-        the tasks for it; without DOMAIN also forget which exchanges were down."""
+        """Retry deferred mail now (postqueue -f / -i): move it -- of JOB, of DOMAIN, or all of it --
+        to its ready lists and publish the tasks for it; without an argument also forget which
+        exchanges were down."""
         return run_flush(ns(domain=domain, json=json))
 
     @queue.command("drop", context_settings=ctx_settings)
@@ -591,6 +737,89 @@ def run_queue(args) -> int:
     return EX_OK
 
 
+@_redis_errors
+def run_list(args) -> int:
+    """``mxq queue list [--domain D] [--state S] [--json]``."""
+    domain = None
+    if args.domain:
+        domain = _domain(args.domain, "list")
+        if domain is None:
+            return EX_DATAERR
+    admin, err = _admin("queue list")
+    if admin is None:
+        return err
+    jobs = admin.listing(domain=domain, state=args.state)
+    if args.json:
+        print(json.dumps(jobs, default=str))
+        return EX_OK
+    if not jobs:
+        print("mail queue is empty" if not (domain or args.state) else "no matching mail in the queue")
+        return EX_OK
+    rows = []
+    for j in jobs:
+        first = True
+        for r in j["recipients"]:
+            reply = " ".join(str(x) for x in (r["code"], r["enhanced"], r["text"]) if x)
+            rows.append((j["job"] if first else "", j["size"] if first else None,
+                         _duration(j["age"]) if first else "", (j["sender"] or "<>") if first else "",
+                         r["address"], r["state"], r["attempts"] or None, reply))
+            first = False
+    from mxq.tables import print_table
+    print_table(("JOB", "SIZE", "AGE", "SENDER", "RECIPIENT", "STATE", "TRIES", "LAST REPLY"), rows)
+    n = sum(len(j["recipients"]) for j in jobs)
+    print(f"-- {len(jobs)} job(s), {n} recipient(s), {sum(j['size'] for j in jobs)} octets")
+    return EX_OK
+
+
+@_redis_errors
+def run_show(args) -> int:
+    """``mxq queue show JOB [--no-content] [--json]``: 66 when the job is unknown."""
+    from .store import status_of
+
+    job = args.job.strip()
+    if not JOB_ID.fullmatch(job):
+        print(f"mxq queue show: {job!r} is not a job id (32 hex digits)", file=sys.stderr)
+        return EX_NOINPUT
+    admin, err = _admin("queue show")
+    if admin is None:
+        return err
+    found = admin.store.job(job)
+    if found is None:
+        print(f"mxq queue show: no such job: {job} (unknown, or expired after MXQ_RESULT_TTL)", file=sys.stderr)
+        return EX_NOINPUT
+    meta, records = found
+    status = status_of(job, meta, records)
+    content = None if args.no_content else (admin.store.content(job) or b"")
+    created = float(meta.get("created") or 0)
+    doc = {"job": job, "state": status["state"], "sender": meta.get("sender", ""), "size": int(meta.get("size") or 0),
+           "created": created, "ret": meta.get("ret") or None, "envid": meta.get("envid") or None,
+           "recipients": status["recipients"]}
+    if args.json:
+        if content is not None:
+            doc["content"] = content.decode("utf-8", "replace")
+        print(json.dumps(doc, default=str))
+        return EX_OK
+    from mxq.tables import print_recipients
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(created)) if created else "?"
+    print(f"*** ENVELOPE RECORDS {job} ***")
+    print(f"state: {doc['state']}")
+    print(f"arrival_time: {when} ({_duration(time.time() - created)} ago)")
+    print(f"message_size: {doc['size']}")
+    print(f"sender: {doc['sender'] or '<>'}")
+    if doc["ret"] or doc["envid"]:
+        print(f"dsn: ret={doc['ret'] or '-'} envid={doc['envid'] or '-'}")
+    print_recipients(status["recipients"])
+    if content is not None:
+        print(f"*** MESSAGE CONTENTS {job} ***")
+        sys.stdout.flush()
+        sys.stdout.buffer.write(content.replace(b"\r\n", b"\n"))
+        if not content.endswith(b"\n"):
+            sys.stdout.buffer.write(b"\n")
+        sys.stdout.buffer.flush()
+        print(f"*** END OF MESSAGE {job} ***")
+    return EX_OK
+
+
 def _domain(arg: str, cmd: str) -> str | None:
     from mxq.workers.address import normalize_domain
     from mxq.workers.errors import InvalidAddress
@@ -615,8 +844,24 @@ def _publish(dispatch) -> None:
 
 @_redis_errors
 def run_flush(args) -> int:
-    """``mxq queue flush [DOMAIN]``."""
+    """``mxq queue flush [JOB|DOMAIN]``."""
     domain = None
+    if args.domain and JOB_ID.fullmatch(args.domain.strip()):
+        job = args.domain.strip()
+        admin, err = _admin("queue flush")
+        if admin is None:
+            return err
+        done = admin.flush_job(job)
+        if done is None:
+            print(f"mxq queue flush: no such job: {job} (unknown, or expired after MXQ_RESULT_TTL)", file=sys.stderr)
+            return EX_NOINPUT
+        moved, dispatch = done
+        _publish(dispatch)
+        if args.json:
+            print(json.dumps({"moved": moved, "job": job}))
+        else:
+            print(f"flushed {moved} deferred message(s) of job {job}")
+        return EX_OK
     if args.domain:
         domain = _domain(args.domain, "flush")
         if domain is None:
