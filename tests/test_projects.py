@@ -298,11 +298,9 @@ def test_a_django_project_with_its_own_tasks_app(tmp_path, procs, sink, redis_se
                    ("reject.me@to.projects.test", "bounced")], events(events_file)
     bounced = [e for e in events(events_file) if e["type"] == "bounced"][0]
     assert bounced["response"].startswith("550 5.1.1")
-    # A wrong signature is refused and sends nothing.
-    before = len(events(events_file))
+    # A wrong signature is refused and sends nothing (the answer comes after the signal would have run).
     assert forged(hook, "mallory@to.projects.test") == 403
-    time.sleep(0.5)                                  # what a refused request could have written, it did now
-    assert len(events(events_file)) == before
+    assert not [e for e in events(events_file) if e["recipient"] == "mallory@to.projects.test"]
 
     # The outcome in django-celery-results (what Django's admin lists).
     (proj / "result.py").write_text(DJ_RESULT)
@@ -404,4 +402,4 @@ def test_a_flask_project_with_a_top_level_tasks_module(tmp_path, procs, sink, re
     assert forged(hook, "mallory@to.projects.test") == 403
     procs.check()
     assert "unregistered task" not in (procs.log("mxq-worker") + procs.log("user-worker")).lower()
-    assert len(events(events_file)) == 1
+    assert [e["recipient"] for e in events(events_file)] == ["flask-ann@to.projects.test"]
