@@ -470,6 +470,9 @@ _define("MXQ_RESULT_BACKEND", Kind("Celery result backend URL | django-db | none
 _define("MXQ_SUBMIT_TIMEOUT", seconds(maximum=300), 2.0,
         "A submission fails (Redis unreachable) within this many seconds instead of waiting for Redis.",
         group="pipeline")
+_define("MXQ_RECIPIENT_LIMIT", integer(1), 10000,
+        "Most recipients of one submitted message; a message with more is refused at submission "
+        "(InvalidMessage), as Postfix's smtpd_recipient_limit.", group="pipeline")
 _define("MXQ_RETRY_SCHEDULE", seconds_list(), (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0),
         "Seconds between delivery attempts of deferred mail; the last step repeats.", group="pipeline")
 _define("MXQ_MAX_LIFETIME", seconds(), 432000.0,

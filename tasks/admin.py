@@ -160,9 +160,10 @@ if domains then
   for _, d in ipairs(split(domains, ',')) do
     local idx = redis.call('HGET', jk, 'd:' .. d)
     if idx then
-      local wid = job .. '|' .. d .. '|' .. idx
-      removed = removed + redis.call('LREM', P .. 'ready:' .. d, 0, wid)
-      removed = removed + redis.call('ZREM', P .. 'deferred', wid)
+      for _, wid in ipairs(work_items(job, d, idx, {})) do
+        removed = removed + redis.call('LREM', P .. 'ready:' .. d, 0, wid)
+        removed = removed + redis.call('ZREM', P .. 'deferred', wid)
+      end
     end
   end
 end

@@ -6,7 +6,9 @@ Everything is validated first, in the caller's process, with the engine's
 ``mxq.workers.errors.InvalidInput``, so it also catches ``InvalidAddress``) with
 the reason, and nothing is written to Redis or enqueued.
 
-Then the whole batch is stored by ONE Redis script (atomic, one round trip):
+Then the whole batch is stored by ONE Redis script (atomic, one round trip;
+a batch over ``mxq.tasks.store.CALL_BYTES`` is staged in calls of bounded size
+first and committed by one script, all or nothing):
 content once per job, the job hash, the recipient records, the idempotency
 key (SET NX) and -- the intake split done here, producer side, to save a hop
 -- each job's work items pushed onto their domain lanes.  Deliver tasks are
@@ -99,11 +101,13 @@ def _content(envelope) -> bytes:
     return b"".join(c)          # FileContent: stored once in Redis, the file may then go away
 
 
-def build_job(item: Item, *, max_size: int, now: float, signer=None) -> JobSpec:
+def build_job(item: Item, *, max_size: int, now: float, signer=None,
+              max_recipients: int | None = None) -> JobSpec:
     """Validate one item and turn it into a ``JobSpec``; raise ``InvalidMessage``.
 
     ``signer``: the DKIM signer (``signer_from_env()`` when not given); a batch
-    reads it once for all its items.
+    reads it once for all its items.  ``max_recipients``: at most this many
+    recipients (default ``MXQ_RECIPIENT_LIMIT``).
     """
     # A str is always message text, never a file name (a web app passing user text
     # must not be able to queue /etc/passwd): a file is a pathlib.Path or an opened file.
@@ -115,6 +119,10 @@ def build_job(item: Item, *, max_size: int, now: float, signer=None) -> JobSpec:
         raise
     except ValueError as e:     # DSN/NOTIFY values the envelope types refuse
         raise InvalidMessage(str(e)) from None
+    limit = recipient_limit() if max_recipients is None else max_recipients
+    if len(env.recipients) > limit:
+        raise InvalidMessage(f"the message has {len(env.recipients)} recipients, more than the limit of {limit} "
+                             "(MXQ_RECIPIENT_LIMIT): split it into several messages")
     # DKIM (MXQ_DKIM): signed once, here at intake, before the content is
     # stored, so every attempt sends the same signed bytes.  A bad key map
     # raises ValueError (a configuration error, not bad input).
@@ -138,6 +146,11 @@ def build_job(item: Item, *, max_size: int, now: float, signer=None) -> JobSpec:
     meta.update({f"d:{d}": ",".join(idx) for d, idx in by_domain.items()})
     return JobSpec(id=new_job_id(), content=_content(env), meta=meta, records=records,
                    domains=list(by_domain), idem=idem)
+
+
+def recipient_limit() -> int:
+    """``MXQ_RECIPIENT_LIMIT``: most recipients of one submitted message."""
+    return registry.value("MXQ_RECIPIENT_LIMIT")
 
 
 def _item(x) -> Item:
@@ -210,6 +223,7 @@ def prepare_many(items: Iterable) -> list[JobSpec]:
     and stores when the transaction commits, with the job ids known at once.
     """
     max_size = max_message_size_from_env()
+    limit = recipient_limit()
     now = time.time()
     jobs = []
     signer = None                   # the DKIM configuration, read once for the batch (at its first item)
@@ -217,7 +231,7 @@ def prepare_many(items: Iterable) -> list[JobSpec]:
         try:
             if signer is None:
                 signer = signer_from_env()
-            jobs.append(build_job(_item(x), max_size=max_size, now=now, signer=signer))
+            jobs.append(build_job(_item(x), max_size=max_size, now=now, signer=signer, max_recipients=limit))
         except InvalidInput as e:
             err = type(e)(f"item {i}: {e.reason}")
             err.index = i

@@ -30,6 +30,10 @@ key                              type    contents
                                          domain and state); this module's readers fill
                                          them in again
 ``mxq:idem:{sha256(key)}``       string  job id for an idempotency key (SET NX)
+``mxq:stage:{token}``            hash    a large submission being stored (``Store.submit``):
+                                         chunk number -> JSON spec of its jobs, whose
+                                         hashes are written with a TTL; after the commit,
+                                         a string holding the job ids (1 hour)
 ``mxq:ready:{lane}``             list    work items ready to run in that lane
 ``mxq:lease``                    zset    batch token -> lease expiry (work in flight)
 ``mxq:batch:{token}``            string  the lane and work items of one leased batch
@@ -77,7 +81,9 @@ Lanes and work items:
 
 - a delivery lane is a normalised domain (IDNA A-label, lower case, or an
   address literal); its work items are ``{job}|{domain}|{indexes}``: the
-  recipients of one job in one domain, delivered as one SMTP transaction;
+  recipients of one job in one domain, at most 100 (``ITEM_RCPTS``: a message
+  to 10,000 recipients of one domain is 100 items, split the same way every
+  time), delivered together over one connection;
 - the report lane is ``!r``; its work items are ``!r|{job}|{index}|{event}``
   (event ``bounced``, ``expired`` or ``delayed``), handled by ``mxq.notify``;
 - the webhook lane is ``!w``; its work items are ``!w|{id}`` (the event in
@@ -133,6 +139,16 @@ from mxq.workers.reply import printable
 from .settings import PipelineSettings
 
 PREFIX = "mxq:"
+#: Most bytes one Redis call of a submission carries (content, records, spec), or one job
+#: when a single message is larger: far below Redis's 1 GB query buffer, which cuts the
+#: connection (and redis-py then resends the whole payload, again and again).
+CALL_BYTES = 16 * 1024 * 1024
+#: Seconds a staged submission's job hashes live before their commit (``Store.submit``).
+STAGE_TTL = 3600
+#: The Redis lists where Celery's Redis transport keeps the tasks waiting in mxq's delivery,
+#: notifications and intake queues (``mxq.tasks.app.QUEUES``; kombu names a queue's list
+#: after it).  The tick re-publishes a quiet lane's tasks only while its queue is empty.
+BROKER_QUEUES = ("delivery", "notifications", "intake")
 REPORT_LANE = "!r"
 FINAL_STATES = ("delivered", "bounced", "expired", "suppressed", "dropped")
 #: The job hash fields that are not recipient records or content.
@@ -163,6 +179,30 @@ local function push(cmd, key, values)
   for i = 1, #values, 1000 do
     redis.call(cmd, key, unpack(values, i, math.min(i + 999, #values)))
   end
+end
+-- A job's recipients in one domain ('0,1,2,...') as work items of at most ITEM_RCPTS
+-- recipients each, appended to out: '{job}|{d}|{indexes}'.  Deterministic (mxq queue
+-- drop rebuilds the same ids), so a message to 10,000 recipients of one domain is 100
+-- items, each claimed, delivered and released like any other, never one item whose
+-- claim would unpack 10,000 fields (Postfix's qmgr splits the same way, by
+-- default_destination_recipient_limit).
+local ITEM_RCPTS = 100
+local function work_items(job, d, idx, out)
+  local _, commas = string.gsub(idx, ',', ',')
+  if commas < ITEM_RCPTS then
+    table.insert(out, job .. '|' .. d .. '|' .. idx)
+    return out
+  end
+  local part = {}
+  for i in string.gmatch(idx, '[^,]+') do
+    table.insert(part, i)
+    if #part == ITEM_RCPTS then
+      table.insert(out, job .. '|' .. d .. '|' .. table.concat(part, ','))
+      part = {}
+    end
+  end
+  if #part > 0 then table.insert(out, job .. '|' .. d .. '|' .. table.concat(part, ',')) end
+  return out
 end
 -- ---- destinations (the queue manager's per-domain state; see the module docstring) ----
 -- mxq:policy (JSON, written by every worker at start: Store.publish_policy) says how
@@ -252,7 +292,12 @@ local function dispatch(lanes, now, k, maxpar, force, out, lens)
   end
   lanes = uniq
   local pends = {}
-  if not force then pends = redis.call('HMGET', P .. 'pending', unpack(lanes)) end
+  if not force then
+    for i = 1, #lanes, 1000 do      -- chunked: unpack() of 10,000 lanes would fail
+      local part = redis.call('HMGET', P .. 'pending', unpack(lanes, i, math.min(i + 999, #lanes)))
+      for j = 1, #part do pends[i + j - 1] = part[j] end
+    end
+  end
   local dkeys, didx = {}, {}
   for i, lane in ipairs(lanes) do
     if string.sub(lane, 1, 1) ~= '!' then table.insert(dkeys, dest_key(lane)); didx[i] = #dkeys end
@@ -327,13 +372,78 @@ local function requeue(token, lanes, seen)
 end
 """
 
+# Storing a submission: store_jobs() is the one atomic step, run by _SUBMIT (the
+# whole batch in ARGV: small batches, one round trip) or by _COMMIT (a large batch
+# whose job hashes were written beforehand in calls of bounded size, see
+# Store.submit).  spec: [{"id", "idem", "meta": {...}, "rcpts": [json...] (both only
+# in _SUBMIT), "domains": [[domain, "0,1"], ...], "hooks"?, "expire"?}].
+_SUBMIT_LIB = r"""
+-- content_of(i): the i-th job's content (its hash is written here), or nil: the hash
+-- was staged (written with a TTL) and is made permanent here.
+local function store_jobs(spec, now, mode, k, maxpar, content_of)
+  local ids, lanes, work, intake, hooks = {}, {}, {}, {}, {}
+  for i, job in ipairs(spec) do
+    local id = job.id
+    local jk = P .. 'job:' .. id
+    local existing = false
+    if job.idem ~= '' then
+      existing = redis.call('GET', P .. 'idem:' .. job.idem)
+      if not existing then redis.call('SET', P .. 'idem:' .. job.idem, id, 'NX') end
+    end
+    if existing then
+      ids[i] = existing
+      if not content_of then redis.call('DEL', jk) end       -- staged for nothing
+    else
+      ids[i] = id
+      if content_of then
+        local flat = {'c', content_of(i)}
+        for f, v in pairs(job.meta) do table.insert(flat, f); table.insert(flat, v) end
+        for r, rec in ipairs(job.rcpts) do table.insert(flat, 'r:' .. (r - 1)); table.insert(flat, rec) end
+        push('HSET', jk, flat)
+      else
+        redis.call('PERSIST', jk)
+      end
+      if job.expire then          -- nothing left to deliver (every recipient suppressed): done now
+        redis.call('EXPIRE', jk, job.expire)
+        redis.call('ZADD', P .. 'final', now, id)             -- its outcome for the result backend
+        if job.idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. job.idem, job.expire) end
+      end
+      if job.hooks then           -- webhook events (mxq.tasks.webhooks): [[id, body, ttl], ...]
+        for _, h in ipairs(job.hooks) do
+          redis.call('HSET', P .. 'hook:' .. h[1], 'b', h[2])
+          redis.call('EXPIRE', P .. 'hook:' .. h[1], h[3])
+          table.insert(hooks, '!w|' .. h[1])
+        end
+      end
+      if mode == 'split' then
+        for _, dx in ipairs(job.domains) do
+          local d = dx[1]
+          if not work[d] then work[d] = {}; table.insert(lanes, d) end
+          work_items(id, d, dx[2], work[d])
+        end
+      elseif #job.domains > 0 then
+        table.insert(intake, now); table.insert(intake, id)
+      end
+    end
+  end
+  local lens = {}
+  for _, d in ipairs(lanes) do
+    local w = work[d]
+    for i = 1, #w, 1000 do
+      lens[d] = redis.call('RPUSH', P .. 'ready:' .. d, unpack(w, i, math.min(i + 999, #w)))
+    end
+  end
+  if #intake > 0 then push('ZADD', P .. 'intake', intake) end
+  if #hooks > 0 then push('RPUSH', P .. 'ready:!w', hooks); table.insert(lanes, '!w') end
+  return {ids, dispatch(lanes, now, k, maxpar, false, {}, lens)}
+end
+"""
+
 # ARGV: now, mode ('split'|'intake'), k, maxpar, spec JSON, content...
-# spec: [{"id", "idem", "meta": {...}, "rcpts": [json...], "domains": [[domain, "0,1"], ...]}]
 # Returns {ids, dispatch}.  Re-running it (a retried call) changes nothing.
-_SUBMIT = _PRELUDE + r"""
+_SUBMIT = _PRELUDE + _SUBMIT_LIB + r"""
 local now, mode, k, maxpar = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local spec = cjson.decode(ARGV[5])
-local ids, lanes, work, intake, hooks = {}, {}, {}, {}, {}
 -- A retried call (its reply was lost) finds the batch's first new job stored:
 -- the script is atomic, so the whole batch was; answer with the ids, write
 -- nothing.  (Jobs whose idempotency key belonged to an older job say nothing.)
@@ -350,60 +460,45 @@ for _, job in ipairs(spec) do
   end
 end
 if applied then
+  local ids = {}
   for i, job in ipairs(spec) do
     ids[i] = job.id
     if job.idem ~= '' then ids[i] = redis.call('GET', P .. 'idem:' .. job.idem) or job.id end
   end
   return {ids, {}}
 end
-for i, job in ipairs(spec) do
-  local id = job.id
-  local existing = false
-  if job.idem ~= '' then
-    existing = redis.call('GET', P .. 'idem:' .. job.idem)
-    if not existing then redis.call('SET', P .. 'idem:' .. job.idem, id, 'NX') end
-  end
-  if existing then
-    ids[i] = existing
-  else
-    ids[i] = id
-    local flat = {'c', ARGV[5 + i]}
-    for f, v in pairs(job.meta) do table.insert(flat, f); table.insert(flat, v) end
-    for r, rec in ipairs(job.rcpts) do table.insert(flat, 'r:' .. (r - 1)); table.insert(flat, rec) end
-    push('HSET', P .. 'job:' .. id, flat)
-    if job.expire then          -- nothing left to deliver (every recipient suppressed): done now
-      redis.call('EXPIRE', P .. 'job:' .. id, job.expire)
-      redis.call('ZADD', P .. 'final', now, id)             -- its outcome for the result backend
-      if job.idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. job.idem, job.expire) end
-    end
-    if job.hooks then           -- webhook events (mxq.tasks.webhooks): [[id, body, ttl], ...]
-      for _, h in ipairs(job.hooks) do
-        redis.call('HSET', P .. 'hook:' .. h[1], 'b', h[2])
-        redis.call('EXPIRE', P .. 'hook:' .. h[1], h[3])
-        table.insert(hooks, '!w|' .. h[1])
-      end
-    end
-    if mode == 'split' then
-      for _, dx in ipairs(job.domains) do
-        local d = dx[1]
-        if not work[d] then work[d] = {}; table.insert(lanes, d) end
-        table.insert(work[d], id .. '|' .. d .. '|' .. dx[2])
-      end
-    elseif #job.domains > 0 then
-      table.insert(intake, now); table.insert(intake, id)
-    end
+return store_jobs(spec, now, mode, k, maxpar, function(i) return ARGV[5 + i] end)
+"""
+
+# ARGV: token, now, mode, k, maxpar.  Commits a staged submission: mxq:stage:{token} is a
+# hash of spec chunks (field = chunk number), every job hash is written already with a
+# TTL.  All or nothing: if any staged job hash is gone (its TTL ran out), nothing is
+# stored.  Afterwards the key holds the ids (a string, 1 hour), so a retried commit
+# answers the same.  Returns {ids, dispatch}.
+_COMMIT = _PRELUDE + _SUBMIT_LIB + r"""
+local sk = P .. 'stage:' .. ARGV[1]
+local now, mode, k, maxpar = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local kind = redis.call('TYPE', sk)['ok']
+if kind == 'string' then return {cjson.decode(redis.call('GET', sk)), {}} end
+if kind ~= 'hash' then
+  return redis.error_reply('ERR mxq: staged submission ' .. ARGV[1] .. ' is gone; nothing was stored')
+end
+local flat = redis.call('HGETALL', sk)
+local chunks = {}
+for i = 1, #flat, 2 do chunks[tonumber(flat[i])] = flat[i + 1] end
+local spec = {}
+for n = 1, #flat / 2 do
+  for _, job in ipairs(cjson.decode(chunks[n])) do table.insert(spec, job) end
+end
+for _, job in ipairs(spec) do
+  if redis.call('EXISTS', P .. 'job:' .. job.id) == 0 then
+    return redis.error_reply('ERR mxq: staged job ' .. job.id .. ' expired before the commit; nothing was stored')
   end
 end
-local lens = {}
-for _, d in ipairs(lanes) do
-  local w = work[d]
-  for i = 1, #w, 1000 do
-    lens[d] = redis.call('RPUSH', P .. 'ready:' .. d, unpack(w, i, math.min(i + 999, #w)))
-  end
-end
-if #intake > 0 then push('ZADD', P .. 'intake', intake) end
-if #hooks > 0 then push('RPUSH', P .. 'ready:!w', hooks); table.insert(lanes, '!w') end
-return {ids, dispatch(lanes, now, k, maxpar, false, {}, lens)}
+local out = store_jobs(spec, now, mode, k, maxpar, nil)
+redis.call('DEL', sk)
+redis.call('SET', sk, cjson.encode(out[1]), 'EX', 3600)
+return out
 """
 
 # ARGV: now, k, maxpar, job ids...  Splits stored jobs into their domain lanes (once).
@@ -418,10 +513,13 @@ for i = 4, #ARGV do
       local ds = split(domains, ',')
       local fields = {}
       for _, d in ipairs(ds) do table.insert(fields, 'd:' .. d) end
-      local idx = redis.call('HMGET', P .. 'job:' .. id, unpack(fields))
-      for j, d in ipairs(ds) do
-        if not work[d] then work[d] = {}; table.insert(lanes, d) end
-        table.insert(work[d], id .. '|' .. d .. '|' .. idx[j])
+      for i = 1, #fields, 1000 do
+        local idx = redis.call('HMGET', P .. 'job:' .. id, unpack(fields, i, math.min(i + 999, #fields)))
+        for j = 1, #idx do
+          local d = ds[i + j - 1]
+          if not work[d] then work[d] = {}; table.insert(lanes, d) end
+          work_items(id, d, idx[j], work[d])
+        end
       end
     end
   end
@@ -820,7 +918,8 @@ queue_events(reports, hooks, lanes)
 return {applied, dispatch(lanes, now, k, maxpar, false, {})}
 """
 
-# ARGV: now, limit, stale, k, maxpar.  The scheduler's one atomic step.
+# ARGV: now, limit, stale, k, maxpar, then the broker's list keys of the delivery,
+# notifications and intake queues (BROKER_QUEUES).  The scheduler's one atomic step.
 # Returns {requeued batches, moved, dispatch, intake job ids}.
 _TICK = _PRELUDE + r"""
 local now, limit, stale = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -849,10 +948,21 @@ if #throttled > 0 then
   end
 end
 local out = dispatch(lanes, now, k, maxpar, false, {})
-local quiet = redis.call('ZRANGEBYSCORE', P .. 'dispatch', '-inf', now - stale, 'LIMIT', 0, limit)
+-- Quiet lanes get their tasks again (one may have been lost) -- but only while the
+-- broker's queue for them is empty: tasks still waiting there are not lost, only
+-- behind others (10,000 domains submitted at once take minutes to wake), and
+-- publishing them again would flood the queue that is already too long.
+local busy = {delivery = redis.call('LLEN', ARGV[6]) > 0, reports = redis.call('LLEN', ARGV[7]) > 0}
+local quiet = {}
+for _, lane in ipairs(redis.call('ZRANGEBYSCORE', P .. 'dispatch', '-inf', now - stale, 'LIMIT', 0, limit)) do
+  if not busy[string.sub(lane, 1, 1) == '!' and 'reports' or 'delivery'] then table.insert(quiet, lane) end
+end
 dispatch(quiet, now, k, maxpar, true, out)
-local intake = redis.call('ZRANGEBYSCORE', P .. 'intake', '-inf', now - stale, 'LIMIT', 0, limit)
-for _, id in ipairs(intake) do redis.call('ZADD', P .. 'intake', now, id) end
+local intake = {}
+if redis.call('LLEN', ARGV[8]) == 0 then
+  intake = redis.call('ZRANGEBYSCORE', P .. 'intake', '-inf', now - stale, 'LIMIT', 0, limit)
+  for _, id in ipairs(intake) do redis.call('ZADD', P .. 'intake', now, id) end
+end
 return {#expired, #due, out, intake}
 """
 
@@ -1227,6 +1337,7 @@ class Store:
         self.r = client
         self.settings = settings or PipelineSettings.from_env()
         self._submit = client.register_script(_SUBMIT)
+        self._commit = client.register_script(_COMMIT)
         self._intake = client.register_script(_INTAKE)
         self._claim = client.register_script(_CLAIM)
         self._renew = client.register_script(_RENEW)
@@ -1244,23 +1355,82 @@ class Store:
 
     # ------------------------------------------------------------ producer side
     def submit(self, jobs: list[JobSpec], *, split: bool = True, now: float | None = None):
-        """Store a batch of jobs in one atomic script; return ``(job ids, dispatch)``.
+        """Store a batch of jobs atomically; return ``(job ids, dispatch)``.
 
         ``split`` pushes the work items onto their domain lanes now; otherwise
         the jobs wait in ``mxq:intake`` for ``mxq.intake``.  A job whose
         idempotency key exists is not stored: its id is the existing job's.
+
+        All or nothing, and no Redis call carries more than ``CALL_BYTES``
+        (or one job, when a single message is larger): a batch that fits is
+        one script call with everything in it; a larger one is staged --
+        each job's hash written with a TTL (``STAGE_TTL``) by pipelines of at
+        most ``CALL_BYTES``, its spec in ``mxq:stage:{token}`` -- then
+        committed by one script that makes them permanent and queues their
+        work, or, if any staged hash is gone, stores nothing.  A failure while
+        staging deletes what was staged (else the TTL does).
         """
         now = time.time() if now is None else now
         s = self.settings
-        spec = [{"id": j.id, "idem": j.idem,
-                 "meta": {k: v for k, v in j.meta.items() if META_DEFAULTS.get(k) != v},
-                 "rcpts": [_compact(r) for r in j.records],
-                 "domains": [[d, j.meta[f"d:{d}"]] for d in j.domains],
-                 **({"hooks": j.hooks} if j.hooks else {}),
-                 **({"expire": int(j.expire)} if j.expire else {})} for j in jobs]
-        args = [now, "split" if split else "intake", s.batch_size, s.domain_concurrency,
-                _dumps(spec)] + [j.content for j in jobs]
+        mode = "split" if split else "intake"
+        common = [{"id": j.id, "idem": j.idem, "domains": [[d, j.meta[f"d:{d}"]] for d in j.domains],
+                   **({"hooks": j.hooks} if j.hooks else {}),
+                   **({"expire": int(j.expire)} if j.expire else {})} for j in jobs]
+        meta = [{k: v for k, v in j.meta.items() if META_DEFAULTS.get(k) != v} for j in jobs]
+        rcpts = [[_compact(r) for r in j.records] for j in jobs]
+        size = sum(len(j.content) for j in jobs) + sum(sum(len(r) for r in rs) for rs in rcpts) \
+            + sum(len(k) + len(v) for m in meta for k, v in m.items())
+        if size + len(jobs) * 200 > CALL_BYTES:
+            return self._submit_staged(jobs, common, meta, rcpts, mode, now)
+        spec = [dict(c, meta=m, rcpts=rs) for c, m, rs in zip(common, meta, rcpts)]
+        args = [now, mode, s.batch_size, s.domain_concurrency, _dumps(spec)] + [j.content for j in jobs]
         ids, disp = self._submit(args=args)
+        return [_s(i) for i in ids], _pairs(disp)
+
+    def _submit_staged(self, jobs, common, meta, rcpts, mode: str, now: float):
+        """``submit`` for a batch larger than ``CALL_BYTES``: stage in bounded calls, commit once."""
+        s = self.settings
+        token = uuid.uuid4().hex
+        sk = PREFIX + "stage:" + token
+        staged: list[str] = []
+        try:
+            pipe, held = self.r.pipeline(transaction=False), 0
+            for j, m, rs in zip(jobs, meta, rcpts):
+                key = PREFIX + "job:" + j.id
+                mapping = {"c": j.content, **m, **{f"r:{i}": r for i, r in enumerate(rs)}}
+                pipe.hset(key, mapping=mapping)
+                pipe.expire(key, STAGE_TTL)
+                staged.append(key)
+                held += len(j.content) + sum(len(r) for r in rs) + 200
+                if held >= CALL_BYTES:
+                    pipe.execute()
+                    pipe, held = self.r.pipeline(transaction=False), 0
+            # The spec, in chunks of bounded size; a hash (HSET is idempotent, a retried RPUSH is not).
+            chunk, n = [], 0
+            for c in common:
+                chunk.append(c)
+                held += len(c["domains"]) * 40 + 100
+                if held >= CALL_BYTES:
+                    n += 1
+                    pipe.hset(sk, str(n), _dumps(chunk))
+                    pipe.expire(sk, STAGE_TTL)
+                    pipe.execute()
+                    pipe, held, chunk = self.r.pipeline(transaction=False), 0, []
+            if chunk:
+                n += 1
+                pipe.hset(sk, str(n), _dumps(chunk))
+                pipe.expire(sk, STAGE_TTL)
+            pipe.execute()
+        except BaseException:
+            # Nothing is queued until the commit: take back what was staged (best effort).
+            try:
+                for i in range(0, len(staged), 1000):
+                    self.r.delete(*staged[i:i + 1000])
+                self.r.delete(sk)
+            except Exception:       # Redis away: the TTL removes them
+                pass
+            raise
+        ids, disp = self._commit(args=[token, now, mode, s.batch_size, s.domain_concurrency])
         return [_s(i) for i in ids], _pairs(disp)
 
     def intake(self, job_ids: list[str], *, now: float | None = None) -> list[tuple[str, int]]:
@@ -1382,7 +1552,7 @@ class Store:
         now = time.time() if now is None else now
         s = self.settings
         requeued, moved, disp, intake = self._tick(
-            args=[now, limit, s.dispatch_stale, s.batch_size, s.domain_concurrency])
+            args=[now, limit, s.dispatch_stale, s.batch_size, s.domain_concurrency, *BROKER_QUEUES])
         return Tick(int(requeued), int(moved), _pairs(disp), [_s(i) for i in intake])
 
     # ------------------------------------------------------------ reading
