@@ -76,6 +76,19 @@ def test_ten_thousand_recipients_in_one_domain_are_stored_whole_in_items_of_100(
     assert meta["n"] == meta["left"] == "10000" and len(recs) == 10000
 
 
+def test_queue_drop_finds_every_item_of_a_split_job(store):
+    from mxq.tasks.admin import Admin
+
+    rcpts = [f"u{i}@one.large.test" for i in range(250)]
+    j = build_job(Item(text(rcpts), recipients=rcpts), max_size=10**6, now=NOW)
+    store.submit([j], now=NOW)
+    assert store.r.llen("mxq:ready:one.large.test") == 3                 # 100 + 100 + 50
+    got = Admin(store).drop_job(j.id, now=NOW + 1)
+    assert (got["dropped"], got["removed"]) == (250, 3)
+    assert store.r.llen("mxq:ready:one.large.test") == 0
+    assert {r["state"] for r in store.job(j.id)[1].values()} == {"dropped"}
+
+
 def test_ten_thousand_domains_in_one_message_are_stored_whole(store):
     rcpts = [f"u@d{i}.large.test" for i in range(10000)]
     j = build_job(Item(text(rcpts), recipients=rcpts), max_size=10**6, now=NOW)
