@@ -136,6 +136,7 @@ from redis.retry import Retry
 
 from mxq.workers.reply import printable
 
+from .app import DELIVERY, INTAKE, NOTIFICATIONS
 from .settings import PipelineSettings
 
 PREFIX = "mxq:"
@@ -146,9 +147,9 @@ CALL_BYTES = 16 * 1024 * 1024
 #: Seconds a staged submission's job hashes live before their commit (``Store.submit``).
 STAGE_TTL = 3600
 #: The Redis lists where Celery's Redis transport keeps the tasks waiting in mxq's delivery,
-#: notifications and intake queues (``mxq.tasks.app.QUEUES``; kombu names a queue's list
-#: after it).  The tick re-publishes a quiet lane's tasks only while its queue is empty.
-BROKER_QUEUES = ("delivery", "notifications", "intake")
+#: notifications and intake queues (kombu names a queue's list after the queue).  The tick
+#: re-publishes a quiet lane's tasks only while its queue is empty.
+BROKER_QUEUES = (DELIVERY, NOTIFICATIONS, INTAKE)
 REPORT_LANE = "!r"
 FINAL_STATES = ("delivered", "bounced", "expired", "suppressed", "dropped")
 #: The job hash fields that are not recipient records or content.

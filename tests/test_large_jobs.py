@@ -170,7 +170,7 @@ def test_a_large_submission_failing_half_way_leaves_nothing(redis_server, monkey
     with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
         tasks.submit_many(_megabyte_messages(60))
     assert client.keys("mxq:*") == []
-    assert client.llen("delivery") == 0 and client.llen("intake") == 0
+    assert client.llen("mxq.delivery") == 0 and client.llen("mxq.intake") == 0
     client.config_set("maxmemory", "0")
     assert len(tasks.submit_many(_megabyte_messages(60))) == 60       # with memory, the same batch goes in
 

@@ -193,17 +193,17 @@ def test_quiet_lane_is_not_redispatched_while_its_tasks_wait_in_the_broker(store
     """10,000 lanes woken at once take minutes to drain: a lane whose task still waits in the
     broker's queue is not lost, and publishing it again every minute would flood that queue."""
     store.submit([job(1), job(2, to=("b@two.test",))], now=NOW)
-    store.r.rpush("delivery", b"{task one.test}", b"{task two.test}")    # the published wake-ups, queued
+    store.r.rpush("mxq.delivery", b"{task one.test}", b"{task two.test}")   # the published wake-ups, queued
     assert store.tick(now=NOW + 61).dispatch == []
     assert store.tick(now=NOW + 200).dispatch == []
-    store.r.delete("delivery")                                             # drained: one may have been lost
+    store.r.delete("mxq.delivery")                                         # drained: one may have been lost
     assert sorted(store.tick(now=NOW + 201).dispatch) == [("one.test", 1), ("two.test", 1)]
     # intake likewise, on its own queue
     a = job(3, to=("x@one.test",))
     store.submit([a], split=False, now=NOW + 201)
-    store.r.rpush("intake", b"{mxq.intake}")
+    store.r.rpush("mxq.intake", b"{mxq.intake}")
     assert store.tick(now=NOW + 300).intake == []
-    store.r.delete("intake")
+    store.r.delete("mxq.intake")
     assert store.tick(now=NOW + 301).intake == [a.id]
 
 

@@ -40,7 +40,7 @@ def test_a_str_naming_a_file_is_message_text_and_refused(redis_url, tmp_path):
         with pytest.raises(tasks.InvalidMessage):
             tasks.submit_many([name])
     assert redis_url.keys("mxq:*") == []            # nothing stored, nothing queued
-    assert redis_url.llen("delivery") == 0
+    assert redis_url.llen("mxq.delivery") == 0
 
 
 def test_a_str_of_message_text_a_path_and_opened_files_are_accepted(redis_url, tmp_path):
