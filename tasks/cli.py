@@ -458,6 +458,13 @@ def run_scheduler(args) -> int:
             except OSError as e:
                 logging.getLogger("mxq.scheduler").warning("cannot touch the heartbeat file %s: %s", path, e)
 
+    from mxq.tasks.settings import PipelineSettings
+    from mxq.tasks.store import check_on_start
+    try:
+        check_on_start(PipelineSettings.from_env().redis_url)
+    except SystemExit as e:
+        print(e, file=sys.stderr)
+        return EX_CONFIG
     if registry.current().is_set("MXQ_METRICS_PORT"):     # the fleet-wide queue depths, served once
         from mxq.tasks import metrics
         from mxq.tasks.settings import PipelineSettings

@@ -57,7 +57,8 @@ from . import outcomes as job_outcomes
 from .app import app, only_ours
 from .hoststatus import RedisHostStatus, RedisPolicyCache, RedisPort25State, RedisTLSReport
 from .settings import PipelineSettings
-from .store import FINAL_STATES, REPORT_LANE, TRANSIENT_REDIS_ERRORS, Claimed, Grant, Outcome, Store, get_store
+from .store import (FINAL_STATES, REPORT_LANE, TRANSIENT_REDIS_ERRORS, Claimed, Grant, Outcome, Store,
+                    check_on_start, get_store)
 from . import webhooks      # (webhooks) registers mxq.webhook; its lane is published below
 
 log = logging.getLogger("mxq.tasks")
@@ -73,6 +74,14 @@ _RETRY = dict(autoretry_for=TRANSIENT_REDIS_ERRORS, max_retries=3, retry_backoff
 # A worker refuses to start with a bad MXQ_SHAPING or MXQ_METRICS_PORT, and
 # serves /metrics from its main process when MXQ_METRICS_PORT is set.
 worker_init.connect(only_ours(shaping.check_on_worker_init), weak=False)
+
+
+def _check_redis_on_worker_init(**_kw) -> None:
+    """A worker refuses to start on a Redis whose eviction policy can delete mxq's keys."""
+    check_on_start(PipelineSettings.from_env().redis_url)
+
+
+worker_init.connect(only_ours(_check_redis_on_worker_init), weak=False)
 metrics.connect_signals()
 
 

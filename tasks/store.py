@@ -125,6 +125,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -1623,10 +1624,92 @@ def get_submit_store(settings: PipelineSettings | None = None) -> Store:
 
 
 def get_store(settings: PipelineSettings | None = None) -> Store:
-    """This process's store for ``settings`` (default: the environment); re-made after fork."""
+    """This process's store for ``settings`` (default: the environment); re-made after fork.
+
+    The first time a process uses a Redis, ``check_redis`` looks at its settings:
+    ``RedisUnfit`` (an eviction policy that can delete mxq's keys) is raised here,
+    so nothing is submitted to, or delivered from, a Redis that can lose it.
+    """
     settings = settings or PipelineSettings.from_env()
     key = (os.getpid(), settings.redis_url)
     st = _stores.get(key)
     if st is None or st.settings != settings:
         st = _stores[key] = Store.from_settings(settings)
+    if key not in _checked:
+        try:
+            check_redis(st.r, warn=False)
+        except TRANSIENT_REDIS_ERRORS:
+            pass                # unreachable now: the caller's own command says so; checked next time
+        else:
+            _checked.add(key)
     return st
+
+
+_checked: set[tuple[int, str]] = set()
+_log = logging.getLogger("mxq.store")
+
+
+class RedisUnfit(RuntimeError):
+    """This Redis can lose mxq's state: its ``maxmemory-policy`` lets it delete keys.  The message
+    says why and what to set."""
+
+
+#: The one ``maxmemory-policy`` under which Redis never deletes a key to make room.
+SAFE_POLICY = "noeviction"
+
+
+def check_redis(client, *, warn: bool = True) -> list[str]:
+    """Refuse a Redis configured to lose mxq's keys; return warnings about weaker settings.
+
+    Raises ``RedisUnfit`` when ``maxmemory-policy`` is anything but
+    ``noeviction``: at ``maxmemory`` an ``allkeys-*`` policy deletes any key
+    (queued mail, job state, leases, ready lists) and a ``volatile-*`` one any
+    key with a TTL (webhook events not yet sent, suppression entries, staged
+    submissions, finished jobs' outcomes), silently.  Under ``noeviction`` a
+    full Redis refuses writes instead, which mxq reports and retries.  (Read
+    with ``INFO``, which managed Redis services allow where ``CONFIG`` is not.)
+
+    Warns (returned, and logged with ``warn``) when AOF is off: a Redis crash
+    or restart then loses what was queued since the last snapshot.
+    """
+    try:
+        memory = client.info("memory")
+        persistence = client.info("persistence")
+    except redis.exceptions.ResponseError as e:        # INFO refused (renamed): cannot tell
+        _log.warning("cannot check Redis's settings (INFO refused: %s); mxq needs maxmemory-policy "
+                     "noeviction and appendonly yes", e)
+        return []
+    policy = memory.get("maxmemory_policy")
+    if isinstance(policy, bytes):
+        policy = policy.decode()
+    if policy and policy != SAFE_POLICY:
+        limit = int(memory.get("maxmemory") or 0)
+        at = f"when it reaches maxmemory ({limit} bytes)" if limit else "once a maxmemory is set"
+        what = ("any key" if policy.startswith("allkeys") else
+                "any key with a TTL (webhook events not yet sent, suppression entries, finished jobs)")
+        raise RedisUnfit(
+            f"Redis maxmemory-policy is {policy}: {at} Redis deletes {what} to make room, and mxq's "
+            f"queued mail and its state would vanish without a trace. Set maxmemory-policy noeviction "
+            f"(CONFIG SET maxmemory-policy noeviction, and in redis.conf): a full Redis then refuses "
+            f"writes, which mxq reports and retries, instead of losing mail.")
+    warnings = []
+    if str(persistence.get("aof_enabled", "1")) in ("0", "False", "false"):
+        warnings.append("Redis runs without AOF (appendonly no): a crash or restart of Redis loses the mail "
+                        "queued since its last snapshot; set appendonly yes (appendfsync everysec or always)")
+    for w in warnings if warn else ():
+        _log.warning("%s", w)
+    return warnings
+
+
+def check_on_start(url: str) -> None:
+    """At a worker's or the scheduler's start: ``SystemExit`` naming the reason when the Redis at
+    ``url`` is unfit (``check_redis``); a Redis not reachable yet is checked at first use."""
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+    try:
+        check_redis(client)
+    except RedisUnfit as e:
+        raise SystemExit(f"mxq: refusing to run: {e}") from None
+    except TRANSIENT_REDIS_ERRORS as e:
+        _log.warning("cannot reach Redis to check its settings (%s); checked at first use", e)
+    finally:
+        client.close()
