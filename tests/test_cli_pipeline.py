@@ -293,7 +293,8 @@ def test_up_stops_every_child_on_signal(tmp_path, sig):
     log = tmp_path / "up.err"
     kids: set[int] = set()
     with open(log, "wb") as err:
-        proc = subprocess.Popen([MXQ, "up", "--flower-port", "0", "--concurrency", "2"], stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen([MXQ, "up", "--flower-port", "0", "--concurrency", "2",
+                                 "--data-dir", str(tmp_path / "data")], stdout=subprocess.DEVNULL,
                                 stderr=err, env=_clean_env(), start_new_session=True)
     try:
         wait_until(lambda: proc.poll() is not None or b"Ctrl-C stops everything" in log.read_bytes(), 60,
