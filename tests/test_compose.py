@@ -146,7 +146,8 @@ def test_worker_is_scalable_named_and_exposes_metrics(config):
 def test_redis_password_and_durability(config):
     redis = config["services"]["redis"]
     command = " ".join(redis["command"])
-    assert "--appendonly yes" in command and "--requirepass" in command
+    assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
+    assert "--requirepass" in command
     assert redis["environment"]["REDIS_PASSWORD"] == "pw-from-env"
     assert "ping" in " ".join(redis["healthcheck"]["test"])
 
