@@ -5,6 +5,13 @@ moves into a private network namespace before anything else starts, so its
 servers on 127.0.0.x:25 cannot clash with the host's and nothing the code
 under test does can reach any address but this private loopback.  Set
 ``MXQ_TEST_NETNS=0`` to run in the host's namespace instead.
+
+Parallel runs (pytest-xdist, ``ops/test`` passes ``-n auto``): every process
+that imports this file -- the xdist controller and each worker -- moves into
+a network namespace of its own, so two workers' servers on the same
+127.0.0.x:25 or 127.0.0.53:53 never meet, and each worker's session fixtures
+(the DNS server, Postfix, module servers) are its own.  How many workers
+``-n auto`` means, and the ``serial`` marker, are in tests/parallel.py.
 """
 
 from __future__ import annotations
@@ -17,15 +24,24 @@ CLONE_NEWNET = 0x40000000
 
 
 def _enter_private_netns() -> bool:
+    """Move this process into a new network namespace with only ``lo`` (up); True if it is in one.
+
+    Once per process: ``MXQ_TEST_NETNS_PID`` names the process that moved.
+    A child process inherits the variables but not the decision, so an xdist
+    worker (started by a controller that already moved) moves again, into a
+    namespace of its own.  ``MXQ_IN_TEST_NETNS=1`` tells test modules and the
+    programs the tests start that they are inside such a namespace.
+    """
     if os.environ.get("MXQ_TEST_NETNS", "1") == "0" or os.geteuid() != 0:
         return False
-    if os.environ.get("MXQ_IN_TEST_NETNS") == "1":   # already moved (re-imported)
+    if os.environ.get("MXQ_TEST_NETNS_PID") == str(os.getpid()):   # already moved (re-imported)
         return True
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWNET) != 0:
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET) failed")
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     os.environ["MXQ_IN_TEST_NETNS"] = "1"
+    os.environ["MXQ_TEST_NETNS_PID"] = str(os.getpid())
     return True
 
 
@@ -40,8 +56,9 @@ os.environ.setdefault("MXQ_HELO_NAME", "client.mxq.test")
 # (mxq.workers.destinations); tests/test_destinations.py checks the default itself.
 os.environ.setdefault("MXQ_ALLOW_PRIVATE_DESTINATIONS", "1")
 
-# Redis and Postfix fixtures (redis_server, postfix) live in tests/fixtures_infra.py.
-pytest_plugins = ["tests.fixtures_infra"]
+# Redis and Postfix fixtures (redis_server, postfix) live in tests/fixtures_infra.py;
+# xdist workers and the serial marker in tests/parallel.py.
+pytest_plugins = ["tests.fixtures_infra", "tests.parallel"]
 
 
 # --------------------------------------------------------------------------
@@ -90,3 +107,4 @@ def dns_server(tmp_path_factory):
         else:
             os.environ["MXQ_DNS_SERVERS"] = previous
         server.stop()
+

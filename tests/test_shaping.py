@@ -201,20 +201,23 @@ def test_concurrency_slots(redis_client):
 
 def test_slot_of_a_dead_holder_expires_and_renewal_keeps_a_live_one(redis_client):
     r = redis_client
-    ttl = 0.4
+    # 1 s: a renewal every 0.25 s keeps the slot even when a loaded machine stalls this process
+    # for most of a second between two of them.
+    ttl = 1.0
     sh = Shaper(r, Policy.parse("c.example=1c"), slot_ttl=ttl)
     _ready(r, "c.example", 10)
     assert sh.acquire("c.example", "live", 1, now=0).slot
     # the holder renews (its heartbeat): nobody else gets in for well past the ttl
     until = time.monotonic() + 3 * ttl
     while time.monotonic() < until:
+        renewed = time.monotonic()          # the slot's new expiry is at least ttl after this
         assert sh.renew("c.example", "live")
         assert sh.acquire("c.example", "other", 1, now=0).reason == "concurrency"
         time.sleep(ttl / 4)
-    # the holder "dies" (no more renewals, no release): its slot expires on Redis time
-    died = time.monotonic()
+    # the holder "dies" (no more renewals, no release): its slot expires on Redis time, a ttl
+    # after its last renewal (not after the loop ended: the last sleep may have overslept)
     wait_until(lambda: sh.acquire("c.example", "other", 1, now=0).granted, 5, "the dead holder's slot to expire")
-    assert time.monotonic() - died >= ttl * 0.7
+    assert time.monotonic() - renewed >= ttl * 0.7
     assert not sh.renew("c.example", "live")                        # it knows it lost the slot
     assert r.zrange(slots_key("c.example"), 0, -1) == [b"other"]
 
