@@ -63,27 +63,30 @@ def test_each_worker_has_a_network_namespace_of_its_own(tmp_path):
 PLAN_TEST = "def test_one():\n    pass\n"
 
 
+def _plan(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """What ``-n auto`` decides, without starting workers (--collect-only: the header says it)."""
+    return _pytest(tmp_path, {"test_a.py": PLAN_TEST, "test_b.py": PLAN_TEST},
+                   "-p", "tests.parallel", "-n", "auto", "--collect-only", *args, env=env)
+
+
 def test_auto_means_no_workers_for_one_file_and_the_default_for_more(tmp_path):
-    files = {"test_a.py": PLAN_TEST, "test_b.py": PLAN_TEST}
-    one = _pytest(tmp_path, files, "-p", "tests.parallel", "-n", "auto", str(tmp_path / "test_a.py"))
+    one = _pytest(tmp_path, {"test_a.py": PLAN_TEST}, "-p", "tests.parallel", "-n", "auto", str(tmp_path / "test_a.py"))
     assert one.returncode == 0, one.stdout + one.stderr
-    assert "mxq: one process (no xdist workers)" in one.stdout
-    assert "1 passed" in one.stdout
-    node = _pytest(tmp_path, {}, "-p", "tests.parallel", "-n", "auto", f"{tmp_path / 'test_a.py'}::test_one")
+    assert "mxq: one process (no xdist workers)" in one.stdout and "1 passed" in one.stdout
+    node = _plan(tmp_path, f"{tmp_path / 'test_a.py'}::test_one")
     assert "mxq: one process (no xdist workers)" in node.stdout, node.stdout
-    two = _pytest(tmp_path, {}, "-p", "tests.parallel", "-n", "auto", str(tmp_path))
-    assert two.returncode == 0, two.stdout + two.stderr
-    assert f"mxq: {parallel.DEFAULT_WORKERS} xdist workers" in two.stdout
-    assert "2 passed" in two.stdout
+    for args in ([str(tmp_path)], [str(tmp_path / "test_a.py"), str(tmp_path / "test_b.py")]):
+        more = _plan(tmp_path, *args)
+        assert more.returncode == 0, more.stdout + more.stderr
+        assert f"mxq: {parallel.DEFAULT_WORKERS} xdist workers" in more.stdout, (args, more.stdout)
 
 
 def test_mxq_test_workers_sets_the_count(tmp_path):
-    files = {"test_a.py": PLAN_TEST, "test_b.py": PLAN_TEST}
-    r = _pytest(tmp_path, files, "-p", "tests.parallel", "-n", "auto", str(tmp_path), env={"MXQ_TEST_WORKERS": "2"})
+    r = _plan(tmp_path, str(tmp_path), env={"MXQ_TEST_WORKERS": "2"})
     assert r.returncode == 0 and "mxq: 2 xdist workers" in r.stdout, r.stdout + r.stderr
-    r = _pytest(tmp_path, {}, "-p", "tests.parallel", "-n", "auto", str(tmp_path), env={"MXQ_TEST_WORKERS": "0"})
+    r = _plan(tmp_path, str(tmp_path), env={"MXQ_TEST_WORKERS": "0"})
     assert r.returncode == 0 and "mxq: one process (no xdist workers)" in r.stdout, r.stdout + r.stderr
-    r = _pytest(tmp_path, {}, "-p", "tests.parallel", "-n", "auto", str(tmp_path), env={"MXQ_TEST_WORKERS": "two"})
+    r = _plan(tmp_path, str(tmp_path), env={"MXQ_TEST_WORKERS": "two"})
     assert r.returncode != 0 and "MXQ_TEST_WORKERS='two'" in r.stdout + r.stderr
 
 

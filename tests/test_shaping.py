@@ -402,7 +402,11 @@ def test_slot_outlives_the_lease_while_delivering_and_frees_when_the_worker_dies
         p.beat()
         ids = _submit([f"s{i}@slow.shape.test" for i in range(3)])
         client = p.redis.client()
-        wait_until(lambda: len(slow.messages) >= 1 and sessions.open, 20, "a second message under way")
+        # The second transaction has begun (its MAIL) and its message is not in yet (recorded after the
+        # 2 s final-dot delay): its delivery holds the slot now.  ("A message in and a session open"
+        # was also true in the first session's tail, after its 250 and before its QUIT and release.)
+        wait_until(lambda: len(slow.messages) == 1 and slow.stats["mail"] >= 2 and sessions.open, 20,
+                   "a second message under way")
         holder = client.zrange(slots_key("slow.shape.test"), 0, -1)
         assert len(holder) == 1
         w1.kill()                             # SIGKILL: no release, no more renewals
