@@ -427,6 +427,13 @@ def run_worker(args) -> int:
     except ValueError as e:
         print(f"mxq worker: configuration: {e}", file=sys.stderr)
         return EX_CONFIG
+    from mxq.tasks.settings import PipelineSettings
+    from mxq.tasks.store import check_on_start
+    try:        # before any child starts: a refused Redis ends the worker at once (exit 78)
+        check_on_start(PipelineSettings.from_env().redis_url)
+    except SystemExit as e:
+        print(e, file=sys.stderr)
+        return EX_CONFIG
     from .supervisor import run
     return run(args.extra, worker_argv)
 

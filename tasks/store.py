@@ -1620,6 +1620,7 @@ def get_submit_store(settings: PipelineSettings | None = None) -> Store:
     st = _stores.get(key)
     if st is None or st.settings != settings:
         st = _stores[key] = Store(make_client(settings.redis_url, deadline=settings.submit_timeout), settings)
+    _check_once((os.getpid(), settings.redis_url), st)
     return st
 
 
@@ -1635,6 +1636,12 @@ def get_store(settings: PipelineSettings | None = None) -> Store:
     st = _stores.get(key)
     if st is None or st.settings != settings:
         st = _stores[key] = Store.from_settings(settings)
+    _check_once(key, st)
+    return st
+
+
+def _check_once(key: tuple[int, str], st: Store) -> None:
+    """``check_redis`` the first time this process uses that Redis (``RedisUnfit`` raised)."""
     if key not in _checked:
         try:
             check_redis(st.r, warn=False)
@@ -1642,7 +1649,6 @@ def get_store(settings: PipelineSettings | None = None) -> Store:
             pass                # unreachable now: the caller's own command says so; checked next time
         else:
             _checked.add(key)
-    return st
 
 
 _checked: set[tuple[int, str]] = set()

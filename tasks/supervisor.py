@@ -69,11 +69,14 @@ def _take(extra: list[str], short: str | None, long: str) -> tuple[str | None, l
 
 
 def node_names(base: str | None, n: int, pid: int | None = None) -> list[str]:
-    """The children's node names: ``NAME-i@HOST`` from ``base`` (``NAME@HOST`` or ``NAME``), 1-based."""
+    """The children's node names: ``NAME-i@HOST`` from ``base`` (``NAME@HOST`` or ``NAME``), 1-based;
+    one process keeps ``base`` itself (``--processes 1 -n NAME@HOST`` is node ``NAME@HOST``)."""
     host = socket.gethostname()
     if base:
         name, _, h = base.partition("@")
         host = h or host
+        if n == 1:
+            return [f"{name}@{host}"]
     else:
         name = f"mxq-{pid if pid is not None else os.getpid()}"
     return [f"{name}-{i}@{host}" for i in range(1, n + 1)]
@@ -103,6 +106,17 @@ def plan(extra: list[str], *, cpus: int | None = None) -> tuple[list[list[str]],
     return [["-P", "gevent", "-c", str(c), "-n", node, *rest] for node in names], names
 
 
+def _die_with_parent() -> None:
+    """In a child, before exec: SIGTERM (Celery's warm shutdown) when the supervisor dies, even by
+    SIGKILL -- never a worker process left running with no supervisor (Linux: PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)      # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass                                        # not Linux: the parent's signals still reach it
+
+
 class Supervisor:
     """Runs the children (``argvs``: full command lines) until they all exit; see the module docstring."""
 
@@ -118,7 +132,8 @@ class Supervisor:
         self.status = 0
 
     def spawn(self, i: int) -> None:
-        self.children[i] = subprocess.Popen(self.argvs[i], env=self.env, stdin=subprocess.DEVNULL)
+        self.children[i] = subprocess.Popen(self.argvs[i], env=self.env, stdin=subprocess.DEVNULL,
+                                            preexec_fn=_die_with_parent)
         self.started[i] = time.monotonic()
 
     def forward(self, sig: int) -> None:

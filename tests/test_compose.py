@@ -136,7 +136,7 @@ def test_worker_is_scalable_named_and_exposes_metrics(config):
     worker = config["services"]["worker"]
     assert "container_name" not in worker      # --scale needs distinct names
     assert not worker.get("ports")             # and no fixed host port
-    assert worker["command"] == ["mxq", "worker", "--hostname", "mxq@%h"]
+    assert worker["command"] == ["mxq", "worker", "--processes", "1", "--hostname", "mxq@%h"]
     test = " ".join(worker["healthcheck"]["test"])
     assert "inspect ping" in test and "mxq@$$HOSTNAME" in test
     assert worker["expose"] == ["9808"] and worker["environment"]["MXQ_METRICS_PORT"] == "9808"

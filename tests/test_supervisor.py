@@ -33,7 +33,7 @@ def test_options_processes_concurrency_names_and_the_rest_passed_through():
     assert names == ["w-1@box", "w-2@box", "w-3@box"]
     assert children[2] == ["-P", "gevent", "-c", "50", "-n", "w-3@box", "-l", "debug", "-Q", "delivery"]
     assert plan(["--concurrency=7", "--hostname=x", "--processes=1"])[0] == [
-        ["-P", "gevent", "-c", "7", "-n", f"x-1@{socket.gethostname()}"]]
+        ["-P", "gevent", "-c", "7", "-n", f"x@{socket.gethostname()}"]]
     assert plan(["-P", "prefork", "-c", "4"]) is None          # another pool: a plain celery worker
     assert plan(["-P", "gevent"], cpus=1)[0][0][:2] == ["-P", "gevent"]
     with pytest.raises(ValueError):
@@ -75,3 +75,24 @@ def test_the_supervisor_runs_restarts_and_stops_its_worker_processes(pipeline):
     assert w.proc.wait(30) == 0
     assert not any(Path(f"/proc/{k}").exists() for k in now)
     assert "Warm shutdown" in w.log() or "warm shutdown" in w.log().lower()
+
+
+def test_a_supervisor_killed_with_sigkill_leaves_no_worker_process_behind(pipeline):
+    """Its children get SIGTERM when it dies (PR_SET_PDEATHSIG): `mxq up` or a container runtime
+    that restarts a killed `mxq worker` never ends up with the old processes still consuming."""
+    p = pipeline()
+    w = p.worker(concurrency=2)
+    kids = _children(w.proc.pid)
+    assert len(kids) == 2
+    os.kill(w.proc.pid, signal.SIGKILL)
+    w.proc.wait(10)
+
+    def gone():
+        for k in kids:
+            try:
+                if Path(f"/proc/{k}/stat").read_text().split(") ", 1)[1][0] != "Z":
+                    return False
+            except FileNotFoundError:
+                pass
+        return True
+    wait_until(gone, 30, "the orphaned worker processes to exit")
