@@ -16,6 +16,7 @@ Domains (all under ``pipe.test``, servers on 127.0.3.x:25 in the test's private 
 
 from __future__ import annotations
 
+import re
 import base64
 import collections
 import threading
@@ -272,7 +273,7 @@ def test_sigkill_worker_mid_run_loses_nothing(pipeline, sinks):
     assert all(tasks.status(j)["recipients"][0]["state"] == "delivered" for j in ids)
     assert recovered_in < 60
     print(f"SIGKILL: {in_flight} work items in flight, {duplicates} sent twice, all done {recovered_in:.1f} s later")
-    assert "requeued=" in p.logs()          # the scheduler put the dead worker's leases back
+    assert re.search(r"requeued=[1-9]", p.logs())          # the scheduler put the dead worker's leases back
 
 
 def test_redis_restart_with_aof_loses_nothing(pipeline, sinks):
@@ -379,7 +380,7 @@ def test_lease_is_renewed_while_a_slow_delivery_runs(pipeline, sinks):
         p.wait_done([jid], timeout=30)
         assert tasks.status(jid)["recipients"][0]["state"] == "delivered"
         assert [m.rcpt_tos for m in slow.messages] == [["z@slowest.pipe.test"]]
-        assert "requeued=" not in p.logs()
+        assert not re.search(r"requeued=[1-9]", p.logs())    # (the line says requeued=0 when it published)
     finally:
         slow.stop()
 

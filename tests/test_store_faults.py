@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import textwrap
 import time
 
@@ -207,5 +208,5 @@ def test_a_worker_clock_two_minutes_off_causes_no_duplicate(pipeline, exchange, 
     counts = accepted(exchange)
     assert set(counts) == set(rcpts)
     assert [a for a, c in counts.items() if c > 1] == []
-    assert "requeued=" not in p.logs()                   # no live batch was taken back
+    assert not re.search(r"requeued=[1-9]", p.logs())    # no live batch was taken back
     assert worker.running
