@@ -28,7 +28,7 @@ IP = "127.0.181."
 WEB = IP + "50"
 FAST = Timeouts(connect=1, greeting=2, command=2, data_init=2, data_block=2, data_final=2)
 MESSAGE = b"From: <s@src.dsts.test>\r\nSubject: sts\r\n\r\nHello.\r\n"
-DOMAINS = ("enf1", "enf2", "enf3", "enf4", "enf5", "enf6", "tst1", "tst2", "fail", "none1")
+DOMAINS = ("enf1", "enf2", "enf3", "enf4", "enf5", "enf6", "enf7", "tst1", "tst2", "fail", "none1")
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,28 @@ def test_enforce_skips_an_mx_not_in_the_policy(world, run):
     assert e["details"][0][0]["failure-reason-code"] == "mx-not-in-policy"
 
 
+def test_enforce_counts_an_unlisted_mx_only_when_delivery_reaches_it(world, run):
+    """An unlisted backup MX behind a listed primary that takes the mail is never a session, nor a failure.
+
+    RFC 8460 counts sessions: the unlisted MX counts as a failed one only when the delivery got to
+    it in preference order (the primary did not take the mail), not on every delivery to the domain.
+    """
+    good, _backup = world("enf7.dsts.test", "enforce", ["mx.enf7.dsts.test"],
+                          [(10, "mx.enf7.dsts.test", IP + "64", ["mx.enf7.dsts.test"]),
+                           (20, "backup.enf7.dsts.test", IP + "65", ["backup.enf7.dsts.test"])])
+    [r] = run("n@enf7.dsts.test")
+    assert r.state is State.DELIVERED and r.exchange == "mx.enf7.dsts.test" and good.messages[0].tls
+    e = entry(run.counts, "enf7.dsts.test")
+    assert (e["ok"], e["fail"]) == (1, 0) and details(e) == []
+    # The primary refuses connections now: the delivery reaches the backup, which the policy rules out.
+    good.stop()
+    [r] = run("o@enf7.dsts.test")
+    assert r.state is State.DEFERRED
+    e = entry(run.counts, "enf7.dsts.test")
+    assert (e["ok"], e["fail"]) == (1, 1)
+    assert details(e) == [("validation-failure", "backup.enf7.dsts.test", 1)]
+
+
 def test_enforce_defers_when_no_mx_matches(world, run):
     [mx] = world("enf3.dsts.test", "enforce", ["mx.elsewhere.test"],
                  [(10, "mx.enf3.dsts.test", IP + "54", ["mx.enf3.dsts.test"])])
@@ -181,9 +203,11 @@ def test_testing_mode_delivers_and_records_the_failures(world, run):
     assert (e1["ok"], e1["fail"]) == (0, 1)
     assert details(e1) == [("certificate-host-mismatch", "mx.tst1.dsts.test", 1)]
     assert "mode: testing" in e1["policy"]["policy-string"]
-    # The MX is not in the policy: a failure; its certificate is valid for its name: a successful session.
-    assert (e2["ok"], e2["fail"]) == (1, 1)
+    # One session with an MX the policy does not list: one failed session (RFC 8460 counts sessions),
+    # not a failure and a success -- even though its certificate is valid for its name.
+    assert (e2["ok"], e2["fail"]) == (0, 1)
     assert details(e2) == [("validation-failure", "mx.stray.tst2.dsts.test", 1)]
+    assert e2["details"][0][0]["failure-reason-code"] == "mx-not-in-policy"
     assert len(stray.messages) == 1
 
 

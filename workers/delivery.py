@@ -108,6 +108,7 @@ never logged.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import ssl
@@ -266,6 +267,7 @@ class _Route:
     relay: bool
     final: bool        # the last server of the chain: its hard site errors bounce
     sts: str | None = None   # MTA-STS mode applied to this exchange: "enforce", "testing" or None
+    unlisted: bool = False   # the MTA-STS policy does not list this exchange (enforce: skipped; testing: counted)
 
 
 @dataclass
@@ -447,12 +449,16 @@ class _Run:
     def exchange_routes(self, exchanges: list) -> list[_Route]:
         """Every exchange address to try, in order, under the domain's MTA-STS policy.
 
-        With a policy in ``enforce`` mode, exchanges the policy does not list
-        are left out (and counted for TLS-RPT); when none is left every
-        pending recipient is deferred with the policy's reason.  In
-        ``testing`` mode they stay, and the mismatch is only counted.  The
-        relay is not in this list: ``run`` resolves and tries it only when
-        something is still pending after the exchanges.
+        With a policy in ``enforce`` mode, exchanges the policy does not
+        list stay in the list in their place, flagged ``unlisted``: ``run``
+        never connects to them, and counts one failed session for TLS-RPT
+        (``mx-not-in-policy``) when the delivery gets to one -- not when a
+        preferred exchange took the mail first.  When the policy lists none
+        of them every pending recipient is deferred with the policy's
+        reason.  In ``testing`` mode they are tried, and their session counts
+        as one failure.  The relay is not in this list: ``run`` resolves
+        and tries it only when something is still pending after the
+        exchanges.
         """
         s = self.settings
         policy = None
@@ -460,31 +466,34 @@ class _Run:
             self.sts = self.mta_sts.lookup(self.domain)
             policy = self.sts.policy
         mode = policy.mode if policy is not None and policy.mode in ("enforce", "testing") else None
-        routes, left_out = [], []
+        routes, left_out, tried = [], [], 0
         for x in exchanges:
-            if mode is not None and not policy.matches(x.name):
-                for ip in x.addresses:
-                    self.report_tls(_Route(x.name, ip, s.smtp_port, relay=False, final=False, sts=mode),
-                                    VALIDATION_FAILURE, "mx-not-in-policy")
-                if mode == "enforce":
-                    left_out.append(x.name)
-                    log.info("%s: MX host %s is not in the MTA-STS policy (enforce): not used", self.domain, x.name)
-                    continue
-            routes.extend(_Route(x.name, ip, s.smtp_port, relay=False, final=False, sts=mode)
-                          for ip in x.addresses)
-        if not routes and left_out:
-            reply = Reply.local("4.7.5", f"MTA-STS policy of {self.domain} (mode enforce, id {policy.id}) lists "
-                                         f"none of its MX hosts ({', '.join(left_out)}; policy mx: "
-                                         f"{', '.join(policy.mx)}): not delivered")
-            for r in self.pending():
-                self.settle(r, None, reply, None)
-        if s.mx_address_limit and len(routes) > s.mx_address_limit:
-            routes = routes[:s.mx_address_limit]       # Postfix's smtp_mx_address_limit
-        if routes:
-            # The last exchange's hard site error bounces, relay or not: the relay takes only
-            # what is still deferred (4xx, unreachable), never what an exchange refused for good.
-            last = routes[-1]
-            routes[-1] = _Route(last.name, last.ip, last.port, last.relay, final=True, sts=last.sts)
+            unlisted = mode is not None and not policy.matches(x.name)
+            skipped = unlisted and mode == "enforce"
+            if skipped:
+                left_out.append(x.name)
+                log.info("%s: MX host %s is not in the MTA-STS policy (enforce): not used", self.domain, x.name)
+            for ip in x.addresses:
+                if not skipped:
+                    if s.mx_address_limit and tried >= s.mx_address_limit:
+                        continue                       # Postfix's smtp_mx_address_limit
+                    tried += 1
+                routes.append(_Route(x.name, ip, s.smtp_port, relay=False, final=False, sts=mode,
+                                     unlisted=unlisted))
+        if not tried:
+            if left_out:
+                reply = Reply.local("4.7.5", f"MTA-STS policy of {self.domain} (mode enforce, id {policy.id}) "
+                                             f"lists none of its MX hosts ({', '.join(left_out)}; policy mx: "
+                                             f"{', '.join(policy.mx)}): not delivered")
+                for route in routes:
+                    self.report_tls(route, VALIDATION_FAILURE, "mx-not-in-policy")
+                for r in self.pending():
+                    self.settle(r, None, reply, None)
+            return []
+        # The last exchange tried: its hard site error bounces, relay or not: the relay takes only
+        # what is still deferred (4xx, unreachable), never what an exchange refused for good.
+        last = max(i for i, route in enumerate(routes) if not _skipped(route))
+        routes[last] = dataclasses.replace(routes[last], final=True)
         return routes
 
     def relay_routes(self) -> list[_Route]:
@@ -558,6 +567,10 @@ class _Run:
         for route in routes:
             if not self.pending() or self.expired() or self.sessions_used_up():
                 break
+            if _skipped(route):
+                # MTA-STS enforce: an exchange the policy does not list, reached in preference order.
+                self.report_tls(route, VALIDATION_FAILURE, "mx-not-in-policy")
+                continue
             self.try_route(route)
             if self.port25 is not None and self.pending() and self.port25_blocked(exchanges):
                 break                                   # just concluded: the rest go to the relay now
@@ -611,6 +624,11 @@ class _Run:
 
     def report_session(self, route: _Route, session: SMTPSession) -> None:
         """Count a connected session's TLS outcome (exchanges only; ``MXQ_TLS=none`` counts nothing)."""
+        if route.unlisted:
+            # MTA-STS testing: a session with an exchange the policy does not list is one failed
+            # session, whatever its TLS was (a TLS failure was counted by connect() instead).
+            self.report_tls(route, VALIDATION_FAILURE, "mx-not-in-policy", session=session)
+            return
         if route.sts is not None:
             self.report_tls(route, None, session=session)          # verified TLS, or connect() raised
             return
@@ -1022,6 +1040,11 @@ class _Run:
         except Exception as e:  # noqa: BLE001
             reraise_interrupt(e)
             raise self.site_failure(e, route) from None
+
+
+def _skipped(route: _Route) -> bool:
+    """True for an exchange MTA-STS ``enforce`` rules out: in the chain for TLS-RPT only, never connected to."""
+    return route.unlisted and route.sts == "enforce"
 
 
 def _soften(reply: Reply) -> Reply:
