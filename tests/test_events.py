@@ -378,6 +378,32 @@ def test_command_refusals_send_nothing(serve):
     assert [m.content for m in srv.messages][-1] == b"Subject: x\r\n\r\nbody\r\n"
 
 
+def test_write_never_ends_data_across_writes(serve):
+    """The end-of-data sequence split across write() calls (or a lone "." line left for close_message to end)
+    would end DATA early and let the rest of the text reach the server as commands (SMTP smuggling):
+    each is refused with nothing sent, and the message that does go out is exactly what was written."""
+    srv = serve(20, Behaviour(rcpt_rules={}))
+    with SMTPSession(srv.host, 25, timeouts=FAST, tls="none") as s:
+        s.command("MAIL", "FROM:<a@src.test>")
+        s.command("RCPT", "TO:<b@dst.test>")
+        assert s.command("DATA").code == 354
+        s.write(b"Subject: split\r\n\r\nbody\r\n.")
+        for evil in (b"\r\nRSET\r\nMAIL FROM:<evil@x.test>\r\n", b"\r\n"):
+            with pytest.raises(InvalidInput):
+                s.write(evil)
+        with pytest.raises(InvalidInput):
+            s.close_message()                     # CRLF + "." after a lone "." would end DATA twice
+        s.write(b".stuffed\r\nline two\r")       # the caller completes the dot-stuffed line
+        with pytest.raises(InvalidInput):
+            s.write(b"\n.\r\nRSET\r\n")          # CR | LF.CRLF
+        s.write(b"\n")
+        assert s.close_message().code == 250
+        assert s.command("NOOP").code == 250      # still in step with the server
+    (msg,) = srv.messages
+    assert msg.content == b"Subject: split\r\n\r\nbody\r\n.stuffed\r\nline two\r\n"
+    assert not [c for c in srv.sessions[0].commands if c.upper().startswith(("RSET", "MAIL FROM:<EVIL"))]
+
+
 def test_auth_by_command_is_masked(serve, tls):
     import base64
 

@@ -179,6 +179,9 @@ class DotStuffer:
     def __init__(self) -> None:
         self._pending_cr = False
         self._at_line_start = True
+        #: The last bytes of the text on the wire (at most 4; the DATA line's CRLF at first): what a
+        #: raw ``SMTPSession.write`` must not complete into the end-of-data sequence.
+        self.tail = b"\r\n"
 
     def feed(self, chunk: bytes) -> bytes:
         """Convert one chunk; the result may be shorter or longer than the input."""
@@ -196,6 +199,7 @@ class DotStuffer:
         if self._at_line_start and data.startswith(b"."):
             data = b"." + data
         self._at_line_start = data.endswith(b"\r\n")
+        self.tail = data[-4:] if len(data) >= 4 else (self.tail + data)[-4:]
         return data
 
     def finish(self) -> bytes:
@@ -1037,11 +1041,15 @@ class SMTPSession:
 
         No dot-stuffing and no line-end conversion: ``data`` must already be
         SMTP message text (CRLF line ends, a line starting with "." doubled).
-        It must not hold the end-of-data sequence (``CRLF.CRLF``): end with
-        ``close_message()``, which adds a CRLF first when the text did not
-        end with one.  Bounded by ``timeouts.data_block``; observers get a
-        ``DataWritten`` with the size.  Raises ``SMTPProtocolError`` when
-        DATA is not open, ``InvalidInput`` for data that would end DATA.
+        It must not hold the end-of-data sequence (``CRLF.CRLF``), nor
+        complete one with what was written before (the sequence split
+        across writes, the DATA line's CRLF counting as the first line end):
+        end with ``close_message()``, which adds a CRLF first when the text
+        did not end with one (and refuses, ``InvalidInput``, when the text
+        ends with a line holding a lone "."; so does ``append_message``).
+        Bounded by ``timeouts.data_block``; observers get a ``DataWritten``
+        with the size.  Raises ``SMTPProtocolError`` when DATA is not open,
+        ``InvalidInput`` (nothing sent) for data that would end DATA.
         """
         self._require_connected("write")
         if self._stuffer is None or self._final_unread:
@@ -1050,11 +1058,17 @@ class SMTPSession:
         if not data:
             return
         stuffer = self._stuffer
-        if b"\r\n.\r\n" in data or (stuffer._at_line_start and data.startswith(b".\r\n")):
+        # A CR held back by append_message() goes first: CRLF with a leading LF, else a line end
+        # of its own (what the stuffer would have made of it).
+        wire = (b"\r" if data.startswith(b"\n") else b"\r\n") + data if stuffer._pending_cr else data
+        if b"\r\n.\r\n" in wire or b"\r\n.\r\n" in stuffer.tail + wire[:4]:
+            # Also across writes (a "." line split from its CRLF): the text after it would reach
+            # the server as commands (SMTP smuggling).
             raise InvalidInput("write: data holds the end-of-data sequence; use close_message()")
-        self._io("content", self._send_bytes, data)
+        self._io("content", self._send_bytes, wire)
         stuffer._pending_cr = False
-        stuffer._at_line_start = data.endswith(b"\r\n")
+        stuffer.tail = wire[-4:] if len(wire) >= 4 else (stuffer.tail + wire)[-4:]
+        stuffer._at_line_start = stuffer.tail.endswith(b"\r\n")
         self._sent += len(data)
         if self._observers:
             self._emit(events.DataWritten(self, len(data)))
@@ -1355,6 +1369,10 @@ class SMTPSession:
             self._stuffer = DotStuffer()
             self._sent = 0
         stuffer = self._stuffer
+        if stuffer.tail.endswith(b"\r\n."):
+            _close_quietly(chunks)
+            raise InvalidInput("append_message: the text written ends with a line holding a lone '.' "
+                               "(write its second '.' first): a line end now would end DATA")
         observed = bool(self._observers)
         try:
             for chunk in chunks:
@@ -1384,6 +1402,11 @@ class SMTPSession:
         """
         if self._stuffer is None:
             self.append_message(b"")
+        if self._stuffer.tail.endswith(b"\r\n."):
+            # Only a raw write() leaves a line holding a lone "." (the stuffer doubles it): ending
+            # that line would end DATA, and our own "." would then reach the server as a command.
+            raise InvalidInput("close_message: the text written ends with a line holding a lone '.'; "
+                               "write its second '.' (dot-stuffing) first")
         tail = self._stuffer.finish()
         held, self._held = self._held, b""
         defer, self._defer_final = self._defer_final, False
