@@ -90,6 +90,8 @@ def session_tls_of(relay):
     ("smtp://relay.corp.test", {"MXQ_RELAY_TOKEN_FILE": "/t"}, "user name"),
     ("smtp://u@relay.corp.test", {"MXQ_RELAY_TOKEN_FILE": "/t", "MXQ_RELAY_TOKEN_COMMAND": "x"}, "not both"),
     ("smtp://relay.corp.test:25?tls=none", {"MXQ_RELAY_CLEARTEXT": "10.0.0.300"}, "MXQ_RELAY_CLEARTEXT"),
+    ("smtp://:secretpw@relay.corp.test", {}, "without a user name"),      # was: no AUTH, silently
+    ("smtp://relay.corp.test:0", {}, "port"),                              # was: port 587, silently
 ])
 def test_relay_settings_refused_with_a_clear_error(url, env, message):
     with pytest.raises(ValueError) as e:

@@ -105,6 +105,9 @@ class RelayConfig:
         url = registry.REGISTRY["MXQ_RELAY"].parse(url)      # ConfigError (a ValueError) naming MXQ_RELAY
         parts = urlsplit(url)
         implicit = parts.scheme == "smtps"
+        if parts.port == 0:
+            raise registry.ConfigError("MXQ_RELAY", "has port 0: give the relay's port (1-65535), or none for "
+                                                    "the default (587, or 465 for smtps://)")
         port = parts.port or (465 if implicit else 587)
         query = parse_qs(parts.query, keep_blank_values=True)
         unknown = sorted(set(query) - {"tls"})
@@ -121,6 +124,8 @@ class RelayConfig:
             token = TokenSource(command=token_command)
         user = unquote(parts.username) if parts.username else None
         password = unquote(parts.password) if parts.password is not None else None
+        if password is not None and not user:
+            raise registry.ConfigError("MXQ_RELAY", "has a password without a user name: smtp://user:password@host")
         if user and password is None and token is None:
             raise registry.ConfigError("MXQ_RELAY", "names a user without a password: add :password, or set "
                                                     "MXQ_RELAY_TOKEN_FILE / MXQ_RELAY_TOKEN_COMMAND for XOAUTH2")
