@@ -74,6 +74,7 @@ def tls(tmp_path_factory):
     return make_tls("mta-sts.ok.sts.test", "mta-sts.id.sts.test", "mta-sts.slow.sts.test",
                     "mta-sts.big.sts.test", "mta-sts.html.sts.test", "mta-sts.moved.sts.test",
                     "mta-sts.gone.sts.test", "mta-sts.trickle.sts.test", "mta-sts.bad.sts.test", "mta-sts.gone2.sts.test",
+                    "mta-sts.slowhead.sts.test", "mta-sts.cut.sts.test",
                     directory=tmp_path_factory.mktemp("sts-ca"))
 
 
@@ -144,6 +145,30 @@ def test_fetch_is_bounded_in_time_even_when_the_body_trickles(dns_server, web, t
             fetch_policy(f"{d}.sts.test", resolver, context=tls.client_context, timeout=1.0)
         assert e.value.result_type == FETCH_ERROR and "timed out" in e.value.detail
         assert time.monotonic() - t0 < 2.0
+
+
+def test_fetch_is_bounded_in_time_when_the_headers_trickle(dns_server, web, tls, resolver):
+    """A policy host that sends its status line and headers one byte every 50 ms: every read returns
+    in time, so only a deadline on the whole fetch (not on each read) ends it."""
+    serve(dns_server, "slowhead.sts.test")
+    web.set("slowhead.sts.test", Reply(policy_text("enforce", "mx.a.test"), trickle_headers=0.05))
+    t0 = time.monotonic()
+    with pytest.raises(PolicyError) as e:
+        fetch_policy("slowhead.sts.test", resolver, context=tls.client_context, timeout=1.0)
+    assert e.value.result_type == FETCH_ERROR and "timed out" in e.value.detail
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_a_policy_cut_short_is_not_a_policy(dns_server, web, tls, resolver):
+    """The connection closes before the Content-Length the server announced: the text that did arrive
+    ("mx: mx.a.test" and a shorter max_age) would parse; it must be a fetch error instead."""
+    serve(dns_server, "cut.sts.test")
+    text = policy_text("enforce", "mx.a.test", "mx.b.test", max_age=86400)
+    cut = text.index("max_age: 86400") + len("max_age: 8640")
+    web.set("cut.sts.test", Reply(text, truncate=cut))
+    with pytest.raises(PolicyError) as e:
+        fetch_policy("cut.sts.test", resolver, context=tls.client_context, timeout=2.0)
+    assert e.value.result_type == FETCH_ERROR and "before" in e.value.detail
 
 
 def test_fetch_refused_certificate_of_other_name(dns_server, tls, resolver):

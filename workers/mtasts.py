@@ -22,7 +22,9 @@ Discovery and fetching (RFC 8461 sections 3 and 5):
   redirects are not followed, only a 200 with media type ``text/plain``
   counts, the body is bounded (``MAX_POLICY_SIZE``, 64 KiB) and the whole
   fetch is bounded in time (``timeout``, default 10 s: connect, handshake,
-  request and a body that trickles all count);
+  request, status line, headers and a body that trickles all count: a
+  timer shuts the connection down at the deadline); a body shorter than
+  its Content-Length is a fetch error, never a policy;
 - a fetched policy is cached for its ``max_age`` (at most one year) under its
   ``id``.  A TXT record with the same ``id`` means the cached policy is
   current; a new ``id`` means a fetch.  When the fetch fails the cached policy
@@ -313,19 +315,46 @@ def default_cache() -> MemoryPolicyCache:
 # ----------------------------------------------------------------------------- fetching
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """An HTTPS connection to a given address, verifying the certificate for ``host`` (SNI too)."""
+    """An HTTPS connection to a given address, verifying the certificate for ``host`` (SNI too).
+
+    ``expire()`` (from a timer: the fetch's deadline) shuts the connection
+    down under whatever is reading it -- the TLS handshake, the status line,
+    the headers or the body: socket timeouts bound each read, not the sum of
+    reads a peer trickling a byte at a time makes.
+    """
 
     def __init__(self, host: str, ip: str, port: int, context: ssl.SSLContext, timeout: float):
         super().__init__(host, port, context=context, timeout=timeout)
         self._ip = ip
+        self._guard: socket.socket | None = None     # a dup of the socket, for expire()
+        self.expired = False
 
     def connect(self) -> None:
         sock = socket.create_connection((self._ip, self.port), self.timeout)
         try:
+            self._guard = sock.dup()
+            if self.expired:                           # the timer fired before the guard was in place
+                raise TimeoutError("the fetch's time was up")
             self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
         except BaseException:
             sock.close()
             raise
+
+    def expire(self) -> None:
+        """The deadline passed: shut the connection down (reads end at once)."""
+        self.expired = True
+        guard = self._guard
+        if guard is not None:
+            try:
+                guard.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        super().close()
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            guard.close()
 
 
 def fetch_policy(domain: str, resolver, *, timeout: float = DEFAULT_FETCH_TIMEOUT,
@@ -360,16 +389,21 @@ def fetch_policy(domain: str, resolver, *, timeout: float = DEFAULT_FETCH_TIMEOU
         if left <= 0:
             break
         conn = _PinnedHTTPSConnection(host, ip, port, ctx, left)
+        timer = threading.Timer(left, conn.expire)
+        timer.daemon = True
+        timer.start()
         try:
             try:
                 conn.connect()
             except ssl.SSLCertVerificationError as e:
                 raise PolicyError(WEBPKI_INVALID, f"{host}[{ip}]: certificate: {e.verify_message or e}") from None
             except (OSError, ssl.SSLError) as e:
-                last = PolicyError(FETCH_ERROR, f"{host}[{ip}]:{port}: {_reason(e)}")
+                last = PolicyError(FETCH_ERROR, f"{host}[{ip}]:{port}: "
+                                                f"{'timed out' if conn.expired else _reason(e)}")
                 continue                  # the next address
             return _get(conn, host, ip, deadline, max_size)
         finally:
+            timer.cancel()
             conn.close()
     if last is not None:
         raise last
@@ -384,6 +418,8 @@ def _get(conn: _PinnedHTTPSConnection, host: str, ip: str, deadline: float, max_
         sock = conn.sock                  # http.client forgets it once the response owns the connection
         sock.settimeout(max(0.001, deadline - time.monotonic()))
         resp = conn.getresponse()
+        if conn.expired:                  # headers cut short by the deadline: judge nothing in them
+            raise TimeoutError("the policy host's answer did not arrive in time")
         if resp.status != 200:
             # 3xx included: RFC 8461 section 3.3 forbids following redirects.
             raise PolicyError(FETCH_ERROR, f"{where}: HTTP {resp.status} {resp.reason}".rstrip())
@@ -405,10 +441,15 @@ def _get(conn: _PinnedHTTPSConnection, host: str, ip: str, deadline: float, max_
             body += chunk
             if len(body) > max_size:
                 raise PolicyError(POLICY_INVALID, f"{where}: policy larger than {max_size} bytes")
+        if conn.expired:
+            raise TimeoutError("the policy did not arrive in time")
+        if resp.length:                   # http.client counts down Content-Length; EOF came first
+            raise PolicyError(FETCH_ERROR, f"{where}: the connection closed {resp.length} bytes before the "
+                                           "end of the policy (Content-Length)")
     except PolicyError:
         raise
     except (OSError, http.client.HTTPException, ssl.SSLError) as e:
-        raise PolicyError(FETCH_ERROR, f"{where}: {_reason(e)}") from None
+        raise PolicyError(FETCH_ERROR, f"{where}: {'timed out' if conn.expired else _reason(e)}") from None
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError:

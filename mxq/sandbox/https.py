@@ -15,7 +15,9 @@ one made with ``issue_context`` for a certificate of other names).
           content_type="text/plain",    # e.g. "text/html" for a wrong media type
           location=None,                # a Location header (for a redirect)
           delay=0.0,                    # seconds before the response starts
-          trickle=None)                 # seconds between 1-byte writes of the body
+          trickle=None,                 # seconds between 1-byte writes of the body
+          trickle_headers=None,         # seconds between 1-byte writes of the status line and headers
+          truncate=None)                # send only this many body bytes (Content-Length says all), then close
 
 ``PolicyServer`` (also a context manager): ``.host``, ``.port``,
 ``.requests`` (a list of ``(host header, path)`` seen, thread-safe copy),
@@ -49,6 +51,8 @@ class Reply:
     location: str | None = None
     delay: float = 0.0
     trickle: float | None = None
+    trickle_headers: float | None = None
+    truncate: int | None = None
 
 
 def policy_text(mode: str, *mx: str, max_age: int = 86400, eol: str = "\r\n") -> str:
@@ -79,6 +83,19 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.delay:
             time.sleep(reply.delay)
         body = reply.body.encode("utf-8") if isinstance(reply.body, str) else reply.body
+        if reply.trickle_headers:
+            head = (f"HTTP/1.1 {reply.status} OK\r\nContent-Type: {reply.content_type}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+            try:
+                for i in range(len(head)):
+                    self.wfile.write(head[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(reply.trickle_headers)
+                self.wfile.write(body)
+            except OSError:
+                pass                     # the client gave up (its deadline): fine
+            self.close_connection = True
+            return
         self.send_response(reply.status)
         if reply.content_type:
             self.send_header("Content-Type", reply.content_type)
@@ -93,6 +110,8 @@ class _Handler(BaseHTTPRequestHandler):
                     self.wfile.write(body[i:i + 1])
                     self.wfile.flush()
                     time.sleep(reply.trickle)
+            elif reply.truncate is not None:
+                self.wfile.write(body[:reply.truncate])
             else:
                 self.wfile.write(body)
         except OSError:
