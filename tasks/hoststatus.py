@@ -150,6 +150,19 @@ class RedisPort25State:
     def relay_ok(self, now: float, t) -> dict | None:
         return self._run(["", "", "", now, t.window, t.exchanges, t.domains, t.state_ttl, t.probe_interval])
 
+    def suspected(self, now: float, t) -> dict | None:
+        from mxq.workers.port25 import conclude
+
+        try:
+            members = self.r.zrangebyscore(PORT25_EVIDENCE, now - t.window, "+inf", withscores=True)
+        except redis.exceptions.RedisError:
+            return None
+        events = []
+        for member, when in members:
+            kind, ip, domain = _text(member).split("|", 2)
+            events.append((kind, ip, domain, when))
+        return conclude(events, now, now, t)
+
     def success(self) -> dict | None:
         try:
             got = self._success(keys=[PORT25, PORT25_EVIDENCE, PORT25_PROBE])

@@ -154,6 +154,51 @@ def test_re_probe_finds_port_25_open_again(dns_server, blocked_port25, relay, ca
     assert any("port 25 reachable again" in rec.getMessage() for rec in caplog.records)
 
 
+def test_suspected_block_tries_the_relay_before_the_remaining_exchanges(dns_server, blocked_port25, relay, caplog):
+    """Evidence from runs still under way elsewhere (two exchanges of another domain timed out; the relay
+    not tried yet, so nothing is concluded): this run's first exchange times out too -- three exchanges of
+    two domains -- so it goes to the relay at once instead of waiting on its second exchange as well;
+    the relay works, and that concludes "blocked" (said once)."""
+    caplog.set_level(logging.INFO, logger="mxq")
+    s = settings_for(dns_server)
+    resolver = Resolver(s)
+    port25 = Port25(MemoryPort25State(), Thresholds(probe_interval=3600), relay=s.relay.name)
+    other, d = domains(dns_server, 41, 2)
+    port25.connect_failed(connect_error("timeout"), f"{NET}82", other)
+    port25.connect_failed(connect_error("timeout"), f"{NET}83", other)
+    assert port25.blocked() is None
+    r, took = send(s, resolver, f"y@{d}", port25, relay)
+    assert r.state is State.DELIVERED and r.relay and r.attempts == 2, r     # mx1, then the relay: not mx2
+    assert CONNECT <= took < 2 * CONNECT, took
+    assert port25.blocked() is not None and port25.blocked()["domains"] == 2
+    said = [rec.getMessage() for rec in caplog.records if "port 25 appears blocked" in rec.getMessage()]
+    assert len(said) == 1
+
+
+def test_suspicion_needs_the_same_evidence_in_redis_and_in_memory(redis_server):
+    """``suspected()`` is the rule without its relay condition, the same in both state stores."""
+
+    from mxq.tasks.hoststatus import RedisPort25State
+
+    srv = redis_server()
+    stores = [MemoryPort25State(), RedisPort25State(srv.client())]
+    t = Thresholds()
+    now = time.time()
+    for st in stores:
+        assert st.suspected(now, t) is None
+        st.failure("timeout", "10.0.0.1", "a.test", now, t)
+        st.failure("timeout", "10.0.0.2", "a.test", now, t)
+        st.failure("refused", "10.0.0.3", "b.test", now, t)
+        assert st.suspected(now, t) is None                      # not the same way
+        st.failure("timeout", "10.0.0.4", "b.test", now, t)
+        got = st.suspected(now, t)
+        assert (got["kind"], got["exchanges"], got["domains"]) == ("timeout", 3, 2)
+        assert st.blocked() is None                              # the relay never worked: not concluded
+        assert st.suspected(now + 301, t) is None                # the evidence is old
+        st.success()
+        assert st.suspected(now, t) is None
+
+
 # -- the rule itself (pure logic) -------------------------------------------------------------------
 
 def connect_error(kind: str):

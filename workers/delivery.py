@@ -558,6 +558,22 @@ class _Run:
             self.settle(r, None, reply, None, weak=True)
         return True
 
+    def port25_suspected(self) -> bool:
+        """True when failed connects across the fleet already look like a blocked port 25 (fallback relay only).
+
+        The relay has not been seen working yet, so nothing is concluded;
+        the run tries the relay now instead of its remaining exchanges (a
+        working relay then concludes "blocked").
+        """
+        if self.port25 is None or not self.relay_on or self.settings.relay_mode != "fallback":
+            return False
+        state = self.port25.suspected()
+        if state is None:
+            return False
+        log.info("%s: connections to %d exchanges of %d domains failed the same way (%s): trying the relay "
+                 "before the remaining exchanges", self.domain, state["exchanges"], state["domains"], state["kind"])
+        return True
+
     def run(self) -> list[list[RecipientResult]]:
         always = self.settings.relay is not None and self.settings.relay_mode == "always"
         started = time.monotonic()
@@ -571,9 +587,13 @@ class _Run:
                 # MTA-STS enforce: an exchange the policy does not list, reached in preference order.
                 self.report_tls(route, VALIDATION_FAILURE, "mx-not-in-policy")
                 continue
+            failures = self.stats.connect_failures
             self.try_route(route)
-            if self.port25 is not None and self.pending() and self.port25_blocked(exchanges):
-                break                                   # just concluded: the rest go to the relay now
+            if self.port25 is not None and self.pending():
+                if self.port25_blocked(exchanges):
+                    break                               # just concluded: the rest go to the relay now
+                if self.stats.connect_failures > failures and self.port25_suspected():
+                    break                               # the relay now: if it works, that concludes it
         if self.relay_on and self.pending() and not self.expired():
             for route in self.relay_routes():
                 if not self.pending() or self.expired():

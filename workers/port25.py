@@ -18,6 +18,13 @@ evidence.  The one caller whose record concluded it logs a warning, once
 for the whole fleet; ``blocked()`` is then the state (``since``, ``kind``,
 counts), shown by ``mxq queue`` and the ``mxq_port25_blocked`` metric.
 
+Before that, while the evidence is there but the relay has not been seen
+working within the window (deliveries across the fleet all still waiting on
+their exchanges), a run whose own connect just failed that way is
+``suspected()``: it tries the relay at once rather than its remaining
+exchanges, and when the relay works that concludes it -- so the first wave
+of mail pays one connect timeout, not one per exchange.
+
 While blocked, delivery skips the exchanges (the MX lookup still runs, so a
 non-existent domain still bounces) and gives the pending recipients to the
 relay at once: no connect timeout at all.  Every ``probe_interval`` seconds
@@ -72,7 +79,9 @@ class Port25State(Protocol):
     """Where the evidence and the verdict live; every method is atomic and never raises for storage trouble.
 
     ``failure`` records one failed connect and returns the new state when
-    this very call concluded "blocked" (else None); ``relay_ok`` notes that
+    this very call concluded "blocked" (else None); ``suspected`` returns
+    what ``conclude`` would say of the evidence in the window if the relay
+    had worked (None: not enough of it); ``relay_ok`` notes that
     the relay worked and may conclude likewise; ``success`` wipes the
     evidence and the state, returning the state it cleared (None when not
     blocked); ``blocked`` returns the state or None; ``claim_probe`` is true
@@ -83,6 +92,8 @@ class Port25State(Protocol):
     def failure(self, kind: str, ip: str, domain: str, now: float, t: Thresholds) -> dict | None: ...
 
     def relay_ok(self, now: float, t: Thresholds) -> dict | None: ...
+
+    def suspected(self, now: float, t: Thresholds) -> dict | None: ...
 
     def success(self) -> dict | None: ...
 
@@ -140,6 +151,10 @@ class MemoryPort25State:
         with self._lock:
             self._relay_at = now
             return self._conclude(now, t)
+
+    def suspected(self, now: float, t: Thresholds) -> dict | None:
+        with self._lock:
+            return conclude(list(self._events.values()), now, now, t)
 
     def success(self) -> dict | None:
         with self._lock:
@@ -227,6 +242,10 @@ class Port25:
         cleared = self.state.success()
         if cleared is not None:
             log.warning("port 25 reachable again: connected to %s; delivering to exchanges directly", ip)
+
+    def suspected(self) -> dict | None:
+        """Enough failed connects for "blocked", the relay not seen working yet: worth trying the relay now."""
+        return self.state.suspected(self.clock(), self.thresholds)
 
     def relay_worked(self) -> None:
         """The relay accepted a session: with enough evidence this concludes "blocked"."""
