@@ -74,7 +74,7 @@ def tls(tmp_path_factory):
     return make_tls("mta-sts.ok.sts.test", "mta-sts.id.sts.test", "mta-sts.slow.sts.test",
                     "mta-sts.big.sts.test", "mta-sts.html.sts.test", "mta-sts.moved.sts.test",
                     "mta-sts.gone.sts.test", "mta-sts.trickle.sts.test", "mta-sts.bad.sts.test", "mta-sts.gone2.sts.test",
-                    "mta-sts.slowhead.sts.test", "mta-sts.cut.sts.test",
+                    "mta-sts.slowhead.sts.test", "mta-sts.cut.sts.test", "mta-sts.dnsdown.sts.test",
                     directory=tmp_path_factory.mktemp("sts-ca"))
 
 
@@ -235,6 +235,32 @@ def test_lookup_failure_is_remembered_and_the_cached_policy_stays(dns_server, we
     now[0] += 301
     fresh.lookup("gone2.sts.test")
     assert len(web.requests) == asked + 1
+
+
+def test_a_txt_lookup_that_fails_is_not_repeated_by_every_delivery(dns_server, web, tls, resolver):
+    """The domain's DNS never answers for ``_mta-sts`` (its MX lookups work): the first lookup waits for the
+    DNS deadline; later ones within five minutes do not wait again (RFC 2308 lets a server failure be
+    remembered that long) -- a cached policy stays in force meanwhile, and after it the TXT is asked again."""
+    serve(dns_server, "dnsdown.sts.test", txt="v=STSv1; id=d1;")
+    web.set("dnsdown.sts.test", policy_text("enforce", "mx.dnsdown.sts.test"))
+    now = [1000.0]
+    cache = MemoryPolicyCache(clock=lambda: now[0])
+    sts = MTASTS(resolver, cache, tls_context=tls.client_context, clock=lambda: now[0], timeout=1.0)
+    assert sts.lookup("dnsdown.sts.test").mode == "enforce"
+    dns_server.add({"_mta-sts.dnsdown.sts.test": {"TIMEOUT": True}})
+    sts.resolver = Resolver(resolver.settings)            # the TXT answer is no longer cached
+    t0 = time.monotonic()
+    assert sts.lookup("dnsdown.sts.test").mode == "enforce"   # the cached policy, after the DNS deadline
+    first = time.monotonic() - t0
+    assert first >= 0.5
+    t0 = time.monotonic()
+    for _ in range(3):
+        assert sts.lookup("dnsdown.sts.test").mode == "enforce"
+    assert time.monotonic() - t0 < 0.3, "every lookup waited for the DNS again"
+    asked = dns_server.queries("_mta-sts.dnsdown.sts.test", "TXT")
+    now[0] += 301
+    sts.lookup("dnsdown.sts.test")
+    assert dns_server.queries("_mta-sts.dnsdown.sts.test", "TXT") > asked     # asked again after 5 minutes
 
 
 def test_no_txt_record_means_no_policy_and_no_fetch(dns_server, web, tls, resolver):

@@ -33,7 +33,8 @@ Discovery and fetching (RFC 8461 sections 3 and 5):
   broken policy host costs one fetch per five minutes, not one per delivery.
   No TXT record (or a failed TXT lookup) with a cached policy: the cached
   policy applies until it expires (section 5.1: removing the record does not
-  revoke a policy);
+  revoke a policy).  A TXT lookup that failed (timeout, SERVFAIL) is not
+  repeated for ``failure_retry`` seconds either (remembered in process);
 - failures (RFC 8460 names): ``sts-webpki-invalid`` (the policy host's
   certificate does not verify), ``sts-policy-invalid`` (not text/plain, too
   large, does not parse), ``sts-policy-fetch-error`` (anything else: no
@@ -299,6 +300,35 @@ class MemoryPolicyCache:
             self._failures.clear()
 
 
+class _Expiring:
+    """Process-wide ``key -> until`` (``MTASTS.clock`` seconds), thread-safe, at most ``max_entries`` (LRU)."""
+
+    def __init__(self, max_entries: int = 10_000):
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._until: OrderedDict[str, float] = OrderedDict()
+
+    def get(self, key: str, now: float) -> bool:
+        with self._lock:
+            until = self._until.get(key)
+            if until is None:
+                return False
+            if until <= now:
+                del self._until[key]
+                return False
+            return True
+
+    def put(self, key: str, until: float) -> None:
+        with self._lock:
+            self._until[key] = until
+            self._until.move_to_end(key)
+            while len(self._until) > self.max_entries:
+                self._until.popitem(last=False)
+
+
+#: Domains whose ``_mta-sts`` TXT lookup failed lately (timeout, SERVFAIL), in this process.
+_txt_failures = _Expiring()
+
 _default_cache: MemoryPolicyCache | None = None
 _default_lock = threading.Lock()
 
@@ -498,10 +528,17 @@ class MTASTS:
             return Lookup(domain)                     # an address literal has no policy
         cached = self.cache.get(domain)
         policy = cached[0] if cached is not None else None
+        if _txt_failures.get(domain, self.clock()):
+            return Lookup(domain, policy)             # the TXT lookup failed lately: the cached policy, if any
         try:
             ident = parse_txt(self.resolver.txt(f"_mta-sts.{domain}", deadline=time.monotonic() + self.timeout))
         except DNSError:
-            ident = None                              # a failed lookup: the cached policy, if any
+            # A failed lookup: the cached policy, if any.  Remembered in this process for
+            # failure_retry (RFC 2308 lets a server failure be cached up to 5 minutes), so a
+            # domain whose DNS does not answer for _mta-sts does not hold up every delivery for
+            # the DNS deadline (in process: no Redis command per delivery run for it).
+            _txt_failures.put(domain, self.clock() + self.failure_retry)
+            return Lookup(domain, policy)
         if ident is None or (policy is not None and policy.id == ident):
             return Lookup(domain, policy)
         failed = self.cache.get_failure(domain)
