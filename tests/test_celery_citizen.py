@@ -153,3 +153,58 @@ def test_pointing_the_app_away_and_back_keeps_publishing(redis_server, monkeypat
     finally:
         ca.close()
         cb.close()
+
+
+def test_two_default_mxq_workers_are_one_node_per_process_in_flower_and_log_deliveries(
+        redis_server, dns_server, tmp_path):
+    """``mxq worker`` as users run it (the supervisor: one gevent Celery worker per process,
+    ``--processes 2``, no --hostname, no --loglevel), twice on one host: Flower lists the 4
+    worker processes under 4 distinct node names, ``mxq-<pid>-<i>@<host>``; a delivery logs its
+    Postfix-style line at INFO."""
+    from mxq.sandbox.smtpd import Behaviour, start_server
+
+    redis = redis_server()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    dns_server.add({"flower.citizen.test": {"MX": [[10, "mx.flower.citizen.test"]]},
+                    "mx.flower.citizen.test": {"A": ["127.0.75.40"]}})
+    srv = start_server("127.0.75.40", 25, Behaviour(hostname="mx.flower.citizen.test"))
+    env = {k: v for k, v in os.environ.items() if k not in ("MXQ_LOG_LEVEL",)}
+    env.update({"MXQ_REDIS_URL": redis.url, "FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}",
+                "MXQ_HELO_NAME": "client.citizen.test", "MXQ_CONNECT_TIMEOUT": "2"})
+    logs = {n: tmp_path / f"{n}.log" for n in ("w1", "w2", "flower")}
+    try:
+        with child([MXQ, "worker", "--processes", "2", "-c", "20"], env, logs["w1"]) as w1, \
+             child([MXQ, "worker", "--processes", "2", "-c", "20"], env, logs["w2"]) as w2, \
+             child([MXQ, "flower", "--address=127.0.0.1", f"--port={port}"], env, logs["flower"]) as flower:
+            procs = [(w1, logs["w1"]), (w2, logs["w2"]), (flower, logs["flower"])]
+
+            def workers():
+                for proc, log in procs:
+                    alive(proc, log)
+                try:
+                    code, body = http(base + "/api/workers?refresh=1", timeout=10)
+                except OSError:
+                    return None
+                nodes = sorted(json.loads(body or "{}")) if code == 200 else []
+                return nodes if len(nodes) == 4 else None
+            nodes = wait_until(workers, 90, "four worker processes in Flower's /api/workers", interval=0.5)
+            host = os.uname().nodename
+            assert nodes == sorted(f"mxq-{p.pid}-{i}@{host}" for p in (w1, w2) for i in (1, 2)), nodes
+
+            r = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+                import mxq.tasks
+                print(mxq.tasks.submit(b"From: a@app.citizen.test\\r\\nTo: u@flower.citizen.test\\r\\n"
+                                       b"Subject: x\\r\\n\\r\\nhi\\r\\n"))
+            """)], env=env, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            srv.wait_for_messages(1, timeout=30)
+            line = "to=<u@flower.citizen.test>"
+
+            def logged():
+                text = logs["w1"].read_text(errors="replace") + logs["w2"].read_text(errors="replace")
+                return [x for x in text.splitlines() if line in x] or None
+            (entry, *_) = wait_until(logged, 15, "the delivery line in a worker's log")
+            assert "INFO" in entry and "status=sent" in entry, entry
+    finally:
+        srv.stop()
