@@ -144,6 +144,11 @@ def test_outside_app_context_uses_the_bound_app(pipeline, monkeypatch):
     app, mail = make_app(p.url)
     job = mail.send(welcome(f"c@{RCPT}", "C"))          # no app context: Mxq(app)'s config
     assert stored_jobs(p) == [job]
+    # mxq.tasks.status() in the app's context reads app.config's Redis too (the environment's is dead)
+    with app.app_context():
+        from mxq import settings as registry
+        assert registry.current().origin("MXQ_REDIS_URL") == "Flask app.config"
+        assert tasks.status(job)["recipients"][0]["address"] == f"c@{RCPT}"
     with pytest.raises(RuntimeError, match="not initialised"):
         Mxq().send(welcome(f"c@{RCPT}", "C"))
 
