@@ -170,10 +170,11 @@ def _publish(jobs: list[JobSpec], s: PipelineSettings) -> list[str]:
     from .app import bind
 
     bind(s)                     # the Celery app on the configured Redis (Django/Flask may set it late)
-    # Fail fast: this store's client gives up on an unreachable Redis after MXQ_SUBMIT_TIMEOUT.
-    store = get_submit_store(s)
     hooks = webhooks.current()          # a bad MXQ_WEBHOOK_* setting is refused here (ValueError)
     try:
+        # Fail fast: this store's client gives up on an unreachable Redis after MXQ_SUBMIT_TIMEOUT
+        # (and, at the process's first use of this Redis, refuses one that can evict: RedisUnfit).
+        store = get_submit_store(s)
         # Suppressed recipients (mxq.tasks.suppress) become final here, before storing:
         # one MGET for the whole batch.
         if suppress.apply(jobs, store.r):

@@ -1620,7 +1620,7 @@ def get_submit_store(settings: PipelineSettings | None = None) -> Store:
     st = _stores.get(key)
     if st is None or st.settings != settings:
         st = _stores[key] = Store(make_client(settings.redis_url, deadline=settings.submit_timeout), settings)
-    _check_once((os.getpid(), settings.redis_url), st)
+    _check_once((os.getpid(), settings.redis_url), st, unreachable_ok=False)
     return st
 
 
@@ -1640,13 +1640,19 @@ def get_store(settings: PipelineSettings | None = None) -> Store:
     return st
 
 
-def _check_once(key: tuple[int, str], st: Store) -> None:
-    """``check_redis`` the first time this process uses that Redis (``RedisUnfit`` raised)."""
+def _check_once(key: tuple[int, str], st: Store, *, unreachable_ok: bool = True) -> None:
+    """``check_redis`` at a process's first use of a Redis (``RedisUnfit`` raised to the caller).
+
+    An unreachable Redis is checked next time; ``unreachable_ok=False`` (the producer's store,
+    whose client gives up after ``MXQ_SUBMIT_TIMEOUT``) raises the connection error at once,
+    so a submission fails within one timeout, not two.
+    """
     if key not in _checked:
         try:
             check_redis(st.r, warn=False)
         except TRANSIENT_REDIS_ERRORS:
-            pass                # unreachable now: the caller's own command says so; checked next time
+            if not unreachable_ok:
+                raise
         else:
             _checked.add(key)
 
