@@ -27,6 +27,26 @@
     time.  A flush of everything also clears the exchanges' failure memory
     (``mxq:down:*``), so an exchange marked down is tried again at once.
 
+``mxq queue hold JOB|--domain D`` / ``mxq queue release JOB|--domain D``
+    Like ``postsuper -h`` / ``-H``.  Hold: every recipient of the job not final
+    yet (or every one waiting for the domain now: ready, deferred, in flight,
+    in a job not split yet -- mail submitted afterwards is not held; that is
+    ``suspend``) is not attempted until released, by any worker.  Its work items
+    are parked in ``mxq:held``; a transaction under way completes and what is
+    left of it is parked when next claimed.  As in Postfix, held mail does not
+    expire while it is held; released, it goes to the back of its ready lists
+    and is attempted at once, and ``MXQ_MAX_LIFETIME`` (counted from the
+    submission) applies again: mail held longer than that gets one attempt and
+    expires if it is deferred.
+
+``mxq queue suspend DOMAIN [--duration TIME] [--reason TEXT]`` / ``mxq queue resume DOMAIN``
+    Like KumoMTA's ``kcli suspend``: delivery to the domain stops on every
+    worker (``mxq:suspend:{domain}``).  Its mail stays queued (deferred mail
+    joins the ready list when due) and does not expire meanwhile; no task is
+    published for it and no connection opened, so it holds no worker; a
+    connection under way ends after its current chunk.  ``resume`` (or the end
+    of ``--duration``, through the scheduler) delivers it.
+
 ``mxq queue drop JOB|DOMAIN [--yes]``
     Give up on every recipient of a job (a 32-hex job id), or on every
     recipient waiting for a domain (ready, deferred, in flight, or in a job
@@ -55,12 +75,14 @@
 
 Exit statuses (sysexits, as the other commands): 0 done, 1 drop not
 confirmed, 64 usage, 65 a malformed address or domain, 66 unknown job / not
-suppressed, 75 Redis unreachable, 78 a malformed ``MXQ_*`` setting.
+suppressed / not on hold / not suspended, 75 Redis unreachable, 78 a malformed
+``MXQ_*`` setting.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import time
@@ -163,8 +185,10 @@ if domains then
       for _, wid in ipairs(work_items(job, d, idx, {})) do
         removed = removed + redis.call('LREM', P .. 'ready:' .. d, 0, wid)
         removed = removed + redis.call('ZREM', P .. 'deferred', wid)
+        removed = removed + redis.call('ZREM', P .. 'held', wid)
       end
     end
+    redis.call('SREM', P .. 'hold:' .. d, job)
   end
 end
 redis.call('ZREM', P .. 'intake', job)
@@ -195,6 +219,14 @@ for _, wid in ipairs(redis.call('ZRANGE', P .. 'deferred', 0, -1)) do
   if lane_of(wid) == d then table.insert(gone, wid); table.insert(items, wid) end
 end
 if #gone > 0 then push('ZREM', P .. 'deferred', gone) end
+removed = removed + #gone
+-- on hold (mxq queue hold)
+gone = {}
+for _, wid in ipairs(redis.call('ZRANGE', P .. 'held', 0, -1)) do
+  if lane_of(wid) == d then table.insert(gone, wid); table.insert(items, wid) end
+end
+if #gone > 0 then push('ZREM', P .. 'held', gone) end
+redis.call('DEL', P .. 'hold:' .. d)
 removed = removed + #gone
 local inflight = 0
 for _, token in ipairs(redis.call('ZRANGE', P .. 'lease', 0, -1)) do
@@ -262,6 +294,200 @@ return {moved, dispatch(lanes, now, k, maxpar, false, {})}
 """
 
 
+# ---- hold / release (postsuper -h / -H) and suspend / resume (kcli suspend) ----
+# A job's recipients in one domain are on hold when the job hash has h:{domain} = 1 (and the
+# job is in mxq:hold:{domain}); their work items waiting on a ready list or in the deferred
+# queue are parked in mxq:held at once, and any other (in flight now, not split yet) is parked
+# by the claim that pops it (mxq.tasks.store's _CLAIM reads h:{lane} with the records).  A
+# parked item is never claimed, retried or expired until it is released.
+_HOLD_LIB = r"""
+local FINAL = {delivered = true, bounced = true, expired = true, suppressed = true, dropped = true}
+-- How many of the recipients idx ('0,1,...') of the job hash jk are not final.
+local function pending_in(jk, idx)
+  local ids, n = split(idx, ','), 0
+  for c = 1, #ids, 1000 do
+    local fields = {}
+    for j = c, math.min(c + 999, #ids) do table.insert(fields, 'r:' .. ids[j]) end
+    for _, raw in ipairs(redis.call('HMGET', jk, unpack(fields))) do
+      if raw and not FINAL[cjson.decode(raw).state] then n = n + 1 end
+    end
+  end
+  return n
+end
+local function mark(job, d)
+  redis.call('HSET', P .. 'job:' .. job, 'h:' .. d, '1')
+  redis.call('SADD', P .. 'hold:' .. d, job)
+end
+-- Park work items (in this order) in mxq:held.
+local _seq = 0
+local function park(wids, now)
+  for _, wid in ipairs(wids) do
+    _seq = _seq + 1
+    redis.call('ZADD', P .. 'held', 'NX', now + _seq / 1000000, wid)
+  end
+end
+-- Work items of batches in flight: {lane, {job = true, ...}, count} per matching batch.
+local function in_flight(match)
+  local n, jobs = 0, {}
+  for _, token in ipairs(redis.call('ZRANGE', P .. 'lease', 0, -1)) do
+    local b = redis.call('GET', P .. 'batch:' .. token)
+    if b then
+      local held = split(b, '\n')
+      for i = 2, #held do
+        local job = string.sub(held[i], 1, (string.find(held[i], '|', 1, true) or 1) - 1)
+        if match(held[1], job) then n = n + 1; jobs[job] = true end
+      end
+    end
+  end
+  return n, jobs
+end
+"""
+
+# ARGV: now, job.  Returns {recipients put on hold (-1: unknown job), items parked, items in flight}.
+_HOLD_JOB = r"""
+local now, job = tonumber(ARGV[1]), ARGV[2]
+local jk = P .. 'job:' .. job
+if redis.call('EXISTS', jk) == 0 then return {-1, 0, 0} end
+local n, parked = 0, 0
+local domains = redis.call('HGET', jk, 'domains')
+for _, d in ipairs(domains and split(domains, ',') or {}) do
+  local idx = redis.call('HGET', jk, 'd:' .. d)
+  if idx then
+    local p = pending_in(jk, idx)
+    if p > 0 then
+      n = n + p
+      mark(job, d)
+      local wids = {}
+      for _, wid in ipairs(work_items(job, d, idx, {})) do
+        if redis.call('LREM', P .. 'ready:' .. d, 0, wid) > 0 or redis.call('ZREM', P .. 'deferred', wid) == 1 then
+          table.insert(wids, wid)
+        end
+      end
+      park(wids, now)
+      parked = parked + #wids
+    end
+  end
+end
+local inflight = in_flight(function(_, j) return j == job end)
+return {n, parked, inflight}
+"""
+
+# ARGV: now, domain.  Every message waiting for the domain now (ready, deferred, in flight, not
+# split yet) is put on hold; mail submitted afterwards is not (that is mxq queue suspend).
+# Returns {recipients put on hold, items parked, items in flight}.
+_HOLD_DOMAIN = r"""
+local now, d = tonumber(ARGV[1]), ARGV[2]
+local found, jobs = {}, {}
+local function note(job) if not found[job] then found[job] = true; table.insert(jobs, job) end end
+local waiting = redis.call('LRANGE', P .. 'ready:' .. d, 0, -1)
+local gone = {}
+for _, wid in ipairs(redis.call('ZRANGE', P .. 'deferred', 0, -1)) do
+  if lane_of(wid) == d then table.insert(gone, wid); table.insert(waiting, wid) end
+end
+local inflight, busy = in_flight(function(lane, _) return lane == d end)
+for job in pairs(busy) do note(job) end
+for _, wid in ipairs(waiting) do note(string.sub(wid, 1, string.find(wid, '|', 1, true) - 1)) end
+for _, job in ipairs(redis.call('ZRANGE', P .. 'intake', 0, -1)) do
+  if redis.call('HEXISTS', P .. 'job:' .. job, 'd:' .. d) == 1 then note(job) end
+end
+local n, live = 0, {}
+for _, job in ipairs(jobs) do
+  local jk = P .. 'job:' .. job
+  local idx = redis.call('HGET', jk, 'd:' .. d)
+  local p = idx and pending_in(jk, idx) or 0
+  if p > 0 then n = n + p; live[job] = true; mark(job, d) end
+end
+-- Park what waits; an item of a job with nothing left in d (or expired) would do nothing: let go.
+local parked = {}
+for _, wid in ipairs(waiting) do
+  if live[string.sub(wid, 1, string.find(wid, '|', 1, true) - 1)] then table.insert(parked, wid) end
+end
+redis.call('DEL', P .. 'ready:' .. d)
+redis.call('ZREM', P .. 'dispatch', d)
+if #gone > 0 then push('ZREM', P .. 'deferred', gone) end
+park(parked, now)
+return {n, #parked, inflight}
+"""
+
+# ARGV: now, k, maxpar, job.  Returns {domains that were on hold (-1: unknown job), recipients
+# released, items back on their ready lists, dispatch}.
+_RELEASE_JOB = r"""
+local now, k, maxpar, job = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local jk = P .. 'job:' .. job
+if redis.call('EXISTS', jk) == 0 then return {-1, 0, 0, {}} end
+local marked, n, moved, lanes = 0, 0, 0, {}
+local domains = redis.call('HGET', jk, 'domains')
+for _, d in ipairs(domains and split(domains, ',') or {}) do
+  local idx = redis.call('HGET', jk, 'd:' .. d)
+  if redis.call('HDEL', jk, 'h:' .. d) == 1 then
+    marked = marked + 1
+    if idx then n = n + pending_in(jk, idx) end
+  end
+  redis.call('SREM', P .. 'hold:' .. d, job)
+  if idx then
+    local back = {}
+    for _, wid in ipairs(work_items(job, d, idx, {})) do
+      if redis.call('ZREM', P .. 'held', wid) == 1 then table.insert(back, wid) end
+    end
+    if #back > 0 then
+      push('RPUSH', P .. 'ready:' .. d, back)
+      moved = moved + #back
+      table.insert(lanes, d)
+    end
+  end
+end
+return {marked, n, moved, dispatch(lanes, now, k, maxpar, false, {})}
+"""
+
+# ARGV: now, k, maxpar, domain.  Returns {jobs that were on hold, recipients released, items back
+# on the ready list, dispatch}.
+_RELEASE_DOMAIN = r"""
+local now, k, maxpar, d = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local jobs = redis.call('SMEMBERS', P .. 'hold:' .. d)
+redis.call('DEL', P .. 'hold:' .. d)
+local n = 0
+for _, job in ipairs(jobs) do
+  local jk = P .. 'job:' .. job
+  if redis.call('HDEL', jk, 'h:' .. d) == 1 then
+    local idx = redis.call('HGET', jk, 'd:' .. d)
+    if idx then n = n + pending_in(jk, idx) end
+  end
+end
+local back = {}
+for _, wid in ipairs(redis.call('ZRANGE', P .. 'held', 0, -1)) do
+  if lane_of(wid) == d then table.insert(back, wid) end
+end
+if #back > 0 then
+  push('ZREM', P .. 'held', back)
+  push('RPUSH', P .. 'ready:' .. d, back)
+end
+return {#jobs, n, #back, dispatch({d}, now, k, maxpar, false, {})}
+"""
+
+# ARGV: domain, value (JSON), milliseconds (0: until resumed), expires (the caller's clock; 0: none).
+# Returns 1 when the domain was suspended already (its suspension replaced), else 0.
+_SUSPEND = r"""
+local d, value, ms, expires = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local key = P .. 'suspend:' .. d
+local was = redis.call('EXISTS', key)
+if ms > 0 then redis.call('SET', key, value, 'PX', ms) else redis.call('SET', key, value) end
+redis.call('SADD', P .. 'suspended', d)
+redis.call('ZREM', P .. 'dispatch', d)
+if expires > 0 then redis.call('ZADD', P .. 'throttled', expires, d) else redis.call('ZREM', P .. 'throttled', d) end
+return was
+"""
+
+# ARGV: now, k, maxpar, domain.  Returns {1 if it was suspended, dispatch}.  The running-task count
+# is taken again (force): nothing published before the suspension is waited for.
+_RESUME = r"""
+local now, k, maxpar, d = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local was = redis.call('DEL', P .. 'suspend:' .. d)
+redis.call('SREM', P .. 'suspended', d)
+redis.call('ZREM', P .. 'throttled', d)
+return {was, dispatch({d}, now, k, maxpar, true, {})}
+"""
+
+
 # ---------------------------------------------------------------- the operations (API)
 class Admin:
     """Queue inspection and surgery on a ``mxq.tasks.store.Store`` (what the commands run)."""
@@ -276,6 +502,12 @@ class Admin:
         self._drop_domain = self.r.register_script(_PRELUDE + _DROP_LIB + _DROP_DOMAIN)
         self._flush = self.r.register_script(_PRELUDE + _FLUSH)
         self._flush_job = self.r.register_script(_PRELUDE + _FLUSH_JOB)
+        self._hold_job = self.r.register_script(_PRELUDE + _HOLD_LIB + _HOLD_JOB)
+        self._hold_domain = self.r.register_script(_PRELUDE + _HOLD_LIB + _HOLD_DOMAIN)
+        self._release_job = self.r.register_script(_PRELUDE + _HOLD_LIB + _RELEASE_JOB)
+        self._release_domain = self.r.register_script(_PRELUDE + _HOLD_LIB + _RELEASE_DOMAIN)
+        self._suspend = self.r.register_script(_PRELUDE + _SUSPEND)
+        self._resume = self.r.register_script(_PRELUDE + _RESUME)
 
     # -------------------------------------------------------- postqueue -p / postcat
     def where(self) -> dict[str, dict[str, str]]:
@@ -301,6 +533,8 @@ class Admin:
                     break
         for wid in r.zrange("mxq:deferred", 0, -1):
             note(_s(wid), "deferred")
+        for wid in r.zrange("mxq:held", 0, -1):
+            note(_s(wid), "held")
         leases = r.zrange("mxq:lease", 0, -1)
         if leases:
             pipe = r.pipeline(transaction=False)
@@ -317,9 +551,9 @@ class Admin:
     def listing(self, *, domain: str | None = None, state: str | None = None, now: float | None = None) -> list[dict]:
         """The jobs in the queue, oldest first, each with its recipients not final yet (``mxq queue list``).
 
-        A recipient's ``state`` here is ``active`` while its delivery is in flight, else its
-        record's (``queued``, ``deferred``).  ``domain`` and ``state`` filter recipients (a job
-        without any left is not listed).
+        A recipient's ``state`` here is ``active`` while its delivery is in flight, ``held``
+        while it is on hold (``mxq queue hold``), else its record's (``queued``, ``deferred``).
+        ``domain`` and ``state`` filter recipients (a job without any left is not listed).
         """
         from .store import FINAL_STATES
 
@@ -330,12 +564,15 @@ class Admin:
             if found is None:
                 continue
             meta, records = found
+            holds = self.holds(job, {rec.get("domain") for rec in records.values()})
             rows = []
             for i in sorted(records):
                 rec = records[i]
                 if rec.get("state") in FINAL_STATES:
                     continue
-                shown = "active" if places.get(rec.get("domain")) == "active" else rec.get("state")
+                place = places.get(rec.get("domain"))
+                shown = ("active" if place == "active" else
+                         "held" if place == "held" or rec.get("domain") in holds else rec.get("state"))
                 if (domain and rec.get("domain") != domain) or (state and shown != state):
                     continue
                 rows.append({"address": rec.get("address"), "domain": rec.get("domain"), "state": shown,
@@ -357,7 +594,7 @@ class Admin:
         per: dict[str, dict] = {}
 
         def row(lane: str) -> dict:
-            return per.setdefault(lane, {"domain": lane, "ready": 0, "in_flight": 0, "deferred": 0,
+            return per.setdefault(lane, {"domain": lane, "ready": 0, "in_flight": 0, "deferred": 0, "held": 0,
                                          "recipients": 0})
 
         def count(lane: str, wid: str, state: str) -> None:
@@ -387,10 +624,16 @@ class Admin:
         deferred = [(_s(w), due) for w, due in r.zrange("mxq:deferred", 0, -1, withscores=True)]
         for wid, _ in deferred:
             count(_lane_of(wid), wid, "deferred")
+        for wid in r.zrange("mxq:held", 0, -1):
+            count(_lane_of(_s(wid)), _s(wid), "held")
         special = {k: per.pop(k) for k in ("!r", "!w") if k in per}
-        domains = sorted(per.values(), key=lambda x: (-(x["ready"] + x["in_flight"] + x["deferred"]), x["domain"]))
-        totals = {s: sum(x[s] for x in domains) for s in ("ready", "in_flight", "deferred", "recipients")}
+        for x in special.values():
+            x.pop("held", None)
+        domains = sorted(per.values(), key=lambda x: (-(x["ready"] + x["in_flight"] + x["deferred"] + x["held"]),
+                                                      x["domain"]))
+        totals = {s: sum(x[s] for x in domains) for s in ("ready", "in_flight", "deferred", "held", "recipients")}
         doc = {"time": now, "totals": totals, "domains": domains, "intake": r.zcard("mxq:intake"),
+               "suspended": self.suspended(now=now),
                "reports": {s: special.get("!r", {}).get(s, 0) for s in ("ready", "in_flight")},
                "webhooks": {s: special.get("!w", {}).get(s, 0) for s in ("ready", "in_flight", "deferred")},
                "oldest_deferred": self._oldest([(w, d) for w, d in deferred if not w.startswith("!")], oldest, now),
@@ -486,6 +729,96 @@ class Admin:
                     ips.add(json.loads(raw)["ip"])
         return ips
 
+    # -------------------------------------------------------- hold / release (postsuper -h / -H)
+    def holds(self, job: str, domains) -> set[str]:
+        """The domains whose recipients of ``job`` are on hold."""
+        domains = [d for d in domains if d]
+        if not domains:
+            return set()
+        flags = self.r.hmget("mxq:job:" + job, [f"h:{d}" for d in domains])
+        return {d for d, f in zip(domains, flags) if f}
+
+    def hold_job(self, job: str, *, now: float | None = None) -> dict | None:
+        """Put every recipient of ``job`` not final yet on hold; None when the job is unknown.
+
+        ``{"held": recipients, "parked": work items taken off the ready lists and the deferred
+        queue, "in_flight": work items being delivered now}``: a transaction under way completes,
+        and what is left of it afterwards is held.
+        """
+        now = time.time() if now is None else now
+        n, parked, inflight = self._hold_job(args=[now, job])
+        if int(n) < 0:
+            return None
+        return {"held": int(n), "parked": int(parked), "in_flight": int(inflight)}
+
+    def hold_domain(self, domain: str, *, now: float | None = None) -> dict:
+        """Put every recipient waiting for ``domain`` now on hold (ready, deferred, in flight, not split yet)."""
+        now = time.time() if now is None else now
+        n, parked, inflight = self._hold_domain(args=[now, domain])
+        return {"held": int(n), "parked": int(parked), "in_flight": int(inflight)}
+
+    def release_job(self, job: str, *, now: float | None = None) -> dict | None:
+        """Release ``job`` from hold: its parked work goes to the back of its ready lists at once.
+
+        None when the job is unknown; ``{"was_held": domains that were on hold, "released":
+        recipients, "moved": work items, "dispatch": [...]}``.
+        """
+        now = time.time() if now is None else now
+        s = self.settings
+        marked, n, moved, disp = self._release_job(args=[now, s.batch_size, s.domain_concurrency, job])
+        if int(marked) < 0:
+            return None
+        return {"was_held": int(marked), "released": int(n), "moved": int(moved), "dispatch": _pairs(disp)}
+
+    def release_domain(self, domain: str, *, now: float | None = None) -> dict:
+        """Release every held recipient of ``domain``; ``{"was_held": jobs, "released", "moved", "dispatch"}``."""
+        now = time.time() if now is None else now
+        s = self.settings
+        jobs, n, moved, disp = self._release_domain(args=[now, s.batch_size, s.domain_concurrency, domain])
+        return {"was_held": int(jobs), "released": int(n), "moved": int(moved), "dispatch": _pairs(disp)}
+
+    # -------------------------------------------------------- suspend / resume (kcli suspend)
+    def suspend(self, domain: str, *, duration: float | None = None, reason: str = "",
+                now: float | None = None) -> dict:
+        """Suspend delivery to ``domain`` fleet-wide, for ``duration`` seconds or until resumed.
+
+        Its mail stays queued (ready, deferred mail joining it when due); no task is published
+        for it and no connection opened; a connection under way ends after its current chunk.
+        Returns the suspension (``since``, ``expires`` or None, ``reason``, ``replaced``).
+        """
+        now = time.time() if now is None else now
+        expires = now + duration if duration else None
+        value = {"since": now, "expires": expires, "reason": reason}
+        was = self._suspend(args=[domain, json.dumps(value), int(math.ceil(duration * 1000)) if duration else 0,
+                                  repr(expires) if expires else 0])
+        return dict(value, domain=domain, replaced=bool(int(was)))
+
+    def resume(self, domain: str, *, now: float | None = None) -> tuple[bool, list]:
+        """End ``domain``'s suspension; ``(was suspended, dispatch)`` -- its ready mail gets tasks at once."""
+        now = time.time() if now is None else now
+        s = self.settings
+        was, disp = self._resume(args=[now, s.batch_size, s.domain_concurrency, domain])
+        return bool(int(was)), _pairs(disp)
+
+    def suspended(self, *, now: float | None = None) -> list[dict]:
+        """Every suspended domain: ``{domain, since, expires (None: until resumed), reason}``, by domain."""
+        out, ended = [], []
+        lanes = sorted(_s(x) for x in self.r.smembers("mxq:suspended"))
+        values = self.r.mget([f"mxq:suspend:{d}" for d in lanes]) if lanes else []
+        for domain, raw in zip(lanes, values):
+            if raw is None:             # a suspension whose duration is over
+                ended.append(domain)
+                continue
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                value = {}
+            out.append({"domain": domain, "since": value.get("since"), "expires": value.get("expires"),
+                        "reason": value.get("reason") or ""})
+        if ended:
+            self.r.srem("mxq:suspended", *ended)
+        return out
+
     # -------------------------------------------------------- drop
     def _drop_args(self, now: float | None) -> list:
         from . import webhooks
@@ -537,7 +870,8 @@ def add_commands(group) -> None:
     def ns(**kw):
         return argparse.Namespace(**kw)
 
-    @click.group("queue", invoke_without_command=True, short_help="the mail queue: summary, list, show, flush, drop",
+    @click.group("queue", invoke_without_command=True,
+                 short_help="the mail queue: summary, list, show, flush, hold, release, suspend, resume, drop",
                  context_settings=ctx_settings)
     @click.option("--json", "json", is_flag=True, help="Print the queue as one JSON document.")
     @click.option("--oldest", type=int, default=5, show_default=True, metavar="N",
@@ -552,8 +886,8 @@ def add_commands(group) -> None:
 
     @queue.command("list", short_help="the jobs in the queue (postqueue -p)", context_settings=ctx_settings)
     @click.option("--domain", metavar="DOMAIN", help="Only recipients of this domain.")
-    @click.option("--state", type=click.Choice(["queued", "deferred", "active"]),
-                  help="Only recipients in this state (active: being delivered now).")
+    @click.option("--state", type=click.Choice(["queued", "deferred", "active", "held"]),
+                  help="Only recipients in this state (active: being delivered now; held: on hold).")
     @click.option("--json", "json", is_flag=True, help="Print a JSON list of jobs.")
     def list_jobs(domain, state, json):
         """The jobs waiting, oldest first, like postqueue -p: id, size, age, sender, and each
@@ -577,6 +911,43 @@ def add_commands(group) -> None:
         to its ready lists and publish the tasks for it; without an argument also forget which
         exchanges were down."""
         return run_flush(ns(domain=domain, json=json))
+
+    @queue.command("hold", context_settings=ctx_settings)
+    @click.argument("target", required=False, metavar="[JOB|DOMAIN]")
+    @click.option("--domain", metavar="DOMAIN", help="Every message waiting for DOMAIN now.")
+    @click.option("--json", "json", is_flag=True, help="Print the result as JSON.")
+    def hold(target, domain, json):
+        """Put mail on hold (postsuper -h): every recipient of JOB not final yet, or every one
+        waiting for DOMAIN now, is not attempted -- and does not expire -- until released.  A
+        transaction under way completes; what is left of it is held."""
+        return run_hold(ns(target=target, domain=domain, json=json, release=False))
+
+    @queue.command("release", context_settings=ctx_settings)
+    @click.argument("target", required=False, metavar="[JOB|DOMAIN]")
+    @click.option("--domain", metavar="DOMAIN", help="Every held message of DOMAIN.")
+    @click.option("--json", "json", is_flag=True, help="Print the result as JSON.")
+    def release(target, domain, json):
+        """Release mail on hold (postsuper -H): it goes back to its ready lists and is attempted
+        at once; from then on MXQ_MAX_LIFETIME applies again (counted from its submission)."""
+        return run_hold(ns(target=target, domain=domain, json=json, release=True))
+
+    @queue.command("suspend", context_settings=ctx_settings)
+    @click.argument("domain", metavar="DOMAIN")
+    @click.option("--duration", metavar="TIME", help="End the suspension after TIME (90, 90s, 30m, 2h, 1d); "
+                  "default: until mxq queue resume.")
+    @click.option("--reason", metavar="TEXT", default="", help="Why (shown by mxq queue).")
+    @click.option("--json", "json", is_flag=True, help="Print the suspension as JSON.")
+    def suspend(domain, duration, reason, json):
+        """Suspend delivery to DOMAIN on every worker (kcli suspend): its mail stays queued, no
+        connection is opened to it; resume (or the end of --duration) delivers it."""
+        return run_suspend(ns(domain=domain, duration=duration, reason=reason, json=json))
+
+    @queue.command("resume", context_settings=ctx_settings)
+    @click.argument("domain", metavar="DOMAIN")
+    @click.option("--json", "json", is_flag=True, help='Print {"resumed": true|false, "domain": ...}.')
+    def resume(domain, json):
+        """End DOMAIN's suspension: its mail is delivered at once."""
+        return run_resume(ns(domain=domain, json=json))
 
     @queue.command("drop", context_settings=ctx_settings)
     @click.argument("target", metavar="JOB|DOMAIN")
@@ -699,13 +1070,20 @@ def print_queue(doc: dict, out=None) -> None:
         out.write(f"port 25: BLOCKED since {since} (connections to {p25['exchanges']} exchanges of "
                   f"{p25['domains']} domains failed: {p25['kind']}); mail goes straight to the relay"
                   + (f"; next probe in {_duration(due)}" if due is not None else "") + "\n")
+    for x in doc.get("suspended") or ():
+        until = ("until resumed" if not x.get("expires") else
+                 f"for {_duration(x['expires'] - doc['time'])} more (mxq queue resume ends it sooner)")
+        out.write(f"suspended: {x['domain']} {until}" + (f": {printable(x['reason'])}" if x.get("reason") else "")
+                  + "\n")
     if not doc["domains"] and not doc["intake"] and not any(doc["reports"].values()) \
             and not any(doc["webhooks"].values()):
         out.write("mail queue is empty\n")
         return
-    rows = [("DOMAIN", "READY", "IN-FLIGHT", "DEFERRED", "RECIPIENTS")]
-    rows += [(x["domain"], x["ready"], x["in_flight"], x["deferred"], x["recipients"]) for x in doc["domains"]]
-    rows.append(("TOTAL", t["ready"], t["in_flight"], t["deferred"], t["recipients"]))
+    sus = {x["domain"] for x in doc.get("suspended") or ()}
+    rows = [("DOMAIN", "READY", "IN-FLIGHT", "DEFERRED", "HELD", "RECIPIENTS")]
+    rows += [(x["domain"] + (" (suspended)" if x["domain"] in sus else ""), x["ready"], x["in_flight"], x["deferred"],
+              x["held"], x["recipients"]) for x in doc["domains"]]
+    rows.append(("TOTAL", t["ready"], t["in_flight"], t["deferred"], t["held"], t["recipients"]))
     _table(rows, out)
     out.write("(counts are messages -- one job's recipients in one domain -- except RECIPIENTS)\n")
     w, rp = doc["webhooks"], doc["reports"]
@@ -877,6 +1255,118 @@ def run_flush(args) -> int:
     else:
         print(f"flushed {moved} deferred message(s)" + (f" of {domain}" if domain else ""))
     return EX_OK
+
+
+def _target(args, cmd: str):
+    """``(job, domain, None)`` from ``[JOB|DOMAIN] [--domain D]``, or ``(None, None, exit status)``."""
+    if bool(args.target) == bool(args.domain):
+        print(f"mxq queue {cmd}: give a JOB, or a DOMAIN (also as --domain DOMAIN), one of them", file=sys.stderr)
+        return None, None, 64
+    if args.target and JOB_ID.fullmatch(args.target.strip()):
+        return args.target.strip(), None, None
+    domain = _domain(args.domain or args.target, cmd)
+    if domain is None:
+        return None, None, EX_DATAERR
+    return None, domain, None
+
+
+@_redis_errors
+def run_hold(args) -> int:
+    """``mxq queue hold|release JOB|--domain D``: 66 for an unknown job, or nothing to release."""
+    cmd = "release" if args.release else "hold"
+    job, domain, err = _target(args, cmd)
+    if err is not None:
+        return err
+    admin, err = _admin(f"queue {cmd}")
+    if admin is None:
+        return err
+    what = f"job {job}" if job else domain
+    if not args.release:
+        result = admin.hold_job(job) if job else admin.hold_domain(domain)
+        if result is None:
+            print(f"mxq queue hold: no such job: {job} (unknown, or expired after MXQ_RESULT_TTL)", file=sys.stderr)
+            return EX_NOINPUT
+        if args.json:
+            print(json.dumps(dict(result, job=job, domain=domain)))
+        elif not result["held"]:
+            print(f"nothing to hold: no recipient of {what} is waiting")
+        else:
+            print(f"held {result['held']} recipient(s) of {what}"
+                  + (f"; {result['in_flight']} message(s) in flight complete their transaction first, what is "
+                     "left of them is held" if result["in_flight"] else ""))
+        return EX_OK
+    result = admin.release_job(job) if job else admin.release_domain(domain)
+    if result is None:
+        print(f"mxq queue release: no such job: {job} (unknown, or expired after MXQ_RESULT_TTL)", file=sys.stderr)
+        return EX_NOINPUT
+    _publish(result.pop("dispatch"))
+    if args.json:
+        print(json.dumps(dict(result, job=job, domain=domain)))
+    elif not result["was_held"]:
+        print(f"mxq queue release: {what} is not on hold", file=sys.stderr)
+    else:
+        print(f"released {result['released']} recipient(s) of {what}")
+    return EX_OK if result["was_held"] else EX_NOINPUT
+
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``2h``, ``1d``, ``1w`` (or ``1h30m``) in seconds; ValueError when not one."""
+    t = text.strip().lower()
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", t)
+    if not t or not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", "", t).strip():
+        raise ValueError(f"{text!r} is not a duration (90, 90s, 30m, 2h, 1d)")
+    total = sum(float(n) * _UNITS[u] for n, u in parts)
+    if not 0 < total < 10 * 365 * 86400:
+        raise ValueError(f"{text!r}: a duration must be positive (and under ten years)")
+    return total
+
+
+@_redis_errors
+def run_suspend(args) -> int:
+    """``mxq queue suspend DOMAIN [--duration TIME] [--reason TEXT]``."""
+    duration = None
+    if args.duration:
+        try:
+            duration = parse_duration(args.duration)
+        except ValueError as e:
+            print(f"mxq queue suspend: --duration: {e}", file=sys.stderr)
+            return 64
+    domain = _domain(args.domain, "suspend")
+    if domain is None:
+        return EX_DATAERR
+    admin, err = _admin("queue suspend")
+    if admin is None:
+        return err
+    doc = admin.suspend(domain, duration=duration, reason=args.reason or "")
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        print(f"suspended {domain} " + (f"for {_duration(duration)}" if duration else "until mxq queue resume")
+              + (" (the previous suspension replaced)" if doc["replaced"] else ""))
+    return EX_OK
+
+
+@_redis_errors
+def run_resume(args) -> int:
+    """``mxq queue resume DOMAIN``: 66 when the domain was not suspended."""
+    domain = _domain(args.domain, "resume")
+    if domain is None:
+        return EX_DATAERR
+    admin, err = _admin("queue resume")
+    if admin is None:
+        return err
+    was, dispatch = admin.resume(domain)
+    _publish(dispatch)
+    if args.json:
+        print(json.dumps({"resumed": was, "domain": domain}))
+    elif was:
+        print(f"resumed {domain}")
+    else:
+        print(f"mxq queue resume: {domain} is not suspended", file=sys.stderr)
+    return EX_OK if was else EX_NOINPUT
 
 
 def _confirm(question: str) -> bool:

@@ -557,6 +557,9 @@ def _refused(domain: str, grant: Grant) -> bool:
     """Count and log a refused acquire; True unless the lane was merely empty."""
     if grant.reason == "empty":
         return False
+    if grant.reason == "suspended":
+        log.info("deliver %s: suspended by the operator (mxq queue resume %s), no connection", domain, domain)
+        return True
     metrics.throttled(domain, grant.reason)
     log.info("deliver %s: held back by %s (%s), looked at again in %.2f s", domain,
              "a dead destination's probe" if grant.reason == "dead" else "shaping", grant.reason, grant.wait)

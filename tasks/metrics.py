@@ -62,7 +62,9 @@ target counts each queued item once:
     delivery lane's ready list), ``deferred`` (``mxq:deferred``: work items
     waiting for their next attempt), ``leased`` (batches in flight), ``throttled`` (lanes held
     back by shaping), ``reports`` (delivery status reports waiting),
-    ``webhooks`` (webhook events waiting, ``mxq.tasks.webhooks``).
+    ``webhooks`` (webhook events waiting, ``mxq.tasks.webhooks``), ``held``
+    (work items on hold: ``mxq queue hold``).  A suspended domain's ready mail
+    (``mxq queue suspend``) counts in ``ready`` and ``mxq_ready_depth``.
 ``mxq_ready_depth{lane}``  gauge, read from Redis at scrape time
     ready work items per delivery lane (the ``MAX_LANE_LABELS`` deepest).
 ``mxq_redis_up``  gauge
@@ -329,15 +331,17 @@ class RedisCollector:
         # mxq:dispatch holds exactly the lanes with ready work (see mxq.tasks.store);
         # lanes starting with "!" are not domains (reports, webhooks).
         p.zrange("mxq:dispatch", 0, -1)
-        intake, deferred, leased, throttled_, reports, hooks, lanes = p.execute()
-        lanes = [x.decode("utf-8", "replace") for x in lanes if not x.startswith(b"!")]
+        p.zcard("mxq:held")
+        p.smembers("mxq:suspended")         # suspended lanes: ready work, but no activity
+        intake, deferred, leased, throttled_, reports, hooks, lanes, held, suspended = p.execute()
+        lanes = sorted({x.decode("utf-8", "replace") for x in [*lanes, *suspended] if not x.startswith(b"!")})
         p = self.r.pipeline(transaction=False)
         for lane in lanes:
             p.llen("mxq:ready:" + lane)
         ready = {lane: int(n) for lane, n in zip(lanes, p.execute()) if n}
         queues = {"intake": int(intake), "ready": sum(ready.values()), "deferred": int(deferred),
                   "leased": int(leased), "throttled": int(throttled_), "reports": int(reports),
-                  "webhooks": int(hooks)}
+                  "webhooks": int(hooks), "held": int(held)}
         return queues, ready
 
     def collect(self):

@@ -71,6 +71,18 @@ key                              type    contents
 ``mxq:dns:*``                    string  the engine's shared DNS cache (``mxq.workers.dnscache``)
 ``mxq:dnslock:{type}:{name}``    string  the worker resolving that name now (2 s; the others
                                          wait for its answer: ``graph._shared_dns_cache``)
+``mxq:hold:{lane}``              set     jobs whose recipients in that lane are on hold (``mxq queue
+                                         hold``, ``mxq.tasks.admin``); the job hash has ``h:{lane}``
+                                         = 1 too, which the claim reads with the records: a held
+                                         work item popped from a ready list is parked, not claimed
+``mxq:held``                     zset    parked (held) work items -> when they were parked; nothing
+                                         else moves them: only ``mxq queue release`` (or drop)
+``mxq:suspend:{lane}``           string  the lane is suspended (``mxq queue suspend``): JSON
+                                         ``{since, expires, reason}``, PX its duration when it has
+                                         one; dispatch publishes no task for it, acquire and claim
+                                         refuse it, its mail stays on its ready list;
+                                         ``mxq:suspended`` (set) indexes them (members whose
+                                         key expired are let go by ``mxq queue``)
 ``mxq:final``                    zset    jobs that became final and whose outcome is not yet in
                                          Celery's result backend -> when a recorder may take
                                          them (``mxq.tasks.outcomes``; added by the script that
@@ -300,9 +312,12 @@ local function dispatch(lanes, now, k, maxpar, force, out, lens)
       for j = 1, #part do pends[i + j - 1] = part[j] end
     end
   end
+  -- a delivery lane's state and its suspension (mxq queue suspend) in the same MGET
   local dkeys, didx = {}, {}
   for i, lane in ipairs(lanes) do
-    if string.sub(lane, 1, 1) ~= '!' then table.insert(dkeys, dest_key(lane)); didx[i] = #dkeys end
+    if string.sub(lane, 1, 1) ~= '!' then
+      table.insert(dkeys, dest_key(lane)); table.insert(dkeys, P .. 'suspend:' .. lane); didx[i] = #dkeys - 1
+    end
   end
   local dvals = {}
   for i = 1, #dkeys, 500 do
@@ -313,9 +328,24 @@ local function dispatch(lanes, now, k, maxpar, force, out, lens)
   if force and #dkeys > 0 then rnow = rtime() end
   local sets, touch, keep, gone = {}, {}, {}, {}
   for i, lane in ipairs(lanes) do
-    local n = lens and lens[lane]
-    if n == nil then n = redis.call('LLEN', P .. 'ready:' .. lane) end
-    if n == 0 then
+    local sus = didx[i] and dvals[didx[i] + 1]
+    local n = 0
+    if not sus then
+      n = lens and lens[lane]
+      if n == nil then n = redis.call('LLEN', P .. 'ready:' .. lane) end
+    end
+    if sus then
+      -- Suspended: no task and no activity (no worker capacity held); its mail waits on its
+      -- ready list.  mxq queue resume dispatches it, and so does the scheduler at the end
+      -- of a suspension with a duration (mxq:throttled).
+      table.insert(gone, lane)
+      local ok, v = pcall(cjson.decode, sus)
+      local ends = ok and type(v) == 'table' and tonumber(v.expires)
+      if ends then
+        if ends <= now then ends = now + 1 end      -- (clocks apart: look again in a second)
+        redis.call('ZADD', P .. 'throttled', ends, lane)
+      end
+    elseif n == 0 then
       table.insert(gone, lane)
     else
       local pend = tonumber(pends[i] or '0') or 0
@@ -539,8 +569,11 @@ return dispatch(lanes, now, k, maxpar, false, {})
 # webhook lanes return {wid} per item.
 _CLAIM = _PRELUDE + r"""
 local now, lane, k, expiry, token = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local special = string.sub(lane, 1, 1) == '!'
+-- A suspended lane (mxq queue suspend) gives nothing: a connection under way ends after its chunk.
+if not special and redis.call('EXISTS', P .. 'suspend:' .. lane) == 1 then return {} end
 local items = redis.call('LPOP', P .. 'ready:' .. lane, k)
-if string.sub(lane, 1, 1) == '!' then
+if special then
   -- a task of the report or webhook lane starts: no longer pending (a delivery task
   -- did that in its acquire, before its first claim)
   local pend = tonumber(redis.call('HGET', P .. 'pending', lane) or '0')
@@ -562,9 +595,10 @@ local meta = {}
 for i = 6, #ARGV do table.insert(meta, ARGV[i]) end
 table.insert(meta, 'c')
 local nmeta = #meta
+table.insert(meta, 'h:' .. lane)          -- on hold (mxq queue hold), read with the rest
 local held = {lane}
 for _, wid in ipairs(items) do
-  if string.sub(lane, 1, 1) == '!' then      -- reports, webhooks: bare work item ids
+  if special then                         -- reports, webhooks: bare work item ids
     table.insert(held, wid)
     table.insert(out, {wid})
   else
@@ -575,8 +609,11 @@ for _, wid in ipairs(items) do
     for _, i in ipairs(idx) do table.insert(fields, 'r:' .. i) end
     local values = redis.call('HMGET', P .. 'job:' .. job, unpack(fields))
     local content = values[nmeta]
-    if content then                       -- the job still exists
+    if content and values[nmeta + 1] then   -- on hold: parked until mxq queue release
+      redis.call('ZADD', P .. 'held', 'NX', now, wid)
+    elseif content then                   -- the job still exists
       table.insert(held, wid)
+      table.remove(values, nmeta + 1)
       table.remove(values, nmeta)
       table.insert(out, {wid, content, cjson.encode(values)})
     end
@@ -599,8 +636,8 @@ return redis.call('ZADD', 'mxq:lease', 'XX', 'CH', tonumber(ARGV[1]), ARGV[2])
 #       compares with its own clock), lane, want, concurrency limit (0 = none), slot ttl,
 #       token, emission interval (0 = no rate), bucket size, backstop seconds
 # Returns {granted, wait, reason, mode, latency, window, dead wait, why, enhanced}:
-#   reason "ok", "empty", "concurrency", "rate" or "dead" (a probe of the dead lane is
-#   under way); mode "deliver", "probe" (the one try of a dead lane whose wait is over:
+#   reason "ok", "empty", "concurrency", "rate", "dead" (a probe of the dead lane is
+#   under way) or "suspended" (mxq queue suspend; wait -1: until resumed); mode "deliver", "probe" (the one try of a dead lane whose wait is over:
 #   one message) or "drain" (the lane is dead: defer its ready mail, no connection);
 #   latency: the lane's seconds per message (-1 unknown); window: its concurrency window;
 #   dead wait: seconds until a dead lane may be probed.  The task is no longer pending
@@ -629,6 +666,21 @@ local function refuse(reason, wait)
   return {0, string.format('%.6f', wait), reason, '', '-1', '0', '0', '', ''}
 end
 if n == 0 then return refuse('empty', 0) end
+local sus = redis.call('GET', P .. 'suspend:' .. lane)
+if sus then
+  -- Suspended (mxq queue suspend): no connection, and no activity until resumed (or until the
+  -- end of its duration, when the scheduler dispatches it: mxq:throttled).
+  redis.call('ZREM', P .. 'dispatch', lane)
+  local wait = -1
+  local ok, v = pcall(cjson.decode, sus)
+  local ends = ok and type(v) == 'table' and tonumber(v.expires)
+  if ends then
+    if ends <= now then ends = now + 1 end
+    wait = ends - now
+    redis.call('ZADD', P .. 'throttled', ends, lane)
+  end
+  return {0, string.format('%.6f', wait), 'suspended', '', '-1', '0', '0', '', ''}
+end
 local st = dest_load(lane, rnow)
 local mode = 'deliver'
 local lat = '-1'
@@ -1211,9 +1263,9 @@ class Grant:
     """The answer to ``Destinations.acquire``: ``granted`` messages may be claimed (0: none).
 
     ``reason``: ``ok``, ``empty`` (nothing ready), ``concurrency`` (every slot
-    of the window taken), ``rate`` (no token) or ``dead`` (the lane is dead and
-    its probe under way); ``wait``: seconds until the scheduler looks at the
-    lane again.  ``slot``: whether a concurrency slot is held (and must be
+    of the window taken), ``rate`` (no token), ``dead`` (the lane is dead and
+    its probe under way) or ``suspended`` (``mxq queue suspend``); ``wait``: seconds
+    until the scheduler looks at the lane again (-1: a suspension without end).  ``slot``: whether a concurrency slot is held (and must be
     released).  ``mode``: ``deliver``; ``probe`` (the one try of a dead
     destination: one message); ``drain`` (the destination is dead: the task
     defers its ready mail without connecting; ``dead_wait`` seconds are left

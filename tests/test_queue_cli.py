@@ -89,9 +89,10 @@ def test_queue_lists_by_domain_and_state(pipeline, ok):
 
     doc = queue_json()
     rows = {x["domain"]: x for x in doc["domains"]}
-    assert rows[OK] == {"domain": OK, "ready": 2, "in_flight": 1, "deferred": 0, "recipients": 3}
-    assert rows[DEAD] == {"domain": DEAD, "ready": 0, "in_flight": 0, "deferred": 1, "recipients": 2}
-    assert doc["totals"] == {"ready": 2, "in_flight": 1, "deferred": 1, "recipients": 5}
+    assert rows[OK] == {"domain": OK, "ready": 2, "in_flight": 1, "deferred": 0, "held": 0, "recipients": 3}
+    assert rows[DEAD] == {"domain": DEAD, "ready": 0, "in_flight": 0, "deferred": 1, "held": 0, "recipients": 2}
+    assert doc["totals"] == {"ready": 2, "in_flight": 1, "deferred": 1, "held": 0, "recipients": 5}
+    assert doc["suspended"] == []
     assert doc["intake"] == 0 and doc["reports"] == {"ready": 0, "in_flight": 0}
     oldest = doc["oldest_deferred"]
     assert [o["recipient"] for o in oldest] == [f"a@{DEAD}", f"b@{DEAD}"]
@@ -104,9 +105,9 @@ def test_queue_lists_by_domain_and_state(pipeline, ok):
     r = mxq("queue", "--oldest", "1")
     text = r.stdout.decode()
     assert r.returncode == 0
-    assert re.search(rf"^{re.escape(OK)}\s+2\s+1\s+0\s+3$", text, re.M), text
-    assert re.search(rf"^{re.escape(DEAD)}\s+0\s+0\s+1\s+2$", text, re.M), text
-    assert re.search(r"^TOTAL\s+2\s+1\s+1\s+5$", text, re.M), text
+    assert re.search(rf"^{re.escape(OK)}\s+2\s+1\s+0\s+0\s+3$", text, re.M), text
+    assert re.search(rf"^{re.escape(DEAD)}\s+0\s+0\s+1\s+0\s+2$", text, re.M), text
+    assert re.search(r"^TOTAL\s+2\s+1\s+1\s+0\s+5$", text, re.M), text
     assert "oldest deferred:" in text and f"a@{DEAD}" in text and f"b@{DEAD}" not in text
 
 
