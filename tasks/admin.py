@@ -1172,6 +1172,7 @@ def run_show(args) -> int:
     created = float(meta.get("created") or 0)
     doc = {"job": job, "state": status["state"], "sender": meta.get("sender", ""), "size": int(meta.get("size") or 0),
            "created": created, "ret": meta.get("ret") or None, "envid": meta.get("envid") or None,
+           "held": sorted(admin.holds(job, {r.get("domain") for r in records.values()})),
            "recipients": status["recipients"]}
     if args.json:
         if content is not None:
@@ -1187,6 +1188,8 @@ def run_show(args) -> int:
     print(f"sender: {doc['sender'] or '<>'}")
     if doc["ret"] or doc["envid"]:
         print(f"dsn: ret={doc['ret'] or '-'} envid={doc['envid'] or '-'}")
+    if doc["held"]:
+        print(f"on hold: its recipients in {', '.join(doc['held'])} (mxq queue release {job})")
     print_recipients(status["recipients"])
     if content is not None:
         print(f"*** MESSAGE CONTENTS {job} ***")

@@ -19,7 +19,7 @@ import pytest
 from mxq import tasks
 from mxq.tasks.admin import Admin, parse_duration
 from mxq.tasks.settings import PipelineSettings
-from mxq.tasks.store import Outcome, Store, make_client
+from mxq.tasks.store import Outcome, Store, get_store, make_client
 from tests.fixtures_infra import wait_until
 from tests.test_store import NOW, job
 
@@ -182,7 +182,7 @@ def test_durations():
 
 # ------------------------------------------------------------------ the real pipeline
 IP = "127.0.75."
-HOLD, SUS, GO = "held.hs.test", "sus.hs.test", "go.hs.test"
+HOLD, SUS, GO, SLOW = "held.hs.test", "sus.hs.test", "go.hs.test", "slow.hs.test"
 
 
 @pytest.fixture(scope="module")
@@ -191,10 +191,11 @@ def exchanges(dns_server):
     from mxq.sandbox.smtpd import Behaviour, start_server
 
     servers = {}
-    for n, d in enumerate((HOLD, SUS, GO)):
+    for n, d in enumerate((HOLD, SUS, GO, SLOW)):
         ip = IP + str(10 + n)
         dns_server.add({d: {"MX": [[10, "mx." + d]]}, "mx." + d: {"A": [ip]}})
-        servers[d] = start_server(ip, 25, Behaviour(hostname="mx." + d))
+        slow = {"data_final": 0.4} if d == SLOW else {}       # 0.4 s at the final dot: one message a chunk
+        servers[d] = start_server(ip, 25, Behaviour(hostname="mx." + d, delays=slow))
     yield servers
     for s in servers.values():
         s.stop()
@@ -234,6 +235,7 @@ def test_a_held_job_waits_past_its_lifetime_while_others_go_and_is_delivered_onc
     assert subjects(fresh[HOLD]) == [f"o{i}" for i in range(5)]
     listed = json.loads(mxq("queue", "list", "--json", "--state", "held").stdout)
     assert [(j["job"], [x["address"] for x in j["recipients"]]) for j in listed] == [(held, [f"h@{HOLD}"])]
+    assert f"on hold: its recipients in {HOLD}" in mxq("queue", "show", "--no-content", held).stdout.decode()
     row = next(x for x in json.loads(mxq("queue", "--json").stdout)["domains"] if x["domain"] == HOLD)
     assert (row["held"], row["ready"], row["deferred"], row["in_flight"]) == (1, 0, 0, 0)
     # Held past MXQ_MAX_LIFETIME (4 s) with the scheduler ticking: not expired, not attempted.
@@ -297,3 +299,30 @@ def test_a_suspension_with_a_duration_delivers_when_it_ends(pipeline, fresh):
     assert subjects(fresh[SUS]) == [f"d{i}" for i in range(3)]
     assert min(m.received_at for m in fresh[SUS].messages) >= start + 3
     assert mxq("queue", "suspend", SUS, "--duration", "soon").returncode == 64
+
+
+def test_a_suspension_stops_connections_under_way_after_their_current_message(pipeline, fresh):
+    p = pipeline()
+    p.worker(concurrency=1)
+    p.beat()
+    client = p.redis.client()
+    n = 150
+    jobs = tasks.submit_many([tasks.Item(message(f"w{i}@{SLOW}", f"w{i}")) for i in range(n)])
+    wait_until(lambda: len(fresh[SLOW].messages) >= 3, 30, "delivery to the slow domain under way")
+    Admin(get_store()).suspend(SLOW)                        # (in this process: the command takes a second)
+    running = client.zcard(f"mxq:shape:conn:{SLOW}")       # connections that may finish one more message
+    before = len(fresh[SLOW].messages)
+    wait_until(lambda: client.zcard("mxq:lease") == 0 and client.zcard(f"mxq:shape:conn:{SLOW}") == 0, 20,
+               "the connections under way to end")
+    after = len(fresh[SLOW].messages)
+    print(f"suspended with {running} connection(s) under way: {before} delivered then, {after} after")
+    assert after - before <= running, (before, after, running)
+    assert after < n and client.llen(f"mxq:ready:{SLOW}") == n - after          # the rest waits, queued
+    beat = p.workdir / "scheduler-heartbeat"
+    since = time.time()
+    wait_until(lambda: beat.stat().st_mtime > since + 4, 15, "scheduler ticks past MXQ_DISPATCH_STALE")
+    assert len(fresh[SLOW].messages) == after
+    assert mxq("queue", "resume", SLOW).returncode == 0
+    p.wait_done(jobs, 60)
+    assert subjects(fresh[SLOW]) == sorted(f"w{i}" for i in range(n))                # each once
+    client.close()
