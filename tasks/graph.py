@@ -688,7 +688,7 @@ class _Connection:
                 seq += 1
                 batch = f"{self.token}.{seq}"
                 hb.token = batch
-                items = self.rt.store.claim(self.domain, batch, limit=k)
+                items = self.rt.store.claim(self.domain, batch, limit=k, checked=seq == 1)   # (acquired just now)
                 if self.tokens is not None:
                     self.tokens -= len(items)
                 if not items:
@@ -852,7 +852,7 @@ def _drain(rt: Runtime, domain: str, token: str, grant: Grant) -> dict:
     while True:
         seq += 1
         batch = f"{token}.{seq}"
-        items = rt.store.claim(domain, batch, limit=rt.ps.batch_size)
+        items = rt.store.claim(domain, batch, limit=rt.ps.batch_size, checked=seq == 1)
         if not items:
             break
         counts["items"] += len(items)

@@ -560,7 +560,8 @@ for _, d in ipairs(lanes) do push('RPUSH', P .. 'ready:' .. d, work[d]) end
 return dispatch(lanes, now, k, maxpar, false, {})
 """
 
-# ARGV: now, lane, k, lease expiry, token, meta field names...
+# ARGV: now, lane, k, lease expiry, token, checked ('1': the caller's acquire just found the lane
+#       not suspended, so the claim does not look again), meta field names...
 # Pops up to k items, leases them as one batch.  Delivery lanes return
 # {wid, content, packed} per item, packed being the JSON array of the HMGET
 # of the meta fields then each recipient record (false when missing): one
@@ -571,7 +572,7 @@ _CLAIM = _PRELUDE + r"""
 local now, lane, k, expiry, token = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local special = string.sub(lane, 1, 1) == '!'
 -- A suspended lane (mxq queue suspend) gives nothing: a connection under way ends after its chunk.
-if not special and redis.call('EXISTS', P .. 'suspend:' .. lane) == 1 then return {} end
+if not special and ARGV[6] ~= '1' and redis.call('EXISTS', P .. 'suspend:' .. lane) == 1 then return {} end
 local items = redis.call('LPOP', P .. 'ready:' .. lane, k)
 if special then
   -- a task of the report or webhook lane starts: no longer pending (a delivery task
@@ -592,7 +593,7 @@ end
 local out = {}
 if not items then return out end
 local meta = {}
-for i = 6, #ARGV do table.insert(meta, ARGV[i]) end
+for i = 7, #ARGV do table.insert(meta, ARGV[i]) end
 table.insert(meta, 'c')
 local nmeta = #meta
 table.insert(meta, 'h:' .. lane)          -- on hold (mxq queue hold), read with the rest
@@ -1494,15 +1495,19 @@ class Store:
         return _pairs(self._intake(args=[now, s.batch_size, s.domain_concurrency, *job_ids]))
 
     # ------------------------------------------------------------ worker side
-    def claim(self, lane: str, token: str, *, limit: int | None = None, now: float | None = None) -> list:
+    def claim(self, lane: str, token: str, *, limit: int | None = None, now: float | None = None,
+              checked: bool = False) -> list:
         """Take up to ``limit`` work items of ``lane`` as one batch leased to ``token``.
 
         Delivery lanes give ``Claimed`` items; the report and webhook lanes (``!r``,
-        ``!w``) give work item ids.
+        ``!w``) give work item ids.  Nothing from a suspended lane (``mxq queue suspend``),
+        unless ``checked``: the caller's acquire has just looked (its first claim).  Work
+        items on hold are parked, not returned.
         """
         now = time.time() if now is None else now
         s = self.settings
-        raw = self._claim(args=[now, lane, limit or s.batch_size, now + s.lease_seconds, token, *META_FIELDS])
+        raw = self._claim(args=[now, lane, limit or s.batch_size, now + s.lease_seconds, token,
+                                "1" if checked else "0", *META_FIELDS])
         if lane.startswith("!"):
             return [_s(it[0]) for it in raw]
         out = []
