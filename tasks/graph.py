@@ -43,7 +43,7 @@ import uuid
 from collections import defaultdict
 
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_shutting_down
 
 from mxq.workers.envelope import DSN, Envelope, Recipient
 from mxq.workers.errors import register_interrupt, reraise_interrupt
@@ -82,6 +82,18 @@ def _check_redis_on_worker_init(**_kw) -> None:
 
 
 worker_init.connect(only_ours(_check_redis_on_worker_init), weak=False)
+
+#: Set when this worker process begins its warm shutdown (SIGTERM: ``podman stop``, ``mxq up``,
+#: the supervisor): each connection finishes the chunk under way, records it, and claims no more,
+#: so the process ends within one chunk's time and sends nothing twice.
+STOPPING = threading.Event()
+
+
+def _on_shutting_down(**_kw) -> None:
+    STOPPING.set()
+
+
+worker_shutting_down.connect(only_ours(_on_shutting_down), weak=False)
 metrics.connect_signals()
 
 
@@ -621,7 +633,7 @@ class _Lane:
         rest = []
         for lane, n in dispatch:
             if lane == self.domain and n > 0 and self.rt.local_spawn and time.monotonic() < self.deadline \
-                    and self.rt.lag < qmgr.MAX_LAG:
+                    and self.rt.lag < qmgr.MAX_LAG and not STOPPING.is_set():
                 with self.rt.local_lock:
                     k = max(0, min(n, qmgr.CONNECTIONS_PER_TASK - self.local,
                                    qmgr.LOCAL_CONNECTIONS - self.rt.local_active))
@@ -699,6 +711,8 @@ class _Connection:
                 self.probe = False          # a probe that got this far revived it
                 if len(items) < k or time.monotonic() >= self.deadline:
                     break                   # the lane was empty (what came since gets a task at close)
+                if STOPPING.is_set():
+                    break                   # warm shutdown: the rest waits on its list for another worker
         return self.counts
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -206,7 +207,7 @@ def test_dispatch_spreads_slow_mail_over_the_window_and_fast_mail_over_few_conne
 @pytest.fixture(scope="module")
 def zones(dns_server):
     for last, name in ((10, "par.rt.test"), (11, "start.rt.test"), (20, "dead.rt.test"), (21, "ok.rt.test"),
-                       (30, "kill.rt.test"), (31, "kill2.rt.test"), (40, "a.reuse.rt.test"),
+                       (30, "kill.rt.test"), (31, "kill2.rt.test"), (32, "term.rt.test"), (40, "a.reuse.rt.test"),
                        (40, "b.reuse.rt.test")):
         zone(dns_server, name, IP + str(last))
 
@@ -360,6 +361,31 @@ def test_a_worker_killed_with_many_deliveries_in_flight_loses_nothing(pipeline, 
     finally:
         srv.stop()
         srv2.stop()
+
+
+def test_a_worker_stopped_with_sigterm_finishes_its_chunks_and_leaves_the_rest_queued(pipeline, zones):
+    """A warm shutdown (podman/docker stop, mxq up, systemd: SIGTERM) ends each connection after the
+    chunk under way instead of draining its lane: the process exits within seconds, nothing is sent
+    twice, and another worker delivers the rest."""
+    srv = server(32, "mx.term.rt.test", delays={"data_final": 0.5})
+    try:
+        p = pipeline(MXQ_SHAPING="default=2c")      # 2 connections x 0.5 s: 400 messages take ~100 s
+        w1 = p.worker(concurrency=1)
+        p.beat()
+        ids = submit([f"t{i}@term.rt.test" for i in range(400)])
+        wait_until(lambda: len(srv.messages) >= 10, 30, "deliveries under way")
+        w1.proc.send_signal(signal.SIGTERM)         # the supervisor forwards it: a warm shutdown
+        assert w1.proc.wait(20) == 0                # within one chunk's time, not the lane's
+        at_exit = len(srv.messages)
+        assert at_exit < 400, "the worker drained the lane before exiting: the test proved nothing"
+        p.worker(concurrency=1)
+        p.wait_done(ids, timeout=150)
+        got = Counter(m.email()["Message-ID"] for m in srv.messages)
+        print(f"SIGTERM after {at_exit} deliveries: {len(got)} distinct, {sum(got.values()) - len(got)} twice")
+        assert len(got) == 400 and set(got.values()) == {1}
+        assert all(s["state"] == "delivered" for s in states(ids))
+    finally:
+        srv.stop()
 
 
 def test_a_connection_carries_several_tasks_and_domains_sharing_its_exchange(pipeline, zones):
