@@ -40,12 +40,9 @@ see ``PHASE_TIMEOUT``): ``connect``, ``greeting``, ``ehlo``, ``helo``,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from .reply import Reply
-
-if TYPE_CHECKING:   # pragma: no cover
-    from .session import SMTPSession
 
 __all__ = ["Event", "Connected", "CommandSent", "ReplyReceived", "DataProgress", "DataWritten",
            "TimedOut", "TLSStarted", "Closed", "Observer", "PHASE_TIMEOUT"]
@@ -63,9 +60,10 @@ Observer = Callable[["Event"], Any]
 
 @dataclass(frozen=True)
 class Event:
-    """Base class: ``session`` is the ``SMTPSession`` that emitted the event."""
+    """Base class: ``session`` is the ``SMTPSession`` that emitted the event (typed ``Any``: this
+    module sits under session.py, which imports it, and must not import it back)."""
 
-    session: "SMTPSession"
+    session: Any
     kind = "event"
 
 
