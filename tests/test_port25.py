@@ -175,6 +175,31 @@ def test_suspected_block_tries_the_relay_before_the_remaining_exchanges(dns_serv
     assert len(said) == 1
 
 
+def test_exchanges_this_host_has_no_route_to_are_not_evidence(dns_server, relay):
+    """AAAA-only exchanges seen from a host without IPv6 (the private namespace has no IPv6 route but
+    ::1): each connect fails at once with ENETUNREACH.  That is our routing table, not a port 25
+    block: the mail goes to the relay (fallback, nothing accepted it), but nothing is concluded."""
+    if not IN_PRIVATE_NETNS:
+        pytest.skip("needs the private network namespace (no IPv6 route): never sends to the host's network")
+    s = settings_for(dns_server)
+    resolver = Resolver(s)
+    port25 = Port25(MemoryPort25State(), Thresholds(probe_interval=3600), relay=s.relay.name)
+    records, names = {}, []
+    for i in range(1, 5):                     # 4 domains x 2 exchanges: 8 addresses, past every threshold
+        d = f"v6only{i}.p25.test"
+        records[d] = {"MX": [[10, f"mx1.{d}"], [20, f"mx2.{d}"]]}
+        records[f"mx1.{d}"] = {"AAAA": [f"2001:db8:25::{2 * i}"]}      # documentation prefix, no route
+        records[f"mx2.{d}"] = {"AAAA": [f"2001:db8:25::{2 * i + 1}"]}
+        names.append(d)
+    dns_server.add(records)
+    results = [send(s, resolver, f"u@{d}", port25, relay) for d in names]
+    for r, took in results:
+        assert r.state is State.DELIVERED and r.relay, r
+        assert r.attempts == 3, r                  # both exchanges tried (no shortcut to the relay), then it
+        assert took < CONNECT, took                # ENETUNREACH is immediate: no connect timeout was paid
+    assert port25.blocked() is None and port25.suspected() is None
+
+
 def test_suspicion_needs_the_same_evidence_in_redis_and_in_memory(redis_server):
     """``suspected()`` is the rule without its relay condition, the same in both state stores."""
 
@@ -202,7 +227,8 @@ def test_suspicion_needs_the_same_evidence_in_redis_and_in_memory(redis_server):
 # -- the rule itself (pure logic) -------------------------------------------------------------------
 
 def connect_error(kind: str):
-    causes = {"timeout": TimeoutError(), "refused": ConnectionRefusedError(), "unreachable": OSError(101, "x")}
+    causes = {"timeout": TimeoutError(), "refused": ConnectionRefusedError(), "unreachable": OSError(113, "x"),
+              "no route": OSError(101, "Network is unreachable")}
     cls = SMTPTimeoutError if kind == "timeout" else SMTPConnectError
     exc = cls(Reply.local("4.4.1", "connect failed"))
     exc.__cause__ = causes[kind]
@@ -212,7 +238,8 @@ def connect_error(kind: str):
 def test_failure_kinds():
     assert failure_kind(connect_error("timeout")) == "timeout"
     assert failure_kind(connect_error("refused")) == "refused"
-    assert failure_kind(connect_error("unreachable")) == "unreachable"
+    assert failure_kind(connect_error("unreachable")) == "unreachable"   # EHOSTUNREACH: ICMP from the path
+    assert failure_kind(connect_error("no route")) is None               # ENETUNREACH: our own routing table
     greeting = SMTPTimeoutError(Reply.local("4.4.2", "timed out while receiving the initial server greeting"))
     greeting.__cause__ = TimeoutError()
     assert failure_kind(greeting) is None             # TCP got through: port 25 is open

@@ -7,8 +7,9 @@ full connect timeout on every exchange of every domain before relaying;
 
 Detection: every failed TCP connect to an exchange's SMTP port is recorded
 with its kind -- ``timeout`` (SYNs dropped), ``refused`` (RST) or
-``unreachable`` (ICMP: network or host unreachable, administratively
-prohibited) -- its address and its domain.  Port 25 is concluded *blocked*
+``unreachable`` (ICMP host unreachable or administratively prohibited;
+not a network this host has no route to, such as IPv6 on a v4-only host)
+-- its address and its domain.  Port 25 is concluded *blocked*
 when, within ``window`` seconds (300), connects of **one** kind failed to at
 least ``exchanges`` distinct addresses (3) of at least ``domains`` distinct
 domains (2), no connect to the SMTP port succeeded since, and the relay
@@ -185,11 +186,19 @@ class MemoryPort25State:
                 self._state_until = self.clock() + ttl
 
 
+#: connect() errors that say this host has no route to the address's network (or no address of its
+#: family): a property of our routing table, not of port 25 -- an AAAA-only exchange seen from a host
+#: without IPv6 fails this way at once, and that must not conclude "port 25 blocked".
+_NO_ROUTE = (errno.ENETUNREACH, errno.ENETDOWN, errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+
+
 def failure_kind(exc: BaseException) -> str | None:
     """The kind of a failed TCP connect (``timeout``, ``refused``, ``unreachable``), or None.
 
     None for anything after the TCP connect succeeded (a greeting timeout,
-    a 4xx greeting, TLS): such a failure says port 25 is open.  Connect
+    a 4xx greeting, TLS): such a failure says port 25 is open.  None too for
+    a network this host has no route to (``ENETUNREACH``, ``ENETDOWN``,
+    ``EADDRNOTAVAIL``, ``EAFNOSUPPORT``): every port fails there.  Connect
     failures are the ``4.4.1`` ones ``SMTPSession`` raises; the cause chain
     tells the kind.
     """
@@ -203,8 +212,9 @@ def failure_kind(exc: BaseException) -> str | None:
             return REFUSED
         if isinstance(e, (TimeoutError, socket.timeout)):
             return TIMEOUT
-        if isinstance(e, OSError) and e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EACCES,
-                                                  errno.EPERM, errno.ENETDOWN, errno.EHOSTDOWN):
+        if isinstance(e, OSError) and e.errno in _NO_ROUTE:
+            return None             # no route to that network at all (e.g. IPv6 on a v4-only host): any port fails
+        if isinstance(e, OSError) and e.errno in (errno.EHOSTUNREACH, errno.EACCES, errno.EPERM, errno.EHOSTDOWN):
             return UNREACHABLE
         e = e.__cause__ or e.__context__
     return None
