@@ -245,6 +245,15 @@ def test_report_json_is_rfc_8460_shaped(world, run):
     [fd] = by["enf4.dsts.test"]["failure-details"]
     assert fd["result-type"] == "certificate-host-mismatch" and fd["failed-session-count"] == 1
     assert fd["receiving-mx-hostname"] == "mx.enf4.dsts.test" and fd["receiving-ip"] == IP + "55"
+    # report-id: unique per day and domain set, and bounded however many domains the report covers
+    assert doc["report-id"].startswith(f"{day}T00:00:00Z_2-domains-") and doc["report-id"].endswith("@Example Sender")
+    one = report(day, [e for e in run.counts.entries(day) if e["policy"]["policy-domain"] == "enf1.dsts.test"],
+                 organization="Example Sender", contact="tlsrpt@src.dsts.test")
+    assert one["report-id"] == f"{day}T00:00:00Z_enf1.dsts.test@Example Sender"
+    many = [{"policy": {"policy-type": "no-policy-found", "policy-domain": f"d{i}.dsts.test"}, "ok": 1, "fail": 0}
+            for i in range(5000)]
+    ids = {report(day, many[:n], organization="o", contact="c")["report-id"] for n in (2, 3, 5000)}
+    assert len(ids) == 3 and max(len(i) for i in ids) < 80
 
 
 def test_memory_counts_keep_eight_days():

@@ -33,6 +33,7 @@ pipeline's counts in Redis).
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import socket
 import ssl
@@ -202,6 +203,18 @@ class MemoryTLSReport:
             self._days.clear()
 
 
+def _report_id(day: str, domains: list[str], organization: str) -> str:
+    """A unique, bounded report-id: the policy domain when the report is for one (what a report sent to
+    that domain's TLS-RPT address is), else a digest of the sorted domains (the id does not grow with them)."""
+    if len(domains) == 1 and domains[0]:
+        which = domains[0]
+    elif not domains:
+        which = "none"
+    else:
+        which = f"{len(domains)}-domains-" + hashlib.sha256("\n".join(domains).encode()).hexdigest()[:16]
+    return f"{day}T00:00:00Z_{which}@{organization}"
+
+
 def report(day: str, entries: list[dict], *, organization: str, contact: str,
            report_id: str | None = None) -> dict:
     """The RFC 8460 section 4.4 aggregate report of ``day`` (``YYYY-MM-DD``, UTC).
@@ -228,7 +241,7 @@ def report(day: str, entries: list[dict], *, organization: str, contact: str,
         "organization-name": organization,
         "date-range": {"start-datetime": f"{day}T00:00:00Z", "end-datetime": f"{day}T23:59:59Z"},
         "contact-info": contact,
-        "report-id": report_id or f"{day}T00:00:00Z_{'+'.join(domains) or 'none'}@{organization}",
+        "report-id": report_id or _report_id(day, domains, organization),
         "policies": policies,
     }
 
