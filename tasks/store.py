@@ -882,7 +882,8 @@ end
 -- message up to the limit and clears the failed cohorts (and revives a dead lane);
 -- a failure shrinks it by one and adds 1/window to the failed cohorts: a full cohort
 -- (pol.c) declares the lane dead until now + the retry schedule's step for that
--- many dead periods.  Returns 'dead' or 'ok'.
+-- many dead periods; only a failed probe makes a dead lane dead for longer (runs
+-- under way when it was declared dead end with failures too).  Returns 'dead' or 'ok'.
 local function feedback(lane, fb)
   local pol = policy()
   local rnow = rtime()
@@ -900,8 +901,10 @@ local function feedback(lane, fb)
   elseif (fb.fail or 0) > 0 then
     st.why, st.enh = fb.why, fb.enh
     if st.du then
-      st.dn = (st.dn or 1) + 1                                 -- a failed probe: dead for longer
-      st.du = rnow + backoff(st.dn)
+      if fb.probe and fb.probe ~= '' then
+        st.dn = (st.dn or 1) + 1                               -- a failed probe: dead for longer
+        st.du = rnow + backoff(st.dn)
+      end                  -- else a run started before the verdict: no new evidence, the period stands
     else
       for _ = 1, fb.fail do
         st.fc = (st.fc or 0) + 1 / math.max(1, w)

@@ -175,6 +175,10 @@ def test_a_dead_lane_drains_then_takes_one_probe_at_a_time(store):
     q = acquire("q")
     assert (q.granted, q.reason) == (0, "dead") and q.wait >= 1
     assert st.r.zscore("mxq:throttled", lane) is not None     # looked at again later
+    # a run that started before the verdict fails too: the dead period stands (not the next step)
+    assert _chunk(st, lane, "late", Feedback(fail=1, why="late failure")) == "dead"
+    s = st.dest.state(lane)
+    assert s["dn"] == 1 and s["du"] == pytest.approx(rnow - 1, abs=0.01)
     # the probe fails: dead again, for the schedule's next step (90 s)
     assert _chunk(st, lane, "p.1", Feedback(fail=1, why="still nothing", probe="p")) == "dead"
     s = st.dest.state(lane)
