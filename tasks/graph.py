@@ -154,17 +154,33 @@ class Runtime:
         self.local_spawn = _green()
         self.local_lock = threading.Lock()
         self.local_active = 0
-        # How late a task that is ready gets its turn in this process (seconds, smoothed).
+        # How late a task that is ready gets its turn in this process (seconds, smoothed), and the
+        # share of a core the process used meanwhile (smoothed): see busy().
         self.lag = 0.0
+        self.cpu = 0.0
         threading.Thread(target=self._watch_lag, name="mxq-lag", daemon=True).start()
 
     def _watch_lag(self, period: float = 0.05) -> None:
-        """Measure the scheduling lag: how much later than asked a short sleep returns."""
+        """Measure the scheduling lag (how much later than asked a short sleep returns) and the CPU used."""
+        c = time.process_time()
         while True:
             t = time.monotonic()
             time.sleep(period)
-            late = max(0.0, time.monotonic() - t - period)
+            t2, c2 = time.monotonic(), time.process_time()
+            late = max(0.0, t2 - t - period)
             self.lag = 0.8 * self.lag + 0.2 * late
+            self.cpu = 0.8 * self.cpu + 0.2 * min(1.0, (c2 - c) / max(t2 - t, 1e-6))
+            c = c2
+
+    def busy(self) -> bool:
+        """Is this process CPU-bound: its ready tasks wait for their turn (lag) *because of its own work*?
+
+        A late wake-up alone also happens when other processes hold the CPU;
+        then this process is mostly waiting on the network, and more
+        connections for a slow destination cost it little.  Busy: late by
+        more than ``qmgr.MAX_LAG`` while using more than ``qmgr.BUSY_CPU`` of a core.
+        """
+        return self.lag >= qmgr.MAX_LAG and self.cpu >= qmgr.BUSY_CPU
 
     def closed(self, tag) -> None:
         """The connection cache closed a connection: the slot it held is free."""
@@ -599,6 +615,7 @@ class _Lane:
         self.conns: list[_Connection] = []
         self.conns_counts: list[dict] = []
         self.deadline = time.monotonic() + rt.ps.soft_time_limit / 2
+        self.speculated = False
 
     def run(self, token: str, grant: Grant) -> dict:
         first = self.start(token, grant)
@@ -632,21 +649,59 @@ class _Lane:
         """Publish ``dispatch``, opening the wanted connections of this lane here when there is room."""
         rest = []
         for lane, n in dispatch:
-            if lane == self.domain and n > 0 and self.rt.local_spawn and time.monotonic() < self.deadline \
-                    and self.rt.lag < qmgr.MAX_LAG and not STOPPING.is_set():
-                with self.rt.local_lock:
-                    k = max(0, min(n, qmgr.CONNECTIONS_PER_TASK - self.local,
-                                   qmgr.LOCAL_CONNECTIONS - self.rt.local_active))
-                    self.local += k                 # reserved; start() counts them again
-                    self.rt.local_active += k
-                for _ in range(k):
-                    t = threading.Thread(target=self.extra, name="mxq-conn", daemon=True)
-                    self.threads.append(t)
-                    t.start()
-                n -= k
+            if lane == self.domain and n > 0:
+                n -= self.spawn(n)
             if n > 0:
                 rest.append((lane, n))
         publish(rest)
+
+    def spawn(self, n: int) -> int:
+        """Open up to ``n`` more connections of the lane in this process (gevent, room, not busy); how many."""
+        if not (self.rt.local_spawn and time.monotonic() < self.deadline and not self.rt.busy()
+                and not STOPPING.is_set()):
+            return 0
+        with self.rt.local_lock:
+            k = max(0, min(n, qmgr.CONNECTIONS_PER_TASK - self.local,
+                           qmgr.LOCAL_CONNECTIONS - self.rt.local_active))
+            self.local += k                 # reserved; start() counts them again
+            self.rt.local_active += k
+        for _ in range(k):
+            t = threading.Thread(target=self.extra, name="mxq-conn", daemon=True)
+            self.threads.append(t)
+            t.start()
+        return k
+
+    def speculate(self, window: int) -> bool:
+        """A first chunk of a lane of unknown latency is still waiting for its server: open the window now.
+
+        Postfix opens a destination's initial concurrency at once; mxq learns
+        a lane's seconds per message from its first delivery, and spreads its
+        mail when that is in (``qmgr``).  A destination that has not answered
+        within ``qmgr.SPECULATE_AFTER`` is slow (an instant one is done by
+        then): the lane gets up to its window of connections here without
+        waiting for the verdict, so the first second of a slow destination is
+        not spent on one connection.  Each takes its slot through the same
+        acquire (the window holds fleet-wide); once per task.  Returns
+        whether it is done (spawned, or nothing to do): False asks to be
+        called again later (the process was busy).
+        """
+        if self.speculated:
+            return True
+        if not self.rt.local_spawn or time.monotonic() >= self.deadline:
+            self.speculated = True
+            return True
+        if self.rt.busy():
+            return False
+        self.speculated = True
+        try:
+            ready = self.rt.store.ready_count(self.domain)
+        except Exception as e:  # noqa: BLE001 -- an optimisation: the verdict's dispatch spreads anyway
+            log.warning("deliver %s: reading the ready mail failed: %s", self.domain, e)
+            return True
+        want = min(ready, max(0, window - self.local))
+        if want > 0:
+            self.spawn(want)
+        return True
 
     def extra(self) -> None:
         """One more connection of the lane (a thread: a greenlet under gevent), as a published task would."""
@@ -754,6 +809,7 @@ class _Connection:
 
         if plan:
             started = time.monotonic()
+            watch = self.watch()
             try:
                 results = deliver_domain(domain, [env for _, _, env in plan], settings=rt.engine,
                                          resolver=rt.resolver, host_status=rt.hosts, deadline=self.deadline,
@@ -775,6 +831,9 @@ class _Connection:
             except BaseException as e:      # gevent's Timeout (the hard time limit), GreenletExit, ...
                 self.interrupted(batch, plan, recorded, outcomes, f"the task was stopped ({type(e).__name__})")
                 raise
+            finally:
+                if watch is not None:
+                    watch.set()
         now = time.time()
         for n, (it, pending, env) in enumerate(plan):
             if n in recorded:
@@ -793,7 +852,7 @@ class _Connection:
         # connections to this lane: they would add work, not throughput.  This task goes on
         # with the lane's mail, and what is left when it ends gets a task then.
         applied, dispatch, status = rt.store.finish(batch, domain, late + outcomes, fb if plan else None,
-                                                    now=now, spread=rt.lag <= qmgr.MAX_LAG)
+                                                    now=now, spread=not rt.busy())
         counts["written"] += written + len(applied)
         if results is not None and stats.transactions and fb.latency:
             self.latency = qmgr.smooth(self.latency, fb.latency)
@@ -803,6 +862,25 @@ class _Connection:
         if plan and results is None:
             status = "error"
         return status, stats
+
+    def watch(self) -> threading.Event | None:
+        """While this chunk waits for a lane of unknown latency, ``_Lane.speculate`` after ``SPECULATE_AFTER``.
+
+        Returns the event that stops the watch (set it when the chunk is
+        over), or None when there is nothing to watch.
+        """
+        if self.latency is not None or self.probe or self.lane.speculated or not self.rt.local_spawn:
+            return None
+        over = threading.Event()
+        lane, window = self.lane, self.grant.window
+
+        def run():
+            while not over.wait(qmgr.SPECULATE_AFTER):
+                if lane.speculate(window):
+                    return
+
+        threading.Thread(target=run, name="mxq-speculate", daemon=True).start()
+        return over
 
     def progressive(self, n: int) -> bool:
         """Record this chunk's messages one by one as their final replies arrive (``qmgr.Recorder``)?

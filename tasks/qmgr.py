@@ -78,11 +78,16 @@ CHUNK_SECONDS = 0.5
 #: A destination faster than this (seconds per message) gets chunks of MXQ_BATCH_SIZE: spreading its
 #: mail over more connections would cost more (CPU, Redis, connections) than it saves.
 FAST_LATENCY = 0.05
-#: A process whose scheduling lag (``Runtime.lag``) is above this opens no further connections
-#: itself, and reports no latency (it would be measuring its own delays).
+#: A process whose scheduling lag (``Runtime.lag``) is above this while it uses more than ``BUSY_CPU``
+#: of a core (``Runtime.busy``: CPU-bound by its own work) opens no further connections itself, and
+#: asks for none; its lag is taken off the latency it reports (it would be measuring its own delays).
 MAX_LAG = 0.02
+BUSY_CPU = 0.7
 #: A chunk expected to take longer than this has its messages recorded one by one (``Recorder``).
 RECORD_AFTER = 0.25
+#: A lane's first chunk (latency unknown) still waiting after this many seconds: the lane is slow,
+#: and gets its window of connections at once (``mxq.tasks.graph._Lane.speculate``).
+SPECULATE_AFTER = 0.25
 
 
 def smooth(old: float | None, sample: float) -> float:

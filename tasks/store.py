@@ -1524,6 +1524,10 @@ class Store:
                                content=content or b""))
         return out
 
+    def ready_count(self, lane: str) -> int:
+        """How many work items ``lane`` has ready (not claimed, not deferred): one LLEN."""
+        return int(self.r.llen(f"{PREFIX}ready:{lane}"))
+
     def renew(self, token: str, *, now: float | None = None) -> bool:
         """Extend the lease of ``token``'s batch; False when it no longer holds one."""
         now = time.time() if now is None else now

@@ -210,9 +210,8 @@ def test_dispatch_spreads_slow_mail_over_the_window_and_fast_mail_over_few_conne
 # ====================================================================== across real workers
 @pytest.fixture(scope="module")
 def zones(dns_server):
-    for last, name in ((10, "par.rt.test"), (11, "start.rt.test"), (20, "dead.rt.test"), (21, "ok.rt.test"),
-                       (30, "kill.rt.test"), (31, "kill2.rt.test"), (32, "term.rt.test"), (40, "a.reuse.rt.test"),
-                       (40, "b.reuse.rt.test")):
+    for last, name in ((10, "par.rt.test"), (11, "start.rt.test"), (12, "spec.rt.test"), (20, "dead.rt.test"), (21, "ok.rt.test"),
+                       (30, "kill.rt.test"), (31, "kill2.rt.test"), (32, "term.rt.test"), (40, "a.reuse.rt.test"),                       (40, "b.reuse.rt.test")):
         zone(dns_server, name, IP + str(last))
 
 
@@ -256,6 +255,29 @@ def test_slow_start_from_the_initial_window(pipeline, zones):
         print(f"slow start: {before} sessions before the first delivery, {sessions.max} at most")
         assert before == 2                  # the initial window, used in full, before any success
         assert sessions.max == 6            # grown to the limit, never past it
+    finally:
+        srv.stop()
+
+
+def test_a_slow_destination_gets_its_initial_window_before_its_first_verdict(pipeline, zones):
+    # Postfix opens a destination's initial concurrency at once.  mxq learns a destination's speed
+    # from its first delivery; one that has not answered within qmgr.SPECULATE_AFTER is slow, and
+    # its mail is spread over the initial window without waiting for that first verdict.
+    sessions = Concurrency()
+    srv = server(12, "mx.spec.rt.test", sessions, delays={"data_final": 1.5}, keep_content=False)
+    try:
+        # 20 messages of a new destination: its latency unknown, one task takes them (MXQ_BATCH_SIZE 64)
+        p = pipeline(MXQ_SHAPING="spec.rt.test=8c", MXQ_INITIAL_CONCURRENCY="4")
+        p.worker(concurrency=1)
+        p.beat()
+        ids = submit([f"v{i}@spec.rt.test" for i in range(20)])
+        p.wait_done(ids, timeout=60)
+        assert [s["state"] for s in states(ids)] == ["delivered"] * 20 and len(srv.messages) == 20
+        first = min(m.received_at for m in srv.messages)
+        before = sessions.max_before(first)
+        print(f"slow new destination: {before} sessions before its first verdict, {sessions.max} at most")
+        assert before == 4                  # the initial window, opened before the first verdict
+        assert sessions.max <= 8            # never past the limit
     finally:
         srv.stop()
 
