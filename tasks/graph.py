@@ -218,6 +218,9 @@ def _shared_dns_cache(settings, client):
     for its answer to appear in Redis (polling every 5 ms, at most the lock's
     life), then ask DNS themselves only if none came (a failure is not
     cached).  So a name and type is asked once per TTL across every worker.
+    Within a process, tasks missing the same name at once (a new destination's
+    connections opened together) wait for the first one's answer in memory
+    instead of each polling Redis.
     """
     import json as _json
 
@@ -229,10 +232,38 @@ def _shared_dns_cache(settings, client):
         LOCK = "mxq:dnslock:"
         WAIT = 2.0
 
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self._flights: dict[tuple[str, str], tuple[threading.Event, float]] = {}
+
         def get(self, rtype: str, name: str):
             hit = super().get(rtype, name)
             if hit is not None or not self._redis_usable():
                 return hit
+            key = (rtype, name)
+            with self._lock:
+                flight = self._flights.get(key)
+                if flight is None or flight[1] < time.monotonic():
+                    self._flights[key] = (threading.Event(), time.monotonic() + self.WAIT)
+                    flight = None
+            if flight is not None:
+                # Another task of this process is resolving it: its answer lands in memory.
+                flight[0].wait(max(0.0, flight[1] - time.monotonic()))
+                with self._lock:
+                    item = self._entries.get(key)
+                return item[1] if item is not None and item[0] > self.clock() else None
+            answer = self._shared(rtype, name)
+            if answer is not None:
+                self._landed(key)
+            return answer
+
+        def _landed(self, key) -> None:
+            with self._lock:
+                flight = self._flights.pop(key, None)
+            if flight is not None:
+                flight[0].set()
+
+        def _shared(self, rtype: str, name: str):
             lock = f"{self.LOCK}{rtype}:{name}"
             key = self.redis_key(rtype, name)
 
@@ -274,6 +305,7 @@ def _shared_dns_cache(settings, client):
 
         def put(self, rtype: str, name: str, answer):
             stored = super().put(rtype, name, answer)
+            self._landed((rtype, name))
             if self._redis_usable():
                 try:
                     self.redis.delete(f"{self.LOCK}{rtype}:{name}")
