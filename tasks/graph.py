@@ -154,33 +154,21 @@ class Runtime:
         self.local_spawn = _green()
         self.local_lock = threading.Lock()
         self.local_active = 0
-        # How late a task that is ready gets its turn in this process (seconds, smoothed), and the
-        # share of a core the process used meanwhile (smoothed): see busy().
+        # How late a task that is ready gets its turn in this process (seconds, smoothed).
         self.lag = 0.0
-        self.cpu = 0.0
         threading.Thread(target=self._watch_lag, name="mxq-lag", daemon=True).start()
 
     def _watch_lag(self, period: float = 0.05) -> None:
-        """Measure the scheduling lag (how much later than asked a short sleep returns) and the CPU used."""
-        c = time.process_time()
+        """Measure the scheduling lag: how much later than asked a short sleep returns."""
         while True:
             t = time.monotonic()
             time.sleep(period)
-            t2, c2 = time.monotonic(), time.process_time()
-            late = max(0.0, t2 - t - period)
+            late = max(0.0, time.monotonic() - t - period)
             self.lag = 0.8 * self.lag + 0.2 * late
-            self.cpu = 0.8 * self.cpu + 0.2 * min(1.0, (c2 - c) / max(t2 - t, 1e-6))
-            c = c2
 
     def busy(self) -> bool:
-        """Is this process CPU-bound: its ready tasks wait for their turn (lag) *because of its own work*?
-
-        A late wake-up alone also happens when other processes hold the CPU;
-        then this process is mostly waiting on the network, and more
-        connections for a slow destination cost it little.  Busy: late by
-        more than ``qmgr.MAX_LAG`` while using more than ``qmgr.BUSY_CPU`` of a core.
-        """
-        return self.lag >= qmgr.MAX_LAG and self.cpu >= qmgr.BUSY_CPU
+        """Do this process's ready tasks wait for their turn (its lag above ``qmgr.MAX_LAG``)?"""
+        return self.lag >= qmgr.MAX_LAG
 
     def closed(self, tag) -> None:
         """The connection cache closed a connection: the slot it held is free."""
@@ -247,11 +235,13 @@ def _shared_dns_cache(settings, client):
                     self._flights[key] = (threading.Event(), time.monotonic() + self.WAIT)
                     flight = None
             if flight is not None:
-                # Another task of this process is resolving it: its answer lands in memory.
+                # Another task of this process is resolving it: its answer lands in memory (or,
+                # if none came in time, the other workers' way: through Redis).
                 flight[0].wait(max(0.0, flight[1] - time.monotonic()))
                 with self._lock:
                     item = self._entries.get(key)
-                return item[1] if item is not None and item[0] > self.clock() else None
+                if item is not None and item[0] > self.clock():
+                    return item[1]
             answer = self._shared(rtype, name)
             if answer is not None:
                 self._landed(key)
@@ -880,11 +870,12 @@ class _Connection:
         fb = qmgr.feedback(stats, [_results_for(env, results[n]) for n, (_, _, env) in enumerate(plan)]
                            if results is not None else None, probe=self.token if self.probe else "",
                            lag=rt.lag)
-        # A busy process (CPU-bound, its tasks waiting for their turn) asks for no more
-        # connections to this lane: they would add work, not throughput.  This task goes on
-        # with the lane's mail, and what is left when it ends gets a task then.
+        # A process whose tasks wait for their turn asks for no more connections to this lane,
+        # unless the lane is slow beyond doubt (qmgr.spread): its measured time per message may
+        # be its own delays, and more connections would add work, not throughput.  This task
+        # goes on with the lane's mail, and what is left when it ends gets a task then.
         applied, dispatch, status = rt.store.finish(batch, domain, late + outcomes, fb if plan else None,
-                                                    now=now, spread=not rt.busy())
+                                                    now=now, spread=qmgr.spread(rt.lag, fb.latency))
         counts["written"] += written + len(applied)
         if results is not None and stats.transactions and fb.latency:
             self.latency = qmgr.smooth(self.latency, fb.latency)

@@ -78,11 +78,13 @@ CHUNK_SECONDS = 0.5
 #: A destination faster than this (seconds per message) gets chunks of MXQ_BATCH_SIZE: spreading its
 #: mail over more connections would cost more (CPU, Redis, connections) than it saves.
 FAST_LATENCY = 0.05
-#: A process whose scheduling lag (``Runtime.lag``) is above this while it uses more than ``BUSY_CPU``
-#: of a core (``Runtime.busy``: CPU-bound by its own work) opens no further connections itself, and
-#: asks for none; its lag is taken off the latency it reports (it would be measuring its own delays).
+#: A process whose scheduling lag (``Runtime.lag``) is above this opens no further connections
+#: itself, and asks for none unless the lane is slow beyond doubt (``spread``); its lag is taken
+#: off the latency it reports (it would be measuring its own delays).
 MAX_LAG = 0.02
-BUSY_CPU = 0.7
+#: A lane measured this many times slower per message than the process's lag is slow whatever the
+#: lag (a CPU-starved process measures its own delays on a fast lane, not tenfold).
+SLOW_VS_LAG = 10.0
 #: A chunk expected to take longer than this has its messages recorded one by one (``Recorder``).
 RECORD_AFTER = 0.25
 #: A lane's first chunk (latency unknown) still waiting after this many seconds: the lane is slow,
@@ -160,6 +162,21 @@ def feedback(stats: RunStats, results: list[list[dict | None]] | None, probe: st
                     fb.why, fb.enhanced = str(r["text"]), str(r.get("enhanced") or "")
                     return fb
     return fb
+
+
+def spread(lag: float, latency: float) -> bool:
+    """May a run's verdict ask for more connections to its lane (``Store.finish``'s ``spread``)?
+
+    Yes while the process wakes on time (``lag`` under ``MAX_LAG``).  A late
+    process -- its own work, or other processes holding the CPU -- measures
+    its delays into every message: an instant exchange then looks slow, and
+    spreading it over more connections would add work per message, not
+    throughput.  It still spreads a lane whose time per message (``latency``,
+    lag already taken off) is ``SLOW_VS_LAG`` times its lag: a destination
+    taking a second at the dot is slow whatever the machine does (at load
+    6-17 the lag stays at 30-80 ms).
+    """
+    return lag < MAX_LAG or (latency or 0.0) >= SLOW_VS_LAG * lag
 
 
 def suspended_result(why: str, enhanced: str) -> dict:
