@@ -693,7 +693,7 @@ class _Lane:
             t.start()
         return k
 
-    def speculate(self, window: int) -> bool:
+    def speculate(self, window: int, waited: float) -> bool:
         """A first chunk of a lane of unknown latency is still waiting for its server: open the window now.
 
         Postfix opens a destination's initial concurrency at once; mxq learns
@@ -703,16 +703,17 @@ class _Lane:
         then): the lane gets up to its window of connections here without
         waiting for the verdict, so the first second of a slow destination is
         not spent on one connection.  Each takes its slot through the same
-        acquire (the window holds fleet-wide); once per task.  Returns
-        whether it is done (spawned, or nothing to do): False asks to be
-        called again later (the process was busy).
+        acquire (the window holds fleet-wide); once per task.  A busy process
+        waits until the chunk has ``waited`` ``qmgr.SLOW_VS_LAG`` times its
+        lag (as ``qmgr.spread``).  Returns whether it is done (spawned, or
+        nothing to do): False asks to be called again later.
         """
         if self.speculated:
             return True
         if not self.rt.local_spawn or time.monotonic() >= self.deadline:
             self.speculated = True
             return True
-        if self.rt.busy():
+        if not qmgr.spread(self.rt.lag, waited):
             return False
         self.speculated = True
         try:
@@ -895,11 +896,11 @@ class _Connection:
         if self.latency is not None or self.probe or self.lane.speculated or not self.rt.local_spawn:
             return None
         over = threading.Event()
-        lane, window = self.lane, self.grant.window
+        lane, window, started = self.lane, self.grant.window, time.monotonic()
 
         def run():
             while not over.wait(qmgr.SPECULATE_AFTER):
-                if lane.speculate(window):
+                if lane.speculate(window, time.monotonic() - started):
                     return
 
         threading.Thread(target=run, name="mxq-speculate", daemon=True).start()

@@ -264,7 +264,7 @@ def test_a_slow_destination_gets_its_initial_window_before_its_first_verdict(pip
     # from its first delivery; one that has not answered within qmgr.SPECULATE_AFTER is slow, and
     # its mail is spread over the initial window without waiting for that first verdict.
     sessions = Concurrency()
-    srv = server(12, "mx.spec.rt.test", sessions, delays={"data_final": 1.5}, keep_content=False)
+    srv = server(12, "mx.spec.rt.test", sessions, delays={"data_final": 2.0}, keep_content=False)
     try:
         # 20 messages of a new destination: its latency unknown, one task takes them (MXQ_BATCH_SIZE 64)
         p = pipeline(MXQ_SHAPING="spec.rt.test=8c", MXQ_INITIAL_CONCURRENCY="4")
