@@ -488,26 +488,33 @@ return {was, dispatch({d}, now, k, maxpar, true, {})}
 """
 
 
+def _req() -> list[str]:
+    """A fresh request key for one script call (``mxq.tasks.store._once``)."""
+    from .store import _req as req
+    return req()
+
+
 # ---------------------------------------------------------------- the operations (API)
 class Admin:
     """Queue inspection and surgery on a ``mxq.tasks.store.Store`` (what the commands run)."""
 
     def __init__(self, store):
-        from .store import _PRELUDE
+        from .store import _PRELUDE, _once
 
         self.store = store
         self.r = store.r
         self.settings = store.settings
-        self._drop_job = self.r.register_script(_PRELUDE + _DROP_LIB + _DROP_JOB)
-        self._drop_domain = self.r.register_script(_PRELUDE + _DROP_LIB + _DROP_DOMAIN)
-        self._flush = self.r.register_script(_PRELUDE + _FLUSH)
-        self._flush_job = self.r.register_script(_PRELUDE + _FLUSH_JOB)
-        self._hold_job = self.r.register_script(_PRELUDE + _HOLD_LIB + _HOLD_JOB)
-        self._hold_domain = self.r.register_script(_PRELUDE + _HOLD_LIB + _HOLD_DOMAIN)
-        self._release_job = self.r.register_script(_PRELUDE + _HOLD_LIB + _RELEASE_JOB)
-        self._release_domain = self.r.register_script(_PRELUDE + _HOLD_LIB + _RELEASE_DOMAIN)
-        self._suspend = self.r.register_script(_PRELUDE + _SUSPEND)
-        self._resume = self.r.register_script(_PRELUDE + _RESUME)
+        # Each call with a request key (store._once): a call retried after a lost reply answers the same.
+        self._drop_job = self.r.register_script(_PRELUDE + _DROP_LIB + _once(_DROP_JOB))
+        self._drop_domain = self.r.register_script(_PRELUDE + _DROP_LIB + _once(_DROP_DOMAIN))
+        self._flush = self.r.register_script(_PRELUDE + _once(_FLUSH))
+        self._flush_job = self.r.register_script(_PRELUDE + _once(_FLUSH_JOB))
+        self._hold_job = self.r.register_script(_PRELUDE + _HOLD_LIB + _once(_HOLD_JOB))
+        self._hold_domain = self.r.register_script(_PRELUDE + _HOLD_LIB + _once(_HOLD_DOMAIN))
+        self._release_job = self.r.register_script(_PRELUDE + _HOLD_LIB + _once(_RELEASE_JOB))
+        self._release_domain = self.r.register_script(_PRELUDE + _HOLD_LIB + _once(_RELEASE_DOMAIN))
+        self._suspend = self.r.register_script(_PRELUDE + _once(_SUSPEND))
+        self._resume = self.r.register_script(_PRELUDE + _once(_RESUME))
 
     # -------------------------------------------------------- postqueue -p / postcat
     def where(self) -> dict[str, dict[str, str]]:
@@ -557,7 +564,7 @@ class Admin:
         """
         from .store import FINAL_STATES
 
-        now = time.time() if now is None else now
+        now = self.store.now() if now is None else now
         jobs = []
         for job, places in self.where().items():
             found = self.store.job(job)
@@ -589,7 +596,7 @@ class Admin:
     # -------------------------------------------------------- mailq
     def snapshot(self, *, oldest: int = 5, now: float | None = None) -> dict:
         """The queue by domain and state (the ``mxq queue --json`` document)."""
-        now = time.time() if now is None else now
+        now = self.store.now() if now is None else now
         r = self.r
         per: dict[str, dict] = {}
 
@@ -685,10 +692,10 @@ class Admin:
     # -------------------------------------------------------- flush
     def flush(self, domain: str | None = None, *, now: float | None = None) -> tuple[int, list]:
         """Deferred work of ``domain`` (None: all) back to its ready lists; ``(moved, dispatch)``."""
-        now = time.time() if now is None else now
+        now = self.store.now() if now is None else now
         s = self.settings
         ips = None if domain is None else self._last_ips(domain)
-        moved, disp = self._flush(args=[now, s.batch_size, s.domain_concurrency, domain or ""])
+        moved, disp = self._flush(keys=_req(), args=[now, s.batch_size, s.domain_concurrency, domain or ""])
         # Forget the failure memory too (of every exchange, or of the ones these recipients last
         # tried), or the retry would skip an exchange still marked down and defer at once.
         keys = [k for k in self.r.scan_iter(match="mxq:down:*", count=1000)
@@ -701,13 +708,13 @@ class Admin:
         """One job's deferred work back to its ready lists (``mxq queue flush JOB``); None when unknown.
 
         The failure memory of the exchanges its recipients last tried is forgotten too."""
-        now = time.time() if now is None else now
+        now = self.store.now() if now is None else now
         s = self.settings
         found = self.store.job(job)
         if found is None:
             return None
         ips = {r.get("ip") for r in found[1].values() if r.get("ip")}
-        moved, disp = self._flush_job(args=[now, s.batch_size, s.domain_concurrency, job])
+        moved, disp = self._flush_job(keys=_req(), args=[now, s.batch_size, s.domain_concurrency, job])
         if int(moved) < 0:
             return None
         keys = [k for k in self.r.scan_iter(match="mxq:down:*", count=1000)
@@ -745,16 +752,16 @@ class Admin:
         queue, "in_flight": work items being delivered now}``: a transaction under way completes,
         and what is left of it afterwards is held.
         """
-        now = time.time() if now is None else now
-        n, parked, inflight = self._hold_job(args=[now, job])
+        now = self.store.now() if now is None else now
+        n, parked, inflight = self._hold_job(keys=_req(), args=[now, job])
         if int(n) < 0:
             return None
         return {"held": int(n), "parked": int(parked), "in_flight": int(inflight)}
 
     def hold_domain(self, domain: str, *, now: float | None = None) -> dict:
         """Put every recipient waiting for ``domain`` now on hold (ready, deferred, in flight, not split yet)."""
-        now = time.time() if now is None else now
-        n, parked, inflight = self._hold_domain(args=[now, domain])
+        now = self.store.now() if now is None else now
+        n, parked, inflight = self._hold_domain(keys=_req(), args=[now, domain])
         return {"held": int(n), "parked": int(parked), "in_flight": int(inflight)}
 
     def release_job(self, job: str, *, now: float | None = None) -> dict | None:
@@ -763,18 +770,18 @@ class Admin:
         None when the job is unknown; ``{"was_held": domains that were on hold, "released":
         recipients, "moved": work items, "dispatch": [...]}``.
         """
-        now = time.time() if now is None else now
+        now = self.store.now() if now is None else now
         s = self.settings
-        marked, n, moved, disp = self._release_job(args=[now, s.batch_size, s.domain_concurrency, job])
+        marked, n, moved, disp = self._release_job(keys=_req(), args=[now, s.batch_size, s.domain_concurrency, job])
         if int(marked) < 0:
             return None
         return {"was_held": int(marked), "released": int(n), "moved": int(moved), "dispatch": _pairs(disp)}
 
     def release_domain(self, domain: str, *, now: float | None = None) -> dict:
         """Release every held recipient of ``domain``; ``{"was_held": jobs, "released", "moved", "dispatch"}``."""
-        now = time.time() if now is None else now
+        now = self.store.now() if now is None else now
         s = self.settings
-        jobs, n, moved, disp = self._release_domain(args=[now, s.batch_size, s.domain_concurrency, domain])
+        jobs, n, moved, disp = self._release_domain(keys=_req(), args=[now, s.batch_size, s.domain_concurrency, domain])
         return {"was_held": int(jobs), "released": int(n), "moved": int(moved), "dispatch": _pairs(disp)}
 
     # -------------------------------------------------------- suspend / resume (kcli suspend)
@@ -786,18 +793,18 @@ class Admin:
         for it and no connection opened; a connection under way ends after its current chunk.
         Returns the suspension (``since``, ``expires`` or None, ``reason``, ``replaced``).
         """
-        now = time.time() if now is None else now
+        now = self.store.now() if now is None else now
         expires = now + duration if duration else None
         value = {"since": now, "expires": expires, "reason": reason}
-        was = self._suspend(args=[domain, json.dumps(value), int(math.ceil(duration * 1000)) if duration else 0,
+        was = self._suspend(keys=_req(), args=[domain, json.dumps(value), int(math.ceil(duration * 1000)) if duration else 0,
                                   repr(expires) if expires else 0])
         return dict(value, domain=domain, replaced=bool(int(was)))
 
     def resume(self, domain: str, *, now: float | None = None) -> tuple[bool, list]:
         """End ``domain``'s suspension; ``(was suspended, dispatch)`` -- its ready mail gets tasks at once."""
-        now = time.time() if now is None else now
+        now = self.store.now() if now is None else now
         s = self.settings
-        was, disp = self._resume(args=[now, s.batch_size, s.domain_concurrency, domain])
+        was, disp = self._resume(keys=_req(), args=[now, s.batch_size, s.domain_concurrency, domain])
         return bool(int(was)), _pairs(disp)
 
     def suspended(self, *, now: float | None = None) -> list[dict]:
@@ -823,7 +830,7 @@ class Admin:
     def _drop_args(self, now: float | None) -> list:
         from . import webhooks
 
-        now = time.time() if now is None else now
+        now = self.store.now() if now is None else now
         s = self.settings
         hooks = webhooks.current()
         hookttl = hooks.key_ttl if hooks.wants("dropped") else 0
@@ -832,14 +839,14 @@ class Admin:
 
     def drop_job(self, job: str, *, now: float | None = None) -> dict | None:
         """Drop every recipient of ``job`` not final yet; None when the job is unknown."""
-        n, removed, inflight, disp = self._drop_job(args=[*self._drop_args(now), job])
+        n, removed, inflight, disp = self._drop_job(keys=_req(), args=[*self._drop_args(now), job])
         if int(n) < 0:
             return None
         return {"dropped": int(n), "removed": int(removed), "in_flight": int(inflight), "dispatch": _pairs(disp)}
 
     def drop_domain(self, domain: str, *, now: float | None = None) -> dict:
         """Drop every recipient waiting for ``domain`` (a normalised lane name)."""
-        n, removed, inflight, disp = self._drop_domain(args=[*self._drop_args(now), domain])
+        n, removed, inflight, disp = self._drop_domain(keys=_req(), args=[*self._drop_args(now), domain])
         return {"dropped": int(n), "removed": int(removed), "in_flight": int(inflight), "dispatch": _pairs(disp)}
 
 

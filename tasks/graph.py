@@ -376,9 +376,19 @@ def _beat_all(hbs: list["Heartbeat"]) -> None:
         by_store.setdefault(id(hb.store), (hb.store, []))[1].append(hb)
     for store, group in by_store.values():
         try:
-            store.renew_many([hb.token for hb in group if hb.token], slots=[hb.slot for hb in group if hb.slot])
+            asked = time.monotonic()
+            lost = store.renew_many([hb.token for hb in group if hb.token],
+                                    slots=[hb.slot for hb in group if hb.slot])
         except Exception as e:          # Redis away for a while: the next beat tries again
             log.warning("lease renewal failed: %s", e)
+        else:
+            for hb in group:
+                if hb.token and hb.token in lost:
+                    hb.lost = True
+                    log.warning("batch %s lost its lease (taken back by the scheduler): it starts nothing more",
+                                hb.token)
+                else:
+                    hb.renewed = asked
     for hb in hbs:
         if hb.also is not None:
             try:
@@ -414,6 +424,14 @@ class Heartbeat:
         self.store, self.token, self.also, self.slot = store, token, also, slot
         self.interval = max(store.settings.lease_seconds / 3.0, 0.2)
         self.beating = False
+        self.renewed = time.monotonic()     # when the last renewal was asked for (and went through)
+        self.lost = False                   # a renewal found the lease gone
+
+    def stopped(self) -> bool:
+        """True once the heartbeat is lost: a renewal found the lease taken back, or none went through
+        for two thirds of a lease (the lease may run out before the next).  The batch then starts no
+        new transaction: what it has not sent would be sent by another worker too."""
+        return self.lost or time.monotonic() - self.renewed > self.store.settings.lease_seconds * 2 / 3
 
     def beat(self) -> None:
         """Renew the lease and slot (and call ``also``) once; Redis errors are logged, never raised."""
@@ -454,17 +472,75 @@ def publish(dispatch: list[tuple[str, int]], *, fan_out: bool = False) -> int:
         fanout.apply_async(args=[[[lane, n] for lane, n in dispatch]])
         return 1
     n = 0
-    with _publishing, app.producer_or_acquire() as producer:
-        for lane, count in dispatch:
-            for _ in range(count):
-                if lane == REPORT_LANE:
-                    notify.apply_async(producer=producer)
-                elif lane == webhooks.WEBHOOK_LANE:     # >>> webhook events (mxq.tasks.webhooks) <<<
-                    webhooks.deliver_events.apply_async(producer=producer, queue=webhooks.QUEUE)
-                else:
-                    deliver.apply_async(args=[lane], producer=producer)
-                n += 1
+    try:
+        with _publishing, app.producer_or_acquire() as producer:
+            for lane, count in dispatch:
+                for _ in range(count):
+                    if lane == REPORT_LANE:
+                        notify.apply_async(producer=producer)
+                    elif lane == webhooks.WEBHOOK_LANE:     # >>> webhook events (mxq.tasks.webhooks) <<<
+                        webhooks.deliver_events.apply_async(producer=producer, queue=webhooks.QUEUE)
+                    else:
+                        deliver.apply_async(args=[lane], producer=producer)
+                    n += 1
+    except Exception as e:
+        if not _is_full(e):
+            raise
+        # The lanes' work is in Redis: the scheduler publishes for quiet lanes once there is room.
+        redis_full(f"{sum(c for _, c in dispatch) - n} task(s) not published")
     return n
+
+
+# ---------------------------------------------------------------- Redis full (maxmemory)
+#: Seconds a delivery task that found Redis full waits for memory to free before it gives up
+#: (the scheduler re-publishes its lane later); checked every REDIS_FULL_POLL seconds.
+REDIS_FULL_WAIT = 20.0
+REDIS_FULL_POLL = 0.5
+
+
+def _is_full(e: BaseException) -> bool:
+    """Whether ``e`` is Redis refusing a write at maxmemory (noeviction)."""
+    import redis
+
+    return isinstance(e, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in str(e)
+
+
+def redis_full(what: str) -> None:
+    """Say (log and metrics) that Redis is full and what this worker does about it."""
+    log.warning("Redis is full (maxmemory reached, writes refused): %s; claiming no new work until "
+                "memory frees, work in hand is released", what)
+    metrics.redis_full()
+
+
+def _room(store: Store, wait: float) -> bool:
+    """Wait (at most ``wait`` seconds) until Redis takes writes again; True when it does."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            mem = store.r.info("memory")
+            limit = int(mem.get("maxmemory") or 0)
+            if not limit or int(mem.get("used_memory") or 0) < limit:
+                return True
+        except Exception as e:          # noqa: BLE001 -- Redis away: keep waiting, bounded
+            reraise_interrupt(e)
+        if time.monotonic() + REDIS_FULL_POLL > deadline:
+            return False
+        time.sleep(REDIS_FULL_POLL)
+
+
+def _acquire(rt: "Runtime", domain: str, token: str) -> Grant | None:
+    """``Shaper.acquire`` for a delivery task; None when Redis is full and stays full (the task
+    then returns: nothing was taken, and the scheduler re-publishes the lane)."""
+    for attempt in (1, 2):
+        try:
+            return rt.shaper.acquire(domain, token, rt.ps.batch_size, now=rt.store.now())
+        except Exception as e:
+            if not _is_full(e):
+                raise
+            redis_full(f"deliver {domain}: nothing claimed")
+            if attempt == 2 or not _room(rt.store, REDIS_FULL_WAIT):
+                return None
+    return None
 
 
 # ---------------------------------------------------------------- delivery
@@ -581,11 +657,16 @@ def run_delivery(domain: str) -> dict:
     the first task after its dead period is its probe.  Then the task takes
     chunks of the lane's ready mail over one connection until the lane is
     empty, the destination fails, or half the soft time limit has passed.
+    Redis full (maxmemory): nothing is claimed (the claim and acquire scripts
+    are refused whole); the task says so, waits up to ``REDIS_FULL_WAIT`` for
+    memory, and returns if there is none (the scheduler re-publishes the lane).
     Returns counts for the task's result/logs (no addresses, no content).
     """
     rt = runtime()
     token = uuid.uuid4().hex
-    grant = rt.shaper.acquire(domain, token, rt.ps.batch_size, now=time.time())
+    grant = _acquire(rt, domain, token)
+    if grant is None:
+        return {"items": 0, "redis_full": 1}
     if not grant.granted:
         if _refused(domain, grant):
             return {"items": 0, "throttled": 1}
@@ -733,7 +814,9 @@ class _Lane:
             self.local -= 1
         try:
             token = uuid.uuid4().hex
-            grant = self.rt.shaper.acquire(self.domain, token, self.rt.ps.batch_size, now=time.time())
+            grant = _acquire(self.rt, self.domain, token)
+            if grant is None:
+                return
             if not grant.granted:
                 _refused(self.domain, grant)
                 return
@@ -765,11 +848,13 @@ class _Connection:
                              hold=True)
         self.deadline = lane.deadline
         self.counts: dict[str, int] = defaultdict(int)
+        self.hb: Heartbeat | None = None     # while run() runs: the lease heartbeat (stop when lost)
 
     def run(self) -> dict:
         with Heartbeat(self.rt.store, "", slot=(self.domain, self.token) if self.grant.slot else None) as hb:
+            self.hb = hb
             seq = 0
-            while True:
+            while not hb.stopped():         # a lost heartbeat: no more chunks
                 k = 1 if self.probe else qmgr.chunk_size(self.latency, self.ps.batch_size)
                 if self.tokens is not None:
                     k = min(k, self.tokens)
@@ -778,7 +863,14 @@ class _Connection:
                 seq += 1
                 batch = f"{self.token}.{seq}"
                 hb.token = batch
-                items = self.rt.store.claim(self.domain, batch, limit=k, checked=seq == 1)   # (acquired just now)
+                try:
+                    items = self.rt.store.claim(self.domain, batch, limit=k, checked=seq == 1)   # (acquired just now)
+                    hb.renewed = time.monotonic()       # the claim wrote a fresh lease
+                except Exception as e:
+                    if not _is_full(e):
+                        raise
+                    redis_full(f"deliver {self.domain}: no next chunk")     # refused whole: nothing taken
+                    break
                 if self.tokens is not None:
                     self.tokens -= len(items)
                 if not items:
@@ -828,7 +920,7 @@ class _Connection:
             # The message's final reply is in: record it now, while the chunk goes on.
             it, pending, env = plan[n]
             recorded.add(n)
-            rt.recorder.add(batch, domain, self.outcome(it, pending, _results_for(env, res), time.time()))
+            rt.recorder.add(batch, domain, self.outcome(it, pending, _results_for(env, res), rt.store.now()))
 
         if plan:
             started = time.monotonic()
@@ -840,7 +932,8 @@ class _Connection:
                                          source_pool=rt.shaper.policy.for_domain(domain).pool,
                                          mta_sts=rt.mta_sts, tls_report=rt.tls_report, port25=rt.port25,
                                          sessions=self.sessions, on_done=done if self.progressive(len(plan)) else None,
-                                         stats=stats, ignore_down=self.probe)
+                                         stats=stats, ignore_down=self.probe,
+                                         stop=self.hb.stopped if self.hb is not None else None)
                 metrics.run_seconds(time.monotonic() - started)
             except Exception as e:
                 if not isinstance(e, SoftTimeLimitExceeded):
@@ -857,7 +950,7 @@ class _Connection:
             finally:
                 if watch is not None:
                     watch.set()
-        now = time.time()
+        now = rt.store.now()
         for n, (it, pending, env) in enumerate(plan):
             if n in recorded:
                 continue
@@ -946,7 +1039,7 @@ class _Connection:
         Transactions that were under way may have been delivered: those are
         sent again (they were in flight); nothing else is.
         """
-        now = time.time()
+        now = self.rt.store.now()
         for n, (it, pending, env) in enumerate(plan):
             if n not in recorded:
                 per = [{"state": "deferred", "code": None, "enhanced": "4.3.0",
@@ -968,11 +1061,17 @@ def _drain(rt: Runtime, domain: str, token: str, grant: Grant) -> dict:
     while True:
         seq += 1
         batch = f"{token}.{seq}"
-        items = rt.store.claim(domain, batch, limit=rt.ps.batch_size, checked=seq == 1)
+        try:
+            items = rt.store.claim(domain, batch, limit=rt.ps.batch_size, checked=seq == 1)
+        except Exception as e:
+            if not _is_full(e):
+                raise
+            redis_full(f"deliver {domain}: nothing claimed")
+            break
         if not items:
             break
         counts["items"] += len(items)
-        now = time.time()
+        now = rt.store.now()
         outcomes = []
         for it in items:
             out = Outcome(it.wid, idem=it.meta.get("idem", ""))

@@ -183,6 +183,9 @@ class _Instruments:
         self.throttled = Counter("mxq_shaping_throttled",
                                  "Deliver tasks that found their domain at its limit and returned",
                                  ["domain", "reason"])
+        self.redis_full = Counter("mxq_redis_full",
+                                  "Times a worker found Redis full (maxmemory, writes refused) and claimed "
+                                  "nothing or published nothing (it backs off until memory frees)")
 
 
 def instruments() -> _Instruments:
@@ -211,6 +214,12 @@ def throttled(domain: str, reason: str) -> None:
     """Count a deliver task held back by shaping."""
     if enabled():
         instruments().throttled.labels(_domain_label(domain), reason).inc()
+
+
+def redis_full() -> None:
+    """Count a worker finding Redis full (``mxq.tasks.graph.redis_full``)."""
+    if enabled():
+        instruments().redis_full.inc()
 
 
 def run_seconds(seconds: float) -> None:

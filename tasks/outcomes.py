@@ -79,7 +79,7 @@ def record(store=None, app=None, *, limit: int = BATCH, now: float | None = None
     if not enabled(app):
         return 0
     store = store or get_store()
-    now = time.time() if now is None else now
+    now = store.now() if now is None else now
     claimed = store.claim_final(limit=limit, lease=LEASE, now=now)
     if not claimed:
         return 0

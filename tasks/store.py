@@ -36,7 +36,9 @@ key                              type    contents
                                          a string holding the job ids (1 hour)
 ``mxq:ready:{lane}``             list    work items ready to run in that lane
 ``mxq:lease``                    zset    batch token -> lease expiry (work in flight)
-``mxq:batch:{token}``            string  the lane and work items of one leased batch
+``mxq:batch:{token}``            string  the lane and work items of one leased batch; once released,
+                                         the release's reply (``REQ_TTL``: a retried release
+                                         answers the same)
 ``mxq:deferred``                 zset    work item -> due time
 ``mxq:suppress:{address}``       string  a suppressed recipient (``mxq.tasks.suppress``): JSON
                                          reason, EXPIRE ``MXQ_SUPPRESS_TTL``
@@ -83,6 +85,9 @@ key                              type    contents
                                          refuse it, its mail stays on its ready list;
                                          ``mxq:suspended`` (set) indexes them (members whose
                                          key expired are let go by ``mxq queue``)
+``mxq:req:{uuid}``               string  the reply of one script call (``_once``), so that the same
+                                         call retried after a lost reply answers the same and
+                                         writes nothing (``REQ_TTL``)
 ``mxq:final``                    zset    jobs that became final and whose outcome is not yet in
                                          Celery's result backend -> when a recorder may take
                                          them (``mxq.tasks.outcomes``; added by the script that
@@ -157,6 +162,9 @@ PREFIX = "mxq:"
 #: when a single message is larger: far below Redis's 1 GB query buffer, which cuts the
 #: connection (and redis-py then resends the whole payload, again and again).
 CALL_BYTES = 16 * 1024 * 1024
+#: Most content bytes one claim's reply carries (or one message's, when it is larger): a
+#: batch of 64 messages at the 35 MiB size limit would be a 2.2 GiB reply.
+CLAIM_BYTES = 64 * 1024 * 1024
 #: Seconds a staged submission's job hashes live before their commit (``Store.submit``).
 STAGE_TTL = 3600
 #: The Redis lists where Celery's Redis transport keeps the tasks waiting in mxq's delivery,
@@ -404,6 +412,57 @@ local function requeue(token, lanes, seen)
 end
 """
 
+# ---- running twice, and Redis at maxmemory ----
+# A reply can be lost after Redis ran the script (a reset connection, a read timeout), and
+# redis-py then sends the same EVALSHA again.  Every state-changing script is safe to run
+# twice: the claim by its token (a batch already recorded under it is returned again,
+# nothing popped), submit and commit by their ids, and the others by a request key, KEYS[1]
+# = ``mxq:req:{uuid}`` made per call (``_req``): the first run stores its reply there
+# (``REQ_TTL`` seconds), a second run returns it and writes nothing.
+#
+# Redis at maxmemory (noeviction) refuses a command that may grow memory (SET, HSET, RPUSH,
+# ZADD...), but within a script only as its first write: once a script has written, Redis
+# lets it finish (a script without flags, Redis 6.2 and 7).  So a script that takes work
+# (claim, acquire) makes such a command its first write: when Redis is full it is refused
+# whole, before anything is taken.  A script that gives back or finishes what was taken
+# (release, record, renewals, slot release, refund, the tick) starts with a write Redis
+# never refuses (a ZREM, GETDEL, or ``GIVES``: DEL of a key that does not exist): it runs
+# when Redis is full, so what was claimed can always be released and a lease never runs out
+# because Redis was full (the few bytes it adds are bounded by the work in flight).
+GIVES = "redis.call('DEL', 'mxq:none')      -- a first write never refused: runs when Redis is full\n"
+#: Seconds a request key keeps its script's reply (redis-py's retries last about 30 s).
+REQ_TTL = 300
+
+
+def _once(body: str, *, takes: bool = False, gives: bool = False) -> str:
+    """``body`` (a script's code after its libraries) run at most once per request key KEYS[1].
+
+    Two commands on the first run: the check and the reply's SET.  ``takes``: the check is a
+    SET NX, refused when Redis is full (the script takes nothing then).  ``gives``: the check
+    is a GETDEL, a write never refused (the script runs when Redis is full).
+    """
+    if takes:
+        check = (f"  if not redis.call('SET', KEYS[1], '', 'NX', 'EX', {REQ_TTL}) then\n"
+                 "    return cjson.decode(redis.call('GET', KEYS[1]))\n"
+                 "  end\n")
+    elif gives:
+        check = ("  local m = redis.call('GETDEL', KEYS[1])\n"
+                 f"  if m then redis.call('SET', KEYS[1], m, 'EX', {REQ_TTL}); return cjson.decode(m) end\n")
+    else:
+        check = ("  local m = redis.call('GET', KEYS[1])\n"
+                 "  if m then return cjson.decode(m) end\n")
+    return ("local function _run()\n" + body + "\nend\n"
+            "if #KEYS > 0 then\n" + check + "end\n"
+            "local out = _run()\n"
+            f"if #KEYS > 0 then redis.call('SET', KEYS[1], cjson.encode(out), 'EX', {REQ_TTL}) end\n"
+            "return out\n")
+
+
+def _req() -> list[str]:
+    """A fresh request key for one script call (``_once``): the keys argument of the call."""
+    return [PREFIX + "req:" + uuid.uuid4().hex]
+
+
 # Storing a submission: store_jobs() is the one atomic step, run by _SUBMIT (the
 # whole batch in ARGV: small batches, one round trip) or by _COMMIT (a large batch
 # whose job hashes were written beforehand in calls of bounded size, see
@@ -534,7 +593,7 @@ return out
 """
 
 # ARGV: now, k, maxpar, job ids...  Splits stored jobs into their domain lanes (once).
-_INTAKE = _PRELUDE + r"""
+_INTAKE = _PRELUDE + _once(r"""
 local now, k, maxpar = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local lanes, work = {}, {}
 for i = 4, #ARGV do
@@ -558,61 +617,86 @@ for i = 4, #ARGV do
 end
 for _, d in ipairs(lanes) do push('RPUSH', P .. 'ready:' .. d, work[d]) end
 return dispatch(lanes, now, k, maxpar, false, {})
-"""
+""")
 
 # ARGV: now, lane, k, lease expiry, token, checked ('1': the caller's acquire just found the lane
-#       not suspended, so the claim does not look again), meta field names...
+#       not suspended, so the claim does not look again), most content bytes, meta field names...
 # Pops up to k items, leases them as one batch.  Delivery lanes return
 # {wid, content, packed} per item, packed being the JSON array of the HMGET
 # of the meta fields then each recipient record (false when missing): one
 # bulk string for Python to parse instead of a dozen RESP elements (the
 # reply parser was the largest cost of a claim, profiled).  The report and
 # webhook lanes return {wid} per item.
+# Safe to run twice: a batch already recorded under the token (the first run's reply
+# was lost) is returned again and nothing else happens (not even the hold and suspension
+# checks: what the first run leased is the batch).  The contents returned total at
+# most 'most content bytes' (or one item's, when one is larger): the items past it go
+# back to the front of the lane, unread.  Refused whole at maxmemory: its first write is the
+# ZADD of the lease.
 _CLAIM = _PRELUDE + r"""
 local now, lane, k, expiry, token = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local special = string.sub(lane, 1, 1) == '!'
--- A suspended lane (mxq queue suspend) gives nothing: a connection under way ends after its chunk.
-if not special and ARGV[6] ~= '1' and redis.call('EXISTS', P .. 'suspend:' .. lane) == 1 then return {} end
-local items = redis.call('LPOP', P .. 'ready:' .. lane, k)
-if special then
-  -- a task of the report or webhook lane starts: no longer pending (a delivery task
-  -- did that in its acquire, before its first claim)
-  local pend = tonumber(redis.call('HGET', P .. 'pending', lane) or '0')
-  if pend > 1 then
-    redis.call('HSET', P .. 'pending', lane, pend - 1)
-  elseif pend == 1 then
-    redis.call('HDEL', P .. 'pending', lane)      -- no zero entries left behind for idle domains
+local most = tonumber(ARGV[7])
+local bk = P .. 'batch:' .. token
+local items, again
+-- The lease first: a write refused when Redis is full (before the LPOP), and it finds a
+-- token that holds its lease already: this claim ran, its reply was lost.
+if redis.call('ZADD', P .. 'lease', 'NX', expiry, token) == 0 then
+  again = true
+  items = split(redis.call('GET', bk) or lane, '\n')
+  table.remove(items, 1)
+else
+  -- A suspended lane (mxq queue suspend) gives nothing: a connection under way ends after its chunk.
+  if not special and ARGV[6] ~= '1' and redis.call('EXISTS', P .. 'suspend:' .. lane) == 1 then
+    redis.call('ZREM', P .. 'lease', token)
+    return {}
+  end
+  items = redis.call('LPOP', P .. 'ready:' .. lane, k)
+  if special then
+    -- a task of the report or webhook lane starts: no longer pending (a delivery task
+    -- did that in its acquire, before its first claim)
+    local pend = tonumber(redis.call('HGET', P .. 'pending', lane) or '0')
+    if pend > 1 then
+      redis.call('HSET', P .. 'pending', lane, pend - 1)
+    elseif pend == 1 then
+      redis.call('HDEL', P .. 'pending', lane)      -- no zero entries left behind for idle domains
+    end
   end
 end
--- LPOP took min(k, length): fewer than k means the list is empty now.
-if items and #items == k then
-  redis.call('ZADD', P .. 'dispatch', now, lane)
-else
-  redis.call('ZREM', P .. 'dispatch', lane)
-end
 local out = {}
-if not items then return out end
+if not items then
+  redis.call('ZREM', P .. 'lease', token)
+  redis.call('ZREM', P .. 'dispatch', lane)
+  return out
+end
 local meta = {}
-for i = 7, #ARGV do table.insert(meta, ARGV[i]) end
+for i = 8, #ARGV do table.insert(meta, ARGV[i]) end
 table.insert(meta, 'c')
 local nmeta = #meta
 table.insert(meta, 'h:' .. lane)          -- on hold (mxq queue hold), read with the rest
 local held = {lane}
+local bytes, back = 0, {}
 for _, wid in ipairs(items) do
-  if special then                         -- reports, webhooks: bare work item ids
+  if #back > 0 then
+    table.insert(back, wid)
+  elseif special then                            -- reports, webhooks: bare work item ids
     table.insert(held, wid)
     table.insert(out, {wid})
   else
     local bar = string.find(wid, '|', 1, true)
     local job = string.sub(wid, 1, bar - 1)
+    local jk = P .. 'job:' .. job
     local idx = split(string.sub(wid, string.find(wid, '|', bar + 1, true) + 1), ',')
     local fields = {unpack(meta)}
     for _, i in ipairs(idx) do table.insert(fields, 'r:' .. i) end
-    local values = redis.call('HMGET', P .. 'job:' .. job, unpack(fields))
+    local values = redis.call('HMGET', jk, unpack(fields))
     local content = values[nmeta]
-    if content and values[nmeta + 1] then   -- on hold: parked until mxq queue release
+    if content and values[nmeta + 1] and not again then   -- on hold: parked until mxq queue release
       redis.call('ZADD', P .. 'held', 'NX', now, wid)
-    elseif content then                   -- the job still exists
+    elseif content and not again and #out > 0 and bytes + #content > most then
+      table.insert(back, wid)                    -- this reply is full: the rest stays ready
+    elseif content then                          -- the job still exists
+      bytes = bytes + #content
       table.insert(held, wid)
       table.remove(values, nmeta + 1)
       table.remove(values, nmeta)
@@ -620,16 +704,35 @@ for _, wid in ipairs(items) do
     end
   end
 end
+if again then return out end
+if #back > 0 then
+  local rev = {}
+  for i = #back, 1, -1 do table.insert(rev, back[i]) end
+  push('LPUSH', P .. 'ready:' .. lane, rev)
+end
+-- LPOP took min(k, length): fewer than k means the list is empty now.
+if #items == k or #back > 0 then
+  redis.call('ZADD', P .. 'dispatch', now, lane)
+else
+  redis.call('ZREM', P .. 'dispatch', lane)
+end
 if #held > 1 then
-  redis.call('SET', P .. 'batch:' .. token, table.concat(held, '\n'))
-  redis.call('ZADD', P .. 'lease', expiry, token)
+  redis.call('SET', bk, table.concat(held, '\n'))
+else
+  redis.call('ZREM', P .. 'lease', token)
 end
 return out
 """
 
-# ARGV: expiry, token.  Renews the batch lease if this token still holds it.
-_RENEW = r"""
-return redis.call('ZADD', 'mxq:lease', 'XX', 'CH', tonumber(ARGV[1]), ARGV[2])
+# ARGV: expiry, tokens...  Renews the batch leases these tokens still hold (also when Redis is
+# full: GIVES).  Returns, per token, 1 when it holds its lease, 0 when it lost it.
+_RENEW = GIVES + r"""
+local out = {}
+for i = 2, #ARGV do
+  redis.call('ZADD', 'mxq:lease', 'XX', tonumber(ARGV[1]), ARGV[i])
+  if redis.call('ZSCORE', 'mxq:lease', ARGV[i]) then out[i - 1] = 1 else out[i - 1] = 0 end
+end
+return out
 """
 
 # ---- traffic shaping and destination concurrency (mxq.tasks.shaping, the module docstring) ----
@@ -643,7 +746,7 @@ return redis.call('ZADD', 'mxq:lease', 'XX', 'CH', tonumber(ARGV[1]), ARGV[2])
 #   latency: the lane's seconds per message (-1 unknown); window: its concurrency window;
 #   dead wait: seconds until a dead lane may be probed.  The task is no longer pending
 #   whatever the answer.  Every limit is computed on Redis's TIME.
-_ACQUIRE = _PRELUDE + r"""
+_ACQUIRE = _PRELUDE + _once(takes=True, body=r"""
 local now, lane, want = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local lim, ttl, token = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local T, bucket, backstop = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -731,10 +834,10 @@ if lim > 0 then
 end
 dest_save(lane, st, rnow)
 return {grant, '0', 'ok', mode, lat, tostring(w), '0', '', ''}
-"""
+""")
 
 # ARGV: lane, ttl, token.  Extends the slot if the token still holds it (and a probe's claim).
-_SLOT_RENEW = _PRELUDE + r"""
+_SLOT_RENEW = _PRELUDE + GIVES + r"""
 local slots = P .. 'shape:conn:' .. ARGV[1]
 local ttl, token = tonumber(ARGV[2]), ARGV[3]
 local rnow = rtime()
@@ -751,7 +854,7 @@ return 0
 # The lane's count of running tasks (its state's 'run') is updated, a probe held by the
 # token is let go, and tasks are dispatched for the lane's ready work (nobody may be
 # left to take it).  Returns {1 if the token held a slot, dispatch}.
-_SLOT_RELEASE = _PRELUDE + r"""
+_SLOT_RELEASE = _PRELUDE + _once(gives=True, body=r"""
 local now, lane, token, park = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4] == '1'
 local ttl, k, maxpar = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local slots, idle = P .. 'shape:conn:' .. lane, P .. 'shape:idle:' .. lane
@@ -776,17 +879,17 @@ if v then
   end
 end
 return {removed, dispatch({lane}, now, k, maxpar, false, {})}
-"""
+""")
 
 # ARGV: lane, tokens, emission interval.  Gives unused rate tokens back.
-_REFUND = r"""
+_REFUND = _once(gives=True, body=r"""
 local k = 'mxq:shape:tat:' .. ARGV[1]
 local tat = redis.call('GET', k)
 if not tat then return 0 end
 local v = tonumber(tat) - tonumber(ARGV[2]) * tonumber(ARGV[3])
 redis.call('SET', k, string.format('%.6f', v), 'KEEPTTL')
 return 1
-"""
+""")
 
 # The outcome writer shared by _RELEASE and _RECORD.
 # payload: [{"wid", "due" (-1: nothing left), "idem", "left" (optional: the job's 'left' at
@@ -802,10 +905,10 @@ return 1
 # and returns the report and webhook work items to queue.
 _WRITE = r"""
 local FINAL = {delivered = true, bounced = true, expired = true, suppressed = true, dropped = true}
-local function write_outcomes(payload, token, ttl, owner, applied, now)
+local function write_outcomes(payload, token, ttl, owner, applied, now, guarded)
   local reports, deferred, hooks, done = {}, {}, {}, {}
   -- A batch 'mxq queue drop' hit while in flight: check each record as if the lease were lost.
-  local guarded = not owner or redis.call('SISMEMBER', P .. 'guard', token) == 1
+  if guarded == nil then guarded = not owner or redis.call('SISMEMBER', P .. 'guard', token) == 1 end
   for _, item in ipairs(payload) do
     local wid = item.wid
     local job = string.sub(wid, 1, string.find(wid, '|', 1, true) - 1)
@@ -931,20 +1034,28 @@ _RELEASE = _PRELUDE + _WRITE + r"""
 local now, token, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local k, maxpar, lane = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local payload = cjson.decode(ARGV[7])
+local bk = P .. 'batch:' .. token
 local owner = redis.call('ZSCORE', P .. 'lease', token) ~= false
+if not owner then
+  -- Ran already (its reply was lost): the batch key holds that reply.  Else the lease was lost.
+  local b = redis.call('GET', bk)
+  if b and string.sub(b, 1, 1) == '\n' then return cjson.decode(string.sub(b, 2)) end
+end
+local guarded = not owner or redis.call('SISMEMBER', P .. 'guard', token) == 1
+-- The first write: one Redis never refuses, so the release runs when Redis is full.
+redis.call('SREM', P .. 'guard', token)
 local applied, lanes = {}, {lane}
 if ARGV[9] == '0' then lanes = {} end
-local reports, hooks, guarded = write_outcomes(payload, token, ttl, owner, applied, now)
-if owner then
-  redis.call('ZREM', P .. 'lease', token)
-  redis.call('DEL', P .. 'batch:' .. token)
-  if guarded then redis.call('SREM', P .. 'guard', token) end
-end
+local reports, hooks = write_outcomes(payload, token, ttl, owner, applied, now, guarded)
+if owner then redis.call('ZREM', P .. 'lease', token) end
 local status = ''
 if ARGV[8] ~= '' then status = feedback(lane, cjson.decode(ARGV[8])) end
 queue_events(reports, hooks, lanes)
-return {applied, dispatch(lanes, now, k, maxpar, false, {}), status}
-"""
+local out = {applied, dispatch(lanes, now, k, maxpar, false, {}), status}
+-- The batch key now holds the reply ('\n' first: no lane is empty) for a retried release.
+if owner then redis.call('SET', bk, '\n' .. cjson.encode(out), 'EX', REQ_TTL) end
+return out
+""".replace("REQ_TTL", str(REQ_TTL))
 
 # ARGV: now, token, result_ttl, k, maxpar, lane, payload JSON
 # Outcomes recorded while their batch is still under way (each message's as soon as its
@@ -957,21 +1068,37 @@ local k, maxpar, lane = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local payload = cjson.decode(ARGV[7])
 local owner = redis.call('ZSCORE', P .. 'lease', token) ~= false
 local applied, lanes = {}, {}
-local reports, hooks = write_outcomes(payload, token, ttl, owner, applied, now)
 if owner then
+  -- The items recorded leave the batch.  An item of the payload no longer in it was recorded
+  -- by this very call already (its reply was lost, redis-py sent it again): not written twice.
+  -- (GETDEL, then SET at once: the first write is one Redis never refuses when it is full.)
   local bk = P .. 'batch:' .. token
-  local b = redis.call('GET', bk)
+  local b = redis.call('GETDEL', bk)
   if b then
-    local done = {}
-    for _, item in ipairs(payload) do done[item.wid] = true end
+    local held = {}
     local items = split(b, '\n')
+    for i = 2, #items do held[items[i]] = true end
+    local fresh, done = {}, {}
+    for _, item in ipairs(payload) do
+      if held[item.wid] then
+        table.insert(fresh, item); done[item.wid] = true
+      else
+        for _, u in ipairs(item.updates) do
+          table.insert(applied, string.sub(item.wid, 1, string.find(item.wid, '|', 1, true) - 1) .. '|' .. u[1])
+        end
+      end
+    end
     local keep = {items[1]}
     for i = 2, #items do
       if not done[items[i]] then table.insert(keep, items[i]) end
     end
     redis.call('SET', bk, table.concat(keep, '\n'))
+    payload = fresh
   end
+else
+  redis.call('DEL', 'mxq:none')       -- a first write never refused: runs when Redis is full
 end
+local reports, hooks = write_outcomes(payload, token, ttl, owner, applied, now)
 queue_events(reports, hooks, lanes)
 return {applied, dispatch(lanes, now, k, maxpar, false, {})}
 """
@@ -979,7 +1106,7 @@ return {applied, dispatch(lanes, now, k, maxpar, false, {})}
 # ARGV: now, limit, stale, k, maxpar, then the broker's list keys of the delivery,
 # notifications and intake queues (BROKER_QUEUES).  The scheduler's one atomic step.
 # Returns {requeued batches, moved, dispatch, intake job ids}.
-_TICK = _PRELUDE + r"""
+_TICK = _PRELUDE + _once(gives=True, body=r"""
 local now, limit, stale = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local k, maxpar = tonumber(ARGV[4]), tonumber(ARGV[5])
 local lanes, seen = {}, {}
@@ -1022,14 +1149,14 @@ if redis.call('LLEN', ARGV[8]) == 0 then
   for _, id in ipairs(intake) do redis.call('ZADD', P .. 'intake', now, id) end
 end
 return {#expired, #due, out, intake}
-"""
+""")
 
 # ARGV: job id.  Returns {meta values..., records...} without the content, or {} when unknown.
 # ARGV: now, lease, limit, guess, meta fields (with 'n')...  Claims jobs of mxq:final (hidden for
 # 'lease' seconds) and returns, per job, {job, n, meta values..., records...} ({job, -1} when it
 # expired meanwhile).  One HMGET per job of up to 'guess' recipients: recording an outcome costs
 # that read, the backend's write (Redis: SETEX and PUBLISH) and a share of one script per batch.
-_FINAL = r"""
+_FINAL = _once(r"""
 local now, lease, limit, guess = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local meta = {}
 for i = 5, #ARGV do table.insert(meta, ARGV[i]) end
@@ -1061,7 +1188,7 @@ for _, job in ipairs(jobs) do
 end
 if #again > 0 then redis.call('ZADD', 'mxq:final', unpack(again)) end
 return out
-"""
+""")
 
 _JOB = r"""
 local jk = 'mxq:job:' .. ARGV[1]
@@ -1312,6 +1439,47 @@ class Feedback:
                        "enh": self.enhanced, "probe": self.probe})
 
 
+#: Seconds between two readings of Redis's clock by one process (``RedisClock``).
+CLOCK_REFRESH = 30.0
+
+
+class RedisClock:
+    """Redis's clock, as every time mxq stores or compares (leases, due times, dispatch and
+    throttle times, job creation and lifetime) is taken: one clock for the whole fleet, so a
+    worker, producer or scheduler whose own clock is off or steps causes no early requeue
+    and no duplicate.
+
+    Calling it returns Redis's ``TIME``, read at most every ``CLOCK_REFRESH``
+    seconds and advanced by this process's monotonic clock in between (a
+    reading costs one round trip; the monotonic clock never steps).  While
+    Redis cannot be reached, the last reading goes on; before the first one,
+    the local clock stands in.
+    """
+
+    def __init__(self, client: redis.Redis, refresh: float = CLOCK_REFRESH):
+        self.r = client
+        self.refresh = refresh
+        self._at: tuple[float, float] | None = None       # (Redis time, monotonic time) of the last reading
+
+    def read(self) -> None:
+        """Read Redis's clock now."""
+        before = time.monotonic()
+        sec, usec = self.r.time()
+        after = time.monotonic()
+        self._at = (int(sec) + int(usec) / 1e6 + (after - before) / 2, after)
+
+    def __call__(self) -> float:
+        at = self._at
+        if at is None or time.monotonic() - at[1] > self.refresh:
+            try:
+                self.read()
+            except TRANSIENT_REDIS_ERRORS:
+                if at is None:
+                    return time.time()
+            at = self._at
+        return at[0] + (time.monotonic() - at[1])
+
+
 class Destinations:
     """The queue manager's state of each destination (lane) in Redis, shared by every worker.
 
@@ -1321,9 +1489,11 @@ class Destinations:
     themselves come from the caller (``mxq.tasks.shaping.Shaper``).
     """
 
-    def __init__(self, client: redis.Redis, settings: PipelineSettings | None = None):
+    def __init__(self, client: redis.Redis, settings: PipelineSettings | None = None,
+                 clock: RedisClock | None = None):
         self.r = client
         self.settings = settings or PipelineSettings()
+        self.now = clock or RedisClock(client)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_SLOT_RENEW)
         self._release = client.register_script(_SLOT_RELEASE)
@@ -1338,7 +1508,7 @@ class Destinations:
         refusal nothing is held, and the lane goes to ``mxq:throttled`` for the
         scheduler.  Either way the task is no longer counted in ``mxq:pending``.
         """
-        granted, wait, reason, mode, lat, window, dead_wait, why, enh = self._acquire(args=[
+        granted, wait, reason, mode, lat, window, dead_wait, why, enh = self._acquire(keys=_req(), args=[
             repr(float(now)), lane, int(want), int(concurrency), repr(float(slot_ttl)), token,
             repr(float(interval)), int(bucket), repr(float(backstop))])
         granted = int(granted)
@@ -1361,16 +1531,16 @@ class Destinations:
         it).  A parked slot still counts against the window but not as a
         running task; ``release`` (without ``park``) frees it.
         """
-        now = time.time() if now is None else now
+        now = self.now() if now is None else now
         s = self.settings
-        held, disp = self._release(args=[repr(float(now)), lane, token, 1 if park else 0, repr(float(ttl)),
+        held, disp = self._release(keys=_req(), args=[repr(float(now)), lane, token, 1 if park else 0, repr(float(ttl)),
                                          s.batch_size, s.domain_concurrency])
         return int(held) == 1, _pairs(disp)
 
     def refund(self, lane: str, tokens: int, interval: float) -> None:
         """Give back ``tokens`` rate tokens granted but not used."""
         if tokens > 0 and interval > 0:
-            self._refund(args=[lane, int(tokens), repr(float(interval))])
+            self._refund(keys=_req(), args=[lane, int(tokens), repr(float(interval))])
 
     def holders(self, lane: str) -> int:
         """Slots of ``lane`` held now, by running tasks and parked idle connections (expired holders
@@ -1403,7 +1573,9 @@ class Store:
         self._tick = client.register_script(_TICK)
         self._job = client.register_script(_JOB)
         self._record = client.register_script(_RECORD)
-        self.dest = Destinations(client, self.settings)
+        #: Redis's clock (``RedisClock``): every ``now`` this store writes or compares
+        self.now = RedisClock(client)
+        self.dest = Destinations(client, self.settings, self.now)
         self._final = client.register_script(_FINAL)
 
     @classmethod
@@ -1428,7 +1600,7 @@ class Store:
         work, or, if any staged hash is gone, stores nothing.  A failure while
         staging deletes what was staged (else the TTL does).
         """
-        now = time.time() if now is None else now
+        now = self.now() if now is None else now
         s = self.settings
         mode = "split" if split else "intake"
         common = [{"id": j.id, "idem": j.idem, "domains": [[d, j.meta[f"d:{d}"]] for d in j.domains],
@@ -1493,9 +1665,9 @@ class Store:
 
     def intake(self, job_ids: list[str], *, now: float | None = None) -> list[tuple[str, int]]:
         """Split stored jobs into their domain lanes (once: a second call does nothing)."""
-        now = time.time() if now is None else now
+        now = self.now() if now is None else now
         s = self.settings
-        return _pairs(self._intake(args=[now, s.batch_size, s.domain_concurrency, *job_ids]))
+        return _pairs(self._intake(keys=_req(), args=[now, s.batch_size, s.domain_concurrency, *job_ids]))
 
     # ------------------------------------------------------------ worker side
     def claim(self, lane: str, token: str, *, limit: int | None = None, now: float | None = None,
@@ -1507,10 +1679,10 @@ class Store:
         unless ``checked``: the caller's acquire has just looked (its first claim).  Work
         items on hold are parked, not returned.
         """
-        now = time.time() if now is None else now
+        now = self.now() if now is None else now
         s = self.settings
         raw = self._claim(args=[now, lane, limit or s.batch_size, now + s.lease_seconds, token,
-                                "1" if checked else "0", *META_FIELDS])
+                                "1" if checked else "0", CLAIM_BYTES, *META_FIELDS])
         if lane.startswith("!"):
             return [_s(it[0]) for it in raw]
         out = []
@@ -1530,9 +1702,8 @@ class Store:
 
     def renew(self, token: str, *, now: float | None = None) -> bool:
         """Extend the lease of ``token``'s batch; False when it no longer holds one."""
-        now = time.time() if now is None else now
-        return self._renew(args=[now + self.settings.lease_seconds, token]) == 1 or \
-            self.r.zscore(PREFIX + "lease", token) is not None
+        now = self.now() if now is None else now
+        return self._renew(args=[now + self.settings.lease_seconds, token]) == [1]
 
     def _payload(self, lane: str, outcomes: list[Outcome], now: float) -> str:
         from . import suppress, webhooks
@@ -1552,18 +1723,21 @@ class Store:
                                      *extras(o.wid, rec)]
                                     for i, rec, ev in o.updates]} for o in outcomes])
 
-    def renew_many(self, tokens: list[str], *, slots: list[tuple[str, str]] = (), now: float | None = None) -> None:
-        """Extend the leases of ``tokens`` and the concurrency slots ``[(lane, token)]`` in one round trip."""
+    def renew_many(self, tokens: list[str], *, slots: list[tuple[str, str]] = (),
+                   now: float | None = None) -> set[str]:
+        """Extend the leases of ``tokens`` and the concurrency slots ``[(lane, token)]`` in one round trip;
+        return the tokens that no longer hold their lease (the scheduler took their batch back)."""
         if not tokens and not slots:
-            return
-        now = time.time() if now is None else now
+            return set()
+        now = self.now() if now is None else now
         expiry = now + self.settings.lease_seconds
         pipe = self.r.pipeline(transaction=False)
-        for t in tokens:
-            pipe.zadd(PREFIX + "lease", {t: expiry}, xx=True, ch=True)
+        if tokens:
+            self._renew(args=[expiry, *tokens], client=pipe)
         for lane, t in slots:
             self.dest._renew(args=[lane, repr(float(self.settings.lease_seconds)), t], client=pipe)
-        pipe.execute()
+        got = pipe.execute()
+        return {t for t, held in zip(tokens, got[0] if tokens else ()) if not int(held)}
 
     def release(self, token: str, lane: str, outcomes: list[Outcome], *, now: float | None = None):
         """Write outcomes, drop the lease, schedule what is left; return ``(applied, dispatch)``.
@@ -1585,7 +1759,7 @@ class Store:
         status)``; ``status`` is ``"dead"`` when the lane is (now) declared dead,
         ``"ok"`` when it is not, ``""`` without feedback.
         """
-        now = time.time() if now is None else now
+        now = self.now() if now is None else now
         s = self.settings
         fb = feedback.to_json() if feedback is not None else ""
         applied, disp, status = self._release(args=[now, token, s.result_ttl, s.batch_size, s.domain_concurrency,
@@ -1602,7 +1776,7 @@ class Store:
         each message's final reply arrives, so a crash resends only what was in
         flight (and what arrived within the last moments).
         """
-        now = time.time() if now is None else now
+        now = self.now() if now is None else now
         s = self.settings
         applied, disp = self._record(args=[now, token, s.result_ttl, s.batch_size, s.domain_concurrency, lane,
                                            self._payload(lane, outcomes, now)])
@@ -1615,10 +1789,10 @@ class Store:
     def tick(self, *, now: float | None = None, limit: int = 1000) -> Tick:
         """One scheduler step: items of expired leases back to the front of their lane,
         due deferred items to the back, quiet lanes re-dispatched, stalled intake re-published."""
-        now = time.time() if now is None else now
+        now = self.now() if now is None else now
         s = self.settings
         requeued, moved, disp, intake = self._tick(
-            args=[now, limit, s.dispatch_stale, s.batch_size, s.domain_concurrency, *BROKER_QUEUES])
+            keys=_req(), args=[now, limit, s.dispatch_stale, s.batch_size, s.domain_concurrency, *BROKER_QUEUES])
         return Tick(int(requeued), int(moved), _pairs(disp), [_s(i) for i in intake])
 
     # ------------------------------------------------------------ reading
@@ -1634,10 +1808,10 @@ class Store:
         """Jobs that became final and whose outcome is not recorded yet (``mxq.tasks.outcomes``):
         ``[(job, (meta, {index: record}) or None when expired)]``, hidden from other callers for
         ``lease`` seconds (until ``forget_final``)."""
-        now = time.time() if now is None else now
+        now = self.now() if now is None else now
         out = []
         nm = len(META_FIELDS)
-        for entry in self._final(args=[now, lease, limit, 8, *META_FIELDS]):
+        for entry in self._final(keys=_req(), args=[now, lease, limit, 8, *META_FIELDS]):
             job = _s(entry[0])
             if int(entry[1]) < 0:
                 out.append((job, None))

@@ -358,13 +358,13 @@ def run_webhooks() -> int:
     slot = r.register_script(_SLOT)
 
     def take_slot() -> bool:
-        now = time.time()
+        now = store.now()
         return slot(keys=[SENDERS_KEY], args=[now, token, now + lease, cfg.concurrency]) == 1
 
     sent = 0
     outcomes: list[Outcome] = []
     with graph.Heartbeat(store, token, also=take_slot):
-        now = time.time()
+        now = store.now()
         down_ms = r.pttl(DOWN_KEY)
         if down_ms and down_ms > 0:             # another sender found the endpoint unreachable
             outcomes = [Outcome(w, due=now + down_ms / 1000.0) for w in wids]
@@ -376,7 +376,7 @@ def run_webhooks() -> int:
             finally:
                 r.zrem(SENDERS_KEY, token)
                 done = {o.wid for o in outcomes}
-                outcomes += [Outcome(w, due=time.time()) for w in wids if w not in done]    # interrupted
+                outcomes += [Outcome(w, due=store.now()) for w in wids if w not in done]    # interrupted
         _, dispatch = store.release(token, WEBHOOK_LANE, outcomes)
     graph.publish(dispatch)
     return sent
@@ -405,7 +405,7 @@ def _send(cfg: WebhookConfig, store, wids: list[str], outcomes: list[Outcome]) -
             result = PostResult(False, False, "MXQ_WEBHOOK_URL is not set (or invalid) on this worker")
         else:
             result = post(cfg, hid, body)
-        now = time.time()
+        now = store.now()
         if result.ok:
             r.delete(key)
             outcomes.append(Outcome(wid))

@@ -354,8 +354,9 @@ class _Run:
                  deadline: float | None = None, observers: tuple = (), source_pool: str | None = None, *,
                  mta_sts: MTASTS | None = None, tls_report: TLSReportSink | None = None,
                  port25: Port25 | None = None, cache=None, on_done=None, stats: RunStats | None = None,
-                 ignore_down: bool = False):
+                 ignore_down: bool = False, stop: Callable[[], bool] | None = None):
         self.domain = domain
+        self.stop = stop
         self.cache = cache                # a scache.View (or None: a connection per route, closed after)
         self.on_done = on_done
         self.stats = stats if stats is not None else RunStats()
@@ -534,8 +535,10 @@ class _Run:
         return bool(limit) and self.sessions >= limit
 
     def expired(self) -> bool:
-        """True once the run's deadline has passed (then no new connection or transaction starts)."""
-        if self.deadline is not None and not self.out_of_time and time.monotonic() >= self.deadline:
+        """True once the run's deadline has passed, or ``stop()`` said so (then no new connection or
+        transaction starts)."""
+        if not self.out_of_time and ((self.deadline is not None and time.monotonic() >= self.deadline)
+                                     or (self.stop is not None and self.stop())):
             self.out_of_time = True
         return self.out_of_time
 
@@ -1143,7 +1146,8 @@ def deliver_domain(domain: str, envelopes: Iterable[Envelope], *, settings: Sett
                    tls_report: TLSReportSink | None = None,
                    port25: Port25 | None = None, sessions=None,
                    on_done: Callable[[int, list[RecipientResult]], None] | None = None,
-                   stats: RunStats | None = None, ignore_down: bool = False) -> list[list[RecipientResult]]:
+                   stats: RunStats | None = None, ignore_down: bool = False,
+                   stop: Callable[[], bool] | None = None) -> list[list[RecipientResult]]:
     """Deliver envelopes whose recipients are all in ``domain``; one result list per envelope.
 
     Results are in each envelope's recipient order.  Raises ``InvalidAddress``
@@ -1180,7 +1184,9 @@ def deliver_domain(domain: str, envelopes: Iterable[Envelope], *, settings: Sett
     not attempted) are not passed to it; every envelope is in the return
     value either way.  ``stats``: a ``RunStats`` the run fills in.
     ``ignore_down``: try exchanges even while ``host_status`` marks them down
-    (the probe of a destination declared dead).
+    (the probe of a destination declared dead).  ``stop()``: checked where the
+    deadline is; once it returns True the run starts nothing new, as past its
+    deadline (a caller whose lease on the work was lost).
     """
     settings = settings if settings is not None else Settings.from_env()
     if resolver is None:
@@ -1200,7 +1206,7 @@ def deliver_domain(domain: str, envelopes: Iterable[Envelope], *, settings: Sett
     mta_sts, tls_report, port25 = _defaults(settings, resolver, mta_sts, tls_report, port25)
     return _Run(d, envelopes, settings, resolver, host_status, relay_tls_context, deadline,
                 tuple(observers), source_pool, mta_sts=mta_sts, tls_report=tls_report, port25=port25,
-                cache=sessions, on_done=on_done, stats=stats, ignore_down=ignore_down).run()
+                cache=sessions, on_done=on_done, stats=stats, ignore_down=ignore_down, stop=stop).run()
 
 
 def _defaults(settings: Settings, resolver, mta_sts, tls_report, port25):
