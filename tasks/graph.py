@@ -915,15 +915,27 @@ class _Connection:
         stats = RunStats()
         results: list[list] | None = None
         recorded: set[int] = set()
+        early: dict[int, list] = {}         # final replies in while the chunk was young: not recorded yet
+        started = time.monotonic()
+        eager = self.progressive(len(plan))
 
-        def done(n: int, res: list) -> None:
-            # The message's final reply is in: record it now, while the chunk goes on.
+        def record(n: int, res: list) -> None:
             it, pending, env = plan[n]
             recorded.add(n)
             rt.recorder.add(batch, domain, self.outcome(it, pending, _results_for(env, res), rt.store.now()))
 
+        def done(n: int, res: list) -> None:
+            # The message's final reply is in: record it now, while the chunk goes on -- once the
+            # chunk has run RECORD_AFTER (a destination that became slow after its latency was
+            # learned: the whole chunk would otherwise wait for its release, and a crash resend it).
+            if not eager and time.monotonic() - started < qmgr.RECORD_AFTER:
+                early[n] = res
+                return
+            for m in sorted(early):
+                record(m, early.pop(m))
+            record(n, res)
+
         if plan:
-            started = time.monotonic()
             watch = self.watch()
             try:
                 results = deliver_domain(domain, [env for _, _, env in plan], settings=rt.engine,
@@ -931,7 +943,7 @@ class _Connection:
                                          observers=rt.observers,
                                          source_pool=rt.shaper.policy.for_domain(domain).pool,
                                          mta_sts=rt.mta_sts, tls_report=rt.tls_report, port25=rt.port25,
-                                         sessions=self.sessions, on_done=done if self.progressive(len(plan)) else None,
+                                         sessions=self.sessions, on_done=done,
                                          stats=stats, ignore_down=self.probe,
                                          stop=self.hb.stopped if self.hb is not None else None)
                 metrics.run_seconds(time.monotonic() - started)
@@ -942,10 +954,10 @@ class _Connection:
                     log.exception("deliver_domain failed for %d message(s) of %s", len(plan), domain)
                     results = None
                 else:
-                    self.interrupted(batch, plan, recorded, outcomes, "the task's soft time limit was reached")
+                    self.interrupted(batch, plan, recorded, outcomes, "the task's soft time limit was reached", early)
                     raise
             except BaseException as e:      # gevent's Timeout (the hard time limit), GreenletExit, ...
-                self.interrupted(batch, plan, recorded, outcomes, f"the task was stopped ({type(e).__name__})")
+                self.interrupted(batch, plan, recorded, outcomes, f"the task was stopped ({type(e).__name__})", early)
                 raise
             finally:
                 if watch is not None:
@@ -1018,9 +1030,9 @@ class _Connection:
         for (idx, rec), res in zip(pending, per):
             if res is None:
                 res = {"state": "deferred", "enhanced": "4.3.0", "text": "no result from the engine"}
-            elif res.get("state") == "queued":
+            elif res.get("state") == "queued" and now < deadline:
                 # Not attempted (the task's time was up): the record stays, the item comes
-                # back at once through the deferred queue.
+                # back at once through the deferred queue (past its lifetime it expires below).
                 counts["not_attempted"] += 1
                 dues.append(now)
                 continue
@@ -1033,7 +1045,8 @@ class _Connection:
         out.due = min(dues) if dues else None
         return out
 
-    def interrupted(self, batch: str, plan: list, recorded: set[int], outcomes: list[Outcome], why: str) -> None:
+    def interrupted(self, batch: str, plan: list, recorded: set[int], outcomes: list[Outcome], why: str,
+                    early: dict[int, list] | None = None) -> None:
         """Out of time (or stopped) mid-chunk: every message not recorded yet is recorded deferred, with why.
 
         Transactions that were under way may have been delivered: those are
@@ -1041,7 +1054,9 @@ class _Connection:
         """
         now = self.rt.store.now()
         for n, (it, pending, env) in enumerate(plan):
-            if n not in recorded:
+            if early and n in early:        # its final reply had come: what it said
+                outcomes.append(self.outcome(it, pending, _results_for(env, early[n]), now))
+            elif n not in recorded:
                 per = [{"state": "deferred", "code": None, "enhanced": "4.3.0",
                         "text": f"delivery interrupted: {why}", "attempts": 1}] * len(pending)
                 outcomes.append(self.outcome(it, pending, per, now))

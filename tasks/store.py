@@ -1452,14 +1452,22 @@ class RedisClock:
     Calling it returns Redis's ``TIME``, read at most every ``CLOCK_REFRESH``
     seconds and advanced by this process's monotonic clock in between (a
     reading costs one round trip; the monotonic clock never steps).  While
-    Redis cannot be reached, the last reading goes on; before the first one,
-    the local clock stands in.
+    Redis cannot be reached, the last reading goes on (and the next try waits
+    ``CLOCK_REFRESH``); before the first one, the local clock stands in.
+    ``peek()`` never reads: a producer's submission pays no round trip (and
+    no wait on an unreachable Redis) for its clock.
     """
 
     def __init__(self, client: redis.Redis, refresh: float = CLOCK_REFRESH):
         self.r = client
         self.refresh = refresh
         self._at: tuple[float, float] | None = None       # (Redis time, monotonic time) of the last reading
+        self._tried = float("-inf")                       # monotonic time of the last try
+
+    def peek(self) -> float:
+        """Redis's time as of the last reading (the local clock before any), without reading it."""
+        at = self._at
+        return time.time() if at is None else at[0] + (time.monotonic() - at[1])
 
     def read(self) -> None:
         """Read Redis's clock now."""
@@ -1470,14 +1478,14 @@ class RedisClock:
 
     def __call__(self) -> float:
         at = self._at
-        if at is None or time.monotonic() - at[1] > self.refresh:
+        m = time.monotonic()
+        if (at is None or m - at[1] > self.refresh) and m - self._tried > self.refresh:
+            self._tried = m
             try:
                 self.read()
             except TRANSIENT_REDIS_ERRORS:
-                if at is None:
-                    return time.time()
-            at = self._at
-        return at[0] + (time.monotonic() - at[1])
+                pass
+        return self.peek()
 
 
 class Destinations:
@@ -1600,7 +1608,7 @@ class Store:
         work, or, if any staged hash is gone, stores nothing.  A failure while
         staging deletes what was staged (else the TTL does).
         """
-        now = self.now() if now is None else now
+        now = self.now.peek() if now is None else now
         s = self.settings
         mode = "split" if split else "intake"
         common = [{"id": j.id, "idem": j.idem, "domains": [[d, j.meta[f"d:{d}"]] for d in j.domains],
