@@ -502,7 +502,12 @@ def _is_full(e: BaseException) -> bool:
     """Whether ``e`` is Redis refusing a write at maxmemory (noeviction)."""
     import redis
 
-    return isinstance(e, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in str(e)
+    seen = 0
+    while e is not None and seen < 5:          # kombu wraps the broker's errors in its own
+        if isinstance(e, redis.exceptions.OutOfMemoryError) or "used memory > 'maxmemory'" in str(e):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def redis_full(what: str) -> None:

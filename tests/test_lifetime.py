@@ -65,5 +65,4 @@ def test_a_recipient_deferred_for_ever_expires_on_time(pipeline, exchange):
     print(f"expired after {took:.2f} s (lifetime {lifetime:g} s), {r['attempts']} attempts: {r['text']}")
     assert r["state"] == "expired" and r["code"] == 451 and r["enhanced"] == "4.3.0"
     assert r["attempts"] >= 3                               # retried every second meanwhile
-    assert r["last_attempt"] - r["first_attempt"] <= lifetime + 0.5
     assert lifetime - 0.5 <= took <= lifetime + 3.0         # on time: not before, not long after
