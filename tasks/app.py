@@ -95,6 +95,15 @@ class MxqCelery(Celery):
         opts.setdefault("shared", False)
         return super().task(*args, **opts)
 
+    def connection_for_read(self, url=None, **kwargs):
+        """The consuming connection (the worker's): on a Redis broker, ``mxq.tasks.broker``'s
+        transport, so that Redis at maxmemory does not end the worker process."""
+        if not kwargs.get("transport") and not self.conf.broker_transport:
+            from .broker import connection_options
+            for k, v in connection_options(url or self.conf.broker_read_url, self.conf.broker_use_ssl).items():
+                kwargs.setdefault(k, v)
+        return super().connection_for_read(url, **kwargs)
+
 
 def backend_url(s: PipelineSettings) -> str:
     """Celery's result backend for ``s``: ``MXQ_RESULT_BACKEND`` (``none``: Celery's disabled

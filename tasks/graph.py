@@ -55,6 +55,7 @@ from mxq.workers.scache import SessionCache, View
 from . import metrics, qmgr, shaping
 from . import outcomes as job_outcomes
 from .app import app, only_ours
+from .broker import is_full as _is_full       # Redis refusing a write at maxmemory
 from .hoststatus import RedisHostStatus, RedisPolicyCache, RedisPort25State, RedisTLSReport
 from .settings import PipelineSettings
 from .store import (FINAL_STATES, REPORT_LANE, TRANSIENT_REDIS_ERRORS, Claimed, Grant, Outcome, Store,
@@ -496,18 +497,6 @@ def publish(dispatch: list[tuple[str, int]], *, fan_out: bool = False) -> int:
 #: (the scheduler re-publishes its lane later); checked every REDIS_FULL_POLL seconds.
 REDIS_FULL_WAIT = 20.0
 REDIS_FULL_POLL = 0.5
-
-
-def _is_full(e: BaseException) -> bool:
-    """Whether ``e`` is Redis refusing a write at maxmemory (noeviction)."""
-    import redis
-
-    seen = 0
-    while e is not None and seen < 5:          # kombu wraps the broker's errors in its own
-        if isinstance(e, redis.exceptions.OutOfMemoryError) or "used memory > 'maxmemory'" in str(e):
-            return True
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return False
 
 
 def redis_full(what: str) -> None:
