@@ -118,3 +118,45 @@ def test_a_claim_reply_carries_bounded_content(redis_server, monkeypatch):
     monkeypatch.setattr(store_mod, "CLAIM_BYTES", 1000)
     assert [it.job for it in st.claim(LANE, "b.2", now=NOW)] == [big[2].id]
     st.r.close()
+
+
+def test_a_retried_claim_returns_its_batch_when_a_hold_or_suspension_came_in_between(redis_server):
+    """The same claim sent again after its reply was lost, with ``mxq queue hold`` of one of its jobs
+    and ``mxq queue suspend`` of its lane in between: it answers the batch it leased and parks
+    nothing (a parked copy of an item in flight would be delivered again once released)."""
+    from mxq.tasks.admin import Admin
+
+    srv = redis_server()
+    st = Store(make_client(srv.url), PipelineSettings(redis_url=srv.url, batch_size=3, lease_seconds=30))
+    admin = Admin(st)
+    jobs = [job(i) for i in range(5)]
+    st.submit(jobs, now=NOW)
+    first = st.claim(LANE, "h.1", now=NOW)
+    assert admin.hold_job(first[0].job, now=NOW) == {"held": 1, "parked": 0, "in_flight": 1}
+    admin.suspend(LANE, now=NOW)
+    again = st.claim(LANE, "h.1", now=NOW)
+    assert [(it.wid, it.content) for it in again] == [(it.wid, it.content) for it in first]
+    assert st.r.zcard("mxq:held") == 0
+    assert st.r.llen(f"mxq:ready:{LANE}") == 2
+    # a new claim of the suspended lane takes nothing and leaves no lease behind
+    assert st.claim(LANE, "h.2", now=NOW) == []
+    assert st.r.zscore("mxq:lease", "h.2") is None and st.r.zscore("mxq:lease", "h.1") is not None
+    st.r.close()
+
+
+def test_retried_hold_release_suspend_and_resume_answer_what_they_did(twice):
+    """The operator's scripts run twice answer what the first run did (the second alone would say
+    it parked or moved nothing, or that the lane was suspended already)."""
+    from mxq.tasks.admin import Admin
+
+    admin = Admin(twice)
+    jobs = [job(i) for i in range(4)]
+    twice.submit(jobs, now=NOW)
+    assert admin.hold_job(jobs[1].id, now=NOW) == {"held": 1, "parked": 1, "in_flight": 0}
+    assert twice.r.zcard("mxq:held") == 1 and twice.r.llen(f"mxq:ready:{LANE}") == 3
+    released = admin.release_job(jobs[1].id, now=NOW)
+    assert (released["was_held"], released["released"], released["moved"]) == (1, 1, 1)
+    assert twice.r.zcard("mxq:held") == 0 and twice.r.llen(f"mxq:ready:{LANE}") == 4
+    assert admin.suspend(LANE, now=NOW)["replaced"] is False
+    assert admin.resume(LANE, now=NOW)[0] is True
+    assert twice.runs
