@@ -1225,8 +1225,8 @@ def _publish(dispatch) -> None:
     if not dispatch:
         return
     try:
-        from . import graph
-        graph.publish(dispatch)
+        from .dispatch import publish
+        publish(dispatch)
     except Exception as e:      # the broker away: the ready work is in Redis, the scheduler re-dispatches
         print(f"mxq queue: could not publish tasks ({e}); the scheduler will", file=sys.stderr)
 

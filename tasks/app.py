@@ -95,12 +95,15 @@ class MxqCelery(Celery):
         opts.setdefault("shared", False)
         return super().task(*args, **opts)
 
+    #: ``(broker url, broker_use_ssl) -> keyword arguments`` for the consuming connection, set by
+    #: ``mxq.tasks.broker`` (imported with the task graph, so in every worker): its transport,
+    #: with which Redis at maxmemory does not end a worker process.
+    read_options = None
+
     def connection_for_read(self, url=None, **kwargs):
-        """The consuming connection (the worker's): on a Redis broker, ``mxq.tasks.broker``'s
-        transport, so that Redis at maxmemory does not end the worker process."""
-        if not kwargs.get("transport") and not self.conf.broker_transport:
-            from .broker import connection_options
-            for k, v in connection_options(url or self.conf.broker_read_url, self.conf.broker_use_ssl).items():
+        """The consuming connection (the worker's), with ``read_options``."""
+        if self.read_options is not None and not kwargs.get("transport") and not self.conf.broker_transport:
+            for k, v in self.read_options(url or self.conf.broker_read_url, self.conf.broker_use_ssl).items():
                 kwargs.setdefault(k, v)
         return super().connection_for_read(url, **kwargs)
 
@@ -157,7 +160,7 @@ def make_app(settings: PipelineSettings | None = None) -> Celery:
             "visibility_timeout": int(2 * s.hard_time_limit),
             # The transport's connection pool per channel (kombu's default: 10, then it raises
             # MaxConnectionsError).  A gevent worker (mxq.tasks.supervisor) has hundreds of
-            # tasks that may publish at once; graph.publish lets PUBLISHERS of them at a time.
+            # tasks that may publish at once; dispatch.publish lets PUBLISHERS of them at a time.
             "max_connections": 64,
         },
         task_default_queue=DELIVERY,

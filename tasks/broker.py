@@ -21,7 +21,8 @@ Here (``QoS``):
 - an acknowledgement refused in MULTI is done again without the transaction.
 
 The worker logs "Redis is full" and counts ``mxq_redis_full_total`` either way.
-``mxq.tasks.app.MxqCelery.connection_for_read`` uses this transport for ``redis://`` and
+Importing this module (the task graph does, so every worker does) makes
+``mxq.tasks.app.MxqCelery.connection_for_read`` use this transport for ``redis://`` and
 ``rediss://`` brokers (what the worker consumes through); publishing is unchanged.
 """
 
@@ -35,6 +36,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
 from . import metrics
+from .app import MxqCelery
 
 log = logging.getLogger("mxq.tasks.broker")
 
@@ -49,6 +51,14 @@ def is_full(e: BaseException | None) -> bool:
             return True
         e, seen = e.__cause__ or e.__context__, seen + 1
     return False
+
+
+def say_full(what: str) -> None:
+    """Say (log and metrics) that Redis is full and what this worker does about it."""
+    logging.getLogger("mxq.tasks").warning(
+        "Redis is full (maxmemory reached, writes refused): %s; claiming no new work until memory frees, "
+        "work in hand is released", what)
+    metrics.redis_full()
 
 
 class QoS(kombu_redis.QoS):
@@ -102,3 +112,6 @@ def connection_options(url: str, use_ssl) -> dict:
     if scheme == "rediss" and not use_ssl and "ssl_" not in url:
         kw["ssl"] = {"ssl_cert_reqs": _ssl.CERT_NONE}
     return kw
+
+
+MxqCelery.read_options = staticmethod(connection_options)

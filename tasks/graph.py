@@ -56,11 +56,14 @@ from . import metrics, qmgr, shaping
 from . import outcomes as job_outcomes
 from .app import app, only_ours
 from .broker import is_full as _is_full       # Redis refusing a write at maxmemory
+from .broker import say_full as redis_full
+from .dispatch import publish
+from .heartbeat import Heartbeat
 from .hoststatus import RedisHostStatus, RedisPolicyCache, RedisPort25State, RedisTLSReport
 from .settings import PipelineSettings
 from .store import (FINAL_STATES, REPORT_LANE, TRANSIENT_REDIS_ERRORS, Claimed, Grant, Outcome, Store,
                     check_on_start, get_store)
-from . import webhooks      # (webhooks) registers mxq.webhook; its lane is published below
+from . import webhook_lane  # noqa: F401 -- registers mxq.webhook (the webhook lane's task)
 
 log = logging.getLogger("mxq.tasks")
 
@@ -318,192 +321,11 @@ def runtime() -> Runtime:
     return _runtime
 
 
-class _Beater:
-    """One daemon thread per process that renews every registered lease when it is due.
-
-    Starting and joining a thread per task cost about 5% of a delivery
-    task's time (profiled); the registrations are cheap.  Made lazily per
-    process id, so a prefork child gets its own (threads do not survive fork).
-    """
-
-    def __init__(self):
-        self.pid = _pid()
-        self._cond = threading.Condition()
-        self._beats: dict[int, list] = {}        # id(Heartbeat) -> [heartbeat, next due (monotonic)]
-        self._thread = threading.Thread(target=self._run, name="mxq-heartbeat", daemon=True)
-        self._thread.start()
-
-    def add(self, hb: "Heartbeat") -> None:
-        with self._cond:
-            self._beats[id(hb)] = [hb, time.monotonic() + hb.interval]
-            self._cond.notify()
-
-    def remove(self, hb: "Heartbeat") -> None:
-        with self._cond:
-            self._beats.pop(id(hb), None)
-            while hb.beating:                    # never return while its renewal is under way
-                self._cond.wait(0.5)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                now = time.monotonic()
-                due = [e for e in self._beats.values() if e[1] <= now]
-                if not due:
-                    nxt = min((e[1] for e in self._beats.values()), default=now + 60.0)
-                    self._cond.wait(max(0.0, nxt - now))
-                    continue
-                for e in due:
-                    e[1] = now + e[0].interval
-                    e[0].beating = True
-            try:
-                _beat_all([hb for hb, _ in due])
-            finally:
-                with self._cond:
-                    for hb, _ in due:
-                        hb.beating = False
-                    self._cond.notify_all()
-
-
-def _beat_all(hbs: list["Heartbeat"]) -> None:
-    """Renew the leases and slots of ``hbs`` in one pipelined round trip per store, then their ``also``.
-
-    One round trip per heartbeat was too slow once a gevent worker runs
-    hundreds of connections: a full round of renewals took longer than a
-    lease, and live batches were put back and sent twice.
-    """
-    by_store: dict[int, tuple[Store, list[Heartbeat]]] = {}
-    for hb in hbs:
-        by_store.setdefault(id(hb.store), (hb.store, []))[1].append(hb)
-    for store, group in by_store.values():
-        try:
-            asked = time.monotonic()
-            lost = store.renew_many([hb.token for hb in group if hb.token],
-                                    slots=[hb.slot for hb in group if hb.slot])
-        except Exception as e:          # Redis away for a while: the next beat tries again
-            log.warning("lease renewal failed: %s", e)
-        else:
-            for hb in group:
-                if hb.token and hb.token in lost:
-                    hb.lost = True
-                    log.warning("batch %s lost its lease (taken back by the scheduler): it starts nothing more",
-                                hb.token)
-                else:
-                    hb.renewed = asked
-    for hb in hbs:
-        if hb.also is not None:
-            try:
-                hb.also()
-            except Exception as e:
-                log.warning("lease renewal failed: %s", e)
-
-
-_beater: _Beater | None = None
-_beater_lock = threading.Lock()
-
-
-def _the_beater() -> _Beater:
-    global _beater
-    with _beater_lock:
-        if _beater is None or _beater.pid != _pid():
-            _beater = _Beater()
-        return _beater
-
-
-class Heartbeat:
-    """Renews the lease of the batch ``token`` every third of the lease while a task runs.
-
-    ``slot``: ``(lane, token)`` of a concurrency slot renewed with it (a delivery task's);
-    ``also``: called at every beat too.  ``token`` may change while the
-    heartbeat runs (a delivery task's next chunk); "" renews no lease.
-    The renewals run on one shared thread per process (see ``_Beater``), all
-    that are due in one round trip; leaving the ``with`` block waits for a
-    renewal under way to finish.
-    """
-
-    def __init__(self, store: Store, token: str, also=None, slot: tuple[str, str] | None = None):
-        self.store, self.token, self.also, self.slot = store, token, also, slot
-        self.interval = max(store.settings.lease_seconds / 3.0, 0.2)
-        self.beating = False
-        self.renewed = time.monotonic()     # when the last renewal was asked for (and went through)
-        self.lost = False                   # a renewal found the lease gone
-
-    def stopped(self) -> bool:
-        """True once the heartbeat is lost: a renewal found the lease taken back, or none went through
-        for two thirds of a lease (the lease may run out before the next).  The batch then starts no
-        new transaction: what it has not sent would be sent by another worker too."""
-        return self.lost or time.monotonic() - self.renewed > self.store.settings.lease_seconds * 2 / 3
-
-    def beat(self) -> None:
-        """Renew the lease and slot (and call ``also``) once; Redis errors are logged, never raised."""
-        _beat_all([self])
-
-    def __enter__(self):
-        self._beater = _the_beater()
-        self._beater.add(self)
-        return self
-
-    def __exit__(self, *exc):
-        self._beater.remove(self)
-
-
-# ---------------------------------------------------------------- publishing
-#: A producer publishes at most this many wake-up tasks itself; more go out
-#: as one ``mxq.fanout`` task, so a batch to 500 domains is one publish.
-FANOUT_DIRECT = 8
-
-
-#: Tasks publishing at once in one process (a gevent worker runs hundreds of tasks; the
-#: broker transport's connection pool is bounded: mxq.tasks.app's max_connections).
-PUBLISHERS = 16
-_publishing = threading.BoundedSemaphore(PUBLISHERS)
-
-
-def publish(dispatch: list[tuple[str, int]], *, fan_out: bool = False) -> int:
-    """Publish the tasks a store script asked for: ``[(lane, count), ...]``; return how many.
-
-    With ``fan_out`` (producers), more than ``FANOUT_DIRECT`` tasks are
-    handed to one ``mxq.fanout`` task that publishes them from a worker.
-    Losing it loses nothing: the lanes' ready work is in Redis, and the
-    scheduler re-dispatches quiet lanes.
-    """
-    if not dispatch:
-        return 0
-    if fan_out and sum(n for _, n in dispatch) > FANOUT_DIRECT:
-        fanout.apply_async(args=[[[lane, n] for lane, n in dispatch]])
-        return 1
-    n = 0
-    try:
-        with _publishing, app.producer_or_acquire() as producer:
-            for lane, count in dispatch:
-                for _ in range(count):
-                    if lane == REPORT_LANE:
-                        notify.apply_async(producer=producer)
-                    elif lane == webhooks.WEBHOOK_LANE:     # >>> webhook events (mxq.tasks.webhooks) <<<
-                        webhooks.deliver_events.apply_async(producer=producer, queue=webhooks.QUEUE)
-                    else:
-                        deliver.apply_async(args=[lane], producer=producer)
-                    n += 1
-    except Exception as e:
-        if not _is_full(e):
-            raise
-        # The lanes' work is in Redis: the scheduler publishes for quiet lanes once there is room.
-        redis_full(f"{sum(c for _, c in dispatch) - n} task(s) not published")
-    return n
-
-
 # ---------------------------------------------------------------- Redis full (maxmemory)
 #: Seconds a delivery task that found Redis full waits for memory to free before it gives up
 #: (the scheduler re-publishes its lane later); checked every REDIS_FULL_POLL seconds.
 REDIS_FULL_WAIT = 20.0
 REDIS_FULL_POLL = 0.5
-
-
-def redis_full(what: str) -> None:
-    """Say (log and metrics) that Redis is full and what this worker does about it."""
-    log.warning("Redis is full (maxmemory reached, writes refused): %s; claiming no new work until "
-                "memory frees, work in hand is released", what)
-    metrics.redis_full()
 
 
 def _room(store: Store, wait: float) -> bool:

@@ -217,7 +217,7 @@ def throttled(domain: str, reason: str) -> None:
 
 
 def redis_full() -> None:
-    """Count a worker finding Redis full (``mxq.tasks.graph.redis_full``)."""
+    """Count a worker finding Redis full (``mxq.tasks.broker.say_full``)."""
     if enabled():
         instruments().redis_full.inc()
 

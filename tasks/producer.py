@@ -166,8 +166,8 @@ def _item(x) -> Item:
 
 def _publish(jobs: list[JobSpec], s: PipelineSettings) -> list[str]:
     """Store validated jobs with one script, then publish the tasks they need."""
-    from . import graph         # the Celery tasks; imported late so the store is usable alone
     from .app import bind
+    from .dispatch import intake, publish     # (imported late: the store is usable alone)
 
     bind(s)                     # the Celery app on the configured Redis (Django/Flask may set it late)
     hooks = webhooks.current()          # a bad MXQ_WEBHOOK_* setting is refused here (ValueError)
@@ -193,11 +193,11 @@ def _publish(jobs: list[JobSpec], s: PipelineSettings) -> list[str]:
                           f"{e}") from e
     try:
         if split:
-            graph.publish(dispatch, fan_out=True)
+            publish(dispatch, fan_out=True)
         else:
             new = [j.id for j, i in zip(jobs, ids) if j.id == i]
             for k in range(0, len(new), INTAKE_CHUNK):
-                graph.intake.apply_async(args=[new[k:k + INTAKE_CHUNK]])
+                intake(new[k:k + INTAKE_CHUNK])
     except Exception as e:      # stored: the scheduler publishes for quiet lanes and stalled intake
         log.warning("%d job(s) stored; their tasks could not be published (%s): the scheduler will", len(ids), e)
     return ids

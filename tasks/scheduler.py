@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 
-from . import outcomes
+from . import dispatch, outcomes
 from .store import get_store
 
 log = logging.getLogger("mxq.scheduler")
@@ -38,14 +38,12 @@ INTAKE_CHUNK = 200
 
 def tick(now: float | None = None) -> dict:
     """Run one scheduler step and publish the tasks it needs; return what it did."""
-    from . import graph
-
     store = get_store()
     t = store.tick(now=now)
     recorded = outcomes.after_release(store)     # outcomes no worker recorded (one died, or a drop)
-    published = graph.publish(t.dispatch)
+    published = dispatch.publish(t.dispatch)
     for k in range(0, len(t.intake), INTAKE_CHUNK):
-        graph.intake.apply_async(args=[t.intake[k:k + INTAKE_CHUNK]])
+        dispatch.intake(t.intake[k:k + INTAKE_CHUNK])
         published += 1
     if t.requeued or t.moved or published:
         log.info("schedule: requeued=%d due=%d published=%d intake=%d",

@@ -99,10 +99,6 @@ from typing import Mapping
 from mxq import settings as registry
 from mxq.workers.reply import printable
 
-from .app import app
-from .settings import PipelineSettings
-from .store import TRANSIENT_REDIS_ERRORS, Outcome, get_store
-
 log = logging.getLogger("mxq.webhooks")
 
 QUEUE = "mxq.notifications"
@@ -118,21 +114,6 @@ TIMESTAMP_HEADER = "X-Mxq-Timestamp"
 EVENT_HEADER = "X-Mxq-Event"
 ENV_NAMES = ("MXQ_WEBHOOK_URL", "MXQ_WEBHOOK_SECRET", "MXQ_WEBHOOK_EVENTS", "MXQ_WEBHOOK_TIMEOUT",
              "MXQ_WEBHOOK_RETRY_SCHEDULE", "MXQ_WEBHOOK_MAX_AGE", "MXQ_WEBHOOK_CONCURRENCY")
-SENDERS_KEY = "mxq:webhook:senders"    #: zset: sender slot token -> expiry
-DOWN_KEY = "mxq:webhook:down"          #: string with PX: the endpoint was unreachable, hold off
-NO_SLOT_DELAY = 1.0                 #: seconds before events a task could not send come back
-
-# ARGV: now, token, expiry, limit.  Takes (or renews) a sender slot; 1 when held.
-_SLOT = r"""
-local k, now, token, expiry, limit = KEYS[1], tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
-if redis.call('ZSCORE', k, token) or redis.call('ZCARD', k) < limit then
-  redis.call('ZADD', k, expiry, token)
-  redis.call('PEXPIRE', k, math.ceil((expiry - now) * 1000) + 1000)
-  return 1
-end
-return 0
-"""
 
 
 def parse_events(value: str | None) -> frozenset[str]:
@@ -341,102 +322,3 @@ def post(cfg: WebhookConfig, event_id: str, body: bytes) -> PostResult:
         return PostResult(False, False, str(e.reason))
     except (OSError, http.client.HTTPException, ValueError) as e:     # timeouts are OSErrors
         return PostResult(False, False, f"{type(e).__name__}: {e}")
-
-
-def run_webhooks() -> int:
-    """Claim webhook events, POST them, delete the delivered ones, defer the rest; return how many were sent."""
-    from . import graph         # Heartbeat and publish; graph imports this module
-
-    cfg = current(strict=False)
-    store = get_store(PipelineSettings.from_env())
-    r = store.r
-    token = uuid.uuid4().hex
-    wids = store.claim(WEBHOOK_LANE, token, limit=BATCH)
-    if not wids:
-        return 0
-    lease = store.settings.lease_seconds
-    slot = r.register_script(_SLOT)
-
-    def take_slot() -> bool:
-        now = store.now()
-        return slot(keys=[SENDERS_KEY], args=[now, token, now + lease, cfg.concurrency]) == 1
-
-    sent = 0
-    outcomes: list[Outcome] = []
-    with graph.Heartbeat(store, token, also=take_slot):
-        now = store.now()
-        down_ms = r.pttl(DOWN_KEY)
-        if down_ms and down_ms > 0:             # another sender found the endpoint unreachable
-            outcomes = [Outcome(w, due=now + down_ms / 1000.0) for w in wids]
-        elif not take_slot():                   # enough senders at work: put the events back
-            outcomes = [Outcome(w, due=now + NO_SLOT_DELAY) for w in wids]
-        else:
-            try:
-                sent = _send(cfg, store, wids, outcomes)
-            finally:
-                r.zrem(SENDERS_KEY, token)
-                done = {o.wid for o in outcomes}
-                outcomes += [Outcome(w, due=store.now()) for w in wids if w not in done]    # interrupted
-        _, dispatch = store.release(token, WEBHOOK_LANE, outcomes)
-    graph.publish(dispatch)
-    return sent
-
-
-def _send(cfg: WebhookConfig, store, wids: list[str], outcomes: list[Outcome]) -> int:
-    """POST the claimed events in order, appending one ``Outcome`` per event; return how many were sent."""
-    r = store.r
-    pipe = r.pipeline(transaction=False)
-    for wid in wids:
-        pipe.hmget(HOOK_PREFIX + wid[len(WEBHOOK_LANE) + 1:], "b", "n")
-    stored = pipe.execute()
-    sent = 0
-    unreachable_until = None        # the endpoint did not answer: defer the rest untried
-    for wid, (body, _) in zip(wids, stored):
-        hid = wid[len(WEBHOOK_LANE) + 1:]
-        key = HOOK_PREFIX + hid
-        if body is None:
-            log.warning("webhook event %s is gone (older than its key's lifetime)", hid)
-            outcomes.append(Outcome(wid))
-            continue
-        if unreachable_until is not None:
-            outcomes.append(Outcome(wid, due=unreachable_until))
-            continue
-        if not cfg.enabled:
-            result = PostResult(False, False, "MXQ_WEBHOOK_URL is not set (or invalid) on this worker")
-        else:
-            result = post(cfg, hid, body)
-        now = store.now()
-        if result.ok:
-            r.delete(key)
-            outcomes.append(Outcome(wid))
-            sent += 1
-            continue
-        try:
-            happened = float(json.loads(body).get("timestamp") or now)
-        except (ValueError, AttributeError):
-            happened = now
-        if now - happened > cfg.max_age:
-            log.warning("webhook event %s dropped after %.0f s of failures (last: %s)", hid,
-                        now - happened, result.detail)
-            r.delete(key)
-            outcomes.append(Outcome(wid))
-            continue
-        n = r.hincrby(key, "n", 1)
-        due = now + cfg.backoff(n)
-        log.info("webhook event %s to %s failed (%s); try %d again in %.0f s", hid, redact(cfg.url),
-                 result.detail, n + 1, due - now)
-        outcomes.append(Outcome(wid, due=due))
-        if not result.reachable:
-            unreachable_until = due
-            if cfg.enabled:         # a worker without the URL must not hold the others off
-                r.set(DOWN_KEY, result.detail[:200], px=max(1, int((due - now) * 1000)))
-    return sent
-
-
-# Published on QUEUE by mxq.tasks.graph.publish (queue= at the call: mxq.tasks.app's routes are not ours).
-@app.task(name="mxq.webhook", acks_late=True, reject_on_worker_lost=True, ignore_result=True,
-          autoretry_for=TRANSIENT_REDIS_ERRORS, max_retries=3, retry_backoff=1, retry_backoff_max=8,
-          retry_jitter=True)
-def deliver_events() -> int:
-    """POST the webhook events waiting on the webhook lane (``mxq.tasks.webhooks``)."""
-    return run_webhooks()
