@@ -343,15 +343,8 @@ class _Compat32Generator(email.generator.BytesGenerator):
         if (not isinstance(policy, Compat32) or type(policy).fold_binary is not Compat32.fold_binary
                 or not isinstance(maxlen, int) or maxlen <= 0):
             return super()._write_headers(msg)
-        nl = self._NL
-        write = self._fp.write
-        for name, value in msg.raw_items():
-            if (type(value) is str and len(name) + 2 + len(value) <= maxlen and name.isascii()
-                    and _PLAIN_VALUE.fullmatch(value)):
-                write(f"{name}: {value}{nl}".encode("ascii"))
-            else:
-                write(policy.fold_binary(name, value))
-        self.write(nl)
+        self._fp.write(_compat32_fields(msg.raw_items(), policy, maxlen, self._NL))
+        self.write(self._NL)
 
     def _write_lines(self, lines):
         # Generator._write_lines writes (and encodes) each line and each separator on its own;
@@ -363,6 +356,35 @@ class _Compat32Generator(email.generator.BytesGenerator):
             self.write(self._NL.join(parts[:-1]) + self._NL)
         if parts[-1]:
             self.write(parts[-1])
+
+
+def _compat32_fields(items, policy, maxlen: int, nl: str) -> bytes:
+    """Header fields as compat32 ``policy.fold_binary`` writes them, the plain short ones directly."""
+    out = []
+    for name, value in items:
+        if (type(value) is str and len(name) + 2 + len(value) <= maxlen and name.isascii()
+                and _PLAIN_VALUE.fullmatch(value)):
+            out.append(f"{name}: {value}{nl}".encode("ascii"))
+        else:
+            out.append(policy.fold_binary(name, value))
+    return b"".join(out)
+
+
+_COMPAT32_BY_LINESEP: dict[str, Compat32] = {}
+
+
+def compat32_header_block(items: Iterable[tuple[str, object]], linesep: str = "\n") -> bytes:
+    """The header block (fields, then the empty line) a compat32 message holding ``items`` flattens to.
+
+    The same bytes as ``flatten(msg, linesep)`` writes before the body for an
+    ``email.message.Message`` (policy ``compat32``) whose ``raw_items()`` are
+    ``items``: each field folded by ``compat32.fold_binary``, plain short ones
+    written as they are (``_Compat32Generator``).
+    """
+    policy = _COMPAT32_BY_LINESEP.get(linesep)
+    if policy is None:
+        policy = _COMPAT32_BY_LINESEP[linesep] = email.policy.compat32.clone(linesep=linesep)
+    return _compat32_fields(items, policy, policy.max_line_length, linesep) + linesep.encode("ascii")
 
 
 def flatten(msg: email.message.Message, linesep: str | None = None) -> bytes:

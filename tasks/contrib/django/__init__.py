@@ -58,6 +58,7 @@ except ImportError:                  # pragma: no cover - a Django without it: a
 from mxq import settings as registry
 
 from .. import submit_all
+from .rendering import render
 
 __all__ = ["EmailBackend", "mxq_config"]
 
@@ -166,7 +167,9 @@ class EmailBackend(BaseEmailBackend):
 
         where = f"message {n}"
         try:
-            content = _as_bytes(message.message())
+            content = render(message)       # Django's bytes for a plain message, without the MIME object
+            if content is None:
+                content = _as_bytes(message.message())
         except (ValueError, TypeError, UnicodeError) as e:   # BadHeaderError is a ValueError
             raise InvalidMessage(f"{where}: {e}") from None
         sender = _addr_spec(message.from_email, f"{where}: from_email")
