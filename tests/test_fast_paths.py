@@ -192,3 +192,23 @@ def test_prepare_with_addresses_returns_the_envelope_recipients_parsed():
     assert env.sender == "s@sender.example"
     with pytest.raises(InvalidInput):
         M.prepare_with_addresses(raw, recipients=["not an address"])
+
+
+# -- parse_address: valid addresses remembered ----------------------------------------------------------
+
+
+@SETTINGS
+@given(st.one_of(st.from_regex(r"[a-z.]{1,12}@[a-zé.-]{1,12}\.(test|example)", fullmatch=True),
+                 st.text(alphabet="ab.@<> \t\"é\r\n\x00[]:", max_size=30)))
+def test_parse_address_cache_is_invisible(text):
+    from mxq.workers import address as A
+    try:
+        want = A._parse(text)
+    except InvalidInput as e:
+        for _ in range(2):                       # refused each time, with the same reason
+            with pytest.raises(InvalidInput) as got:
+                A.parse_address(text)
+            assert got.value.reason == e.reason
+        return
+    assert A.parse_address(text) == want
+    assert A.parse_address(text) is A.parse_address(text)       # the second from the cache
