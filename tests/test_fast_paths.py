@@ -212,3 +212,15 @@ def test_parse_address_cache_is_invisible(text):
         return
     assert A.parse_address(text) == want
     assert A.parse_address(text) is A.parse_address(text)       # the second from the cache
+
+
+def test_domain_cache_keeps_the_reason_naming_the_address():
+    from mxq.workers import address as A
+    for text in ("a@bad..example", "b@bad..example", "c@-x.example"):
+        for _ in range(2):
+            with pytest.raises(InvalidInput) as got:
+                A.parse_address(text)
+            assert repr(text) in got.value.reason or text in got.value.reason
+    assert A.parse_address("x@Bücher.Example").ascii_domain == "xn--bcher-kva.example"
+    assert A.parse_address("y@Bücher.Example").domain == "bücher.example"
+    assert A.normalize_domain("Bücher.Example") == "xn--bcher-kva.example"

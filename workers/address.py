@@ -97,7 +97,11 @@ def _parse(text: str) -> Address:
         raise InvalidAddress(f"address needs a local part and a domain: {text!r}")
     local, domain_text = s[:at], s[at + 1:]
     _check_local(local, text)
-    ascii_domain, domain, literal = _check_domain(domain_text, text)
+    try:
+        ascii_domain, domain, literal = _domain_cached(domain_text)
+    except InvalidAddress:
+        _check_domain(domain_text, text)         # the same refusal, naming the whole address
+        raise
     if len(local.encode()) + 1 + len(ascii_domain) + 2 > MAX_PATH:
         raise InvalidAddress(f"address longer than {MAX_PATH - 2} octets: {text!r}")
     return Address(local=local, domain=domain, ascii_domain=ascii_domain, literal=literal)
@@ -117,7 +121,13 @@ def parse_sender(text: str | None) -> Address | None:
 
 def normalize_domain(domain: str) -> str:
     """The A-label, lower-case form of a domain (or a bracketed literal), as used for grouping."""
-    return _check_domain(domain, domain)[0]
+    return _domain_cached(domain)[0]
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _domain_cached(domain: str):
+    """``_check_domain`` of valid domains, remembered (a batch goes to a few domains, many times each)."""
+    return _check_domain(domain, domain)
 
 
 def _check_local(local: str, text: str) -> None:
