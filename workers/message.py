@@ -83,6 +83,8 @@ _STRIPPED_HEADERS = ("bcc", "resent-bcc")
 _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:(.*)", re.S)
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _LONE_CR = re.compile(rb"\r(?!\n)")
+# A header block of one-line fields, each ended by LF (what email's generators write with "\n").
+_LF_FIELDS = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+[ \t]*:[^\n]*\n)*")
 _EOL = re.compile(rb"\r\n|\n|\r")
 # A header value compat32 writes as it is when it fits on the line: printable ASCII, blanks.
 _PLAIN_VALUE = re.compile(r"[\x20-\x7e\t]*")
@@ -470,7 +472,12 @@ def _parse_header_block(raw: bytes) -> list[_Field]:
         raise InvalidMessage(f"header block larger than {MAX_HEADER_SIZE} octets")
     if b"\0" in raw:
         raise InvalidMessage("header block contains a NUL byte")
-    if _LONE_CR.search(raw):
+    if b"\r" not in raw:
+        if not raw.startswith(b"From ") and _LF_FIELDS.fullmatch(raw):
+            fields = _lf_fields(raw)
+            if fields is not None:
+                return fields
+    elif _LONE_CR.search(raw):
         raise InvalidMessage("header block contains a CR that does not end a line")
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":
@@ -492,6 +499,29 @@ def _parse_header_block(raw: bytes) -> list[_Field]:
         except UnicodeDecodeError:
             return _parse_header_lines(lines)
         name = name.decode("ascii")
+        out.append(_Field(name, line + b"\r\n", value.strip(" \t"), name.lower()))
+    return out
+
+
+def _lf_fields(raw: bytes) -> list[_Field] | None:
+    """The fields of a header block of LF-ended one-line fields (``_LF_FIELDS``); None for anything
+    to look at line by line (a line over ``MAX_LINE_LENGTH``, 8-bit data that is not UTF-8).
+
+    What the per-line fast path of ``_parse_header_block`` gives, with one decode for the block
+    (UTF-8 splits at ASCII ``LF`` and ``:`` into valid pieces) and no regular expression per line.
+    """
+    lines = raw.split(b"\n")
+    lines.pop()                                  # raw ends with LF: an empty last piece
+    if lines and max(map(len, lines)) > MAX_LINE_LENGTH:
+        return None
+    try:
+        texts = raw.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        return None
+    out = []
+    for line, text in zip(lines, texts):
+        name, _, value = text.partition(":")     # a name holds no ':' (_FIELD), the value may
+        name = name.rstrip(" \t")
         out.append(_Field(name, line + b"\r\n", value.strip(" \t"), name.lower()))
     return out
 
