@@ -89,6 +89,8 @@ import time
 
 from mxq.workers.reply import printable
 
+from .store import keys as K     # mxq's Redis key names
+
 EX_OK = 0
 EX_DECLINED = 1
 EX_DATAERR = 65
@@ -100,421 +102,17 @@ DROP_TEXT = "dropped by the operator (mxq queue drop)"
 DROP_ENHANCED = "5.0.0"
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 
-# ---------------------------------------------------------------- Lua
-# Shared by the drop scripts: mark the non-final recipients ``idxs`` of one
-# job dropped (all of them when idxs is nil), adjust ``left``, expire a job
-# that is done, and enqueue a webhook event per dropped recipient when
-# hookttl > 0.  Returns how many were dropped.
-_DROP_LIB = r"""
-local FINAL = {delivered = true, bounced = true, expired = true, suppressed = true, dropped = true}
-local function nn(x) if x == nil then return cjson.null end return x end
-local function drop_records(job, idxs, now, ttl, hookttl, text, enhanced, hooks)
-  local jk = P .. 'job:' .. job
-  if idxs == nil then
-    local n = tonumber(redis.call('HGET', jk, 'n') or '0')
-    idxs = {}
-    for i = 0, n - 1 do table.insert(idxs, tostring(i)) end
-  end
-  local count, writes = 0, {}
-  for c = 1, #idxs, 1000 do
-    local fields = {}
-    for j = c, math.min(c + 999, #idxs) do table.insert(fields, 'r:' .. idxs[j]) end
-    local recs = redis.call('HMGET', jk, unpack(fields))
-    for j, raw in ipairs(recs) do
-      if raw then
-        local r = cjson.decode(raw)
-        if not FINAL[r.state] then
-          r.state = 'dropped'; r.code = cjson.null; r.enhanced = enhanced; r.text = text
-          r.next_attempt = cjson.null
-          table.insert(writes, fields[j]); table.insert(writes, cjson.encode(r))
-          count = count + 1
-          if hookttl > 0 then
-            local hid = job .. '-' .. string.sub(fields[j], 3) .. '-dropped'
-            local body = cjson.encode({id = hid, job = job, recipient = nn(r.address), domain = nn(r.domain),
-              state = 'dropped', code = cjson.null, enhanced = enhanced, text = text,
-              exchange = nn(r.exchange), ip = nn(r.ip), relay = r.relay == true,
-              attempts = tonumber(r.attempts) or 0, next_attempt = cjson.null, timestamp = now})
-            redis.call('HSET', P .. 'hook:' .. hid, 'b', body)
-            redis.call('EXPIRE', P .. 'hook:' .. hid, hookttl)
-            table.insert(hooks, '!w|' .. hid)
-          end
-        end
-      end
-    end
-  end
-  if count > 0 then
-    push('HSET', jk, writes)
-    if redis.call('HINCRBY', jk, 'left', -count) <= 0 then
-      redis.call('EXPIRE', jk, ttl)
-      redis.call('ZADD', P .. 'final', now, job)      -- outcome for the result backend (mxq.tasks.outcomes)
-      local idem = redis.call('HGET', jk, 'idem')
-      if idem and idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. idem, ttl) end
-    end
-  end
-  return count
-end
--- The work item's job and indexes: '{job}|{domain}|{i,j,...}'.
-local function parse_wid(wid)
-  local a = string.find(wid, '|', 1, true)
-  local b = string.find(wid, '|', a + 1, true)
-  return string.sub(wid, 1, a - 1), split(string.sub(wid, b + 1), ',')
-end
-local function finish(hooks, now, k, maxpar, guardttl)
-  if redis.call('EXISTS', P .. 'guard') == 1 then redis.call('EXPIRE', P .. 'guard', guardttl) end
-  if #hooks > 0 then
-    push('RPUSH', P .. 'ready:!w', hooks)
-    return dispatch({'!w'}, now, k, maxpar, false, {})
-  end
-  return {}
-end
-"""
-
-# ARGV: now, ttl, hookttl, text, enhanced, k, maxpar, guardttl, job.
-# Returns {dropped (-1: unknown job), work items removed, batches in flight, dispatch}.
-_DROP_JOB = r"""
-local now, ttl, hookttl, text, enhanced = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
-local k, maxpar, guardttl, job = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
-local jk = P .. 'job:' .. job
-if redis.call('EXISTS', jk) == 0 then return {-1, 0, 0, {}} end
-local removed = 0
-local domains = redis.call('HGET', jk, 'domains')
-if domains then
-  for _, d in ipairs(split(domains, ',')) do
-    local idx = redis.call('HGET', jk, 'd:' .. d)
-    if idx then
-      for _, wid in ipairs(work_items(job, d, idx, {})) do
-        removed = removed + redis.call('LREM', P .. 'ready:' .. d, 0, wid)
-        removed = removed + redis.call('ZREM', P .. 'deferred', wid)
-        removed = removed + redis.call('ZREM', P .. 'held', wid)
-      end
-    end
-    redis.call('SREM', P .. 'hold:' .. d, job)
-  end
-end
-redis.call('ZREM', P .. 'intake', job)
-local inflight = 0
-for _, token in ipairs(redis.call('ZRANGE', P .. 'lease', 0, -1)) do
-  local b = redis.call('GET', P .. 'batch:' .. token)
-  if b and string.find(b, '\n' .. job .. '|', 1, true) then
-    redis.call('SADD', P .. 'guard', token)
-    inflight = inflight + 1
-  end
-end
-local hooks = {}
-local n = drop_records(job, nil, now, ttl, hookttl, text, enhanced, hooks)
-return {n, removed, inflight, finish(hooks, now, k, maxpar, guardttl)}
-"""
-
-# ARGV: now, ttl, hookttl, text, enhanced, k, maxpar, guardttl, domain.
-# Returns {dropped, work items removed, work items in flight, dispatch}.
-_DROP_DOMAIN = r"""
-local now, ttl, hookttl, text, enhanced = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
-local k, maxpar, guardttl, d = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
-local items = redis.call('LRANGE', P .. 'ready:' .. d, 0, -1)
-redis.call('DEL', P .. 'ready:' .. d)
-redis.call('ZREM', P .. 'dispatch', d)
-local removed = #items
-local gone = {}
-for _, wid in ipairs(redis.call('ZRANGE', P .. 'deferred', 0, -1)) do
-  if lane_of(wid) == d then table.insert(gone, wid); table.insert(items, wid) end
-end
-if #gone > 0 then push('ZREM', P .. 'deferred', gone) end
-removed = removed + #gone
--- on hold (mxq queue hold)
-gone = {}
-for _, wid in ipairs(redis.call('ZRANGE', P .. 'held', 0, -1)) do
-  if lane_of(wid) == d then table.insert(gone, wid); table.insert(items, wid) end
-end
-if #gone > 0 then push('ZREM', P .. 'held', gone) end
-redis.call('DEL', P .. 'hold:' .. d)
-removed = removed + #gone
-local inflight = 0
-for _, token in ipairs(redis.call('ZRANGE', P .. 'lease', 0, -1)) do
-  local b = redis.call('GET', P .. 'batch:' .. token)
-  if b then
-    local held = split(b, '\n')
-    if held[1] == d then
-      redis.call('SADD', P .. 'guard', token)
-      for i = 2, #held do table.insert(items, held[i]); inflight = inflight + 1 end
-    end
-  end
-end
-local hooks, n = {}, 0
-for _, wid in ipairs(items) do
-  local job, idxs = parse_wid(wid)
-  n = n + drop_records(job, idxs, now, ttl, hookttl, text, enhanced, hooks)
-end
--- jobs stored and not split yet: their recipients in d
-for _, job in ipairs(redis.call('ZRANGE', P .. 'intake', 0, -1)) do
-  local idx = redis.call('HGET', P .. 'job:' .. job, 'd:' .. d)
-  if idx then n = n + drop_records(job, split(idx, ','), now, ttl, hookttl, text, enhanced, hooks) end
-end
-return {n, removed, inflight, finish(hooks, now, k, maxpar, guardttl)}
-"""
-
-# ARGV: now, k, maxpar, domain ('' = every lane).  Returns {moved, dispatch}.
-_FLUSH = r"""
-local now, k, maxpar, only = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local by, lanes, moved = {}, {}, {}
-for _, wid in ipairs(redis.call('ZRANGE', P .. 'deferred', 0, -1)) do
-  local l = lane_of(wid)
-  if only == '' or l == only then
-    if not by[l] then by[l] = {}; table.insert(lanes, l) end
-    table.insert(by[l], wid)
-    table.insert(moved, wid)
-  end
-end
-if #moved > 0 then push('ZREM', P .. 'deferred', moved) end
-for _, l in ipairs(lanes) do push('RPUSH', P .. 'ready:' .. l, by[l]) end
-return {#moved, dispatch(lanes, now, k, maxpar, false, {})}
-"""
-
-# ARGV: now, k, maxpar, job.  One job's deferred work items back to their ready lists.
-# Returns {moved (-1: unknown job), dispatch}.
-_FLUSH_JOB = r"""
-local now, k, maxpar, job = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local jk = P .. 'job:' .. job
-if redis.call('EXISTS', jk) == 0 then return {-1, {}} end
-local lanes, moved = {}, 0
-local domains = redis.call('HGET', jk, 'domains')
-if domains then
-  for _, d in ipairs(split(domains, ',')) do
-    local idx = redis.call('HGET', jk, 'd:' .. d)
-    if idx then
-      local wid = job .. '|' .. d .. '|' .. idx
-      if redis.call('ZREM', P .. 'deferred', wid) == 1 then
-        redis.call('RPUSH', P .. 'ready:' .. d, wid)
-        table.insert(lanes, d)
-        moved = moved + 1
-      end
-    end
-  end
-end
-return {moved, dispatch(lanes, now, k, maxpar, false, {})}
-"""
-
-
-# ---- hold / release (postsuper -h / -H) and suspend / resume (kcli suspend) ----
-# A job's recipients in one domain are on hold when the job hash has h:{domain} = 1 (and the
-# job is in mxq:hold:{domain}); their work items waiting on a ready list or in the deferred
-# queue are parked in mxq:held at once, and any other (in flight now, not split yet) is parked
-# by the claim that pops it (mxq.tasks.store's _CLAIM reads h:{lane} with the records).  A
-# parked item is never claimed, retried or expired until it is released.
-_HOLD_LIB = r"""
-local FINAL = {delivered = true, bounced = true, expired = true, suppressed = true, dropped = true}
--- How many of the recipients idx ('0,1,...') of the job hash jk are not final.
-local function pending_in(jk, idx)
-  local ids, n = split(idx, ','), 0
-  for c = 1, #ids, 1000 do
-    local fields = {}
-    for j = c, math.min(c + 999, #ids) do table.insert(fields, 'r:' .. ids[j]) end
-    for _, raw in ipairs(redis.call('HMGET', jk, unpack(fields))) do
-      if raw and not FINAL[cjson.decode(raw).state] then n = n + 1 end
-    end
-  end
-  return n
-end
-local function mark(job, d)
-  redis.call('HSET', P .. 'job:' .. job, 'h:' .. d, '1')
-  redis.call('SADD', P .. 'hold:' .. d, job)
-end
--- Park work items (in this order) in mxq:held.
-local _seq = 0
-local function park(wids, now)
-  for _, wid in ipairs(wids) do
-    _seq = _seq + 1
-    redis.call('ZADD', P .. 'held', 'NX', now + _seq / 1000000, wid)
-  end
-end
--- Work items of batches in flight: {lane, {job = true, ...}, count} per matching batch.
-local function in_flight(match)
-  local n, jobs = 0, {}
-  for _, token in ipairs(redis.call('ZRANGE', P .. 'lease', 0, -1)) do
-    local b = redis.call('GET', P .. 'batch:' .. token)
-    if b then
-      local held = split(b, '\n')
-      for i = 2, #held do
-        local job = string.sub(held[i], 1, (string.find(held[i], '|', 1, true) or 1) - 1)
-        if match(held[1], job) then n = n + 1; jobs[job] = true end
-      end
-    end
-  end
-  return n, jobs
-end
-"""
-
-# ARGV: now, job.  Returns {recipients put on hold (-1: unknown job), items parked, items in flight}.
-_HOLD_JOB = r"""
-local now, job = tonumber(ARGV[1]), ARGV[2]
-local jk = P .. 'job:' .. job
-if redis.call('EXISTS', jk) == 0 then return {-1, 0, 0} end
-local n, parked = 0, 0
-local domains = redis.call('HGET', jk, 'domains')
-for _, d in ipairs(domains and split(domains, ',') or {}) do
-  local idx = redis.call('HGET', jk, 'd:' .. d)
-  if idx then
-    local p = pending_in(jk, idx)
-    if p > 0 then
-      n = n + p
-      mark(job, d)
-      local wids = {}
-      for _, wid in ipairs(work_items(job, d, idx, {})) do
-        if redis.call('LREM', P .. 'ready:' .. d, 0, wid) > 0 or redis.call('ZREM', P .. 'deferred', wid) == 1 then
-          table.insert(wids, wid)
-        end
-      end
-      park(wids, now)
-      parked = parked + #wids
-    end
-  end
-end
-local inflight = in_flight(function(_, j) return j == job end)
-return {n, parked, inflight}
-"""
-
-# ARGV: now, domain.  Every message waiting for the domain now (ready, deferred, in flight, not
-# split yet) is put on hold; mail submitted afterwards is not (that is mxq queue suspend).
-# Returns {recipients put on hold, items parked, items in flight}.
-_HOLD_DOMAIN = r"""
-local now, d = tonumber(ARGV[1]), ARGV[2]
-local found, jobs = {}, {}
-local function note(job) if not found[job] then found[job] = true; table.insert(jobs, job) end end
-local waiting = redis.call('LRANGE', P .. 'ready:' .. d, 0, -1)
-local gone = {}
-for _, wid in ipairs(redis.call('ZRANGE', P .. 'deferred', 0, -1)) do
-  if lane_of(wid) == d then table.insert(gone, wid); table.insert(waiting, wid) end
-end
-local inflight, busy = in_flight(function(lane, _) return lane == d end)
-for job in pairs(busy) do note(job) end
-for _, wid in ipairs(waiting) do note(string.sub(wid, 1, string.find(wid, '|', 1, true) - 1)) end
-for _, job in ipairs(redis.call('ZRANGE', P .. 'intake', 0, -1)) do
-  if redis.call('HEXISTS', P .. 'job:' .. job, 'd:' .. d) == 1 then note(job) end
-end
-local n, live = 0, {}
-for _, job in ipairs(jobs) do
-  local jk = P .. 'job:' .. job
-  local idx = redis.call('HGET', jk, 'd:' .. d)
-  local p = idx and pending_in(jk, idx) or 0
-  if p > 0 then n = n + p; live[job] = true; mark(job, d) end
-end
--- Park what waits; an item of a job with nothing left in d (or expired) would do nothing: let go.
-local parked = {}
-for _, wid in ipairs(waiting) do
-  if live[string.sub(wid, 1, string.find(wid, '|', 1, true) - 1)] then table.insert(parked, wid) end
-end
-redis.call('DEL', P .. 'ready:' .. d)
-redis.call('ZREM', P .. 'dispatch', d)
-if #gone > 0 then push('ZREM', P .. 'deferred', gone) end
-park(parked, now)
-return {n, #parked, inflight}
-"""
-
-# ARGV: now, k, maxpar, job.  Returns {domains that were on hold (-1: unknown job), recipients
-# released, items back on their ready lists, dispatch}.
-_RELEASE_JOB = r"""
-local now, k, maxpar, job = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local jk = P .. 'job:' .. job
-if redis.call('EXISTS', jk) == 0 then return {-1, 0, 0, {}} end
-local marked, n, moved, lanes = 0, 0, 0, {}
-local domains = redis.call('HGET', jk, 'domains')
-for _, d in ipairs(domains and split(domains, ',') or {}) do
-  local idx = redis.call('HGET', jk, 'd:' .. d)
-  if redis.call('HDEL', jk, 'h:' .. d) == 1 then
-    marked = marked + 1
-    if idx then n = n + pending_in(jk, idx) end
-  end
-  redis.call('SREM', P .. 'hold:' .. d, job)
-  if idx then
-    local back = {}
-    for _, wid in ipairs(work_items(job, d, idx, {})) do
-      if redis.call('ZREM', P .. 'held', wid) == 1 then table.insert(back, wid) end
-    end
-    if #back > 0 then
-      push('RPUSH', P .. 'ready:' .. d, back)
-      moved = moved + #back
-      table.insert(lanes, d)
-    end
-  end
-end
-return {marked, n, moved, dispatch(lanes, now, k, maxpar, false, {})}
-"""
-
-# ARGV: now, k, maxpar, domain.  Returns {jobs that were on hold, recipients released, items back
-# on the ready list, dispatch}.
-_RELEASE_DOMAIN = r"""
-local now, k, maxpar, d = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local jobs = redis.call('SMEMBERS', P .. 'hold:' .. d)
-redis.call('DEL', P .. 'hold:' .. d)
-local n = 0
-for _, job in ipairs(jobs) do
-  local jk = P .. 'job:' .. job
-  if redis.call('HDEL', jk, 'h:' .. d) == 1 then
-    local idx = redis.call('HGET', jk, 'd:' .. d)
-    if idx then n = n + pending_in(jk, idx) end
-  end
-end
-local back = {}
-for _, wid in ipairs(redis.call('ZRANGE', P .. 'held', 0, -1)) do
-  if lane_of(wid) == d then table.insert(back, wid) end
-end
-if #back > 0 then
-  push('ZREM', P .. 'held', back)
-  push('RPUSH', P .. 'ready:' .. d, back)
-end
-return {#jobs, n, #back, dispatch({d}, now, k, maxpar, false, {})}
-"""
-
-# ARGV: domain, value (JSON), milliseconds (0: until resumed), expires (the caller's clock; 0: none).
-# Returns 1 when the domain was suspended already (its suspension replaced), else 0.
-_SUSPEND = r"""
-local d, value, ms, expires = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local key = P .. 'suspend:' .. d
-local was = redis.call('EXISTS', key)
-if ms > 0 then redis.call('SET', key, value, 'PX', ms) else redis.call('SET', key, value) end
-redis.call('SADD', P .. 'suspended', d)
-redis.call('ZREM', P .. 'dispatch', d)
-if expires > 0 then redis.call('ZADD', P .. 'throttled', expires, d) else redis.call('ZREM', P .. 'throttled', d) end
-return was
-"""
-
-# ARGV: now, k, maxpar, domain.  Returns {1 if it was suspended, dispatch}.  The running-task count
-# is taken again (force): nothing published before the suspension is waited for.
-_RESUME = r"""
-local now, k, maxpar, d = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local was = redis.call('DEL', P .. 'suspend:' .. d)
-redis.call('SREM', P .. 'suspended', d)
-redis.call('ZREM', P .. 'throttled', d)
-return {was, dispatch({d}, now, k, maxpar, true, {})}
-"""
-
-
-def _req() -> list[str]:
-    """A fresh request key for one script call (``mxq.tasks.store._once``)."""
-    from .store import _req as req
-    return req()
-
-
 # ---------------------------------------------------------------- the operations (API)
 class Admin:
     """Queue inspection and surgery on a ``mxq.tasks.store.Store`` (what the commands run)."""
 
     def __init__(self, store):
-        from .store import _PRELUDE, _once
+        from .store.queue import QueueScripts
 
         self.store = store
         self.r = store.r
         self.settings = store.settings
-        # Each call with a request key (store._once): a call retried after a lost reply answers the same.
-        self._drop_job = self.r.register_script(_PRELUDE + _DROP_LIB + _once(_DROP_JOB))
-        self._drop_domain = self.r.register_script(_PRELUDE + _DROP_LIB + _once(_DROP_DOMAIN))
-        self._flush = self.r.register_script(_PRELUDE + _once(_FLUSH))
-        self._flush_job = self.r.register_script(_PRELUDE + _once(_FLUSH_JOB))
-        self._hold_job = self.r.register_script(_PRELUDE + _HOLD_LIB + _once(_HOLD_JOB))
-        self._hold_domain = self.r.register_script(_PRELUDE + _HOLD_LIB + _once(_HOLD_DOMAIN))
-        self._release_job = self.r.register_script(_PRELUDE + _HOLD_LIB + _once(_RELEASE_JOB))
-        self._release_domain = self.r.register_script(_PRELUDE + _HOLD_LIB + _once(_RELEASE_DOMAIN))
-        self._suspend = self.r.register_script(_PRELUDE + _once(_SUSPEND))
-        self._resume = self.r.register_script(_PRELUDE + _once(_RESUME))
+        self.scripts = QueueScripts(self.r)
 
     # -------------------------------------------------------- postqueue -p / postcat
     def where(self) -> dict[str, dict[str, str]]:
@@ -528,8 +126,8 @@ class Admin:
             job, domain, _ = wid.split("|", 2)
             out.setdefault(job, {})[domain] = how
 
-        for key in r.scan_iter(match="mxq:ready:*", count=1000):
-            lane = _s(key)[len("mxq:ready:"):]
+        for key in r.scan_iter(match=K.READY_PREFIX + "*", count=1000):
+            lane = _s(key)[len(K.READY_PREFIX):]
             if lane.startswith("!"):
                 continue
             for start in range(0, 10**9, 10000):
@@ -538,20 +136,20 @@ class Admin:
                     note(_s(wid), "ready")
                 if len(chunk) < 10000:
                     break
-        for wid in r.zrange("mxq:deferred", 0, -1):
+        for wid in r.zrange(K.DEFERRED, 0, -1):
             note(_s(wid), "deferred")
-        for wid in r.zrange("mxq:held", 0, -1):
+        for wid in r.zrange(K.HELD, 0, -1):
             note(_s(wid), "held")
-        leases = r.zrange("mxq:lease", 0, -1)
+        leases = r.zrange(K.LEASE, 0, -1)
         if leases:
             pipe = r.pipeline(transaction=False)
             for t in leases:
-                pipe.get(b"mxq:batch:" + t)
+                pipe.get(K.BATCH_PREFIX.encode() + t)
             for b in pipe.execute():
                 if b:
                     for wid in _s(b).split("\n")[1:]:
                         note(wid, "active")
-        for job in r.zrange("mxq:intake", 0, -1):
+        for job in r.zrange(K.INTAKE, 0, -1):
             out.setdefault(_s(job), {})["*"] = "intake"
         return out
 
@@ -610,28 +208,28 @@ class Admin:
             if not lane.startswith("!"):
                 x["recipients"] += wid.rsplit("|", 1)[-1].count(",") + 1
 
-        lanes = [_s(k)[len("mxq:ready:"):] for k in r.scan_iter(match="mxq:ready:*", count=1000)]
+        lanes = [_s(k)[len(K.READY_PREFIX):] for k in r.scan_iter(match=K.READY_PREFIX + "*", count=1000)]
         for lane in lanes:
             for start in range(0, 10**9, 10000):
-                chunk = r.lrange("mxq:ready:" + lane, start, start + 9999)
+                chunk = r.lrange(K.ready(lane), start, start + 9999)
                 for wid in chunk:
                     count(lane, _s(wid), "ready")
                 if len(chunk) < 10000:
                     break
-        leases = r.zrange("mxq:lease", 0, -1)
+        leases = r.zrange(K.LEASE, 0, -1)
         if leases:
             pipe = r.pipeline(transaction=False)
             for t in leases:
-                pipe.get(b"mxq:batch:" + t)
+                pipe.get(K.BATCH_PREFIX.encode() + t)
             for b in pipe.execute():
                 if b:
                     held = _s(b).split("\n")
                     for wid in held[1:]:
                         count(held[0], wid, "in_flight")
-        deferred = [(_s(w), due) for w, due in r.zrange("mxq:deferred", 0, -1, withscores=True)]
+        deferred = [(_s(w), due) for w, due in r.zrange(K.DEFERRED, 0, -1, withscores=True)]
         for wid, _ in deferred:
             count(_lane_of(wid), wid, "deferred")
-        for wid in r.zrange("mxq:held", 0, -1):
+        for wid in r.zrange(K.HELD, 0, -1):
             count(_lane_of(_s(wid)), _s(wid), "held")
         special = {k: per.pop(k) for k in ("!r", "!w") if k in per}
         for x in special.values():
@@ -639,7 +237,7 @@ class Admin:
         domains = sorted(per.values(), key=lambda x: (-(x["ready"] + x["in_flight"] + x["deferred"] + x["held"]),
                                                       x["domain"]))
         totals = {s: sum(x[s] for x in domains) for s in ("ready", "in_flight", "deferred", "held", "recipients")}
-        doc = {"time": now, "totals": totals, "domains": domains, "intake": r.zcard("mxq:intake"),
+        doc = {"time": now, "totals": totals, "domains": domains, "intake": r.zcard(K.INTAKE),
                "suspended": self.suspended(now=now),
                "reports": {s: special.get("!r", {}).get(s, 0) for s in ("ready", "in_flight")},
                "webhooks": {s: special.get("!w", {}).get(s, 0) for s in ("ready", "in_flight", "deferred")},
@@ -666,7 +264,7 @@ class Admin:
         for i in range(0, len(jobs), 5000):
             pipe = self.r.pipeline(transaction=False)
             for j in jobs[i:i + 5000]:
-                pipe.hget("mxq:job:" + j, "created")
+                pipe.hget(K.job(j), "created")
             for j, c in zip(jobs[i:i + 5000], pipe.execute()):
                 if c is not None:
                     created[j] = float(c)
@@ -674,7 +272,7 @@ class Admin:
         out: list[dict] = []
         for when, wid, due in items:
             job, domain, idx = wid.split("|", 2)
-            recs = self.r.hmget("mxq:job:" + job, [f"r:{i}" for i in idx.split(",")])
+            recs = self.r.hmget(K.job(job), [f"r:{i}" for i in idx.split(",")])
             for raw in recs:
                 if raw is None:
                     continue
@@ -695,11 +293,11 @@ class Admin:
         now = self.store.now() if now is None else now
         s = self.settings
         ips = None if domain is None else self._last_ips(domain)
-        moved, disp = self._flush(keys=_req(), args=[now, s.batch_size, s.domain_concurrency, domain or ""])
+        moved, disp = self.scripts.flush(domain or "", now=now, k=s.batch_size, maxpar=s.domain_concurrency)
         # Forget the failure memory too (of every exchange, or of the ones these recipients last
         # tried), or the retry would skip an exchange still marked down and defer at once.
-        keys = [k for k in self.r.scan_iter(match="mxq:down:*", count=1000)
-                if ips is None or _s(k)[len("mxq:down:"):].rsplit(":", 1)[0] in ips]
+        keys = [k for k in self.r.scan_iter(match=K.DOWN_PREFIX + "*", count=1000)
+                if ips is None or _s(k)[len(K.DOWN_PREFIX):].rsplit(":", 1)[0] in ips]
         for i in range(0, len(keys), 1000):
             self.r.delete(*keys[i:i + 1000])
         return int(moved), _pairs(disp)
@@ -714,11 +312,11 @@ class Admin:
         if found is None:
             return None
         ips = {r.get("ip") for r in found[1].values() if r.get("ip")}
-        moved, disp = self._flush_job(keys=_req(), args=[now, s.batch_size, s.domain_concurrency, job])
+        moved, disp = self.scripts.flush_job(job, now=now, k=s.batch_size, maxpar=s.domain_concurrency)
         if int(moved) < 0:
             return None
-        keys = [k for k in self.r.scan_iter(match="mxq:down:*", count=1000)
-                if _s(k)[len("mxq:down:"):].rsplit(":", 1)[0] in ips]
+        keys = [k for k in self.r.scan_iter(match=K.DOWN_PREFIX + "*", count=1000)
+                if _s(k)[len(K.DOWN_PREFIX):].rsplit(":", 1)[0] in ips]
         if keys:
             self.r.delete(*keys)
         return int(moved), _pairs(disp)
@@ -726,12 +324,12 @@ class Admin:
     def _last_ips(self, domain: str) -> set[str]:
         """The exchange addresses the deferred recipients of ``domain`` last tried."""
         ips: set[str] = set()
-        for w in self.r.zrange("mxq:deferred", 0, -1):
+        for w in self.r.zrange(K.DEFERRED, 0, -1):
             wid = _s(w)
             if wid.startswith("!") or _lane_of(wid) != domain:
                 continue
             job, _, idx = wid.split("|", 2)
-            for raw in self.r.hmget("mxq:job:" + job, [f"r:{i}" for i in idx.split(",")]):
+            for raw in self.r.hmget(K.job(job), [f"r:{i}" for i in idx.split(",")]):
                 if raw is not None and json.loads(raw).get("ip"):
                     ips.add(json.loads(raw)["ip"])
         return ips
@@ -742,7 +340,7 @@ class Admin:
         domains = [d for d in domains if d]
         if not domains:
             return set()
-        flags = self.r.hmget("mxq:job:" + job, [f"h:{d}" for d in domains])
+        flags = self.r.hmget(K.job(job), [f"h:{d}" for d in domains])
         return {d for d, f in zip(domains, flags) if f}
 
     def hold_job(self, job: str, *, now: float | None = None) -> dict | None:
@@ -753,7 +351,7 @@ class Admin:
         and what is left of it afterwards is held.
         """
         now = self.store.now() if now is None else now
-        n, parked, inflight = self._hold_job(keys=_req(), args=[now, job])
+        n, parked, inflight = self.scripts.hold_job(job, now=now)
         if int(n) < 0:
             return None
         return {"held": int(n), "parked": int(parked), "in_flight": int(inflight)}
@@ -761,7 +359,7 @@ class Admin:
     def hold_domain(self, domain: str, *, now: float | None = None) -> dict:
         """Put every recipient waiting for ``domain`` now on hold (ready, deferred, in flight, not split yet)."""
         now = self.store.now() if now is None else now
-        n, parked, inflight = self._hold_domain(keys=_req(), args=[now, domain])
+        n, parked, inflight = self.scripts.hold_domain(domain, now=now)
         return {"held": int(n), "parked": int(parked), "in_flight": int(inflight)}
 
     def release_job(self, job: str, *, now: float | None = None) -> dict | None:
@@ -772,7 +370,7 @@ class Admin:
         """
         now = self.store.now() if now is None else now
         s = self.settings
-        marked, n, moved, disp = self._release_job(keys=_req(), args=[now, s.batch_size, s.domain_concurrency, job])
+        marked, n, moved, disp = self.scripts.release_job(job, now=now, k=s.batch_size, maxpar=s.domain_concurrency)
         if int(marked) < 0:
             return None
         return {"was_held": int(marked), "released": int(n), "moved": int(moved), "dispatch": _pairs(disp)}
@@ -781,7 +379,7 @@ class Admin:
         """Release every held recipient of ``domain``; ``{"was_held": jobs, "released", "moved", "dispatch"}``."""
         now = self.store.now() if now is None else now
         s = self.settings
-        jobs, n, moved, disp = self._release_domain(keys=_req(), args=[now, s.batch_size, s.domain_concurrency, domain])
+        jobs, n, moved, disp = self.scripts.release_domain(domain, now=now, k=s.batch_size, maxpar=s.domain_concurrency)
         return {"was_held": int(jobs), "released": int(n), "moved": int(moved), "dispatch": _pairs(disp)}
 
     # -------------------------------------------------------- suspend / resume (kcli suspend)
@@ -796,22 +394,22 @@ class Admin:
         now = self.store.now() if now is None else now
         expires = now + duration if duration else None
         value = {"since": now, "expires": expires, "reason": reason}
-        was = self._suspend(keys=_req(), args=[domain, json.dumps(value), int(math.ceil(duration * 1000)) if duration else 0,
-                                  repr(expires) if expires else 0])
+        was = self.scripts.suspend(domain, json.dumps(value), int(math.ceil(duration * 1000)) if duration else 0,
+                                   repr(expires) if expires else 0)
         return dict(value, domain=domain, replaced=bool(int(was)))
 
     def resume(self, domain: str, *, now: float | None = None) -> tuple[bool, list]:
         """End ``domain``'s suspension; ``(was suspended, dispatch)`` -- its ready mail gets tasks at once."""
         now = self.store.now() if now is None else now
         s = self.settings
-        was, disp = self._resume(keys=_req(), args=[now, s.batch_size, s.domain_concurrency, domain])
+        was, disp = self.scripts.resume(domain, now=now, k=s.batch_size, maxpar=s.domain_concurrency)
         return bool(int(was)), _pairs(disp)
 
     def suspended(self, *, now: float | None = None) -> list[dict]:
         """Every suspended domain: ``{domain, since, expires (None: until resumed), reason}``, by domain."""
         out, ended = [], []
-        lanes = sorted(_s(x) for x in self.r.smembers("mxq:suspended"))
-        values = self.r.mget([f"mxq:suspend:{d}" for d in lanes]) if lanes else []
+        lanes = sorted(_s(x) for x in self.r.smembers(K.SUSPENDED))
+        values = self.r.mget([K.suspend(d) for d in lanes]) if lanes else []
         for domain, raw in zip(lanes, values):
             if raw is None:             # a suspension whose duration is over
                 ended.append(domain)
@@ -823,7 +421,7 @@ class Admin:
             out.append({"domain": domain, "since": value.get("since"), "expires": value.get("expires"),
                         "reason": value.get("reason") or ""})
         if ended:
-            self.r.srem("mxq:suspended", *ended)
+            self.r.srem(K.SUSPENDED, *ended)
         return out
 
     # -------------------------------------------------------- drop
@@ -839,14 +437,14 @@ class Admin:
 
     def drop_job(self, job: str, *, now: float | None = None) -> dict | None:
         """Drop every recipient of ``job`` not final yet; None when the job is unknown."""
-        n, removed, inflight, disp = self._drop_job(keys=_req(), args=[*self._drop_args(now), job])
+        n, removed, inflight, disp = self.scripts.drop_job(job, *self._drop_args(now))
         if int(n) < 0:
             return None
         return {"dropped": int(n), "removed": int(removed), "in_flight": int(inflight), "dispatch": _pairs(disp)}
 
     def drop_domain(self, domain: str, *, now: float | None = None) -> dict:
         """Drop every recipient waiting for ``domain`` (a normalised lane name)."""
-        n, removed, inflight, disp = self._drop_domain(keys=_req(), args=[*self._drop_args(now), domain])
+        n, removed, inflight, disp = self.scripts.drop_domain(domain, *self._drop_args(now))
         return {"dropped": int(n), "removed": int(removed), "in_flight": int(inflight), "dispatch": _pairs(disp)}
 
 

@@ -62,7 +62,7 @@ from .heartbeat import Heartbeat
 from .hoststatus import RedisHostStatus, RedisPolicyCache, RedisPort25State, RedisTLSReport
 from .settings import PipelineSettings
 from .store import (FINAL_STATES, REPORT_LANE, TRANSIENT_REDIS_ERRORS, Claimed, Grant, Outcome, Store,
-                    check_on_start, get_store)
+                    check_on_start, get_store, keys)
 from . import webhook_lane  # noqa: F401 -- registers mxq.webhook (the webhook lane's task)
 
 log = logging.getLogger("mxq.tasks")
@@ -221,7 +221,7 @@ def _shared_dns_cache(settings, client):
     class SharedLookups(DNSCache):
         """``DNSCache`` with one DNS lookup per name and type across processes (see above)."""
 
-        LOCK = "mxq:dnslock:"
+        LOCK = keys.DNSLOCK_PREFIX
         WAIT = 2.0
 
         def __init__(self, *a, **kw):

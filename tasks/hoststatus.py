@@ -30,7 +30,9 @@ import time
 
 import redis
 
-KEY = "mxq:down:{ip}:{port}"
+from .store.hosts import Port25Scripts
+from .store.keys import DOWN as KEY
+from .store.keys import PORT25, PORT25_EVIDENCE, PORT25_PROBE, STS_FAILURE, STS_POLICY, TLSRPT, TLSRPT_DAY
 
 
 class RedisHostStatus:
@@ -74,56 +76,6 @@ class RedisHostStatus:
 
 # ---------------------------------------------------------------- port 25 (mxq.workers.port25)
 
-PORT25 = "mxq:port25"              #: string: JSON state while port 25 is concluded blocked
-PORT25_EVIDENCE = "mxq:port25:ev"  #: zset: "kind|ip|domain" -> time of the last failed connect
-PORT25_RELAY = "mxq:port25:relay"  #: string: time the relay last worked (EX the window)
-PORT25_PROBE = "mxq:port25:probe"  #: string: held by the worker whose turn it is to re-probe (NX EX interval)
-
-# KEYS: state, evidence, relay, probe.  ARGV: kind ('' when the relay worked), ip, domain, now, window,
-# exchanges, domains, state_ttl, probe_interval.  Returns the new state (JSON) when this call concluded
-# "blocked", else nil.  The rule is mxq.workers.port25.conclude's.
-_PORT25_RECORD = r"""
-local now, window = tonumber(ARGV[4]), tonumber(ARGV[5])
-if ARGV[1] == '' then
-  redis.call('SET', KEYS[3], ARGV[4], 'EX', math.ceil(window))
-else
-  redis.call('ZADD', KEYS[2], now, ARGV[1] .. '|' .. ARGV[2] .. '|' .. ARGV[3])
-  redis.call('EXPIRE', KEYS[2], math.ceil(window) + 1)
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - window))
-if redis.call('EXISTS', KEYS[1]) == 1 then return nil end
-local relay = tonumber(redis.call('GET', KEYS[3]) or '')
-if relay == nil or relay < now - window then return nil end
-local ips, doms, nips, ndoms = {}, {}, {}, {}
-for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  local a = string.find(m, '|', 1, true)
-  local b = string.find(m, '|', a + 1, true)
-  local kind, ip, dom = string.sub(m, 1, a - 1), string.sub(m, a + 1, b - 1), string.sub(m, b + 1)
-  ips[kind] = ips[kind] or {}; doms[kind] = doms[kind] or {}
-  if not ips[kind][ip] then ips[kind][ip] = true; nips[kind] = (nips[kind] or 0) + 1 end
-  if not doms[kind][dom] then doms[kind][dom] = true; ndoms[kind] = (ndoms[kind] or 0) + 1 end
-end
-for _, kind in ipairs({'timeout', 'refused', 'unreachable'}) do
-  if (nips[kind] or 0) >= tonumber(ARGV[6]) and (ndoms[kind] or 0) >= tonumber(ARGV[7]) then
-    local state = cjson.encode({since = now, kind = kind, exchanges = nips[kind], domains = ndoms[kind]})
-    if redis.call('SET', KEYS[1], state, 'NX', 'EX', math.ceil(tonumber(ARGV[8]))) then
-      redis.call('SET', KEYS[4], '1', 'EX', math.ceil(tonumber(ARGV[9])))
-      return state
-    end
-    return nil
-  end
-end
-return nil
-"""
-
-# KEYS: state, evidence, probe.  A connect to port 25 worked: wipe everything; return the state it cleared.
-_PORT25_SUCCESS = r"""
-if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('EXISTS', KEYS[2]) == 0 then return nil end
-local state = redis.call('GET', KEYS[1])
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-return state
-"""
-
 
 class RedisPort25State:
     """``mxq.workers.port25.Port25State`` in Redis, shared by every worker (atomic Lua).
@@ -134,12 +86,11 @@ class RedisPort25State:
 
     def __init__(self, client: redis.Redis):
         self.r = client
-        self._record = client.register_script(_PORT25_RECORD)
-        self._success = client.register_script(_PORT25_SUCCESS)
+        self._scripts = Port25Scripts(client)
 
     def _run(self, args: list) -> dict | None:
         try:
-            got = self._record(keys=[PORT25, PORT25_EVIDENCE, PORT25_RELAY, PORT25_PROBE], args=args)
+            got = self._scripts.record(args)
         except redis.exceptions.RedisError:
             return None
         return json.loads(got) if got else None
@@ -165,7 +116,7 @@ class RedisPort25State:
 
     def success(self) -> dict | None:
         try:
-            got = self._success(keys=[PORT25, PORT25_EVIDENCE, PORT25_PROBE])
+            got = self._scripts.success()
         except redis.exceptions.RedisError:
             return None
         return json.loads(got) if got else None
@@ -203,8 +154,6 @@ class RedisPort25State:
 
 # ---------------------------------------------------------------- MTA-STS policies (mxq.workers.mtasts)
 
-STS_POLICY = "mxq:sts:{domain}"        #: string: JSON {"id", "text"}, EX the policy's max_age
-STS_FAILURE = "mxq:stsfail:{domain}"   #: string: JSON {"id", "type", "detail"} of a failed fetch, EX 300 s
 
 
 class RedisPolicyCache:
@@ -262,8 +211,6 @@ class RedisPolicyCache:
 
 # ---------------------------------------------------------------- TLS-RPT counts (mxq.workers.tlsrpt)
 
-TLSRPT = "mxq:tlsrpt:{day}:{domain}"   #: hash: p:{pk} policy JSON, ok:{pk} / fail:{pk} counts, f:{pk}:{failure} counts
-TLSRPT_DAY = "mxq:tlsrpt:{day}"        #: set: the domains with counts that day
 #: Days the counts are kept (a week of reports, plus the day being written).
 TLSRPT_KEEP_DAYS = 8
 

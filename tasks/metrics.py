@@ -95,6 +95,8 @@ from typing import Mapping
 
 from mxq import settings as mxq_settings
 
+from .store import keys
+
 log = logging.getLogger("mxq.metrics")
 
 MAX_DOMAIN_LABELS = 1000
@@ -334,19 +336,19 @@ class RedisCollector:
     def depths(self) -> tuple[dict[str, int], dict[str, int]]:
         """``({queue: depth}, {lane: ready items})``; raises redis errors."""
         p = self.r.pipeline(transaction=False)
-        for cmd, key in (("zcard", "intake"), ("zcard", "deferred"), ("zcard", "lease"), ("zcard", "throttled"),
-                         ("llen", "ready:!r"), ("llen", "ready:!w")):
-            getattr(p, cmd)("mxq:" + key)
+        for cmd, key in (("zcard", keys.INTAKE), ("zcard", keys.DEFERRED), ("zcard", keys.LEASE),
+                         ("zcard", keys.THROTTLED), ("llen", keys.ready("!r")), ("llen", keys.ready("!w"))):
+            getattr(p, cmd)(key)
         # mxq:dispatch holds exactly the lanes with ready work (see mxq.tasks.store);
         # lanes starting with "!" are not domains (reports, webhooks).
-        p.zrange("mxq:dispatch", 0, -1)
-        p.zcard("mxq:held")
-        p.smembers("mxq:suspended")         # suspended lanes: ready work, but no activity
+        p.zrange(keys.DISPATCH, 0, -1)
+        p.zcard(keys.HELD)
+        p.smembers(keys.SUSPENDED)         # suspended lanes: ready work, but no activity
         intake, deferred, leased, throttled_, reports, hooks, lanes, held, suspended = p.execute()
         lanes = sorted({x.decode("utf-8", "replace") for x in [*lanes, *suspended] if not x.startswith(b"!")})
         p = self.r.pipeline(transaction=False)
         for lane in lanes:
-            p.llen("mxq:ready:" + lane)
+            p.llen(keys.ready(lane))
         ready = {lane: int(n) for lane, n in zip(lanes, p.execute()) if n}
         queues = {"intake": int(intake), "ready": sum(ready.values()), "deferred": int(deferred),
                   "leased": int(leased), "throttled": int(throttled_), "reports": int(reports),

@@ -95,6 +95,9 @@ from mxq.workers.address import normalize_domain
 from mxq.workers.errors import InvalidInput
 
 from .store import Destinations, Grant
+from .store.keys import THROTTLED  # noqa: F401 -- the keys a Shaper's state lives in, for its callers
+from .store.keys import slots as slots_key  # noqa: F401
+from .store.keys import tat as tat_key  # noqa: F401
 
 #: Connections open at once to one domain when nothing says otherwise (Postfix's default).
 DEFAULT_CONCURRENCY = 20
@@ -269,18 +272,7 @@ def _merge(base: Limits, fields: dict) -> Limits:
 # The scripts and keys are the store's (mxq.tasks.store: _ACQUIRE, _SLOT_RENEW,
 # _SLOT_RELEASE, _REFUND, class Destinations); the Shaper applies a Policy through them.
 
-PREFIX = "mxq:"
-THROTTLED = PREFIX + "throttled"
-
-
-def slots_key(domain: str) -> str:
-    """The ZSET of the domain's concurrency slot holders (token -> expiry, Redis time)."""
-    return f"{PREFIX}shape:conn:{domain}"
-
-
-def tat_key(domain: str) -> str:
-    """The domain's GCRA state (theoretical arrival time, Redis time)."""
-    return f"{PREFIX}shape:tat:{domain}"
+# The keys (mxq.tasks.store.keys): THROTTLED, slots_key(domain), tat_key(domain).
 
 
 class Shaper:

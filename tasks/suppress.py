@@ -62,9 +62,11 @@ from mxq import settings as registry
 from mxq.workers.address import parse_address
 from mxq.workers.reply import printable
 
+from .store.keys import SUPPRESS_PREFIX
+
 log = logging.getLogger("mxq.suppress")
 
-PREFIX = "mxq:suppress:"
+PREFIX = SUPPRESS_PREFIX
 DEFAULT_TTL = 30 * 86400        #: seconds a recipient stays suppressed (``MXQ_SUPPRESS_TTL``)
 #: Enhanced status of a suppressed recipient when the entry has none (an operator's entry).
 OPERATOR_ENHANCED = "5.7.1"

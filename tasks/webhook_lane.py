@@ -16,27 +16,16 @@ from .app import app
 from .dispatch import publish
 from .heartbeat import Heartbeat
 from .settings import PipelineSettings
-from .store import TRANSIENT_REDIS_ERRORS, Outcome, get_store
+from .store import TRANSIENT_REDIS_ERRORS, Outcome, get_store, keys
+from .store.lanes import WebhookSlots
 from .webhooks import (BATCH, HOOK_PREFIX, WEBHOOK_LANE, PostResult, WebhookConfig, current, post,
                        redact)
 
 log = logging.getLogger("mxq.webhooks")
 
-SENDERS_KEY = "mxq:webhook:senders"    #: zset: sender slot token -> expiry
-DOWN_KEY = "mxq:webhook:down"          #: string with PX: the endpoint was unreachable, hold off
+SENDERS_KEY = keys.WEBHOOK_SENDERS
+DOWN_KEY = keys.WEBHOOK_DOWN
 NO_SLOT_DELAY = 1.0                 #: seconds before events a task could not send come back
-
-# ARGV: now, token, expiry, limit.  Takes (or renews) a sender slot; 1 when held.
-_SLOT = r"""
-local k, now, token, expiry, limit = KEYS[1], tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
-if redis.call('ZSCORE', k, token) or redis.call('ZCARD', k) < limit then
-  redis.call('ZADD', k, expiry, token)
-  redis.call('PEXPIRE', k, math.ceil((expiry - now) * 1000) + 1000)
-  return 1
-end
-return 0
-"""
 
 
 def run_webhooks() -> int:
@@ -49,11 +38,11 @@ def run_webhooks() -> int:
     if not wids:
         return 0
     lease = store.settings.lease_seconds
-    slot = r.register_script(_SLOT)
+    slots = WebhookSlots(r)
 
     def take_slot() -> bool:
         now = store.now()
-        return slot(keys=[SENDERS_KEY], args=[now, token, now + lease, cfg.concurrency]) == 1
+        return slots.take(token, now=now, expiry=now + lease, limit=cfg.concurrency)
 
     sent = 0
     outcomes: list[Outcome] = []

@@ -99,11 +99,13 @@ from typing import Mapping
 from mxq import settings as registry
 from mxq.workers.reply import printable
 
+from .store.keys import HOOK_PREFIX as STORE_HOOK_PREFIX
+
 log = logging.getLogger("mxq.webhooks")
 
 QUEUE = "mxq.notifications"
 WEBHOOK_LANE = "!w"
-HOOK_PREFIX = "mxq:hook:"
+HOOK_PREFIX = STORE_HOOK_PREFIX
 FINAL_EVENTS = ("delivered", "bounced", "expired", "suppressed", "dropped")
 ALL_EVENTS = FINAL_EVENTS + ("deferred",)
 DEFAULT_RETRY_SCHEDULE = (10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0)

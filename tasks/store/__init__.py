@@ -5,6 +5,13 @@ work in this lane".  Every state change is one Lua script (atomic, one round
 trip), so a worker that dies at any instant leaves each work item in exactly
 one place: a ready list, a leased batch, or the deferred queue.
 
+The store layer is this package: this module (the queue: jobs, work items,
+leases, records, the delivery scripts, ``Store``), ``keys`` (every key name:
+other modules build none by hand), ``queue`` (the operator's scripts: ``mxq
+queue`` drop, flush, hold, release, suspend, resume), ``hosts`` (the port-25
+state's scripts) and ``lanes`` (the webhook senders' slots).  Every Lua script
+of mxq is in it; the rest of ``mxq.tasks`` calls it.
+
 Key layout (``mxq:`` prefix; one Redis database; not Redis Cluster-ready,
 because the scripts build key names themselves):
 
@@ -154,8 +161,8 @@ from redis.retry import Retry
 
 from mxq.workers.reply import printable
 
-from .app import DELIVERY, INTAKE, NOTIFICATIONS
-from .settings import PipelineSettings
+from ..app import DELIVERY, INTAKE, NOTIFICATIONS
+from ..settings import PipelineSettings
 
 PREFIX = "mxq:"
 #: Most bytes one Redis call of a submission carries (content, records, spec), or one job
@@ -1714,7 +1721,7 @@ class Store:
         return self._renew(args=[now + self.settings.lease_seconds, token]) == [1]
 
     def _payload(self, lane: str, outcomes: list[Outcome], now: float) -> str:
-        from . import suppress, webhooks
+        from .. import suppress, webhooks
 
         sup_ttl = suppress.auto_ttl()
         hooks = webhooks.current(strict=False)
