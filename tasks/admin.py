@@ -89,6 +89,7 @@ import time
 
 from mxq.workers.reply import printable
 
+from .store import items as workitems
 from .store import keys as K     # mxq's Redis key names
 
 EX_OK = 0
@@ -121,9 +122,9 @@ class Admin:
         out: dict[str, dict[str, str]] = {}
 
         def note(wid: str, how: str) -> None:
-            if wid.startswith("!"):
+            if not workitems.is_delivery(wid):
                 return
-            job, domain, _ = wid.split("|", 2)
+            job, domain, _ = workitems.delivery(wid)
             out.setdefault(job, {})[domain] = how
 
         for key in r.scan_iter(match=K.READY_PREFIX + "*", count=1000):
@@ -206,7 +207,7 @@ class Admin:
             x = row(lane)
             x[state] += 1
             if not lane.startswith("!"):
-                x["recipients"] += wid.rsplit("|", 1)[-1].count(",") + 1
+                x["recipients"] += workitems.recipients(wid)
 
         lanes = [_s(k)[len(K.READY_PREFIX):] for k in r.scan_iter(match=K.READY_PREFIX + "*", count=1000)]
         for lane in lanes:
@@ -228,9 +229,9 @@ class Admin:
                         count(held[0], wid, "in_flight")
         deferred = [(_s(w), due) for w, due in r.zrange(K.DEFERRED, 0, -1, withscores=True)]
         for wid, _ in deferred:
-            count(_lane_of(wid), wid, "deferred")
+            count(workitems.lane_of(wid), wid, "deferred")
         for wid in r.zrange(K.HELD, 0, -1):
-            count(_lane_of(_s(wid)), _s(wid), "held")
+            count(workitems.lane_of(_s(wid)), _s(wid), "held")
         special = {k: per.pop(k) for k in ("!r", "!w") if k in per}
         for x in special.values():
             x.pop("held", None)
@@ -259,7 +260,7 @@ class Admin:
         """The ``n`` oldest deferred recipients (by the job's submission time)."""
         if not deferred or n <= 0:
             return []
-        jobs = sorted({w.split("|", 1)[0] for w, _ in deferred})
+        jobs = sorted({workitems.job_of(w) for w, _ in deferred})
         created: dict[str, float] = {}
         for i in range(0, len(jobs), 5000):
             pipe = self.r.pipeline(transaction=False)
@@ -268,11 +269,11 @@ class Admin:
             for j, c in zip(jobs[i:i + 5000], pipe.execute()):
                 if c is not None:
                     created[j] = float(c)
-        items = sorted((created[w.split("|", 1)[0]], w, due) for w, due in deferred if w.split("|", 1)[0] in created)
+        oldest = sorted((created[workitems.job_of(w)], w, due) for w, due in deferred if workitems.job_of(w) in created)
         out: list[dict] = []
-        for when, wid, due in items:
-            job, domain, idx = wid.split("|", 2)
-            recs = self.r.hmget(K.job(job), [f"r:{i}" for i in idx.split(",")])
+        for when, wid, due in oldest:
+            job, domain, indexes = workitems.delivery(wid)
+            recs = self.r.hmget(K.job(job), [f"r:{i}" for i in indexes])
             for raw in recs:
                 if raw is None:
                     continue
@@ -326,10 +327,10 @@ class Admin:
         ips: set[str] = set()
         for w in self.r.zrange(K.DEFERRED, 0, -1):
             wid = _s(w)
-            if wid.startswith("!") or _lane_of(wid) != domain:
+            if not workitems.is_delivery(wid) or workitems.lane_of(wid) != domain:
                 continue
-            job, _, idx = wid.split("|", 2)
-            for raw in self.r.hmget(K.job(job), [f"r:{i}" for i in idx.split(",")]):
+            job, _, indexes = workitems.delivery(wid)
+            for raw in self.r.hmget(K.job(job), [f"r:{i}" for i in indexes]):
                 if raw is not None and json.loads(raw).get("ip"):
                     ips.add(json.loads(raw)["ip"])
         return ips
@@ -454,13 +455,6 @@ def _s(v) -> str:
 
 def _pairs(flat) -> list[tuple[str, int]]:
     return [(_s(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
-
-
-def _lane_of(wid: str) -> str:
-    """A work item's lane (as the store's Lua ``lane_of``)."""
-    if wid.startswith("!"):
-        return wid[:2]
-    return wid.split("|", 2)[1]
 
 
 # ---------------------------------------------------------------- the commands

@@ -63,6 +63,7 @@ from .hoststatus import RedisHostStatus, RedisPolicyCache, RedisPort25State, Red
 from .settings import PipelineSettings
 from .store import (FINAL_STATES, REPORT_LANE, TRANSIENT_REDIS_ERRORS, Claimed, Grant, Outcome, Store,
                     check_on_start, get_store, keys)
+from .store import items as workitems
 from . import webhook_lane  # noqa: F401 -- registers mxq.webhook (the webhook lane's task)
 
 log = logging.getLogger("mxq.tasks")
@@ -961,8 +962,8 @@ def run_notify() -> int:
     with Heartbeat(store, token):
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)
         for wid in wids:
-            _, job, idx, event = wid.split("|", 3)
-            groups[(job, event)].append(int(idx))
+            job, idx, event = workitems.report(wid)
+            groups[(job, event)].append(idx)
         for (job, event), idxs in groups.items():
             found = store.job(job)
             content = store.content(job)

@@ -17,6 +17,7 @@ from .dispatch import publish
 from .heartbeat import Heartbeat
 from .settings import PipelineSettings
 from .store import TRANSIENT_REDIS_ERRORS, Outcome, get_store, keys
+from .store import items as workitems
 from .store.lanes import WebhookSlots
 from .webhooks import (BATCH, HOOK_PREFIX, WEBHOOK_LANE, PostResult, WebhookConfig, current, post,
                        redact)
@@ -70,12 +71,12 @@ def _send(cfg: WebhookConfig, store, wids: list[str], outcomes: list[Outcome]) -
     r = store.r
     pipe = r.pipeline(transaction=False)
     for wid in wids:
-        pipe.hmget(HOOK_PREFIX + wid[len(WEBHOOK_LANE) + 1:], "b", "n")
+        pipe.hmget(HOOK_PREFIX + workitems.webhook_event(wid), "b", "n")
     stored = pipe.execute()
     sent = 0
     unreachable_until = None        # the endpoint did not answer: defer the rest untried
     for wid, (body, _) in zip(wids, stored):
-        hid = wid[len(WEBHOOK_LANE) + 1:]
+        hid = workitems.webhook_event(wid)
         key = HOOK_PREFIX + hid
         if body is None:
             log.warning("webhook event %s is gone (older than its key's lifetime)", hid)

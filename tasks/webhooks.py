@@ -99,12 +99,13 @@ from typing import Mapping
 from mxq import settings as registry
 from mxq.workers.reply import printable
 
+from .store.items import WEBHOOK_LANE as STORE_WEBHOOK_LANE
 from .store.keys import HOOK_PREFIX as STORE_HOOK_PREFIX
 
 log = logging.getLogger("mxq.webhooks")
 
 QUEUE = "mxq.notifications"
-WEBHOOK_LANE = "!w"
+WEBHOOK_LANE = STORE_WEBHOOK_LANE
 HOOK_PREFIX = STORE_HOOK_PREFIX
 FINAL_EVENTS = ("delivered", "bounced", "expired", "suppressed", "dropped")
 ALL_EVENTS = FINAL_EVENTS + ("deferred",)

@@ -6,8 +6,9 @@ trip), so a worker that dies at any instant leaves each work item in exactly
 one place: a ready list, a leased batch, or the deferred queue.
 
 The store layer is this package: this module (the queue: jobs, work items,
-leases, records, the delivery scripts, ``Store``), ``keys`` (every key name:
-other modules build none by hand), ``queue`` (the operator's scripts: ``mxq
+leases, records, the delivery scripts, ``Store``, the typed recipient ``Record``),
+``keys`` (every key name: other modules build none by hand), ``items`` (the
+work-item encoding: other modules read items through it), ``queue`` (the operator's scripts: ``mxq
 queue`` drop, flush, hold, release, suspend, resume), ``hosts`` (the port-25
 state's scripts) and ``lanes`` (the webhook senders' slots).  Every Lua script
 of mxq is in it; the rest of ``mxq.tasks`` calls it.
@@ -154,6 +155,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -163,6 +165,7 @@ from mxq.workers.reply import printable
 
 from ..app import DELIVERY, INTAKE, NOTIFICATIONS
 from ..settings import PipelineSettings
+from . import items as workitems
 
 PREFIX = "mxq:"
 #: Most bytes one Redis call of a submission carries (content, records, spec), or one job
@@ -178,7 +181,7 @@ STAGE_TTL = 3600
 #: notifications and intake queues (kombu names a queue's list after the queue).  The tick
 #: re-publishes a quiet lane's tasks only while its queue is empty.
 BROKER_QUEUES = (DELIVERY, NOTIFICATIONS, INTAKE)
-REPORT_LANE = "!r"
+REPORT_LANE = workitems.REPORT_LANE
 FINAL_STATES = ("delivered", "bounced", "expired", "suppressed", "dropped")
 #: The job hash fields that are not recipient records or content.
 META_FIELDS = ("sender", "ret", "envid", "eightbit", "smtputf8", "size", "created", "n", "left", "idem")
@@ -1239,7 +1242,7 @@ class Claimed:
     domain: str
     meta: dict[str, str]
     indexes: list[str]
-    records: list[dict | None]
+    records: list[Record | None]
     content: bytes
 
 
@@ -1255,7 +1258,7 @@ class Outcome:
     """
 
     wid: str
-    updates: list[tuple[str, dict, str]] = field(default_factory=list)
+    updates: list[tuple[str, Record, str]] = field(default_factory=list)
     due: float | None = None
     idem: str = ""
     #: the job's ``left`` when claimed, set only when this item holds every
@@ -1358,6 +1361,38 @@ def _dumps(obj) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
+class Record(TypedDict, total=False):
+    """A recipient's record: the JSON in its job hash's ``r:{index}`` (what ``status`` shows).
+
+    ``state`` is ``queued``, ``deferred`` or a final state (``FINAL_STATES``);
+    ``code``/``enhanced``/``text`` are the last reply (``scope``: site, message
+    or recipient); ``exchange``/``ip``/``relay`` where it was tried;
+    ``attempts`` and ``runs`` (delivery runs that tried it), ``exchanges`` (the
+    exchanges those runs tried, summed);
+    ``notify``/``orcpt`` its DSN parameters (RFC 3461).  Times are Redis's.
+    """
+
+    address: str
+    domain: str
+    state: str
+    code: int | None
+    enhanced: str | None
+    text: str
+    scope: str | None
+    exchange: str | None
+    ip: str | None
+    relay: bool
+    attempts: int
+    exchanges: int
+    runs: int
+    first_attempt: float | None
+    last_attempt: float | None
+    next_attempt: float | None
+    notify: list[str] | None
+    orcpt: str | None
+    delay_reported: bool
+
+
 #: A recipient record's fields that are left out of the stored JSON while they
 #: hold these values (a queued record is then ``{"address", "domain", "state"}``,
 #: a fifth of its full size); readers of this module get them back (``_record``).
@@ -1378,7 +1413,7 @@ def _compact(rec: dict) -> str:
                    or type(v) is not type(RECORD_DEFAULTS[k])})
 
 
-def _record(raw) -> dict:
+def _record(raw) -> Record:
     """A stored record (JSON) with its left-out fields back; its ``text`` printable (records
     written before replies were sanitised at the source may hold control characters)."""
     rec = {**RECORD_DEFAULTS, **json.loads(raw)}
@@ -1704,9 +1739,9 @@ class Store:
         nm = len(META_FIELDS)
         for wid, content, packed in raw:
             wid = _s(wid)
-            job, _, idx = wid.split("|", 2)
+            job, _, indexes = workitems.delivery(wid)
             values = json.loads(packed)
-            out.append(Claimed(wid=wid, job=job, domain=lane, meta=_meta(values[:nm]), indexes=idx.split(","),
+            out.append(Claimed(wid=wid, job=job, domain=lane, meta=_meta(values[:nm]), indexes=indexes,
                                records=[_record(r) if r else None for r in values[nm:]],
                                content=content or b""))
         return out
@@ -1727,9 +1762,9 @@ class Store:
         hooks = webhooks.current(strict=False)
 
         def extras(wid: str, rec: dict) -> list:
-            if not (sup_ttl or hooks.enabled) or wid.startswith("!"):
+            if not (sup_ttl or hooks.enabled) or not workitems.is_delivery(wid):
                 return [False, False]
-            job = wid.split("|", 1)[0]
+            job = workitems.job_of(wid)
             return [suppress.release_arg(job, rec, now, sup_ttl), webhooks.hook_arg(hooks, job, rec, now)]
 
         return _dumps([{"wid": o.wid, "due": -1 if o.due is None else o.due, "idem": o.idem,
