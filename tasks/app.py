@@ -247,6 +247,22 @@ signals.worker_init.connect(_refuse_bad_config, weak=False)
 signals.beat_init.connect(_refuse_bad_config, weak=False)
 
 
+@only_ours
+def _note_ready(**_):
+    """Under ``mxq worker`` (``mxq.tasks.supervisor``): tell the supervisor this process got ready."""
+    import os
+    path = os.environ.get("_MXQ_WORKER_READY_FILE")     # mxq.tasks.supervisor.READY_ENV
+    if path:
+        try:
+            with open(path, "w"):
+                pass
+        except OSError:
+            pass
+
+
+signals.worker_ready.connect(_note_ready, weak=False)
+
+
 def bind(settings: PipelineSettings) -> None:
     """Point ``app`` at ``settings``' Redis and result backend unless it already is.
 

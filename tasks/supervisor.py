@@ -15,8 +15,11 @@ This process is the supervisor: it starts the children (``celery -A mxq.tasks
 worker -P gevent -c C -n NAME-i@HOST``, with every other option passed
 through), forwards signals (SIGTERM/SIGINT: warm shutdown, a second one or
 SIGQUIT: cold; SIGHUP, SIGUSR1), restarts a child that dies on its own (one
-that fails within ``STARTUP_GRACE`` seconds of its start ends the worker
-with its status: a configuration error must not loop), serves
+that exits before it was ever ready -- Celery's ``worker_ready``, which the
+child notes in a file named by ``READY_ENV`` -- ends the worker with its
+status: a configuration error must not loop; one that had been ready is
+started again however soon it died, after a delay doubling from
+``RESTART_DELAY`` up to ``RESTART_MAX``), serves
 ``MXQ_METRICS_PORT`` for all of them (``mxq.tasks.metrics``: the children
 record into one multiprocess folder), and exits when every child has.
 
@@ -31,16 +34,21 @@ nothing supervised), as before.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 #: Deliveries (greenlets) in flight per worker process when ``-c`` is not given.
 DEFAULT_CONCURRENCY = 1000
-#: A child that exits within this many seconds of its start ends the whole worker.
-STARTUP_GRACE = 10.0
+#: Set in each child's environment: the file the child creates when Celery says it is ready
+#: (``mxq.tasks.app``); a child that exits before it ends the whole worker (a configuration error).
+READY_ENV = "_MXQ_WORKER_READY_FILE"
+#: A child that ran this long since it was last started gets the shortest restart delay again.
+STABLE_AFTER = 60.0
 #: Seconds before a crashed child is started again (doubling, at most ``RESTART_MAX``).
 RESTART_DELAY = 1.0
 RESTART_MAX = 30.0
@@ -128,13 +136,27 @@ class Supervisor:
         self.started = [0.0] * len(argvs)
         self.delay = [RESTART_DELAY] * len(argvs)
         self.restart_at = [0.0] * len(argvs)
+        self.was_ready = [False] * len(argvs)
         self.stopping = 0            # signals of shutdown received
         self.status = 0
+        self.rundir = ""
+
+    def ready_file(self, i: int) -> str:
+        return os.path.join(self.rundir, f"ready-{i}")
 
     def spawn(self, i: int) -> None:
-        self.children[i] = subprocess.Popen(self.argvs[i], env=self.env, stdin=subprocess.DEVNULL,
+        ready = self.ready_file(i)
+        if os.path.exists(ready):
+            self.was_ready[i] = True
+            os.unlink(ready)
+        env = dict(self.env, **{READY_ENV: ready})
+        self.children[i] = subprocess.Popen(self.argvs[i], env=env, stdin=subprocess.DEVNULL,
                                             preexec_fn=_die_with_parent)
         self.started[i] = time.monotonic()
+
+    def ready(self, i: int) -> bool:
+        """Whether child ``i`` was ready (in its current run or any before)."""
+        return self.was_ready[i] or os.path.exists(self.ready_file(i))
 
     def forward(self, sig: int) -> None:
         for p in self.children:
@@ -157,6 +179,13 @@ class Supervisor:
             self.forward(sig)
 
     def run(self) -> int:
+        self.rundir = tempfile.mkdtemp(prefix="mxq-worker-")
+        try:
+            return self._run()
+        finally:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def _run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, self.on_signal)
         for i in range(len(self.argvs)):
@@ -184,14 +213,15 @@ class Supervisor:
                 if self.stopping:
                     self.status = self.status or code
                     continue
-                ran = now - self.started[i]
-                if ran < STARTUP_GRACE:
-                    print(f"mxq worker: a worker process exited with status {code} right after its start; "
+                if not self.ready(i):
+                    print(f"mxq worker: a worker process exited with status {code} before it was ready; "
                           f"stopping", file=sys.stderr, flush=True)
                     self.status = code or 1
                     self.stopping += 1
                     self.forward(signal.SIGTERM)
                     continue
+                if now - self.started[i] >= STABLE_AFTER:
+                    self.delay[i] = RESTART_DELAY
                 print(f"mxq worker: a worker process exited with status {code}; restarting it in "
                       f"{self.delay[i]:.0f} s", file=sys.stderr, flush=True)
                 self.restart_at[i] = now + self.delay[i]
