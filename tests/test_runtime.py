@@ -207,11 +207,50 @@ def test_dispatch_spreads_slow_mail_over_the_window_and_fast_mail_over_few_conne
     assert dict(dispatch) == {"slow.rt.test": 6, "fast.rt.test": 1, "new.rt.test": 2}
 
 
+def test_speculation_opens_the_window_even_in_a_busy_process(monkeypatch):
+    # A worker starting hundreds of new destinations at once is late to wake (its lag above
+    # qmgr.MAX_LAG) exactly when their first chunks wait: speculation, which has judged the lane
+    # slow by qmgr.spread (waited >= SLOW_VS_LAG x lag), still opens the window (before: spawn's
+    # busy rule refused, and each lane stayed on one connection until its first verdict).
+    from mxq.tasks import graph, qmgr
+
+    class Rt:
+        local_spawn = True
+        local_lock = threading.Lock()
+        local_active = 0
+        lag = 2 * qmgr.MAX_LAG
+
+        def busy(self):
+            return self.lag >= qmgr.MAX_LAG
+
+        class store:
+            @staticmethod
+            def ready_count(lane):
+                return 4
+
+        class ps:
+            soft_time_limit = 600
+
+    opened = []
+    monkeypatch.setattr(graph._Lane, "extra", lambda self: opened.append(self.domain))
+    rt = Rt()
+    lane = graph._Lane(rt, "busy.rt.test")
+    lane.local = 1                                      # the first connection, waiting on its chunk
+    assert rt.busy()
+    assert lane.spawn(4) == 0                           # a busy process spreads nothing on a verdict
+    assert lane.speculate(5, waited=0.01) is False      # not slow beyond doubt yet: asked again later
+    assert lane.speculate(5, waited=10 * rt.lag) is True
+    for t in lane.threads:
+        t.join(5)
+    assert opened == ["busy.rt.test"] * 4               # the window of 5: four more connections
+
+
 # ====================================================================== across real workers
 @pytest.fixture(scope="module")
 def zones(dns_server):
-    for last, name in ((10, "par.rt.test"), (11, "start.rt.test"), (12, "spec.rt.test"), (20, "dead.rt.test"), (21, "ok.rt.test"),
-                       (30, "kill.rt.test"), (31, "kill2.rt.test"), (32, "term.rt.test"), (40, "a.reuse.rt.test"),                       (40, "b.reuse.rt.test")):
+    for last, name in ((10, "par.rt.test"), (11, "start.rt.test"), (12, "spec.rt.test"), (20, "dead.rt.test"),
+                       (21, "ok.rt.test"), (30, "kill.rt.test"), (31, "kill2.rt.test"), (32, "term.rt.test"),
+                       (40, "a.reuse.rt.test"), (40, "b.reuse.rt.test")):
         zone(dns_server, name, IP + str(last))
 
 
