@@ -226,3 +226,36 @@ def test_redis_away_never_stops_delivery(dns_server, tmp_path, monkeypatch):
     finally:
         web.stop()
         mx.stop()
+
+
+def test_the_policy_cache_reads_redis_once_per_domain_and_half_minute(redis_server):
+    """Every delivery run asks for its domain's MTA-STS policy (a domain without one too): a worker
+    process keeps what Redis said for RedisPolicyCache.MEMORY seconds (it was one GET and PTTL per
+    delivery run); put() updates the memory, refresh() -- what a lookup calls before fetching a
+    policy whose id it has not got -- reads Redis again."""
+    from mxq.tasks.hoststatus import RedisPolicyCache
+    from mxq.workers.mtasts import Policy
+
+    srv = redis_server()
+    client = srv.client()
+    now = [1000.0]
+    a, b = RedisPolicyCache(client, clock=lambda: now[0]), RedisPolicyCache(client, clock=lambda: now[0])
+
+    def calls() -> int:
+        stats = client.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("get", "pttl"))
+
+    client.config_resetstat()
+    for _ in range(50):
+        assert a.get("none.tp.test") is None
+    assert calls() == 2                                  # one GET and one PTTL for 50 delivery runs
+    assert a.get("x.tp.test") is None and calls() == 4                 # no policy yet: remembered
+    pol = Policy.parse(policy_text("enforce", "mx.x.tp.test"), "p1")
+    b.put("x.tp.test", pol, 3600)                                       # another worker fetched one
+    assert b.get("x.tp.test")[0].id == "p1" and calls() == 4          # the writer remembers what it put
+    assert a.get("x.tp.test") is None and calls() == 4                 # a: its memory (MEMORY seconds)
+    assert a.refresh("x.tp.test")[0].id == "p1" and calls() == 6      # before a fetch: Redis again
+    assert a.get("x.tp.test")[0].id == "p1" and calls() == 6
+    now[0] += RedisPolicyCache.MEMORY + 1
+    assert a.get("none.tp.test") is None and calls() == 8             # forgotten after MEMORY seconds
+    client.close()

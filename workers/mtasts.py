@@ -239,7 +239,9 @@ class PolicyCache(Protocol):
     seconds) or None; ``put`` keeps a policy ``ttl`` seconds; ``get_failure``
     returns ``(id, result_type, detail)`` of a fetch that failed recently, or
     None; ``put_failure`` keeps one ``ttl`` seconds.  Implementations must
-    never raise for a storage problem (answer None, forget the write).
+    never raise for a storage problem (answer None, forget the write).  A
+    cache whose ``get`` may answer from a memory of its own also has
+    ``refresh(domain)``: ``get`` from the source, called before a fetch.
     """
 
     def get(self, domain: str) -> tuple[Policy, float] | None: ...
@@ -541,6 +543,14 @@ class MTASTS:
             return Lookup(domain, policy)
         if ident is None or (policy is not None and policy.id == ident):
             return Lookup(domain, policy)
+        refresh = getattr(self.cache, "refresh", None)
+        if refresh is not None:
+            # A cache that remembers its answers (RedisPolicyCache) asked again at the source
+            # before a fetch: another worker may have fetched this policy meanwhile.
+            cached = refresh(domain)
+            policy = cached[0] if cached is not None else None
+            if policy is not None and policy.id == ident:
+                return Lookup(domain, policy)
         failed = self.cache.get_failure(domain)
         if failed is not None and failed[0] == ident:
             if policy is not None:
