@@ -61,8 +61,8 @@ from .dispatch import publish
 from .heartbeat import Heartbeat
 from .hoststatus import RedisHostStatus, RedisPolicyCache, RedisPort25State, RedisTLSReport
 from .settings import PipelineSettings
-from .store import (FINAL_STATES, REPORT_LANE, TRANSIENT_REDIS_ERRORS, Claimed, Finals, Grant, Outcome, Store,
-                    check_on_start, final_status, get_store, keys)
+from .store import (FINAL_STATES, REPORT_LANE, TRANSIENT_REDIS_ERRORS, Claimed, Grant, Outcome, Store,
+                    check_on_start, get_store, keys)
 from .store import items as workitems
 from . import webhook_lane  # noqa: F401 -- registers mxq.webhook (the webhook lane's task)
 
@@ -154,9 +154,7 @@ class Runtime:
         if reuse.idle > self.ps.lease_seconds / 2:
             reuse = dataclasses.replace(reuse, idle=self.ps.lease_seconds / 2)
         self.scache = SessionCache(reuse, on_close=self.closed)
-        # Outcomes of jobs this process's deliveries made final, to Celery's result backend.
-        self.outcomes = job_outcomes.Writer(self.store)
-        self.recorder = qmgr.Recorder(self.store, publish, hold=self.outcomes.hold, on_final=self.finals)
+        self.recorder = qmgr.Recorder(self.store, publish)
         # A gevent worker opens a lane's further connections inside the task (graph._Lane).
         self.local_spawn = _green()
         self.local_lock = threading.Lock()
@@ -176,15 +174,6 @@ class Runtime:
     def busy(self) -> bool:
         """Do this process's ready tasks wait for their turn (its lag above ``qmgr.MAX_LAG``)?"""
         return self.lag >= qmgr.MAX_LAG
-
-    def finals(self, outcomes: list[Outcome], finals: Finals) -> None:
-        """Jobs a release or record made final: the held ones' outcomes (their ``Outcome.status``)
-        and the count left to any recorder go to the process's outcome writer."""
-        held = []
-        if finals.held:
-            by_job = {o.wid.split("|", 1)[0]: o.status for o in outcomes if o.status is not None}
-            held = [(job, by_job[job]) for job in finals.held if job in by_job]
-        self.outcomes.add(held, finals.shared)
 
     def closed(self, tag) -> None:
         """The connection cache closed a connection: the slot it held is free."""
@@ -219,9 +208,9 @@ def _shared_dns_cache(settings, client):
     Two workers missing the same name at once (two tasks of a new domain
     starting together) would both ask DNS: the first takes a lock
     (``mxq:dnslock:{type}:{name}``, SET NX, 2 s) and resolves; the others wait
-    for its answer to appear in Redis (polling after 5 ms, then doubling the
-    pause up to 80 ms, at most the lock's life), then ask DNS themselves only
-    if none came (a failure is not cached).  So a name and type is asked once per TTL across every worker.
+    for its answer to appear in Redis (polling every 5 ms, at most the lock's
+    life), then ask DNS themselves only if none came (a failure is not
+    cached).  So a name and type is asked once per TTL across every worker.
     Within a process, tasks missing the same name at once (a new destination's
     connections opened together) wait for the first one's answer in memory
     instead of each polling Redis.
@@ -235,11 +224,6 @@ def _shared_dns_cache(settings, client):
 
         LOCK = keys.DNSLOCK_PREFIX
         WAIT = 2.0
-        #: The first look for the other worker's answer, doubled after each miss up to POLL_MAX
-        #: (a fixed 5 ms cost three commands every 5 ms while a busy worker resolved: ~0.5 Redis
-        #: commands per delivered message in the bench's loopback stage).
-        POLL = 0.005
-        POLL_MAX = 0.08
 
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
@@ -300,10 +284,8 @@ def _shared_dns_cache(settings, client):
                         self.redis.delete(lock)
                     return answer               # None: ours to resolve; put() lets go
                 deadline = time.monotonic() + self.WAIT
-                pause = self.POLL
                 while time.monotonic() < deadline:
-                    time.sleep(pause)
-                    pause = min(pause * 2, self.POLL_MAX)
+                    time.sleep(0.005)
                     answer, locked = cached(True)
                     if answer is not None:
                         return answer
@@ -508,12 +490,10 @@ def run_delivery(domain: str) -> dict:
         return {"items": 0}
     if grant.mode == "drain":
         counts = _drain(rt, domain, token, grant)
-        if counts.get("items"):
-            job_outcomes.after_release(rt.store)    # expired jobs to Celery's result backend
     else:
         counts = _Lane(rt, domain).run(token, grant)
-        if counts.get("items"):
-            rt.outcomes.flush()         # this task's finished jobs are in the result backend (outcomes.Writer)
+    if counts.get("items"):
+        job_outcomes.after_release(rt.store)    # finished jobs to Celery's result backend (mxq.tasks.outcomes)
     metrics.dns(rt.resolver)
     if counts.get("items"):
         metrics.outcomes(domain, counts)
@@ -614,7 +594,7 @@ class _Lane:
             t.start()
         return k
 
-    def speculate(self, window: int, waited: float, since_dot: float | None = None) -> bool:
+    def speculate(self, window: int, waited: float) -> bool:
         """A first chunk of a lane of unknown latency is still waiting for its server: open the window now.
 
         Postfix opens a destination's initial concurrency at once; mxq learns
@@ -626,13 +606,8 @@ class _Lane:
         not spent on one connection.  Each takes its slot through the same
         acquire (the window holds fleet-wide); once per task.  A busy process
         waits until the chunk has ``waited`` ``qmgr.SLOW_VS_LAG`` times its
-        lag (as ``qmgr.spread``), and judges by the server alone: the final
-        dot has had no reply for ``since_dot`` seconds, at least
-        ``SPECULATE_AFTER`` and ``SLOW_VS_LAG`` times the lag (a starved
-        process takes many lags over each step of an instant exchange's
-        conversation, but the server's reply to the dot comes within about
-        one).  Returns whether it is done (spawned, or nothing to do): False
-        asks to be called again later.
+        lag (as ``qmgr.spread``).  Returns whether it is done (spawned, or
+        nothing to do): False asks to be called again later.
         """
         if self.speculated:
             return True
@@ -640,10 +615,6 @@ class _Lane:
             self.speculated = True
             return True
         if not qmgr.spread(self.rt.lag, waited):
-            return False
-        busy = self.rt.busy()
-        if busy and (since_dot is None or since_dot < qmgr.SPECULATE_AFTER
-                     or since_dot < qmgr.SLOW_VS_LAG * self.rt.lag):
             return False
         self.speculated = True
         try:
@@ -653,12 +624,12 @@ class _Lane:
             return True
         want = min(ready, max(0, window - self.local))
         if want > 0:
-            # Judged slow even for this process's lag (above): the connections are opened
-            # whatever the lag now (spawn's busy rule refused them in a process starting
-            # hundreds of destinations at once -- its lag is high exactly then -- and the lane
-            # stayed on one connection until its first verdict: 599-800 of 1,000 deliveries
-            # in flight in the bench's inflight stage).
-            self.spawn(want, force=busy)
+            # qmgr.spread has judged the lane slow even for this process's lag: the connections
+            # are opened whatever the lag now (spawn's busy rule refused them in a process
+            # starting hundreds of destinations at once -- its lag is high exactly then -- and
+            # the lane stayed on one connection until its first verdict: 599-800 of 1,000
+            # deliveries in flight in the bench's inflight stage).
+            self.spawn(want, force=True)
         return True
 
     def extra(self) -> None:
@@ -703,7 +674,7 @@ class _Connection:
         self.deadline = lane.deadline
         self.counts: dict[str, int] = defaultdict(int)
         self.hb: Heartbeat | None = None     # while run() runs: the lease heartbeat (stop when lost)
-        self.observe = None                 # the speculation watch's session observer (watch)
+
     def run(self) -> dict:
         with Heartbeat(self.rt.store, "", slot=(self.domain, self.token) if self.grant.slot else None) as hb:
             self.hb = hb
@@ -794,7 +765,7 @@ class _Connection:
             try:
                 results = deliver_domain(domain, [env for _, _, env in plan], settings=rt.engine,
                                          resolver=rt.resolver, host_status=rt.hosts, deadline=self.deadline,
-                                         observers=rt.observers if watch is None else (*rt.observers, self.observe),
+                                         observers=rt.observers,
                                          source_pool=rt.shaper.policy.for_domain(domain).pool,
                                          mta_sts=rt.mta_sts, tls_report=rt.tls_report, port25=rt.port25,
                                          sessions=self.sessions, on_done=done,
@@ -834,11 +805,8 @@ class _Connection:
         # unless the lane is slow beyond doubt (qmgr.spread): its measured time per message may
         # be its own delays, and more connections would add work, not throughput.  This task
         # goes on with the lane's mail, and what is left when it ends gets a task then.
-        released = late + outcomes
-        applied, dispatch, status, finals = rt.store.finish(batch, domain, released, fb if plan else None,
-                                                            now=now, spread=qmgr.spread(rt.lag, fb.latency),
-                                                            hold=rt.outcomes.hold)
-        rt.finals(released, finals)
+        applied, dispatch, status = rt.store.finish(batch, domain, late + outcomes, fb if plan else None,
+                                                    now=now, spread=qmgr.spread(rt.lag, fb.latency))
         counts["written"] += written + len(applied)
         if results is not None and stats.transactions and fb.latency:
             self.latency = qmgr.smooth(self.latency, fb.latency)
@@ -859,20 +827,12 @@ class _Connection:
             return None
         over = threading.Event()
         lane, window, started = self.lane, self.grant.window, time.monotonic()
-        dot: list[float] = []
 
         def run():
             while not over.wait(qmgr.SPECULATE_AFTER):
-                now = time.monotonic()
-                if lane.speculate(window, now - started, now - dot[-1] if dot else None):
+                if lane.speculate(window, time.monotonic() - started):
                     return
 
-        def observe(event) -> None:
-            # The final dot went out: from now on the wait is the server's (_Lane.speculate).
-            if event.kind == "command" and event.verb == ".":
-                dot.append(time.monotonic())
-
-        self.observe = observe
         threading.Thread(target=run, name="mxq-speculate", daemon=True).start()
         return over
 
@@ -908,13 +868,6 @@ class _Connection:
             if due is not None:
                 dues.append(due)
         out.due = min(dues) if dues else None
-        if out.left is not None and out.due is None:
-            # The whole job, nothing left to try: its final status, if every recipient is final now,
-            # lets the release leave the result backend's write to this process (outcomes.Writer).
-            records = {int(i): r for i, r in zip(it.indexes, it.records)}
-            for idx, new, _ in out.updates:
-                records[int(idx)] = new
-            out.status = final_status(it.job, it.meta, records)
         return out
 
     def interrupted(self, batch: str, plan: list, recorded: set[int], outcomes: list[Outcome], why: str,

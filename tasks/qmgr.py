@@ -201,10 +201,8 @@ class Recorder:
 
     DELAY = 0.01
 
-    def __init__(self, store, publish, *, hold: float = 0.0, on_final=None):
+    def __init__(self, store, publish):
         self.store, self.publish = store, publish
-        #: ``Store.record``'s hold, and who gets the jobs it made final (``Runtime.finals``)
-        self.hold, self.on_final = hold, on_final
         self.pid = os.getpid()
         self._cond = threading.Condition()
         self._queue: dict[str, tuple[str, list[Outcome]]] = {}
@@ -248,10 +246,8 @@ class Recorder:
             for token, (lane, outcomes) in batch.items():
                 written = 0
                 try:
-                    applied, dispatch, finals = self.store.record(token, lane, outcomes, hold=self.hold)
+                    applied, dispatch = self.store.record(token, lane, outcomes)
                     written = len(applied)
-                    if self.on_final is not None:
-                        self.on_final(outcomes, finals)
                     if dispatch:
                         self.publish(dispatch)
                 except Exception as e:  # noqa: BLE001 -- Redis away: the release writes them

@@ -209,9 +209,9 @@ def test_dispatch_spreads_slow_mail_over_the_window_and_fast_mail_over_few_conne
 
 def test_speculation_opens_the_window_even_in_a_busy_process(monkeypatch):
     # A worker starting hundreds of new destinations at once is late to wake (its lag above
-    # qmgr.MAX_LAG) exactly when their first chunks wait: speculation, once the server has not
-    # answered the final dot for SLOW_VS_LAG x lag, still opens the window (before: spawn's busy
-    # rule refused, and each lane stayed on one connection until its first verdict).
+    # qmgr.MAX_LAG) exactly when their first chunks wait: speculation, which has judged the lane
+    # slow by qmgr.spread (waited >= SLOW_VS_LAG x lag), still opens the window (before: spawn's
+    # busy rule refused, and each lane stayed on one connection until its first verdict).
     from mxq.tasks import graph, qmgr
 
     class Rt:
@@ -239,12 +239,7 @@ def test_speculation_opens_the_window_even_in_a_busy_process(monkeypatch):
     assert rt.busy()
     assert lane.spawn(4) == 0                           # a busy process spreads nothing on a verdict
     assert lane.speculate(5, waited=0.01) is False      # not slow beyond doubt yet: asked again later
-    # Busy: judged by the server's silence after the final dot, not by the chunk's time (a starved
-    # process spends many lags on each step of an instant exchange's conversation).
-    assert lane.speculate(5, waited=60 * rt.lag) is False   # the dot not sent yet
-    assert lane.speculate(5, waited=60 * rt.lag, since_dot=2 * rt.lag) is False
-    assert opened == [] and not lane.threads
-    assert lane.speculate(5, waited=60 * rt.lag, since_dot=10 * rt.lag) is True
+    assert lane.speculate(5, waited=10 * rt.lag) is True
     for t in lane.threads:
         t.join(5)
     assert opened == ["busy.rt.test"] * 4               # the window of 5: four more connections

@@ -70,11 +70,11 @@ def test_retried_record_release_tick_and_shaping_scripts_change_nothing_more(twi
     a, b, c = items
     # record: one recipient of a delivered, counted down once
     delivered = dict(a.records[0], state="delivered", code=250)
-    applied, _, _ = twice.record("t.1", LANE, [Outcome(a.wid, [("0", delivered, "")])], now=NOW)
+    applied, _ = twice.record("t.1", LANE, [Outcome(a.wid, [("0", delivered, "")])], now=NOW)
     assert applied == [f"{a.job}|0"]
     assert twice.r.hget(f"mxq:job:{a.job}", "left") == b"1"
     # release: b delivered, c deferred with a delay report: one report, one deferred entry
-    applied, dispatch, _, _ = twice.finish("t.1", LANE, [
+    applied, dispatch, _ = twice.finish("t.1", LANE, [
         Outcome(b.wid, [("0", dict(b.records[0], state="delivered"), ""),
                         ("1", dict(b.records[1], state="delivered"), "")]),
         Outcome(c.wid, [("0", dict(c.records[0], state="deferred"), "delayed")], due=NOW + 10)], now=NOW)

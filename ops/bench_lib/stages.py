@@ -295,7 +295,7 @@ class Measure:
 def redis_fields(r: sandbox.Redis, delivered: int, mem_per_msg: float | None, probe: int | None) -> dict:
     """Redis command counts since the last RESETSTAT, per delivered message, plus the memory probe."""
     total, per = r.command_calls()
-    top = dict(sorted(per.items(), key=lambda kv: -kv[1])[:40])
+    top = dict(sorted(per.items(), key=lambda kv: -kv[1])[:12])
     return {
         "commands_total": total,
         "commands_per_message": round(total / delivered, 2) if delivered else None,

@@ -907,11 +907,6 @@ return 1
 #            "updates": [[index, record, final, event,
 #            suppress, hook]]}]; suppress: [key, entry, ttl] or false (mxq.tasks.suppress),
 #            hook: [id, body, ttl] or false (mxq.tasks.webhooks), both written only with the record.
-# An item flagged "m" (the worker holds every record of its job and has its final status:
-# Outcome.status) whose job becomes final here is added to mxq:final hidden for 'hold' seconds
-# and returned in held: the worker writes that outcome itself (mxq.tasks.outcomes.Writer), with
-# no claim and no read; if it dies first, a recorder takes the job when the hold is over.  Other
-# jobs made final are claimable at once; 'shared' counts them.
 # Writes the records (a final state already there is never overwritten when the
 # batch may have been touched by someone else -- except that a recipient dropped
 # while its transaction was in flight is recorded as delivered when it was: the
@@ -920,8 +915,8 @@ return 1
 # and returns the report and webhook work items to queue.
 _WRITE = r"""
 local FINAL = {delivered = true, bounced = true, expired = true, suppressed = true, dropped = true}
-local function write_outcomes(payload, token, ttl, owner, applied, now, guarded, hold)
-  local reports, deferred, hooks, done, mine, shared = {}, {}, {}, {}, {}, 0
+local function write_outcomes(payload, token, ttl, owner, applied, now, guarded)
+  local reports, deferred, hooks, done = {}, {}, {}, {}
   -- A batch 'mxq queue drop' hit while in flight: check each record as if the lease were lost.
   if guarded == nil then guarded = not owner or redis.call('SISMEMBER', P .. 'guard', token) == 1 end
   for _, item in ipairs(payload) do
@@ -972,12 +967,7 @@ local function write_outcomes(payload, token, ttl, owner, applied, now, guarded,
         end
         if finals > 0 and left <= 0 then
           redis.call('EXPIRE', jk, ttl)
-          -- outcome for the result backend: the worker's own (held) or any recorder's
-          if item.m and item.left and not guarded and hold > 0 then
-            table.insert(done, now + hold); table.insert(done, job); table.insert(mine, job)
-          else
-            table.insert(done, now); table.insert(done, job); shared = shared + 1
-          end
+          table.insert(done, now); table.insert(done, job)    -- outcome for the result backend
           if item.idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. item.idem, ttl) end
         end
       end
@@ -986,7 +976,7 @@ local function write_outcomes(payload, token, ttl, owner, applied, now, guarded,
   end
   if #deferred > 0 then push('ZADD', P .. 'deferred', deferred) end
   if #done > 0 then push('ZADD', P .. 'final', done) end
-  return reports, hooks, guarded, mine, shared
+  return reports, hooks, guarded
 end
 local function queue_events(reports, hooks, lanes)
   if #reports > 0 then
@@ -1047,10 +1037,9 @@ end
 """
 
 # ARGV: now, token, result_ttl, k, maxpar, lane, payload JSON, feedback JSON ('' for none),
-#       spread ('0': no tasks for the lane itself: its task goes on and dispatches when it ends),
-#       hold (seconds; see _WRITE; '0' or absent: none)
+#       spread ('0': no tasks for the lane itself: its task goes on and dispatches when it ends)
 # Writes the outcomes (see _WRITE), drops the lease, applies the destination feedback.
-# Returns {applied, dispatch, lane status ('ok', 'dead' or '' without feedback), held, shared}.
+# Returns {applied, dispatch, lane status ('ok', 'dead' or '' without feedback)}.
 _RELEASE = _PRELUDE + _WRITE + r"""
 local now, token, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local k, maxpar, lane = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
@@ -1067,22 +1056,22 @@ local guarded = not owner or redis.call('SISMEMBER', P .. 'guard', token) == 1
 redis.call('SREM', P .. 'guard', token)
 local applied, lanes = {}, {lane}
 if ARGV[9] == '0' then lanes = {} end
-local reports, hooks, _, mine, shared = write_outcomes(payload, token, ttl, owner, applied, now, guarded,
-                                                      tonumber(ARGV[10] or '0'))
+local reports, hooks = write_outcomes(payload, token, ttl, owner, applied, now, guarded)
 if owner then redis.call('ZREM', P .. 'lease', token) end
 local status = ''
 if ARGV[8] ~= '' then status = feedback(lane, cjson.decode(ARGV[8])) end
 queue_events(reports, hooks, lanes)
-local out = {applied, dispatch(lanes, now, k, maxpar, false, {}), status, mine, shared}
+local out = {applied, dispatch(lanes, now, k, maxpar, false, {}), status}
 -- The batch key now holds the reply ('\n' first: no lane is empty) for a retried release.
 if owner then redis.call('SET', bk, '\n' .. cjson.encode(out), 'EX', REQ_TTL) end
 return out
 """.replace("REQ_TTL", str(REQ_TTL))
-# ARGV: now, token, result_ttl, k, maxpar, lane, payload JSON, hold (see _WRITE)
+
+# ARGV: now, token, result_ttl, k, maxpar, lane, payload JSON
 # Outcomes recorded while their batch is still under way (each message's as soon as its
 # final reply arrived): written as by _RELEASE, and the items leave the batch, so the
 # lease, if it ran out now, would put back only the others.  The lease stays.
-# Returns {applied, dispatch (report and webhook lanes only), held, shared}.
+# Returns {applied, dispatch (report and webhook lanes only)}.
 _RECORD = _PRELUDE + _WRITE + r"""
 local now, token, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local k, maxpar, lane = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
@@ -1119,10 +1108,9 @@ if owner then
 else
   redis.call('DEL', 'mxq:none')       -- a first write never refused: runs when Redis is full
 end
-local reports, hooks, _, mine, shared = write_outcomes(payload, token, ttl, owner, applied, now, nil,
-                                                      tonumber(ARGV[8] or '0'))
+local reports, hooks = write_outcomes(payload, token, ttl, owner, applied, now)
 queue_events(reports, hooks, lanes)
-return {applied, dispatch(lanes, now, k, maxpar, false, {}), mine, shared}
+return {applied, dispatch(lanes, now, k, maxpar, false, {})}
 """
 
 # ARGV: now, limit, stale, k, maxpar, then the broker's list keys of the delivery,
@@ -1277,20 +1265,6 @@ class Outcome:
     #: recipient of the job: the release then writes ``left`` with the records
     #: (one HSET) instead of counting down with HINCRBY (while it holds the lease)
     left: int | None = None
-    #: the job's final status (``status_of``) when this item holds every recipient of the job
-    #: (``left`` set) and the updates make each of them final (``final_status``): the release
-    #: may then leave that outcome to the caller (``Finals.held``), read nothing, claim nothing
-    status: dict | None = None
-
-
-@dataclass
-class Finals:
-    """Jobs a release (or record) made final: ``held`` ones the caller writes to the result backend
-    itself (their ``Outcome.status``; hidden from other recorders for the hold), and how many it
-    left to any recorder (``shared``: ``mxq.tasks.outcomes.record``)."""
-
-    held: list[str] = field(default_factory=list)
-    shared: int = 0
 
 
 @dataclass
@@ -1795,7 +1769,6 @@ class Store:
 
         return _dumps([{"wid": o.wid, "due": -1 if o.due is None else o.due, "idem": o.idem,
                         **({"left": int(o.left)} if o.left is not None else {}),
-                        **({"m": 1} if o.status is not None else {}),
                         "updates": [[i, _compact(rec), 1 if rec["state"] in FINAL_STATES else 0, ev,
                                      *extras(o.wid, rec)]
                                     for i, rec, ev in o.updates]} for o in outcomes])
@@ -1824,32 +1797,28 @@ class Store:
         recipient-level hard bounce (``mxq.tasks.suppress``) and a webhook event
         when ``MXQ_WEBHOOK_EVENTS`` asks for its state (``mxq.tasks.webhooks``).
         """
-        applied, dispatch, _, _ = self.finish(token, lane, outcomes, now=now)
+        applied, dispatch, _ = self.finish(token, lane, outcomes, now=now)
         return applied, dispatch
 
     def finish(self, token: str, lane: str, outcomes: list[Outcome], feedback: Feedback | None = None, *,
-               now: float | None = None, spread: bool = True, hold: float = 0.0
-               ) -> tuple[list[str], list[tuple[str, int]], str, "Finals"]:
+               now: float | None = None, spread: bool = True) -> tuple[list[str], list[tuple[str, int]], str]:
         """``release`` plus the destination feedback of the delivery run (``Feedback``).
 
         ``spread=False``: no tasks for the lane itself (its task goes on, and
-        dispatches what is left when it ends).  ``hold``: seconds the jobs of
-        outcomes with a ``status`` that became final stay hidden from other
-        recorders (the caller writes them; 0: none held).  Returns ``(applied,
-        dispatch, status, finals)``; ``status`` is ``"dead"`` when the lane is
-        (now) declared dead, ``"ok"`` when it is not, ``""`` without feedback.
+        dispatches what is left when it ends).  Returns ``(applied, dispatch,
+        status)``; ``status`` is ``"dead"`` when the lane is (now) declared dead,
+        ``"ok"`` when it is not, ``""`` without feedback.
         """
         now = self.now() if now is None else now
         s = self.settings
         fb = feedback.to_json() if feedback is not None else ""
-        applied, disp, status, held, shared = self._release(
-            args=[now, token, s.result_ttl, s.batch_size, s.domain_concurrency, lane,
-                  self._payload(lane, outcomes, now), fb, "1" if spread else "0", repr(float(hold))])
-        return [_s(a) for a in applied], _pairs(disp), _s(status), Finals([_s(j) for j in held], int(shared))
+        applied, disp, status = self._release(args=[now, token, s.result_ttl, s.batch_size, s.domain_concurrency,
+                                                    lane, self._payload(lane, outcomes, now), fb,
+                                                    "1" if spread else "0"])
+        return [_s(a) for a in applied], _pairs(disp), _s(status)
 
-    def record(self, token: str, lane: str, outcomes: list[Outcome], *, now: float | None = None,
-               hold: float = 0.0):
-        """Write outcomes of a batch still under way; return ``(applied, dispatch, finals)`` (see ``finish``).
+    def record(self, token: str, lane: str, outcomes: list[Outcome], *, now: float | None = None):
+        """Write outcomes of a batch still under way; return ``(applied, dispatch)``.
 
         As ``release``, except that the lease stays: the items written leave the
         batch (a lease that ran out now would put back only the others), and
@@ -1859,10 +1828,9 @@ class Store:
         """
         now = self.now() if now is None else now
         s = self.settings
-        applied, disp, held, shared = self._record(args=[now, token, s.result_ttl, s.batch_size,
-                                                         s.domain_concurrency, lane,
-                                                         self._payload(lane, outcomes, now), repr(float(hold))])
-        return [_s(a) for a in applied], _pairs(disp), Finals([_s(j) for j in held], int(shared))
+        applied, disp = self._record(args=[now, token, s.result_ttl, s.batch_size, s.domain_concurrency, lane,
+                                           self._payload(lane, outcomes, now)])
+        return [_s(a) for a in applied], _pairs(disp)
 
     def publish_policy(self, policy: dict) -> None:
         """Write the destination scheduling policy every dispatch reads (``mxq:policy``, see ``_PRELUDE``)."""
@@ -1927,14 +1895,6 @@ def status_of(job_id: str, meta: dict[str, str], records: dict[int, dict]) -> di
     else:
         state = "active"
     return {"job": job_id, "state": state, "recipients": rows}
-
-
-def final_status(job_id: str, meta: dict[str, str], records: dict[int, dict | None]) -> dict | None:
-    """``status_of`` the job once every one of ``records`` (all of its recipients, as written) is
-    final -- what a recorder would read back (``claim_final``) -- else None."""
-    if not records or any(r is None or r.get("state") not in FINAL_STATES for r in records.values()):
-        return None
-    return status_of(job_id, {**meta, "left": "0"}, {i: {**RECORD_DEFAULTS, **r} for i, r in records.items()})
 
 
 _stores: dict[tuple[int, str], Store] = {}
