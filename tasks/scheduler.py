@@ -41,6 +41,10 @@ def tick(now: float | None = None) -> dict:
     store = get_store()
     t = store.tick(now=now)
     recorded = outcomes.after_release(store)     # outcomes no worker recorded (one died, or a drop)
+    try:
+        store.trim_final(store.now() if now is None else now)   # final past MXQ_RESULT_TTL: nothing to record
+    except Exception as e:                        # noqa: BLE001 -- the next tick tries again
+        log.warning("could not trim mxq:final: %s", e)
     published = dispatch.publish(t.dispatch)
     for k in range(0, len(t.intake), INTAKE_CHUNK):
         dispatch.intake(t.intake[k:k + INTAKE_CHUNK])

@@ -103,6 +103,21 @@ def test_an_outcome_lost_by_a_dead_worker_is_recorded_by_the_scheduler(pipeline,
     client.close()
 
 
+def test_with_the_result_backend_off_final_jobs_do_not_pile_up_in_redis(pipeline, sink):
+    """Nobody records outcomes (MXQ_RESULT_BACKEND=none): the scheduler takes a job off mxq:final once
+    MXQ_RESULT_TTL is over (before, the set grew by one member per job for ever)."""
+    p = pipeline(MXQ_RESULT_BACKEND="none", MXQ_RESULT_TTL="3")
+    p.worker()
+    p.beat()
+    jobs = [tasks.submit(message(f"off{i}")) for i in range(3)]
+    p.wait_done(jobs, timeout=30)
+    client = p.redis.client()
+    assert all(client.zscore("mxq:final", j) is not None for j in jobs)      # final, not recorded
+    wait_until(lambda: client.zcard("mxq:final") == 0, 20, "mxq:final trimmed after MXQ_RESULT_TTL")
+    assert not any(client.exists(f"celery-task-meta-{j}") for j in jobs)
+    client.close()
+
+
 # ---------------------------------------------------------------- PostgreSQL (Celery's SQLAlchemy backend)
 def _pg_bin() -> Path | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))

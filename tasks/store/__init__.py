@@ -1876,6 +1876,12 @@ class Store:
         if jobs:
             self.r.zrem(PREFIX + "final", *jobs)
 
+    def trim_final(self, now: float) -> int:
+        """Take off ``mxq:final`` the jobs final for longer than ``MXQ_RESULT_TTL`` (their records have
+        expired: nothing is left to record); return how many.  With the result backend off nobody
+        records outcomes, and this is what keeps the set from growing for ever."""
+        return int(self.r.zremrangebyscore(PREFIX + "final", "-inf", now - self.settings.result_ttl))
+
     def content(self, job_id: str) -> bytes | None:
         """The stored message, or None when the job is unknown or expired."""
         return self.r.hget(PREFIX + "job:" + job_id, "c")
