@@ -39,10 +39,11 @@ INTAKE_CHUNK = 200
 def tick(now: float | None = None) -> dict:
     """Run one scheduler step and publish the tasks it needs; return what it did."""
     store = get_store()
+    now = store.now() if now is None else now     # Redis's clock, read once for the step
     t = store.tick(now=now)
     recorded = outcomes.after_release(store)     # outcomes no worker recorded (one died, or a drop)
     try:
-        store.trim_final(store.now() if now is None else now)   # final past MXQ_RESULT_TTL: nothing to record
+        store.trim_final(now)                     # final past MXQ_RESULT_TTL: nothing to record
     except Exception as e:                        # noqa: BLE001 -- the next tick tries again
         log.warning("could not trim mxq:final: %s", e)
     published = dispatch.publish(t.dispatch)

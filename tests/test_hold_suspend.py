@@ -18,22 +18,12 @@ import pytest
 
 from mxq import tasks
 from mxq.tasks.admin import Admin, parse_duration
-from mxq.tasks.settings import PipelineSettings
-from mxq.tasks.store import Outcome, Store, get_store, make_client
+from mxq.tasks.store import Outcome, get_store
 from tests.fixtures_infra import wait_until
-from tests.test_store import NOW, job
+from tests.test_store import NOW, job, store  # noqa: F401 (the store-level tests' fixture)
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 
-
-@pytest.fixture
-def store(redis_server):
-    srv = redis_server()
-    s = PipelineSettings(redis_url=srv.url, lease_seconds=30, dispatch_stale=60, batch_size=3,
-                         domain_concurrency=2, retry_schedule=(10, 20), max_lifetime=100, result_ttl=500)
-    st = Store(make_client(srv.url), s)
-    yield st
-    st.r.close()
 
 
 def wids(st, key):

@@ -20,12 +20,16 @@ from mxq.tasks.producer import build_job, Item, status_of
 NOW = 1_000_000.0
 
 
-@pytest.fixture
-def store(redis_server):
-    srv = redis_server()
+def unit_store(srv) -> Store:
+    """A store on ``srv`` with the small limits the store-level tests count on (batches of 3, ...)."""
     s = PipelineSettings(redis_url=srv.url, lease_seconds=30, dispatch_stale=60, batch_size=3,
                          domain_concurrency=2, retry_schedule=(10, 20), max_lifetime=100, result_ttl=500)
-    st = Store(make_client(srv.url), s)
+    return Store(make_client(srv.url), s)
+
+
+@pytest.fixture
+def store(redis_server):
+    st = unit_store(redis_server())
     yield st
     st.r.close()
 

@@ -16,7 +16,7 @@ import pytest
 
 from mxq.tasks.settings import PipelineSettings
 from mxq.tasks.store import CLAIM_BYTES, Outcome, Store, make_client
-from tests.test_store import NOW, job
+from tests.test_store import NOW, job, unit_store
 
 LANE = "one.test"
 
@@ -24,10 +24,7 @@ LANE = "one.test"
 @pytest.fixture
 def twice(redis_server):
     """A store whose every script call runs twice in Redis; the caller sees the second reply."""
-    srv = redis_server()
-    s = PipelineSettings(redis_url=srv.url, lease_seconds=30, dispatch_stale=60, batch_size=3,
-                         domain_concurrency=2, retry_schedule=(10, 20), max_lifetime=100, result_ttl=500)
-    st = Store(make_client(srv.url), s)
+    st = unit_store(redis_server())
     once = st.r.evalsha
     runs = []
 
