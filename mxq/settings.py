@@ -496,8 +496,9 @@ _define("MXQ_FAILED_COHORT_LIMIT", integer(1), 1,
         "Failed cohorts (a window's worth of failed connections in a row) that declare a destination dead: "
         "its mail waits deferred, one probe at a time retries it (Postfix's "
         "default_destination_concurrency_failed_cohort_limit).", group="pipeline")
-_define("MXQ_INTAKE_THRESHOLD", integer(1), 500,
-        "submit_many batches larger than this are split by domain on the workers.", group="pipeline")
+_define("MXQ_INTAKE_THRESHOLD", integer(1), 20000,
+        "submit_many batches larger than this are split by domain on the workers (mxq.intake tasks); "
+        "smaller ones by the script that stores them.", group="pipeline")
 _define("MXQ_TASK_SOFT_LIMIT", seconds(), 900.0, "Soft time limit of a task (seconds).", group="pipeline")
 _define("MXQ_TASK_HARD_LIMIT", seconds(), 960.0,
         "Hard time limit of a task (its process is killed); larger than MXQ_TASK_SOFT_LIMIT.", group="pipeline")

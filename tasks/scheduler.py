@@ -10,7 +10,9 @@ One tick is one atomic Redis script (``Store.tick``):
 3. lanes with ready work but no task activity for ``MXQ_DISPATCH_STALE``
    seconds get tasks again (Celery on Redis can lose a task outright:
    kombu#305, celery#7950);
-4. jobs stored for intake whose ``mxq.intake`` never ran get it again.
+4. jobs stored for intake whose ``mxq.intake`` never ran get it again;
+5. a large submission staged and never committed (its producer died) is
+   removed an hour later (``Store.unstage``).
 
 Then the tasks it asked for are published.  Because each step is a single
 script that moves what it takes, ticks from several beat instances or
@@ -44,8 +46,9 @@ def tick(now: float | None = None) -> dict:
     recorded = outcomes.after_release(store)     # outcomes no worker recorded (one died, or a drop)
     try:
         store.trim_final(now)                     # final past MXQ_RESULT_TTL: nothing to record
+        store.unstage(now)                        # large submissions staged and never committed
     except Exception as e:                        # noqa: BLE001 -- the next tick tries again
-        log.warning("could not trim mxq:final: %s", e)
+        log.warning("could not trim mxq:final or staged submissions: %s", e)
     published = dispatch.publish(t.dispatch)
     for k in range(0, len(t.intake), INTAKE_CHUNK):
         dispatch.intake(t.intake[k:k + INTAKE_CHUNK])

@@ -42,7 +42,7 @@ class PipelineSettings:
     domain_concurrency: int = 4
     initial_concurrency: int = 5
     failed_cohort_limit: int = 1
-    intake_threshold: int = 500
+    intake_threshold: int = 20000
     soft_time_limit: float = 900
     hard_time_limit: float = 960
     #: A submission fails within this when Redis is unreachable (``MXQ_SUBMIT_TIMEOUT``).

@@ -105,6 +105,99 @@ def test_ten_thousand_domains_in_one_message_are_stored_whole(store):
     assert store.r.llen("mxq:ready:d9999.large.test") == 2
 
 
+def _small_jobs(n: int, domains: int = 10, key: str | None = None) -> list:
+    return [build_job(Item(text([]).replace(b"Subject: bulk", f"Subject: m{i}".encode()),
+                           recipients=[f"u{i}@d{i % domains}.large.test"],
+                           idempotency_key=f"{key}-{i}" if key else None), max_size=10**6, now=NOW)
+            for i in range(n)]
+
+
+def _commands(client) -> dict[str, int]:
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in client.info("commandstats").items()}
+
+
+def test_a_staged_submission_stores_each_message_with_one_command(store):
+    """2,500 messages (more than CALL_JOBS: staged in calls of 1,000, committed once): every job
+    hash written whole by one HSET and nothing else per message -- the commit queues the work
+    items with one RPUSH per lane.  Before: HSET and EXPIRE while staging, EXISTS and PERSIST at
+    the commit (4 commands a message)."""
+    from mxq.tasks.store import CALL_JOBS
+
+    jobs = _small_jobs(2500)
+    assert len(jobs) > 2 * CALL_JOBS
+    commit, calls = store._commit, []
+    store._commit = lambda **kw: calls.append(kw) or commit(**kw)
+    store.r.config_resetstat()
+    ids, disp = store.submit(jobs, now=NOW)
+    counts = _commands(store.r)
+    assert ids == [j.id for j in jobs]
+    assert sum(store.r.llen(f"mxq:ready:d{d}.large.test") for d in range(10)) == 2500
+    assert sorted(lane for lane, _ in disp) == sorted(f"d{d}.large.test" for d in range(10))
+    assert counts["hset"] <= 2500 + 3 + 20                # a job each; the 3 chunks' specs; dispatch
+    assert counts.get("expire", 0) == counts.get("persist", 0) == counts.get("exists", 0) == 0
+    assert counts["rpush"] == 10                          # one per lane for the whole batch
+    total = sum(n for c, n in counts.items() if c not in ("config|resetstat", "evalsha", "script|load",
+                                                           "script|exists"))
+    assert total / 2500 < 1.1, counts
+    assert all(store.r.ttl(f"mxq:job:{j}") == -1 for j in ids[::250])
+    assert store.r.zcard("mxq:staging") == 0 and store.r.keys("mxq:stage:*") != []   # the ids, for a retry
+    # a retried commit (its reply lost: redis-py sends the same call again) answers the same
+    # and queues nothing more
+    (call,) = calls
+    again, disp_again = commit(**call)
+    assert [i.decode() for i in again] == ids and not disp_again
+    assert sum(store.r.llen(f"mxq:ready:d{d}.large.test") for d in range(10)) == 2500
+
+
+def test_a_staged_submission_never_committed_is_removed_by_the_scheduler(store, monkeypatch):
+    """The producer dies between staging and commit (no failure path ran): the staged job hashes
+    are queued nowhere, and the scheduler's step removes them once STAGE_TTL has passed -- not
+    before (a slow producer may still commit)."""
+    from mxq.tasks.store import STAGE_TTL, Store
+
+    def killed(self, *a, **kw):
+        raise SystemExit("producer killed")
+
+    monkeypatch.setattr(Store, "_unstage_now", lambda self, token: None)     # killed: no clean-up ran
+    monkeypatch.setattr(store, "_commit", lambda *a, **kw: killed(store))
+    jobs = _small_jobs(1500, key="k")
+    with pytest.raises(SystemExit):
+        store.submit(jobs, now=NOW)
+    assert store.r.exists(*[f"mxq:job:{j.id}" for j in jobs]) == 1500
+    assert not store.r.keys("mxq:ready:*") and store.r.zcard("mxq:staging") == 1
+    assert store.unstage(NOW + STAGE_TTL - 5) == 0                           # not yet
+    assert store.r.exists(*[f"mxq:job:{j.id}" for j in jobs]) == 1500
+    assert store.unstage(NOW + STAGE_TTL + 5) == 1
+    assert store.r.keys("mxq:*") == []
+    # the same batch submitted again is stored whole (its idempotency keys were never taken)
+    monkeypatch.undo()
+    ids = store.submit(jobs, now=NOW)[0]
+    assert ids == [j.id for j in jobs]
+    assert sum(store.r.llen(f"mxq:ready:d{d}.large.test") for d in range(10)) == 1500
+
+
+def test_the_scheduler_step_removes_stale_staged_submissions(redis_server, monkeypatch):
+    """``mxq scheduler``'s tick is what calls ``Store.unstage``."""
+    from mxq.tasks import scheduler
+    from mxq.tasks.app import rebind
+    from mxq.tasks.store import STAGE_TTL, Store, get_store
+
+    srv = redis_server()
+    monkeypatch.setenv("MXQ_REDIS_URL", srv.url)
+    rebind(srv.url)
+    st = get_store()
+    monkeypatch.setattr(Store, "_unstage_now", lambda self, token: None)
+    monkeypatch.setattr(st, "_commit", lambda *a, **kw: (_ for _ in ()).throw(SystemExit("killed")))
+    jobs = _small_jobs(1200)
+    with pytest.raises(SystemExit):
+        st.submit(jobs, now=NOW)
+    assert st.r.zcard("mxq:staging") == 1
+    scheduler.tick(now=NOW + 10)
+    assert st.r.zcard("mxq:staging") == 1 and st.r.exists(f"mxq:job:{jobs[0].id}") == 1
+    scheduler.tick(now=NOW + STAGE_TTL + 10)
+    assert st.r.zcard("mxq:staging") == 0 and st.r.keys("mxq:job:*") == []
+
+
 def test_recipients_per_message_are_capped(redis_server, monkeypatch):
     from mxq.tasks.app import rebind
 
