@@ -20,6 +20,10 @@ from .errors import InvalidAddress
 # RFC 5321 atext, plus any non-ASCII character for RFC 6531 local parts.
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
 _ATOM = re.compile(rf"[{_ATEXT}\u0080-\U0010ffff]+")
+#: A dot-atom local part: atoms joined by single dots (what ``_ATOM`` checks atom by atom).
+_DOT_ATOM = re.compile(rf"{_ATOM.pattern}(?:\.{_ATOM.pattern})*")
+#: A character ``str.isspace`` calls blank (``\s`` of a str pattern is exactly that set).
+_BLANK = re.compile(r"\s")
 _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"')
 _LDH_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 # C0 and C1 controls, and the Unicode line and paragraph separators (str.splitlines() breaks on them).
@@ -137,10 +141,9 @@ def _check_local(local: str, text: str) -> None:
         if not _QUOTED.fullmatch(local):
             raise InvalidAddress(f"malformed quoted local part: {text!r}")
         return
-    if any(c.isspace() for c in local):   # Unicode blanks (NBSP, U+3000) look like a space but are not atext
+    if _BLANK.search(local):     # Unicode blanks (NBSP, U+3000) look like a space but are not atext
         raise InvalidAddress(f"local part contains a blank: {text!r}")
-    atoms = local.split(".")
-    if not all(_ATOM.fullmatch(a) for a in atoms):
+    if not _DOT_ATOM.fullmatch(local):
         raise InvalidAddress(f"malformed local part {local!r} in {text!r}")
 
 
