@@ -47,7 +47,8 @@ The JSON result (``--json PATH``, default ``var/bench/result.json``)::
     redis              {commands_total, commands_per_message, top_commands,
                         memory_per_queued_message (bytes), memory_probe_messages} (Celery stages)
     workers            [{pid, cmd, peak_rss_kb}] (VmHWM of each worker / Postfix process)
-    harness_cpu_seconds {dns_server, sinks, monitor, submitting_process} CPU used meanwhile
+    harness_cpu_seconds {dns_server, sinks, monitor, submitting_process} CPU used meanwhile; the mxq
+                       and mxq_django stages add mxq_workers (every worker process) and redis
     notes              how the stage was run; any disagreement found
     dns                {max_per_name_type, name_types, repeated: {"name TYPE": count > 1}} from the
                        sandbox DNS server's per-(name, type) counters over the stage

@@ -677,6 +677,18 @@ def _mxq_workers(procs: list[tuple]) -> list[dict]:
     return workers
 
 
+def _mxq_cpu(procs: list[tuple], r: sandbox.Redis) -> dict:
+    """CPU seconds used so far by the workers (every process of their trees) and by redis-server."""
+    info = r.client().info("cpu")
+    return {"workers": sum(sandbox.cpu_seconds(p) for proc, _, _ in procs[:-1]
+                           for p in sandbox.process_tree(proc.pid)),
+            "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"])}
+
+
+def _cpu_since(before: dict, after: dict) -> dict:
+    return {k: round(after[k] - before[k], 2) for k in before}
+
+
 def _mxq_agrees(tasks_mod, ids: list[str], res: dict) -> str:
     """mxq's own bookkeeping must agree with the sinks: a sample of jobs is done and delivered."""
     sample = ids[:: max(1, len(ids) // 20)]
@@ -733,17 +745,20 @@ def mxq(ctx: Context) -> dict:
         client.config_resetstat()
 
         ids: list[str] = []
+        cpu0 = _mxq_cpu(procs, r)
         meas.begin()
         for k in range(0, spec.count, ctx.batch):
             ids += submit_many(items(range(k, min(spec.count, k + ctx.batch)), time.time()))
         meas.submitted()
         _mxq_wait(meas, procs)
+        cpu = _cpu_since(cpu0, _mxq_cpu(procs, r))
         redis_res = redis_fields(r, ctx.n, mem_per_msg, probe)
         workers = _mxq_workers(procs)
         res = meas.finish(spec.ids())
         agrees = _mxq_agrees(tasks, ids, res)
         res["redis"] = redis_res
         res["workers"] = workers
+        res["harness_cpu_seconds"].update(mxq_workers=cpu["workers"], redis=cpu["redis"])
         res["notes"].append(f"submit_many in batches of {ctx.batch}; {_workers_note(ctx)}; {agrees}")
         _mxq_stop(procs, r)
         return res
@@ -850,6 +865,7 @@ def mxq_django(ctx: Context) -> dict:
         procs = _start_mxq(ctx, st, env, worker_argv, scheduler_argv)
         r.client().config_resetstat()
         backend = get_connection("mxq.contrib.django.EmailBackend")
+        cpu0 = _mxq_cpu(procs, r)
         t0 = meas.begin()
         emails = _django_emails(EmailMessage, spec, range(spec.count), t0, body)
         sent = backend.send_messages(emails)
@@ -857,12 +873,14 @@ def mxq_django(ctx: Context) -> dict:
         if sent != spec.count:
             raise BenchError(f"send_messages queued {sent} of {spec.count} messages")
         _mxq_wait(meas, procs)
+        cpu = _cpu_since(cpu0, _mxq_cpu(procs, r))
         redis_res = redis_fields(r, spec.count, None, None)
         workers = _mxq_workers(procs)
         res = meas.finish(spec.ids())
         agrees = _mxq_agrees(tasks, [m.mxq_job_id for m in emails], res)
         res["redis"] = redis_res
         res["workers"] = workers
+        res["harness_cpu_seconds"].update(mxq_workers=cpu["workers"], redis=cpu["redis"])
         res["notes"].append(f"one EmailBackend.send_messages call of {spec.count} Django EmailMessage objects "
                             f"({djapp.__name__} settings, MXQ_* from the environment); {_workers_note(ctx)}; {agrees}")
         _mxq_stop(procs, r)
