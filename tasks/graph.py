@@ -155,6 +155,8 @@ class Runtime:
             reuse = dataclasses.replace(reuse, idle=self.ps.lease_seconds / 2)
         self.scache = SessionCache(reuse, on_close=self.closed)
         self.recorder = qmgr.Recorder(self.store, publish)
+        # Messages this process holds claimed beyond one per connection (qmgr.Budget).
+        self.budget = qmgr.Budget(qmgr.LOCAL_MESSAGES)
         # A gevent worker opens a lane's further connections inside the task (graph._Lane).
         self.local_spawn = _green()
         self.local_lock = threading.Lock()
@@ -312,14 +314,25 @@ def _shared_dns_cache(settings, client):
 
 
 _runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
 
 
 def runtime() -> Runtime:
-    """This process's ``Runtime``."""
+    """This process's ``Runtime``: one, made by the first task that needs it.
+
+    Made under a lock: ``Runtime()`` talks to Redis, and in a gevent worker
+    the hundreds of tasks a new process receives at once each made their own
+    while the first one's waited on the network -- each with its own session
+    cache, claimed-mail budget and lag watcher (which kept it alive for good).
+    """
     global _runtime
-    if _runtime is None or _runtime.pid != _pid():
-        _runtime = Runtime()
-    return _runtime
+    rt = _runtime
+    if rt is None or rt.pid != _pid():
+        with _runtime_lock:
+            rt = _runtime
+            if rt is None or rt.pid != _pid():
+                rt = _runtime = Runtime()
+    return rt
 
 
 # ---------------------------------------------------------------- Redis full (maxmemory)
@@ -685,6 +698,12 @@ class _Connection:
                     k = min(k, self.tokens)
                     if k <= 0:
                         break
+                # Room in the process for the chunk beyond its first message (qmgr.Budget): waits
+                # while the process holds its fill of claimed mail (no lease held meanwhile).
+                hb.token = ""
+                k = self.rt.budget.take(k, self.deadline - time.monotonic(), stop=self.stop)
+                if k <= 0:
+                    break
                 seq += 1
                 batch = f"{self.token}.{seq}"
                 hb.token = batch
@@ -692,23 +711,35 @@ class _Connection:
                     items = self.rt.store.claim(self.domain, batch, limit=k, checked=seq == 1)   # (acquired just now)
                     hb.renewed = time.monotonic()       # the claim wrote a fresh lease
                 except Exception as e:
+                    self.rt.budget.give(k - 1)
                     if not _is_full(e):
                         raise
                     redis_full(f"deliver {self.domain}: no next chunk")     # refused whole: nothing taken
                     break
+                held = max(0, len(items) - 1)
+                self.rt.budget.give(k - 1 - held)       # what the claim did not get
                 if self.tokens is not None:
                     self.tokens -= len(items)
                 if not items:
                     break
-                status, stats = self.chunk(batch, items)
+                n = len(items)
+                try:
+                    status, stats = self.chunk(batch, items)
+                finally:
+                    items = None            # not held (content and records) while waiting for room
+                    self.rt.budget.give(held)
                 if status in ("dead", "error") or stats.failed or stats.dns_transient:
                     break                   # the destination (or the engine) is in trouble: no more now
                 self.probe = False          # a probe that got this far revived it
-                if len(items) < k or time.monotonic() >= self.deadline:
+                if n < k or time.monotonic() >= self.deadline:
                     break                   # the lane was empty (what came since gets a task at close)
                 if STOPPING.is_set():
                     break                   # warm shutdown: the rest waits on its list for another worker
         return self.counts
+
+    def stop(self) -> bool:
+        """Should a connection waiting for room give up (its heartbeat lost, a warm shutdown)?"""
+        return (self.hb is not None and self.hb.stopped()) or STOPPING.is_set()
 
     def close(self) -> None:
         """The held connection goes to the process cache keeping the slot (parked); else the slot is given back.

@@ -59,6 +59,7 @@ within the last ``Recorder.DELAY``).
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -113,6 +114,9 @@ IDLE_RESET = 600.0
 CONNECTIONS_PER_TASK = 10
 #: ... and a process at most this many connections opened that way, all tasks together.
 LOCAL_CONNECTIONS = 1000
+#: Messages a process holds claimed beyond one per connection, all its connections together
+#: (``Budget``): the rest of the ready mail waits in Redis, not in the worker's memory.
+LOCAL_MESSAGES = 1024
 
 
 def redis_policy(policy, ps: PipelineSettings) -> dict:
@@ -185,6 +189,78 @@ def suspended_result(why: str, enhanced: str) -> dict:
         "the destination is not answering"
     return {"state": State.DEFERRED.value, "code": None, "enhanced": enhanced or "4.4.1", "text": text,
             "attempts": 0, "scope": "site"}
+
+
+class Budget:
+    """How many messages a worker process holds claimed at once, beyond one per connection.
+
+    A connection's chunk is about ``CHUNK_SECONDS`` of its lane's work, sized
+    as if the connection had the process to itself.  A gevent process runs
+    hundreds of connections; when their lanes are fast the process's CPU is
+    the limit, and what each claimed beyond what it can deliver soon only
+    waited in memory: draining a deep backlog, a process held 13,000 claimed
+    messages (content and records, ~6 KB each) and its RSS grew with the
+    backlog.  So every connection may hold one message (a slow lane's chunk,
+    a probe, a first chunk: never delayed, so the deliveries in flight are
+    not limited by this), and what a chunk takes beyond its first message
+    comes out of this process-wide budget of ``limit`` messages.  A chunk
+    that does not fit waits for room, first come first served (a waiter for
+    a big chunk is not overtaken by smaller ones), without any claim: its
+    mail stays ready in Redis for any worker.  ``give`` returns room when a
+    chunk is released (and at once what a claim did not get).
+    """
+
+    def __init__(self, limit: int = LOCAL_MESSAGES):
+        self.limit = max(1, int(limit))
+        self.held = 0
+        self._lock = threading.Lock()
+        self._waiters: collections.deque[list] = collections.deque()   # [extra, Event, granted]
+
+    def take(self, k: int, wait: float, stop=None) -> int:
+        """Room for a chunk of ``k`` messages: how many to claim (``k``, at most ``limit`` + 1), 0 if none came.
+
+        Waits up to ``wait`` seconds, looking at ``stop()`` (give up when it
+        says so) every ``POLL`` seconds.  What it returns, less one, is held
+        until given back (``give``).
+        """
+        extra = min(max(0, k - 1), self.limit)
+        if not extra:
+            return 1
+        entry = [extra, threading.Event(), False]
+        with self._lock:
+            if not self._waiters and self.held + extra <= self.limit:
+                self.held += extra
+                return extra + 1
+            self._waiters.append(entry)
+        end = time.monotonic() + wait
+        while True:
+            left = end - time.monotonic()
+            if entry[1].wait(max(0.0, min(self.POLL, left))):
+                return extra + 1
+            if left <= 0 or (stop is not None and stop()):
+                with self._lock:
+                    if entry[2]:                    # granted meanwhile: keep it
+                        return extra + 1
+                    self._waiters.remove(entry)
+                    self._wake()                    # a smaller waiter behind it may fit now
+                return 0
+
+    POLL = 1.0
+
+    def give(self, extra: int) -> None:
+        """Return ``extra`` messages of room (a chunk ``take`` let claim ``extra + 1`` is over, or took fewer)."""
+        if extra <= 0:
+            return
+        with self._lock:
+            self.held = max(0, self.held - extra)
+            self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.held + self._waiters[0][0] <= self.limit:
+            entry = self._waiters.popleft()
+            self.held += entry[0]
+            entry[2] = True
+            entry[1].set()
 
 
 class Recorder:

@@ -245,6 +245,59 @@ def test_speculation_opens_the_window_even_in_a_busy_process(monkeypatch):
     assert opened == ["busy.rt.test"] * 4               # the window of 5: four more connections
 
 
+def test_the_claimed_mail_budget_lets_one_message_a_connection_and_queues_bigger_chunks_in_turn():
+    # qmgr.Budget: a connection's first message never waits (slow lanes, probes, first chunks);
+    # what a chunk takes beyond it comes out of the process's budget, first come first served.
+    from mxq.tasks.qmgr import Budget
+
+    b = Budget(10)
+    assert b.take(1, 0) == 1 and b.held == 0
+    assert b.take(64, 0) == 11 and b.held == 10            # a chunk of 64 asked: room for 11
+    assert b.take(1, 0) == 1                               # one message still goes when full
+    assert b.take(3, 0) == 0 and b.held == 10              # no room, no wait asked: nothing
+    got: dict[str, int] = {}
+
+    def waiter(name, k):
+        got[name] = b.take(k, 30)
+
+    big = threading.Thread(target=waiter, args=("big", 9))
+    big.start()
+    wait_until(lambda: len(b._waiters) == 1, 5, "the first waiter")
+    small = threading.Thread(target=waiter, args=("small", 2))
+    small.start()
+    wait_until(lambda: len(b._waiters) == 2, 5, "the second waiter")
+    b.give(2)       # room for the small one (1 beyond its first), not the big one (8): it came first
+    assert b.held == 8 and [w[0] for w in b._waiters] == [8, 1]        # both still wait
+    b.give(8)       # the big one goes, then the small one
+    big.join(5)
+    small.join(5)
+    assert got == {"big": 9, "small": 2} and b.held == 9 and not b._waiters
+    b.give(8)
+    b.give(1)
+    assert b.held == 0
+
+
+def test_a_connection_waiting_for_room_gives_up_when_told_and_lets_the_next_go():
+    from mxq.tasks.qmgr import Budget
+
+    b = Budget(4)
+    b.POLL = 0.05
+    assert b.take(5, 0) == 5 and b.held == 4
+    stop = threading.Event()
+    got: dict[str, int] = {}
+    big = threading.Thread(target=lambda: got.update(big=b.take(5, 30, stop=stop.is_set)))
+    big.start()
+    wait_until(lambda: len(b._waiters) == 1, 5, "the first waiter")
+    small = threading.Thread(target=lambda: got.update(small=b.take(2, 30)))
+    small.start()
+    wait_until(lambda: len(b._waiters) == 2, 5, "the second waiter")
+    b.give(1)                       # room for the small one, behind the big one
+    stop.set()                      # the big one's connection stops (heartbeat lost, shutdown)
+    big.join(5)
+    small.join(5)
+    assert got == {"big": 0, "small": 2} and b.held == 4 and not b._waiters
+
+
 # ====================================================================== across real workers
 @pytest.fixture(scope="module")
 def zones(dns_server):

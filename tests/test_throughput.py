@@ -219,6 +219,73 @@ def test_redis_commands_per_delivered_message(pipeline_env, dns_server, servers,
     assert int(stats.get("cmdstat_hincrby", {}).get("calls", 0)) == sessions < 50
 
 
+def test_a_process_holds_at_most_its_budget_of_claimed_mail(pipeline_env, dns_server, servers, monkeypatch):
+    """Connections of one process to fast lanes claim chunks of MXQ_BATCH_SIZE; together they hold at
+    most ``qmgr.LOCAL_MESSAGES`` messages beyond one per connection (``qmgr.Budget``), and what a
+    connection waiting for room claimed before is not held meanwhile.  Before: every connection held
+    its chunk, and a process draining a deep backlog held 13,000 claimed messages (its RSS grew with
+    the backlog: the bench's backlog stage).  Every message is delivered once; the room all comes back.
+    The tasks starting together share the process's one ``Runtime`` (``graph.runtime``).
+    """
+    import threading
+
+    from mxq.tasks import graph, qmgr
+
+    monkeypatch.setenv("MXQ_RESULT_BACKEND", "none")
+    monkeypatch.setattr(qmgr, "LOCAL_MESSAGES", 8)
+    serve_domain(dns_server, "budget.tp.test", "127.0.32.4")
+    # 5 ms at the final dot: an instant destination (its chunks stay MXQ_BATCH_SIZE), whose
+    # chunks of 64 take long enough for four connections' chunks to overlap
+    srv = servers("127.0.32.4", Behaviour(hostname="mx.budget.tp.test", delays={"data_final": 0.005}))
+    n = 300
+    ids = tasks.submit_many([tasks.Item(message(i, f"u{i}@budget.tp.test"), sender=SENDER,
+                                        recipients=[f"u{i}@budget.tp.test"]) for i in range(n)])
+    pipeline_env.client().set("mxq:dest:budget.tp.test", json.dumps({"lat": 0.001}))
+
+    lock = threading.Lock()
+    held = {"now": 0, "peak": 0, "chunks": []}
+    runtimes = set()
+    chunk = graph._Connection.chunk
+
+    def counted(self, batch, items):
+        with lock:
+            runtimes.add(id(self.rt))
+            held["now"] += len(items)
+            held["peak"] = max(held["peak"], held["now"])
+            held["chunks"].append(len(items))
+        try:
+            return chunk(self, batch, items)
+        finally:
+            with lock:
+                held["now"] -= len(items)
+
+    monkeypatch.setattr(graph._Connection, "chunk", counted)
+    connections = 4
+    done = []
+
+    def run():
+        done.append(graph.run_delivery("budget.tp.test"))
+
+    threads = [threading.Thread(target=run) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    while graph.run_delivery("budget.tp.test")["items"]:       # what a refused or early-ended task left
+        pass
+    print(f"chunks {held['chunks']}, at most {held['peak']} messages held at once")
+    # one runtime (and budget) for the process, however many tasks start at once (before: each of
+    # the tasks that started while the first one's Runtime() waited on Redis made its own)
+    assert len(runtimes) == 1
+    assert held["peak"] <= qmgr.LOCAL_MESSAGES + connections
+    assert max(held["chunks"]) == qmgr.LOCAL_MESSAGES + 1       # a chunk of 64 asked, its room given
+    rt = graph.runtime()
+    assert rt.budget.held == 0 and not rt.budget._waiters       # every message of room came back
+    assert all(tasks.status(j)["recipients"][0]["state"] == "delivered" for j in ids)
+    assert len(srv.messages) == n
+
+
 # ----------------------------------------------------------------------------- heartbeat
 
 
