@@ -188,6 +188,10 @@ def test_redis_and_worker_figures(bench, stage):
     assert redis["commands_per_message"] == pytest.approx(redis["commands_total"] / COUNT.get(stage, N), abs=0.01)
     if stage in ("django_celery_email", "mxq"):          # the memory probe runs in these two
         assert redis["memory_per_queued_message"] > 0 and redis["memory_probe_messages"] > 0
+    if stage == "mxq":      # the Celery tasks its workers ran: at least one delivery task
+        assert redis["tasks"].get("mxq.deliver", 0) >= 1
+        assert redis["tasks_per_message"] == pytest.approx(sum(redis["tasks"].values()) / COUNT.get(stage, N),
+                                                           abs=1e-3)
     # django-celery-email: prefork -c 2, a main process and its two pool children; mxq at its
     # defaults: every process of the worker (and the scheduler), each with a peak RSS.
     assert len(st["workers"]) >= (3 if stage == "django_celery_email" else 2)

@@ -261,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
                     lat = res.get("latency_ms") or {}
                     say(f"   {res['msgs_per_sec']} msg/s, {res['seconds']} s, exactly once: "
                         f"{res['sinks']['exactly_once']}" + (f", p50 {lat['p50']} ms" if lat else "")
-                        + f" (stage {res['wall_seconds']} s with set-up)")
+                        + f" (stage {res['wall_seconds']} s with set-up)"
+                        + (f", {red['commands_per_message']} Redis commands and {red['tasks_per_message']} "
+                           f"Celery tasks a message {red['tasks']}"
+                           if (red := res.get("redis") or {}).get("tasks_per_message") is not None else ""))
     except KeyboardInterrupt:
         result["error"] = "interrupted"
     except BenchError as e:

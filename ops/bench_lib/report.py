@@ -45,7 +45,9 @@ The JSON result (``--json PATH``, default ``var/bench/result.json``)::
                         missing, unexpected, exactly_once, bytes_per_record, sinks}
     dns_queries        queries the sandbox DNS server answered during the stage
     redis              {commands_total, commands_per_message, top_commands,
-                        memory_per_queued_message (bytes), memory_probe_messages} (Celery stages)
+                        memory_per_queued_message (bytes), memory_probe_messages, tasks,
+                        tasks_per_message} (Celery stages; tasks -- {task name: count}, the Celery
+                        tasks the workers ran, from their logs -- in the mxq stage, else null)
     workers            [{pid, cmd, peak_rss_kb}] (VmHWM of each worker / Postfix process)
     harness_cpu_seconds {dns_server, sinks, monitor, submitting_process} CPU used meanwhile; the mxq
                        and mxq_django stages add mxq_workers (every worker process) and redis

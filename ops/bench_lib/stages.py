@@ -52,7 +52,7 @@ BACKLOG_FIELDS = ("messages", "batch", "content_bytes", "submit_seconds", "redis
 SINK_FIELDS = ("records", "smtp_sink_counter", "unique_ids", "duplicates", "missing", "unexpected",
                "exactly_once", "bytes_per_record", "sinks")
 REDIS_FIELDS = ("commands_total", "commands_per_message", "top_commands", "memory_per_queued_message",
-                "memory_probe_messages")
+                "memory_probe_messages", "tasks", "tasks_per_message")
 
 
 @dataclass
@@ -302,7 +302,30 @@ def redis_fields(r: sandbox.Redis, delivered: int, mem_per_msg: float | None, pr
         "top_commands": top,
         "memory_per_queued_message": round(mem_per_msg) if mem_per_msg is not None else None,
         "memory_probe_messages": probe,
+        "tasks": None,                  # the mxq stage: task_fields()
+        "tasks_per_message": None,
     }
+
+
+_TASK_RECEIVED = re.compile(r"Task (mxq\.[a-z_]+)\[[^\]]*\] received")
+
+
+def task_fields(procs: list[tuple], delivered: int) -> dict:
+    """Celery tasks the workers ran (``Task NAME[id] received`` lines of their logs, ``-l INFO``):
+    ``tasks`` by name and ``tasks_per_message`` (all of them over the delivered messages).  A task
+    costs 2-3 ms of worker CPU and a dozen Redis commands (publish, receive, events, ack), so
+    this is the figure behind much of the commands per message."""
+    by: dict[str, int] = {}
+    for _, log, _ in procs:
+        try:
+            text = Path(log).read_text(errors="replace")
+        except OSError:
+            continue
+        for m in _TASK_RECEIVED.finditer(text):
+            by[m.group(1)] = by.get(m.group(1), 0) + 1
+    total = sum(by.values())
+    return {"tasks": dict(sorted(by.items())),
+            "tasks_per_message": round(total / delivered, 4) if delivered else None}
 
 
 def worker_fields(pids: list[int]) -> list[dict]:
@@ -753,6 +776,7 @@ def mxq(ctx: Context) -> dict:
         _mxq_wait(meas, procs)
         cpu = _cpu_since(cpu0, _mxq_cpu(procs, r))
         redis_res = redis_fields(r, ctx.n, mem_per_msg, probe)
+        redis_res.update(task_fields(procs, ctx.n))
         workers = _mxq_workers(procs)
         res = meas.finish(spec.ids())
         agrees = _mxq_agrees(tasks, ids, res)
