@@ -10,6 +10,13 @@ app's result backend under the job id, state ``SUCCESS``, and lets the jobs go.
 It runs after every delivery batch in the worker that ran it
 (``after_release``) and, as a safety net, at every scheduler tick.
 
+A job whose recipients were all in one work item (one domain: the common
+case) is recorded by the delivery worker that made it final, right after
+the release and without a claim or a read (``record_known``): the release
+wrote every record from what the worker holds, and put the job in
+``mxq:final`` hidden from the recorders for ``LEASE`` seconds, so a
+worker dying before it wrote the outcome leaves it to them.
+
 The value is what ``mxq.tasks.status(job_id)`` returns for a finished job::
 
     {"job": ID, "state": "done",
@@ -93,6 +100,35 @@ def record(store=None, app=None, *, limit: int = BATCH, now: float | None = None
             backend.store_result(job, outcome, states.SUCCESS)
     store.forget_final([job for job, _ in claimed])      # expired ones too: nothing left to say
     return len(claimed)
+
+
+def record_known(store, outcomes: list[tuple[str, dict]], app=None) -> int:
+    """Write outcomes a delivery worker holds whole (``status_of`` dicts of jobs it has just made
+    final, hidden in ``mxq:final`` for it: ``Store.finish(hide=LEASE)``), then let the jobs go.
+
+    No claim and no read: the worker wrote every record of these jobs in the same release.
+    Never raises: a job whose outcome could not be written stays in ``mxq:final`` and a recorder
+    takes it once it is no longer hidden (``LEASE``).  Returns how many were written.
+    """
+    from celery import states
+
+    if not outcomes:
+        return 0
+    if app is None:
+        from .app import app
+    try:
+        _django_ready(app)
+        backend = app.backend
+        if _is_redis(backend):
+            _store_redis(backend, outcomes)
+        else:
+            for job, outcome in outcomes:
+                backend.store_result(job, outcome, states.SUCCESS)
+        store.forget_final([job for job, _ in outcomes])
+    except Exception as e:          # the backend (or Redis) away: recorded after LEASE
+        log.warning("job outcomes not recorded in the result backend yet: %s", e)
+        return 0
+    return len(outcomes)
 
 
 def _is_redis(backend) -> bool:

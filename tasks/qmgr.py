@@ -69,6 +69,7 @@ import time
 from mxq.workers.delivery import RunStats
 from mxq.workers.results import State
 
+from . import outcomes as job_outcomes
 from .settings import PipelineSettings
 from .store import Feedback, Outcome
 
@@ -131,6 +132,7 @@ def redis_policy(policy, ps: PipelineSettings) -> dict:
         "i": max(1, int(ps.initial_concurrency)),
         "x": UNLIMITED_WINDOW,
         "t": CHUNK_SECONDS,
+        "f": FAST_LATENCY,
         "c": float(ps.failed_cohort_limit),
         "s": [float(x) for x in ps.retry_schedule],
         "idle": IDLE_RESET,
@@ -277,8 +279,11 @@ class Recorder:
 
     DELAY = 0.01
 
-    def __init__(self, store, publish):
+    def __init__(self, store, publish, owner=None):
         self.store, self.publish = store, publish
+        # owner.own_outcomes: whole jobs made final are recorded by owner.record_own(outcomes, jobs)
+        # (mxq.tasks.graph.Runtime: their outcomes to the result backend, mxq.tasks.outcomes)
+        self.owner = owner
         self.pid = os.getpid()
         self._cond = threading.Condition()
         self._queue: dict[str, tuple[str, list[Outcome]]] = {}
@@ -322,8 +327,12 @@ class Recorder:
             for token, (lane, outcomes) in batch.items():
                 written = 0
                 try:
-                    applied, dispatch = self.store.record(token, lane, outcomes)
+                    mine = [] if self.owner is not None and self.owner.own_outcomes else None
+                    applied, dispatch = self.store.record(token, lane, outcomes, mine=mine,
+                                                         hide=job_outcomes.LEASE)
                     written = len(applied)
+                    if mine:
+                        self.owner.record_own(outcomes, mine)
                     if dispatch:
                         self.publish(dispatch)
                 except Exception as e:  # noqa: BLE001 -- Redis away: the release writes them

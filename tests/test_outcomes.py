@@ -186,12 +186,15 @@ def test_what_recording_outcomes_costs_in_redis_commands(pipeline, sink, monkeyp
     from mxq.tasks.store import get_store
 
     p = pipeline()
+    monkeypatch.setattr(graph, "_runtime", None)              # this process's runtime, on this Redis
     n = 200
     ids = tasks.submit_many([tasks.Item(f"From: a@site.outcome.test\r\nTo: u{i}@{RCPT}\r\nSubject: {i}\r\n\r\nx\r\n"
                                         .encode()) for i in range(n)])
     client = p.redis.client()
-    # Deliver with the worker's recording held back, then count only what recording these jobs costs.
+    # Deliver with the worker's recording held back (its own, of whole jobs, too), then count only
+    # what the recorders' way costs (jobs of several domains, and those a worker died before writing).
     monkeypatch.setattr("mxq.tasks.outcomes.after_release", lambda store=None: 0)
+    monkeypatch.setattr(graph.runtime(), "own_outcomes", False)
     while graph.run_delivery(RCPT)["items"]:
         pass
     assert client.zcard("mxq:final") == n
@@ -204,4 +207,54 @@ def test_what_recording_outcomes_costs_in_redis_commands(pipeline, sink, monkeyp
                 if k not in ("cmdstat_config|resetstat", "cmdstat_info", "cmdstat_hello"))
     assert client.exists(*[f"celery-task-meta-{j}" for j in ids]) == n
     assert total / n <= 3.2, (total / n, {k: v["calls"] for k, v in stats.items()})
+    client.close()
+
+
+def test_a_worker_records_its_whole_jobs_itself_and_a_recorder_takes_what_it_failed(pipeline, sink, monkeypatch):
+    """A job whose recipients are all in one work item is recorded by the worker that made it final,
+    from the records it wrote (no claim, no read: SET and PUBLISH a job, one ZREM a chunk), the same
+    outcome a recorder writes.  When that write fails (the worker dying after the release would do
+    the same) the job waits hidden in mxq:final for outcomes.LEASE, then a recorder writes it."""
+    from mxq.tasks import graph, outcomes
+    from mxq.tasks.store import get_store
+
+    p = pipeline()
+    monkeypatch.setattr(graph, "_runtime", None)              # this process's runtime, on this Redis
+    n = 50
+    ids = tasks.submit_many([tasks.Item(f"From: a@site.outcome.test\r\nTo: v{i}@{RCPT}\r\nSubject: {i}\r\n\r\nx\r\n"
+                                        .encode()) for i in range(n)])
+    client = p.redis.client()
+    monkeypatch.setattr(graph.runtime(), "own_outcomes", True)
+    monkeypatch.setattr("mxq.tasks.outcomes.after_release", lambda store=None: 0)
+    client.config_resetstat()
+    while graph.run_delivery(RCPT)["items"]:
+        pass
+    stats = client.info("commandstats")
+    assert client.zcard("mxq:final") == 0                     # every one recorded by the worker
+    assert client.exists(*[f"celery-task-meta-{j}" for j in ids]) == n
+    # One HMGET a job (the claim's) and a few for the dispatches; none to record (the recorders'
+    # way reads each job again: 2 a job)
+    assert int(stats.get("cmdstat_hmget", {}).get("calls", 0)) < 1.2 * n
+    assert int(stats["cmdstat_publish"]["calls"]) == n
+    for j in ids[:5]:
+        assert tasks.result(j).get(timeout=5) == tasks.status(j)         # what a recorder would write
+    # The write fails: nothing lost, the jobs wait hidden, then the recorder's way writes them.
+    more = tasks.submit_many([tasks.Item(f"From: a@site.outcome.test\r\nTo: w{i}@{RCPT}\r\nSubject: {i}\r\n\r\nx\r\n"
+                                         .encode()) for i in range(3)])
+
+    def broken(*_a, **_kw):
+        raise ConnectionError("the result backend is away")
+    working = outcomes._store_redis
+    monkeypatch.setattr("mxq.tasks.outcomes._store_redis", broken)
+    monkeypatch.setattr("mxq.tasks.outcomes.LEASE", 2.0)
+    while graph.run_delivery(RCPT)["items"]:
+        pass
+    store = get_store()
+    assert client.zcard("mxq:final") == 3 and not any(client.exists(f"celery-task-meta-{j}") for j in more)
+    monkeypatch.setattr("mxq.tasks.outcomes._store_redis", working)
+    assert outcomes.record(store) == 0                         # hidden: not yet
+    wait_until(lambda: outcomes.record(store) > 0 or client.zcard("mxq:final") == 0, 10,
+               "the recorder takes the jobs once they are no longer hidden")
+    for j in more:
+        assert tasks.result(j).get(timeout=5) == tasks.status(j)
     client.close()

@@ -248,7 +248,7 @@ end
 -- ---- destinations (the queue manager's per-domain state; see the module docstring) ----
 -- mxq:policy (JSON, written by every worker at start: Store.publish_policy) says how
 -- destinations are scheduled; these defaults apply until a worker wrote it.
-local POLICY_DEFAULT = {d = 20, m = {}, i = 5, x = 1000, t = 0.5, c = 1, s = {60}, idle = 600}
+local POLICY_DEFAULT = {d = 20, m = {}, i = 5, x = 1000, t = 0.5, f = 0.05, c = 1, s = {60}, idle = 600}
 local _pol = nil
 local function policy()
   if _pol == nil then
@@ -303,11 +303,14 @@ local function window(lane, st)
   return math.floor(w)
 end
 -- Messages one connection gets through in pol.t seconds at the lane's measured seconds per
--- message (not capped: a fast lane's backlog is one connection's work); unknown: k.
+-- message (not capped: a fast lane's backlog is one connection's work), at least k for a lane
+-- faster than pol.f seconds a message (qmgr.FAST_LATENCY: its chunks are k); unknown: k.
 local function per_connection(st, k)
   local pol = policy()
   if not st.lat or st.lat <= 0 then return k end
-  return math.max(1, math.floor(pol.t / st.lat))
+  local per = math.max(1, math.floor(pol.t / st.lat))
+  if st.lat < pol.f and per < k then per = k end
+  return per
 end
 local function backoff(n)
   local s = policy().s
@@ -970,7 +973,7 @@ return 1
 # and returns the report and webhook work items to queue.
 _WRITE = r"""
 local FINAL = {delivered = true, bounced = true, expired = true, suppressed = true, dropped = true}
-local function write_outcomes(payload, token, ttl, owner, applied, now, guarded)
+local function write_outcomes(payload, token, ttl, owner, applied, now, guarded, hide, mine)
   local reports, deferred, hooks, done = {}, {}, {}, {}
   -- A batch 'mxq queue drop' hit while in flight: check each record as if the lease were lost.
   if guarded == nil then guarded = not owner or redis.call('SISMEMBER', P .. 'guard', token) == 1 end
@@ -1022,7 +1025,14 @@ local function write_outcomes(payload, token, ttl, owner, applied, now, guarded)
         end
         if finals > 0 and left <= 0 then
           redis.call('EXPIRE', jk, ttl)
-          table.insert(done, now); table.insert(done, job)    -- outcome for the result backend
+          if hide and hide > 0 and item.whole and not guarded then
+            -- The caller holds every record of the job (written just now): it writes the outcome
+            -- itself, and the job stays hidden from other recorders until then (hide seconds).
+            table.insert(done, now + hide); table.insert(mine, job)
+          else
+            table.insert(done, now)
+          end
+          table.insert(done, job)                             -- outcome for the result backend
           if item.idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. item.idem, ttl) end
         end
       end
@@ -1092,9 +1102,11 @@ end
 """
 
 # ARGV: now, token, result_ttl, k, maxpar, lane, payload JSON, feedback JSON ('' for none),
-#       spread ('0': no tasks for the lane itself: its task goes on and dispatches when it ends)
+#       spread ('0': no tasks for the lane itself: its task goes on and dispatches when it ends),
+#       hide (seconds; 0: none): jobs made final whose every record is in the payload (an item
+#       with 'left') go to mxq:final hidden that long, for the caller to record (mxq.tasks.outcomes)
 # Writes the outcomes (see _WRITE), drops the lease, applies the destination feedback.
-# Returns {applied, dispatch, lane status ('ok', 'dead' or '' without feedback)}.
+# Returns {applied, dispatch, lane status ('ok', 'dead' or '' without feedback), those jobs}.
 _RELEASE = _PRELUDE + _WRITE + r"""
 local now, token, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local k, maxpar, lane = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
@@ -1111,22 +1123,24 @@ local guarded = not owner or redis.call('SISMEMBER', P .. 'guard', token) == 1
 redis.call('SREM', P .. 'guard', token)
 local applied, lanes = {}, {lane}
 if ARGV[9] == '0' then lanes = {} end
-local reports, hooks = write_outcomes(payload, token, ttl, owner, applied, now, guarded)
+local mine = {}
+local reports, hooks = write_outcomes(payload, token, ttl, owner, applied, now, guarded,
+                                      tonumber(ARGV[10] or '0'), mine)
 if owner then redis.call('ZREM', P .. 'lease', token) end
 local status = ''
 if ARGV[8] ~= '' then status = feedback(lane, cjson.decode(ARGV[8])) end
 queue_events(reports, hooks, lanes)
-local out = {applied, dispatch(lanes, now, k, maxpar, false, {}), status}
+local out = {applied, dispatch(lanes, now, k, maxpar, false, {}), status, mine}
 -- The batch key now holds the reply ('\n' first: no lane is empty) for a retried release.
 if owner then redis.call('SET', bk, '\n' .. cjson.encode(out), 'EX', REQ_TTL) end
 return out
 """.replace("REQ_TTL", str(REQ_TTL))
 
-# ARGV: now, token, result_ttl, k, maxpar, lane, payload JSON
+# ARGV: now, token, result_ttl, k, maxpar, lane, payload JSON, hide (as _RELEASE's)
 # Outcomes recorded while their batch is still under way (each message's as soon as its
 # final reply arrived): written as by _RELEASE, and the items leave the batch, so the
 # lease, if it ran out now, would put back only the others.  The lease stays.
-# Returns {applied, dispatch (report and webhook lanes only)}.
+# Returns {applied, dispatch (report and webhook lanes only), jobs made final hidden for the caller}.
 _RECORD = _PRELUDE + _WRITE + r"""
 local now, token, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local k, maxpar, lane = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
@@ -1163,9 +1177,10 @@ if owner then
 else
   redis.call('DEL', 'mxq:none')       -- a first write never refused: runs when Redis is full
 end
-local reports, hooks = write_outcomes(payload, token, ttl, owner, applied, now)
+local mine = {}
+local reports, hooks = write_outcomes(payload, token, ttl, owner, applied, now, nil, tonumber(ARGV[8] or '0'), mine)
 queue_events(reports, hooks, lanes)
-return {applied, dispatch(lanes, now, k, maxpar, false, {})}
+return {applied, dispatch(lanes, now, k, maxpar, false, {}), mine}
 """
 
 # ARGV: now, limit, stale, k, maxpar, then the broker's list keys of the delivery,
@@ -1320,6 +1335,9 @@ class Outcome:
     #: recipient of the job: the release then writes ``left`` with the records
     #: (one HSET) instead of counting down with HINCRBY (while it holds the lease)
     left: int | None = None
+    #: ``updates`` hold every recipient of the job (so the caller can tell its whole outcome:
+    #: ``Store.finish``'s ``hide``)
+    whole: bool = False
 
 
 @dataclass
@@ -1846,6 +1864,7 @@ class Store:
 
         return _dumps([{"wid": o.wid, "due": -1 if o.due is None else o.due, "idem": o.idem,
                         **({"left": int(o.left)} if o.left is not None else {}),
+                        **({"whole": 1} if o.whole and o.left is not None else {}),
                         "updates": [[i, _compact(rec), 1 if rec["state"] in FINAL_STATES else 0, ev,
                                      *extras(o.wid, rec)]
                                     for i, rec, ev in o.updates]} for o in outcomes])
@@ -1878,35 +1897,50 @@ class Store:
         return applied, dispatch
 
     def finish(self, token: str, lane: str, outcomes: list[Outcome], feedback: Feedback | None = None, *,
-               now: float | None = None, spread: bool = True) -> tuple[list[str], list[tuple[str, int]], str]:
+               now: float | None = None, spread: bool = True, mine: list[str] | None = None,
+               hide: float = 0.0) -> tuple[list[str], list[tuple[str, int]], str]:
         """``release`` plus the destination feedback of the delivery run (``Feedback``).
 
         ``spread=False``: no tasks for the lane itself (its task goes on, and
-        dispatches what is left when it ends).  Returns ``(applied, dispatch,
-        status)``; ``status`` is ``"dead"`` when the lane is (now) declared dead,
-        ``"ok"`` when it is not, ``""`` without feedback.
+        dispatches what is left when it ends).  ``hide`` > 0 (with a list
+        ``mine``): a job made final by an outcome holding every recipient of
+        the job (``Outcome.left`` set) goes to ``mxq:final`` hidden from other
+        recorders for ``hide`` seconds and its id to ``mine``: the caller has
+        every record and writes its outcome to the result backend itself
+        (``mxq.tasks.outcomes.record_known``); if it dies first, a recorder
+        takes the job when the time is up.  Returns ``(applied, dispatch,
+        status)``; ``status`` is ``"dead"`` when the lane is (now) declared
+        dead, ``"ok"`` when it is not, ``""`` without feedback.
         """
         now = self.now() if now is None else now
         s = self.settings
         fb = feedback.to_json() if feedback is not None else ""
-        applied, disp, status = self._release(args=[now, token, s.result_ttl, s.batch_size, s.domain_concurrency,
-                                                    lane, self._payload(lane, outcomes, now), fb,
-                                                    "1" if spread else "0"])
+        hide = hide if mine is not None else 0.0     # (the items marked whole: Outcome.whole)
+        applied, disp, status, own = self._release(args=[
+            now, token, s.result_ttl, s.batch_size, s.domain_concurrency, lane, self._payload(lane, outcomes, now),
+            fb, "1" if spread else "0", repr(float(hide))])
+        if mine is not None:
+            mine.extend(_s(j) for j in own)
         return [_s(a) for a in applied], _pairs(disp), _s(status)
 
-    def record(self, token: str, lane: str, outcomes: list[Outcome], *, now: float | None = None):
+    def record(self, token: str, lane: str, outcomes: list[Outcome], *, now: float | None = None,
+               mine: list[str] | None = None, hide: float = 0.0):
         """Write outcomes of a batch still under way; return ``(applied, dispatch)``.
 
         As ``release``, except that the lease stays: the items written leave the
         batch (a lease that ran out now would put back only the others), and
         only report and webhook work is dispatched.  A delivery task calls it as
         each message's final reply arrives, so a crash resends only what was in
-        flight (and what arrived within the last moments).
+        flight (and what arrived within the last moments).  ``mine`` and
+        ``hide``: as for ``finish``.
         """
         now = self.now() if now is None else now
         s = self.settings
-        applied, disp = self._record(args=[now, token, s.result_ttl, s.batch_size, s.domain_concurrency, lane,
-                                           self._payload(lane, outcomes, now)])
+        hide = hide if mine is not None else 0.0
+        applied, disp, own = self._record(args=[now, token, s.result_ttl, s.batch_size, s.domain_concurrency, lane,
+                                                self._payload(lane, outcomes, now), repr(float(hide))])
+        if mine is not None:
+            mine.extend(_s(j) for j in own)
         return [_s(a) for a in applied], _pairs(disp)
 
     def publish_policy(self, policy: dict) -> None:
