@@ -27,10 +27,11 @@ re-published by the scheduler.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import redis
 
@@ -42,8 +43,8 @@ from mxq.workers.message import max_message_size_from_env, prepare_with_addresse
 
 from . import suppress, webhooks
 from .settings import PipelineSettings
-from .store import (TRANSIENT_REDIS_ERRORS, JobSpec, get_store, get_submit_store, idem_key, job_ids, new_job_id,
-                    status_of)
+from .store import (CALL_JOBS, TRANSIENT_REDIS_ERRORS, JobSpec, Staging, get_store, get_submit_store, idem_key,
+                    job_ids, new_job_id, status_of)
 
 log = logging.getLogger("mxq.producer")
 
@@ -166,33 +167,27 @@ def _item(x) -> Item:
     return Item(message=x)
 
 
-def _publish(jobs: list[JobSpec], s: PipelineSettings) -> list[str]:
-    """Store validated jobs with one script, then publish the tasks they need."""
-    from .app import bind
+def _mark(jobs: list[JobSpec], store, hooks, s: PipelineSettings) -> None:
+    """Suppressed recipients (``mxq.tasks.suppress``) become final here, before storing (one MGET)."""
+    if suppress.apply(jobs, store.r):
+        for j in jobs:
+            if j.meta["left"] == "0":
+                j.expire = s.result_ttl
+            if hooks.wants("suppressed"):
+                now = float(j.meta["created"])
+                j.hooks = [webhooks.hook_arg(hooks, j.id, r, now) for r in j.records
+                           if r["state"] == "suppressed"]
+
+
+def _unavailable(e: Exception, s: PipelineSettings) -> Unavailable:
+    shown = registry.current().shown("MXQ_REDIS_URL") if s == PipelineSettings.from_env() else "Redis"
+    return Unavailable(f"cannot reach Redis ({shown}) within {s.submit_timeout:g} s (MXQ_SUBMIT_TIMEOUT): {e}")
+
+
+def _wake(jobs: list[JobSpec], ids: list[str], dispatch, split: bool) -> None:
+    """Publish the tasks a stored batch needs (deliver tasks, a fanout, or intake tasks)."""
     from .dispatch import intake, publish     # (imported late: the store is usable alone)
 
-    bind(s)                     # the Celery app on the configured Redis (Django/Flask may set it late)
-    hooks = webhooks.current()          # a bad MXQ_WEBHOOK_* setting is refused here (ValueError)
-    try:
-        # Fail fast: this store's client gives up on an unreachable Redis after MXQ_SUBMIT_TIMEOUT
-        # (and, at the process's first use of this Redis, refuses one that can evict: RedisUnfit).
-        store = get_submit_store(s)
-        # Suppressed recipients (mxq.tasks.suppress) become final here, before storing:
-        # one MGET for the whole batch.
-        if suppress.apply(jobs, store.r):
-            for j in jobs:
-                if j.meta["left"] == "0":
-                    j.expire = s.result_ttl
-                if hooks.wants("suppressed"):
-                    now = float(j.meta["created"])
-                    j.hooks = [webhooks.hook_arg(hooks, j.id, r, now) for r in j.records
-                               if r["state"] == "suppressed"]
-        split = len(jobs) <= s.intake_threshold
-        ids, dispatch = store.submit(jobs, split=split, now=float(jobs[0].meta["created"]))
-    except TRANSIENT_REDIS_ERRORS as e:
-        shown = registry.current().shown("MXQ_REDIS_URL") if s == PipelineSettings.from_env() else "Redis"
-        raise Unavailable(f"cannot reach Redis ({shown}) within {s.submit_timeout:g} s (MXQ_SUBMIT_TIMEOUT): "
-                          f"{e}") from e
     try:
         if split:
             publish(dispatch, fan_out=True)
@@ -202,6 +197,58 @@ def _publish(jobs: list[JobSpec], s: PipelineSettings) -> list[str]:
                 intake(new[k:k + INTAKE_CHUNK])
     except Exception as e:      # stored: the scheduler publishes for quiet lanes and stalled intake
         log.warning("%d job(s) stored; their tasks could not be published (%s): the scheduler will", len(ids), e)
+
+
+def _publish(jobs: list[JobSpec], s: PipelineSettings) -> list[str]:
+    """Store validated jobs with one script, then publish the tasks they need."""
+    from .app import bind
+
+    bind(s)                     # the Celery app on the configured Redis (Django/Flask may set it late)
+    hooks = webhooks.current()          # a bad MXQ_WEBHOOK_* setting is refused here (ValueError)
+    try:
+        # Fail fast: this store's client gives up on an unreachable Redis after MXQ_SUBMIT_TIMEOUT
+        # (and, at the process's first use of this Redis, refuses one that can evict: RedisUnfit).
+        store = get_submit_store(s)
+        _mark(jobs, store, hooks, s)
+        split = len(jobs) <= s.intake_threshold
+        ids, dispatch = store.submit(jobs, split=split, now=float(jobs[0].meta["created"]))
+    except TRANSIENT_REDIS_ERRORS as e:
+        raise _unavailable(e, s) from e
+    _wake(jobs, ids, dispatch, split)
+    return ids
+
+
+def _publish_stream(first: list[JobSpec], rest: Iterator[JobSpec], s: PipelineSettings) -> list[str]:
+    """``_publish`` for a batch of more than ``CALL_JOBS`` jobs, validated as it is staged.
+
+    ``first`` (validated) and the jobs ``rest`` yields as it validates them are staged
+    ``CALL_JOBS`` at a time by a thread of the store's (``Staging``) while the next are
+    validated, then committed at once: all or nothing as ever -- a bad item (or a failed call)
+    takes back what was staged before it raises, and nothing was queued.
+    """
+    from .app import bind
+
+    bind(s)
+    hooks = webhooks.current()
+    try:
+        store = get_submit_store(s)
+        staging = Staging(store, float(first[0].meta["created"]), background=True)
+        jobs: list[JobSpec] = []
+        try:
+            chunk = first
+            while chunk:
+                _mark(chunk, store, hooks, s)
+                staging.add(chunk)
+                jobs += chunk
+                chunk = list(itertools.islice(rest, CALL_JOBS))
+        except BaseException:
+            staging.abort()
+            raise
+        split = len(jobs) <= s.intake_threshold
+        ids, dispatch = staging.commit(split=split)
+    except TRANSIENT_REDIS_ERRORS as e:
+        raise _unavailable(e, s) from e
+    _wake(jobs, ids, dispatch, split)
     return ids
 
 
@@ -215,7 +262,11 @@ def submit_many(items: Iterable, *, settings: PipelineSettings | None = None) ->
     An item whose idempotency key was seen before gets the existing job's id.
     """
     s = settings or PipelineSettings.from_env()
-    return store_prepared(prepare_many(items), settings=s)
+    jobs = _validated(items)
+    first = list(itertools.islice(jobs, CALL_JOBS + 1))
+    if len(first) <= CALL_JOBS:
+        return store_prepared(first, settings=s)
+    return _publish_stream(first, jobs, s)       # large: staged while the rest is validated
 
 
 def prepare_many(items: Iterable) -> list[JobSpec]:
@@ -225,23 +276,27 @@ def prepare_many(items: Iterable) -> list[JobSpec]:
     ``store_prepared`` stores them later -- ``MXQ_ON_COMMIT`` in Django validates in the view
     and stores when the transaction commits, with the job ids known at once.
     """
+    return list(_validated(items))
+
+
+def _validated(items: Iterable) -> Iterator[JobSpec]:
+    """``prepare_many`` one job at a time (``submit_many`` stages the first while it checks the next)."""
     max_size = max_message_size_from_env()
     limit = recipient_limit()
     now = time.time()
-    jobs = []
     signer = None                   # the DKIM configuration, read once for the batch (at its first item)
     ids = job_ids()
     for i, x in enumerate(items):
         try:
             if signer is None:
                 signer = signer_from_env()
-            jobs.append(build_job(_item(x), max_size=max_size, now=now, signer=signer, max_recipients=limit,
-                                  job_id=next(ids)))
+            job = build_job(_item(x), max_size=max_size, now=now, signer=signer, max_recipients=limit,
+                            job_id=next(ids))
         except InvalidInput as e:
             err = type(e)(f"item {i}: {e.reason}")
             err.index = i
             raise err from None
-    return jobs
+        yield job
 
 
 def store_prepared(jobs: list[JobSpec], *, settings: PipelineSettings | None = None) -> list[str]:

@@ -198,6 +198,54 @@ def test_the_scheduler_step_removes_stale_staged_submissions(redis_server, monke
     assert st.r.zcard("mxq:staging") == 0 and st.r.keys("mxq:job:*") == []
 
 
+def _items(n: int, bad: int | None = None, size: int = 0) -> list:
+    body = b"".join(b"x" * 98 + b"\r\n" for _ in range(size // 100))
+    return [Item(text([]).replace(b"Subject: bulk", f"Subject: m{i}".encode()) + body,
+                 recipients=["not an address" if i == bad else f"u{i}@d{i % 10}.large.test"])
+            for i in range(n)]
+
+
+def test_a_bad_item_after_the_first_staged_calls_leaves_nothing(redis_server, monkeypatch):
+    """submit_many of 2,500 (more than CALL_JOBS: the first 1,000 are staged while the rest is
+    validated): item 2,300 is bad -- the caller gets its reason and index, and nothing is left in
+    Redis (the staged calls are taken back) nor queued."""
+    from mxq.tasks.app import rebind
+
+    srv = redis_server()
+    client = srv.client()
+    monkeypatch.setenv("MXQ_REDIS_URL", srv.url)
+    rebind(srv.url)
+    client.config_resetstat()
+    with pytest.raises(tasks.InvalidMessage, match="^item 2300: ") as info:
+        tasks.submit_many(_items(2500, bad=2300))
+    assert info.value.index == 2300
+    staged = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in client.info("commandstats").items()}
+    assert staged.get("hset", 0) >= 1000                  # the first calls were staged meanwhile
+    assert client.keys("mxq:*") == []
+    assert client.llen("mxq.delivery") == 0 and client.llen("mxq.intake") == 0
+    ids = tasks.submit_many(_items(2500))                   # the good batch goes in whole
+    assert len(set(ids)) == 2500
+    assert sum(client.llen(f"mxq:ready:d{d}.large.test") for d in range(10)) == 2500
+    assert client.zcard("mxq:staging") == 0
+
+
+def test_redis_full_while_a_large_batch_is_staged_as_validated_leaves_nothing(redis_server, monkeypatch):
+    """The same streaming path, Redis reaching maxmemory at its second or third staged call: the
+    error reaches the caller and nothing is left (no job, no work, no staged key)."""
+    from mxq.tasks.app import rebind
+
+    srv = redis_server()
+    client = srv.client()
+    client.config_set("maxmemory", "12mb")
+    client.config_set("maxmemory-policy", "noeviction")
+    monkeypatch.setenv("MXQ_REDIS_URL", srv.url)
+    rebind(srv.url)
+    with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
+        tasks.submit_many(_items(3000, size=10_000))     # 30 MB in calls of 1,000 (10 MB)
+    assert client.keys("mxq:*") == []
+    assert client.llen("mxq.delivery") == 0 and client.llen("mxq.intake") == 0
+
+
 def test_recipients_per_message_are_capped(redis_server, monkeypatch):
     from mxq.tasks.app import rebind
 

@@ -65,15 +65,22 @@ def submit_all(items: Iterable, config: Mapping[str, str] | None = None, *,
     from kombu.exceptions import OperationalError
     from redis.exceptions import RedisError
 
-    from mxq.tasks.producer import prepare_many, store_prepared
+    from mxq.tasks.producer import prepare_many, store_prepared, submit_many
 
     settings = pipeline_settings(config)     # a bad MXQ_* setting raises ValueError, silent or not
     try:
+        if later is None:       # validated and stored in one go (a large batch: staged as it is checked)
+            return submit_many(items, settings=settings)
         jobs = prepare_many(list(items))
     except InvalidInput as e:
         if not fail_silently:
             raise
         log.warning("mail not submitted (fail_silently): %s", e.reason)
+        return None
+    except (RedisError, OperationalError) as e:
+        if not fail_silently:
+            raise
+        log.warning("mail not submitted (fail_silently): %s", e)
         return None
 
     def store():
@@ -85,10 +92,8 @@ def submit_all(items: Iterable, config: Mapping[str, str] | None = None, *,
             log.warning("mail not submitted (fail_silently): %s", e)
             return None
 
-    if later is not None:       # e.g. Django's transaction.on_commit (MXQ_ON_COMMIT): ids known now
-        later(store)
-        return [j.id for j in jobs]
-    return store()
+    later(store)                # e.g. Django's transaction.on_commit (MXQ_ON_COMMIT): ids known now
+    return [j.id for j in jobs]
 
 
 # ---------------------------------------------------------------- tracking (mxq's signed webhooks)

@@ -1691,6 +1691,116 @@ class Destinations:
         return json.loads(v) if v else {}
 
 
+def _specs(jobs) -> tuple[list, list, list, int]:
+    """What the submit scripts get of ``jobs``: ``(common, meta, rcpts, size)`` -- each job's id,
+    idempotency key, lanes, hooks and expiry; its meta fields without their defaults; its records
+    as stored (``_compact``); the bytes of content, meta and records."""
+    common = [{"id": j.id, "idem": j.idem, "domains": [[d, j.meta[f"d:{d}"]] for d in j.domains],
+               **({"hooks": j.hooks} if j.hooks else {}),
+               **({"expire": int(j.expire)} if j.expire else {})} for j in jobs]
+    meta = [{k: v for k, v in j.meta.items() if META_DEFAULTS.get(k) != v} for j in jobs]
+    rcpts = [[_compact(r) for r in j.records] for j in jobs]
+    size = sum(len(j.content) for j in jobs) + sum(sum(len(r) for r in rs) for rs in rcpts) \
+        + sum(len(k) + len(v) for m in meta for k, v in m.items())
+    return common, meta, rcpts, size
+
+
+class Staging:
+    """A large submission stored in bounded calls, then committed by one script (all or nothing).
+
+    ``add`` stages validated jobs (``_STAGE`` calls of at most ``CALL_JOBS`` jobs and
+    ``CALL_BYTES``, several per pipeline round trip); ``commit`` queues them all at once and
+    returns ``(ids, dispatch)``; ``abort`` removes what was staged.  Nothing is queued before the
+    commit.  With ``background``, the calls run on a thread of their own while the caller
+    validates the next jobs (``mxq.tasks.producer``): Redis writes one chunk while Python checks
+    the next; an error of a call is raised by the next ``add`` or by ``commit``.
+    """
+
+    def __init__(self, store: "Store", now: float, *, background: bool = False):
+        self.store = store
+        self.now = now
+        self.token = uuid.uuid4().hex
+        self.deadline = repr(float(now) + STAGE_TTL)
+        self.n = 0
+        self.pool = None
+        self.pending: list = []
+        if background:
+            from concurrent.futures import ThreadPoolExecutor
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mxq-stage")
+
+    def add(self, jobs: list, specs: tuple | None = None) -> None:
+        """Stage ``jobs`` (validated, suppression applied); ``specs``: their ``_specs`` if known."""
+        self._raise_failed()
+        common, meta, rcpts, _ = specs or _specs(jobs)
+        calls, chunk, held = [], [], 0
+        for j, c, m, rs in zip(jobs, common, meta, rcpts):
+            size = len(j.content) + sum(len(r) for r in rs) + 200
+            if chunk and (held + size > CALL_BYTES or len(chunk) >= CALL_JOBS):
+                calls.append((chunk, held))
+                chunk, held = [], 0
+            chunk.append((dict(c, meta=m, rcpts=rs), j.content))
+            held += size
+        if chunk:
+            calls.append((chunk, held))
+        numbered = []
+        for chunk, held in calls:
+            self.n += 1
+            numbered.append((self.n, chunk, held))
+        if self.pool is None:
+            self._send(numbered)
+        else:
+            self.pending.append(self.pool.submit(self._send, numbered))
+
+    def _send(self, numbered: list) -> None:
+        """The ``_STAGE`` calls, in pipelines of at most ``CALL_BYTES`` (or one larger call)."""
+        st = self.store
+        pipe, sent = st.r.pipeline(transaction=False), 0
+        for n, chunk, held in numbered:
+            if sent and sent + held > CALL_BYTES:
+                pipe.execute()
+                pipe, sent = st.r.pipeline(transaction=False), 0
+            st._stage_chunk(self.token, self.deadline, n, chunk, pipe)
+            sent += held
+        pipe.execute()
+
+    def _raise_failed(self, wait: bool = False) -> None:
+        """Raise the error of a background call that failed (with ``wait``: after all have ended)."""
+        while self.pending and (wait or self.pending[0].done()):
+            self.pending.pop(0).result()
+
+    def commit(self, *, split: bool) -> tuple[list[str], list[tuple[str, int]]]:
+        """Queue everything staged (``split``: onto the lanes now; else for ``mxq.intake``)."""
+        try:
+            self._raise_failed(wait=True)
+        except BaseException:
+            self.abort()
+            raise
+        self._close()
+        s = self.store.settings
+        ids, disp = self.store._commit(args=[self.token, self.now, "split" if split else "intake",
+                                             s.batch_size, s.domain_concurrency])
+        return [_s(i) for i in ids], _pairs(disp)
+
+    def abort(self) -> None:
+        """Remove what was staged (best effort: else the scheduler does, past the deadline)."""
+        for f in self.pending:
+            try:
+                f.result()
+            except BaseException:       # noqa: BLE001 -- being taken back anyway
+                pass
+        self.pending = []
+        self._close()
+        try:
+            self.store._unstage_now(self.token)
+        except Exception:               # noqa: BLE001 -- Redis away: the scheduler removes it
+            pass
+
+    def _close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+
+
 class Store:
     """mxq's Redis state; one per process (the client is thread-safe)."""
 
@@ -1738,60 +1848,18 @@ class Store:
         now = self.now.peek() if now is None else now
         s = self.settings
         mode = "split" if split else "intake"
-        common = [{"id": j.id, "idem": j.idem, "domains": [[d, j.meta[f"d:{d}"]] for d in j.domains],
-                   **({"hooks": j.hooks} if j.hooks else {}),
-                   **({"expire": int(j.expire)} if j.expire else {})} for j in jobs]
-        meta = [{k: v for k, v in j.meta.items() if META_DEFAULTS.get(k) != v} for j in jobs]
-        rcpts = [[_compact(r) for r in j.records] for j in jobs]
-        size = sum(len(j.content) for j in jobs) + sum(sum(len(r) for r in rs) for rs in rcpts) \
-            + sum(len(k) + len(v) for m in meta for k, v in m.items())
+        common, meta, rcpts, size = _specs(jobs)
         if size + len(jobs) * 200 > CALL_BYTES or len(jobs) > CALL_JOBS:
-            return self._submit_staged(jobs, common, meta, rcpts, mode, now)
+            staging = Staging(self, now)
+            try:
+                staging.add(jobs, (common, meta, rcpts, size))
+            except BaseException:
+                staging.abort()
+                raise
+            return staging.commit(split=split)
         spec = [dict(c, meta=m, rcpts=rs) for c, m, rs in zip(common, meta, rcpts)]
         args = [now, mode, s.batch_size, s.domain_concurrency, _dumps(spec)] + [j.content for j in jobs]
         ids, disp = self._submit(args=args)
-        return [_s(i) for i in ids], _pairs(disp)
-
-    def _submit_staged(self, jobs, common, meta, rcpts, mode: str, now: float):
-        """``submit`` for a batch larger than ``CALL_BYTES`` or ``CALL_JOBS``: stage in bounded calls,
-        commit once."""
-        s = self.settings
-        token = uuid.uuid4().hex
-        deadline = repr(float(now) + STAGE_TTL)
-        try:
-            # Calls of at most CALL_JOBS jobs and CALL_BYTES, sent in pipelines of at most
-            # CALL_BYTES (or one call, when it is larger): one round trip for several calls.
-            pipes = [self.r.pipeline(transaction=False), 0]
-            chunk, held, n = [], 0, 0
-
-            def stage() -> None:
-                nonlocal n
-                pipe, sent = pipes
-                if sent and sent + held > CALL_BYTES:
-                    pipe.execute()
-                    pipe, sent = self.r.pipeline(transaction=False), 0
-                n += 1
-                self._stage_chunk(token, deadline, n, chunk, pipe)
-                pipes[:] = [pipe, sent + held]
-
-            for i, (c, m, rs) in enumerate(zip(common, meta, rcpts)):
-                size = len(jobs[i].content) + sum(len(r) for r in rs) + 200
-                if chunk and (held + size > CALL_BYTES or len(chunk) >= CALL_JOBS):
-                    stage()
-                    chunk, held = [], 0
-                chunk.append((dict(c, meta=m, rcpts=rs), jobs[i].content))
-                held += size
-            stage()
-            pipes[0].execute()
-        except BaseException:
-            # Nothing is queued until the commit: take back what was staged (best effort;
-            # else the scheduler does, past the deadline).
-            try:
-                self._unstage_now(token)
-            except Exception:
-                pass
-            raise
-        ids, disp = self._commit(args=[token, now, mode, s.batch_size, s.domain_concurrency])
         return [_s(i) for i in ids], _pairs(disp)
 
     def _stage_chunk(self, token: str, deadline: str, n: int, chunk: list, pipe) -> None:
