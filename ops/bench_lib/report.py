@@ -49,8 +49,9 @@ The JSON result (``--json PATH``, default ``var/bench/result.json``)::
                         tasks_per_message} (Celery stages; tasks -- {task name: count}, the Celery
                         tasks the workers ran, from their logs -- in the mxq stage, else null)
     workers            [{pid, cmd, peak_rss_kb}] (VmHWM of each worker / Postfix process)
-    harness_cpu_seconds {dns_server, sinks, monitor, submitting_process} CPU used meanwhile; the mxq
-                       and mxq_django stages add mxq_workers (every worker process) and redis
+    harness_cpu_seconds {dns_server, sinks, monitor, submitting_process} CPU used meanwhile; mxq,
+                       mxq_django and the slow, dead and inflight stages' mxq runs add mxq_workers
+                       (every worker process) and redis
     notes              how the stage was run; any disagreement found
     dns                {max_per_name_type, name_types, repeated: {"name TYPE": count > 1}} from the
                        sandbox DNS server's per-(name, type) counters over the stage

@@ -829,6 +829,7 @@ def mxq_deliver(ctx: Context, stage: str, submit: list[Spec], counted: list[Spec
             on_ready(procs)
         ids: dict[str, list[str]] = {s.run: [] for s in submit}
         bodies = [s.body() for s in submit]
+        cpu0 = _mxq_cpu(procs, r)
         meas.begin()
         for spec, body in zip(submit, bodies):
             for k in range(0, spec.count, ctx.batch):
@@ -843,6 +844,7 @@ def mxq_deliver(ctx: Context, stage: str, submit: list[Spec], counted: list[Spec
                 meas.farm.stop()
                 e.partial = on_timeout(meas.monitor.finish())
             raise
+        cpu = _cpu_since(cpu0, _mxq_cpu(procs, r))
         redis_res = redis_fields(r, count, None, None)
         extra = after(procs, ids) if after is not None else None
         workers = _mxq_workers(procs)
@@ -850,6 +852,7 @@ def mxq_deliver(ctx: Context, stage: str, submit: list[Spec], counted: list[Spec
         agrees = _mxq_agrees(tasks, [j for s in counted for j in ids[s.run]], res)
         res["redis"] = redis_res
         res["workers"] = workers
+        res["harness_cpu_seconds"].update(mxq_workers=cpu["workers"], redis=cpu["redis"])
         res["notes"].append(f"submit_many in batches of {ctx.batch}; {_workers_note(ctx)}"
                             + "".join(f"; {k}={v}" for k, v in sorted((env_extra or {}).items())) + f"; {agrees}")
         res.update(extra or {})
