@@ -77,8 +77,6 @@ def record(store=None, app=None, *, limit: int = BATCH, now: float | None = None
     Raises what the backend raises (a database away): the claimed jobs then
     come back after ``LEASE`` seconds and are written by a later call.
     """
-    from celery import states
-
     from .store import get_store, status_of
 
     if app is None:
@@ -90,14 +88,7 @@ def record(store=None, app=None, *, limit: int = BATCH, now: float | None = None
     claimed = store.claim_final(limit=limit, lease=LEASE, now=now)
     if not claimed:
         return 0
-    _django_ready(app)
-    backend = app.backend
-    outcomes = [(job, status_of(job, *found)) for job, found in claimed if found is not None]
-    if _is_redis(backend):
-        _store_redis(backend, outcomes)
-    else:
-        for job, outcome in outcomes:
-            backend.store_result(job, outcome, states.SUCCESS)
+    _write(app, [(job, status_of(job, *found)) for job, found in claimed if found is not None])
     store.forget_final([job for job, _ in claimed])      # expired ones too: nothing left to say
     return len(claimed)
 
@@ -110,25 +101,32 @@ def record_known(store, outcomes: list[tuple[str, dict]], app=None) -> int:
     Never raises: a job whose outcome could not be written stays in ``mxq:final`` and a recorder
     takes it once it is no longer hidden (``LEASE``).  Returns how many were written.
     """
-    from celery import states
-
     if not outcomes:
         return 0
     if app is None:
         from .app import app
     try:
-        _django_ready(app)
-        backend = app.backend
-        if _is_redis(backend):
-            _store_redis(backend, outcomes)
-        else:
-            for job, outcome in outcomes:
-                backend.store_result(job, outcome, states.SUCCESS)
+        _write(app, outcomes)
         store.forget_final([job for job, _ in outcomes])
     except Exception as e:          # the backend (or Redis) away: recorded after LEASE
         log.warning("job outcomes not recorded in the result backend yet: %s", e)
         return 0
     return len(outcomes)
+
+
+def _write(app, outcomes: list[tuple[str, dict]]) -> None:
+    """Store ``[(job, status)]`` in ``app``'s result backend (state ``SUCCESS``); raises what it raises."""
+    from celery import states
+
+    if not outcomes:
+        return
+    _django_ready(app)
+    backend = app.backend
+    if _is_redis(backend):
+        _store_redis(backend, outcomes)
+    else:
+        for job, outcome in outcomes:
+            backend.store_result(job, outcome, states.SUCCESS)
 
 
 def _is_redis(backend) -> bool:

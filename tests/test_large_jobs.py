@@ -53,6 +53,23 @@ def store(redis_server):
     st.r.close()
 
 
+@pytest.fixture
+def submit_redis(redis_server, monkeypatch):
+    """A fresh Redis that ``mxq.tasks.submit*`` and the scheduler use (``MXQ_REDIS_URL``, app rebound)."""
+    from mxq.tasks.app import rebind
+
+    srv = redis_server()
+    monkeypatch.setenv("MXQ_REDIS_URL", srv.url)
+    rebind(srv.url)
+    return srv
+
+
+def full_at(client, maxmemory: str) -> None:
+    """Redis refuses writes past ``maxmemory`` (noeviction, as mxq requires)."""
+    client.config_set("maxmemory", maxmemory)
+    client.config_set("maxmemory-policy", "noeviction")
+
+
 def ready_items(st: Store, lane: str) -> list[str]:
     return [w.decode() for w in st.r.lrange(f"mxq:ready:{lane}", 0, -1)]
 
@@ -176,15 +193,11 @@ def test_a_staged_submission_never_committed_is_removed_by_the_scheduler(store, 
     assert sum(store.r.llen(f"mxq:ready:d{d}.large.test") for d in range(10)) == 1500
 
 
-def test_the_scheduler_step_removes_stale_staged_submissions(redis_server, monkeypatch):
+def test_the_scheduler_step_removes_stale_staged_submissions(submit_redis, monkeypatch):
     """``mxq scheduler``'s tick is what calls ``Store.unstage``."""
     from mxq.tasks import scheduler
-    from mxq.tasks.app import rebind
     from mxq.tasks.store import STAGE_TTL, Store, get_store
 
-    srv = redis_server()
-    monkeypatch.setenv("MXQ_REDIS_URL", srv.url)
-    rebind(srv.url)
     st = get_store()
     monkeypatch.setattr(Store, "_unstage_now", lambda self, token: None)
     monkeypatch.setattr(st, "_commit", lambda *a, **kw: (_ for _ in ()).throw(SystemExit("killed")))
@@ -205,16 +218,12 @@ def _items(n: int, bad: int | None = None, size: int = 0) -> list:
             for i in range(n)]
 
 
-def test_a_bad_item_after_the_first_staged_calls_leaves_nothing(redis_server, monkeypatch):
+def test_a_bad_item_after_the_first_staged_calls_leaves_nothing(submit_redis):
     """submit_many of 2,500 (more than CALL_JOBS: the first 1,000 are staged while the rest is
     validated): item 2,300 is bad -- the caller gets its reason and index, and nothing is left in
     Redis (the staged calls are taken back) nor queued."""
-    from mxq.tasks.app import rebind
-
-    srv = redis_server()
+    srv = submit_redis
     client = srv.client()
-    monkeypatch.setenv("MXQ_REDIS_URL", srv.url)
-    rebind(srv.url)
     client.config_resetstat()
     with pytest.raises(tasks.InvalidMessage, match="^item 2300: ") as info:
         tasks.submit_many(_items(2500, bad=2300))
@@ -229,29 +238,20 @@ def test_a_bad_item_after_the_first_staged_calls_leaves_nothing(redis_server, mo
     assert client.zcard("mxq:staging") == 0
 
 
-def test_redis_full_while_a_large_batch_is_staged_as_validated_leaves_nothing(redis_server, monkeypatch):
+def test_redis_full_while_a_large_batch_is_staged_as_validated_leaves_nothing(submit_redis):
     """The same streaming path, Redis reaching maxmemory at its second or third staged call: the
     error reaches the caller and nothing is left (no job, no work, no staged key)."""
-    from mxq.tasks.app import rebind
-
-    srv = redis_server()
+    srv = submit_redis
     client = srv.client()
-    client.config_set("maxmemory", "12mb")
-    client.config_set("maxmemory-policy", "noeviction")
-    monkeypatch.setenv("MXQ_REDIS_URL", srv.url)
-    rebind(srv.url)
+    full_at(client, "12mb")
     with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
         tasks.submit_many(_items(3000, size=10_000))     # 30 MB in calls of 1,000 (10 MB)
     assert client.keys("mxq:*") == []
     assert client.llen("mxq.delivery") == 0 and client.llen("mxq.intake") == 0
 
 
-def test_recipients_per_message_are_capped(redis_server, monkeypatch):
-    from mxq.tasks.app import rebind
-
-    srv = redis_server()
-    monkeypatch.setenv("MXQ_REDIS_URL", srv.url)
-    rebind(srv.url)
+def test_recipients_per_message_are_capped(submit_redis, monkeypatch):
+    srv = submit_redis
     monkeypatch.setenv("MXQ_RECIPIENT_LIMIT", "5")
     rcpts = [f"u{i}@one.large.test" for i in range(6)]
     with pytest.raises(tasks.InvalidMessage, match="6 recipients, more than the limit of 5.*MXQ_RECIPIENT_LIMIT"):
@@ -272,18 +272,14 @@ def _megabyte_messages(n: int) -> list[Item]:
                  recipients=[f"u{i}@d{i % 7}.large.test"]) for i in range(n)]
 
 
-def test_submit_many_never_sends_more_than_the_bound_in_one_call(redis_server, monkeypatch):
+def test_submit_many_never_sends_more_than_the_bound_in_one_call(submit_redis):
     """96 MiB through a Redis that evicts (disconnects) any client holding more than 24 MiB of
     command arguments and buffers (``maxmemory-clients``), as Redis's 1 GB query buffer limit
     does for larger calls.  Before: one 96 MiB call, cut and resent until the retries ran out."""
-    from mxq.tasks.app import rebind
-
     assert CALL_BYTES <= 16 * 1024 * 1024
-    srv = redis_server()
+    srv = submit_redis
     client = srv.client()
     client.config_set("maxmemory-clients", "24mb")
-    monkeypatch.setenv("MXQ_REDIS_URL", srv.url)
-    rebind(srv.url)
     items = _megabyte_messages(96)
     started = time.monotonic()
     ids = tasks.submit_many(items)
@@ -297,17 +293,12 @@ def test_submit_many_never_sends_more_than_the_bound_in_one_call(redis_server, m
     assert "Evicting client" not in srv.log()                          # no client was cut off
 
 
-def test_a_large_submission_failing_half_way_leaves_nothing(redis_server, monkeypatch):
+def test_a_large_submission_failing_half_way_leaves_nothing(submit_redis):
     """Redis reaches maxmemory while the batch is staged: the caller gets the error, and no job,
     work item or staged key is left (nothing was queued, so nothing half-delivered)."""
-    from mxq.tasks.app import rebind
-
-    srv = redis_server()
+    srv = submit_redis
     client = srv.client()
-    client.config_set("maxmemory", "40mb")
-    client.config_set("maxmemory-policy", "noeviction")
-    monkeypatch.setenv("MXQ_REDIS_URL", srv.url)
-    rebind(srv.url)
+    full_at(client, "40mb")
     with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
         tasks.submit_many(_megabyte_messages(60))
     assert client.keys("mxq:*") == []
