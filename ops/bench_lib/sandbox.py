@@ -266,12 +266,23 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _exe(pid: int) -> str | None:
+    """The executable ``pid`` runs (None once it is gone)."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
 class RssSampler:
     """Samples the RSS of every process in the trees of ``roots`` every ``interval`` s (a thread).
 
     The trees are re-listed at each sample, so a pool child that replaces
-    another is picked up.  ``stop()`` returns ``{pid: {"cmd", "samples": [(t, kb)]}}``
-    with ``t`` in epoch seconds.
+    another is picked up.  Only processes running the root's own executable
+    count (the worker's processes, all ``sys.executable``): a short-lived
+    helper one of them runs (``uname -p``, which Python's ``platform`` module
+    starts) is not a worker process and would be judged as one.  ``stop()``
+    returns ``{pid: {"cmd", "samples": [(t, kb)]}}`` with ``t`` in epoch seconds.
     """
 
     def __init__(self, roots: list[int], interval: float = 0.5):
@@ -279,6 +290,7 @@ class RssSampler:
         self.roots = list(roots)
         self.interval = interval
         self.samples: dict[int, dict] = {}
+        self._exe = {root: _exe(root) for root in self.roots}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
 
@@ -293,6 +305,8 @@ class RssSampler:
         now = time.time()
         for root in self.roots:
             for pid in process_tree(root):
+                if self._exe[root] is not None and _exe(pid) != self._exe[root]:
+                    continue                # not one of the worker's processes (see above)
                 # The command line first: a process that exits between the two
                 # reads leaves an empty cmdline (a zombie has none), and a row
                 # without its command could not be told apart from others.
