@@ -85,6 +85,8 @@ def record(store=None, app=None, *, limit: int = BATCH, now: float | None = None
         return 0
     store = store or get_store()
     now = store.now() if now is None else now
+    if not store.final_due(now):
+        return 0
     claimed = store.claim_final(limit=limit, lease=LEASE, now=now)
     if not claimed:
         return 0
@@ -136,14 +138,27 @@ def _is_redis(backend) -> bool:
 
 def _store_redis(backend, outcomes: list[tuple[str, dict]]) -> None:
     """What ``RedisBackend.store_result`` writes -- the same key, value and expiry, and the
-    PUBLISH that wakes ``AsyncResult.get()`` -- for a whole batch in one round trip, two commands
-    a job (``store_result`` costs a GET, MULTI, SETEX, PUBLISH and EXEC each).  A job's outcome
-    is final, so there is no earlier success to protect from being overwritten."""
+    PUBLISH that wakes ``AsyncResult.get()`` -- for a whole batch, without a PUBLISH for a job
+    nobody waits on (``store_result`` costs a GET, MULTI, SETEX, PUBLISH and EXEC each).  A job's
+    outcome is final, so there is no earlier success to protect from being overwritten.
+
+    One round trip: every SET, then one ``PUBSUB NUMSUB`` of their channels; a second one only when
+    someone is subscribed, with a PUBLISH to those channels alone.  No wake-up is lost that a
+    PUBLISH after each SET would have given: Celery's ``ResultConsumer`` SUBSCRIBEs to the key's
+    channel and then reads the key (``on_wait_for_pending``).  A waiter whose SUBSCRIBE Redis ran
+    before a job's SET is counted by the NUMSUB that follows the SETs, and gets its PUBLISH; one
+    whose SUBSCRIBE ran after the NUMSUB reads the key after subscribing and finds the outcome (the
+    order Celery relies on with a PUBLISH after each SET as well); one
+    whose SUBSCRIBE ran between the SET and the NUMSUB is counted too (a PUBLISH right after the
+    SET would have missed it).  Pattern subscribers are not counted: Celery's result consumer uses
+    SUBSCRIBE only.
+    tests/test_outcomes.py::test_a_waiter_is_woken_and_nobody_waiting_costs_no_publish."""
     from celery import states
 
     if not outcomes:
         return
     pipe = backend.client.pipeline(transaction=False)
+    sent = []
     for job, outcome in outcomes:
         meta = backend._get_result_meta(result=outcome, state=states.SUCCESS, traceback=None, request=None)
         meta["task_id"] = job
@@ -152,8 +167,15 @@ def _store_redis(backend, outcomes: list[tuple[str, dict]]) -> None:
             pipe.set(key, value, ex=int(backend.expires))
         else:
             pipe.set(key, value)
-        pipe.publish(key, value)
-    pipe.execute()
+        sent.append((key, value))
+    pipe.pubsub_numsub(*[key for key, _ in sent])
+    subscribed = pipe.execute()[-1]
+    waited = [(key, value) for (key, value), (_, n) in zip(sent, subscribed) if int(n)]
+    if waited:
+        pipe = backend.client.pipeline(transaction=False)
+        for key, value in waited:
+            pipe.publish(key, value)
+        pipe.execute()
 
 
 def after_release(store=None) -> int:

@@ -212,7 +212,7 @@ def test_what_recording_outcomes_costs_in_redis_commands(pipeline, sink, monkeyp
 
 def test_a_worker_records_its_whole_jobs_itself_and_a_recorder_takes_what_it_failed(pipeline, sink, monkeypatch):
     """A job whose recipients are all in one work item is recorded by the worker that made it final,
-    from the records it wrote (no claim, no read: SET and PUBLISH a job, one ZREM a chunk), the same
+    from the records it wrote (no claim, no read: SET a job, one NUMSUB and one ZREM a chunk), the same
     outcome a recorder writes.  When that write fails (the worker dying after the release would do
     the same) the job waits hidden in mxq:final for outcomes.LEASE, then a recorder writes it."""
     from mxq.tasks import graph, outcomes
@@ -235,7 +235,7 @@ def test_a_worker_records_its_whole_jobs_itself_and_a_recorder_takes_what_it_fai
     # One HMGET a job (the claim's) and a few for the dispatches; none to record (the recorders'
     # way reads each job again: 2 a job)
     assert int(stats.get("cmdstat_hmget", {}).get("calls", 0)) < 1.2 * n
-    assert int(stats["cmdstat_publish"]["calls"]) == n
+    assert "cmdstat_publish" not in stats                     # nobody waits: no PUBLISH (before: one a job)
     for j in ids[:5]:
         assert tasks.result(j).get(timeout=5) == tasks.status(j)         # what a recorder would write
     # The write fails: nothing lost, the jobs wait hidden, then the recorder's way writes them.
@@ -257,4 +257,86 @@ def test_a_worker_records_its_whole_jobs_itself_and_a_recorder_takes_what_it_fai
                "the recorder takes the jobs once they are no longer hidden")
     for j in more:
         assert tasks.result(j).get(timeout=5) == tasks.status(j)
+    client.close()
+
+
+def test_a_waiter_is_woken_and_nobody_waiting_costs_no_publish(pipeline, sink, monkeypatch):
+    """The worker's write of whole jobs' outcomes PUBLISHes only to channels someone is subscribed to
+    (``outcomes._store_redis``: the SETs, then one PUBSUB NUMSUB).  A real ``AsyncResult.get()``
+    waiting (Celery's ResultConsumer subscribed, seen by Redis) is woken with the outcome; the jobs
+    nobody waits on cost no PUBLISH (before: one a job), and a ``get()`` after the write finds them
+    at once.  Then the other order: the outcome written first, the waiter subscribing after."""
+    import threading
+
+    from mxq.tasks import graph
+
+    p = pipeline()
+    monkeypatch.setattr(graph, "_runtime", None)              # this process's runtime, on this Redis
+    monkeypatch.setattr("mxq.tasks.outcomes.after_release", lambda store=None: 0)
+    n = 20
+    ids = tasks.submit_many([tasks.Item(f"From: a@site.outcome.test\r\nTo: x{i}@{RCPT}\r\nSubject: {i}\r\n\r\nx\r\n"
+                                        .encode()) for i in range(n)])
+    client = p.redis.client()
+    monkeypatch.setattr(graph.runtime(), "own_outcomes", True)
+    got: dict = {}
+
+    def wait_for(job):
+        try:
+            got[job] = tasks.result(job).get(timeout=30)
+        except Exception as e:                                  # noqa: BLE001 -- reported below
+            got[job] = e
+
+    waiter = threading.Thread(target=wait_for, args=(ids[7],), daemon=True)
+    waiter.start()
+    channel = f"celery-task-meta-{ids[7]}"
+    wait_until(lambda: dict(client.pubsub_numsub(channel)).get(channel.encode()) == 1, 10,
+               "the waiter subscribed to its job's channel")
+    assert not client.exists(channel)                           # it waits: nothing written yet
+    client.config_resetstat()
+    while graph.run_delivery(RCPT)["items"]:
+        pass
+    stats = client.info("commandstats")
+    waiter.join(20)
+    assert not waiter.is_alive() and got[ids[7]] == tasks.status(ids[7]), got
+    assert client.zcard("mxq:final") == 0 and client.exists(*[f"celery-task-meta-{j}" for j in ids]) == n
+    assert int(stats["cmdstat_publish"]["calls"]) == 1, stats.get("cmdstat_publish")   # the waiter's alone
+    started = time.monotonic()
+    for j in ids[:3]:
+        assert tasks.result(j).get(timeout=5) == tasks.status(j)
+    assert time.monotonic() - started < 2                       # read at once, not woken by a PUBLISH
+    client.close()
+
+
+def test_a_task_whose_jobs_its_worker_recorded_claims_nothing_from_final(pipeline, sink, monkeypatch):
+    """After its chunks a delivery task records what waits in mxq:final (``outcomes.after_release``):
+    when its worker wrote every job it made final itself (whole jobs, the common case) nothing waits,
+    and one ZRANGEBYSCORE says so instead of ``claim_final``'s script (before: run by every task).
+    A job of two domains, made final by the second domain's task, is still recorded by that task."""
+    from mxq.tasks import graph
+    from mxq.tasks.store import Store
+
+    p = pipeline()
+    monkeypatch.setattr(graph, "_runtime", None)              # this process's runtime, on this Redis
+    claims = []
+    claim_final = Store.claim_final
+
+    def counted(self, **kw):
+        claims.append(kw)
+        return claim_final(self, **kw)
+
+    monkeypatch.setattr(Store, "claim_final", counted)
+    ids = tasks.submit_many([tasks.Item(f"From: a@site.outcome.test\r\nTo: y{i}@{RCPT}\r\nSubject: {i}\r\n\r\nx\r\n"
+                                        .encode()) for i in range(10)])
+    monkeypatch.setattr(graph.runtime(), "own_outcomes", True)
+    client = p.redis.client()
+    while graph.run_delivery(RCPT)["items"]:
+        pass
+    assert client.exists(*[f"celery-task-meta-{j}" for j in ids]) == 10 and client.zcard("mxq:final") == 0
+    assert claims == []
+    both = tasks.submit(f"From: a@site.outcome.test\r\nTo: z@{RCPT}, z@{BOUNCE}\r\nSubject: two\r\n\r\nx\r\n".encode())
+    graph.run_delivery(RCPT)
+    assert not client.exists(f"celery-task-meta-{both}")       # not final yet: nothing to record
+    graph.run_delivery(BOUNCE)
+    assert claims and client.exists(f"celery-task-meta-{both}") and client.zcard("mxq:final") == 0
+    assert tasks.result(both).get(timeout=5) == tasks.status(both)
     client.close()

@@ -2050,6 +2050,12 @@ class Store:
                                                    if v is not None})))
         return out
 
+    def final_due(self, now: float) -> bool:
+        """Does a job in ``mxq:final`` wait for a recorder now (not hidden)?  One ZRANGEBYSCORE: a
+        delivery task whose jobs were all recorded by their own worker (the common case) asks this
+        instead of running ``claim_final``'s script (four commands with its request key)."""
+        return bool(self.r.zrangebyscore(PREFIX + "final", "-inf", now, start=0, num=1))
+
     def forget_final(self, jobs: list[str]) -> None:
         """The outcomes of ``jobs`` are recorded: take them off ``mxq:final``."""
         if jobs:
