@@ -838,7 +838,8 @@ local function refuse(reason, wait)
   return {0, string.format('%.6f', wait), reason, '', '-1', '0', '0', '', ''}
 end
 if n == 0 then return refuse('empty', 0) end
-local sus = redis.call('GET', P .. 'suspend:' .. lane)
+local got = redis.call('MGET', P .. 'suspend:' .. lane, dest_key(lane))      -- (one read for both)
+local sus = got[1]
 if sus then
   -- Suspended (mxq queue suspend): no connection, and no activity until resumed (or until the
   -- end of its duration, when the scheduler dispatches it: mxq:throttled).
@@ -853,7 +854,7 @@ if sus then
   end
   return {0, string.format('%.6f', wait), 'suspended', '', '-1', '0', '0', '', ''}
 end
-local st = dest_load(lane, rnow)
+local st = dest_decode(got[2], rnow)
 local mode = 'deliver'
 local lat = '-1'
 if st.lat then lat = string.format('%.6f', st.lat) end
@@ -870,10 +871,11 @@ end
 local w = window(lane, st)
 if lim > 0 and w > lim then w = lim end          -- the caller's limit wins over the published policy
 local idle = P .. 'shape:idle:' .. lane
+local run = 0
 if lim > 0 then
   redis.call('ZREMRANGEBYSCORE', slots, '-inf', rnow)      -- holders that died
   redis.call('ZREMRANGEBYSCORE', idle, '-inf', rnow)
-  local run = redis.call('ZCARD', slots)
+  run = redis.call('ZCARD', slots)
   if mode ~= 'probe' and run + redis.call('ZCARD', idle) >= w then
     if tonumber(st.run) ~= run then
       st.run = run
@@ -896,9 +898,8 @@ if T > 0 then
   redis.call('SET', tatk, string.format('%.6f', tat2), 'PX', math.ceil((tat2 - rnow) * 1000) + 1000)
 end
 if lim > 0 then
-  redis.call('ZADD', slots, rnow + ttl, token)
+  st.run = run + redis.call('ZADD', slots, rnow + ttl, token)     -- (ZADD counts the new holder)
   redis.call('PEXPIRE', slots, math.ceil(ttl * 1000) + 1000)
-  st.run = redis.call('ZCARD', slots)
 end
 dest_save(lane, st, rnow)
 return {grant, '0', 'ok', mode, lat, tostring(w), '0', '', ''}
@@ -918,7 +919,9 @@ return 0
 """
 
 # ARGV: now, lane, token, park (1: the holder's connection goes idle in a connection cache
-#       and keeps the slot: mxq:shape:idle:{lane}; 0: the slot is given back), ttl, k, maxpar.
+#       and keeps the slot: mxq:shape:idle:{lane}; 0: the slot is given back), ttl, k, maxpar,
+#       dispatch ('0': none -- a running connection of the lane took over the holder's connection,
+#       and sees the lane's ready work itself).
 # The lane's count of running tasks (its state's 'run') is updated, a probe held by the
 # token is let go, and tasks are dispatched for the lane's ready work (nobody may be
 # left to take it).  Returns {1 if the token held a slot, dispatch}.
@@ -946,6 +949,7 @@ if v then
     dest_save(lane, st, rnow)
   end
 end
+if ARGV[8] == '0' then return {removed, {}} end
 return {removed, dispatch({lane}, now, k, maxpar, false, {})}
 """)
 
@@ -1118,9 +1122,11 @@ if not owner then
   local b = redis.call('GET', bk)
   if b and string.sub(b, 1, 1) == '\n' then return cjson.decode(string.sub(b, 2)) end
 end
-local guarded = not owner or redis.call('SISMEMBER', P .. 'guard', token) == 1
--- The first write: one Redis never refuses, so the release runs when Redis is full.
-redis.call('SREM', P .. 'guard', token)
+-- The first write: one Redis never refuses, so the release runs when Redis is full.  It says too
+-- whether 'mxq queue drop' hit the batch in flight (then each record is checked as if the lease
+-- were lost).
+local dropped = redis.call('SREM', P .. 'guard', token) == 1
+local guarded = not owner or dropped
 local applied, lanes = {}, {lane}
 if ARGV[9] == '0' then lanes = {} end
 local mine = {}
@@ -1656,18 +1662,21 @@ class Destinations:
         return self._renew(args=[lane, repr(float(ttl)), token]) == 1
 
     def release(self, lane: str, token: str, *, park: bool = False, ttl: float = 45.0,
-                now: float | None = None) -> tuple[bool, list[tuple[str, int]]]:
+                now: float | None = None, dispatch: bool = True) -> tuple[bool, list[tuple[str, int]]]:
         """Give ``token``'s slot (and probe) back, or with ``park`` keep it for an idle cached connection.
 
         Returns ``(held, dispatch)``: whether the token held a slot, and the
         tasks to publish for the lane's ready work (no task may be left to take
         it).  A parked slot still counts against the window but not as a
-        running task; ``release`` (without ``park``) frees it.
+        running task; ``release`` (without ``park``) frees it.  ``dispatch=False``:
+        no tasks (a running connection of the lane has just taken over the
+        holder's connection: it takes the ready work, and its own release
+        dispatches what is left).
         """
         now = self.now() if now is None else now
         s = self.settings
         held, disp = self._release(keys=_req(), args=[repr(float(now)), lane, token, 1 if park else 0, repr(float(ttl)),
-                                         s.batch_size, s.domain_concurrency])
+                                         s.batch_size, s.domain_concurrency, 1 if dispatch else 0])
         return int(held) == 1, _pairs(disp)
 
     def refund(self, lane: str, tokens: int, interval: float) -> None:
