@@ -39,6 +39,8 @@ The JSON result (``--json PATH``, default ``var/bench/result.json``)::
     msgs_per_sec       N / seconds
     submit_seconds     first submission -> the last submission call returned
     wall_seconds       the whole stage, set-up and clean-up included
+    timeline           {first_arrival_s, submitted_s, per_second: [arrivals in second i]} from the
+                       first submission (null when no message carried an id the monitor saw)
     latency_ms         {p50, p99, max, samples, resolution_ms}: X-Bench-Submitted -> accepted by
                        the sink (null for the limit stage: smtp-source's messages carry no stamp)
     sinks              {records (dumped), smtp_sink_counter (smtp-sink -c), unique_ids, duplicates,
@@ -47,11 +49,12 @@ The JSON result (``--json PATH``, default ``var/bench/result.json``)::
     redis              {commands_total, commands_per_message, top_commands,
                         memory_per_queued_message (bytes), memory_probe_messages, tasks,
                         tasks_per_message} (Celery stages; tasks -- {task name: count}, the Celery
-                        tasks the workers ran, from their logs -- in the mxq stage, else null)
+                        tasks the workers ran, from their logs -- in the mxq and mxq_django stages, else null)
     workers            [{pid, cmd, peak_rss_kb}] (VmHWM of each worker / Postfix process)
     harness_cpu_seconds {dns_server, sinks, monitor, submitting_process} CPU used meanwhile; mxq,
                        mxq_django and the slow, dead and inflight stages' mxq runs add mxq_workers
-                       (every worker process) and redis
+                       (every worker process) and redis; mxq_worker_processes: the CPU
+                       seconds of each worker process that used any, busiest first
     notes              how the stage was run; any disagreement found
     dns                {max_per_name_type, name_types, repeated: {"name TYPE": count > 1}} from the
                        sandbox DNS server's per-(name, type) counters over the stage

@@ -39,7 +39,7 @@ OPS = ROOT / "ops"
 RESULT_FIELDS = (
     "status", "error", "messages", "seconds", "msgs_per_sec", "submit_seconds",
     "latency_ms", "sinks", "dns_queries", "redis", "workers", "harness_cpu_seconds", "notes",
-    "dns", "steady", "backlog", "partial", "slow", "dead", "inflight", "wall_seconds",
+    "dns", "steady", "backlog", "partial", "slow", "dead", "inflight", "wall_seconds", "timeline",
 )
 #: ``partial`` of a stage that broke off (its other fields null): how far it got.
 PARTIAL_FIELDS = ("at_sinks", "expected", "seconds", "msgs_per_sec")
@@ -278,6 +278,7 @@ class Measure:
             dns=sandbox.dns_breakdown(dns_stats),
             harness_cpu_seconds=self.cpu,
             notes=[],
+            timeline=timeline(tally["arrivals"], self.t0, self.t_submitted),
         )
         if self.reply_delay:
             res["notes"].append(f"the sinks answer each final dot {self.reply_delay:g} s after it arrives: a message "
@@ -290,6 +291,19 @@ class Measure:
         """Stop the sinks and the monitor after a failure."""
         self.farm.stop()
         self.monitor.kill()
+
+
+def timeline(arrivals: list[float], t0: float, t_submitted: float | None) -> dict | None:
+    """When the messages reached the sinks, from the first submission (``t0``): the first arrival,
+    the end of submission, and arrivals per second (``per_second[i]``: in second i after t0)."""
+    if not arrivals:
+        return None
+    per = [0] * (int(max(arrivals[-1] - t0, 0.0)) + 1)
+    for a in arrivals:
+        per[max(0, int(a - t0))] += 1
+    return {"first_arrival_s": round(arrivals[0] - t0, 3),
+            "submitted_s": round(t_submitted - t0, 3) if t_submitted else None,
+            "per_second": per}
 
 
 def redis_fields(r: sandbox.Redis, delivered: int, mem_per_msg: float | None, probe: int | None) -> dict:
@@ -701,15 +715,20 @@ def _mxq_workers(procs: list[tuple]) -> list[dict]:
 
 
 def _mxq_cpu(procs: list[tuple], r: sandbox.Redis) -> dict:
-    """CPU seconds used so far by the workers (every process of their trees) and by redis-server."""
+    """CPU seconds used so far by the workers (every process of their trees) and by redis-server;
+    ``each``: {pid: CPU seconds} of every process of the workers' trees."""
     info = r.client().info("cpu")
-    return {"workers": sum(sandbox.cpu_seconds(p) for proc, _, _ in procs[:-1]
-                           for p in sandbox.process_tree(proc.pid)),
+    each = {p: sandbox.cpu_seconds(p) for proc, _, _ in procs[:-1] for p in sandbox.process_tree(proc.pid)}
+    return {"workers": sum(each.values()), "each": each,
             "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"])}
 
 
 def _cpu_since(before: dict, after: dict) -> dict:
-    return {k: round(after[k] - before[k], 2) for k in before}
+    out = {k: round(after[k] - before[k], 2) for k in before if k != "each"}
+    if "each" in before:        # the worker processes that used CPU meanwhile, busiest first
+        out["each"] = sorted((round(v - before["each"].get(p, 0.0), 2) for p, v in after["each"].items()
+                              if v - before["each"].get(p, 0.0) >= 0.01), reverse=True)
+    return out
 
 
 def _mxq_agrees(tasks_mod, ids: list[str], res: dict) -> str:
@@ -782,7 +801,8 @@ def mxq(ctx: Context) -> dict:
         agrees = _mxq_agrees(tasks, ids, res)
         res["redis"] = redis_res
         res["workers"] = workers
-        res["harness_cpu_seconds"].update(mxq_workers=cpu["workers"], redis=cpu["redis"])
+        res["harness_cpu_seconds"].update(mxq_workers=cpu["workers"], redis=cpu["redis"],
+                                          mxq_worker_processes=cpu["each"])
         res["notes"].append(f"submit_many in batches of {ctx.batch}; {_workers_note(ctx)}; {agrees}")
         _mxq_stop(procs, r)
         return res
@@ -852,7 +872,8 @@ def mxq_deliver(ctx: Context, stage: str, submit: list[Spec], counted: list[Spec
         agrees = _mxq_agrees(tasks, [j for s in counted for j in ids[s.run]], res)
         res["redis"] = redis_res
         res["workers"] = workers
-        res["harness_cpu_seconds"].update(mxq_workers=cpu["workers"], redis=cpu["redis"])
+        res["harness_cpu_seconds"].update(mxq_workers=cpu["workers"], redis=cpu["redis"],
+                                          mxq_worker_processes=cpu["each"])
         res["notes"].append(f"submit_many in batches of {ctx.batch}; {_workers_note(ctx)}"
                             + "".join(f"; {k}={v}" for k, v in sorted((env_extra or {}).items())) + f"; {agrees}")
         res.update(extra or {})
@@ -902,12 +923,14 @@ def mxq_django(ctx: Context) -> dict:
         _mxq_wait(meas, procs)
         cpu = _cpu_since(cpu0, _mxq_cpu(procs, r))
         redis_res = redis_fields(r, spec.count, None, None)
+        redis_res.update(task_fields(procs, spec.count))
         workers = _mxq_workers(procs)
         res = meas.finish(spec.ids())
         agrees = _mxq_agrees(tasks, [m.mxq_job_id for m in emails], res)
         res["redis"] = redis_res
         res["workers"] = workers
-        res["harness_cpu_seconds"].update(mxq_workers=cpu["workers"], redis=cpu["redis"])
+        res["harness_cpu_seconds"].update(mxq_workers=cpu["workers"], redis=cpu["redis"],
+                                          mxq_worker_processes=cpu["each"])
         res["notes"].append(f"one EmailBackend.send_messages call of {spec.count} Django EmailMessage objects "
                             f"({djapp.__name__} settings, MXQ_* from the environment); {_workers_note(ctx)}; {agrees}")
         _mxq_stop(procs, r)
