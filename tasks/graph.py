@@ -193,17 +193,9 @@ class Runtime:
         record of each, to the result backend now: no claim, no read (``mxq.tasks.outcomes``)."""
         job_outcomes.record_known(self.store, _whole_outcomes(outcomes, jobs))
 
-    def adopted(self, tag, by: str | None = None) -> None:
-        """A task (of lane ``by``) took a cached connection that held another task's slot: that slot
-        is free.  Taken by a connection of the same lane, no tasks are dispatched for it: that
-        connection runs, takes the lane's ready mail, and its own release dispatches what is left
-        (one slot release script without its dispatch: HMGET, MGET, LLEN and a ZADD or ZREM)."""
-        if tag and by is not None and tag[0] == by:
-            try:
-                self.shaper.release(*tag, dispatch=False)
-            except Exception as e:  # noqa: BLE001 -- the slot expires with its ttl
-                log.warning("giving back the slot of an adopted connection failed: %s", e)
-            return
+    def adopted(self, tag) -> None:
+        """A task took a cached connection that held another task's slot: that slot is free (and the
+        lane is dispatched: an earlier task may have been refused for want of it)."""
         self.closed(tag)
 
 
@@ -712,8 +704,7 @@ class _Connection:
         self.latency = grant.latency
         limits = rt.shaper.policy.for_domain(domain)
         self.tokens = grant.granted if limits.rate else None      # rate tokens left to use
-        self.sessions = View(rt.scache, tag=(domain, token) if grant.slot else None,
-                             on_adopt=lambda old: rt.adopted(old, by=domain),
+        self.sessions = View(rt.scache, tag=(domain, token) if grant.slot else None, on_adopt=rt.adopted,
                              hold=True)
         self.deadline = lane.deadline
         self.counts: dict[str, int] = defaultdict(int)

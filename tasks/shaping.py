@@ -309,15 +309,13 @@ class Shaper:
         """Extend ``token``'s slot for ``domain``; False when it holds none (expired, or no limit)."""
         return self.dest.renew(domain, token, self.slot_ttl)
 
-    def release(self, domain: str, token: str, *, park: bool = False, dispatch: bool = True
-                ) -> list[tuple[str, int]]:
+    def release(self, domain: str, token: str, *, park: bool = False) -> list[tuple[str, int]]:
         """Give ``token``'s slot back (nothing happens when it holds none); return the tasks to publish.
 
         ``park``: the holder's connection goes idle in a connection cache and
         keeps the slot (it counts against the limit, not as a running task).
-        ``dispatch=False``: publish nothing (``Store``'s destinations ``release``).
         """
-        return self.dest.release(domain, token, park=park, ttl=self.slot_ttl, dispatch=dispatch)[1]
+        return self.dest.release(domain, token, park=park, ttl=self.slot_ttl)[1]
 
     def refund(self, domain: str, tokens: int) -> None:
         """Give back ``tokens`` granted but not used (the work was claimed by someone else)."""

@@ -327,12 +327,22 @@ end
 -- scheduler, for a lane with ready work and no activity for a while).
 -- lens (optional): lane -> its ready list's length, when the caller knows it (RPUSH returns it).
 -- A constant number of commands whatever the number of lanes: one HMGET, one MGET, one
--- HSET, one ZADD, one ZADD NX, one ZREM, plus an LLEN per lane whose length is not known.
+-- HSET, one ZADD, one ZADD NX, one ZREM, plus an LLEN per lane whose length is not known;
+-- lanes without ready mail cost only that LLEN and the ZREM (a suspended one among them is
+-- looked at again when mail comes: the dispatch that mail gets arms its end of suspension).
 local function dispatch(lanes, now, k, maxpar, force, out, lens)
   if #lanes == 0 then return out end
-  local uniq, once = {}, {}
+  -- A lane with no ready mail needs nothing but leaving mxq:dispatch: its length first, and the
+  -- reads below only for the others (a release or slot release that emptied its lane: 2 commands
+  -- fewer).
+  local uniq, once, ns, gone = {}, {}, {}, {}
   for _, lane in ipairs(lanes) do
-    if not once[lane] then once[lane] = true; table.insert(uniq, lane) end
+    if not once[lane] then
+      once[lane] = true
+      local n = lens and lens[lane]
+      if n == nil then n = redis.call('LLEN', P .. 'ready:' .. lane) end
+      if n > 0 then table.insert(uniq, lane); ns[lane] = n else table.insert(gone, lane) end
+    end
   end
   lanes = uniq
   local pends = {}
@@ -356,14 +366,10 @@ local function dispatch(lanes, now, k, maxpar, force, out, lens)
   end
   local rnow = nil
   if force and #dkeys > 0 then rnow = rtime() end
-  local sets, touch, keep, gone = {}, {}, {}, {}
+  local sets, touch, keep = {}, {}, {}
   for i, lane in ipairs(lanes) do
     local sus = didx[i] and dvals[didx[i] + 1]
-    local n = 0
-    if not sus then
-      n = lens and lens[lane]
-      if n == nil then n = redis.call('LLEN', P .. 'ready:' .. lane) end
-    end
+    local n = ns[lane]
     if sus then
       -- Suspended: no task and no activity (no worker capacity held); its mail waits on its
       -- ready list.  mxq queue resume dispatches it, and so does the scheduler at the end
@@ -919,25 +925,32 @@ return 0
 """
 
 # ARGV: now, lane, token, park (1: the holder's connection goes idle in a connection cache
-#       and keeps the slot: mxq:shape:idle:{lane}; 0: the slot is given back), ttl, k, maxpar,
-#       dispatch ('0': none -- a running connection of the lane took over the holder's connection,
-#       and sees the lane's ready work itself).
+#       and keeps the slot: mxq:shape:idle:{lane}; 0: the slot is given back), ttl, k, maxpar.
 # The lane's count of running tasks (its state's 'run') is updated, a probe held by the
 # token is let go, and tasks are dispatched for the lane's ready work (nobody may be
-# left to take it).  Returns {1 if the token held a slot, dispatch}.
+# left to take it: the slot freed may be what an earlier task was refused for).  Returns
+# {1 if the token held a slot, dispatch}.
 _SLOT_RELEASE = _PRELUDE + _once(gives=True, body=r"""
 local now, lane, token, park = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4] == '1'
 local ttl, k, maxpar = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local slots, idle = P .. 'shape:conn:' .. lane, P .. 'shape:idle:' .. lane
+local rn = nil
+local function clock() rn = rn or rtime(); return rn end      -- Redis's TIME, read once, when needed
 local removed = redis.call('ZREM', slots, token)
-local rnow = rtime()
 if park then
   if removed == 1 then
-    redis.call('ZADD', idle, rnow + ttl, token)
+    redis.call('ZADD', idle, clock() + ttl, token)
     redis.call('PEXPIRE', idle, math.ceil(ttl * 1000) + 1000)
   end
 else
-  removed = removed + redis.call('ZREM', idle, token)
+  local parked = redis.call('ZREM', idle, token)
+  if parked == 1 then
+    -- A parked slot (its connection taken over by another task, or closed, in a process cache):
+    -- the lane's running count is the same, and a probe's parked slot let its probe go when it
+    -- parked.  No clock, no destination state.
+    return {parked, dispatch({lane}, now, k, maxpar, false, {})}
+  end
+  removed = removed + parked
 end
 local v = redis.call('GET', dest_key(lane))
 if v then
@@ -946,10 +959,9 @@ if v then
   if tonumber(st.run) ~= run or st.pr == token then
     st.run = run
     if st.pr == token then st.pr, st.pe = nil, nil end
-    dest_save(lane, st, rnow)
+    dest_save(lane, st, clock())
   end
 end
-if ARGV[8] == '0' then return {removed, {}} end
 return {removed, dispatch({lane}, now, k, maxpar, false, {})}
 """)
 
@@ -1662,21 +1674,18 @@ class Destinations:
         return self._renew(args=[lane, repr(float(ttl)), token]) == 1
 
     def release(self, lane: str, token: str, *, park: bool = False, ttl: float = 45.0,
-                now: float | None = None, dispatch: bool = True) -> tuple[bool, list[tuple[str, int]]]:
+                now: float | None = None) -> tuple[bool, list[tuple[str, int]]]:
         """Give ``token``'s slot (and probe) back, or with ``park`` keep it for an idle cached connection.
 
         Returns ``(held, dispatch)``: whether the token held a slot, and the
         tasks to publish for the lane's ready work (no task may be left to take
         it).  A parked slot still counts against the window but not as a
-        running task; ``release`` (without ``park``) frees it.  ``dispatch=False``:
-        no tasks (a running connection of the lane has just taken over the
-        holder's connection: it takes the ready work, and its own release
-        dispatches what is left).
+        running task; ``release`` (without ``park``) frees it.
         """
         now = self.now() if now is None else now
         s = self.settings
         held, disp = self._release(keys=_req(), args=[repr(float(now)), lane, token, 1 if park else 0, repr(float(ttl)),
-                                         s.batch_size, s.domain_concurrency, 1 if dispatch else 0])
+                                         s.batch_size, s.domain_concurrency])
         return int(held) == 1, _pairs(disp)
 
     def refund(self, lane: str, tokens: int, interval: float) -> None:
