@@ -279,19 +279,36 @@ def prepare_many(items: Iterable) -> list[JobSpec]:
     return list(_validated(items))
 
 
+class Validator:
+    """A batch's validation one item at a time: ``job(item)`` checks an item and builds its job,
+    or raises ``InvalidMessage`` with the reason.  What the whole batch shares is read once: the
+    size and recipient limits, the DKIM configuration (at the first item), the time."""
+
+    def __init__(self):
+        self.max_size = max_message_size_from_env()
+        self.limit = recipient_limit()
+        self.now = time.time()
+        self.signer = None
+        self.ids = job_ids()
+
+    def job(self, item, *, job_id: str | None = None) -> JobSpec:
+        """``item``'s job (an ``Item``, a mapping of its keys, or a message), with a fresh id -- or
+        ``job_id``: the id an earlier submission of it got whose outcome is unknown (a call that
+        failed), so that storing it again stores it only if that one was not (``JobSpec.again``)."""
+        if self.signer is None:
+            self.signer = signer_from_env()
+        job = build_job(_item(item), max_size=self.max_size, now=self.now, signer=self.signer,
+                        max_recipients=self.limit, job_id=job_id or next(self.ids))
+        job.again = job_id is not None
+        return job
+
+
 def _validated(items: Iterable) -> Iterator[JobSpec]:
     """``prepare_many`` one job at a time (``submit_many`` stages the first while it checks the next)."""
-    max_size = max_message_size_from_env()
-    limit = recipient_limit()
-    now = time.time()
-    signer = None                   # the DKIM configuration, read once for the batch (at its first item)
-    ids = job_ids()
+    check = Validator()
     for i, x in enumerate(items):
         try:
-            if signer is None:
-                signer = signer_from_env()
-            job = build_job(_item(x), max_size=max_size, now=now, signer=signer, max_recipients=limit,
-                            job_id=next(ids))
+            job = check.job(x)
         except InvalidInput as e:
             err = type(e)(f"item {i}: {e.reason}")
             err.index = i

@@ -122,34 +122,108 @@ def test_send_mail_mass_mail_and_attachments_through_the_pipeline(pipeline, mx, 
     assert adm.rcpt_tos == [f"ops@{RCPT}"] and adm.mail_from == "server@site.django.test"
 
 
-def test_invalid_message_queues_nothing_of_the_batch(pipeline, mx):
+def test_a_bad_message_raises_once_the_ones_before_it_are_queued(pipeline, mx):
+    """Django's semantics (issue 8: a send_messages call is queued in parts as it is built): the
+    messages before a bad one are queued, the error names what was queued and what not, and
+    sending the same objects again (the bad one fixed) queues each message once."""
     p = pipeline()
     good = mail.EmailMessage("Good", "fine", "a@site.django.test", [f"ok@{RCPT}"])
     bad_rcpt = mail.EmailMessage("Bad", "x", "a@site.django.test", ["not an address"])
     injected = mail.EmailMessage("Hi\r\nBcc: victim@evil.test", "x", "a@site.django.test", [f"ok@{RCPT}"])
     with override_settings(MXQ_REDIS_URL=p.url):
         conn = mail.get_connection()
-        for bad in (bad_rcpt, injected):
-            with pytest.raises(tasks.InvalidMessage) as e:
-                conn.send_messages([good, bad])
-            assert "message 1" in e.value.reason
-            assert good.mxq_job_id is None and bad.mxq_job_id is None
+        with pytest.raises(tasks.InvalidMessage) as e:
+            conn.send_messages([good, bad_rcpt])
+        assert e.value.reason.startswith("message 1: recipient") and "queued (each has its mxq_job_id): " \
+            "message(s) 0; not queued: message(s) 1" in e.value.reason, e.value.reason
+        assert (e.value.queued, e.value.not_queued, e.value.unknown, e.value.index) == ([0], [1], [], 1)
+        first = good.mxq_job_id
+        assert first and bad_rcpt.mxq_job_id is None and len(stored_jobs(p)) == 1
+        # the client's retry with the same objects: the one queued is not queued again
+        bad_rcpt.to = [f"fixed@{RCPT}"]
+        assert conn.send_messages([good, bad_rcpt]) == 2
+        assert good.mxq_job_id == first and bad_rcpt.mxq_job_id and len(stored_jobs(p)) == 2
+        # once a call succeeded, sending the same object again is a new message (as Django does)
+        assert conn.send_messages([good]) == 1 and good.mxq_job_id != first and len(stored_jobs(p)) == 3
+
+        with pytest.raises(tasks.InvalidMessage, match="^message 0: .*nothing was queued") as e:
+            conn.send_messages([injected, good])
+        assert e.value.queued == [] and e.value.not_queued == [0, 1] and good.mxq_job_id is None
         # an address prepare() refuses (no local part), found after Django built the message
-        with pytest.raises(tasks.InvalidMessage, match="^message 2: recipient"):
+        with pytest.raises(tasks.InvalidMessage, match="^message 2: recipient") as e:
             conn.send_messages([good, mail.EmailMessage("x", "y", "a@site.django.test", []),
                                 mail.EmailMessage("x", "y", "a@site.django.test", ["@to.django.test"])])
-        assert stored_jobs(p) == []
+        assert e.value.queued == [0] and len(stored_jobs(p)) == 4
+        queued_then = good.mxq_job_id
 
+        # fail_silently: a bad message is skipped (Django's backend skips a message it fails to send)
         silent = mail.get_connection(fail_silently=True)
-        assert silent.send_messages([good, bad_rcpt]) == 0
+        other = mail.EmailMessage("Other", "fine", "a@site.django.test", [f"other@{RCPT}"])
+        assert silent.send_messages([bad_rcpt.__class__("B", "x", "a@site.django.test", ["x@@y"]), other]) == 1
+        assert other.mxq_job_id and len(stored_jobs(p)) == 5
         assert mail.send_mail("s", "b", "a@site.django.test", ["x@@y"], fail_silently=True) == 0
-        assert stored_jobs(p) == []
-        # a message without recipients is skipped and not counted (as Django's SMTP backend does)
+        # a message without recipients is skipped and not counted (as Django's SMTP backend does);
+        # good, queued by the call that failed on message 2, is that job (a retry), not a new one
         empty = mail.EmailMessage("none", "b", "a@site.django.test", [])
         assert conn.send_messages([empty, good]) == 1
-        assert empty.mxq_job_id is None and good.mxq_job_id
+        assert empty.mxq_job_id is None and good.mxq_job_id == queued_then
         assert conn.send_messages([]) == 0
-        assert len(stored_jobs(p)) == 1
+        assert len(stored_jobs(p)) == 5
+
+
+@pytest.mark.timeout(120)
+def test_redis_failing_mid_call_then_a_retry_queues_each_message_once(pipeline, mx, monkeypatch):
+    """A send_messages call of three parts: the first is stored, the second's script runs in Redis
+    but every answer to it is lost (a proxy resets the connection after Redis ran it, redis-py
+    sends it again until MXQ_SUBMIT_TIMEOUT), the third is never tried.  The error says which
+    were queued, which perhaps and which not; the client's retry with the same objects (and a new
+    message, so that its parts are not the failed call's) stores the third part and the new one
+    only, and every recipient gets its message exactly once."""
+    import mxq.contrib.django as backend
+    from mxq.tasks.store import _SUBMIT
+    from tests.redis_proxy import DroppingProxy
+
+    monkeypatch.setattr(backend, "PART", 3)
+    p = pipeline()
+    submit_sha = p.redis.client().script_load(_SUBMIT).encode()
+    seen = []
+
+    def lose(name: str, args: list) -> bool:
+        if name != "EVALSHA" or args[1] != submit_sha:
+            return False
+        seen.append(args)
+        return len({a[7] for a in seen}) >= 2          # every call of the second part (its spec: ARGV 5)
+
+    proxy = DroppingProxy(p.redis.port, lose).start()
+    msgs = [mail.EmailMessage(f"Part {i}", f"Body {i}.", "a@site.django.test", [f"r{i}@{RCPT}"])
+            for i in range(8)]
+    try:
+        with override_settings(MXQ_REDIS_URL=proxy.url, MXQ_SUBMIT_TIMEOUT=1):
+            with pytest.raises(tasks.Unavailable) as e:
+                mail.get_connection().send_messages(msgs)
+    finally:
+        proxy.stop()
+    err = e.value
+    assert (err.queued, err.unknown, err.not_queued) == ([0, 1, 2], [3, 4, 5], [3, 4, 5, 6, 7])
+    assert "queued (each has its mxq_job_id): message(s) 0-2; perhaps queued (Redis failed while " \
+        "storing them): message(s) 3-5; not queued: message(s) 6-7" in str(err), str(err)
+    assert [bool(m.mxq_job_id) for m in msgs] == [True] * 3 + [False] * 5
+    assert len(proxy.dropped) == 1 and sum(proxy.dropped.values()) >= 2      # redis-py sent it again
+    assert len(stored_jobs(p)) == 6              # the second part was stored: its answers were lost
+    first = [m.mxq_job_id for m in msgs[:3]]
+
+    p.worker()
+    # The retry: a new message first, then those not queued (so its parts are not the failed call's).
+    late = mail.EmailMessage("Late", "Body 8.", "a@site.django.test", [f"r8@{RCPT}"])
+    with override_settings(MXQ_REDIS_URL=p.url):
+        assert mail.get_connection().send_messages([late] + [msgs[i] for i in err.not_queued]) == 6
+    msgs.append(late)
+    assert [m.mxq_job_id for m in msgs[:3]] == first and len({m.mxq_job_id for m in msgs}) == 9
+    assert len(stored_jobs(p)) == 9
+    monkeypatch.setenv("MXQ_REDIS_URL", p.url)
+    p.wait_done([m.mxq_job_id for m in msgs], timeout=60)
+    got = sorted(r for m in mx.messages if b"Body " in m.content for r in m.rcpt_tos)
+    assert got == sorted(f"r{i}@{RCPT}" for i in range(9))          # each exactly once
 
 
 def test_settings_over_environment(monkeypatch):

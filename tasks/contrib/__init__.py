@@ -1,8 +1,9 @@
 """Framework integrations: ``mxq.contrib.django`` (an ``EMAIL_BACKEND``) and ``mxq.contrib.flask`` (``Mxq``).
 
-Both hand mail to mxq's pipeline with ``mxq.tasks.submit_many`` (validate every
-message first, then store the whole batch with one Redis script: all or
-nothing) and share what is here.
+Both hand mail to mxq's pipeline and share what is here: Flask's ``send_many``
+with ``mxq.tasks.submit_many`` (validate every message first, then store the
+whole batch: all or nothing), Django's ``send_messages`` message by message as
+Django's own backends send (in parts, see ``mxq.contrib.django``).
 
 Configuration: the settings registry (``mxq.settings``) reads the
 framework's ``MXQ_*`` values itself -- Django's settings as soon as they are

@@ -512,13 +512,15 @@ local function store_jobs(spec, now, mode, k, maxpar, content_of)
     local id = job.id
     local jk = P .. 'job:' .. id
     local existing = false
-    if job.idem ~= '' then
+    if job.had or (job.again and content_of and redis.call('EXISTS', jk) == 1) then
+      existing = id           -- a retried id already stored (by the earlier call): that job, unchanged
+    elseif job.idem ~= '' then
       existing = redis.call('GET', P .. 'idem:' .. job.idem)
       if not existing then redis.call('SET', P .. 'idem:' .. job.idem, id, 'NX') end
     end
     if existing then
       ids[i] = existing
-      if not content_of then redis.call('DEL', jk) end       -- staged for nothing
+      if not content_of and not job.had then redis.call('DEL', jk) end       -- staged for nothing
     else
       ids[i] = id
       if content_of then write_job(jk, job, content_of(i)) end
@@ -568,7 +570,9 @@ local spec = cjson.decode(ARGV[5])
 -- nothing.  (Jobs whose idempotency key belonged to an older job say nothing.)
 local applied = false
 for _, job in ipairs(spec) do
-  if job.idem == '' then
+  if job.again then
+    -- a retried id says nothing about this call (store_jobs looks at each)
+  elseif job.idem == '' then
     applied = redis.call('EXISTS', P .. 'job:' .. job.id) == 1
     break
   end
@@ -594,15 +598,24 @@ return store_jobs(spec, now, mode, k, maxpar, function(i) return ARGV[5 + i] end
 # meta and records) in mxq:stage:{token} under its number, the token in mxq:staging scored
 # by the deadline.  Nothing is queued: until the commit no work item names these jobs, and
 # a submission never committed is removed by the scheduler after its deadline
-# (_UNSTAGE).  Running it twice writes the same values.  Refused whole at maxmemory (its
-# first write is an HSET).
+# (_UNSTAGE).  Running it twice changes nothing (the chunk's number is there).  A job whose
+# id is retried ("again", JobSpec.again) and exists already is not written: it is marked
+# "had", so the commit takes it as stored and _UNSTAGE never removes it.  Refused whole at
+# maxmemory (its first write is an HSET).
 _STAGE = _PRELUDE + _SUBMIT_LIB + r"""
 local sk = P .. 'stage:' .. ARGV[1]
 local spec = cjson.decode(ARGV[4])
+-- A retried call (its reply was lost) finds its chunk staged: the first run did it all.
+if redis.call('HEXISTS', sk, ARGV[3]) == 1 then return #spec end
 local common = {}
 for i, job in ipairs(spec) do
-  write_job(P .. 'job:' .. job.id, job, ARGV[4 + i])
-  job.meta = nil; job.rcpts = nil
+  local jk = P .. 'job:' .. job.id
+  if job.again and redis.call('EXISTS', jk) == 1 then
+    job.had = 1               -- a retried id already stored: kept as it is, never unstaged
+  else
+    write_job(jk, job, ARGV[4 + i])
+  end
+  job.meta = nil; job.rcpts = nil; job.again = nil
   common[i] = job
 end
 redis.call('HSET', sk, ARGV[3], cjson.encode(common))
@@ -657,7 +670,9 @@ for _, token in ipairs(tokens) do
   if redis.call('TYPE', sk)['ok'] == 'hash' then
     for _, chunk in ipairs(redis.call('HVALS', sk)) do
       local keys = {}
-      for _, job in ipairs(cjson.decode(chunk)) do table.insert(keys, P .. 'job:' .. job.id) end
+      for _, job in ipairs(cjson.decode(chunk)) do
+        if not job.had then table.insert(keys, P .. 'job:' .. job.id) end
+      end
       for i = 1, #keys, 1000 do redis.call('DEL', unpack(keys, i, math.min(i + 999, #keys))) end
     end
     redis.call('DEL', sk)
@@ -1319,6 +1334,9 @@ class JobSpec:
     hooks: list = field(default_factory=list)
     #: seconds to keep a job stored with nothing left to deliver (every recipient suppressed), else 0
     expire: int = 0
+    #: the id was given to an earlier submission whose outcome is unknown (the client's retry after
+    #: a failed call): the job is stored only if no job of that id exists, else it is that job
+    again: bool = False
 
 
 @dataclass
@@ -1715,7 +1733,8 @@ def _specs(jobs) -> tuple[list, list, list, int]:
     as stored (``_compact``); the bytes of content, meta and records."""
     common = [{"id": j.id, "idem": j.idem, "domains": [[d, j.meta[f"d:{d}"]] for d in j.domains],
                **({"hooks": j.hooks} if j.hooks else {}),
-               **({"expire": int(j.expire)} if j.expire else {})} for j in jobs]
+               **({"expire": int(j.expire)} if j.expire else {}),
+               **({"again": 1} if j.again else {})} for j in jobs]
     meta = [{k: v for k, v in j.meta.items() if META_DEFAULTS.get(k) != v} for j in jobs]
     rcpts = [[_compact(r) for r in j.records] for j in jobs]
     size = sum(len(j.content) for j in jobs) + sum(sum(len(r) for r in rs) for rs in rcpts) \

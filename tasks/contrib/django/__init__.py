@@ -16,11 +16,21 @@ and sets ``message.mxq_job_id`` on each (None for a message without
 recipients, which is skipped and not counted, as Django's SMTP backend does).
 Use ``mxq.tasks.status(message.mxq_job_id)`` to follow delivery.
 
-All or nothing: every message is built and validated before any is stored,
-then the batch is stored with one ``mxq.tasks.submit_many``.  A bad message
-(malformed address, header injection, too large) raises
-``mxq.tasks.InvalidMessage`` and nothing of the batch is queued; with
-``fail_silently=True`` that (and Redis being unreachable) returns 0 instead.
+Message by message, as Django's SMTP backend sends: the messages are built,
+validated and queued in order, in parts of ``PART`` (1,000: one Redis script
+each), so delivery starts while the rest is still being built.  A bad
+message (malformed address, header injection, too large) raises
+``mxq.tasks.InvalidMessage`` once the messages before it are queued; Redis
+unreachable raises ``mxq.tasks.Unavailable``.  Either error says which
+messages were queued (they have their ``mxq_job_id``) and which not, and
+carries them as positions in the list given: ``queued``, ``not_queued``, and
+``unknown`` (the part whose storing failed: maybe queued, maybe not).
+Sending the same ``EmailMessage`` objects again after such an error queues
+each message at most once: a message of the failed call that was queued, or
+may have been, keeps its job id, and the store takes the id as stored if it
+is (``JobSpec.again``).  With ``fail_silently=True`` a bad message is
+skipped (logged, logger ``mxq.contrib``) and the others are queued; Redis
+unreachable stops the call, which returns how many were queued.
 
 The envelope is Django's: sender ``from_email``, recipients ``to``, ``cc``
 and ``bcc`` (Bcc never appears in the content: Django leaves it out of the
@@ -31,10 +41,12 @@ headers and mxq strips any Bcc field).
 one still raises in the view -- and stored when the transaction commits
 (``transaction.on_commit``, default database); a rolled-back transaction sends
 nothing.  ``message.mxq_job_id`` is set at once either way.  Outside a
-transaction they are stored at once.
+transaction they are stored at once.  Such a call is all or nothing: a bad
+message raises and none of the call's messages is queued (with
+``fail_silently``: 0 is returned).
 
 Redis unreachable: the send gives up within ``MXQ_SUBMIT_TIMEOUT`` (2 s) with
-``mxq.tasks.Unavailable``, or returns 0 with ``fail_silently=True``.
+``mxq.tasks.Unavailable``, or returns the count queued before with ``fail_silently=True``.
 
 Delivery events come back through a signal: ``mxq.contrib.django.signals.tracking``,
 fed by mxq's signed webhooks through ``path("mxq/", include("mxq.contrib.django.urls"))``.
@@ -43,6 +55,7 @@ fed by mxq's signed webhooks through ``path("mxq/", include("mxq.contrib.django.
 from __future__ import annotations
 
 import email.utils
+import logging
 import re
 
 from django.core.mail.backends.base import BaseEmailBackend
@@ -57,10 +70,16 @@ except ImportError:                  # pragma: no cover - a Django without it: a
 
 from mxq import settings as registry
 
-from .. import submit_all
+from .. import pipeline_settings, submit_all
 from .rendering import render
 
 __all__ = ["EmailBackend", "mxq_config"]
+
+log = logging.getLogger("mxq.contrib")
+
+#: Messages validated and queued together by ``send_messages`` (one Redis script each:
+#: ``mxq.tasks.store.CALL_JOBS``); delivery of a part starts while the next one is built.
+PART = 1000
 
 
 def _on_commit(fn) -> None:
@@ -127,12 +146,170 @@ def _relabel(e: InvalidInput, positions: list[int]) -> InvalidInput:
     return err
 
 
+def _spans(positions: list[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``0-2, 5``."""
+    out, start = [], None
+    for i, n in enumerate(positions):
+        if start is None:
+            start = n
+        if i + 1 == len(positions) or positions[i + 1] != n + 1:
+            out.append(str(n) if n == start else f"{start}-{n}")
+            start = None
+    return ", ".join(out)
+
+
+class _Call:
+    """One ``send_messages`` call: its messages' fates, and the error that ends it."""
+
+    def __init__(self, messages: list):
+        self.messages = messages
+        self.ids: dict[int, str] = {}     # position -> the job id its message was given
+        self.queued: list[int] = []       # positions queued (mxq_job_id set)
+        self.unknown: list[int] = []      # positions of a part whose storing failed
+
+    def fail(self, e: Exception) -> Exception:
+        """``e`` (the same type) with what was queued and what not; every message that was queued,
+        or may have been, keeps its job id for a retry (``_RETRY``)."""
+        for n in self.queued + self.unknown:
+            setattr(self.messages[n], _RETRY, self.ids[n])
+        done = set(self.queued) | set(self.unknown)
+        not_queued = [n for n in range(len(self.messages)) if n not in set(self.queued)]
+        parts = []
+        if self.queued:
+            parts.append(f"queued (each has its mxq_job_id): message(s) {_spans(self.queued)}")
+        if self.unknown:
+            parts.append(f"perhaps queued (Redis failed while storing them): message(s) {_spans(self.unknown)}")
+        rest = [n for n in not_queued if n not in done]
+        if rest:
+            parts.append(f"not queued: message(s) {_spans(rest)}")
+        note = ("; ".join(parts) + ". Sending the same EmailMessage objects again queues each at most once"
+                if self.queued or self.unknown else "nothing was queued")
+        reason = getattr(e, "reason", None)
+        try:
+            err = type(e)(f"{reason if reason is not None else e} -- {note}")
+        except Exception:               # noqa: BLE001 -- an error type taking other arguments: as it is
+            err = e
+        if reason is not None:
+            err.index = getattr(e, "index", None)
+        err.queued, err.not_queued, err.unknown = list(self.queued), not_queued, list(self.unknown)
+        return err
+
+
+class _Storing:
+    """Parts stored in order by a thread of their own while the caller builds the next
+    (``add``); a part's Redis error is raised by the next ``add`` or by ``wait``.  The last part
+    is stored by the caller (a call of one part -- most calls -- starts no thread)."""
+
+    def __init__(self, messages: list, call: _Call, settings, store_prepared):
+        self.messages, self.call, self.settings, self.store_prepared = messages, call, settings, store_prepared
+        self.pool = None
+        self.pending = None
+
+    def _store(self, part: list) -> None:
+        try:
+            ids = self.store_prepared([j for _, j in part], settings=self.settings)
+        except BaseException:
+            self.call.unknown = [n for n, _ in part]
+            raise
+        for (n, _), job in zip(part, ids):
+            self.messages[n].mxq_job_id = job
+            self.call.queued.append(n)
+
+    def add(self, part: list, *, last: bool = False) -> None:
+        """Store ``part`` (after the previous one); raise the previous one's error.  ``last``: the
+        call's last part, stored now in the caller's thread (its error raised here)."""
+        self.wait()
+        if not part:
+            return
+        if last:
+            self._store(part)
+            return
+        if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mxq-django")
+        self.pending = self.pool.submit(self._store, part)
+
+    def wait(self) -> None:
+        """Wait for the part being stored; raise its error."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the part being stored, whatever its outcome (the caller is raising)."""
+        try:
+            self.wait()
+        except BaseException:       # noqa: BLE001 -- the caller's error is the one raised
+            pass
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+
+
+#: The attribute holding the job id a message got in a call that failed (queued, or perhaps):
+#: the next call stores it under that id again, which stores it only if it is not stored.
+_RETRY = "_mxq_retry_id"
+
+
 class EmailBackend(BaseEmailBackend):
     """Django ``EMAIL_BACKEND`` submitting to mxq; see the module docstring."""
 
     def send_messages(self, email_messages) -> int:
-        """Queue ``email_messages`` in one all-or-nothing batch; return how many were queued."""
+        """Queue ``email_messages`` in order, ``PART`` at a time; return how many were queued."""
         messages = list(email_messages or ())
+        if registry.value("MXQ_ON_COMMIT"):
+            return self._send_on_commit(messages)
+        from kombu.exceptions import OperationalError
+        from redis.exceptions import RedisError
+
+        from mxq.tasks.producer import Validator, store_prepared
+
+        settings = pipeline_settings()      # a bad MXQ_* setting raises ValueError, silent or not
+        check = Validator()
+        call = _Call(messages)
+        part: list[tuple[int, object]] = []          # (position, job) validated, not stored yet
+        storing = _Storing(messages, call, settings, store_prepared)
+        for m in messages:
+            m.mxq_job_id = None
+        try:
+            try:
+                for n, m in enumerate(messages):
+                    if not m.recipients():
+                        continue
+                    again = getattr(m, _RETRY, None)
+                    try:
+                        job = check.job(self._item(m, n), job_id=again)
+                    except InvalidInput as e:
+                        if not e.reason.startswith(f"message {n}: "):
+                            e = type(e)(f"message {n}: {e.reason}")
+                        e.index = n
+                        if not self.fail_silently:
+                            storing.add(part, last=True)
+                            raise call.fail(e) from None
+                        log.warning("mail not submitted (fail_silently): %s", e.reason)
+                        continue
+                    call.ids[n] = job.id
+                    part.append((n, job))
+                    if len(part) >= PART:
+                        storing.add(part)
+                        part = []
+                storing.add(part, last=True)
+            finally:
+                storing.close()
+        except (RedisError, OperationalError) as e:
+            if self.fail_silently:
+                call.fail(e)
+                log.warning("mail not submitted (fail_silently): %s; %d message(s) queued before",
+                            e, len(call.queued))
+                return len(call.queued)
+            raise call.fail(e) from e
+        for n in call.queued:
+            if hasattr(messages[n], _RETRY):
+                delattr(messages[n], _RETRY)
+        return len(call.queued)
+
+    def _send_on_commit(self, messages: list) -> int:
+        """``MXQ_ON_COMMIT``: every message validated now (all or nothing), stored at the commit."""
         items, queued, positions = [], [], []
         try:
             for n, m in enumerate(messages):
@@ -149,8 +326,7 @@ class EmailBackend(BaseEmailBackend):
         if not items:
             return 0
         try:
-            later = _on_commit if registry.value("MXQ_ON_COMMIT") else None
-            ids = submit_all(items, fail_silently=self.fail_silently, later=later)
+            ids = submit_all(items, fail_silently=self.fail_silently, later=_on_commit)
         except InvalidInput as e:
             # submit_many numbers the items it was given; name the message as the caller knows it.
             raise _relabel(e, positions) from None
