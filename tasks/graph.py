@@ -571,6 +571,10 @@ class _Lane:
         self.conns_counts: list[dict] = []
         self.deadline = time.monotonic() + rt.ps.soft_time_limit / 2
         self.speculated = False
+        # A connection is started and listed in one step (spawn), so join() never sees one not started
+        # yet -- another connection of this task may be opening one meanwhile -- and none after it.
+        self.spawning = threading.Lock()
+        self.joined = False
 
     def run(self, token: str, grant: Grant) -> dict:
         first = self.start(token, grant)
@@ -579,13 +583,22 @@ class _Lane:
         finally:
             first.close()
             self.done()
-            while self.threads:
-                self.threads.pop().join()
+            self.join()
         counts: dict[str, int] = defaultdict(int)
         for c in [c.counts for c in self.conns] + self.conns_counts:
             for k, v in c.items():
                 counts[k] += v
         return counts
+
+    def join(self) -> None:
+        """Wait for every connection this task opened, and those they open meanwhile; then it opens no more."""
+        while True:
+            with self.spawning:
+                if not self.threads:
+                    self.joined = True
+                    return
+                t = self.threads.pop()
+            t.join()
 
     def start(self, token: str, grant: Grant) -> "_Connection":
         with self.rt.local_lock:
@@ -623,11 +636,20 @@ class _Lane:
                            qmgr.LOCAL_CONNECTIONS - self.rt.local_active))
             self.local += k                 # reserved; start() counts them again
             self.rt.local_active += k
+        started = 0
         for _ in range(k):
-            t = threading.Thread(target=self.extra, name="mxq-conn", daemon=True)
-            self.threads.append(t)
-            t.start()
-        return k
+            with self.spawning:
+                if self.joined:             # the task is over (a late speculation)
+                    break
+                t = threading.Thread(target=self.extra, name="mxq-conn", daemon=True)
+                t.start()
+                self.threads.append(t)
+            started += 1
+        if started < k:
+            with self.rt.local_lock:
+                self.local -= k - started
+                self.rt.local_active -= k - started
+        return started
 
     def speculate(self, window: int, waited: float) -> bool:
         """A first chunk of a lane of unknown latency is still waiting for its server: open the window now.

@@ -478,6 +478,11 @@ def test_a_dead_exchange_gets_one_probe_at_a_time_and_other_domains_deliver(pipe
         revived = server(20, "mx.dead.rt.test", keep_content=False)
         p.wait_done(dead, timeout=40)
         assert all(s["state"] == "delivered" for s in states(dead)) and len(revived.messages) == 30
+        # No delivery task broke off: the connections a dead lane's task opened (and those they
+        # opened in turn) were joined, each once started ("cannot join thread before it is
+        # started" raised from _Lane.run while a connection it had opened was opening another).
+        raised = [line for line in p.logs().splitlines() if "raised unexpected" in line]
+        assert not raised, raised[:3]
     finally:
         stop.set()
         subprocess.run(["nft", "delete", "table", "inet", "mxq_rt_dead"], capture_output=True)
