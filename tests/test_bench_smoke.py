@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,7 @@ N, M = 200, 5
 STEADY, BACKLOG = 100, 2000          # --quick sizes of the steady-rate and backlog stages
 SLOW = (4, 3, 1)                     # --quick slow stage: domains, messages each, seconds at the dot
 DEAD = (4, 5, 2)                     # --quick dead stage: healthy domains, messages per domain, dead domains
+PAIRS = 2                            # ... mxq runs without / with the dead domains, in pairs
 INFLIGHT = (10, 10, 1)               # --quick inflight stage: deliveries, domains, seconds at the dot
 HEALTHY = DEAD[0] * DEAD[1]
 # Messages counted at the sinks per stage (else N) and domains routed by MX (else M).
@@ -92,7 +94,7 @@ def test_run_succeeds_and_prints_the_table(bench):
         assert label in text
     for key, *_ in RATIOS:
         assert key in text
-    for line in ("slow stage: ideal", "dead stage (mxq):", "inflight stage: peak"):
+    for line in ("slow stage: ideal", "dead stage (mxq):", "dead stage (mxq) pairs:", "inflight stage: peak"):
         assert line in text
     # Every target has a line with its verdict.
     assert "target (issues 5, 8)" in text
@@ -111,7 +113,7 @@ def test_params_are_the_quick_ones(bench):
     assert p["stages"] == ["limit", "dce", "postfix", "mxq", "django", "steady", "backlog", "slow", "dead", "inflight"]
     assert (p["slow_domains"], p["slow_per_domain"], p["slow_delay"]) == SLOW
     assert (p["dead_healthy_domains"], p["dead_per_domain"], p["dead_domains"]) == DEAD
-    assert p["dead_connect_timeout"] == 2
+    assert p["dead_connect_timeout"] == 2 and p["dead_pairs"] == PAIRS
     assert (p["inflight_messages"], p["inflight_domains"], p["inflight_delay"]) == INFLIGHT
     # mxq runs at its defaults: no tuning flag unless asked for.
     assert (p["mxq_workers"], p["mxq_concurrency"], p["mxq_pool"]) == (1, None, None)
@@ -296,6 +298,9 @@ def test_ratios(bench):
     for key, num, den in RATIOS:
         ratio = result["ratios"][key]
         assert ratio is not None and ratio > 0
+        if key == "dead_mxq/dead_mxq_base":         # the median of the dead stage's pairs
+            assert ratio == result["stages"]["dead_mxq"]["dead"]["ratio_median"]
+            continue
         assert ratio == pytest.approx(result["stages"][num]["msgs_per_sec"] / result["stages"][den]["msgs_per_sec"],
                                       rel=0.01)
 
@@ -331,6 +336,50 @@ def test_dead_stage_defers_every_dead_recipient_with_its_reason(bench):
     queued = [int(m.group(1)) for note in stages["dead_postfix"]["notes"]
               for m in [re.search(r"(\d+) messages still queued", note)] if m]
     assert queued and 1 <= queued[0] <= n
+
+
+def test_dead_stage_judges_the_median_of_pairs_run_in_alternating_order(bench):
+    stages = bench[2]["stages"]
+    dead = stages["dead_mxq"]["dead"]
+    pairs = dead["pairs"]
+    assert [p["pair"] for p in pairs] == list(range(1, PAIRS + 1))
+    assert [p["order"] for p in pairs] == ["without first", "with first"][:PAIRS]
+    # Pair 1 is dead_mxq_base and dead_mxq's own run; every run has its figures.
+    assert pairs[0]["without"]["msgs_per_sec"] == stages["dead_mxq_base"]["msgs_per_sec"]
+    assert pairs[0]["with"]["msgs_per_sec"] == stages["dead_mxq"]["msgs_per_sec"]
+    for p in pairs:
+        for half in ("without", "with"):
+            run = p[half]
+            assert run["exactly_once"] is True and run["msgs_per_sec"] > 0 and run["worker_cpu_s"] > 0
+            assert run["worker_cpu_ms_per_msg"] == pytest.approx(run["worker_cpu_s"] * 1000 / HEALTHY, abs=0.001)
+        assert p["ratio"] == pytest.approx(p["with"]["msgs_per_sec"] / p["without"]["msgs_per_sec"], rel=0.001)
+        assert p["with"]["lost"] == 0 and p["with"]["final"] == 0
+    assert dead["ratios"] == [p["ratio"] for p in pairs]
+    assert dead["ratio_median"] == pytest.approx(statistics.median(dead["ratios"]), abs=1e-4)
+    assert dead["ratio_min"] == min(dead["ratios"]) and dead["ratio_max"] == max(dead["ratios"])
+    assert dead["pairs_wrong"] == []
+    assert bench[2]["targets"]["dead_mxq/dead_mxq_base"]["value"] == dead["ratio_median"]
+    # The dead exchanges were tried (their SYNs dropped), by few connections at once.
+    assert dead["syns_dropped"] >= DEAD[2]
+    assert 0 <= dead["connecting_peak_max"] <= 5 * DEAD[2]
+
+
+def test_pairs_block_takes_the_median_and_the_spread():
+    from bench_lib.exchanges import pairs_block
+
+    def run(rate, cpu):
+        return {"msgs_per_sec": rate, "worker_cpu_ms_per_msg": cpu, "connecting_peak": 3}
+
+    pairs = [{"pair": k, "without": run(w, cw), "with": run(d, cd), "ratio": round(d / w, 4),
+              "cpu_ratio": round(cd / cw, 4)}
+             for k, (w, d, cw, cd) in enumerate([(1000, 500, 0.5, 0.5), (1000, 1100, 0.5, 0.6),
+                                                 (1000, 950, 0.4, 0.5), (2000, 1900, 0.5, 0.5)], 1)]
+    block = pairs_block(pairs)
+    assert block["ratios"] == [0.5, 1.1, 0.95, 0.95]
+    assert block["ratio_median"] == 0.95 and (block["ratio_min"], block["ratio_max"]) == (0.5, 1.1)
+    assert block["cpu_ms_per_msg_median"] == {"without": 0.5, "with": 0.5}
+    assert block["cpu_ratio_median"] == pytest.approx(1.1, abs=1e-3)   # median of 1.0, 1.2, 1.25, 1.0
+    assert block["connecting_peak_max"] == 3
 
 
 def test_inflight_stage_counts_deliveries_at_the_sink(bench):

@@ -45,7 +45,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("-s", "--size", type=int, default=2048, help="message size in bytes (default 2048)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 200 messages, 5 domains, steady stage 100 messages, backlog stage 2000, "
-                        "slow 4 domains x 3, dead 4 x 5 healthy + 2 x 5 dead with a 2 s connect timeout, "
+                        "slow 4 domains x 3, dead 4 x 5 healthy + 2 x 5 dead with a 2 s connect timeout in 2 pairs, "
                         "inflight 10 deliveries at 1 s (each unless given explicitly)")
     p.add_argument("--stages", default=DEFAULT_STAGES,
                    help=f"comma-separated subset of {DEFAULT_STAGES} (default: all)")
@@ -69,6 +69,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dead-connect-timeout", type=float, default=None,
                    help="dead stage: mxq's MXQ_CONNECT_TIMEOUT and Postfix's smtp_connect_timeout in seconds "
                         "(default: neither set, their defaults of 30 s; --quick 2)")
+    p.add_argument("--dead-pairs", type=int, default=6,
+                   help="dead stage: mxq runs without and with the dead domains, in pairs alternating which "
+                        "runs first; the verdict is the median ratio (6, --quick 2)")
     p.add_argument("--inflight", dest="inflight_n", type=int, default=1000,
                    help="inflight stage: deliveries meant to be in flight at once (1000, --quick 10)")
     p.add_argument("--inflight-domains", type=int, default=200,
@@ -113,6 +116,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         quick = {"--slow-domains": ("slow_domains", 4), "--slow-messages": ("slow_per_domain", 3),
                  "--dead-healthy-domains": ("dead_healthy_domains", 4), "--dead-messages": ("dead_per_domain", 5),
                  "--dead-domains": ("dead_domains", 2), "--dead-connect-timeout": ("dead_connect_timeout", 2.0),
+                 "--dead-pairs": ("dead_pairs", 2),
                  "--inflight": ("inflight_n", 10), "--inflight-domains": ("inflight_domains", 10),
                  "--inflight-delay": ("inflight_delay", 1)}
         for flag, (attr, value) in quick.items():
@@ -138,7 +142,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.steady_messages < 1 or args.steady_rate <= 0 or args.backlog_messages < 1 or args.rss_interval <= 0:
         p.error("need --steady-messages >= 1, --steady-rate > 0, --backlog >= 1, --rss-interval > 0")
     if min(args.slow_domains, args.slow_per_domain, args.slow_delay, args.dead_healthy_domains,
-           args.dead_per_domain, args.dead_domains, args.inflight_n, args.inflight_domains, args.inflight_delay) < 1:
+           args.dead_per_domain, args.dead_domains, args.dead_pairs, args.inflight_n, args.inflight_domains, args.inflight_delay) < 1:
         p.error("the slow, dead and inflight sizes and delays must be >= 1")
     if max(args.domains, args.slow_domains, args.dead_healthy_domains, args.dead_domains,
            args.inflight_domains) > 250 * 250:
@@ -220,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                    "slow_per_domain": args.slow_per_domain, "slow_delay": args.slow_delay,
                    "dead_healthy_domains": args.dead_healthy_domains, "dead_per_domain": args.dead_per_domain,
                    "dead_domains": args.dead_domains, "dead_connect_timeout": args.dead_connect_timeout,
+                   "dead_pairs": args.dead_pairs,
                    "inflight_messages": args.inflight_n, "inflight_domains": args.inflight_domains,
                    "inflight_delay": args.inflight_delay},
         "environment": env_before,
@@ -249,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             slow_domains=args.slow_domains, slow_per_domain=args.slow_per_domain, slow_delay=args.slow_delay,
             dead_healthy_domains=args.dead_healthy_domains, dead_per_domain=args.dead_per_domain,
             dead_domains=args.dead_domains, dead_connect_timeout=args.dead_connect_timeout,
+            dead_pairs=args.dead_pairs,
             inflight_n=args.inflight_n, inflight_domains=args.inflight_domains,
             inflight_delay=args.inflight_delay, inflight_interval=0.1 if args.quick else 0.25)
         for key in args.stages.split(","):

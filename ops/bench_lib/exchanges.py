@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
+import statistics
 import threading
 import time
 
@@ -131,77 +133,225 @@ def dead_postfix(ctx: Context) -> dict:
 
 
 def dead_mxq_base(ctx: Context) -> dict:
-    """mxq at its defaults, healthy domains only: the rate the dead stage is judged against."""
-    spec, addrs = _healthy(ctx, "dead_mxq_base")
-    res = mxq_deliver(ctx, "dead_mxq_base", [spec], [spec], addrs, env_extra=_dead_env(ctx))
-    res["notes"].append(_dead_note(ctx, False))
+    """mxq at its defaults, healthy domains only: the rate the dead stage is judged against (its first pair's half)."""
+    ctx.dead_base = None
+    res, ctx.dead_base = _dead_mxq_run(ctx, "dead_mxq_base", with_dead=False)
     return res
 
 
 #: Seconds between two status sweeps over the dead domains' jobs.
 DEAD_POLL = 0.5
+#: Seconds between two counts of the connection attempts stuck on the dead exchanges (SYN-SENT sockets).
+CONNECTING_INTERVAL = 0.05
+#: Seconds a further pair's run gives its workers to stop before SIGKILL: its figures are taken, and its
+#: connections to the dead exchanges would hold a warm shutdown until their connect timeout.
+PAIR_STOP_TIMEOUT = 2.0
 
 
-def dead_mxq(ctx: Context) -> dict:
-    """mxq with the dead domains' mail submitted first; then every dead-domain recipient must be deferred.
+class _Connecting(threading.Thread):
+    """Counts, every ``CONNECTING_INTERVAL`` s, the connection attempts stuck on ``network`` (``sandbox.connecting``)."""
 
-    After the healthy mail is at the sinks, ``mxq.tasks.status`` of every
-    dead-domain job is swept every ``DEAD_POLL`` s until each recipient is
-    ``deferred`` with a reason (its ``text``), or the stage's time is up.
-    A job mxq no longer knows (KeyError) is lost; a recipient in any other
-    final state (delivered, bounced, expired) is wrong.
-    """
+    def __init__(self, network: str):
+        super().__init__(name="bench-connecting", daemon=True)
+        self.network = network
+        self.peak = 0
+        self.samples = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            self.peak = max(self.peak, sandbox.connecting(self.network))
+            self.samples += 1
+            self.halt.wait(CONNECTING_INTERVAL)
+
+    def stop(self) -> dict:
+        """Stop sampling: ``{peak, now}`` (the most at one sample, and how many right now)."""
+        now = sandbox.connecting(self.network)
+        self.halt.set()
+        self.join(5)
+        return {"peak": max(self.peak, now), "now": now}
+
+
+def _dead_sweep(jobs: list[str]) -> dict:
+    """``mxq.tasks.status`` of the dead domains' jobs: states, recipients deferred with a reason, jobs lost."""
     from mxq import tasks
 
-    spec, addrs = _healthy(ctx, "dead_mxq")
-    dead = _dead(ctx, "dead_mxq")
+    states: dict[str, int] = {}
+    lost, with_reason, reasons = 0, 0, {}
+    for j in jobs:
+        try:
+            st = tasks.status(j)
+        except KeyError:
+            lost += 1
+            continue
+        for rcpt in st["recipients"]:
+            states[rcpt["state"]] = states.get(rcpt["state"], 0) + 1
+            if rcpt["state"] == "deferred" and (rcpt.get("text") or "").strip():
+                with_reason += 1
+                reasons[rcpt["text"]] = reasons.get(rcpt["text"], 0) + 1
+    return {"states": states, "lost": lost, "with_reason": with_reason, "reasons": reasons}
+
+
+def _dead_mxq_run(ctx: Context, stage: str, *, with_dead: bool, check: bool = True,
+                  stop_timeout: float = 10.0) -> tuple[dict, dict]:
+    """One mxq run of the dead stage on a fresh Redis, sinks and workers: ``(result, summary)``.
+
+    ``with_dead``: the dead domains' mail is submitted first and their
+    exchanges drop SYNs.  Such a run counts the connection attempts stuck on
+    them (SYN-SENT sockets) while the healthy mail flows, and then, with
+    ``check``, sweeps ``mxq.tasks.status`` of every dead-domain job every
+    ``DEAD_POLL`` s until each recipient is ``deferred`` with a reason (its
+    ``text``) or the stage's time is up (``dead`` block); without ``check``,
+    once: no job lost and no recipient in a final state (``lost``, ``states``).
+    A job mxq no longer knows (KeyError) is lost; a recipient delivered,
+    bounced or expired is wrong.  The summary is what the pairs compare
+    (``_summary``).
+    """
+    spec, addrs = _healthy(ctx, stage)
+    dead = _dead(ctx, stage)
     t_start: list[float] = []
+    network = sandbox.family_network("x")
+    watch: dict = {}
 
     def on_ready(procs) -> None:
+        if with_dead:
+            watch["thread"] = _Connecting(network)
+            watch["thread"].start()
         t_start.append(time.time())
 
     def after(procs, ids) -> dict:
-        jobs = ids[dead.run]
+        if not with_dead:
+            return {}
+        connecting = watch["thread"].stop()
+        block = {"dead_domains": ctx.dead_domains, "dead_messages": dead.count, "healthy_messages": spec.count,
+                 "connect_timeout": ctx.dead_connect_timeout,
+                 "connecting_peak": connecting["peak"], "connecting_at_done": connecting["now"],
+                 "syns_dropped_at_done": sandbox.dropped_syns()}
+        if not check:
+            sweep = _dead_sweep(ids[dead.run])
+            block.update(lost=sweep["lost"], states=sweep["states"])
+            return {"dead": block}
         deadline = t_start[0] + ctx.timeout_for(dead.count + spec.count)
         sweeps = 0
         while True:
             sweeps += 1
-            states: dict[str, int] = {}
-            lost, with_reason, reasons = 0, 0, {}
-            for j in jobs:
-                try:
-                    st = tasks.status(j)
-                except KeyError:
-                    lost += 1
-                    continue
-                for rcpt in st["recipients"]:
-                    states[rcpt["state"]] = states.get(rcpt["state"], 0) + 1
-                    if rcpt["state"] == "deferred" and (rcpt.get("text") or "").strip():
-                        with_reason += 1
-                        reasons[rcpt["text"]] = reasons.get(rcpt["text"], 0) + 1
-            done = with_reason == dead.count and not lost
+            sweep = _dead_sweep(ids[dead.run])
+            done = sweep["with_reason"] == dead.count and not sweep["lost"]
             if done or time.time() >= deadline:
                 break
             time.sleep(DEAD_POLL)
-        block = {
-            "dead_domains": ctx.dead_domains, "dead_messages": dead.count, "healthy_messages": spec.count,
-            "connect_timeout": ctx.dead_connect_timeout, "deferred_with_reason": with_reason,
-            "lost": lost, "states": states, "all_deferred": done,
+        block.update({
+            "deferred_with_reason": sweep["with_reason"], "lost": sweep["lost"], "states": sweep["states"],
+            "all_deferred": done,
             "seconds_to_all_deferred": round(time.time() - t_start[0], 3) if done else None,
-            "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:3]), "sweeps": sweeps,
+            "reasons": dict(sorted(sweep["reasons"].items(), key=lambda kv: -kv[1])[:3]), "sweeps": sweeps,
+            "syns_dropped": sandbox.dropped_syns(),
             "queue": _queue_by_domain(dead),
-        }
+        })
         return {"dead": block}
 
-    sandbox.drop_syns(sandbox.family_network("x"))
+    if with_dead:
+        sandbox.drop_syns(network)
     try:
-        res = mxq_deliver(ctx, "dead_mxq", [dead, spec], [spec], addrs, env_extra=_dead_env(ctx),
-                          on_ready=on_ready, after=after)
+        res = mxq_deliver(ctx, stage, [dead, spec] if with_dead else [spec], [spec], addrs,
+                          env_extra=_dead_env(ctx), on_ready=on_ready, after=after, stop_timeout=stop_timeout)
     finally:
-        sandbox.allow_syns()
-    res["notes"].append(_dead_note(ctx, True))
-    if not res["dead"]["all_deferred"]:
+        if "thread" in watch:
+            watch["thread"].halt.set()
+        if with_dead:
+            sandbox.allow_syns()
+    res["notes"].append(_dead_note(ctx, with_dead))
+    if with_dead and check and not res["dead"]["all_deferred"]:
         res["notes"].append(f"NOT every dead-domain recipient deferred with a reason: {res['dead']}")
+    return res, _summary(res, spec.count, with_dead)
+
+
+def _summary(res: dict, healthy: int, with_dead: bool) -> dict:
+    """One run's figures for the pairs: healthy msg/s, worker CPU per healthy message, stuck connections."""
+    cpu = res.get("harness_cpu_seconds") or {}
+    workers = cpu.get("mxq_workers")
+    out = {"msgs_per_sec": res["msgs_per_sec"], "seconds": res["seconds"], "worker_cpu_s": workers,
+           "worker_cpu_ms_per_msg": round(workers * 1000 / healthy, 3) if workers is not None else None,
+           "redis_cpu_s": cpu.get("redis"), "exactly_once": res["sinks"]["exactly_once"],
+           "load1": round(os.getloadavg()[0], 2)}
+    if with_dead:
+        dead = res.get("dead") or {}
+        out.update(connecting_peak=dead.get("connecting_peak"), syns_dropped=dead.get("syns_dropped_at_done"),
+                   lost=dead.get("lost"),
+                   final=sum(v for k, v in (dead.get("states") or {}).items() if k in ("delivered", "bounced",
+                                                                                        "expired")))
+    return out
+
+
+def _pair(k: int, without: dict, with_: dict, order: str) -> dict:
+    ratio = lambda a, b: round(a / b, 4) if a and b else None        # noqa: E731
+    return {"pair": k, "order": order, "without": without, "with": with_,
+            "ratio": ratio(with_["msgs_per_sec"], without["msgs_per_sec"]),
+            "cpu_ratio": ratio(with_["worker_cpu_ms_per_msg"], without["worker_cpu_ms_per_msg"])}
+
+
+def pairs_block(pairs: list[dict]) -> dict:
+    """The verdict of the dead stage's pairs: the median with/without ratio, its spread, worker CPU per message."""
+    def med(vals):
+        vals = [v for v in vals if v is not None]
+        return round(statistics.median(vals), 4) if vals else None
+
+    ratios = [p["ratio"] for p in pairs if p["ratio"] is not None]
+    return {
+        "pairs": pairs,
+        "ratios": ratios,
+        "ratio_median": med(ratios),
+        "ratio_min": min(ratios) if ratios else None,
+        "ratio_max": max(ratios) if ratios else None,
+        "cpu_ms_per_msg_median": {"without": med(p["without"]["worker_cpu_ms_per_msg"] for p in pairs),
+                                  "with": med(p["with"]["worker_cpu_ms_per_msg"] for p in pairs)},
+        "cpu_ratio_median": med(p["cpu_ratio"] for p in pairs),
+        "connecting_peak_max": max((p["with"].get("connecting_peak") or 0 for p in pairs), default=None),
+    }
+
+
+def dead_mxq(ctx: Context) -> dict:
+    """mxq with the dead domains' mail submitted first, then ``dead_pairs - 1`` more pairs; the verdict is their median.
+
+    The first run (with the dead domains) completes the first pair, whose
+    other half is ``dead_mxq_base``; it also waits until every dead-domain
+    recipient is deferred with a reason (``_dead_mxq_run``).  A healthy half
+    lasts about a second, so one pair cannot tell 10% from noise: each further
+    pair runs its two halves in the opposite order to the pair before it (so
+    order and drift cancel), each on a fresh Redis, sinks and workers, and
+    checks only that no dead-domain job is lost or final.  ``dead.pairs``
+    holds every pair; the ratio judged is their median (``ratio_median``,
+    with ``ratio_min``/``ratio_max``), and the workers' CPU seconds per
+    healthy message with and without tell a real cost from scheduling noise.
+    """
+    res, first = _dead_mxq_run(ctx, "dead_mxq", with_dead=True)
+    base = ctx.dead_base
+    if base is None:                                # dead_mxq_base did not run or failed: its half now
+        _, base = _dead_mxq_run(ctx, "dead_mxq_pair1_base", with_dead=False, stop_timeout=PAIR_STOP_TIMEOUT)
+    pairs = [_pair(1, base, first, "without first")]
+    for k in range(2, ctx.dead_pairs + 1):
+        order = (True, False) if k % 2 == 0 else (False, True)
+        halves = {}
+        for with_dead in order:
+            name = f"dead_mxq_pair{k}_{'with' if with_dead else 'without'}"
+            _, halves[with_dead] = _dead_mxq_run(ctx, name, with_dead=with_dead, check=False,
+                                                 stop_timeout=PAIR_STOP_TIMEOUT)
+            ctx.say(f"   pair {k}, {'with' if with_dead else 'without'} the dead domains: "
+                    f"{halves[with_dead]['msgs_per_sec']} msg/s, worker CPU "
+                    f"{halves[with_dead]['worker_cpu_ms_per_msg']} ms a message")
+        pairs.append(_pair(k, halves[False], halves[True], "with first" if order[0] else "without first"))
+    block = pairs_block(pairs)
+    res["dead"].update(block)
+    bad = [p["pair"] for p in pairs if not (p["without"]["exactly_once"] and p["with"]["exactly_once"])]
+    if bad:
+        res["sinks"]["exactly_once"] = False
+        res["notes"].append(f"NOT exactly once in the runs of pair(s) {bad}")
+    wrong = [p["pair"] for p in pairs if p["with"].get("lost") or p["with"].get("final")]
+    res["dead"]["pairs_wrong"] = wrong
+    if wrong:
+        res["notes"].append(f"dead-domain mail lost or in a final state in pair(s) {wrong}")
+    res["notes"].append(f"{len(pairs)} pairs without / with the dead domains, alternating which runs first; "
+                        f"healthy msg/s ratios {block['ratios']}: median {block['ratio_median']}")
     return res
 
 

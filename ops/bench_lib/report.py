@@ -7,14 +7,15 @@ The JSON result (``--json PATH``, default ``var/bench/result.json``)::
                   postfix_dns, limit_sessions, batch, mxq_workers, mxq_concurrency, mxq_pool,
                   steady_messages, steady_rate, backlog_messages, rss_interval, dns_ttl, strict,
                   slow_domains, slow_per_domain, slow_delay, dead_healthy_domains,
-                  dead_per_domain, dead_domains, dead_connect_timeout, inflight_messages,
+                  dead_per_domain, dead_domains, dead_connect_timeout, dead_pairs, inflight_messages,
                   inflight_domains, inflight_delay
     environment   cpus, loadavg (before), loadavg_after, platform, python, postfix, redis,
                   celery, django, django_celery_email (versions)
     started       UTC time stamp
     stages        {name: STAGE} for the names in STAGE_ORDER that ran
     ratios        {key: numerator msg/s / denominator msg/s} for RATIOS, null unless both
-                  stages ran and finished
+                  stages ran and finished; dead_mxq/dead_mxq_base is the median of the dead
+                  stage's pairs (dead.ratio_median) when it has them
     targets       {name: TARGET} for every target of issues 5 and 8 (see TARGETS below)
     targets_ok    true if every judged target passes, false if one fails, null if none judged
     ok            true only if every selected stage ran and was exactly-once (targets are
@@ -73,7 +74,21 @@ The JSON result (``--json PATH``, default ``var/bench/result.json``)::
     dead               (dead_mxq) {dead_domains, dead_messages, healthy_messages, connect_timeout,
                        deferred_with_reason, lost, states: {state: recipients}, all_deferred,
                        seconds_to_all_deferred, reasons: {text: count} (top 3), sweeps,
-                       queue: {domain: {ready, in_flight, deferred}} (mxq queue's view)}
+                       queue: {domain: {ready, in_flight, deferred}} (mxq queue's view),
+                       connecting_peak, connecting_at_done (connection attempts stuck on the dead
+                       exchanges -- SYN-SENT sockets -- at most while the healthy mail flowed, and
+                       when it was all at the sinks), syns_dropped_at_done, syns_dropped (SYNs the
+                       drop rule counted by then, retransmissions included),
+                       pairs: [{pair, order ("without first" | "with first"), without, with: RUN,
+                       ratio (with / without healthy msg/s), cpu_ratio (of worker CPU per
+                       message)}] -- pair 1 is dead_mxq_base and this stage's own run, each further
+                       pair two fresh runs in the order opposite to the pair before --, ratios,
+                       ratio_median (the verdict), ratio_min, ratio_max, cpu_ms_per_msg_median:
+                       {without, with}, cpu_ratio_median, connecting_peak_max, pairs_wrong (pairs
+                       whose dead-domain mail was lost or final)}
+                       RUN: {msgs_per_sec, seconds, worker_cpu_s, worker_cpu_ms_per_msg (per healthy
+                       message), redis_cpu_s, exactly_once, load1; with the dead domains also
+                       connecting_peak, syns_dropped, lost, final}
     inflight           (inflight_mxq) {deliveries, domains, delay_s, interval_s, samples,
                        peak_in_flight, peak_connections, connections_at_peak, rss_kb_before,
                        rss_kb_at_peak, rss_growth_kb, rss_kb_per_delivery, processes_before,
@@ -121,6 +136,9 @@ def ratios(stages: dict) -> dict:
         a, b = stages.get(num) or {}, stages.get(den) or {}
         out[key] = _ratio(a.get("msgs_per_sec"), b.get("msgs_per_sec")) \
             if a.get("status") == "ok" and b.get("status") == "ok" else None
+    median = _get(_ok(stages.get("dead_mxq")), "dead", "ratio_median")
+    if median is not None:
+        out["dead_mxq/dead_mxq_base"] = median          # several pairs: their median is the figure
     return out
 
 
@@ -175,7 +193,8 @@ TARGETS = (
     ("slow_mxq/ideal", "slow exchanges: mxq / ideal", None, None, "slow_mxq",
      "msg/s over what the destinations allow (slow.ideal_msgs_per_sec)"),
     ("dead_mxq/dead_mxq_base", "dead exchanges: mxq healthy msg/s, with / without", ">=", 0.9,
-     "dead_mxq, dead_mxq_base", "healthy-domain msg/s with the dead domains' mail first over without it"),
+     "dead_mxq, dead_mxq_base", "healthy-domain msg/s with the dead domains' mail first over without it: "
+     "the median of the stage's pairs (dead.pairs), each pair's runs in turn"),
     ("dead_deferred_with_reason", "dead exchanges: recipients deferred with reason", ">=", 1.0, "dead_mxq",
      "fraction of the dead domains' recipients in state deferred with a reason (mxq.tasks.status), none lost"),
     ("dead_postfix/dead_postfix_base", "dead exchanges: Postfix, with / without", None, None,
@@ -256,7 +275,8 @@ def targets(result: dict) -> dict:
         if name == "worker_rss_flat" and value is not None:
             verdict = _get(stages, "mxq_backlog", "backlog", "rss", "flat")
         if name == "dead_deferred_with_reason" and value is not None:
-            verdict = bool(verdict) and _get(stages, "dead_mxq", "dead", "lost") == 0
+            verdict = bool(verdict) and _get(stages, "dead_mxq", "dead", "lost") == 0 \
+                and not _get(stages, "dead_mxq", "dead", "pairs_wrong")
         if partial and verdict is not None:
             verdict = False
         out[name] = {"value": value, "limit": limit, "op": op, "pass": verdict, "source": source,
@@ -384,6 +404,14 @@ def _exchange_lines(result: dict) -> list[str]:
                      + (f", all deferred {dead['seconds_to_all_deferred']} s after the first submission"
                         if dead.get("all_deferred") else "")
                      + (f"; e.g. {next(iter(dead['reasons']))!r}" if dead.get("reasons") else ""))
+        if dead.get("pairs"):
+            cpu = dead["cpu_ms_per_msg_median"]
+            lines.append(f"dead stage (mxq) pairs: healthy msg/s with / without {dead['ratios']} "
+                         f"(median {_fmt(dead['ratio_median'])}, {_fmt(dead['ratio_min'])}-{_fmt(dead['ratio_max'])}); "
+                         f"worker CPU per healthy message {_fmt(cpu['without'])} ms without, {_fmt(cpu['with'])} ms "
+                         f"with (median of the pairs' ratios {_fmt(dead['cpu_ratio_median'])}); connection "
+                         f"attempts stuck on the dead exchanges while the healthy mail flowed: at most "
+                         f"{_fmt(dead['connecting_peak_max'])}")
     st = stages.get("inflight_mxq") or {}
     fl = st.get("inflight") or _get(st, "partial", "inflight")
     if fl:

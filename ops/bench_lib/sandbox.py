@@ -29,6 +29,7 @@ its record count with smtp-sink's own ``-c`` counters: both are exact.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import multiprocessing
@@ -840,10 +841,44 @@ def drop_syns(network: str) -> None:
         raise BenchError("nft not found (apt-get install nftables; ops/install-deps does it)")
     script = (f"add table inet {NFT_TABLE}\n"
               f"add chain inet {NFT_TABLE} out {{ type filter hook output priority 0 ; }}\n"
-              f"add rule inet {NFT_TABLE} out ip daddr {network} tcp dport 25 tcp flags syn drop\n")
+              f"add rule inet {NFT_TABLE} out ip daddr {network} tcp dport 25 tcp flags syn counter drop\n")
     out = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
     if out.returncode != 0:
         raise BenchError(f"nft failed: {out.stderr.strip()}")
+
+
+def dropped_syns() -> int | None:
+    """SYN packets the ``drop_syns`` rule has dropped so far (retransmissions included), None without the rule."""
+    if not (in_namespace() and shutil.which("nft")):
+        return None
+    out = subprocess.run(["nft", "list", "table", "inet", NFT_TABLE], capture_output=True, text=True)
+    m = re.search(r"counter packets (\d+)", out.stdout) if out.returncode == 0 else None
+    return int(m.group(1)) if m else None
+
+
+def connecting(network: str, port: int = 25) -> int:
+    """Client sockets in this network namespace waiting for a SYN-ACK (SYN-SENT) to ``network``:``port`` (IPv4).
+
+    A connection to an exchange whose SYNs are dropped stays SYN-SENT until
+    the client's connect timeout: this counts the connection attempts stuck on
+    dead exchanges at one moment.
+    """
+    net = ipaddress.ip_network(network)
+    n = 0
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f, None)
+            for line in f:
+                parts = line.split(None, 4)
+                if len(parts) < 4 or parts[3] != "02":
+                    continue
+                addr, _, rport = parts[2].partition(":")
+                ip = ipaddress.IPv4Address(int(addr, 16).to_bytes(4, "little"))
+                if int(rport, 16) == port and ip in net:
+                    n += 1
+    except OSError:
+        return 0
+    return n
 
 
 def allow_syns() -> None:

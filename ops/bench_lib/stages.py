@@ -90,6 +90,8 @@ class Context:
     dead_per_domain: int = 40         # ... messages per domain, healthy and dead alike
     dead_domains: int = 5             # ... domains whose exchange drops every SYN
     dead_connect_timeout: float | None = None   # None: mxq's and Postfix's default (30 s)
+    dead_pairs: int = 6               # ... mxq runs without / with the dead domains, pairs in alternating order
+    dead_base: dict | None = None     # ... the dead_mxq_base run's figures (its first pair's first half)
     inflight_n: int = 1000            # inflight stage: deliveries, all meant to be in flight at once
     inflight_domains: int = 200       # ... over this many domains (5 each: Postfix's initial concurrency)
     inflight_delay: int = 5           # ... seconds the sink waits before answering each final dot
@@ -700,10 +702,10 @@ def _mxq_wait(meas: Measure, procs: list[tuple]) -> None:
         raise
 
 
-def _mxq_stop(procs: list[tuple], r: sandbox.Redis) -> None:
-    """Stop the workers, the scheduler and the stage's Redis."""
+def _mxq_stop(procs: list[tuple], r: sandbox.Redis, timeout: float = 10.0) -> None:
+    """Stop the workers, the scheduler and the stage's Redis (SIGKILL ``timeout`` s after SIGTERM)."""
     for p, _, _ in procs:
-        sandbox.stop(p)
+        sandbox.stop(p, timeout)
     r.stop()
 
 
@@ -815,7 +817,8 @@ def mxq_deliver(ctx: Context, stage: str, submit: list[Spec], counted: list[Spec
                 sink_flags: tuple = (), reply_delay: float = 0.0, env_extra: dict | None = None,
                 max_connections: int = 1024,
                 probe: str | None = None, on_ready: Callable | None = None, after: Callable | None = None,
-                finished: Callable | None = None, on_timeout: Callable | None = None) -> dict:
+                finished: Callable | None = None, on_timeout: Callable | None = None,
+                stop_timeout: float = 10.0) -> dict:
     """mxq on a fresh Redis and fresh sinks: submit ``submit``'s messages (spec after spec), time ``counted``'s.
 
     ``submit_many`` in batches of ``batch``, every spec in turn (a spec not
@@ -831,7 +834,9 @@ def mxq_deliver(ctx: Context, stage: str, submit: list[Spec], counted: list[Spec
     into the result; ``on_timeout(tally)`` with the sink monitor's
     tally when the sinks did not get every message in time, returning what
     goes into the failed stage's ``partial``.  ``env_extra``: more
-    environment for the workers (e.g. ``MXQ_CONNECT_TIMEOUT``).
+    environment for the workers (e.g. ``MXQ_CONNECT_TIMEOUT``).  ``stop_timeout``:
+    seconds the workers get to stop after SIGTERM before SIGKILL (a run whose
+    figures are taken need not wait for deliveries still under way).
     """
     st = ctx.stage_dir(stage)
     tasks, app_module, worker_argv, scheduler_argv = _mxq_modules()
@@ -879,7 +884,7 @@ def mxq_deliver(ctx: Context, stage: str, submit: list[Spec], counted: list[Spec
         res.update(extra or {})
         if finished is not None:
             res.update(finished(meas.tally) or {})
-        _mxq_stop(procs, r)
+        _mxq_stop(procs, r, stop_timeout)
         return res
     except BaseException:
         meas.abort()
