@@ -142,7 +142,11 @@ def dead_mxq_base(ctx: Context) -> dict:
 #: Seconds between two status sweeps over the dead domains' jobs.
 DEAD_POLL = 0.5
 #: Seconds between two counts of the connection attempts stuck on the dead exchanges (SYN-SENT sockets).
-CONNECTING_INTERVAL = 0.05
+#: A count reads /proc/net/tcp, which walks the kernel's whole established hash (262,144 buckets here):
+#: 4.4 ms of system CPU a read whatever the sockets, 9% of a core at 0.05 s, spent only in the runs with
+#: the dead domains.  An attempt stuck on a dead exchange stays SYN-SENT for its whole connect timeout
+#: (seconds), so a count every 0.5 s sees every one that is stuck at all.
+CONNECTING_INTERVAL = 0.5
 #: Seconds a further pair's run gives its workers to stop before SIGKILL: its figures are taken, and its
 #: connections to the dead exchanges would hold a warm shutdown until their connect timeout.
 PAIR_STOP_TIMEOUT = 2.0
