@@ -172,6 +172,43 @@ def test_a_bad_message_raises_once_the_ones_before_it_are_queued(pipeline, mx):
 
 
 @pytest.mark.timeout(120)
+def test_delivery_starts_while_the_call_is_still_building_its_messages(pipeline, mx):
+    """Issue 8 (the Django stage lost its first half second building and storing a first part of
+    1,000): a call's parts grow from ``FIRST_PART`` (100, 200, 400, ...), so its first messages are
+    queued, and delivered, while the rest are still being built.  Message 300, the first of the
+    third part, is built only once the first part is stored; by then a worker delivers one of
+    them (before: nothing stored until message 1,000, nothing delivered while building)."""
+    import mxq.contrib.django as backend
+
+    assert [backend._part_size(k) for k in range(6)] == [100, 200, 400, 800, 1000, 1000]
+    p = pipeline()
+    p.worker()
+    seen: dict[str, int] = {}
+
+    class Watched(mail.EmailMessage):
+        def recipients(self):
+            if self.n == 300 and not seen:
+                seen["stored"] = len(stored_jobs(p))
+                try:
+                    seen["delivered"] = len(mx.wait_for_messages(1, timeout=20))
+                except TimeoutError:
+                    seen["delivered"] = 0
+            return super().recipients()
+
+    msgs = []
+    for i in range(700):
+        m = Watched(f"Early {i}", f"Body {i}.", "a@site.django.test", [f"e{i}@{RCPT}"])
+        m.n = i
+        msgs.append(m)
+    with override_settings(MXQ_REDIS_URL=p.url):
+        assert mail.get_connection().send_messages(msgs) == 700
+    assert seen["stored"] >= 100 and seen["delivered"] >= 1, seen
+    p.wait_done([m.mxq_job_id for m in msgs], timeout=60)
+    got = sorted(r for m in mx.messages if b"Body " in m.content for r in m.rcpt_tos)
+    assert got == sorted(f"e{i}@{RCPT}" for i in range(700))          # each exactly once
+
+
+@pytest.mark.timeout(120)
 def test_redis_failing_mid_call_then_a_retry_queues_each_message_once(pipeline, mx, monkeypatch):
     """A send_messages call of three parts: the first is stored, the second's script runs in Redis
     but every answer to it is lost (a proxy resets the connection after Redis ran it, redis-py

@@ -17,8 +17,9 @@ recipients, which is skipped and not counted, as Django's SMTP backend does).
 Use ``mxq.tasks.status(message.mxq_job_id)`` to follow delivery.
 
 Message by message, as Django's SMTP backend sends: the messages are built,
-validated and queued in order, in parts of ``PART`` (1,000: one Redis script
-each), so delivery starts while the rest is still being built.  A bad
+validated and queued in order, in parts (one Redis script each) that grow from
+``FIRST_PART`` (100) by doubling to ``PART`` (1,000), so delivery starts once
+the first 100 are built, while the rest is still being built.  A bad
 message (malformed address, header injection, too large) raises
 ``mxq.tasks.InvalidMessage`` once the messages before it are queued; Redis
 unreachable raises ``mxq.tasks.Unavailable``.  Either error says which
@@ -80,6 +81,15 @@ log = logging.getLogger("mxq.contrib")
 #: Messages validated and queued together by ``send_messages`` (one Redis script each:
 #: ``mxq.tasks.store.CALL_JOBS``); delivery of a part starts while the next one is built.
 PART = 1000
+#: The first part's size; each next part is twice the one before, up to ``PART`` (100, 200,
+#: 400, 800, then 1,000): the first messages are queued -- and delivered -- once 100 are built
+#: (~5 ms), not 1,000 (~50 ms, and the first part's storing before the next part overlaps it).
+FIRST_PART = 100
+
+
+def _part_size(k: int) -> int:
+    """How many messages part ``k`` (0, 1, ...) of a call holds: ``FIRST_PART`` doubled ``k`` times, at most ``PART``."""
+    return min(PART, FIRST_PART << min(k, 30))
 
 
 def _on_commit(fn) -> None:
@@ -204,6 +214,7 @@ class _Storing:
         self.messages, self.call, self.settings, self.store_prepared = messages, call, settings, store_prepared
         self.pool = None
         self.pending = None
+        self.parts = 0                    # parts handed over so far
 
     def _store(self, part: list) -> None:
         try:
@@ -221,6 +232,7 @@ class _Storing:
         self.wait()
         if not part:
             return
+        self.parts += 1
         if last:
             self._store(part)
             return
@@ -255,7 +267,7 @@ class EmailBackend(BaseEmailBackend):
     """Django ``EMAIL_BACKEND`` submitting to mxq; see the module docstring."""
 
     def send_messages(self, email_messages) -> int:
-        """Queue ``email_messages`` in order, ``PART`` at a time; return how many were queued."""
+        """Queue ``email_messages`` in order, in growing parts (``_part_size``); return how many were queued."""
         messages = list(email_messages or ())
         if registry.value("MXQ_ON_COMMIT"):
             return self._send_on_commit(messages)
@@ -290,7 +302,7 @@ class EmailBackend(BaseEmailBackend):
                         continue
                     call.ids[n] = job.id
                     part.append((n, job))
-                    if len(part) >= PART:
+                    if len(part) >= _part_size(storing.parts):
                         storing.add(part)
                         part = []
                 storing.add(part, last=True)
