@@ -152,7 +152,9 @@ header_lines = st.one_of(
     st.builds(lambda n, v: n + b": " + v, st.sampled_from([b"From", b"To", b"Subject", b"X-A", b"Bcc"]),
               st.text(alphabet="ab <>@.,é", max_size=30).map(str.encode)),
     st.sampled_from([b" continued", b"\tcontinued", b"   ", b"no colon", b"Bad Name: x", b"X-Latin: \xe9",
-                     b"X-Long: " + b"y" * 995, b"From mbox line", b"Name:value", b"Name \t: value"]),
+                     b"X-Long: " + b"y" * 995, b"From mbox line", b"Name:value", b"Name \t: value",
+                     b"X-Edge: " + b"y" * 990, b"X-Edge: " + b"y" * 991,      # 998 and 999 octets
+                     b"X-Ctl: a\x0b\x0cb\x1c\x1d\x1e" + "\x85\u2028".encode()]),   # not line ends in bytes
 )
 
 

@@ -510,19 +510,21 @@ def _lf_fields(raw: bytes) -> list[_Field] | None:
     What the per-line fast path of ``_parse_header_block`` gives, with one decode for the block
     (UTF-8 splits at ASCII ``LF`` and ``:`` into valid pieces) and no regular expression per line.
     """
-    lines = raw.split(b"\n")
-    lines.pop()                                  # raw ends with LF: an empty last piece
-    if lines and max(map(len, lines)) > MAX_LINE_LENGTH:
+    # Each field with CRLF, from one replace and one split (raw holds no CR: bytes.splitlines
+    # breaks only at CR and LF, so at the LFs here; a line counts its CRLF: MAX_LINE_LENGTH + 2).
+    lines = raw.replace(b"\n", b"\r\n").splitlines(keepends=True)
+    if lines and max(map(len, lines)) > MAX_LINE_LENGTH + 2:
         return None
     try:
-        texts = raw.decode("utf-8").split("\n")
+        texts = raw.decode("utf-8").split("\n")   # one more piece than lines (the empty last one)
     except UnicodeDecodeError:
         return None
+    field = tuple.__new__                        # _Field's own __new__ without its Python frame
     out = []
     for line, text in zip(lines, texts):
         name, _, value = text.partition(":")     # a name holds no ':' (_FIELD), the value may
         name = name.rstrip(" \t")
-        out.append(_Field(name, line + b"\r\n", value.strip(" \t"), name.lower()))
+        out.append(field(_Field, (name, line, value.strip(" \t"), name.lower())))
     return out
 
 
