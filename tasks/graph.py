@@ -13,7 +13,7 @@ nothing but time.
                                                                         │ publish one
     mxq.deliver(domain)  [delivery] ◄───────────────────────────────────┘ per K items
           (a producer publishing more than 8 wake-ups sends one mxq.fanout(lanes)
-           [intake] instead, which publishes them)
+           [intake] instead, which starts 16 of them itself and publishes the rest: graph.fan)
       claim up to K items of the domain under a lease (heartbeat renews it)
       deliver_domain(domain, envelopes) over one connection per exchange
       release: write each recipient's state (final never overwritten),
@@ -41,6 +41,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_init, worker_shutting_down
@@ -64,6 +65,7 @@ from .settings import PipelineSettings
 from .store import (FINAL_STATES, REPORT_LANE, TRANSIENT_REDIS_ERRORS, Claimed, Grant, Outcome, Store,
                     check_on_start, get_store, keys, status_of)
 from .store import items as workitems
+from .webhooks import WEBHOOK_LANE
 from . import webhook_lane  # noqa: F401 -- registers mxq.webhook (the webhook lane's task)
 
 log = logging.getLogger("mxq.tasks")
@@ -164,6 +166,8 @@ class Runtime:
         self.local_spawn = _green()
         self.local_lock = threading.Lock()
         self.local_active = 0
+        # Runs started by graph.fan still setting up (qmgr.SETTING_UP at once).
+        self.setting_up = threading.BoundedSemaphore(qmgr.SETTING_UP)
         # How late a task that is ready gets its turn in this process (seconds, smoothed).
         self.lag = 0.0
         threading.Thread(target=self._watch_lag, name="mxq-lag", daemon=True).start()
@@ -498,7 +502,7 @@ def _whole_outcomes(outcomes: list[Outcome], jobs: list[str]) -> list[tuple[str,
     return out
 
 
-def run_delivery(domain: str) -> dict:
+def run_delivery(domain: str, on_started: "Callable[[], None] | None" = None) -> dict:
     """One connection's worth of ``domain``'s mail (``mxq.tasks.qmgr``): claim, deliver, record, repeat.
 
     Traffic shaping and the destination's window come first
@@ -512,8 +516,18 @@ def run_delivery(domain: str) -> dict:
     Redis full (maxmemory): nothing is claimed (the claim and acquire scripts
     are refused whole); the task says so, waits up to ``REDIS_FULL_WAIT`` for
     memory, and returns if there is none (the scheduler re-publishes the lane).
+    ``on_started``: called once, when the first chunk has been delivered or the task ends
+    without one (``fan`` bounds the runs setting up at once with it).
     Returns counts for the task's result/logs (no addresses, no content).
     """
+    try:
+        return _run_delivery(domain, on_started)
+    finally:
+        if on_started is not None:
+            on_started()
+
+
+def _run_delivery(domain: str, on_started) -> dict:
     rt = runtime()
     token = uuid.uuid4().hex
     grant = _acquire(rt, domain, token)
@@ -526,7 +540,7 @@ def run_delivery(domain: str) -> dict:
     if grant.mode == "drain":
         counts = _drain(rt, domain, token, grant)
     else:
-        counts = _Lane(rt, domain).run(token, grant)
+        counts = _Lane(rt, domain, on_started).run(token, grant)
     if counts.get("items"):
         job_outcomes.after_release(rt.store)    # finished jobs to Celery's result backend (mxq.tasks.outcomes)
     metrics.dns(rt.resolver)
@@ -563,8 +577,9 @@ class _Lane:
     all its connections are done.
     """
 
-    def __init__(self, rt: Runtime, domain: str):
+    def __init__(self, rt: Runtime, domain: str, on_started: "Callable[[], None] | None" = None):
         self.rt, self.domain = rt, domain
+        self.on_started = on_started
         self.local = 0                      # this task's connections running
         self.threads: list[threading.Thread] = []
         self.conns: list[_Connection] = []
@@ -769,6 +784,8 @@ class _Connection:
                 n = len(items)
                 try:
                     status, stats = self.chunk(batch, items)
+                    if self.lane.on_started is not None:
+                        self.lane.on_started()
                 finally:
                     items = None            # not held (content and records) while waiting for room
                     self.rt.budget.give(held)
@@ -1036,15 +1053,109 @@ def deliver(domain: str) -> dict:
 # ---------------------------------------------------------------- intake
 @app.task(name="mxq.intake", acks_late=True, reject_on_worker_lost=True, ignore_result=True, **_RETRY)
 def intake(job_ids: list[str]) -> int:
-    """Split stored jobs into their domain lanes and publish deliver tasks; idempotent."""
+    """Split stored jobs into their domain lanes and start their deliveries (``fan``); idempotent."""
     dispatch = runtime().store.intake(list(job_ids))
-    return publish(dispatch)
+    return fan(dispatch)
 
 
 @app.task(name="mxq.fanout", acks_late=True, reject_on_worker_lost=True, ignore_result=True, **_RETRY)
 def fanout(dispatch: list) -> int:
-    """Publish the wake-up tasks of a producer's large batch: ``[[lane, count], ...]``."""
-    return publish([(str(lane), int(n)) for lane, n in dispatch])
+    """The wake-up tasks of a producer's large batch, ``[[lane, count], ...]``: started (``fan``)."""
+    return fan([(str(lane), int(n)) for lane, n in dispatch])
+
+
+def fan(dispatch: list[tuple[str, int]]) -> int:
+    """Start the delivery runs ``dispatch`` asks for: ``qmgr.FAN_CHUNK`` of them here, the rest in fanouts.
+
+    A gevent worker runs the first ``FAN_CHUNK`` of the delivery lanes'
+    wanted runs in this task, each ``run_delivery(lane)`` in a greenlet of its
+    own (what an ``mxq.deliver`` task would run, with the same acquire, slots
+    and counts), and publishes the rest in ``mxq.fanout`` tasks of
+    ``FAN_CHUNK`` runs each (``publish(fan_out=True)``: a few runs go as
+    ``mxq.deliver`` tasks), which any worker process waiting for work takes
+    and starts the same way: the runs spread over the processes as tasks do.
+    Why: publishing and receiving a task is a few serial Redis round trips,
+    and in a gevent process busy delivering each waits its turn behind every
+    ready greenlet.  The bench's loopback stage (100 new domains in the
+    first batch) took 0.78 s to publish the first fanout's 100 tasks, the
+    workers received 100-200 tasks a second, and half the domains had their
+    first delivery only after 1 s (docs/DESIGN.md, issue 8).  At most
+    ``qmgr.SETTING_UP`` runs started this way set up at once in a process.
+    Not gevent, a warm shutdown, or a worker that does not consume
+    ``mxq.delivery`` (``-Q``): every run is published as an ``mxq.deliver``
+    task, as before.  Returns the runs started or published.
+    """
+    rt = runtime()
+    if not rt.local_spawn or STOPPING.is_set() or not _delivers():
+        return publish(dispatch)
+    runs = [lane for lane, n in dispatch if lane not in (REPORT_LANE, WEBHOOK_LANE) for _ in range(n)]
+    with rt.local_lock:
+        keep = max(0, min(qmgr.FAN_CHUNK, len(runs), qmgr.LOCAL_CONNECTIONS - rt.local_active))
+        rt.local_active += keep             # reserved; each run's _Lane.start counts itself
+    here = runs[:keep]
+    n = publish([(lane, k) for lane, k in dispatch if lane in (REPORT_LANE, WEBHOOK_LANE)])
+    for i in range(keep, len(runs), qmgr.FAN_CHUNK):
+        group: dict[str, int] = defaultdict(int)
+        for lane in runs[i:i + qmgr.FAN_CHUNK]:
+            group[lane] += 1
+        n += publish(list(group.items()), fan_out=True)
+    threads = []
+    for lane in here:
+        # At most qmgr.SETTING_UP runs of this process between their start and their first
+        # chunk delivered: a new destination's set-up (acquire, claim, four DNS lookups,
+        # connection, EHLO) is a chain of round trips, each waiting its turn behind every
+        # ready greenlet; 50 started at once all finished it together 0.5 s later (the bench's
+        # loopback stage), where a few at a time deliver after tens of ms.  A run stuck in its
+        # set-up (a dead exchange's connect) holds its place qmgr.SETTING_UP_WAIT at most.
+        got = rt.setting_up.acquire(timeout=qmgr.SETTING_UP_WAIT)
+        t = threading.Thread(target=_run_here, args=(rt, lane, _once(rt.setting_up.release if got else _nothing)),
+                             name="mxq-lane", daemon=True)
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+    return len(here) + n
+
+
+def _delivers() -> bool:
+    """Does this worker take delivery tasks (its ``-Q``: a worker of other roles delivers nothing)?"""
+    from .app import DELIVERY
+    try:
+        return DELIVERY in app.amqp.queues.consume_from
+    except Exception:  # noqa: BLE001 -- not a worker's app: publish, as before
+        return False
+
+
+def _nothing() -> None:
+    pass
+
+
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn``, run by the first call only."""
+    done = []
+
+    def call() -> None:
+        if not done:
+            done.append(1)
+            fn()
+    return call
+
+
+def _run_here(rt: Runtime, lane: str, started: Callable[[], None]) -> None:
+    """One delivery run started by ``fan`` in this process (as an ``mxq.deliver`` task would run it)."""
+    with rt.local_lock:
+        rt.local_active -= 1                # the reservation made in fan(); _Lane.start counts the run
+    try:
+        run_delivery(lane, on_started=started)
+    except TRANSIENT_REDIS_ERRORS as e:
+        # A task would be retried: publish one (its lane's mail is in Redis; a lost one costs time).
+        log.warning("deliver %s: %s; published as a task", lane, e)
+        try:
+            publish([(lane, 1)])
+        except Exception as e2:  # noqa: BLE001 -- the scheduler re-dispatches quiet lanes
+            log.warning("deliver %s: publishing failed too: %s", lane, e2)
+    except Exception:  # noqa: BLE001 -- like a task that failed: the leases bring its work back
+        log.exception("deliver %s: the run failed", lane)
 
 
 # ---------------------------------------------------------------- notifications

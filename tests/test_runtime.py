@@ -568,3 +568,63 @@ def test_a_connection_carries_several_tasks_and_domains_sharing_its_exchange(pip
         assert srv.stats["quit"] == 1
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("path", ["fanout", "intake"])
+def test_a_batch_to_many_new_domains_starts_its_runs_inside_the_fanouts(pipeline, dns_server, path):
+    # A producer's batch to 40 new domains asks for 40 delivery runs: one mxq.fanout (or, for a
+    # batch over MXQ_INTAKE_THRESHOLD, the mxq.intake task) runs qmgr.FAN_CHUNK of them itself and
+    # publishes the rest in fanouts of FAN_CHUNK (a group of FANOUT_DIRECT or fewer as mxq.deliver
+    # tasks), instead of publishing and receiving 40 tasks one by one in a busy process.
+    from mxq.tasks import qmgr
+    from mxq.tasks.dispatch import FANOUT_DIRECT
+
+    domains = [f"f{i}.fan.rt.test" for i in range(40)]
+    for d in domains:
+        zone(dns_server, d, IP + "50")
+    srv = server(50, "mx.fan.rt.test", keep_content=False)
+    try:
+        env = {"MXQ_INTAKE_THRESHOLD": "10"} if path == "intake" else {}
+        p = pipeline(**env)
+        w = p.worker(concurrency=2)
+        p.beat()
+        ids = submit([f"u@{d}" for d in domains])
+        p.wait_done(ids, timeout=60)
+        assert [s["state"] for s in states(ids)] == ["delivered"] * 40
+        got = Counter(m.rcpt_tos[0] for m in srv.messages)
+        assert sorted(got) == sorted(f"u@{d}" for d in domains) and set(got.values()) == {1}   # once each
+        log = w.log()
+        received = Counter(line.split("Task mxq.", 1)[1].split("[", 1)[0] for line in log.splitlines()
+                           if "Task mxq." in line and line.endswith("] received"))
+        delivers, fanouts = received["deliver"], received["fanout"]
+        print(f"{path}: {delivers} mxq.deliver and {fanouts} mxq.fanout tasks for 40 new domains")
+        # 40 = 16 run by the first task + 16 by one more fanout + 8 published as mxq.deliver tasks
+        # (more only when a run found its connection's lane refilled after it closed)
+        assert qmgr.FAN_CHUNK == 16 and FANOUT_DIRECT == 8
+        assert fanouts == (1 if path == "fanout" else 0) + 1
+        assert delivers < 40 - 2 * qmgr.FAN_CHUNK + 4
+        assert "Traceback" not in log
+    finally:
+        srv.stop()
+
+
+def test_a_fanout_taken_by_a_worker_of_other_roles_only_publishes(pipeline, dns_server):
+    # A worker started with -Q mxq.intake (no mxq.delivery) delivers nothing: its fanout publishes
+    # every run as an mxq.deliver task for the delivery workers.
+    domains = [f"g{i}.fan.rt.test" for i in range(20)]
+    for d in domains:
+        zone(dns_server, d, IP + "51")
+    srv = server(51, "mx.fan2.rt.test", keep_content=False)
+    try:
+        p = pipeline()
+        intake_only = p.worker(concurrency=1, queues="mxq.intake")
+        delivery = p.worker(concurrency=1, queues="mxq.delivery")
+        p.beat()
+        ids = submit([f"u@{d}" for d in domains])
+        p.wait_done(ids, timeout=60)
+        assert [s["state"] for s in states(ids)] == ["delivered"] * 20 and len(srv.messages) == 20
+        assert "Task mxq.fanout[" in intake_only.log()
+        assert "deliver g" not in intake_only.log() and "status=sent" not in intake_only.log()
+        assert delivery.log().count("Task mxq.deliver[") >= 20
+    finally:
+        srv.stop()
