@@ -41,7 +41,6 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
 
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_init, worker_shutting_down
@@ -166,8 +165,6 @@ class Runtime:
         self.local_spawn = _green()
         self.local_lock = threading.Lock()
         self.local_active = 0
-        # Runs started by graph.fan still setting up (qmgr.SETTING_UP at once).
-        self.setting_up = threading.BoundedSemaphore(qmgr.SETTING_UP)
         # How late a task that is ready gets its turn in this process (seconds, smoothed).
         self.lag = 0.0
         threading.Thread(target=self._watch_lag, name="mxq-lag", daemon=True).start()
@@ -502,7 +499,7 @@ def _whole_outcomes(outcomes: list[Outcome], jobs: list[str]) -> list[tuple[str,
     return out
 
 
-def run_delivery(domain: str, on_started: "Callable[[], None] | None" = None) -> dict:
+def run_delivery(domain: str) -> dict:
     """One connection's worth of ``domain``'s mail (``mxq.tasks.qmgr``): claim, deliver, record, repeat.
 
     Traffic shaping and the destination's window come first
@@ -516,18 +513,8 @@ def run_delivery(domain: str, on_started: "Callable[[], None] | None" = None) ->
     Redis full (maxmemory): nothing is claimed (the claim and acquire scripts
     are refused whole); the task says so, waits up to ``REDIS_FULL_WAIT`` for
     memory, and returns if there is none (the scheduler re-publishes the lane).
-    ``on_started``: called once, when the first chunk has been delivered or the task ends
-    without one (``fan`` bounds the runs setting up at once with it).
     Returns counts for the task's result/logs (no addresses, no content).
     """
-    try:
-        return _run_delivery(domain, on_started)
-    finally:
-        if on_started is not None:
-            on_started()
-
-
-def _run_delivery(domain: str, on_started) -> dict:
     rt = runtime()
     token = uuid.uuid4().hex
     grant = _acquire(rt, domain, token)
@@ -540,7 +527,7 @@ def _run_delivery(domain: str, on_started) -> dict:
     if grant.mode == "drain":
         counts = _drain(rt, domain, token, grant)
     else:
-        counts = _Lane(rt, domain, on_started).run(token, grant)
+        counts = _Lane(rt, domain).run(token, grant)
     if counts.get("items"):
         job_outcomes.after_release(rt.store)    # finished jobs to Celery's result backend (mxq.tasks.outcomes)
     metrics.dns(rt.resolver)
@@ -577,9 +564,8 @@ class _Lane:
     all its connections are done.
     """
 
-    def __init__(self, rt: Runtime, domain: str, on_started: "Callable[[], None] | None" = None):
+    def __init__(self, rt: Runtime, domain: str):
         self.rt, self.domain = rt, domain
-        self.on_started = on_started
         self.local = 0                      # this task's connections running
         self.threads: list[threading.Thread] = []
         self.conns: list[_Connection] = []
@@ -784,8 +770,6 @@ class _Connection:
                 n = len(items)
                 try:
                     status, stats = self.chunk(batch, items)
-                    if self.lane.on_started is not None:
-                        self.lane.on_started()
                 finally:
                     items = None            # not held (content and records) while waiting for room
                     self.rt.budget.give(held)
@@ -1079,8 +1063,7 @@ def fan(dispatch: list[tuple[str, int]]) -> int:
     ready greenlet.  The bench's loopback stage (100 new domains in the
     first batch) took 0.78 s to publish the first fanout's 100 tasks, the
     workers received 100-200 tasks a second, and half the domains had their
-    first delivery only after 1 s (docs/DESIGN.md, issue 8).  At most
-    ``qmgr.SETTING_UP`` runs started this way set up at once in a process.
+    first delivery only after 1 s (docs/DESIGN.md, issue 8).
     Not gevent, a warm shutdown, or a worker that does not consume
     ``mxq.delivery`` (``-Q``): every run is published as an ``mxq.deliver``
     task, as before.  Returns the runs started or published.
@@ -1101,15 +1084,7 @@ def fan(dispatch: list[tuple[str, int]]) -> int:
         n += publish(list(group.items()), fan_out=True)
     threads = []
     for lane in here:
-        # At most qmgr.SETTING_UP runs of this process between their start and their first
-        # chunk delivered: a new destination's set-up (acquire, claim, four DNS lookups,
-        # connection, EHLO) is a chain of round trips, each waiting its turn behind every
-        # ready greenlet; 50 started at once all finished it together 0.5 s later (the bench's
-        # loopback stage), where a few at a time deliver after tens of ms.  A run stuck in its
-        # set-up (a dead exchange's connect) holds its place qmgr.SETTING_UP_WAIT at most.
-        got = rt.setting_up.acquire(timeout=qmgr.SETTING_UP_WAIT)
-        t = threading.Thread(target=_run_here, args=(rt, lane, _once(rt.setting_up.release if got else _nothing)),
-                             name="mxq-lane", daemon=True)
+        t = threading.Thread(target=_run_here, args=(rt, lane), name="mxq-lane", daemon=True)
         t.start()
         threads.append(t)
     for t in threads:
@@ -1126,27 +1101,12 @@ def _delivers() -> bool:
         return False
 
 
-def _nothing() -> None:
-    pass
-
-
-def _once(fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn``, run by the first call only."""
-    done = []
-
-    def call() -> None:
-        if not done:
-            done.append(1)
-            fn()
-    return call
-
-
-def _run_here(rt: Runtime, lane: str, started: Callable[[], None]) -> None:
+def _run_here(rt: Runtime, lane: str) -> None:
     """One delivery run started by ``fan`` in this process (as an ``mxq.deliver`` task would run it)."""
     with rt.local_lock:
         rt.local_active -= 1                # the reservation made in fan(); _Lane.start counts the run
     try:
-        run_delivery(lane, on_started=started)
+        run_delivery(lane)
     except TRANSIENT_REDIS_ERRORS as e:
         # A task would be retried: publish one (its lane's mail is in Redis; a lost one costs time).
         log.warning("deliver %s: %s; published as a task", lane, e)

@@ -119,11 +119,6 @@ LOCAL_CONNECTIONS = 1000
 #: A fanout (graph.fan) runs this many of its delivery runs in its own process and publishes the
 #: rest in fanouts of this many.
 FAN_CHUNK = 16
-#: Delivery runs started by fanouts that may be setting up at once in one process (graph.fan): from
-#: their start until their first chunk is delivered.
-SETTING_UP = 16
-#: Seconds the start of the next run waits for one of them at most.
-SETTING_UP_WAIT = 0.5
 #: Messages a process holds claimed beyond one per connection, all its connections together
 #: (``Budget``): the rest of the ready mail waits in Redis, not in the worker's memory.
 LOCAL_MESSAGES = 1024

@@ -628,3 +628,37 @@ def test_a_fanout_taken_by_a_worker_of_other_roles_only_publishes(pipeline, dns_
         assert delivery.log().count("Task mxq.deliver[") >= 20
     finally:
         srv.stop()
+
+
+def test_a_fanouts_runs_to_slow_new_domains_all_start_before_the_first_verdict(pipeline, dns_server):
+    # 40 new domains whose exchange takes 3 s at the final dot, one worker process: the fanout runs
+    # 16, the fanout it publishes (taken by the same process) 16 more, 8 go as mxq.deliver tasks.
+    # Every domain's first RCPT comes before the first message is accepted: no run waits for
+    # another's delivery to start (a bound on runs setting up at once, held until each run's first
+    # chunk was delivered, started one more run per 0.5 s: 1.25x Postfix in the bench's slow stage).
+    domains = [f"s{i}.fan.rt.test" for i in range(40)]
+    for d in domains:
+        zone(dns_server, d, IP + "52")
+    first_rcpt: dict[str, float] = {}
+
+    class Noted(ScriptedSMTP):
+        async def smtp_RCPT(self, arg):
+            if arg and "@" in arg:
+                first_rcpt.setdefault(arg.split("@", 1)[1].split(">", 1)[0].lower(), time.time())
+            await super().smtp_RCPT(arg)
+
+    b = Behaviour(hostname="mx.fan3.rt.test", size_limit=None, keep_content=False, delays={"data_final": 3.0})
+    srv = start_server(IP + "52", 25, b, protocol=Noted)
+    try:
+        p = pipeline()
+        p.worker(concurrency=1)
+        p.beat()
+        ids = submit([f"u@{d}" for d in domains])
+        p.wait_done(ids, timeout=90)
+        assert [s["state"] for s in states(ids)] == ["delivered"] * 40
+        first = min(m.received_at for m in srv.messages)
+        late = sorted(d for d in domains if first_rcpt.get(d, first) >= first)
+        print(f"{len(domains) - len(late)} of 40 domains had a transaction under way before the first verdict")
+        assert not late
+    finally:
+        srv.stop()
