@@ -54,7 +54,7 @@ from mxq.workers.scache import SessionCache, View
 
 from . import metrics, qmgr, shaping
 from . import outcomes as job_outcomes
-from .app import app, only_ours
+from .app import DELIVERY, app, only_ours
 from .broker import is_full as _is_full       # Redis refusing a write at maxmemory
 from .broker import say_full as redis_full
 from .dispatch import publish
@@ -1071,12 +1071,13 @@ def fan(dispatch: list[tuple[str, int]]) -> int:
     rt = runtime()
     if not rt.local_spawn or STOPPING.is_set() or not _delivers():
         return publish(dispatch)
-    runs = [lane for lane, n in dispatch if lane not in (REPORT_LANE, WEBHOOK_LANE) for _ in range(n)]
+    tasks_only = (REPORT_LANE, WEBHOOK_LANE)        # lanes of other tasks: always published
+    runs = [lane for lane, n in dispatch if lane not in tasks_only for _ in range(n)]
     with rt.local_lock:
         keep = max(0, min(qmgr.FAN_CHUNK, len(runs), qmgr.LOCAL_CONNECTIONS - rt.local_active))
         rt.local_active += keep             # reserved; each run's _Lane.start counts itself
     here = runs[:keep]
-    n = publish([(lane, k) for lane, k in dispatch if lane in (REPORT_LANE, WEBHOOK_LANE)])
+    n = publish([(lane, k) for lane, k in dispatch if lane in tasks_only])
     for i in range(keep, len(runs), qmgr.FAN_CHUNK):
         group: dict[str, int] = defaultdict(int)
         for lane in runs[i:i + qmgr.FAN_CHUNK]:
@@ -1094,7 +1095,6 @@ def fan(dispatch: list[tuple[str, int]]) -> int:
 
 def _delivers() -> bool:
     """Does this worker take delivery tasks (its ``-Q``: a worker of other roles delivers nothing)?"""
-    from .app import DELIVERY
     try:
         return DELIVERY in app.amqp.queues.consume_from
     except Exception:  # noqa: BLE001 -- not a worker's app: publish, as before

@@ -570,6 +570,22 @@ def test_a_connection_carries_several_tasks_and_domains_sharing_its_exchange(pip
         srv.stop()
 
 
+def new_domains(dns_server, prefix: str, n: int, last: int) -> list[str]:
+    """``n`` new domains ``{prefix}{i}.fan.rt.test``, each with its MX at ``IP + last`` in the test DNS."""
+    domains = [f"{prefix}{i}.fan.rt.test" for i in range(n)]
+    for d in domains:
+        zone(dns_server, d, IP + str(last))
+    return domains
+
+
+def send_to_each(p, domains: list[str], timeout: float) -> list[str]:
+    """One message to ``u@`` each domain, waited for until every one is delivered; the job ids."""
+    ids = submit([f"u@{d}" for d in domains])
+    p.wait_done(ids, timeout=timeout)
+    assert [s["state"] for s in states(ids)] == ["delivered"] * len(domains)
+    return ids
+
+
 @pytest.mark.parametrize("path", ["fanout", "intake"])
 def test_a_batch_to_many_new_domains_starts_its_runs_inside_the_fanouts(pipeline, dns_server, path):
     # A producer's batch to 40 new domains asks for 40 delivery runs: one mxq.fanout (or, for a
@@ -579,18 +595,14 @@ def test_a_batch_to_many_new_domains_starts_its_runs_inside_the_fanouts(pipeline
     from mxq.tasks import qmgr
     from mxq.tasks.dispatch import FANOUT_DIRECT
 
-    domains = [f"f{i}.fan.rt.test" for i in range(40)]
-    for d in domains:
-        zone(dns_server, d, IP + "50")
+    domains = new_domains(dns_server, "f", 40, 50)
     srv = server(50, "mx.fan.rt.test", keep_content=False)
     try:
         env = {"MXQ_INTAKE_THRESHOLD": "10"} if path == "intake" else {}
         p = pipeline(**env)
         w = p.worker(concurrency=2)
         p.beat()
-        ids = submit([f"u@{d}" for d in domains])
-        p.wait_done(ids, timeout=60)
-        assert [s["state"] for s in states(ids)] == ["delivered"] * 40
+        send_to_each(p, domains, timeout=60)
         got = Counter(m.rcpt_tos[0] for m in srv.messages)
         assert sorted(got) == sorted(f"u@{d}" for d in domains) and set(got.values()) == {1}   # once each
         log = w.log()
@@ -611,18 +623,15 @@ def test_a_batch_to_many_new_domains_starts_its_runs_inside_the_fanouts(pipeline
 def test_a_fanout_taken_by_a_worker_of_other_roles_only_publishes(pipeline, dns_server):
     # A worker started with -Q mxq.intake (no mxq.delivery) delivers nothing: its fanout publishes
     # every run as an mxq.deliver task for the delivery workers.
-    domains = [f"g{i}.fan.rt.test" for i in range(20)]
-    for d in domains:
-        zone(dns_server, d, IP + "51")
+    domains = new_domains(dns_server, "g", 20, 51)
     srv = server(51, "mx.fan2.rt.test", keep_content=False)
     try:
         p = pipeline()
         intake_only = p.worker(concurrency=1, queues="mxq.intake")
         delivery = p.worker(concurrency=1, queues="mxq.delivery")
         p.beat()
-        ids = submit([f"u@{d}" for d in domains])
-        p.wait_done(ids, timeout=60)
-        assert [s["state"] for s in states(ids)] == ["delivered"] * 20 and len(srv.messages) == 20
+        send_to_each(p, domains, timeout=60)
+        assert len(srv.messages) == 20
         assert "Task mxq.fanout[" in intake_only.log()
         assert "deliver g" not in intake_only.log() and "status=sent" not in intake_only.log()
         assert delivery.log().count("Task mxq.deliver[") >= 20
@@ -636,9 +645,7 @@ def test_a_fanouts_runs_to_slow_new_domains_all_start_before_the_first_verdict(p
     # Every domain's first RCPT comes before the first message is accepted: no run waits for
     # another's delivery to start (a bound on runs setting up at once, held until each run's first
     # chunk was delivered, started one more run per 0.5 s: 1.25x Postfix in the bench's slow stage).
-    domains = [f"s{i}.fan.rt.test" for i in range(40)]
-    for d in domains:
-        zone(dns_server, d, IP + "52")
+    domains = new_domains(dns_server, "s", 40, 52)
     first_rcpt: dict[str, float] = {}
 
     class Noted(ScriptedSMTP):
@@ -653,9 +660,7 @@ def test_a_fanouts_runs_to_slow_new_domains_all_start_before_the_first_verdict(p
         p = pipeline()
         p.worker(concurrency=1)
         p.beat()
-        ids = submit([f"u@{d}" for d in domains])
-        p.wait_done(ids, timeout=90)
-        assert [s["state"] for s in states(ids)] == ["delivered"] * 40
+        send_to_each(p, domains, timeout=90)
         first = min(m.received_at for m in srv.messages)
         late = sorted(d for d in domains if first_rcpt.get(d, first) >= first)
         print(f"{len(domains) - len(late)} of 40 domains had a transaction under way before the first verdict")
