@@ -846,7 +846,7 @@ class _Connection:
                                          mta_sts=rt.mta_sts, tls_report=rt.tls_report, port25=rt.port25,
                                          sessions=self.sessions, on_done=done,
                                          stats=stats, ignore_down=self.probe,
-                                         stop=self.hb.stopped if self.hb is not None else None)
+                                         stop=self.stopper(len(plan), started, stats))
                 metrics.run_seconds(time.monotonic() - started)
             except Exception as e:
                 if not isinstance(e, SoftTimeLimitExceeded):
@@ -929,6 +929,34 @@ class _Connection:
         threading.Thread(target=run, name="mxq-speculate", daemon=True).start()
         return over
 
+    def stopper(self, k: int, started: float, stats: RunStats):
+        """The engine's ``stop()`` for a chunk of ``k`` messages started at ``started`` (None: nothing to stop it).
+
+        It stops when the lease heartbeat is lost, and when the chunk is
+        overdue (``qmgr.overdue``; ``stats``: the run's, as the engine fills
+        them in) on a lane that may have more than
+        one connection: the engine then starts no new transaction, and the
+        messages it did not try come back ``queued`` (not an attempt), so
+        ``outcome`` puts them back due at once for the lane's other
+        connections.  A lane limited to one connection keeps its chunk: no
+        other connection could take the rest sooner.
+        """
+        hb = self.hb
+        limit = qmgr.overdue_after(self.latency, k)
+        if limit is not None and self.rt.shaper.policy.for_domain(self.domain).concurrency == 1:
+            limit = None
+        if limit is None:
+            return hb.stopped if hb is not None else None
+
+        def stop() -> bool:
+            if hb is not None and hb.stopped():
+                return True
+            if qmgr.overdue(time.monotonic() - started, stats.transactions, limit):
+                self.counts["overdue"] += 1
+                return True
+            return False
+        return stop
+
     def progressive(self, n: int) -> bool:
         """Record this chunk's messages one by one as their final replies arrive (``qmgr.Recorder``)?
 
@@ -949,8 +977,9 @@ class _Connection:
             if res is None:
                 res = {"state": "deferred", "enhanced": "4.3.0", "text": "no result from the engine"}
             elif res.get("state") == "queued" and now < deadline:
-                # Not attempted (the task's time was up): the record stays, the item comes
-                # back at once through the deferred queue (past its lifetime it expires below).
+                # Not attempted (the task's time was up, or its chunk was overdue: stopper): the
+                # record stays, the item comes back at once through the deferred queue (past its
+                # lifetime it expires below).
                 counts["not_attempted"] += 1
                 dues.append(now)
                 continue

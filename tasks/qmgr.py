@@ -29,7 +29,10 @@ gets one message per claim, an instant one ``MXQ_BATCH_SIZE``); an unknown
 destination gets ``UNKNOWN_CHUNK`` first.  The dispatch publishes
 ``ceil(ready / chunk)`` tasks up to the window, minus those queued and
 running: a slow destination's mail is spread over up to its window of
-parallel connections, a fast one's over as few as drain it.
+parallel connections, a fast one's over as few as drain it.  A chunk far behind
+the time it was sized for (``overdue_after``: the estimate was wrong) starts no
+new transaction and gives its unsent messages back to the front of the lane,
+for the lane's other connections.
 
 Dead destinations (the failed cohort rule)
 ------------------------------------------
@@ -89,21 +92,35 @@ MAX_LAG = 0.02
 SLOW_VS_LAG = 10.0
 #: A chunk expected to take longer than this has its messages recorded one by one (``Recorder``).
 RECORD_AFTER = 0.25
+#: A chunk taking this many times the time it was sized for hands its unsent messages back
+#: (``overdue_after``).
+OVERDUE_FACTOR = 4.0
 #: A lane's first chunk (latency unknown) still waiting after this many seconds: the lane is slow,
 #: and gets its window of connections at once (``mxq.tasks.graph._Lane.speculate``).
 SPECULATE_AFTER = 0.25
 
 
 def smooth(old: float | None, sample: float) -> float:
-    """A destination's seconds per message after a new sample: down at once, up a fifth of the way.
+    """A destination's seconds per message after a new sample: down half the way, up a fifth of the way.
 
-    Measurement noise (a busy worker, a slow first connection) only ever adds
-    time, so the lower samples are the truer ones; a destination that really
-    slows down still shows after a few runs.  Same rule as the store's script.
+    Measurement noise (a busy worker, a slow first connection) mostly adds
+    time, so a lower sample counts more than a higher one; but one fast
+    answer from a slow exchange must not make it look instant: taken at once,
+    it made the connection that saw it claim the rest of the lane as one
+    chunk and send it one message a second, while the lane's other
+    connections had nothing left (the bench's slow stage, 2026-12-04: one
+    sample of 7 ms on a lane at 1 s per message, then 8 messages in a row on
+    one connection; the stage ran 10.5 s instead of 4.6).  Halving takes a
+    really fast destination from 1 s to under ``FAST_LATENCY`` in 5 samples
+    (its chunk doubling each time).  Same rule as the store's script.
     """
-    if old is None or sample < old:
+    if old is None:
         return sample
+    if sample < old:
+        return old + (sample - old) * 0.5
     return old + (sample - old) * 0.2
+
+
 #: Messages the first claim on a destination of unknown latency takes (one message tells).
 UNKNOWN_CHUNK = 1
 #: A destination with no concurrency limit (``*c``) still grows its window only this far.
@@ -150,6 +167,34 @@ def chunk_size(latency: float | None, batch: int) -> int:
     if latency < FAST_LATENCY:
         return batch
     return max(1, min(batch, int(math.floor(CHUNK_SECONDS / latency))))
+
+
+def overdue_after(latency: float | None, k: int) -> float | None:
+    """Seconds after which a chunk of ``k`` messages, sized for ``latency``, is overdue (None: never).
+
+    A chunk's size rests on the destination's measured seconds per message;
+    an exchange that answered a few messages fast and then slows down (a
+    content filter at the dot, a sink that answers on a timer) makes it far
+    too big, and its messages wait their turn on one connection while the
+    lane's other connections have nothing left to take.  Past this time the
+    chunk starts no new transaction and its unsent messages go back to the
+    lane, not attempted (``mxq.tasks.graph``): ``OVERDUE_FACTOR`` times the
+    time the chunk was sized for, and at least ``2 * CHUNK_SECONDS``.
+    """
+    if k <= 1:
+        return None
+    return max(2 * CHUNK_SECONDS, OVERDUE_FACTOR * k * (latency or 0.0))
+
+
+def overdue(elapsed: float, sent: int, after: float | None) -> bool:
+    """Is a chunk ``elapsed`` seconds in, ``sent`` transactions done, overdue (``overdue_after``)?
+
+    Only when its messages really take ``CHUNK_SECONDS`` or more each: a
+    fast lane's chunk in a process sharing its CPU among hundreds of
+    connections also runs long (64 messages in 4 s draining a backlog), and
+    handing its mail back would only add claims.
+    """
+    return after is not None and elapsed >= after and elapsed >= CHUNK_SECONDS * max(1, sent)
 
 
 def feedback(stats: RunStats, results: list[list[dict | None]] | None, probe: str = "",

@@ -1000,12 +1000,13 @@ return 1
 # batch may have been touched by someone else -- except that a recipient dropped
 # while its transaction was in flight is recorded as delivered when it was: the
 # truth, not counted twice in "left"), and, while the token holds its lease, the
-# deferred items' due times.  Fills applied ("job|index" of each update written)
+# deferred items' due times (an item due now with no record written -- not attempted --
+# goes back to the front of its ready list instead).  Fills applied ("job|index" of each update written)
 # and returns the report and webhook work items to queue.
 _WRITE = r"""
 local FINAL = {delivered = true, bounced = true, expired = true, suppressed = true, dropped = true}
 local function write_outcomes(payload, token, ttl, owner, applied, now, guarded, hide, mine)
-  local reports, deferred, hooks, done = {}, {}, {}, {}
+  local reports, deferred, hooks, done, back = {}, {}, {}, {}, {}
   -- A batch 'mxq queue drop' hit while in flight: check each record as if the lease were lost.
   if guarded == nil then guarded = not owner or redis.call('SISMEMBER', P .. 'guard', token) == 1 end
   for _, item in ipairs(payload) do
@@ -1068,9 +1069,20 @@ local function write_outcomes(payload, token, ttl, owner, applied, now, guarded,
         end
       end
     end
-    if owner and item.due >= 0 then table.insert(deferred, item.due); table.insert(deferred, wid) end
+    if owner and item.due >= 0 then
+      if #item.updates == 0 and item.due <= now then
+        -- Not attempted (a chunk overdue or out of time, mxq.tasks.graph): back to the front of
+        -- its lane at once, for the dispatch below, not through the deferred queue and a tick.
+        local l = lane_of(wid)
+        if not back[l] then back[l] = {}; table.insert(back, l) end
+        table.insert(back[l], 1, wid)                       -- LPUSH below keeps their order
+      else
+        table.insert(deferred, item.due); table.insert(deferred, wid)
+      end
+    end
   end
   if #deferred > 0 then push('ZADD', P .. 'deferred', deferred) end
+  for _, l in ipairs(back) do push('LPUSH', P .. 'ready:' .. l, back[l]) end
   if #done > 0 then push('ZADD', P .. 'final', done) end
   return reports, hooks, guarded
 end
@@ -1104,8 +1116,10 @@ local function feedback(lane, fb)
     if st.du then st.du = nil; st.dn = nil; w = pol.i end      -- the probe got through: alive again
     w = math.min(lim, w + fb.ok)
     st.fc = nil
-    if fb.lat and fb.lat > 0 then        -- down at once, up a fifth of the way (qmgr.smooth)
-      if st.lat and fb.lat > st.lat then st.lat = st.lat + (fb.lat - st.lat) * 0.2 else st.lat = fb.lat end
+    if fb.lat and fb.lat > 0 then        -- down half the way, up a fifth of the way (qmgr.smooth)
+      if not st.lat then st.lat = fb.lat
+      elseif fb.lat > st.lat then st.lat = st.lat + (fb.lat - st.lat) * 0.2
+      else st.lat = st.lat + (fb.lat - st.lat) * 0.5 end
     end
   elseif (fb.fail or 0) > 0 then
     st.why, st.enh = fb.why, fb.enh
