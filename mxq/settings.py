@@ -788,12 +788,27 @@ def _stamp(layers) -> tuple:
     return tuple(out)
 
 
+def _mxq_environ() -> dict[str, str]:
+    """The environment's ``MXQ_*`` variables, as ``os.environ`` has them now.
+
+    On POSIX ``os.environ`` keeps bytes and decodes every key and value it
+    iterates: 22 us for 39 variables, paid on every ``current()`` (several
+    per delivered chunk in a worker).  Matching the prefix on its bytes and
+    decoding only the matches (as ``os.environ`` decodes: ``os.fsdecode``)
+    takes 2 us.
+    """
+    data = getattr(os.environ, "_data", None)
+    if os.name == "posix" and isinstance(data, dict):
+        return {os.fsdecode(k): os.fsdecode(v) for k, v in data.items() if k[:4] == b"MXQ_"}
+    return {k: v for k, v in os.environ.items() if k.startswith("MXQ_")}
+
+
 def current() -> Config:
     """This process's settings now: the environment, Django settings, Flask config, ``configure()``.
 
     Cached until any source changes (each call compares the sources' ``MXQ_*`` values).
     """
-    env = {k: v for k, v in os.environ.items() if k.startswith("MXQ_")}
+    env = _mxq_environ()
     layers = _layers(env)
     stamp = _stamp(layers)
     hit = _cache.get("config")
