@@ -159,9 +159,14 @@ def _store_redis(backend, outcomes: list[tuple[str, dict]]) -> None:
         return
     pipe = backend.client.pipeline(transaction=False)
     sent = []
+    # Celery's meta of a success (status, traceback, children, date_done and what the app's
+    # configuration adds), made once for the batch: every outcome in it is written now, and
+    # building it per job (the app's clock made timezone-aware, its configuration looked up) was
+    # a fifth of a delivery run's CPU in a profile.
+    base = backend._get_result_meta(result=None, state=states.SUCCESS, traceback=None, request=None)
     for job, outcome in outcomes:
-        meta = backend._get_result_meta(result=outcome, state=states.SUCCESS, traceback=None, request=None)
-        meta["task_id"] = job
+        meta = dict(base)
+        meta["result"], meta["task_id"] = outcome, job
         key, value = backend.get_key_for_task(job), backend.encode(meta)
         if backend.expires:
             pipe.set(key, value, ex=int(backend.expires))

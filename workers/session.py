@@ -455,6 +455,7 @@ class SMTPSession:
         self.chunk_size = chunk_size
         self.use_pipelining = pipelining
         self._observers: tuple = tuple(observers)
+        self._parsed: tuple | None = None     # (raw text, Reply) of the last reply read, when observers parsed it
 
         self.greeting: Reply | None = None
         self.helo_reply: Reply | None = None
@@ -657,9 +658,18 @@ class SMTPSession:
                 break
         msg = b"\n".join(lines)
         if self._observers and code != -1:
-            self._emit(events.ReplyReceived(self, self._phase, Reply.parse(code, msg),
+            reply = Reply.parse(code, msg)
+            self._parsed = (msg, reply)         # _reply takes it instead of parsing it again
+            self._emit(events.ReplyReceived(self, self._phase, reply,
                                             tuple(x.decode("utf-8", "replace") for x in lines)))
         return code, msg
+
+    def _parse(self, code: int, msg: bytes) -> Reply:
+        """``Reply.parse(code, msg)``, or the reply ``_read_reply`` parsed for the observers from this very text."""
+        parsed, self._parsed = self._parsed, None
+        if parsed is not None and parsed[0] is msg:
+            return parsed[1]
+        return Reply.parse(code, msg)
 
     def _command(self, phase: str, cmd: str, args: str = "", *, text: str | None = None) -> Reply:
         if self._final_unread:
@@ -669,7 +679,7 @@ class SMTPSession:
         if code == -1:   # not an SMTP reply
             raise self._lost(text or _PHASE_TEXT[phase], OSError(
                 "malformed reply: " + (msg.decode("utf-8", "replace") if isinstance(msg, bytes) else msg)[:200]))
-        return Reply.parse(code, msg)
+        return self._parse(code, msg)
 
     def _require_connected(self, what: str) -> None:
         if not self.connected:
@@ -1335,7 +1345,7 @@ class SMTPSession:
         code, msg = self._io(phase, self._smtp.getreply)
         if code == -1:
             raise self._lost(_PHASE_TEXT[phase], OSError("malformed reply"))
-        return Reply.parse(code, msg)
+        return self._parse(code, msg)
 
     def append_message(self, content) -> None:
         """Send (more of) the message text; the first call sends DATA.
