@@ -727,6 +727,7 @@ class _Connection:
         self.latency = grant.latency
         limits = rt.shaper.policy.for_domain(domain)
         self.tokens = grant.granted if limits.rate else None      # rate tokens left to use
+        self.single = limits.concurrency == 1                     # one connection: chunks never overdue
         self.sessions = View(rt.scache, tag=(domain, token) if grant.slot else None, on_adopt=rt.adopted,
                              hold=True)
         self.deadline = lane.deadline
@@ -942,9 +943,7 @@ class _Connection:
         other connection could take the rest sooner.
         """
         hb = self.hb
-        limit = qmgr.overdue_after(self.latency, k)
-        if limit is not None and self.rt.shaper.policy.for_domain(self.domain).concurrency == 1:
-            limit = None
+        limit = None if self.single else qmgr.overdue_after(self.latency, k)
         if limit is None:
             return hb.stopped if hb is not None else None
 
@@ -978,8 +977,8 @@ class _Connection:
                 res = {"state": "deferred", "enhanced": "4.3.0", "text": "no result from the engine"}
             elif res.get("state") == "queued" and now < deadline:
                 # Not attempted (the task's time was up, or its chunk was overdue: stopper): the
-                # record stays, the item comes back at once through the deferred queue (past its
-                # lifetime it expires below).
+                # record stays, and the release puts the item back at the front of its lane at
+                # once (past its lifetime it expires below).
                 counts["not_attempted"] += 1
                 dues.append(now)
                 continue

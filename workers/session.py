@@ -819,7 +819,7 @@ class SMTPSession:
             self.tls_active = True
             self._tls_started(smtp.sock)
         code, msg = self._io("greeting", smtp.getreply)
-        self.greeting = Reply.parse(code, msg) if code != -1 else Reply.local("4.5.0", "malformed greeting")
+        self.greeting = self._parse(code, msg) if code != -1 else Reply.local("4.5.0", "malformed greeting")
         if code != 220:
             self._abort()
             if code == -1:
@@ -843,18 +843,18 @@ class SMTPSession:
         if code == 250:
             self.esmtp = True
             self.extensions = {k.lower(): v.strip() for k, v in smtp.esmtp_features.items()}
-            self.helo_reply = Reply.parse(code, msg)
+            self.helo_reply = self._parse(code, msg)
             return
         if code == -1:
             raise self._lost("sending EHLO", OSError("malformed reply"))
-        ehlo_reply = Reply.parse(code, msg)
+        ehlo_reply = self._parse(code, msg)
         if code == 421:
             self._abort()
             raise SMTPHeloError(ehlo_reply)
         code, msg = self._io("helo", smtp.helo, self.helo_name)
         if code == -1:
             raise self._lost("sending HELO", OSError("malformed reply"))
-        self.helo_reply = Reply.parse(code, msg)
+        self.helo_reply = self._parse(code, msg)
         if code != 250:
             self.disconnect()
             raise SMTPHeloError(self.helo_reply)
@@ -958,7 +958,7 @@ class SMTPSession:
             self._masking = False
             if self._smtp is not None:
                 self._smtp.password = None
-        return Reply.parse(code, msg)
+        return self._parse(code, msg)
 
     # ------------------------------------------------------------------
     # lower-level access
