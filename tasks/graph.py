@@ -62,7 +62,7 @@ from .heartbeat import Heartbeat
 from .hoststatus import RedisHostStatus, RedisPolicyCache, RedisPort25State, RedisTLSReport
 from .settings import PipelineSettings
 from .store import (FINAL_STATES, REPORT_LANE, TRANSIENT_REDIS_ERRORS, Claimed, Grant, Outcome, Store,
-                    check_on_start, get_store, keys, status_of)
+                    check_on_start, get_store, keys, make_quick_client, status_of)
 from .store import items as workitems
 from .webhooks import WEBHOOK_LANE
 from . import webhook_lane  # noqa: F401 -- registers mxq.webhook (the webhook lane's task)
@@ -112,10 +112,6 @@ class Runtime:
     """
 
     def __init__(self):
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
         from mxq.workers.config import Settings
         from mxq.workers.mtasts import MTASTS
         from mxq.workers.mx import Resolver
@@ -127,8 +123,7 @@ class Runtime:
         self.engine = Settings.from_env()
         # The failure memory and the DNS cache are optimisations: a short timeout
         # and no retries, so Redis trouble never stalls a delivery on them.
-        quick = redis.Redis.from_url(self.ps.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0,
-                                     retry=Retry(NoBackoff(), 0))
+        quick = make_quick_client(self.ps.redis_url)
         self.resolver = Resolver(self.engine, cache=_shared_dns_cache(self.engine, quick))
         self.hosts = RedisHostStatus(quick)
         # Fleet-wide transport state (mxq.tasks.hoststatus): MTA-STS policies, TLS-RPT counts, and

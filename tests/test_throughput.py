@@ -356,6 +356,58 @@ def test_a_name_is_asked_once_across_workers_missing_it_at_once(redis_server, dn
     assert sum(r.stats["queries"] for r in resolvers) == 3          # MX, A, AAAA: once each
 
 
+def test_a_lookup_while_more_commands_are_under_way_than_the_pool_has_connections_still_uses_the_cache(
+        redis_server, dns_server):
+    """The worker's quick client (the DNS cache's) queues for a connection when all are busy.
+
+    redis-py's default pool opens 100 connections and then raises ``MaxConnectionsError`` at once:
+    a gevent worker starting 100 new destinations had its DNS cache take that for Redis being
+    away and resolve without it for 30 s (names asked 2-5 times in the bench's backlog stage).
+    Here 120 commands hold connections (BLPOP, 0.5 s) while a new domain is resolved."""
+    import threading
+
+    from mxq.tasks.graph import _shared_dns_cache
+    from mxq.tasks.store import MAX_CONNECTIONS, make_quick_client
+
+    srv = redis_server()
+    client = make_quick_client(srv.url)
+    settings = Settings(helo_name="client.tp.test", dns_servers=parse_dns_servers(dns_server.address),
+                        timeouts=FAST)
+    serve_domain(dns_server, "busy.tp.test", "127.0.32.11")
+    resolver = Resolver(settings, cache=_shared_dns_cache(settings, client))
+    n = 120
+    go = threading.Barrier(n + 1)
+    errors, waited = [], []
+
+    def hold():
+        go.wait(10)
+        try:
+            waited.append(client.blpop(["mxq:test:nothing"], timeout=0.5))
+        except Exception as e:  # noqa: BLE001 -- what the test looks for
+            errors.append(e)
+
+    watch = srv.client()
+    base = int(watch.info("clients")["connected_clients"])
+    threads = [threading.Thread(target=hold) for _ in range(n)]
+    for t in threads:
+        t.start()
+    go.wait(10)
+    deadline = time.monotonic() + 5
+    opened = 0
+    while opened < MAX_CONNECTIONS and time.monotonic() < deadline:
+        time.sleep(0.01)                    # (until every connection is taken)
+        opened = int(watch.info("clients")["connected_clients"]) - base
+    got = resolver.exchanges("busy.tp.test")
+    for t in threads:
+        t.join(20)
+    assert not errors and waited == [None] * n
+    assert opened == MAX_CONNECTIONS
+    assert int(watch.info("clients")["connected_clients"]) - base == MAX_CONNECTIONS     # never more
+    assert got[0].addresses == ["127.0.32.11"]
+    assert resolver.cache.stats["redis_errors"] == 0
+    assert watch.exists("mxq:dns:MX:busy.tp.test") == 1             # shared with the other workers
+
+
 def test_a_worker_waits_for_the_one_resolving_instead_of_asking_too(redis_server, dns_server):
     import threading
 

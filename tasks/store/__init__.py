@@ -162,7 +162,7 @@ from dataclasses import dataclass, field
 from typing import TypedDict
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.retry import Retry
 
 from mxq.workers.reply import printable
@@ -1479,6 +1479,24 @@ def make_client(url: str, *, deadline: float | None = None) -> redis.Redis:
     # At most MAX_CONNECTIONS connections per process, waited for when all are busy: a
     # gevent worker runs hundreds of tasks at once, and each would otherwise open its own.
     pool = redis.BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=30, **options)
+    return redis.Redis(connection_pool=pool)
+
+
+def make_quick_client(url: str, *, wait: float = 1.0, queue: float = 5.0) -> redis.Redis:
+    """A Redis client for state that is only an optimisation (the DNS cache, the exchanges' failure
+    memory, MTA-STS policies): one try, ``wait`` seconds at most to connect and for a reply, no
+    retries, so a dead Redis costs a delivery milliseconds, not seconds.
+
+    At most ``MAX_CONNECTIONS`` connections, a command waiting up to ``queue`` seconds for one when
+    all are busy (a local queue, not Redis trouble: a dead Redis's connections fail and come back at
+    once).  redis-py's default pool (100 connections, then ``MaxConnectionsError`` at once) failed
+    a gevent worker's lookups when 100 new destinations started together: the DNS cache took that
+    for Redis being away, resolved without it for 30 s, and names were asked 2-5 times (the bench's
+    backlog stage, 2026-12-04).
+    """
+    pool = redis.BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=queue,
+                                                 socket_timeout=wait, socket_connect_timeout=wait,
+                                                 retry=Retry(NoBackoff(), 0))
     return redis.Redis(connection_pool=pool)
 
 
