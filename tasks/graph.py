@@ -887,7 +887,7 @@ class _Connection:
             rt.record_own(late + outcomes, mine)
         counts["written"] += written + len(applied)
         if results is not None and stats.transactions and fb.latency:
-            self.latency = qmgr.smooth(self.latency, fb.latency)
+            self.latency = qmgr.smooth(self.latency, fb.latency, stats.transactions)
         self.lane.publish(dispatch)
         if status == "dead":
             log.warning("deliver %s: destination declared dead (%s)", domain, fb.why or "connection failures")

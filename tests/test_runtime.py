@@ -128,6 +128,8 @@ def _chunk(st: Store, lane: str, token: str, fb: Feedback) -> str:
 
 
 def test_window_grows_one_per_delivery_shrinks_one_per_failed_run_and_a_cohort_declares_dead(store):
+    from mxq.tasks import qmgr
+
     st, lane = store, "w.rt.test"
     assert _chunk(st, lane, "a", Feedback(ok=1, latency=0.2)) == "ok"
     s = st.dest.state(lane)
@@ -139,6 +141,11 @@ def test_window_grows_one_per_delivery_shrinks_one_per_failed_run_and_a_cohort_d
     # faster: half the way (noise mostly adds time, but one fast answer of a slow exchange must not
     # make it look instant)
     assert st.dest.state(lane)["lat"] == pytest.approx(0.17)
+    # ... for each message of the sample: 3 messages faster, 7/8 of the way
+    _chunk(st, lane, "b3", Feedback(ok=3, latency=0.01))
+    assert st.dest.state(lane)["lat"] == pytest.approx(0.17 - 0.16 * 7 / 8)
+    assert qmgr.smooth(0.17, 0.01, 3) == pytest.approx(st.dest.state(lane)["lat"])   # the same rule
+    assert qmgr.smooth(0.17, 0.01) == pytest.approx(0.09) and qmgr.smooth(0.2, 0.4, 10) == pytest.approx(0.24)
     # Failed runs (no server reached): -1 each and 1/window of a cohort each
     _chunk(st, lane, "c", Feedback(fail=1, why="connect to x: Connection timed out", enhanced="4.4.1"))
     s = st.dest.state(lane)

@@ -1116,10 +1116,10 @@ local function feedback(lane, fb)
     if st.du then st.du = nil; st.dn = nil; w = pol.i end      -- the probe got through: alive again
     w = math.min(lim, w + fb.ok)
     st.fc = nil
-    if fb.lat and fb.lat > 0 then        -- down half the way, up a fifth of the way (qmgr.smooth)
+    if fb.lat and fb.lat > 0 then        -- down half the way per message, up a fifth (qmgr.smooth)
       if not st.lat then st.lat = fb.lat
       elseif fb.lat > st.lat then st.lat = st.lat + (fb.lat - st.lat) * 0.2
-      else st.lat = st.lat + (fb.lat - st.lat) * 0.5 end
+      else st.lat = st.lat + (fb.lat - st.lat) * (1 - 0.5 ^ math.min(fb.ok, 30)) end
     end
   elseif (fb.fail or 0) > 0 then
     st.why, st.enh = fb.why, fb.enh
