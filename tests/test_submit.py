@@ -73,3 +73,34 @@ def test_an_email_message_still_works(redis_url):
     m["To"] = "bob@one.submit.test"
     m.set_content("x\n")
     assert tasks.status(tasks.submit(m))["recipients"][0]["address"] == "bob@one.submit.test"
+
+
+def test_more_submissions_at_once_than_the_client_has_connections_wait_their_turn(redis_url):
+    """An application submitting from many threads (or greenlets) at once: every submission is
+    stored, none fails for want of a connection while Redis is busy (paused 0.5 s while 150
+    submissions are under way).  redis-py's default pool opens 100 connections and then
+    raises ``MaxConnectionsError`` at once."""
+    import threading
+
+    tasks.submit(TEXT)                      # (the producer's clients exist before the burst)
+    n = 150
+    go = threading.Barrier(n + 1)
+    jobs, errors = [], []
+
+    def one(i):
+        go.wait(10)
+        try:
+            jobs.append(tasks.submit(TEXT.replace("hello", f"hello {i}")))
+        except Exception as e:  # noqa: BLE001 -- what the test looks for
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    redis_url.execute_command("CLIENT", "PAUSE", 500, "ALL")     # Redis busy: every command waits 0.5 s
+    go.wait(10)
+    for t in threads:
+        t.join(30)
+    assert not errors, str(errors[0])
+    assert len(set(jobs)) == n
+    assert all(tasks.status(j)["recipients"][0]["state"] == "queued" for j in jobs)

@@ -1463,11 +1463,15 @@ def make_client(url: str, *, deadline: float | None = None) -> redis.Redis:
     that many seconds instead.
     """
     if deadline is not None:
-        return redis.Redis.from_url(url, decode_responses=False, socket_timeout=max(10.0, deadline),
-                                    socket_connect_timeout=deadline, health_check_interval=15,
-                                    retry=DeadlineRetry(deadline),
-                                    retry_on_error=[redis.exceptions.ConnectionError,
-                                                    redis.exceptions.TimeoutError])
+        # A producer in a threaded or gevent application: past MAX_CONNECTIONS submissions at once
+        # the rest wait for a connection (at most the deadline).  redis-py's default pool opens 100
+        # and then fails the others at once ("Too many connections", which redis-py does not retry).
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=deadline, decode_responses=False,
+            socket_timeout=max(10.0, deadline), socket_connect_timeout=deadline, health_check_interval=15,
+            retry=DeadlineRetry(deadline),
+            retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
+        return redis.Redis(connection_pool=pool)
     options = dict(
         decode_responses=False,
         socket_timeout=10,
@@ -1484,8 +1488,9 @@ def make_client(url: str, *, deadline: float | None = None) -> redis.Redis:
 
 def make_quick_client(url: str, *, wait: float = 1.0, queue: float = 5.0) -> redis.Redis:
     """A Redis client for state that is only an optimisation (the DNS cache, the exchanges' failure
-    memory, MTA-STS policies): one try, ``wait`` seconds at most to connect and for a reply, no
-    retries, so a dead Redis costs a delivery milliseconds, not seconds.
+    memory, MTA-STS policies, TLS-RPT counts, port 25's state): one try, ``wait`` seconds at most to
+    connect and for a reply, no retries, so Redis trouble never stalls a delivery for long (its
+    callers carry on without the state).
 
     At most ``MAX_CONNECTIONS`` connections, a command waiting up to ``queue`` seconds for one when
     all are busy (a local queue, not Redis trouble: a dead Redis's connections fail and come back at
