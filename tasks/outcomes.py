@@ -42,6 +42,7 @@ Reading, from any process::
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 log = logging.getLogger("mxq.outcomes")
@@ -50,6 +51,13 @@ log = logging.getLogger("mxq.outcomes")
 LEASE = 60.0
 #: Jobs one call records at most.
 BATCH = 200
+#: Writes to the result backend one process makes at once; more wait their turn (``_write``).
+#: Celery's Redis backend has redis-py's default pool: 100 connections, then ``MaxConnectionsError``
+#: at once.  A gevent worker's connections finishing together (1,000 replies of the bench's
+#: inflight stage within a moment) wrote that many outcomes at once, and the ones refused waited
+#: ``LEASE`` for a recorder (49 in one run).  A database backend's pool is smaller still.
+WRITERS = 32
+_writers = threading.BoundedSemaphore(WRITERS)
 
 
 def enabled(app=None) -> bool:
@@ -117,18 +125,21 @@ def record_known(store, outcomes: list[tuple[str, dict]], app=None) -> int:
 
 
 def _write(app, outcomes: list[tuple[str, dict]]) -> None:
-    """Store ``[(job, status)]`` in ``app``'s result backend (state ``SUCCESS``); raises what it raises."""
+    """Store ``[(job, status)]`` in ``app``'s result backend (state ``SUCCESS``); raises what it raises.
+
+    At most ``WRITERS`` at once in a process (the rest wait for their turn)."""
     from celery import states
 
     if not outcomes:
         return
     _django_ready(app)
     backend = app.backend
-    if _is_redis(backend):
-        _store_redis(backend, outcomes)
-    else:
-        for job, outcome in outcomes:
-            backend.store_result(job, outcome, states.SUCCESS)
+    with _writers:
+        if _is_redis(backend):
+            _store_redis(backend, outcomes)
+        else:
+            for job, outcome in outcomes:
+                backend.store_result(job, outcome, states.SUCCESS)
 
 
 def _is_redis(backend) -> bool:

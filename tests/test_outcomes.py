@@ -340,3 +340,43 @@ def test_a_task_whose_jobs_its_worker_recorded_claims_nothing_from_final(pipelin
     assert claims and client.exists(f"celery-task-meta-{both}") and client.zcard("mxq:final") == 0
     assert tasks.result(both).get(timeout=5) == tasks.status(both)
     client.close()
+
+
+def test_more_outcome_writes_at_once_than_the_backend_has_connections_all_land(pipeline, monkeypatch):
+    """A gevent worker's connections finishing together (the bench's inflight stage: 1,000 sink
+    replies within a moment) write their jobs' outcomes at once, through the one result backend of
+    the process's thread (Celery keeps ``app.backend`` per thread; a gevent worker's greenlets all
+    run in one).  Celery's Redis backend has redis-py's default pool (100 connections, then
+    ``MaxConnectionsError``), and the outcomes it refused waited ``LEASE`` (60 s) for a recorder:
+    49 in one bench run.  150 writes sharing one backend while Redis is paused 0.5 s: every one
+    lands now."""
+    import threading
+    import types
+
+    from mxq.tasks import outcomes
+    from mxq.tasks.app import app
+    from mxq.tasks.store import get_store
+
+    p = pipeline()
+    monkeypatch.setattr(app, "_local", types.SimpleNamespace())    # one backend for every thread
+    client = p.redis.client()
+    store = get_store()
+    assert outcomes.record_known(store, [("warm-up", {"job": "warm-up"})]) == 1     # (the backend's client)
+    n = 150
+    go = threading.Barrier(n + 1)
+    written = []
+
+    def one(i):
+        go.wait(10)
+        written.append(outcomes.record_known(store, [(f"burst{i}", {"job": f"burst{i}", "state": "done"})]))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    client.execute_command("CLIENT", "PAUSE", 500, "ALL")      # Redis busy: every write waits 0.5 s
+    go.wait(10)
+    for t in threads:
+        t.join(30)
+    assert written == [1] * n
+    assert client.exists(*[f"celery-task-meta-burst{i}" for i in range(n)]) == n
+    client.close()
