@@ -356,9 +356,11 @@ def test_a_name_is_asked_once_across_workers_missing_it_at_once(redis_server, dn
     assert sum(r.stats["queries"] for r in resolvers) == 3          # MX, A, AAAA: once each
 
 
+@pytest.mark.parametrize("user", ["worker", "library"])
 def test_a_lookup_while_more_commands_are_under_way_than_the_pool_has_connections_still_uses_the_cache(
-        redis_server, dns_server):
-    """The worker's quick client (the DNS cache's) queues for a connection when all are busy.
+        redis_server, dns_server, user):
+    """The DNS cache's Redis client queues for a connection when all are busy: the worker's
+    (``store.make_quick_client``) and the engine's own when a library user gives ``redis_url``.
 
     redis-py's default pool opens 100 connections and then raises ``MaxConnectionsError`` at once:
     a gevent worker starting 100 new destinations had its DNS cache take that for Redis being
@@ -370,11 +372,16 @@ def test_a_lookup_while_more_commands_are_under_way_than_the_pool_has_connection
     from mxq.tasks.store import MAX_CONNECTIONS, make_quick_client
 
     srv = redis_server()
-    client = make_quick_client(srv.url)
     settings = Settings(helo_name="client.tp.test", dns_servers=parse_dns_servers(dns_server.address),
-                        timeouts=FAST)
-    serve_domain(dns_server, "busy.tp.test", "127.0.32.11")
-    resolver = Resolver(settings, cache=_shared_dns_cache(settings, client))
+                        timeouts=FAST, redis_url=srv.url)
+    domain = f"busy-{user}.tp.test"
+    serve_domain(dns_server, domain, "127.0.32.11")
+    if user == "worker":
+        client = make_quick_client(srv.url)
+        resolver = Resolver(settings, cache=_shared_dns_cache(settings, client))
+    else:
+        resolver = Resolver(settings)
+        client = resolver.cache.redis
     n = 120
     go = threading.Barrier(n + 1)
     errors, waited = [], []
@@ -397,7 +404,7 @@ def test_a_lookup_while_more_commands_are_under_way_than_the_pool_has_connection
     while opened < MAX_CONNECTIONS and time.monotonic() < deadline:
         time.sleep(0.01)                    # (until every connection is taken)
         opened = int(watch.info("clients")["connected_clients"]) - base
-    got = resolver.exchanges("busy.tp.test")
+    got = resolver.exchanges(domain)
     for t in threads:
         t.join(20)
     assert not errors and waited == [None] * n
@@ -405,7 +412,7 @@ def test_a_lookup_while_more_commands_are_under_way_than_the_pool_has_connection
     assert int(watch.info("clients")["connected_clients"]) - base == MAX_CONNECTIONS     # never more
     assert got[0].addresses == ["127.0.32.11"]
     assert resolver.cache.stats["redis_errors"] == 0
-    assert watch.exists("mxq:dns:MX:busy.tp.test") == 1             # shared with the other workers
+    assert watch.exists(f"mxq:dns:MX:{domain}") == 1                # shared with the other workers
 
 
 def test_a_worker_waits_for_the_one_resolving_instead_of_asking_too(redis_server, dns_server):

@@ -48,6 +48,25 @@ OK, NXDOMAIN, NODATA = "ok", "nxdomain", "nodata"
 REDIS_PREFIX = "mxq:dns:"
 
 
+def quick_client(url: str, *, wait: float = 1.0, queue: float = 5.0, connections: int = 64):
+    """A redis-py client for state that is only an optimisation (this cache, the exchanges' failure
+    memory): one try, ``wait`` seconds at most to connect and for a reply, no retries.
+
+    At most ``connections`` connections; a command waits up to ``queue`` seconds for one when all
+    are busy (a local queue, not Redis trouble).  redis-py's default pool opens 100 and then raises
+    ``MaxConnectionsError`` at once: a gevent process with more lookups under way took that for
+    Redis being away and resolved without the shared cache for 30 s (names asked 2-5 times).
+    """
+    import redis as redis_lib   # only when asked for: library users may not run Redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    pool = redis_lib.BlockingConnectionPool.from_url(url, max_connections=connections, timeout=queue,
+                                                     socket_timeout=wait, socket_connect_timeout=wait,
+                                                     retry=Retry(NoBackoff(), 0))
+    return redis_lib.Redis(connection_pool=pool)
+
+
 @dataclass(frozen=True)
 class CachedAnswer:
     """One DNS answer as cached: ``status`` (ok | nxdomain | nodata), ``records``, ``ttl`` seconds.

@@ -68,7 +68,7 @@ import dns.resolver
 
 from .address import normalize_domain
 from .config import Settings
-from .dnscache import NODATA, NXDOMAIN, OK, CachedAnswer, DNSCache
+from .dnscache import NODATA, NXDOMAIN, OK, CachedAnswer, DNSCache, quick_client
 from .errors import DNSError, NullMX, is_interrupt
 from .reply import Reply
 
@@ -142,14 +142,9 @@ class Resolver:
                  rng: random.Random | None = None):
         self.settings = settings if settings is not None else Settings.from_env()
         if redis is None and cache is None and self.settings.redis_url:
-            import redis as redis_lib   # only when asked for: library users may not run Redis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-
             # The cache is an optimisation: one quick try, no retries with back-off
-            # (redis-py's default), so a dead Redis costs milliseconds, not seconds.
-            redis = redis_lib.Redis.from_url(self.settings.redis_url, socket_timeout=1.0,
-                                             socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0))
+            # (redis-py's default), and a bounded pool that queues (dnscache.quick_client).
+            redis = quick_client(self.settings.redis_url)
         if cache is None:
             kw = {"clock": clock} if clock is not None else {}
             cache = DNSCache(self.settings, redis=redis, **kw)

@@ -162,9 +162,10 @@ from dataclasses import dataclass, field
 from typing import TypedDict
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from mxq.workers.dnscache import quick_client
 from mxq.workers.reply import printable
 
 from ..app import DELIVERY, INTAKE, NOTIFICATIONS
@@ -1499,10 +1500,7 @@ def make_quick_client(url: str, *, wait: float = 1.0, queue: float = 5.0) -> red
     for Redis being away, resolved without it for 30 s, and names were asked 2-5 times (the bench's
     backlog stage, 2026-12-04).
     """
-    pool = redis.BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=queue,
-                                                 socket_timeout=wait, socket_connect_timeout=wait,
-                                                 retry=Retry(NoBackoff(), 0))
-    return redis.Redis(connection_pool=pool)
+    return quick_client(url, wait=wait, queue=queue, connections=MAX_CONNECTIONS)
 
 
 def _s(v) -> str:
