@@ -50,6 +50,7 @@ from mxq.workers.errors import register_interrupt, reraise_interrupt
 from mxq.workers.results import RecipientResult
 
 from mxq.workers.delivery import RunStats
+from mxq.workers.dnscache import quick_client
 from mxq.workers.scache import SessionCache, View
 
 from . import metrics, qmgr, shaping
@@ -62,7 +63,7 @@ from .heartbeat import Heartbeat
 from .hoststatus import RedisHostStatus, RedisPolicyCache, RedisPort25State, RedisTLSReport
 from .settings import PipelineSettings
 from .store import (FINAL_STATES, REPORT_LANE, TRANSIENT_REDIS_ERRORS, Claimed, Grant, Outcome, Store,
-                    check_on_start, get_store, keys, make_quick_client, status_of)
+                    check_on_start, get_store, keys, status_of)
 from .store import items as workitems
 from .webhooks import WEBHOOK_LANE
 from . import webhook_lane  # noqa: F401 -- registers mxq.webhook (the webhook lane's task)
@@ -123,7 +124,7 @@ class Runtime:
         self.engine = Settings.from_env()
         # The failure memory and the DNS cache are optimisations: a short timeout
         # and no retries, so Redis trouble never stalls a delivery on them.
-        quick = make_quick_client(self.ps.redis_url)
+        quick = quick_client(self.ps.redis_url)
         self.resolver = Resolver(self.engine, cache=_shared_dns_cache(self.engine, quick))
         self.hosts = RedisHostStatus(quick)
         # Fleet-wide transport state (mxq.tasks.hoststatus): MTA-STS policies, TLS-RPT counts, and

@@ -38,6 +38,33 @@ __all__ = ["RedisServer", "PostfixServer", "free_port", "wait_until", "redis_ser
 
 # --------------------------------------------------------------------------- helpers
 
+def all_at_once_while_paused(client, n: int, call: Callable[[int], object],
+                             pause_ms: int = 500) -> tuple[list, list]:
+    """``call(0)`` ... ``call(n - 1)`` from ``n`` threads let go together while the Redis of
+    ``client`` is paused ``pause_ms`` ms (``CLIENT PAUSE ... ALL``): every command they send waits,
+    each holding a connection of its client's pool.  Returns ``(results, exceptions)``."""
+    import threading
+
+    go = threading.Barrier(n + 1)
+    results, errors = [], []
+
+    def one(i):
+        go.wait(10)
+        try:
+            results.append(call(i))
+        except Exception as e:  # noqa: BLE001 -- returned to the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    client.execute_command("CLIENT", "PAUSE", pause_ms, "ALL")
+    go.wait(10)
+    for t in threads:
+        t.join(30)
+    return results, errors
+
+
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02):
     """Poll ``predicate`` until it returns something truthy, at most ``timeout`` seconds.
 

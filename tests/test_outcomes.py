@@ -20,7 +20,7 @@ from celery import Celery
 
 from mxq import tasks
 from mxq.sandbox.smtpd import Behaviour, start_server
-from tests.fixtures_infra import free_port, wait_until
+from tests.fixtures_infra import all_at_once_while_paused, free_port, wait_until
 
 pytest_plugins = ["tests.pipeline_fixtures"]
 
@@ -350,7 +350,6 @@ def test_more_outcome_writes_at_once_than_the_backend_has_connections_all_land(p
     ``MaxConnectionsError``), and the outcomes it refused waited ``LEASE`` (60 s) for a recorder:
     49 in one bench run.  150 writes sharing one backend while Redis is paused 0.5 s: every one
     lands now."""
-    import threading
     import types
 
     from mxq.tasks import outcomes
@@ -363,20 +362,9 @@ def test_more_outcome_writes_at_once_than_the_backend_has_connections_all_land(p
     store = get_store()
     assert outcomes.record_known(store, [("warm-up", {"job": "warm-up"})]) == 1     # (the backend's client)
     n = 150
-    go = threading.Barrier(n + 1)
-    written = []
-
-    def one(i):
-        go.wait(10)
-        written.append(outcomes.record_known(store, [(f"burst{i}", {"job": f"burst{i}", "state": "done"})]))
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    client.execute_command("CLIENT", "PAUSE", 500, "ALL")      # Redis busy: every write waits 0.5 s
-    go.wait(10)
-    for t in threads:
-        t.join(30)
+    written, errors = all_at_once_while_paused(       # Redis busy: every write waits 0.5 s
+        client, n, lambda i: outcomes.record_known(store, [(f"burst{i}", {"job": f"burst{i}", "state": "done"})]))
+    assert not errors
     assert written == [1] * n
     assert client.exists(*[f"celery-task-meta-burst{i}" for i in range(n)]) == n
     client.close()

@@ -80,27 +80,11 @@ def test_more_submissions_at_once_than_the_client_has_connections_wait_their_tur
     stored, none fails for want of a connection while Redis is busy (paused 0.5 s while 150
     submissions are under way).  redis-py's default pool opens 100 connections and then
     raises ``MaxConnectionsError`` at once."""
-    import threading
+    from tests.fixtures_infra import all_at_once_while_paused
 
     tasks.submit(TEXT)                      # (the producer's clients exist before the burst)
     n = 150
-    go = threading.Barrier(n + 1)
-    jobs, errors = [], []
-
-    def one(i):
-        go.wait(10)
-        try:
-            jobs.append(tasks.submit(TEXT.replace("hello", f"hello {i}")))
-        except Exception as e:  # noqa: BLE001 -- what the test looks for
-            errors.append(e)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    redis_url.execute_command("CLIENT", "PAUSE", 500, "ALL")     # Redis busy: every command waits 0.5 s
-    go.wait(10)
-    for t in threads:
-        t.join(30)
+    jobs, errors = all_at_once_while_paused(redis_url, n, lambda i: tasks.submit(TEXT.replace("hello", f"hello {i}")))
     assert not errors, str(errors[0])
     assert len(set(jobs)) == n
     assert all(tasks.status(j)["recipients"][0]["state"] == "queued" for j in jobs)

@@ -360,7 +360,7 @@ def test_a_name_is_asked_once_across_workers_missing_it_at_once(redis_server, dn
 def test_a_lookup_while_more_commands_are_under_way_than_the_pool_has_connections_still_uses_the_cache(
         redis_server, dns_server, user):
     """The DNS cache's Redis client queues for a connection when all are busy: the worker's
-    (``store.make_quick_client``) and the engine's own when a library user gives ``redis_url``.
+    (``Runtime``'s ``dnscache.quick_client``) and the engine's own when a library user gives ``redis_url``.
 
     redis-py's default pool opens 100 connections and then raises ``MaxConnectionsError`` at once:
     a gevent worker starting 100 new destinations had its DNS cache take that for Redis being
@@ -369,7 +369,7 @@ def test_a_lookup_while_more_commands_are_under_way_than_the_pool_has_connection
     import threading
 
     from mxq.tasks.graph import _shared_dns_cache
-    from mxq.tasks.store import MAX_CONNECTIONS, make_quick_client
+    from mxq.workers.dnscache import QUICK_CONNECTIONS, quick_client
 
     srv = redis_server()
     settings = Settings(helo_name="client.tp.test", dns_servers=parse_dns_servers(dns_server.address),
@@ -377,7 +377,7 @@ def test_a_lookup_while_more_commands_are_under_way_than_the_pool_has_connection
     domain = f"busy-{user}.tp.test"
     serve_domain(dns_server, domain, "127.0.32.11")
     if user == "worker":
-        client = make_quick_client(srv.url)
+        client = quick_client(srv.url)
         resolver = Resolver(settings, cache=_shared_dns_cache(settings, client))
     else:
         resolver = Resolver(settings)
@@ -401,15 +401,15 @@ def test_a_lookup_while_more_commands_are_under_way_than_the_pool_has_connection
     go.wait(10)
     deadline = time.monotonic() + 5
     opened = 0
-    while opened < MAX_CONNECTIONS and time.monotonic() < deadline:
+    while opened < QUICK_CONNECTIONS and time.monotonic() < deadline:
         time.sleep(0.01)                    # (until every connection is taken)
         opened = int(watch.info("clients")["connected_clients"]) - base
     got = resolver.exchanges(domain)
     for t in threads:
         t.join(20)
     assert not errors and waited == [None] * n
-    assert opened == MAX_CONNECTIONS
-    assert int(watch.info("clients")["connected_clients"]) - base == MAX_CONNECTIONS     # never more
+    assert opened == QUICK_CONNECTIONS
+    assert int(watch.info("clients")["connected_clients"]) - base == QUICK_CONNECTIONS     # never more
     assert got[0].addresses == ["127.0.32.11"]
     assert resolver.cache.stats["redis_errors"] == 0
     assert watch.exists(f"mxq:dns:MX:{domain}") == 1                # shared with the other workers

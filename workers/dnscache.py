@@ -48,14 +48,22 @@ OK, NXDOMAIN, NODATA = "ok", "nxdomain", "nodata"
 REDIS_PREFIX = "mxq:dns:"
 
 
-def quick_client(url: str, *, wait: float = 1.0, queue: float = 5.0, connections: int = 64):
-    """A redis-py client for state that is only an optimisation (this cache, the exchanges' failure
-    memory): one try, ``wait`` seconds at most to connect and for a reply, no retries.
+#: Connections one ``quick_client`` opens at most.
+QUICK_CONNECTIONS = 64
+
+
+def quick_client(url: str, *, wait: float = 1.0, queue: float = 5.0, connections: int = QUICK_CONNECTIONS):
+    """A redis-py client for state that is only an optimisation (this cache; in a worker also the
+    exchanges' failure memory, MTA-STS policies, TLS-RPT counts, port 25's state): one try, ``wait``
+    seconds at most to connect and for a reply, no retries, so Redis trouble never stalls a
+    delivery for long (the callers carry on without the state).
 
     At most ``connections`` connections; a command waits up to ``queue`` seconds for one when all
-    are busy (a local queue, not Redis trouble).  redis-py's default pool opens 100 and then raises
-    ``MaxConnectionsError`` at once: a gevent process with more lookups under way took that for
-    Redis being away and resolved without the shared cache for 30 s (names asked 2-5 times).
+    are busy (a local queue, not Redis trouble: a dead Redis's connections fail and come back at
+    once).  redis-py's default pool opens 100 and then raises ``MaxConnectionsError`` at once: a
+    gevent worker starting 100 new destinations took that for Redis being away, resolved without
+    the shared cache for 30 s, and names were asked 2-5 times (the bench's backlog stage,
+    2026-12-04).
     """
     import redis as redis_lib   # only when asked for: library users may not run Redis
     from redis.backoff import NoBackoff

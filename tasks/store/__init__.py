@@ -165,7 +165,6 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from mxq.workers.dnscache import quick_client
 from mxq.workers.reply import printable
 
 from ..app import DELIVERY, INTAKE, NOTIFICATIONS
@@ -1463,44 +1462,22 @@ def make_client(url: str, *, deadline: float | None = None) -> redis.Redis:
     producer's ``MXQ_SUBMIT_TIMEOUT``): give up on an unreachable server after
     that many seconds instead.
     """
+    # At most MAX_CONNECTIONS connections per process, waited for when all are busy: a gevent
+    # worker runs hundreds of tasks at once, and each would otherwise open its own; a producer in a
+    # threaded or gevent application submits from as many.  redis-py's default pool opens 100 and
+    # then fails the others at once ("Too many connections", which redis-py does not retry).
     if deadline is not None:
-        # A producer in a threaded or gevent application: past MAX_CONNECTIONS submissions at once
-        # the rest wait for a connection (at most the deadline).  redis-py's default pool opens 100
-        # and then fails the others at once ("Too many connections", which redis-py does not retry).
-        pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=MAX_CONNECTIONS, timeout=deadline, decode_responses=False,
-            socket_timeout=max(10.0, deadline), socket_connect_timeout=deadline, health_check_interval=15,
-            retry=DeadlineRetry(deadline),
-            retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError])
-        return redis.Redis(connection_pool=pool)
-    options = dict(
-        decode_responses=False,
-        socket_timeout=10,
-        socket_connect_timeout=5,
-        health_check_interval=15,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=40),
-        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
-    )
-    # At most MAX_CONNECTIONS connections per process, waited for when all are busy: a
-    # gevent worker runs hundreds of tasks at once, and each would otherwise open its own.
-    pool = redis.BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=30, **options)
+        options = dict(socket_timeout=max(10.0, deadline), socket_connect_timeout=deadline,
+                       retry=DeadlineRetry(deadline))
+        queue = deadline
+    else:
+        options = dict(socket_timeout=10, socket_connect_timeout=5,
+                       retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=40))
+        queue = 30
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=MAX_CONNECTIONS, timeout=queue, decode_responses=False, health_check_interval=15,
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError], **options)
     return redis.Redis(connection_pool=pool)
-
-
-def make_quick_client(url: str, *, wait: float = 1.0, queue: float = 5.0) -> redis.Redis:
-    """A Redis client for state that is only an optimisation (the DNS cache, the exchanges' failure
-    memory, MTA-STS policies, TLS-RPT counts, port 25's state): one try, ``wait`` seconds at most to
-    connect and for a reply, no retries, so Redis trouble never stalls a delivery for long (its
-    callers carry on without the state).
-
-    At most ``MAX_CONNECTIONS`` connections, a command waiting up to ``queue`` seconds for one when
-    all are busy (a local queue, not Redis trouble: a dead Redis's connections fail and come back at
-    once).  redis-py's default pool (100 connections, then ``MaxConnectionsError`` at once) failed
-    a gevent worker's lookups when 100 new destinations started together: the DNS cache took that
-    for Redis being away, resolved without it for 30 s, and names were asked 2-5 times (the bench's
-    backlog stage, 2026-12-04).
-    """
-    return quick_client(url, wait=wait, queue=queue, connections=MAX_CONNECTIONS)
 
 
 def _s(v) -> str:
