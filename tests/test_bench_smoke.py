@@ -43,6 +43,8 @@ SLOW = (4, 3, 1)                     # --quick slow stage: domains, messages eac
 DEAD = (4, 5, 2)                     # --quick dead stage: healthy domains, messages per domain, dead domains
 PAIRS = 2                            # ... mxq runs without / with the dead domains, in pairs
 INFLIGHT = (10, 10, 1)               # --quick inflight stage: deliveries, domains, seconds at the dot
+ROUNDS = 2                           # --rounds given: the loopback comparison's stages run in 2 rounds
+ROUNDED = ("django_celery_email", "mxq", "mxq_django")
 HEALTHY = DEAD[0] * DEAD[1]
 # Messages counted at the sinks per stage (else N) and domains routed by MX (else M).
 COUNT = {"mxq_steady": STEADY, "mxq_backlog": BACKLOG, "slow_postfix": SLOW[0] * SLOW[1],
@@ -75,7 +77,7 @@ def bench(tmp_path_factory):
     # No installing from inside the test session's network namespace: ops/test (install-deps)
     # has installed everything, the bench extra included (it is part of the test extra).
     env = dict(os.environ, MXQ_BENCH_SKIP_INSTALL="1")
-    proc = subprocess.run([str(ROOT / "ops" / "bench"), "--quick", "--json", str(out)], env=env,
+    proc = subprocess.run([str(ROOT / "ops" / "bench"), "--quick", "--rounds", str(ROUNDS), "--json", str(out)], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=320, stdin=subprocess.DEVNULL)
     text = proc.stdout + proc.stderr
     assert out.exists(), f"no JSON written (exit {proc.returncode}):\n{text[-4000:]}"
@@ -113,7 +115,7 @@ def test_params_are_the_quick_ones(bench):
     assert p["stages"] == ["limit", "dce", "postfix", "mxq", "django", "steady", "backlog", "slow", "dead", "inflight"]
     assert (p["slow_domains"], p["slow_per_domain"], p["slow_delay"]) == SLOW
     assert (p["dead_healthy_domains"], p["dead_per_domain"], p["dead_domains"]) == DEAD
-    assert p["dead_connect_timeout"] == 2 and p["dead_pairs"] == PAIRS
+    assert p["dead_connect_timeout"] == 2 and p["dead_pairs"] == PAIRS and p["rounds"] == ROUNDS
     assert (p["inflight_messages"], p["inflight_domains"], p["inflight_delay"]) == INFLIGHT
     # mxq runs at its defaults: no tuning flag unless asked for.
     assert (p["mxq_workers"], p["mxq_concurrency"], p["mxq_pool"]) == (1, None, None)
@@ -301,8 +303,65 @@ def test_ratios(bench):
         if key == "dead_mxq/dead_mxq_base":         # the median of the dead stage's pairs
             assert ratio == result["stages"]["dead_mxq"]["dead"]["ratio_median"]
             continue
+        if num in ROUNDED and den in ROUNDED:       # the median of the rounds' ratios
+            rounds = [a["msgs_per_sec"] / b["msgs_per_sec"]
+                      for a, b in zip(result["stages"][num]["rounds"], result["stages"][den]["rounds"])]
+            assert ratio == pytest.approx(statistics.median(rounds), rel=0.01)
+            continue
         assert ratio == pytest.approx(result["stages"][num]["msgs_per_sec"] / result["stages"][den]["msgs_per_sec"],
                                       rel=0.01)
+
+
+def test_loopback_stages_ran_in_rounds_in_turn(bench):
+    """--rounds 2: each of dce, mxq and the Django path ran twice, the second round in the reverse
+    order; each stage's row is its round of median msg/s (the lower for two) and says which."""
+    _, text, result = bench
+    assert [ln for ln in text.splitlines() if ln.startswith("== round")] == ["== round 1 of 2", "== round 2 of 2"]
+    order = [ln[3:] for ln in text.splitlines() if ln.startswith("== ") and ln[3:] in ROUNDED]
+    assert order == list(ROUNDED) + list(reversed(ROUNDED))
+    for name in ROUNDED:
+        st = result["stages"][name]
+        assert [r["round"] for r in st["rounds"]] == [1, 2] and all(r["status"] == "ok" for r in st["rounds"])
+        rates = [r["msgs_per_sec"] for r in st["rounds"]]
+        assert st["msgs_per_sec"] == min(rates) and st["rounds"][st["round"] - 1]["msgs_per_sec"] == min(rates)
+        assert st["sinks"]["exactly_once"] is True
+    assert "(median of 2 rounds: " in text
+
+
+def test_rounds_pick_the_median_round_and_a_failed_round_fails_the_stage(monkeypatch):
+    from bench_lib import cli, stages
+
+    rates = {"mxq": iter([300.0, 100.0, 200.0]), "django_celery_email": iter([100.0, 200.0, 100.0])}
+
+    def stage(name):
+        def fn(ctx):
+            assert ctx.round in (1, 2, 3)
+            rate = next(rates[name])
+            if rate is None:
+                raise stages.BenchError("broke")
+            return dict(stages.empty_result(), msgs_per_sec=rate, seconds=1.0, sinks={"exactly_once": True},
+                        dir=str(ctx.stage_dir(name)))
+        return fn
+
+    monkeypatch.setattr(cli, "STAGES", {"dce": [("django_celery_email", stage("django_celery_email"))],
+                                        "mxq": [("mxq", stage("mxq"))]})
+    monkeypatch.setattr(stages.sandbox, "stop_all", lambda: None)
+    ctx = stages.Context(n=1, m=1, size=300, run="t", workdir=Path("/nonexistent-bench"), dns=None, timeout=1,
+                         settle=0, say=lambda msg: None)
+    monkeypatch.setattr(stages.Context, "stage_dir", lambda self, s: Path(f"/x/{s}{self.suffix}"))
+    out = cli.run_rounds(["dce", "mxq"], 3, ctx, lambda msg: None)
+    assert ctx.round == 0
+    assert out["mxq"]["msgs_per_sec"] == 200.0 and out["mxq"]["round"] == 3 and out["mxq"]["dir"] == "/x/mxq.r3"
+    assert out["django_celery_email"]["msgs_per_sec"] == 100.0
+    from bench_lib import report
+    assert report.round_ratios(out)["mxq/django_celery_email"] == [3.0, 0.5, 2.0]
+    assert report.ratios(out)["mxq/django_celery_email"] == 2.0
+
+    rates = {"mxq": iter([300.0, None]), "django_celery_email": iter([100.0, 100.0])}
+    out = cli.run_rounds(["dce", "mxq"], 2, ctx, lambda msg: None)
+    assert out["mxq"]["status"] == "failed" and out["mxq"]["round"] == 2
+    assert [r["status"] for r in out["mxq"]["rounds"]] == ["ok", "failed"]
+    assert "mxq/django_celery_email" not in report.round_ratios(out)
 
 
 def test_slow_stage_ideal(bench):

@@ -31,6 +31,8 @@ STAGES = {
     "inflight": [("inflight_mxq", exchanges.inflight_mxq)],
 }
 DEFAULT_STAGES = "limit,dce,postfix,mxq,django,steady,backlog,slow,dead,inflight"
+#: The loopback comparison's stages: with --rounds R > 1 they run R rounds in turn (see run_rounds).
+ROUNDED = ("dce", "mxq", "django")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -100,6 +102,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "the targets are meant for mxq at its defaults")
     p.add_argument("--mxq-pool", default=None,
                    help="mxq worker -P POOL (default: no flag, the worker's default); a tuning flag")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="the loopback comparison (dce, mxq, django) runs this many rounds, each stage once a "
+                        "round, the order reversed every other round; each ratio is the median of its rounds' "
+                        "ratios, each stage's row its median round (3, --quick 1)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (sink dumps, logs)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the table")
     args = p.parse_args(argv)
@@ -113,6 +119,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             args.steady_messages = 100
         if "--backlog" not in explicit:
             args.backlog_messages = 2000
+        if "--rounds" not in explicit:
+            args.rounds = 1
         quick = {"--slow-domains": ("slow_domains", 4), "--slow-messages": ("slow_per_domain", 3),
                  "--dead-healthy-domains": ("dead_healthy_domains", 4), "--dead-messages": ("dead_per_domain", 5),
                  "--dead-domains": ("dead_domains", 2), "--dead-connect-timeout": ("dead_connect_timeout", 2.0),
@@ -142,8 +150,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.steady_messages < 1 or args.steady_rate <= 0 or args.backlog_messages < 1 or args.rss_interval <= 0:
         p.error("need --steady-messages >= 1, --steady-rate > 0, --backlog >= 1, --rss-interval > 0")
     if min(args.slow_domains, args.slow_per_domain, args.slow_delay, args.dead_healthy_domains,
-           args.dead_per_domain, args.dead_domains, args.dead_pairs, args.inflight_n, args.inflight_domains, args.inflight_delay) < 1:
-        p.error("the slow, dead and inflight sizes and delays must be >= 1")
+           args.dead_per_domain, args.dead_domains, args.dead_pairs, args.inflight_n, args.inflight_domains,
+           args.inflight_delay, args.rounds) < 1:
+        p.error("the slow, dead and inflight sizes and delays, and --rounds, must be >= 1")
     if max(args.domains, args.slow_domains, args.dead_healthy_domains, args.dead_domains,
            args.inflight_domains) > 250 * 250:
         p.error("at most 62500 domains per family")
@@ -224,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                    "slow_per_domain": args.slow_per_domain, "slow_delay": args.slow_delay,
                    "dead_healthy_domains": args.dead_healthy_domains, "dead_per_domain": args.dead_per_domain,
                    "dead_domains": args.dead_domains, "dead_connect_timeout": args.dead_connect_timeout,
-                   "dead_pairs": args.dead_pairs,
+                   "dead_pairs": args.dead_pairs, "rounds": args.rounds,
                    "inflight_messages": args.inflight_n, "inflight_domains": args.inflight_domains,
                    "inflight_delay": args.inflight_delay},
         "environment": env_before,
@@ -257,20 +266,15 @@ def main(argv: list[str] | None = None) -> int:
             dead_pairs=args.dead_pairs,
             inflight_n=args.inflight_n, inflight_domains=args.inflight_domains,
             inflight_delay=args.inflight_delay, inflight_interval=0.1 if args.quick else 0.25)
-        for key in args.stages.split(","):
+        keys = args.stages.split(",")
+        rounded = [k for k in keys if k in ROUNDED] if args.rounds > 1 else []
+        for key in keys:
+            if key in rounded:
+                if key == rounded[0]:
+                    result["stages"].update(run_rounds(rounded, args.rounds, ctx, say))
+                continue
             for name, fn in STAGES[key]:
-                began = time.monotonic()
-                res = stages.run(name, fn, ctx)
-                res["wall_seconds"] = round(time.monotonic() - began, 1)
-                result["stages"][name] = res
-                if res["status"] == "ok":
-                    lat = res.get("latency_ms") or {}
-                    say(f"   {res['msgs_per_sec']} msg/s, {res['seconds']} s, exactly once: "
-                        f"{res['sinks']['exactly_once']}" + (f", p50 {lat['p50']} ms" if lat else "")
-                        + f" (stage {res['wall_seconds']} s with set-up)"
-                        + (f", {red['commands_per_message']} Redis commands and {red['tasks_per_message']} "
-                           f"Celery tasks a message {red['tasks']}"
-                           if (red := res.get("redis") or {}).get("tasks_per_message") is not None else ""))
+                result["stages"][name] = run_stage(name, fn, ctx, say)
     except KeyboardInterrupt:
         result["error"] = "interrupted"
     except BenchError as e:
@@ -302,6 +306,58 @@ def main(argv: list[str] | None = None) -> int:
         failed = [k for k, t in result["targets"].items() if t["pass"] is False]
         print(f"ops/bench: --strict: targets failed: {', '.join(failed)}", file=sys.stderr)
     return code
+
+
+def run_stage(name: str, fn, ctx: stages.Context, say) -> dict:
+    """Run one stage and say how it went; its result."""
+    began = time.monotonic()
+    res = stages.run(name, fn, ctx)
+    res["wall_seconds"] = round(time.monotonic() - began, 1)
+    if res["status"] == "ok":
+        lat = res.get("latency_ms") or {}
+        say(f"   {res['msgs_per_sec']} msg/s, {res['seconds']} s, exactly once: "
+            f"{res['sinks']['exactly_once']}" + (f", p50 {lat['p50']} ms" if lat else "")
+            + f" (stage {res['wall_seconds']} s with set-up)"
+            + (f", {red['commands_per_message']} Redis commands and {red['tasks_per_message']} "
+               f"Celery tasks a message {red['tasks']}"
+               if (red := res.get("redis") or {}).get("tasks_per_message") is not None else ""))
+    return res
+
+
+def run_rounds(keys: list[str], rounds: int, ctx: stages.Context, say) -> dict:
+    """The stages of ``keys`` (the loopback comparison) in ``rounds`` rounds: ``{name: result}``.
+
+    A round runs each stage once, one after the other, in the order given and in the reverse
+    order every other round, so the stages compared sit next to each other in time: on a machine
+    whose speed drifts (this 2-core one: the loopback limit 3,687-7,948 msg/s within one
+    evening, django-celery-email 1,115-2,316 msg/s), a ratio of two stages run a minute apart
+    measures the drift as much as the software.  Each stage's result is its round of median
+    msg/s (the lower middle one for an even count), with ``rounds``: every round's figures;
+    the ratios are the medians of the rounds' ratios (``report.ratios``).  A round that failed
+    makes the stage failed (its result is that round's).
+    """
+    runs: dict[str, list[dict]] = {}
+    for r in range(1, rounds + 1):
+        ctx.round = r
+        say(f"== round {r} of {rounds}")
+        for key in (keys if r % 2 else list(reversed(keys))):
+            for name, fn in STAGES[key]:
+                runs.setdefault(name, []).append(run_stage(name, fn, ctx, say))
+    ctx.round = 0
+    out = {}
+    for name, results in runs.items():
+        summary = [{"round": i + 1, "status": res["status"], "msgs_per_sec": res.get("msgs_per_sec"),
+                    "seconds": res.get("seconds"), "submit_seconds": res.get("submit_seconds"),
+                    "first_arrival_s": (res.get("timeline") or {}).get("first_arrival_s"),
+                    "harness_cpu_seconds": res.get("harness_cpu_seconds")} for i, res in enumerate(results)]
+        failed = [res for res in results if res["status"] != "ok"]
+        if failed:
+            chosen = failed[0]
+        else:
+            ordered = sorted(results, key=lambda res: res["msgs_per_sec"])
+            chosen = ordered[(len(ordered) - 1) // 2]
+        out[name] = dict(chosen, rounds=summary, round=results.index(chosen) + 1)
+    return out
 
 
 def exit_status(result: dict, strict: bool) -> int:

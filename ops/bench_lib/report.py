@@ -7,7 +7,7 @@ The JSON result (``--json PATH``, default ``var/bench/result.json``)::
                   postfix_dns, limit_sessions, batch, mxq_workers, mxq_concurrency, mxq_pool,
                   steady_messages, steady_rate, backlog_messages, rss_interval, dns_ttl, strict,
                   slow_domains, slow_per_domain, slow_delay, dead_healthy_domains,
-                  dead_per_domain, dead_domains, dead_connect_timeout, dead_pairs, inflight_messages,
+                  dead_per_domain, dead_domains, dead_connect_timeout, dead_pairs, rounds, inflight_messages,
                   inflight_domains, inflight_delay
     environment   cpus, loadavg (before), loadavg_after, platform, python, postfix, redis,
                   celery, django, django_celery_email (versions)
@@ -15,7 +15,8 @@ The JSON result (``--json PATH``, default ``var/bench/result.json``)::
     stages        {name: STAGE} for the names in STAGE_ORDER that ran
     ratios        {key: numerator msg/s / denominator msg/s} for RATIOS, null unless both
                   stages ran and finished; dead_mxq/dead_mxq_base is the median of the dead
-                  stage's pairs (dead.ratio_median) when it has them
+                  stage's pairs (dead.ratio_median) when it has them, and a ratio of stages run
+                  in rounds (params.rounds > 1: dce, mxq, django) the median of its rounds' ratios
     targets       {name: TARGET} for every target of issues 5 and 8 (see TARGETS below)
     targets_ok    true if every judged target passes, false if one fails, null if none judged
     ok            true only if every selected stage ran and was exactly-once (targets are
@@ -57,6 +58,9 @@ The JSON result (``--json PATH``, default ``var/bench/result.json``)::
                        (every worker process) and redis; mxq_worker_processes: the CPU
                        seconds of each worker process that used any, busiest first
     notes              how the stage was run; any disagreement found
+    rounds, round      (stages run in rounds) every round's {round, status, msgs_per_sec, seconds,
+                       submit_seconds, first_arrival_s, harness_cpu_seconds}; the rest of the
+                       stage's fields are those of its round of median msg/s, number ``round``
     dns                {max_per_name_type, name_types, repeated: {"name TYPE": count > 1}} from the
                        sandbox DNS server's per-(name, type) counters over the stage
     steady             (mxq_steady) {rate_target, rate_achieved, late_submissions (started > 5 ms
@@ -97,6 +101,8 @@ The JSON result (``--json PATH``, default ``var/bench/result.json``)::
 
 from __future__ import annotations
 
+import statistics
+
 STAGE_ORDER = ("limit", "django_celery_email", "postfix", "mxq", "mxq_django", "mxq_steady", "mxq_backlog",
                "slow_postfix", "slow_mxq", "dead_postfix_base", "dead_postfix", "dead_mxq_base", "dead_mxq",
                "inflight_mxq")
@@ -136,9 +142,26 @@ def ratios(stages: dict) -> dict:
         a, b = stages.get(num) or {}, stages.get(den) or {}
         out[key] = _ratio(a.get("msgs_per_sec"), b.get("msgs_per_sec")) \
             if a.get("status") == "ok" and b.get("status") == "ok" else None
+    for key, rs in round_ratios(stages).items():
+        out[key] = float(f"{statistics.median(rs):.4g}")     # several rounds: their median is the figure
     median = _get(_ok(stages.get("dead_mxq")), "dead", "ratio_median")
     if median is not None:
         out["dead_mxq/dead_mxq_base"] = median          # several pairs: their median is the figure
+    return out
+
+
+def round_ratios(stages: dict) -> dict:
+    """``{key: [each round's ratio]}`` for the ``RATIOS`` whose two stages ran in the same rounds
+    (``ops/bench --rounds``), every round of both finished."""
+    out = {}
+    for key, num, den in RATIOS:
+        a, b = _ok(stages.get(num)), _ok(stages.get(den))
+        ra, rb = (a or {}).get("rounds"), (b or {}).get("rounds")
+        if not ra or not rb or len(ra) != len(rb):
+            continue
+        rs = [_ratio(x["msgs_per_sec"], y["msgs_per_sec"]) for x, y in zip(ra, rb)]
+        if all(r is not None for r in rs):
+            out[key] = rs
     return out
 
 
@@ -343,8 +366,11 @@ def table(result: dict) -> str:
         after = env.get("loadavg_after") or [None]
         lines.append(f"load average (1 min) before {env['loadavg'][0]:.2f}, after {_fmt(after[0], '.2f')} "
                      f"on {env.get('cpus')} CPUs: other work on the machine skews the figures")
+    rounds = round_ratios(result["stages"])
     for key, val in result["ratios"].items():
-        lines.append(f"{key:<31} {_fmt(val, '.2f')}")
+        lines.append(f"{key:<31} {_fmt(val, '.2f')}" + (
+            f"  (median of {len(rounds[key])} rounds: {', '.join(_fmt(r, '.2f') for r in rounds[key])})"
+            if key in rounds else ""))
     tg = result.get("targets")
     if tg:
         lines.append("")

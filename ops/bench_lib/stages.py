@@ -39,7 +39,7 @@ OPS = ROOT / "ops"
 RESULT_FIELDS = (
     "status", "error", "messages", "seconds", "msgs_per_sec", "submit_seconds",
     "latency_ms", "sinks", "dns_queries", "redis", "workers", "harness_cpu_seconds", "notes",
-    "dns", "steady", "backlog", "partial", "slow", "dead", "inflight", "wall_seconds", "timeline",
+    "dns", "steady", "backlog", "partial", "slow", "dead", "inflight", "wall_seconds", "timeline", "rounds", "round",
 )
 #: ``partial`` of a stage that broke off (its other fields null): how far it got.
 PARTIAL_FIELDS = ("at_sinks", "expected", "seconds", "msgs_per_sec")
@@ -96,10 +96,11 @@ class Context:
     inflight_domains: int = 200       # ... over this many domains (5 each: Postfix's initial concurrency)
     inflight_delay: int = 5           # ... seconds the sink waits before answering each final dot
     inflight_interval: float = 0.25   # ... seconds between RSS / connection samples
+    round: int = 0                    # the loopback stages' round (cli --rounds): 0 alone, else 1, 2...
 
     def spec(self, stage: str, count: int | None = None, domains: int | None = None, family: str = "d") -> Spec:
         """The messages of ``stage`` (ids unique per run and stage); ``count`` defaults to ``n``, ``domains`` to ``m``."""
-        return Spec(f"{self.run}-{stage}", self.n if count is None else count, self.m if domains is None else domains,
+        return Spec(f"{self.run}-{stage}{self.suffix}", self.n if count is None else count, self.m if domains is None else domains,
                     self.size, family)
 
     def worker_flags(self) -> list[str]:
@@ -115,9 +116,14 @@ class Context:
         """Seconds a stage of ``count`` messages may take: --timeout if given, else 60 + count/20."""
         return self.timeout if self.timeout_explicit else 60 + count / 20
 
+    @property
+    def suffix(self) -> str:
+        """What tells a round's directories and message ids from another round's: "" or ".r<round>"."""
+        return f".r{self.round}" if self.round else ""
+
     def stage_dir(self, stage: str) -> Path:
-        """A fresh directory for ``stage``."""
-        d = self.workdir / stage
+        """A fresh directory for ``stage`` (one per round)."""
+        d = self.workdir / f"{stage}{self.suffix}"
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -563,6 +569,8 @@ def django_celery_email(ctx: Context) -> dict:
         if djapp.app.conf.broker_url != r.url:        # imported earlier in this process: re-point it
             djapp.app.conf.broker_url = r.url
             djapp.app.pool.force_close_all()
+            djapp.app._pool = None                   # a closed pool refuses every acquire: a new one,
+            djapp.app.amqp._producer_pool = None     # and producers on it, for the new broker (--rounds)
         spec = ctx.spec("django")
         body = spec.body().replace("\r\n", "\n")
 
