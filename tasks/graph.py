@@ -215,7 +215,9 @@ def _shared_dns_cache(settings, client):
 
     Two workers missing the same name at once (two tasks of a new domain
     starting together) would both ask DNS: the first takes a lock
-    (``mxq:dnslock:{type}:{name}``, SET NX, 2 s) and resolves; the others wait
+    (``mxq:dnslock:{type}:{name}``, SET NX, 2 s; in the round trip that found
+    no answer in Redis: ``DNSCache.get_or_lock``) and resolves, and its
+    answer's write lets go of the lock in one round trip; the others wait
     for its answer to appear in Redis (polling every 5 ms, at most the lock's
     life), then ask DNS themselves only if none came (a failure is not
     cached).  So a name and type is asked once per TTL across every worker.
@@ -238,7 +240,7 @@ def _shared_dns_cache(settings, client):
             self._flights: dict[tuple[str, str], tuple[threading.Event, float]] = {}
 
         def get(self, rtype: str, name: str):
-            hit = super().get(rtype, name)
+            hit = self.local(rtype, name)
             if hit is not None or not self._redis_usable():
                 return hit
             key = (rtype, name)
@@ -270,31 +272,27 @@ def _shared_dns_cache(settings, client):
             lock = f"{self.LOCK}{rtype}:{name}"
             key = self.redis_key(rtype, name)
 
-            def cached(check_lock: bool):
+            def cached():
                 pipe = self.redis.pipeline(transaction=False)
                 pipe.get(key)
                 pipe.pttl(key)
-                if check_lock:
-                    pipe.exists(lock)
-                got = pipe.execute()
-                value, pttl = got[0], got[1]
+                pipe.exists(lock)
+                value, pttl, locked = pipe.execute()
                 if value is not None and pttl and pttl > 0:
                     answer = CachedAnswer.from_json(value)
                     self._store((rtype, name), answer, pttl / 1000.0)
                     return answer, True
-                return None, bool(got[2]) if check_lock else False
+                return None, bool(locked)
 
             try:
-                if self.redis.set(lock, _pid(), nx=True, px=int(self.WAIT * 1000)):
-                    # Ours -- unless the answer came between our miss and the lock.
-                    answer, _ = cached(False)
-                    if answer is not None:
-                        self.redis.delete(lock)
+                # One round trip: Redis's answer, or the lock when nobody holds it.
+                answer, ours = self.get_or_lock(rtype, name, lock, str(_pid()), int(self.WAIT * 1000))
+                if answer is not None or ours:
                     return answer               # None: ours to resolve; put() lets go
                 deadline = time.monotonic() + self.WAIT
                 while time.monotonic() < deadline:
                     time.sleep(0.005)
-                    answer, locked = cached(True)
+                    answer, locked = cached()
                     if answer is not None:
                         return answer
                     if not locked:
@@ -307,13 +305,10 @@ def _shared_dns_cache(settings, client):
             return None
 
         def put(self, rtype: str, name: str, answer):
-            stored = super().put(rtype, name, answer)
+            # The answer's write lets go of the lock in the same round trip (a failed write: the
+            # lock expires by itself).
+            stored = super().put(rtype, name, answer, release=f"{self.LOCK}{rtype}:{name}")
             self._landed((rtype, name))
-            if self._redis_usable():
-                try:
-                    self.redis.delete(f"{self.LOCK}{rtype}:{name}")
-                except Exception as e:          # the lock expires by itself
-                    reraise_interrupt(e)
             return stored
 
     return SharedLookups(settings, redis=client)

@@ -415,6 +415,45 @@ def test_a_lookup_while_more_commands_are_under_way_than_the_pool_has_connection
     assert watch.exists(f"mxq:dns:MX:{domain}") == 1                # shared with the other workers
 
 
+def test_a_name_new_to_every_worker_costs_two_round_trips_to_redis(redis_server, dns_server):
+    """A miss takes Redis's answer or the lock in one round trip (``DNSCache.get_or_lock``), and the
+    answer's write lets go of the lock in the same round trip: two per name besides the DNS query
+    (five before: the cache read, the lock, a second read, the write, the lock's release), on the
+    start-up path of every new destination.  A worker that finds the answer in Redis: one."""
+    import redis as redis_lib
+
+    from mxq.tasks.graph import _shared_dns_cache
+
+    srv = redis_server()
+    trips = []
+
+    class Counting(redis_lib.Connection):
+        def send_packed_command(self, command, check_health=True):
+            trips.append(1)
+            return super().send_packed_command(command, check_health)
+
+    def client():
+        return redis_lib.Redis(connection_pool=redis_lib.ConnectionPool.from_url(srv.url, connection_class=Counting))
+
+    settings = Settings(helo_name="client.tp.test", dns_servers=parse_dns_servers(dns_server.address),
+                        timeouts=FAST)
+    serve_domain(dns_server, "trips.tp.test", "127.0.32.12")
+    serve_domain(dns_server, "warm.tp.test", "127.0.32.13")
+    first = Resolver(settings, cache=_shared_dns_cache(settings, client()))
+    first.exchanges("warm.tp.test")          # (connection and script loaded: not what is counted)
+    trips.clear()
+    got = first.exchanges("trips.tp.test")
+    assert got[0].addresses == ["127.0.32.12"]
+    assert first.stats["queries"] == 6                       # MX, A, AAAA of each domain
+    assert len(trips) == 2 * 3
+    second = Resolver(settings, cache=_shared_dns_cache(settings, client()))
+    second.exchanges("warm.tp.test")
+    trips.clear()
+    assert second.exchanges("trips.tp.test")[0].addresses == ["127.0.32.12"]
+    assert second.stats["queries"] == 0 and len(trips) == 3
+    assert srv.client().keys("mxq:dnslock:*") == []           # every lock let go
+
+
 def test_a_worker_waits_for_the_one_resolving_instead_of_asking_too(redis_server, dns_server):
     import threading
 

@@ -47,6 +47,18 @@ log = logging.getLogger("mxq.dns")
 OK, NXDOMAIN, NODATA = "ok", "nxdomain", "nodata"
 REDIS_PREFIX = "mxq:dns:"
 
+# KEYS: the answer's key, a lock; ARGV: the lock's value, its life in ms.  {answer, its PTTL} when
+# Redis has it; else {nil, 1} when the lock was free and is now taken, {nil, 0} when it is held.
+_GET_OR_LOCK = """
+local v = redis.call('GET', KEYS[1])
+if v then
+  local t = redis.call('PTTL', KEYS[1])
+  if t > 0 then return {v, t} end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {false, 1} end
+return {false, 0}
+"""
+
 
 #: Connections one ``quick_client`` opens at most.
 QUICK_CONNECTIONS = 64
@@ -130,6 +142,7 @@ class DNSCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[str, str], tuple[float, CachedAnswer]] = OrderedDict()
         self._redis_down_until: float | None = None   # None: Redis believed up
+        self._get_or_lock = None                      # the script of get_or_lock, registered when first used
         self.stats = {"hits": 0, "redis_hits": 0, "misses": 0, "redis_errors": 0}
 
     # ----------------------------------------------------------------- TTLs
@@ -147,6 +160,23 @@ class DNSCache:
 
     def get(self, rtype: str, name: str) -> CachedAnswer | None:
         """The cached answer for ``(rtype, name)``, or None (a miss: ask DNS, then ``put``)."""
+        hit = self.local(rtype, name)
+        if hit is not None:
+            return hit
+        found = self._redis_get(rtype, name)
+        if found is not None:
+            answer, remaining = found
+            self._store((rtype, name), answer, remaining)
+            with self._lock:
+                self.stats["hits"] += 1
+                self.stats["redis_hits"] += 1
+            return answer
+        with self._lock:
+            self.stats["misses"] += 1
+        return None
+
+    def local(self, rtype: str, name: str) -> CachedAnswer | None:
+        """The answer this process holds for ``(rtype, name)``, or None (Redis is not asked)."""
         key = (rtype, name)
         now = self.clock()
         with self._lock:
@@ -157,28 +187,45 @@ class DNSCache:
                     self.stats["hits"] += 1
                     return item[1]
                 del self._entries[key]
-        found = self._redis_get(rtype, name)
-        if found is not None:
-            answer, remaining = found
-            self._store(key, answer, remaining)
-            with self._lock:
-                self.stats["hits"] += 1
-                self.stats["redis_hits"] += 1
-            return answer
-        with self._lock:
-            self.stats["misses"] += 1
         return None
+
+    def get_or_lock(self, rtype: str, name: str, lock: str, owner: str, ms: int) -> tuple[CachedAnswer | None, bool]:
+        """One round trip for a caller that resolves a name once across processes (a single flight):
+        the answer from Redis when it is there (copied into this process), else take ``lock``
+        (SET NX, ``ms`` milliseconds, value ``owner``) when nobody holds it.
+
+        Returns ``(answer, False)``, ``(None, True)`` when the lock is the caller's (it resolves,
+        and ``put(..., release=lock)`` lets go in the same round trip as the answer's write), or
+        ``(None, False)`` when another holds it.  Raises what redis-py raises (Redis away or full:
+        the caller resolves without it).
+        """
+        if self._get_or_lock is None:
+            self._get_or_lock = self.redis.register_script(_GET_OR_LOCK)
+        value, got = self._get_or_lock(keys=[self.redis_key(rtype, name), lock], args=[owner, ms])
+        self._redis_ok()
+        if value is None:
+            with self._lock:
+                self.stats["misses"] += 1
+            return None, bool(got)
+        answer = CachedAnswer.from_json(value)
+        self._store((rtype, name), answer, int(got) / 1000.0)
+        with self._lock:
+            self.stats["hits"] += 1
+            self.stats["redis_hits"] += 1
+        return answer, False
 
     # ----------------------------------------------------------------- write
 
-    def put(self, rtype: str, name: str, answer: CachedAnswer) -> CachedAnswer:
-        """Cache ``answer`` (in-process and in Redis) for its clamped TTL; return it with that TTL."""
+    def put(self, rtype: str, name: str, answer: CachedAnswer, *, release: str | None = None) -> CachedAnswer:
+        """Cache ``answer`` (in-process and in Redis) for its clamped TTL; return it with that TTL.
+
+        ``release``: a key to delete in the same round trip (the lock of ``get_or_lock``)."""
         ttl = self.ttl_for(answer)
         answer = CachedAnswer(answer.status, answer.records, ttl, answer.negative_ttl)
-        if ttl <= 0:
-            return answer
-        self._store((rtype, name), answer, float(ttl))
-        self._redis_set(rtype, name, answer, ttl)
+        if ttl > 0:
+            self._store((rtype, name), answer, float(ttl))
+        if ttl > 0 or release:
+            self._redis_set(rtype, name, answer if ttl > 0 else None, ttl, release)
         return answer
 
     def clear(self) -> None:
@@ -233,11 +280,18 @@ class DNSCache:
             log.warning("ignoring malformed DNS cache entry %s", self.redis_key(rtype, name))
             return None
 
-    def _redis_set(self, rtype: str, name: str, answer: CachedAnswer, ttl: int) -> None:
+    def _redis_set(self, rtype: str, name: str, answer: CachedAnswer | None, ttl: int, release: str | None) -> None:
         if not self._redis_usable():
             return
         try:
-            self.redis.set(self.redis_key(rtype, name), answer.to_json(), ex=ttl)
+            if release is None:
+                self.redis.set(self.redis_key(rtype, name), answer.to_json(), ex=ttl)
+            else:
+                pipe = self.redis.pipeline(transaction=False)
+                if answer is not None:
+                    pipe.set(self.redis_key(rtype, name), answer.to_json(), ex=ttl)
+                pipe.delete(release)
+                pipe.execute()
         except Exception as e:   # see _redis_get
             reraise_interrupt(e)
             self._redis_failed(e)
