@@ -44,6 +44,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 
 log = logging.getLogger("mxq.outcomes")
 
@@ -147,51 +148,68 @@ def _is_redis(backend) -> bool:
     return isinstance(backend, RedisBackend) and type(backend).__name__ in ("RedisBackend", "SentinelBackend")
 
 
+# KEYS: the outcomes' keys (a job's key is also the channel its waiters subscribe to); ARGV[1]:
+# seconds they live (0: for ever), ARGV[2..]: their values.  Every SET, then one PUBSUB NUMSUB of
+# the channels, and a PUBLISH to those someone is subscribed to; returns how many were.
+_STORE = """
+local ex = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  if ex > 0 then redis.call('SET', key, ARGV[i + 1], 'EX', ex) else redis.call('SET', key, ARGV[i + 1]) end
+end
+local subs = redis.call('PUBSUB', 'NUMSUB', unpack(KEYS))
+local woken = 0
+for i = 2, #subs, 2 do
+  if tonumber(subs[i]) > 0 then
+    redis.call('PUBLISH', subs[i - 1], ARGV[i / 2 + 1])
+    woken = woken + 1
+  end
+end
+return woken
+"""
+#: Outcomes one script call writes at most (a script's arguments are unpacked on Lua's stack).
+_STORE_CHUNK = 500
+_scripts: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()     # backend client -> its _STORE
+
+
 def _store_redis(backend, outcomes: list[tuple[str, dict]]) -> None:
     """What ``RedisBackend.store_result`` writes -- the same key, value and expiry, and the
-    PUBLISH that wakes ``AsyncResult.get()`` -- for a whole batch, without a PUBLISH for a job
-    nobody waits on (``store_result`` costs a GET, MULTI, SETEX, PUBLISH and EXEC each).  A job's
-    outcome is final, so there is no earlier success to protect from being overwritten.
+    PUBLISH that wakes ``AsyncResult.get()`` -- for a whole batch, in one script call
+    (``_STORE``), without a PUBLISH for a job nobody waits on (``store_result`` costs a GET,
+    MULTI, SETEX, PUBLISH and EXEC each).  A job's outcome is final, so there is no earlier
+    success to protect from being overwritten.
 
-    One round trip: every SET, then one ``PUBSUB NUMSUB`` of their channels; a second one only when
-    someone is subscribed, with a PUBLISH to those channels alone.  No wake-up is lost that a
-    PUBLISH after each SET would have given: Celery's ``ResultConsumer`` SUBSCRIBEs to the key's
-    channel and then reads the key (``on_wait_for_pending``).  A waiter whose SUBSCRIBE Redis ran
-    before a job's SET is counted by the NUMSUB that follows the SETs, and gets its PUBLISH; one
-    whose SUBSCRIBE ran after the NUMSUB reads the key after subscribing and finds the outcome (the
-    order Celery relies on with a PUBLISH after each SET as well); one
-    whose SUBSCRIBE ran between the SET and the NUMSUB is counted too (a PUBLISH right after the
-    SET would have missed it).  Pattern subscribers are not counted: Celery's result consumer uses
-    SUBSCRIBE only.
+    The script SETs every key, then counts each key's channel's subscribers (one ``PUBSUB
+    NUMSUB``) and PUBLISHes to those someone is subscribed to, in one atomic step: no wake-up is
+    lost that a PUBLISH after each SET would have given.  Celery's ``ResultConsumer`` SUBSCRIBEs
+    to the key's channel and then reads the key (``on_wait_for_pending``): a waiter whose
+    SUBSCRIBE Redis ran before the script gets its PUBLISH; one whose SUBSCRIBE ran after it
+    reads the key after subscribing and finds the outcome.  Pattern subscribers are not
+    counted: Celery's result consumer uses SUBSCRIBE only.  One command and one integer reply
+    for the batch: redis-py packed a SET a job and parsed every reply and NUMSUB's list in
+    Python: 23.5 us of CPU a job before, 15.5 us now (15 outcomes a call, measured in one process).
     tests/test_outcomes.py::test_a_waiter_is_woken_and_nobody_waiting_costs_no_publish."""
     from celery import states
 
     if not outcomes:
         return
-    pipe = backend.client.pipeline(transaction=False)
-    sent = []
+    client = backend.client
+    script = _scripts.get(client)
+    if script is None:
+        script = _scripts[client] = client.register_script(_STORE)
     # Celery's meta of a success (status, traceback, children, date_done and what the app's
     # configuration adds), made once for the batch: every outcome in it is written now, and
     # building it per job (the app's clock made timezone-aware, its configuration looked up) took
     # 0.11 s of a 1.74 s profiled delivery run of 3,000 messages.
     base = backend._get_result_meta(result=None, state=states.SUCCESS, traceback=None, request=None)
-    for job, outcome in outcomes:
-        meta = dict(base)
-        meta["result"], meta["task_id"] = outcome, job
-        key, value = backend.get_key_for_task(job), backend.encode(meta)
-        if backend.expires:
-            pipe.set(key, value, ex=int(backend.expires))
-        else:
-            pipe.set(key, value)
-        sent.append((key, value))
-    pipe.pubsub_numsub(*[key for key, _ in sent])
-    subscribed = pipe.execute()[-1]
-    waited = [(key, value) for (key, value), (_, n) in zip(sent, subscribed) if int(n)]
-    if waited:
-        pipe = backend.client.pipeline(transaction=False)
-        for key, value in waited:
-            pipe.publish(key, value)
-        pipe.execute()
+    expires = int(backend.expires) if backend.expires else 0
+    for i in range(0, len(outcomes), _STORE_CHUNK):
+        keys, values = [], []
+        for job, outcome in outcomes[i:i + _STORE_CHUNK]:
+            meta = dict(base)
+            meta["result"], meta["task_id"] = outcome, job
+            keys.append(backend.get_key_for_task(job))
+            values.append(backend.encode(meta))
+        script(keys=keys, args=[expires, *values])
 
 
 def after_release(store=None) -> int:
