@@ -368,3 +368,42 @@ def test_more_outcome_writes_at_once_than_the_backend_has_connections_all_land(p
     assert written == [1] * n
     assert client.exists(*[f"celery-task-meta-burst{i}" for i in range(n)]) == n
     client.close()
+
+
+def test_a_result_backend_that_runs_no_scripts_gets_the_outcomes_and_wakes_the_waiter(redis_server, caplog):
+    """The outcomes of a batch go to a Redis result backend in one script call (``_STORE``).  A
+    backend Redis whose user may not run scripts (an ACL without ``@scripting``) gets the same
+    keys, values and expiry, and its waiters the same PUBLISH, as plain commands -- from the first
+    refusal on, with one warning, not a failed write every time."""
+    import logging
+
+    import redis as redis_lib
+
+    from mxq.tasks import outcomes
+
+    srv = redis_server()
+    admin = srv.client()
+    admin.execute_command("ACL", "SETUSER", "noscript", "on", ">pw", "~*", "&*", "+@all", "-@scripting")
+    url = srv.url.replace("redis://", "redis://noscript:pw@", 1)
+    with pytest.raises(redis_lib.exceptions.NoPermissionError):
+        redis_lib.Redis.from_url(url).eval("return 1", 0)            # the user runs no script
+    app = Celery("noscript-backend", broker="memory://", backend=url)
+    app.conf.result_expires = 3600
+    listener = admin.pubsub()
+    listener.subscribe("celery-task-meta-waited")
+    assert listener.get_message(timeout=5)["type"] == "subscribe"
+    with caplog.at_level(logging.WARNING, logger="mxq.outcomes"):
+        outcomes._write(app, [("waited", {"job": "waited", "state": "done"}),
+                              ("alone", {"job": "alone", "state": "done"})])
+        outcomes._write(app, [("later", {"job": "later", "state": "done"})])
+    woken = listener.get_message(timeout=5)
+    assert woken and woken["channel"] == b"celery-task-meta-waited"
+    for job in ("waited", "alone", "later"):
+        meta = app.backend.get_task_meta(job)
+        assert meta["status"] == "SUCCESS" and meta["result"] == {"job": job, "state": "done"}
+        assert 0 < admin.ttl(f"celery-task-meta-{job}") <= 3600
+    assert listener.get_message(timeout=0.2) is None                  # nobody waits on the others
+    refusals = [r for r in caplog.records if "refuses scripts" in r.getMessage()]
+    assert len(refusals) == 1
+    listener.close()
+    admin.close()
