@@ -156,6 +156,9 @@ class RedisPort25State:
 # ---------------------------------------------------------------- MTA-STS policies (mxq.workers.mtasts)
 
 
+_UNREAD = object()      # RedisPolicyCache._read: Redis did not answer
+
+
 class RedisPolicyCache:
     """``mxq.workers.mtasts.PolicyCache`` in Redis: one fetch per policy for the whole fleet.
 
@@ -198,12 +201,26 @@ class RedisPolicyCache:
                 self._memory.popitem(last=False)
 
     def refresh(self, domain: str):
-        """``get`` from Redis itself (the memory updated with the answer)."""
+        """``get`` from Redis itself (the memory updated with the answer).
+
+        Redis not answering is not "no policy": the policy this process last knew for the
+        domain is returned while it is valid (its max_age), and nothing is remembered, so the
+        next call asks Redis again.  (It was remembered as no policy for ``MEMORY`` seconds: a
+        Redis timeout and a failed ``_mta-sts`` TXT lookup together sent an MTA-STS domain's mail
+        without its policy -- seen once under CI load, in testing mode.)
+        """
         answer = self._read(domain)
+        if answer is _UNREAD:
+            with self._lock:
+                hit = self._memory.get(domain)
+            if hit is not None and hit[1] is not None and hit[1][1] > self.clock():
+                return hit[1]
+            return None
         self._remember(domain, answer)
         return answer
 
     def _read(self, domain: str):
+        """``(policy, expires)`` from Redis, None when it holds none, ``_UNREAD`` when it did not answer."""
         from mxq.workers.mtasts import Policy, PolicyError
 
         key = STS_POLICY.format(domain=domain)
@@ -213,7 +230,7 @@ class RedisPolicyCache:
             pipe.pttl(key)
             value, pttl = pipe.execute()
         except redis.exceptions.RedisError:
-            return None
+            return _UNREAD
         if value is None or pttl is None or pttl <= 0:
             return None
         try:

@@ -228,6 +228,39 @@ def test_redis_away_never_stops_delivery(dns_server, tmp_path, monkeypatch):
         mx.stop()
 
 
+def test_a_policy_cache_whose_redis_does_not_answer_keeps_the_policy_it_knew(redis_server):
+    """Redis not answering is not "no policy": a process that knew a domain's policy keeps using
+    it while it is valid, and remembers nothing from the failed read (it asks Redis again next
+    time).  Before, the failed read was remembered as no policy for MEMORY seconds, and with a
+    failed ``_mta-sts`` TXT lookup the domain's mail went without its policy."""
+    import redis as redis_lib
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from mxq.tasks.hoststatus import RedisPolicyCache
+    from mxq.workers.mtasts import Policy
+
+    srv = redis_server()
+    client = redis_lib.Redis.from_url(srv.url, socket_timeout=0.5, socket_connect_timeout=0.5,
+                                      retry=Retry(NoBackoff(), 0))
+    now = [1000.0]
+    cache = RedisPolicyCache(client, clock=lambda: now[0])
+    pol = Policy.parse(policy_text("enforce", "mx.known.tp.test"), "k1")
+    cache.put("known.tp.test", pol, 3600)
+    now[0] += RedisPolicyCache.MEMORY + 1             # the memory is old: get() reads Redis
+    srv.stop()                                          # Redis away (connection refused)
+    assert cache.get("known.tp.test")[0].id == "k1"     # the policy it knew, still valid
+    assert cache.get("other.tp.test") is None           # nothing known: nothing to use
+    srv.start()
+    other = RedisPolicyCache(client, clock=lambda: now[0])  # another worker fetched its policy
+    other.put("other.tp.test", Policy.parse(policy_text("testing", "mx.o.tp.test"), "o1"), 3600)
+    assert cache.get("other.tp.test")[0].id == "o1"     # the failed read was not remembered
+    now[0] += 3600 + 1
+    srv.stop()
+    assert cache.get("known.tp.test") is None           # past its max_age it is not used
+    client.close()
+
+
 def test_the_policy_cache_reads_redis_once_per_domain_and_half_minute(redis_server):
     """Every delivery run asks for its domain's MTA-STS policy (a domain without one too): a worker
     process keeps what Redis said for RedisPolicyCache.MEMORY seconds (it was one GET and PTTL per
