@@ -165,15 +165,18 @@ class DNSCache:
             return hit
         found = self._redis_get(rtype, name)
         if found is not None:
-            answer, remaining = found
-            self._store((rtype, name), answer, remaining)
-            with self._lock:
-                self.stats["hits"] += 1
-                self.stats["redis_hits"] += 1
-            return answer
+            return self._redis_hit(rtype, name, *found)
         with self._lock:
             self.stats["misses"] += 1
         return None
+
+    def _redis_hit(self, rtype: str, name: str, answer: CachedAnswer, remaining: float) -> CachedAnswer:
+        """An answer Redis had, kept in this process for its ``remaining`` seconds, and counted."""
+        self._store((rtype, name), answer, remaining)
+        with self._lock:
+            self.stats["hits"] += 1
+            self.stats["redis_hits"] += 1
+        return answer
 
     def local(self, rtype: str, name: str) -> CachedAnswer | None:
         """The answer this process holds for ``(rtype, name)``, or None (Redis is not asked)."""
@@ -207,12 +210,7 @@ class DNSCache:
             with self._lock:
                 self.stats["misses"] += 1
             return None, bool(got)
-        answer = CachedAnswer.from_json(value)
-        self._store((rtype, name), answer, int(got) / 1000.0)
-        with self._lock:
-            self.stats["hits"] += 1
-            self.stats["redis_hits"] += 1
-        return answer, False
+        return self._redis_hit(rtype, name, CachedAnswer.from_json(value), int(got) / 1000.0), False
 
     # ----------------------------------------------------------------- write
 
@@ -284,14 +282,12 @@ class DNSCache:
         if not self._redis_usable():
             return
         try:
-            if release is None:
-                self.redis.set(self.redis_key(rtype, name), answer.to_json(), ex=ttl)
-            else:
-                pipe = self.redis.pipeline(transaction=False)
-                if answer is not None:
-                    pipe.set(self.redis_key(rtype, name), answer.to_json(), ex=ttl)
+            pipe = self.redis.pipeline(transaction=False)       # one round trip either way
+            if answer is not None:
+                pipe.set(self.redis_key(rtype, name), answer.to_json(), ex=ttl)
+            if release is not None:
                 pipe.delete(release)
-                pipe.execute()
+            pipe.execute()
         except Exception as e:   # see _redis_get
             reraise_interrupt(e)
             self._redis_failed(e)
