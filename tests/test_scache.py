@@ -102,6 +102,36 @@ def test_a_cached_connection_carries_the_next_delivery_and_closes_when_idle(serv
     assert srv.counter.open == 0 and len(cache) == 0 and srv.stats["quit"] == 1
 
 
+def test_an_exchange_marked_down_keeps_its_open_connection_but_gets_no_new_one(server):
+    # Another worker marked the exchange down (say, its connects timed out there): this process's
+    # open connection, which the server keeps answering, still carries the next delivery, and the
+    # shared down-list is not read for it; with no connection at hand the exchange is skipped.
+    srv = server(5, keep_content=False)
+    cache = SessionCache(ReuseLimits(idle=30, time=60, count=100))
+    d = f"[{IP}5]"
+
+    class Counting(MemoryHostStatus):
+        reads = 0
+
+        def is_down(self, ip, port):
+            Counting.reads += 1
+            return super().is_down(ip, port)
+
+    hosts = Counting()
+    assert deliver(d, envelopes(d, 1), sessions=View(cache), host_status=hosts)[0][0].state is State.DELIVERED
+    assert Counting.reads == 1                       # the new connection asked first
+    hosts.mark_down(IP + "5", 25, 60, "connect timed out (another worker)")
+    stats = RunStats()
+    results = deliver(d, envelopes(d, 1, 1), sessions=View(cache), stats=stats, host_status=hosts)
+    assert results[0][0].state is State.DELIVERED and (stats.reused, stats.connects) == (1, 0)
+    assert Counting.reads == 1 and srv.counter.opened == 1 and len(srv.messages) == 2
+    cache.close_all()
+    stats = RunStats()
+    results = deliver(d, envelopes(d, 1, 2), sessions=View(cache), stats=stats, host_status=hosts)
+    assert results[0][0].state is State.DEFERRED and "is marked down" in results[0][0].text
+    assert Counting.reads == 2 and stats.connects == 0 and srv.counter.opened == 1 and len(srv.messages) == 2
+
+
 def test_a_connection_is_replaced_at_its_transaction_limit(server):
     srv = server(2, keep_content=False)
     cache = SessionCache(ReuseLimits(idle=5, time=60, count=2))

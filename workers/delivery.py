@@ -668,21 +668,30 @@ class _Run:
     # -- one server ------------------------------------------------------------------------------
 
     def try_route(self, route: _Route) -> None:
-        started = time.monotonic()
-        down = self.host_status.is_down(route.ip, route.port)
-        self.stats.setup_seconds += time.monotonic() - started     # (a shared-memory read: set-up)
-        if down and not self.ignore_down:
-            reply = Reply.local("4.4.1", f"host {route.name}[{route.ip}]:{route.port} is marked down: skipped")
-            self.stats.connect_failures += 1
-            for r in self.pending():
-                self.settle(r, None, reply, route, weak=True)
-            return
+        """Deliver the pending recipients through ``route``: a cached connection to it, or a new one.
+
+        An exchange marked down (``HostStatus``) is skipped unless a connection to
+        it is at hand in the cache: the mark is about opening connections, and an
+        open one that the server keeps answering is used, as Postfix's smtp uses a
+        cached session without asking qmgr again.  (That also spares the shared
+        down-list its read for every chunk sent over a kept connection.)
+        """
+        key = route_key(self.settings, route, self.source_pool) if self.cache is not None else None
+        cached = self.cache.take(key) if self.cache is not None else None
+        if cached is None:
+            started = time.monotonic()
+            down = self.host_status.is_down(route.ip, route.port)
+            self.stats.setup_seconds += time.monotonic() - started     # (a shared-memory read: set-up)
+            if down and not self.ignore_down:
+                reply = Reply.local("4.4.1", f"host {route.name}[{route.ip}]:{route.port} is marked down: skipped")
+                self.stats.connect_failures += 1
+                for r in self.pending():
+                    self.settle(r, None, reply, route, weak=True)
+                return
         self.conn_seq += 1
         conn = self.conn_seq
         for r in self.pending():
             r.attempts += 1
-        key = route_key(self.settings, route, self.source_pool) if self.cache is not None else None
-        cached = self.cache.take(key) if self.cache is not None else None
         done = False
         try:
             while True:
