@@ -102,10 +102,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "the targets are meant for mxq at its defaults")
     p.add_argument("--mxq-pool", default=None,
                    help="mxq worker -P POOL (default: no flag, the worker's default); a tuning flag")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=int, default=5,
                    help="the loopback comparison (dce, mxq, django) runs this many rounds, each stage once a "
                         "round, the order reversed every other round; each ratio is the median of its rounds' "
-                        "ratios, each stage's row its median round (3, --quick 1)")
+                        "ratios, each stage's row its median round (5, --quick 1)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (sink dumps, logs)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the table")
     args = p.parse_args(argv)
