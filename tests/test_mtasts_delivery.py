@@ -24,11 +24,13 @@ from mxq.workers.results import State
 from mxq.workers.timeouts import Timeouts
 from mxq.workers.tlsrpt import MemoryTLSReport, day_of, report
 
+from tests.dns_gate import Gate
+
 IP = "127.0.181."
 WEB = IP + "50"
 FAST = Timeouts(connect=1, greeting=2, command=2, data_init=2, data_block=2, data_final=2)
 MESSAGE = b"From: <s@src.dsts.test>\r\nSubject: sts\r\n\r\nHello.\r\n"
-DOMAINS = ("enf1", "enf2", "enf3", "enf4", "enf5", "enf6", "enf7", "tst1", "tst2", "fail", "none1")
+DOMAINS = ("enf1", "enf2", "enf3", "enf4", "enf5", "enf6", "enf7", "enf8", "tst1", "tst2", "fail", "none1")
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +120,30 @@ def test_enforce_delivers_with_verified_tls_to_a_policy_mx(world, run):
     assert e["policy"]["policy-type"] == "sts" and e["policy"]["mx-host"] == ["mx.enf1.dsts.test"]
     assert "mode: enforce" in e["policy"]["policy-string"]
     assert (e["ok"], e["fail"]) == (1, 0)
+
+
+def test_a_new_domains_mta_sts_lookup_runs_beside_its_mx_lookup(world, dns_server):
+    # A new destination's policy lookup (its _mta-sts TXT record, then the policy) does not wait
+    # for its MX and address lookups to end: the first delivery waits for the longer of the two.
+    [mx] = world("enf8.dsts.test", "enforce", ["mx.enf8.dsts.test"],
+                 [(10, "mx.enf8.dsts.test", IP + "58", ["mx.enf8.dsts.test"])])
+    settings = Settings(helo_name="client.dsts.test", dns_servers=parse_dns_servers(dns_server.address),
+                        timeouts=FAST)
+    gate = Gate(settings, hold=("MX", "enf8.dsts.test"), until=("TXT", "_mta-sts.enf8.dsts.test"))
+    resolver = Resolver(settings, cache=gate)
+    counts = MemoryTLSReport()
+    sts = MTASTS(resolver, MemoryPolicyCache())
+    env = prepare(MESSAGE, sender="s@src.dsts.test", recipients=["h@enf8.dsts.test"])
+    [r] = deliver(env, settings=settings, resolver=resolver, mta_sts=sts, tls_report=counts)
+    assert gate.overlapped is True              # the TXT lookup started while the MX lookup waited
+    assert r.state is State.DELIVERED and mx.messages[0].tls
+    e = entry(counts, "enf8.dsts.test")         # the policy was in force for the session
+    assert e["policy"]["policy-type"] == "sts" and (e["ok"], e["fail"]) == (1, 0)
+    # Known now: the next delivery looks it up in order, in this thread.
+    gate.order.clear()
+    [r] = deliver(env, settings=settings, resolver=resolver, mta_sts=sts, tls_report=counts)
+    assert r.state is State.DELIVERED and gate.order[0] == ("MX", "enf8.dsts.test")
+    assert gate.order.index(("TXT", "_mta-sts.enf8.dsts.test")) > gate.order.index(("A", "mx.enf8.dsts.test"))
 
 
 def test_enforce_skips_an_mx_not_in_the_policy(world, run):

@@ -125,6 +125,7 @@ from .errors import (DNSError, InvalidInput, InvalidMessage, Scope, SMTPAuthErro
                      SMTPServerDisconnected, SMTPTimeoutError, SMTPTLSError, classify, reraise_interrupt)
 from .logline import format_line
 from .mtasts import MTASTS, Lookup
+from .mx import Later
 from .mtasts import default_cache as default_policy_cache
 from .port25 import MemoryPort25State, Port25, Thresholds
 from .relay import login as relay_login
@@ -365,6 +366,7 @@ class _Run:
         self.observers = observers
         self.source_pool = source_pool
         self.mta_sts = mta_sts
+        self.sts_later: Later | None = None          # the MTA-STS lookup started by exchanges()
         self.tls_report = tls_report
         self.port25 = port25
         self.sts: Lookup | None = None      # the MTA-STS lookup of this run's domain
@@ -432,6 +434,11 @@ class _Run:
     def exchanges(self) -> list:
         """The domain's exchanges in order; settles every pending recipient on a DNS failure ([] then)."""
         s = self.settings
+        # A new destination's MTA-STS lookup (its _mta-sts TXT record, the policy cache, a policy
+        # fetch) runs beside its MX and address lookups, not after them: exchange_routes takes it.
+        if (self.mta_sts is not None and self.sts_later is None
+                and not self.mta_sts.answers_at_once(self.domain)):
+            self.sts_later = Later(self.mta_sts.lookup, self.domain)
         try:
             exchanges = self.resolver.exchanges(self.domain, deadline=self.dns_deadline(),
                                                 limit=s.mx_address_limit, policy=s.destinations)
@@ -464,7 +471,8 @@ class _Run:
         s = self.settings
         policy = None
         if self.mta_sts is not None and exchanges:
-            self.sts = self.mta_sts.lookup(self.domain)
+            later, self.sts_later = self.sts_later, None
+            self.sts = later.result() if later is not None else self.mta_sts.lookup(self.domain)
             policy = self.sts.policy
         mode = policy.mode if policy is not None and policy.mode in ("enforce", "testing") else None
         routes, left_out, tried = [], [], 0

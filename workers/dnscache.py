@@ -192,6 +192,12 @@ class DNSCache:
                 del self._entries[key]
         return None
 
+    def peek(self, rtype: str, name: str) -> bool:
+        """Does this process hold an unexpired answer for ``(rtype, name)``?  (Nothing counted or moved.)"""
+        with self._lock:
+            item = self._entries.get((rtype, name))
+            return item is not None and item[0] > self.clock()
+
     def get_or_lock(self, rtype: str, name: str, lock: str, owner: str, ms: int) -> tuple[CachedAnswer | None, bool]:
         """One round trip for a caller that resolves a name once across processes (a single flight):
         the answer from Redis when it is there (copied into this process), else take ``lock``

@@ -524,6 +524,16 @@ class MTASTS:
         self.failure_retry = failure_retry
         self.clock = clock
 
+    def answers_at_once(self, domain: str) -> bool:
+        """Will ``lookup(domain)`` answer without the network?  (An address literal; the
+        ``_mta-sts`` TXT answer held in this process; or its lookup failed lately.)"""
+        if domain.startswith("["):
+            return True
+        known = getattr(self.resolver, "known", None)
+        if known is not None and known("TXT", f"_mta-sts.{domain}"):
+            return True
+        return bool(_txt_failures.get(domain, self.clock()))
+
     def lookup(self, domain: str) -> Lookup:
         """The policy in force for ``domain`` (A-label, lower case); never raises for network trouble."""
         if domain.startswith("["):

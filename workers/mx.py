@@ -310,22 +310,39 @@ class Resolver:
             ordered.extend((pref, n) for n in names)
         return ordered
 
+    def known(self, rtype: str, name: str) -> bool:
+        """Does this process hold the answer for ``(rtype, name)`` (no Redis, no DNS needed)?"""
+        peek = getattr(self.cache, "peek", None)
+        return bool(peek is not None and peek(rtype, name))
+
     def _host_addresses(self, name: str, deadline: float | None = None) -> tuple[list[str], bool]:
-        """``(addresses A then AAAA, whether a lookup failed transiently)``."""
+        """``(addresses A then AAAA, whether a lookup failed transiently)``.
+
+        A and AAAA are looked up at the same time when this process knows
+        neither (a new exchange): its connection waits for one lookup, not
+        two in a row -- each a Redis read, a DNS query and a Redis write, on
+        a new destination's way to its first delivery.  The AAAA answer of a
+        name whose A lookup said NXDOMAIN is not used (it says the same).
+        """
         literal = _ip(name)
         if literal is not None:
             return [literal], False
+        aaaa = None
+        if not self.known("AAAA", name) and not self.known("A", name):
+            aaaa = Later(self._lookup, "AAAA", name, deadline)
         addresses: list[str] = []
         transient = False
         for rtype in ("A", "AAAA"):
             try:
-                ans = self._lookup(rtype, name, deadline)
+                ans = aaaa.result() if rtype == "AAAA" and aaaa is not None else self._lookup(rtype, name, deadline)
             except _Transient:
                 transient = True
                 continue
             if ans.status == OK:
                 addresses.extend(a for a in ans.records if a not in addresses)
             elif ans.status == NXDOMAIN:
+                if aaaa is not None:
+                    aaaa.wait()
                 break                  # the name does not exist: no point asking for AAAA
         return addresses, transient
 
@@ -368,6 +385,39 @@ class Resolver:
             else:
                 answer = CachedAnswer(OK, _records(rtype, ans.rrset), int(ans.chaining_result.minimum_ttl))
         return self.cache.put(rtype, name, answer)
+
+
+class Later:
+    """``fn(*args)`` started now in a thread of its own (a greenlet under gevent); ``result()``
+    waits for it and returns its value or raises its exception.
+
+    For lookups a caller needs a little later, started before the ones it needs
+    first (a new destination's AAAA beside its A, its MTA-STS policy beside
+    its MX), so their waits overlap.  The work must bound its own time (DNS
+    deadlines, fetch timeouts): ``result()`` waits for it.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *args: Any):
+        self._fn, self._args = fn, args
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mxq-later", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn(*self._args)
+        except BaseException as e:  # noqa: BLE001 -- handed to result()'s caller
+            self._error = e
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _records(rtype: str, rrset) -> list:
