@@ -43,7 +43,7 @@ import uuid
 from collections import defaultdict
 
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_init, worker_shutting_down
+from celery.signals import worker_init, worker_ready, worker_shutting_down
 
 from mxq.workers.envelope import DSN, Envelope, Recipient
 from mxq.workers.errors import register_interrupt, reraise_interrupt
@@ -60,7 +60,7 @@ from mxq.workers.mx import Resolver
 from mxq.workers.port25 import Port25, Thresholds
 from mxq.workers.scache import SessionCache, View
 
-from . import metrics, qmgr, shaping
+from . import green, metrics, qmgr, shaping
 from . import outcomes as job_outcomes
 from .app import DELIVERY, app, only_ours
 from .broker import is_full as _is_full       # Redis refusing a write at maxmemory
@@ -84,6 +84,25 @@ register_interrupt(SoftTimeLimitExceeded)
 
 _RETRY = dict(autoretry_for=TRANSIENT_REDIS_ERRORS, max_retries=3, retry_backoff=1,
               retry_backoff_max=8, retry_jitter=True)
+
+
+def _literals_inline(**_kw) -> None:
+    """A gevent worker resolves address literals without its thread pool (``mxq.tasks.green``)."""
+    green.install()
+
+
+def _say_resolver(**_kw) -> None:
+    """Said once logging is set up (it is not yet at ``worker_init``)."""
+    if green.installed():
+        inner = type(green.installed())
+        log.info("gevent resolver: address literals answered in the caller, names by %s.%s",
+                 inner.__module__, inner.__qualname__)
+
+
+# First: the checks below already open Redis connections.
+worker_init.connect(only_ours(_literals_inline), weak=False)
+worker_ready.connect(only_ours(_say_resolver), weak=False)
+
 
 # A worker refuses to start with a bad MXQ_SHAPING or MXQ_METRICS_PORT, and
 # serves /metrics from its main process when MXQ_METRICS_PORT is set.
