@@ -125,8 +125,8 @@ from .errors import (DNSError, InvalidInput, InvalidMessage, Scope, SMTPAuthErro
                      SMTPServerDisconnected, SMTPTimeoutError, SMTPTLSError, classify, reraise_interrupt)
 from .logline import format_line
 from .mtasts import MTASTS, Lookup
-from .mx import Later
 from .mtasts import default_cache as default_policy_cache
+from .mx import Later
 from .port25 import MemoryPort25State, Port25, Thresholds
 from .relay import login as relay_login
 from .relay import refusal as relay_refusal

@@ -341,9 +341,11 @@ class Resolver:
             if ans.status == OK:
                 addresses.extend(a for a in ans.records if a not in addresses)
             elif ans.status == NXDOMAIN:
+                # The name does not exist: no point asking for AAAA.  One asked already says the
+                # same; it is waited for (it is quick) so no lookup outlives the call.
                 if aaaa is not None:
                     aaaa.wait()
-                break                  # the name does not exist: no point asking for AAAA
+                break
         return addresses, transient
 
     def _lookup(self, rtype: str, name: str, deadline: float | None = None) -> CachedAnswer:
