@@ -93,10 +93,10 @@ def _literals_inline(**_kw) -> None:
 
 def _say_resolver(**_kw) -> None:
     """Said once logging is set up (it is not yet at ``worker_init``)."""
-    if green.installed():
-        inner = type(green.installed())
+    inner = green.installed()
+    if inner is not None:
         log.info("gevent resolver: address literals answered in the caller, names by %s.%s",
-                 inner.__module__, inner.__qualname__)
+                 type(inner).__module__, type(inner).__qualname__)
 
 
 # First: the checks below already open Redis connections.

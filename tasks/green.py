@@ -24,8 +24,9 @@ is set (the operator chose a resolver).
 
 from __future__ import annotations
 
+import _socket                          # the C module: gevent's patching leaves it alone
 import os
-import socket as _stdlib_socket
+
 
 def is_literal(host) -> bool:
     """Is ``host`` an IPv4 or IPv6 address literal (a scope ``%id`` allowed), or None?"""
@@ -39,12 +40,12 @@ def is_literal(host) -> bool:
     if not isinstance(host, str) or not host:
         return False
     try:
-        _stdlib_socket.inet_pton(_stdlib_socket.AF_INET, host)
+        _socket.inet_pton(_socket.AF_INET, host)
         return True
     except (OSError, ValueError):
         pass
     try:
-        _stdlib_socket.inet_pton(_stdlib_socket.AF_INET6, host.split("%", 1)[0])
+        _socket.inet_pton(_socket.AF_INET6, host.split("%", 1)[0])
         return True
     except (OSError, ValueError):
         return False
@@ -54,14 +55,11 @@ class LiteralsInline:
     """A gevent resolver: ``getaddrinfo`` of an address literal in the caller, the rest by ``inner``."""
 
     def __init__(self, inner):
-        import _socket                      # the C module: gevent's patching leaves it alone
-
         self.inner = inner
-        self._getaddrinfo = _socket.getaddrinfo
 
     def getaddrinfo(self, host, port, family=0, type=0, proto=0, flags=0):  # noqa: A002 -- socket's names
         if is_literal(host):
-            return self._getaddrinfo(host, port, family, type, proto, flags)
+            return _socket.getaddrinfo(host, port, family, type, proto, flags)
         return self.inner.getaddrinfo(host, port, family, type, proto, flags)
 
     def __getattr__(self, name):            # gethostbyname, getnameinfo, close, ...: as before

@@ -312,8 +312,7 @@ class Resolver:
 
     def known(self, rtype: str, name: str) -> bool:
         """Does this process hold the answer for ``(rtype, name)`` (no Redis, no DNS needed)?"""
-        peek = getattr(self.cache, "peek", None)
-        return bool(peek is not None and peek(rtype, name))
+        return self.cache.peek(rtype, name)
 
     def _host_addresses(self, name: str, deadline: float | None = None) -> tuple[list[str], bool]:
         """``(addresses A then AAAA, whether a lookup failed transiently)``.
