@@ -413,9 +413,22 @@ def test_dead_stage_judges_the_median_of_pairs_run_in_alternating_order(bench):
             assert run["worker_cpu_ms_per_msg"] == pytest.approx(run["worker_cpu_s"] * 1000 / HEALTHY, abs=0.001)
         assert p["ratio"] == pytest.approx(p["with"]["msgs_per_sec"] / p["without"]["msgs_per_sec"], rel=0.001)
         assert p["with"]["lost"] == 0 and p["with"]["final"] == 0
+        # The healthy mail is timed from its own first submission, after the dead mail's; the
+        # figure from the dead mail's first submission is kept beside it.
+        tl = p["with"]["timeline"]
+        assert 0 < tl["counted_from_s"] < tl["submitted_s"]
+        assert tl["seconds_from_first_submission"] == pytest.approx(p["with"]["seconds"] + tl["counted_from_s"],
+                                                                    abs=0.003)
+        assert tl["msgs_per_sec_from_first_submission"] < p["with"]["msgs_per_sec"]
+        assert p["ratio_from_first_submission"] < p["ratio"]
+        assert "counted_from_s" not in p["without"]["timeline"]
     assert dead["ratios"] == [p["ratio"] for p in pairs]
     assert dead["ratio_median"] == pytest.approx(statistics.median(dead["ratios"]), abs=1e-4)
     assert dead["ratio_min"] == min(dead["ratios"]) and dead["ratio_max"] == max(dead["ratios"])
+    assert dead["ratio_from_first_submission_median"] == pytest.approx(
+        statistics.median(p["ratio_from_first_submission"] for p in pairs), abs=1e-4)
+    assert dead["dead_submission_s_median"] == pytest.approx(
+        statistics.median(p["with"]["timeline"]["counted_from_s"] for p in pairs), abs=1e-4)
     assert dead["pairs_wrong"] == []
     assert bench[2]["targets"]["dead_mxq/dead_mxq_base"]["value"] == dead["ratio_median"]
     # The dead exchanges were tried (their SYNs dropped), by few connections at once.
@@ -433,8 +446,13 @@ def test_pairs_block_takes_the_median_and_the_spread():
               "cpu_ratio": round(cd / cw, 4)}
              for k, (w, d, cw, cd) in enumerate([(1000, 500, 0.5, 0.5), (1000, 1100, 0.5, 0.6),
                                                  (1000, 950, 0.4, 0.5), (2000, 1900, 0.5, 0.5)], 1)]
+    for p, late in zip(pairs, (0.05, 0.1, 0.02, 0.04)):
+        p["with"]["timeline"] = {"counted_from_s": late}
+        p["ratio_from_first_submission"] = round(p["ratio"] * 0.9, 4)
     block = pairs_block(pairs)
     assert block["ratios"] == [0.5, 1.1, 0.95, 0.95]
+    assert block["ratio_from_first_submission_median"] == pytest.approx(0.855, abs=1e-4)
+    assert block["dead_submission_s_median"] == pytest.approx(0.045, abs=1e-4)
     assert block["ratio_median"] == 0.95 and (block["ratio_min"], block["ratio_max"]) == (0.5, 1.1)
     assert block["cpu_ms_per_msg_median"] == {"without": 0.5, "with": 0.5}
     assert block["cpu_ratio_median"] == pytest.approx(1.1, abs=1e-3)   # median of 1.0, 1.2, 1.25, 1.0

@@ -71,9 +71,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dead-connect-timeout", type=float, default=None,
                    help="dead stage: mxq's MXQ_CONNECT_TIMEOUT and Postfix's smtp_connect_timeout in seconds "
                         "(default: neither set, their defaults of 30 s; --quick 2)")
-    p.add_argument("--dead-pairs", type=int, default=10,
+    p.add_argument("--dead-pairs", type=int, default=20,
                    help="dead stage: mxq runs without and with the dead domains, in pairs alternating which "
-                        "runs first; the verdict is the median ratio (10, --quick 2)")
+                        "runs first; the verdict is the median ratio (20, --quick 2)")
     p.add_argument("--inflight", dest="inflight_n", type=int, default=1000,
                    help="inflight stage: deliveries meant to be in flight at once (1000, --quick 10)")
     p.add_argument("--inflight-domains", type=int, default=200,

@@ -37,12 +37,16 @@ The JSON result (``--json PATH``, default ``var/bench/result.json``)::
                        for a timeout, plus e.g. the inflight block measured until then
     messages           N
     seconds            first submission -> the sinks hold all N messages (sinks that wait W s
-                       before answering the final dot: the last arrival + W, when it is accepted)
+                       before answering the final dot: the last arrival + W, when it is accepted);
+                       in the dead stage, whose dead-domain mail (not counted) is submitted first,
+                       from the first submission of the N counted messages
     msgs_per_sec       N / seconds
     submit_seconds     first submission -> the last submission call returned
     wall_seconds       the whole stage, set-up and clean-up included
-    timeline           {first_arrival_s, submitted_s, per_second: [arrivals in second i]} from the
-                       first submission (null when no message carried an id the monitor saw)
+    timeline           {first_arrival_s, submitted_s, quantiles_s, per_second: [arrivals in second i]} from the
+                       first submission (null when no message carried an id the monitor saw); with mail
+                       not counted submitted first also counted_from_s (when the counted mail's submission
+                       began), seconds_from_first_submission and msgs_per_sec_from_first_submission
     latency_ms         {p50, p99, max, samples, resolution_ms}: X-Bench-Submitted -> accepted by
                        the sink (null for the limit stage: smtp-source's messages carry no stamp)
     sinks              {records (dumped), smtp_sink_counter (smtp-sink -c), unique_ids, duplicates,
@@ -84,14 +88,18 @@ The JSON result (``--json PATH``, default ``var/bench/result.json``)::
                        when it was all at the sinks), syns_dropped_at_done, syns_dropped (SYNs the
                        drop rule counted by then, retransmissions included),
                        pairs: [{pair, order ("without first" | "with first"), without, with: RUN,
-                       ratio (with / without healthy msg/s), cpu_ratio (of worker CPU per
-                       message)}] -- pair 1 is dead_mxq_base and this stage's own run, each further
-                       pair two fresh runs in the order opposite to the pair before --, ratios,
-                       ratio_median (the verdict), ratio_min, ratio_max, cpu_ms_per_msg_median:
+                       ratio (with / without healthy msg/s), ratio_from_first_submission (the
+                       same with the healthy mail timed from the dead mail's first submission),
+                       cpu_ratio (of worker CPU per message)}] -- pair 1 is dead_mxq_base and this
+                       stage's own run, each further pair two fresh runs in the order opposite to
+                       the pair before --, ratios, ratio_median (the verdict), ratio_min, ratio_max,
+                       ratio_from_first_submission_median, dead_submission_s_median (seconds from
+                       the dead mail's first submission to the healthy mail's), cpu_ms_per_msg_median:
                        {without, with}, cpu_ratio_median, connecting_peak_max, pairs_wrong (pairs
                        whose dead-domain mail was lost or final)}
                        RUN: {msgs_per_sec, seconds, worker_cpu_s, worker_cpu_ms_per_msg (per healthy
-                       message), redis_cpu_s, exactly_once, load1; with the dead domains also
+                       message), redis_cpu_s, exactly_once, load1, timeline (the stage's, without
+                       per_second); with the dead domains also
                        connecting_peak, syns_dropped, lost, final}
     inflight           (inflight_mxq) {deliveries, domains, delay_s, interval_s, samples,
                        peak_in_flight, peak_connections, connections_at_peak, rss_kb_before,
@@ -433,7 +441,10 @@ def _exchange_lines(result: dict) -> list[str]:
         if dead.get("pairs"):
             cpu = dead["cpu_ms_per_msg_median"]
             lines.append(f"dead stage (mxq) pairs: healthy msg/s with / without {dead['ratios']} "
-                         f"(median {_fmt(dead['ratio_median'])}, {_fmt(dead['ratio_min'])}-{_fmt(dead['ratio_max'])}); "
+                         f"(median {_fmt(dead['ratio_median'])}, {_fmt(dead['ratio_min'])}-{_fmt(dead['ratio_max'])}; "
+                         f"timed from the dead mail's first submission instead, median "
+                         f"{_fmt(dead.get('ratio_from_first_submission_median'))}: submitting it took "
+                         f"{_fmt(dead.get('dead_submission_s_median'))} s); "
                          f"worker CPU per healthy message {_fmt(cpu['without'])} ms without, {_fmt(cpu['with'])} ms "
                          f"with (median of the pairs' ratios {_fmt(dead['cpu_ratio_median'])}); connection "
                          f"attempts stuck on the dead exchanges while the healthy mail flowed: at most "
