@@ -324,8 +324,8 @@ def _greets(host: str) -> bool:
 def bulk_exchange():
     """The exchange of one.large.test and d0..d9999.large.test (every MX -> one host): Postfix's
     smtp-sink (C, so 10,000 sessions cost the test little), dumping every transaction with its
-    RCPTs to a file; and a DNS server process of its own for those 10,002 names (the session's
-    keeps per-name query counters in a file it rewrites on every query: quadratic here)."""
+    RCPTs to a file; and a DNS server process of its own for those 10,002 names (kept out of the
+    session's, whose zone every test's add() rewrites and reloads whole)."""
     sink_exe = shutil.which("smtp-sink", path=os.environ.get("PATH", "") + ":/usr/sbin")
     if not sink_exe:
         pytest.skip("smtp-sink (Debian's postfix package) is not installed")

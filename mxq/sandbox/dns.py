@@ -39,16 +39,21 @@ Names are case-insensitive; a U-label name in the zone file is stored as its
 IDNA A-labels, since that is what resolvers ask for.
 
 Signals: SIGHUP re-reads the zone file (a malformed file is reported on
-stderr and the old zone kept); SIGUSR1 resets the query counters; SIGTERM or
-SIGINT stops the server.
+stderr and the old zone kept); SIGUSR1 resets the query counters; SIGUSR2
+writes them to the stats file; SIGTERM or SIGINT stops the server.
 
 ``--ready-file`` is written (atomically, containing the port) only after both
 the UDP and the TCP socket are bound and serving.  ``--stats-file`` holds JSON
 ``{"total": n, "queries": {"a.test MX": n, ...}, "serial": s, "resets": r,
-"pid": p}``; it is rewritten (atomically) for every query *before* the answer
-is sent, and after every reload, so a client that has its answer can read an
-exact count.  Each query counts once, whatever its outcome (including
-SERVFAIL and unanswered TIMEOUT queries).
+"pid": p, "version": v}``.  A query is counted in memory *before* its answer
+is sent; the file is rewritten (atomically, ``version`` one higher each time)
+on SIGUSR2, after a reset and after every reload, so a client that has its
+answer and then asks for a dump reads an exact count (``DNSServerProcess.stats``
+does that).  Each query counts once, whatever its outcome (including SERVFAIL
+and unanswered TIMEOUT queries).  The file used to be rewritten for every
+query: under the lock that serialised the answers, so a burst of 400 queries
+from 100 new destinations waited a median 90 ms each for their answers
+(1.5 ms without the write).
 
 ``start_dns_server()`` runs the server as a child process and returns a
 ``DNSServerProcess`` handle to change its zones, read its counters and stop it.
@@ -198,10 +203,12 @@ def _parse_entry(name: str, spec: Any, default_ttl: int) -> dict:
 
 
 class QueryStats:
-    """Counts queries by ``"name TYPE"`` and mirrors them to a JSON file (if a path is given).
+    """Counts queries by ``"name TYPE"`` in memory and writes them to a JSON file (if a path is given).
 
-    The file is replaced atomically under a lock on every change, so a reader
-    never sees a partial file and never an older count after a newer one.
+    The file is written when asked (``dump``), after a reset and when the
+    serial changes, replaced atomically under the lock, so a reader never sees
+    a partial file and never an older count after a newer one (``version``
+    goes up by one with each write).
     """
 
     def __init__(self, path: str | os.PathLike | None, serial: int):
@@ -211,6 +218,7 @@ class QueryStats:
         self.total = 0
         self.serial = serial
         self.resets = 0
+        self.version = 0
         with self.lock:
             self._write()
 
@@ -220,6 +228,10 @@ class QueryStats:
         with self.lock:
             self.counts[key] = self.counts.get(key, 0) + 1
             self.total += 1
+
+    def dump(self) -> None:
+        """Write the counters to the file now."""
+        with self.lock:
             self._write()
 
     def set_serial(self, serial: int) -> None:
@@ -239,11 +251,12 @@ class QueryStats:
     def snapshot(self) -> dict:
         """The stats as the file holds them."""
         return {"total": self.total, "queries": dict(self.counts), "serial": self.serial,
-                "resets": self.resets, "pid": os.getpid()}
+                "resets": self.resets, "pid": os.getpid(), "version": self.version}
 
     def _write(self) -> None:
         if self.path is None:
             return
+        self.version += 1
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(self.snapshot(), sort_keys=True))
         os.replace(tmp, self.path)
@@ -387,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--listen", default="127.0.0.53", help="address to bind (default 127.0.0.53)")
     p.add_argument("--port", type=int, default=53, help="UDP and TCP port; 0 picks a free one (default 53)")
     p.add_argument("--ready-file", help="written with the port once both sockets serve")
-    p.add_argument("--stats-file", help="JSON query counters, rewritten on every query")
+    p.add_argument("--stats-file", help="JSON query counters, written on SIGUSR2, resets and reloads")
     p.add_argument("--log", default="error",
                    help="dnslib log hooks, comma-separated (request,reply,error,...); default: error")
     args = p.parse_args(argv)
@@ -401,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     # Handle signals synchronously in this thread: block them before any server
     # thread exists (threads inherit the mask), then sigwait.  No race, no
     # signal handler running inside a lock.
-    sigs = {signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM, signal.SIGINT}
+    sigs = {signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
 
     stats = QueryStats(args.stats_file, zone.serial)
@@ -431,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
             stats.set_serial(new.serial)
         elif sig == signal.SIGUSR1:
             stats.reset()
+        elif sig == signal.SIGUSR2:
+            stats.dump()
         else:
             break
     udp.stop()
@@ -514,12 +529,25 @@ class DNSServerProcess:
         self._wait(lambda s: s.get("serial") == serial, timeout, f"zone serial {serial}")
         self._zones = zones
 
-    def stats(self) -> dict:
-        """The server's counters: ``{"total": n, "queries": {"name TYPE": n}, "serial", "resets", "pid"}``."""
+    def stats(self, timeout: float = 10.0) -> dict:
+        """The server's counters now: ``{"total": n, "queries": {"name TYPE": n}, "serial", "resets", "pid", "version"}``.
+
+        Asks the server to write them (SIGUSR2) and waits for a write newer
+        than the file it found: every query answered before the call is in it.
+        A server that has exited leaves its last write.
+        """
+        before = self._read()
+        if before is None or self.proc.poll() is not None:
+            return before or {"total": 0, "queries": {}}
+        self.proc.send_signal(signal.SIGUSR2)
+        return self._wait(lambda s: s.get("version", 0) > before.get("version", 0), timeout, "a stats dump")
+
+    def _read(self) -> dict | None:
+        """The stats file as it is (None when absent or being replaced)."""
         try:
             return json.loads(self.stats_path.read_text())
-        except FileNotFoundError:
-            return {"total": 0, "queries": {}}
+        except (FileNotFoundError, ValueError):
+            return None
 
     def queries(self, name: str | None = None, rtype: str | None = None) -> int:
         """Queries received so far, optionally only for ``name`` and/or ``rtype`` (e.g. "MX")."""
@@ -537,23 +565,24 @@ class DNSServerProcess:
     def reset_stats(self, timeout: float = 10.0) -> None:
         """Zero the counters (SIGUSR1) and wait until the server has done so."""
         with self._lock:
-            resets = self.stats().get("resets", 0) + 1
+            resets = (self._read() or {}).get("resets", 0) + 1
             self.proc.send_signal(signal.SIGUSR1)
             self._wait(lambda s: s.get("resets", 0) >= resets, timeout, "stats reset")
 
-    def _wait(self, done, timeout: float, what: str) -> None:
+    def _wait(self, done, timeout: float, what: str) -> dict:
+        """Poll the stats file until ``done(stats)``; return those stats."""
         deadline = time.monotonic() + timeout
+        pause = 0.0005
         while True:
-            try:
-                if done(json.loads(self.stats_path.read_text())):
-                    return
-            except (FileNotFoundError, ValueError):
-                pass
+            now = self._read()
+            if now is not None and done(now):
+                return now
             if self.proc.poll() is not None:
                 raise RuntimeError(f"DNS server exited ({self.proc.returncode}) waiting for {what}: {self.log()}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"DNS server did not report {what} within {timeout}s: {self.log()}")
-            time.sleep(0.005)
+            time.sleep(pause)
+            pause = min(0.005, pause * 2)
 
     def log(self) -> str:
         """What the server wrote to stderr."""
