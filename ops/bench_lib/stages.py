@@ -216,9 +216,10 @@ class Measure:
         """Mark the end of submission."""
         self.t_submitted = time.time()
 
-    def counted_begins(self) -> None:
-        """Mark the first submission of a counted message, when mail not counted went first."""
-        if self.t_counted is None:
+    def spec_begins(self, spec: Spec, submit: list[Spec], counted: list[Spec]) -> None:
+        """Mark ``spec``'s first submission: when it is counted and mail not counted went before it,
+        the counted mail is timed from here (the first such mark holds)."""
+        if self.t_counted is None and spec in counted and spec is not submit[0]:
             self.t_counted = time.time()
 
     def wait(self, alive: Callable[[], None] | None = None) -> float:
@@ -294,12 +295,8 @@ class Measure:
             dns=sandbox.dns_breakdown(dns_stats),
             harness_cpu_seconds=self.cpu,
             notes=[],
-            timeline=timeline(tally["arrivals"], self.t0, self.t_submitted, self.t_counted),
+            timeline=timeline(tally["arrivals"], self.t0, self.t_submitted, self.t_counted, self.t_done, n),
         )
-        if self.t_counted and res["timeline"]:
-            whole = self.t_done - self.t0
-            res["timeline"].update(seconds_from_first_submission=round(whole, 3),
-                                   msgs_per_sec_from_first_submission=round(n / whole, 1) if whole > 0 else None)
         if self.reply_delay:
             res["notes"].append(f"the sinks answer each final dot {self.reply_delay:g} s after it arrives: a message "
                                 f"counts as accepted then (arrival at the sink + {self.reply_delay:g} s)")
@@ -314,12 +311,14 @@ class Measure:
 
 
 def timeline(arrivals: list[float], t0: float, t_submitted: float | None,
-             t_counted: float | None = None) -> dict | None:
+             t_counted: float | None = None, t_done: float | None = None,
+             n: int | None = None) -> dict | None:
     """When the messages reached the sinks, from the first submission (``t0``): the first arrival,
     the end of submission, when a tenth, a quarter, half, three quarters and nine tenths had arrived
     (``quantiles_s``), and arrivals per second (``per_second[i]``: in second i after t0); when mail
-    not counted was submitted first, when the counted mail's submission began (``counted_from_s``;
-    ``Measure.finish`` adds the figures timed from the very first submission)."""
+    not counted was submitted first, when the counted mail's submission began (``counted_from_s``)
+    and, with ``t_done`` (all ``n`` counted messages accepted), the figures timed from the very first
+    submission (``seconds_from_first_submission``, ``msgs_per_sec_from_first_submission``)."""
     if not arrivals:
         return None
     per = [0] * (int(max(arrivals[-1] - t0, 0.0)) + 1)
@@ -330,7 +329,16 @@ def timeline(arrivals: list[float], t0: float, t_submitted: float | None,
             "quantiles_s": [round(arrivals[min(len(arrivals) - 1, int(q * len(arrivals)))] - t0, 3)
                             for q in (0.1, 0.25, 0.5, 0.75, 0.9)],
             "per_second": per,
-            **({"counted_from_s": round(t_counted - t0, 3)} if t_counted else {})}
+            **(_from_first(len(arrivals) if n is None else n, t0, t_counted, t_done) if t_counted else {})}
+
+
+def _from_first(n: int, t0: float, t_counted: float, t_done: float | None) -> dict:
+    """``timeline``'s fields for counted mail submitted after mail not counted."""
+    out = {"counted_from_s": round(t_counted - t0, 3)}
+    if t_done is not None and t_done > t0:
+        out.update(seconds_from_first_submission=round(t_done - t0, 3),
+                   msgs_per_sec_from_first_submission=round(n / (t_done - t0), 1))
+    return out
 
 
 def redis_fields(r: sandbox.Redis, delivered: int, mem_per_msg: float | None, probe: int | None) -> dict:
@@ -456,7 +464,7 @@ def postfix_deliver(ctx: Context, stage: str, submit: list[Spec], counted: list[
     Sinks listen on ``addrs`` (with ``sink_flags``); the stage completes when
     every message of ``counted`` is at the sinks, timed from their first
     submission.  Messages of a spec not counted (dead domains) are submitted
-    all the same, before the next spec's (``Measure.counted_begins``); ``main_cf`` is appended to Postfix's main.cf.
+    all the same, before the next spec's (``Measure.spec_begins``); ``main_cf`` is appended to Postfix's main.cf.
     """
     st = ctx.stage_dir(stage)
     count = sum(s.count for s in counted)
@@ -478,8 +486,7 @@ def postfix_deliver(ctx: Context, stage: str, submit: list[Spec], counted: list[
             try:
                 with smtplib.SMTP(POSTFIX_LISTEN, 25, local_hostname="client.bench.test", timeout=60) as s:
                     for spec, body in zip(submit, bodies):
-                        if spec in counted and spec is not submit[0]:
-                            meas.counted_begins()
+                        meas.spec_begins(spec, submit, counted)
                         for i in range(k, spec.count, ctx.postfix_clients):
                             s.sendmail(messages.SENDER, [spec.recipient(i)], spec.render(i, time.time(), body))
                         barrier.wait(ctx.timeout)
@@ -855,7 +862,7 @@ def mxq_deliver(ctx: Context, stage: str, submit: list[Spec], counted: list[Spec
     sink).  The stage completes when every message of ``counted`` is at the
     sinks on ``addrs`` (``sink_flags``, ``max_connections``, ``probe`` as for
     ``SinkFarm``; ``reply_delay`` as for ``Measure``), timed from their first submission
-    (``Measure.counted_begins``; from the very first in the timeline's ``seconds_from_first_submission``).  Hooks, each optional:
+    (``Measure.spec_begins``; from the very first in the timeline's ``seconds_from_first_submission``).  Hooks, each optional:
     ``on_ready(procs)`` once the workers are ready, before submission;
     ``after(procs, ids)`` with the workers still running once the counted
     mail is at the sinks (``ids``: ``{spec.run: [job id]}``), returning a dict
@@ -887,8 +894,7 @@ def mxq_deliver(ctx: Context, stage: str, submit: list[Spec], counted: list[Spec
         cpu0 = _mxq_cpu(procs, r)
         meas.begin()
         for spec, body in zip(submit, bodies):
-            if spec in counted and spec is not submit[0]:
-                meas.counted_begins()
+            meas.spec_begins(spec, submit, counted)
             for k in range(0, spec.count, ctx.batch):
                 ids[spec.run] += submit_many([
                     Item(message=spec.render(i, time.time(), body), sender=messages.SENDER,
