@@ -893,8 +893,9 @@ class _Connection:
         # be its own delays, and more connections would add work, not throughput.  This task
         # goes on with the lane's mail, and what is left when it ends gets a task then.
         mine: list[str] | None = [] if rt.own_outcomes else None
+        first = self.latency is None and not self.probe
         applied, dispatch, status = rt.store.finish(batch, domain, late + outcomes, fb if plan else None,
-                                                    now=now, spread=qmgr.spread(rt.lag, fb.latency),
+                                                    now=now, spread=qmgr.spread(rt.lag, fb.latency, first),
                                                     mine=mine, hide=job_outcomes.LEASE)
         if mine:
             # Jobs this release made final whose every record is in hand: their outcomes go to the

@@ -226,10 +226,20 @@ def feedback(stats: RunStats, results: list[list[dict | None]] | None, probe: st
     return fb
 
 
-def spread(lag: float, latency: float) -> bool:
+def spread(lag: float, latency: float, first: bool = False) -> bool:
     """May a run's verdict ask for more connections to its lane (``Store.finish``'s ``spread``)?
 
-    Yes while the process wakes on time (``lag`` under ``MAX_LAG``).  A late
+    ``first``: the verdict is the lane's first (its latency was unknown, so
+    the chunk was ``UNKNOWN_CHUNK`` message).  One message timed in a start-up
+    is not enough to spread on unless it is slow beyond doubt
+    (``SPECULATE_AFTER``, the time after which the watch would have opened the
+    window anyway): 50 new lanes started at once on 2 busy cores timed their
+    first message at 52-102 ms, past ``FAST_LATENCY``, and each such lane
+    asked for 4-5 connections for its 39 messages, where one does (the bench's
+    dead stage, 2026-12-05).  Its next chunk, sized for that latency, confirms
+    or corrects it, and its verdict spreads.
+
+    Otherwise yes while the process wakes on time (``lag`` under ``MAX_LAG``).  A late
     process -- its own work, or other processes holding the CPU -- measures
     its delays into every message: an instant exchange then looks slow, and
     spreading it over more connections would add work per message, not
@@ -238,6 +248,8 @@ def spread(lag: float, latency: float) -> bool:
     taking a second at the dot is slow whatever the machine does (at load
     6-17 the lag stays at 30-80 ms).
     """
+    if first and (latency or 0.0) < SPECULATE_AFTER:
+        return False
     return lag < MAX_LAG or (latency or 0.0) >= SLOW_VS_LAG * lag
 
 

@@ -216,6 +216,17 @@ def test_dispatch_spreads_slow_mail_over_the_window_and_fast_mail_over_few_conne
     assert dict(dispatch) == {"slow.rt.test": 6, "fast.rt.test": 1, "new.rt.test": 2}
 
 
+def test_a_lanes_first_verdict_spreads_only_when_slow_beyond_doubt():
+    from mxq.tasks import qmgr
+
+    between = (qmgr.FAST_LATENCY + qmgr.SPECULATE_AFTER) / 2
+    assert qmgr.spread(0.0, between)                                   # a later verdict: spread
+    assert not qmgr.spread(0.0, between, first=True)                   # one message: confirm first
+    assert qmgr.spread(0.0, qmgr.SPECULATE_AFTER, first=True)          # slow beyond doubt: spread
+    assert not qmgr.spread(1.0, qmgr.SPECULATE_AFTER, first=True)      # ... unless the process is late
+    assert not qmgr.spread(10 * qmgr.MAX_LAG, between)                 # a late process: not on a fast lane
+
+
 def test_speculation_opens_the_window_even_in_a_busy_process(monkeypatch):
     # A worker starting hundreds of new destinations at once is late to wake (its lag above
     # qmgr.MAX_LAG) exactly when their first chunks wait: speculation, which has judged the lane
@@ -350,7 +361,8 @@ def test_speculation_counts_the_servers_wait_not_the_set_up():
 def zones(dns_server):
     for last, name in ((10, "par.rt.test"), (11, "start.rt.test"), (12, "spec.rt.test"), (20, "dead.rt.test"),
                        (21, "ok.rt.test"), (30, "kill.rt.test"), (31, "kill2.rt.test"), (32, "term.rt.test"),
-                       (40, "a.reuse.rt.test"), (40, "b.reuse.rt.test"), (13, "over.rt.test")):
+                       (40, "a.reuse.rt.test"), (40, "b.reuse.rt.test"), (13, "over.rt.test"),
+                       (14, "conf.rt.test")):
         zone(dns_server, name, IP + str(last))
 
 
@@ -419,6 +431,31 @@ def test_a_slow_destination_gets_its_initial_window_before_its_first_verdict(pip
         print(f"slow new destination: {before} sessions before its first verdict, {sessions.max} at most")
         assert before == 4                  # the initial window, opened before the first verdict
         assert sessions.max <= 8            # never past the limit
+    finally:
+        srv.stop()
+
+
+def test_a_first_verdict_from_one_message_is_confirmed_before_the_lane_spreads(pipeline, zones):
+    # A new destination's first chunk is one message (qmgr.UNKNOWN_CHUNK).  Timed under
+    # qmgr.SPECULATE_AFTER, that one sample does not spread the lane (qmgr.spread's ``first``): in a
+    # busy start-up it is as often the process's delays as the server's.  The connection goes on
+    # with a chunk sized for it, and that chunk's verdict spreads the lane when the destination is
+    # really that slow (here 80 ms at the final dot: past qmgr.FAST_LATENCY, so it does).
+    sessions = Concurrency()
+    srv = server(14, "mx.conf.rt.test", sessions, delays={"data_final": 0.08}, keep_content=False)
+    try:
+        p = pipeline(MXQ_SHAPING="conf.rt.test=6c")
+        p.worker(concurrency=1)
+        p.beat()
+        ids = submit([f"c{i}@conf.rt.test" for i in range(24)])
+        p.wait_done(ids, timeout=60)
+        assert [s["state"] for s in states(ids)] == ["delivered"] * 24 and len(srv.messages) == 24
+        arrivals = sorted(m.received_at for m in srv.messages)
+        before = sessions.max_before(arrivals[2])
+        print(f"first verdict at 80 ms: {before} session(s) until the third message, {sessions.max} at most, "
+              f"{sessions.total} in all")
+        assert before == 1              # the first verdict spread nothing: the next chunk, one connection
+        assert 2 <= sessions.max <= 6   # the second verdict spread the lane, within its limit
     finally:
         srv.stop()
 
