@@ -230,7 +230,7 @@ def spread(lag: float, latency: float, first: bool = False) -> bool:
     """May a run's verdict ask for more connections to its lane (``Store.finish``'s ``spread``)?
 
     ``first``: the verdict is the lane's first (its latency was unknown, so
-    the chunk was ``UNKNOWN_CHUNK`` message).  One message timed in a start-up
+    its chunk was ``UNKNOWN_CHUNK``, one message).  One message timed in a start-up
     is not enough to spread on unless it is slow beyond doubt
     (``SPECULATE_AFTER``, the time after which the watch would have opened the
     window anyway): 50 new lanes started at once on 2 busy cores timed their
