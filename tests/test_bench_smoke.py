@@ -138,6 +138,8 @@ def test_stage_ran_and_is_exactly_once(bench, stage):
     assert sinks["unique_ids"] == n
     assert (sinks["duplicates"], sinks["missing"], sinks["unexpected"]) == (0, 0, 0)
     assert sinks["exactly_once"] is True
+    # smtp-sink's session counter: every sink took its readiness check and at least one delivery session.
+    assert sinks["sessions"] >= 2 * sinks["sinks"]
     # The messages are the requested size (plus smtp-sink's own few header lines).
     assert 2048 <= sinks["bytes_per_record"] <= 2048 + 800
     assert st["messages"] == n
@@ -325,6 +327,10 @@ def test_loopback_stages_ran_in_rounds_in_turn(bench):
         rates = [r["msgs_per_sec"] for r in st["rounds"]]
         assert st["msgs_per_sec"] == min(rates) and st["rounds"][st["round"] - 1]["msgs_per_sec"] == min(rates)
         assert st["sinks"]["exactly_once"] is True
+        # Each round keeps the figures that explain its rate: sessions at the sinks, Redis commands, tasks.
+        chosen = st["rounds"][st["round"] - 1]
+        assert chosen["sessions"] == st["sinks"]["sessions"] and chosen["redis_commands"] == st["redis"]["commands_total"]
+        assert chosen["tasks"] == st["redis"]["tasks"]
     assert "(median of 2 rounds: " in text
 
 

@@ -349,6 +349,9 @@ def run_rounds(keys: list[str], rounds: int, ctx: stages.Context, say) -> dict:
         summary = [{"round": i + 1, "status": res["status"], "msgs_per_sec": res.get("msgs_per_sec"),
                     "seconds": res.get("seconds"), "submit_seconds": res.get("submit_seconds"),
                     "first_arrival_s": (res.get("timeline") or {}).get("first_arrival_s"),
+                    "sessions": (res.get("sinks") or {}).get("sessions"),
+                    "redis_commands": (res.get("redis") or {}).get("commands_total"),
+                    "tasks": (res.get("redis") or {}).get("tasks"),
                     "harness_cpu_seconds": res.get("harness_cpu_seconds")} for i, res in enumerate(results)]
         failed = [res for res in results if res["status"] != "ok"]
         if failed:

@@ -49,7 +49,9 @@ The JSON result (``--json PATH``, default ``var/bench/result.json``)::
                        began), seconds_from_first_submission and msgs_per_sec_from_first_submission
     latency_ms         {p50, p99, max, samples, resolution_ms}: X-Bench-Submitted -> accepted by
                        the sink (null for the limit stage: smtp-source's messages carry no stamp)
-    sinks              {records (dumped), smtp_sink_counter (smtp-sink -c), unique_ids, duplicates,
+    sinks              {records (dumped), smtp_sink_counter (smtp-sink -c mesg=), sessions (the
+                        connections the sinks accepted, each sink's readiness check among them:
+                        smtp-sink -c sess=, which counts ended ones, plus those still open), unique_ids, duplicates,
                         missing, unexpected, exactly_once, bytes_per_record, sinks}
     dns_queries        queries the sandbox DNS server answered during the stage
     redis              {commands_total, commands_per_message, top_commands,
@@ -63,7 +65,8 @@ The JSON result (``--json PATH``, default ``var/bench/result.json``)::
                        seconds of each worker process that used any, busiest first
     notes              how the stage was run; any disagreement found
     rounds, round      (stages run in rounds) every round's {round, status, msgs_per_sec, seconds,
-                       submit_seconds, first_arrival_s, harness_cpu_seconds}; the rest of the
+                       submit_seconds, first_arrival_s, sessions, redis_commands (commands_total),
+                       tasks, harness_cpu_seconds}; the rest of the
                        stage's fields are those of its round of median msg/s, number ``round``
     dns                {max_per_name_type, name_types, repeated: {"name TYPE": count > 1}} from the
                        sandbox DNS server's per-(name, type) counters over the stage

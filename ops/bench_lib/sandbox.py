@@ -573,14 +573,15 @@ class SinkFarm:
 
     def counter_total(self) -> int:
         """Sum of smtp-sink's own ``mesg=`` counters (each sink's last line)."""
-        total = 0
-        for sink in self.sinks:
-            total += last_counter(sink.counters)
-        return total
+        return sum(last_counter(sink.counters) for sink in self.sinks)
+
+    def sessions_total(self) -> int:
+        """Sum of smtp-sink's own ``sess=`` counters: the sessions that have ended (counted at disconnect)."""
+        return sum(last_counter(sink.counters, "sess") for sink in self.sinks)
 
 
-def last_counter(path: Path) -> int:
-    """The last ``mesg=N`` value smtp-sink -c wrote to ``path`` (0 if none yet)."""
+def last_counter(path: Path, name: str = "mesg") -> int:
+    """The last ``NAME=N`` value (``mesg``, ``sess``, ``quit``) smtp-sink -c wrote to ``path`` (0 if none yet)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -589,7 +590,7 @@ def last_counter(path: Path) -> int:
             tail = f.read()
     except FileNotFoundError:
         return 0
-    found = re.findall(rb"mesg=(\d+)", tail)
+    found = re.findall(rb"\b" + name.encode() + rb"=(\d+)", tail)
     return int(found[-1]) if found else 0
 
 

@@ -49,7 +49,7 @@ STEADY_FIELDS = ("rate_target", "rate_achieved", "late_submissions", "max_lag_ms
 BACKLOG_FIELDS = ("messages", "batch", "content_bytes", "submit_seconds", "redis_used_memory_baseline",
                   "redis_used_memory_queued", "redis_used_memory_drained", "redis_memory_per_content_byte",
                   "redis_bytes_per_message", "drain_seconds", "drain_msgs_per_sec", "rss")
-SINK_FIELDS = ("records", "smtp_sink_counter", "unique_ids", "duplicates", "missing", "unexpected",
+SINK_FIELDS = ("records", "smtp_sink_counter", "sessions", "unique_ids", "duplicates", "missing", "unexpected",
                "exactly_once", "bytes_per_record", "sinks")
 REDIS_FIELDS = ("commands_total", "commands_per_message", "top_commands", "memory_per_queued_message",
                 "memory_probe_messages", "tasks", "tasks_per_message")
@@ -249,6 +249,8 @@ class Measure:
         time.sleep(self.ctx.settle)
         dns_stats = self.ctx.dns.stats()
         dns_queries = dns_stats["total"]
+        # Sessions the sinks accepted: smtp-sink's -c counts a session when it ends, so add those still open.
+        sessions = self.farm.sessions_total() + sandbox.established(25)
         self.farm.stop()
         tally = self.monitor.finish()
         self.tally = tally
@@ -283,6 +285,7 @@ class Measure:
             sinks={
                 "records": tally["records"],
                 "smtp_sink_counter": counter,
+                "sessions": sessions,
                 "unique_ids": len(seen),
                 "duplicates": tally["duplicates"],
                 "missing": missing,
