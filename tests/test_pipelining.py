@@ -472,3 +472,33 @@ def test_a_run_interrupted_while_a_message_is_held_never_completes_it(serve, mon
         deliver_domain(d, [env(f"a@{d}"), env(f"b@{d}")], settings=settings, resolver=resolver,
                        host_status=MemoryHostStatus())
     assert srv.messages == [] and srv.stats["mail"] == 1       # DATA was answered 354, the text never came
+
+
+def test_reply_unread_tells_a_reply_waiting_in_the_socket_from_a_server_still_silent(raw):
+    """``SMTPSession.reply_unread``: what the speculation watch asks of a slow first transaction.
+
+    True only while the server has sent bytes the session has not read: then the wait is the
+    client's (a busy process not yet back to read them), not the server's."""
+    from tests.fixtures_infra import wait_until
+
+    speak, done = threading.Event(), threading.Event()
+
+    def script(c):
+        c.greet(pipelining=False)
+        speak.wait(10)                   # silent until the test says so
+        c.send("421 4.4.2 raw.test closing: idle too long")
+        done.wait(10)
+
+    srv = raw("127.0.31.36", script)
+    s = session(srv.host)
+    try:
+        s.connect()
+        assert not s.reply_unread        # the handshake's replies are all read; the server is silent
+        speak.set()
+        wait_until(lambda: s.reply_unread, 5, "the server's line in the socket, unread")
+        assert not s.reusable            # (the same poll: something unasked came)
+    finally:
+        done.set()
+        s.abort()
+    assert not s.reply_unread            # not connected
+    srv.check()

@@ -356,6 +356,40 @@ def test_speculation_counts_the_servers_wait_not_the_set_up():
         over.set()
 
 
+def test_speculation_waits_while_the_servers_reply_is_already_in():
+    # A worker starting 100 instant destinations at once on 2 busy cores timed first transactions
+    # past SPECULATE_AFTER with the sinks' replies sitting unread in the sockets, and speculation
+    # opened 4 more connections for 66 of them (the bench's loopback stage, 2026-12-05).  A reply
+    # already in (SMTPSession.reply_unread, tested on a real socket in test_pipelining) means the
+    # wait is the process's: no speculation until the server is the one silent.
+    from types import SimpleNamespace
+
+    from mxq.tasks import graph, qmgr
+    from mxq.workers.delivery import RunStats
+
+    called = threading.Event()
+
+    class Lane:
+        speculated = False
+
+        def speculate(self, window, waited):
+            called.set()
+            return True
+
+    conn = object.__new__(graph._Connection)
+    conn.latency, conn.probe, conn.lane = None, False, Lane()
+    conn.rt, conn.grant = SimpleNamespace(local_spawn=True), SimpleNamespace(window=5)
+    session = SimpleNamespace(reply_unread=True)
+    stats = RunStats(connects=1, session=session)
+    over = conn.watch(stats)
+    try:
+        assert not called.wait(4 * qmgr.SPECULATE_AFTER)        # answered, not read yet: not the server
+        session.reply_unread = False                             # now the server is the one silent
+        assert called.wait(10)
+    finally:
+        over.set()
+
+
 # ====================================================================== across real workers
 @pytest.fixture(scope="module")
 def zones(dns_server):

@@ -218,7 +218,9 @@ class RunStats:
     run's duration, ``setup_seconds`` the part of it spent in DNS lookups and
     opening connections.  A run with no transaction and only connect failures
     is what Postfix calls a failed delivery for its destination concurrency
-    (negative feedback).
+    (negative feedback).  ``session``: while the run holds a connection, its
+    ``SMTPSession`` (None otherwise), for a watcher in another thread to ask
+    ``reply_unread`` -- whether a reply it waits for is already in.
     """
 
     connects: int = 0
@@ -228,6 +230,7 @@ class RunStats:
     dns_transient: bool = False
     seconds: float = 0.0
     setup_seconds: float = 0.0
+    session: SMTPSession | None = field(default=None, repr=False, compare=False)
 
     @property
     def failed(self) -> bool:
@@ -710,6 +713,7 @@ class _Run:
                     else:
                         self.stats.reused += 1
                     self.current = cached
+                    self.stats.session = cached.session
                     for job in self.jobs:
                         if not job.stop and job.pending():
                             self.deliver_job(route, job, conn)
@@ -742,6 +746,7 @@ class _Run:
                 current.session.abort()
             raise
         finally:
+            self.stats.session = None
             current, self.current = self.current, None
             if current is not None:
                 if done and self.cache is not None and current.session.reusable:
@@ -804,6 +809,7 @@ class _Run:
         self.confirm(current.session, route)
         self.drop_current()
         self.current = self.open(route, current.key)
+        self.stats.session = self.current.session
 
     def connect(self, session: SMTPSession, route: _Route) -> SMTPSession:
         """``session.connect()`` with the exchange's TLS accounting; returns the session to use.

@@ -1595,15 +1595,24 @@ class SMTPSession:
         if not self.connected or self._in_mail or self._stuffer is not None or self._final_unread \
                 or self._out or self._held:
             return False
-        sock = self._smtp.sock
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return False
-        try:
-            poller = select.poll()          # not select(): descriptors above 1023 are common here
-            poller.register(sock, select.POLLIN | select.POLLPRI)
-            return not poller.poll(0)
-        except (OSError, ValueError):
-            return False
+        readable = _readable(self._smtp.sock)
+        return readable is False
+
+    @property
+    def reply_unread(self) -> bool:
+        """True when the server has sent bytes the session has not read yet: the wait for a reply
+        under way is the caller's process being late, not the server.
+
+        Bytes in TLS's buffer or the socket's (one ``poll``); the part of a
+        line the session has read already is the server's wait for the
+        rest.  The queue manager's speculation watch asks it of a connection
+        whose first transaction seems slow: a process starting a hundred
+        destinations at once reads replies that have long arrived only when
+        its turn comes.  False when not connected.
+        """
+        smtp = self._smtp                   # (asked from another thread: read once)
+        sock = smtp.sock if smtp is not None else None
+        return sock is not None and _readable(sock) is True
 
     def noop(self) -> Reply:
         """NOOP: check that the connection is still alive."""
@@ -1652,6 +1661,19 @@ class SMTPSession:
     def __repr__(self) -> str:
         state = "connected" if self.connected else "closed"
         return f"<SMTPSession {self.where} tls={self.tls} {state}>"
+
+
+def _readable(sock) -> bool | None:
+    """Has the peer sent something not read yet (TLS's buffer, or the socket's: one ``poll(0)``)?
+    None when the socket cannot be asked (closed)."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    try:
+        poller = select.poll()          # not select(): descriptors above 1023 are common here
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return None
 
 
 def _size_of(content) -> int | None:
