@@ -272,12 +272,15 @@ def _dead_mxq_run(ctx: Context, stage: str, *, with_dead: bool, check: bool = Tr
 
 
 def _summary(res: dict, healthy: int, with_dead: bool) -> dict:
-    """One run's figures for the pairs: healthy msg/s, worker CPU per healthy message, stuck connections."""
+    """One run's figures for the pairs: healthy msg/s, worker CPU per healthy message, the Redis
+    commands, Celery tasks and sink sessions until the healthy mail was in, stuck connections."""
     cpu = res.get("harness_cpu_seconds") or {}
     workers = cpu.get("mxq_workers")
     out = {"msgs_per_sec": res["msgs_per_sec"], "seconds": res["seconds"], "worker_cpu_s": workers,
            "worker_cpu_ms_per_msg": round(workers * 1000 / healthy, 3) if workers is not None else None,
            "redis_cpu_s": cpu.get("redis"), "exactly_once": res["sinks"]["exactly_once"],
+           "redis_commands": (res.get("redis") or {}).get("commands_total"),
+           "tasks": (res.get("redis") or {}).get("tasks"), "sessions": res["sinks"].get("sessions"),
            "load1": round(os.getloadavg()[0], 2),
            "timeline": {k: v for k, v in (res.get("timeline") or {}).items() if k != "per_second"}}
     if with_dead:

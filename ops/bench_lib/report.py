@@ -57,7 +57,7 @@ The JSON result (``--json PATH``, default ``var/bench/result.json``)::
     redis              {commands_total, commands_per_message, top_commands,
                         memory_per_queued_message (bytes), memory_probe_messages, tasks,
                         tasks_per_message} (Celery stages; tasks -- {task name: count}, the Celery
-                        tasks the workers ran, from their logs -- in the mxq and mxq_django stages, else null)
+                        tasks the workers ran, from their logs -- in the stages of mxq workers, else null)
     workers            [{pid, cmd, peak_rss_kb}] (VmHWM of each worker / Postfix process)
     harness_cpu_seconds {dns_server, sinks, monitor, submitting_process} CPU used meanwhile; mxq,
                        mxq_django and the slow, dead and inflight stages' mxq runs add mxq_workers
@@ -101,7 +101,8 @@ The JSON result (``--json PATH``, default ``var/bench/result.json``)::
                        {without, with}, cpu_ratio_median, connecting_peak_max, pairs_wrong (pairs
                        whose dead-domain mail was lost or final)}
                        RUN: {msgs_per_sec, seconds, worker_cpu_s, worker_cpu_ms_per_msg (per healthy
-                       message), redis_cpu_s, exactly_once, load1, timeline (the stage's, without
+                       message), redis_cpu_s, redis_commands, tasks, sessions (until the healthy
+                       mail was in), exactly_once, load1, timeline (the stage's, without
                        per_second); with the dead domains also
                        connecting_peak, syns_dropped, lost, final}
     inflight           (inflight_mxq) {deliveries, domains, delay_s, interval_s, samples,

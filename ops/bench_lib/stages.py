@@ -912,6 +912,7 @@ def mxq_deliver(ctx: Context, stage: str, submit: list[Spec], counted: list[Spec
             raise
         cpu = _cpu_since(cpu0, _mxq_cpu(procs, r))
         redis_res = redis_fields(r, count, None, None)
+        redis_res.update(task_fields(procs, count))
         extra = after(procs, ids) if after is not None else None
         workers = _mxq_workers(procs)
         res = meas.finish({i for s in counted for i in s.ids()})
