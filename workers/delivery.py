@@ -365,7 +365,7 @@ class _Run:
         self.on_done = on_done
         self.stats = stats if stats is not None else RunStats()
         self.ignore_down = ignore_down
-        self.current: Connection | None = None    # the connection in use
+        self.current = None                         # the connection in use (also stats.session)
         self.observers = observers
         self.source_pool = source_pool
         self.mta_sts = mta_sts
@@ -713,7 +713,6 @@ class _Run:
                     else:
                         self.stats.reused += 1
                     self.current = cached
-                    self.stats.session = cached.session
                     for job in self.jobs:
                         if not job.stop and job.pending():
                             self.deliver_job(route, job, conn)
@@ -746,13 +745,22 @@ class _Run:
                 current.session.abort()
             raise
         finally:
-            self.stats.session = None
             current, self.current = self.current, None
             if current is not None:
                 if done and self.cache is not None and current.session.reusable:
                     self.cache.give(current)
                 else:
                     current.session.disconnect()
+
+    @property
+    def current(self) -> Connection | None:
+        """The connection in use; ``stats.session`` follows it (for the queue manager's watch)."""
+        return self._current
+
+    @current.setter
+    def current(self, conn: Connection | None) -> None:
+        self._current = conn
+        self.stats.session = conn.session if conn is not None else None
 
     def replied_on(self, conn: int) -> bool:
         """True when some recipient got a server reply on connection ``conn`` (see ``_Rcpt.tried_on``)."""
@@ -809,7 +817,6 @@ class _Run:
         self.confirm(current.session, route)
         self.drop_current()
         self.current = self.open(route, current.key)
-        self.stats.session = self.current.session
 
     def connect(self, session: SMTPSession, route: _Route) -> SMTPSession:
         """``session.connect()`` with the exchange's TLS accounting; returns the session to use.

@@ -1595,8 +1595,7 @@ class SMTPSession:
         if not self.connected or self._in_mail or self._stuffer is not None or self._final_unread \
                 or self._out or self._held:
             return False
-        readable = _readable(self._smtp.sock)
-        return readable is False
+        return _readable(self._smtp.sock) is False
 
     @property
     def reply_unread(self) -> bool:
