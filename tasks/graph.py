@@ -664,43 +664,38 @@ class _Lane:
                 self.rt.local_active -= k - started
         return started
 
-    def speculate(self, window: int, waited: float) -> bool:
-        """A first chunk of a lane of unknown latency is still waiting for its server: open the window now.
+    def speculate(self, window: int) -> None:
+        """A first chunk of a lane of unknown latency waits on a silent server: open the window now.
 
         Postfix opens a destination's initial concurrency at once; mxq learns
         a lane's seconds per message from its first delivery, and spreads its
-        mail when that is in (``qmgr``).  A destination that has not answered
-        within ``qmgr.SPECULATE_AFTER`` is slow (an instant one is done by
-        then): the lane gets up to its window of connections here without
-        waiting for the verdict, so the first second of a slow destination is
-        not spent on one connection.  Each takes its slot through the same
-        acquire (the window holds fleet-wide); once per task.  A busy process
-        waits until the chunk has ``waited`` ``qmgr.SLOW_VS_LAG`` times its
-        lag (as ``qmgr.spread``).  Returns whether it is done (spawned, or
-        nothing to do): False asks to be called again later.
+        mail when that is in (``qmgr``).  A destination that has owed the
+        first chunk a reply for ``qmgr.SPECULATE_SILENCE`` is slow (an instant
+        one answers within milliseconds): the lane gets up to its window of
+        connections here without waiting for the verdict, so the first
+        second of a slow destination is not spent on one connection.  Each
+        takes its slot through the same acquire (the window holds
+        fleet-wide); once per task, whatever this process's lag (the silence
+        is the server's, ``_Connection.watch``).
         """
         if self.speculated:
-            return True
-        if not self.rt.local_spawn or time.monotonic() >= self.deadline:
-            self.speculated = True
-            return True
-        if not qmgr.spread(self.rt.lag, waited):
-            return False
+            return
         self.speculated = True
+        if not self.rt.local_spawn or time.monotonic() >= self.deadline:
+            return
         try:
             ready = self.rt.store.ready_count(self.domain)
         except Exception as e:  # noqa: BLE001 -- an optimisation: the verdict's dispatch spreads anyway
             log.warning("deliver %s: reading the ready mail failed: %s", self.domain, e)
-            return True
+            return
         want = min(ready, max(0, window - self.local))
         if want > 0:
-            # qmgr.spread has judged the lane slow even for this process's lag: the connections
-            # are opened whatever the lag now (spawn's busy rule refused them in a process
-            # starting hundreds of destinations at once -- its lag is high exactly then -- and
-            # the lane stayed on one connection until its first verdict: 599-800 of 1,000
-            # deliveries in flight in the bench's inflight stage).
+            # The server is slow whatever this process's lag: the connections are opened even in a
+            # busy process (spawn's busy rule refused them in a process starting hundreds of
+            # destinations at once -- its lag is high exactly then -- and the lane stayed on one
+            # connection until its first verdict: 599-800 of 1,000 deliveries in flight in the
+            # bench's inflight stage).
             self.spawn(want, force=True)
-        return True
 
     def extra(self) -> None:
         """One more connection of the lane (a thread: a greenlet under gevent), as a published task would."""
@@ -912,42 +907,39 @@ class _Connection:
         return status, stats
 
     def watch(self, stats: RunStats) -> threading.Event | None:
-        """While this chunk waits for a lane of unknown latency, ``_Lane.speculate`` after ``SPECULATE_AFTER``.
+        """While this chunk of a lane of unknown latency runs, ``_Lane.speculate`` once its server is silent.
 
-        The wait counted is the server's: from the moment the run has a
-        connection (``stats``, which the engine fills in as it goes: a
-        connection opened or taken from the cache), less the run's set-up
-        (DNS, the MTA-STS policy, the handshake).  A new destination's set-up
-        in a busy process takes longer than ``SPECULATE_AFTER`` by itself
-        (0.3-1 s measured in the bench's loopback stage, 100 new domains at
-        once), and counting it opened the window of every instant destination
-        at once; a connection that never completes (a dead exchange) opens
-        nothing either.  Returns the event that stops the watch (set it when
-        the chunk is over), or None when there is nothing to watch.
-
-        Nor is a wait whose reply is already in (``SMTPSession.reply_unread``
-        of the run's connection): the server has answered, and the run has
-        not had its turn to read it.  A worker starting 100 instant
-        destinations at once on 2 busy cores had its first transactions
-        wait 0.25 s that way, and speculation opened 4 more connections for
-        66 of them (the bench's loopback stage, 2026-12-05).
+        What counts is the server's silence on what it was sent last
+        (``SMTPSession.silence`` of the run's connection, ``stats.session``,
+        which the engine fills in as it goes): from the moment the read of
+        the reply began, only while none of it has arrived, past
+        ``qmgr.SPECULATE_SILENCE``.  The run's set-up (DNS, the MTA-STS
+        policy, the handshake) does not count: a new destination's took 0.3-1
+        s by itself in a busy process (the bench's loopback stage, 100 new
+        domains at once), and counting it opened the window of every instant
+        destination.  Nor does this process's delay in reading a reply that is
+        in (a worker starting 100 instant destinations at once on 2 busy cores
+        had its first transactions wait 0.25 s that way), nor in sending its
+        next command: an instant server is never silent for long however busy
+        the worker is, so no allowance for the process's lag is needed.
+        Before (until 2026-12-05) the watch counted the chunk's time since it
+        connected, less its set-up, and a busy process waited for ten times
+        its lag: in the bench's slow stage the worker starting 50 new
+        destinations was that busy, and most lanes got their window only with
+        their first verdict, a whole round trip (1 s) later.  Returns the
+        event that stops the watch (set it when the chunk is over), or None
+        when there is nothing to watch.
         """
         if self.latency is not None or self.probe or self.lane.speculated or not self.rt.local_spawn:
             return None
         over = threading.Event()
-        lane, window, started = self.lane, self.grant.window, time.monotonic()
+        lane, window = self.lane, self.grant.window
 
         def run():
-            while not over.wait(qmgr.SPECULATE_AFTER / 5):
-                if not (stats.connects or stats.reused):
-                    continue                # still setting up: nothing the server could be slow at yet
-                waited = time.monotonic() - started - stats.setup_seconds
-                if waited < qmgr.SPECULATE_AFTER:
-                    continue
+            while not over.wait(qmgr.SPECULATE_SILENCE / 5):
                 session = stats.session
-                if session is not None and session.reply_unread:
-                    continue                # answered: the wait is this process's, not the server's
-                if lane.speculate(window, waited):
+                if session is not None and session.silence >= qmgr.SPECULATE_SILENCE:
+                    lane.speculate(window)
                     return
 
         threading.Thread(target=run, name="mxq-speculate", daemon=True).start()

@@ -95,9 +95,13 @@ RECORD_AFTER = 0.25
 #: A chunk taking this many times the time it was sized for hands its unsent messages back
 #: (``overdue_after``).
 OVERDUE_FACTOR = 4.0
-#: A lane's first chunk (latency unknown) still waiting after this many seconds: the lane is slow,
-#: and gets its window of connections at once (``mxq.tasks.graph._Lane.speculate``).
-SPECULATE_AFTER = 0.25
+#: A lane's first verdict (one message, its latency unknown before) at this many seconds a message or
+#: more spreads the lane at once; a faster one waits for its next chunk's to confirm it (``spread``).
+FIRST_VERDICT_SLOW = 0.25
+#: A lane's first chunk (latency unknown) whose server has owed it a reply this long with none of it
+#: in (``SMTPSession.silence``): the lane is slow, and gets its window of connections at once
+#: (``mxq.tasks.graph._Lane.speculate``).
+SPECULATE_SILENCE = 0.15
 
 
 def smooth(old: float | None, sample: float, n: int = 1) -> float:
@@ -232,8 +236,7 @@ def spread(lag: float, latency: float, first: bool = False) -> bool:
     ``first``: the verdict is the lane's first (its latency was unknown, so
     its chunk was ``UNKNOWN_CHUNK``, one message).  One message timed in a start-up
     is not enough to spread on unless it is slow beyond doubt
-    (``SPECULATE_AFTER``, the time after which the watch would have opened the
-    window anyway): 50 new lanes started at once on 2 busy cores timed their
+    (``FIRST_VERDICT_SLOW``): 50 new lanes started at once on 2 busy cores timed their
     first message at 52-102 ms, past ``FAST_LATENCY``, and each such lane
     asked for 4-5 connections for its 39 messages, where one does (the bench's
     dead stage, 2026-12-05).  Its next chunk, sized for that latency, confirms
@@ -248,7 +251,7 @@ def spread(lag: float, latency: float, first: bool = False) -> bool:
     taking a second at the dot is slow whatever the machine does (at load
     6-17 the lag stays at 30-80 ms).
     """
-    if first and (latency or 0.0) < SPECULATE_AFTER:
+    if first and (latency or 0.0) < FIRST_VERDICT_SLOW:
         return False
     return lag < MAX_LAG or (latency or 0.0) >= SLOW_VS_LAG * lag
 

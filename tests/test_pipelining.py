@@ -502,3 +502,39 @@ def test_reply_unread_tells_a_reply_waiting_in_the_socket_from_a_server_still_si
         s.abort()
     assert not s.reply_unread            # not connected
     srv.check()
+
+
+def test_silence_counts_how_long_the_server_has_owed_a_reply(raw):
+    """``SMTPSession.silence``: what the speculation watch asks of a lane's first transaction.
+
+    Zero while nothing is asked; while the server sits on a command it grows from the moment the
+    read of the reply began; zero again once the reply is in."""
+    from tests.fixtures_infra import wait_until
+
+    hold, done = threading.Event(), threading.Event()
+
+    def script(c):
+        c.greet(pipelining=False)
+        assert (c.line(10) or "").upper() == "NOOP"
+        hold.wait(10)                    # silent on the NOOP until the test says so
+        c.send("250 2.0.0 ok")
+        done.wait(10)
+
+    srv = raw("127.0.31.37", script)
+    s = session(srv.host)
+    try:
+        s.connect()
+        assert s.silence == 0.0          # nothing asked: nothing owed
+        replies = []
+        asking = threading.Thread(target=lambda: replies.append(s.noop()))
+        asking.start()
+        wait_until(lambda: s.silence >= 0.2, 5, "the server silent on NOOP for 0.2 s")
+        hold.set()
+        asking.join(5)
+        assert replies and replies[0].code == 250
+        assert s.silence == 0.0          # answered: nothing owed
+    finally:
+        done.set()
+        s.abort()
+    srv.check()
+

@@ -219,18 +219,18 @@ def test_dispatch_spreads_slow_mail_over_the_window_and_fast_mail_over_few_conne
 def test_a_lanes_first_verdict_spreads_only_when_slow_beyond_doubt():
     from mxq.tasks import qmgr
 
-    between = (qmgr.FAST_LATENCY + qmgr.SPECULATE_AFTER) / 2
+    between = (qmgr.FAST_LATENCY + qmgr.FIRST_VERDICT_SLOW) / 2
     assert qmgr.spread(0.0, between)                                   # a later verdict: spread
     assert not qmgr.spread(0.0, between, first=True)                   # one message: confirm first
-    assert qmgr.spread(0.0, qmgr.SPECULATE_AFTER, first=True)          # slow beyond doubt: spread
-    assert not qmgr.spread(1.0, qmgr.SPECULATE_AFTER, first=True)      # ... unless the process is late
+    assert qmgr.spread(0.0, qmgr.FIRST_VERDICT_SLOW, first=True)       # slow beyond doubt: spread
+    assert not qmgr.spread(1.0, qmgr.FIRST_VERDICT_SLOW, first=True)   # ... unless the process is late
     assert not qmgr.spread(10 * qmgr.MAX_LAG, between)                 # a late process: not on a fast lane
 
 
 def test_speculation_opens_the_window_even_in_a_busy_process(monkeypatch):
     # A worker starting hundreds of new destinations at once is late to wake (its lag above
-    # qmgr.MAX_LAG) exactly when their first chunks wait: speculation, which has judged the lane
-    # slow by qmgr.spread (waited >= SLOW_VS_LAG x lag), still opens the window (before: spawn's
+    # qmgr.MAX_LAG) exactly when their first chunks wait: speculation, called when the server has
+    # been silent (graph._Connection.watch), still opens the window, and once (before: spawn's
     # busy rule refused, and each lane stayed on one connection until its first verdict).
     from mxq.tasks import graph, qmgr
 
@@ -258,8 +258,8 @@ def test_speculation_opens_the_window_even_in_a_busy_process(monkeypatch):
     lane.local = 1                                      # the first connection, waiting on its chunk
     assert rt.busy()
     assert lane.spawn(4) == 0                           # a busy process spreads nothing on a verdict
-    assert lane.speculate(5, waited=0.01) is False      # not slow beyond doubt yet: asked again later
-    assert lane.speculate(5, waited=10 * rt.lag) is True
+    lane.speculate(5)
+    lane.speculate(5)                                   # once per task
     for t in lane.threads:
         t.join(5)
     assert opened == ["busy.rt.test"] * 4               # the window of 5: four more connections
@@ -318,76 +318,50 @@ def test_a_connection_waiting_for_room_gives_up_when_told_and_lets_the_next_go()
     assert got == {"big": 0, "small": 2} and b.held == 4 and not b._waiters
 
 
-def test_speculation_counts_the_servers_wait_not_the_set_up():
-    # A new destination's set-up (MX and address lookups, the MTA-STS policy, the handshake) in a
-    # worker starting 100 destinations at once took 0.3-1 s by itself (the bench's loopback stage):
-    # counted as the server's silence it opened the window of every instant destination (before:
-    # speculate after SPECULATE_AFTER from the chunk's start, connection or not).
+def test_speculation_follows_the_servers_silence_not_the_chunks_time():
+    # The watch asks the run's connection how long its server has owed a reply
+    # (SMTPSession.silence, tested on a real socket in test_pipelining: it leaves out this
+    # process's delays, a reply already in included).  Before: the chunk's time since it
+    # connected, less its set-up, and for a busy process ten times its lag: in the bench's slow
+    # stage most lanes got their window only with their first verdict, 1 s later.  A new
+    # destination's set-up (no connection yet) opens nothing however long it takes (0.3-1 s in a
+    # worker starting 100 destinations at once).
     from types import SimpleNamespace
 
     from mxq.tasks import graph, qmgr
     from mxq.workers.delivery import RunStats
 
-    waits: list[float] = []
+    windows: list[int] = []
     called = threading.Event()
 
     class Lane:
         speculated = False
 
-        def speculate(self, window, waited):
-            waits.append(waited)
+        def speculate(self, window):
+            windows.append(window)
             called.set()
-            return True
 
     conn = object.__new__(graph._Connection)
     conn.latency, conn.probe, conn.lane = None, False, Lane()
     conn.rt, conn.grant = SimpleNamespace(local_spawn=True), SimpleNamespace(window=5)
     stats = RunStats()
-    began = time.monotonic()
     over = conn.watch(stats)
     try:
-        assert not called.wait(3 * qmgr.SPECULATE_AFTER)        # still setting up: no connection yet
-        stats.setup_seconds = time.monotonic() - began           # the engine: set-up over, connected
-        stats.connects = 1
-        connected = time.monotonic()
-        assert called.wait(10)                                    # the server's silence: the window opens
-        assert waits[0] >= qmgr.SPECULATE_AFTER and time.monotonic() - connected >= qmgr.SPECULATE_AFTER
-    finally:
-        over.set()
-
-
-def test_speculation_waits_while_the_servers_reply_is_already_in():
-    # A worker starting 100 instant destinations at once on 2 busy cores timed first transactions
-    # past SPECULATE_AFTER with the sinks' replies sitting unread in the sockets, and speculation
-    # opened 4 more connections for 66 of them (the bench's loopback stage, 2026-12-05).  A reply
-    # already in (SMTPSession.reply_unread, tested on a real socket in test_pipelining) means the
-    # wait is the process's: no speculation until the server is the one silent.
-    from types import SimpleNamespace
-
-    from mxq.tasks import graph, qmgr
-    from mxq.workers.delivery import RunStats
-
-    called = threading.Event()
-
-    class Lane:
-        speculated = False
-
-        def speculate(self, window, waited):
-            called.set()
-            return True
-
-    conn = object.__new__(graph._Connection)
-    conn.latency, conn.probe, conn.lane = None, False, Lane()
-    conn.rt, conn.grant = SimpleNamespace(local_spawn=True), SimpleNamespace(window=5)
-    session = SimpleNamespace(reply_unread=True)
-    stats = RunStats(connects=1, session=session)
-    over = conn.watch(stats)
-    try:
-        assert not called.wait(4 * qmgr.SPECULATE_AFTER)        # answered, not read yet: not the server
-        session.reply_unread = False                             # now the server is the one silent
+        assert not called.wait(4 * qmgr.SPECULATE_SILENCE)       # still setting up: no connection yet
+        session = SimpleNamespace(silence=qmgr.SPECULATE_SILENCE / 2)
+        stats.session = session                                    # connected; the server answering
+        assert not called.wait(4 * qmgr.SPECULATE_SILENCE)
+        session.silence = qmgr.SPECULATE_SILENCE                   # the server sits on what it was sent
         assert called.wait(10)
+        assert windows == [5]
     finally:
         over.set()
+    lane = Lane()
+    lane.speculated = True
+    conn.lane = lane
+    assert conn.watch(stats) is None                               # once per task
+    conn.lane, conn.latency = Lane(), 0.5
+    assert conn.watch(stats) is None                               # latency known: nothing to speculate on
 
 
 # ====================================================================== across real workers
@@ -448,7 +422,7 @@ def test_slow_start_from_the_initial_window(pipeline, zones):
 
 def test_a_slow_destination_gets_its_initial_window_before_its_first_verdict(pipeline, zones):
     # Postfix opens a destination's initial concurrency at once.  mxq learns a destination's speed
-    # from its first delivery; one that has not answered within qmgr.SPECULATE_AFTER is slow, and
+    # from its first delivery; one that has owed it a reply for qmgr.SPECULATE_SILENCE is slow, and
     # its mail is spread over the initial window without waiting for that first verdict.
     sessions = Concurrency()
     srv = server(12, "mx.spec.rt.test", sessions, delays={"data_final": 2.0}, keep_content=False)
@@ -471,7 +445,7 @@ def test_a_slow_destination_gets_its_initial_window_before_its_first_verdict(pip
 
 def test_a_first_verdict_from_one_message_is_confirmed_before_the_lane_spreads(pipeline, zones):
     # A new destination's first chunk is one message (qmgr.UNKNOWN_CHUNK).  Timed under
-    # qmgr.SPECULATE_AFTER, that one sample does not spread the lane (qmgr.spread's ``first``): in a
+    # qmgr.FIRST_VERDICT_SLOW, that one sample does not spread the lane (qmgr.spread's ``first``): in a
     # busy start-up it is as often the process's delays as the server's.  The connection goes on
     # with a chunk sized for it, and that chunk's verdict spreads the lane when the destination is
     # really that slow (here 80 ms at the final dot: past qmgr.FAST_LATENCY, so it does).

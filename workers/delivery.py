@@ -220,7 +220,7 @@ class RunStats:
     is what Postfix calls a failed delivery for its destination concurrency
     (negative feedback).  ``session``: while the run holds a connection, its
     ``SMTPSession`` (None otherwise), for a watcher in another thread to ask
-    ``reply_unread`` -- whether a reply it waits for is already in.
+    its ``silence`` -- how long the server has owed it a reply.
     """
 
     connects: int = 0

@@ -456,6 +456,7 @@ class SMTPSession:
         self.use_pipelining = pipelining
         self._observers: tuple = tuple(observers)
         self._parsed: tuple | None = None     # (raw text, Reply) of the last reply read, when observers parsed it
+        self._awaiting: float | None = None   # monotonic time a reply read began, while it waits (``silence``)
 
         self.greeting: Reply | None = None
         self.helo_reply: Reply | None = None
@@ -636,6 +637,15 @@ class SMTPSession:
 
     def _read_reply(self) -> tuple[int, bytes]:
         """smtplib's ``getreply``: one whole reply, bounded (see ``_Reader``); ``(-1, text)`` if malformed."""
+        # Every read follows the write it answers without a pause (nothing yields between them),
+        # so the wait for the server starts here (``silence``).
+        self._awaiting = time.monotonic()
+        try:
+            return self._read_reply_lines()
+        finally:
+            self._awaiting = None
+
+    def _read_reply_lines(self) -> tuple[int, bytes]:
         reader, deadline = self._reader, self._deadline
         lines = []
         total = 0
@@ -1604,14 +1614,31 @@ class SMTPSession:
 
         Bytes in TLS's buffer or the socket's (one ``poll``); the part of a
         line the session has read already is the server's wait for the
-        rest.  The queue manager's speculation watch asks it of a connection
-        whose first transaction seems slow: a process starting a hundred
-        destinations at once reads replies that have long arrived only when
-        its turn comes.  False when not connected.
+        rest.  ``silence`` asks it: a process starting a hundred destinations
+        at once reads replies that have long arrived only when its turn
+        comes.  False when not connected.
         """
         smtp = self._smtp                   # (asked from another thread: read once)
         sock = smtp.sock if smtp is not None else None
         return sock is not None and _readable(sock) is True
+
+    @property
+    def silence(self) -> float:
+        """Seconds the server has owed the reply the session is waiting for, none of it arrived yet.
+
+        0.0 when no reply is being waited for, or when bytes of it are in and
+        the session has not read them (``reply_unread``: the wait is then the
+        caller's process being late).  The clock starts when the read begins,
+        right after the command or final dot went out, so neither this
+        process's delays before it sent nor its delays in reading count: a
+        server that answers at once is never silent for long, however busy
+        the client is.  The queue manager's speculation watch asks it from
+        another thread of a lane's first transaction.
+        """
+        since = self._awaiting
+        if since is None or self.reply_unread:
+            return 0.0
+        return max(0.0, time.monotonic() - since)
 
     def noop(self) -> Reply:
         """NOOP: check that the connection is still alive."""
