@@ -626,12 +626,23 @@ class _Lane:
             self.rt.local_active -= 1
             self.local -= 1
 
-    def publish(self, dispatch: list[tuple[str, int]]) -> None:
-        """Publish ``dispatch``, opening the wanted connections of this lane here when there is room."""
+    def publish(self, dispatch: list[tuple[str, int]], *, slow: bool = False) -> None:
+        """Publish ``dispatch``, opening the wanted connections of this lane here when there is room.
+
+        ``slow``: the lane is slow beyond doubt (``qmgr.slow_beyond_doubt``):
+        its connections are opened here even when this process is busy.  A
+        busy process otherwise publishes them as tasks for a less busy one;
+        for a slow lane that only added a task's cost (publish, receive,
+        trace: 2-3 ms of CPU and several Redis round trips) and its wait in
+        the queue to every connection, while the process that took the task
+        was as busy: of 43 runs of the bench's slow stage, the 15 that
+        published 42-93 tasks took a median 4.74 s and include the three
+        slowest (5.9-6.2 s); the 15 that published none (2-3 tasks), 4.44 s.
+        """
         rest = []
         for lane, n in dispatch:
             if lane == self.domain and n > 0:
-                n -= self.spawn(n)
+                n -= self.spawn(n, force=slow)
             if n > 0:
                 rest.append((lane, n))
         publish(rest)
@@ -804,7 +815,8 @@ class _Connection:
         if self.tokens:
             self.rt.shaper.refund(self.domain, self.tokens)
         if self.grant.slot:
-            self.lane.publish(self.rt.shaper.release(self.domain, self.token, park=kept))
+            self.lane.publish(self.rt.shaper.release(self.domain, self.token, park=kept),
+                              slow=qmgr.slow_beyond_doubt(self.rt.lag, self.latency))
 
     def chunk(self, batch: str, items: list[Claimed]) -> tuple[str, RunStats]:
         """Deliver one claimed chunk over the task's connection, record it, release it."""
@@ -899,7 +911,7 @@ class _Connection:
         counts["written"] += written + len(applied)
         if results is not None and stats.transactions and fb.latency:
             self.latency = qmgr.smooth(self.latency, fb.latency, stats.transactions)
-        self.lane.publish(dispatch)
+        self.lane.publish(dispatch, slow=qmgr.slow_beyond_doubt(rt.lag, self.latency))
         if status == "dead":
             log.warning("deliver %s: destination declared dead (%s)", domain, fb.why or "connection failures")
         if plan and results is None:

@@ -230,6 +230,18 @@ def feedback(stats: RunStats, results: list[list[dict | None]] | None, probe: st
     return fb
 
 
+def slow_beyond_doubt(lag: float, latency: float | None) -> bool:
+    """Is a lane at ``latency`` seconds a message (lag already taken off) slow whatever this process's lag?
+
+    At least ``FIRST_VERDICT_SLOW`` a message and ``SLOW_VS_LAG`` times the
+    lag: a starved process's delays do not make an instant exchange look
+    like that.  The connections such a lane's dispatch asks for are opened
+    in the process that has its verdict even when the process is busy
+    (``mxq.tasks.graph._Lane.publish``).
+    """
+    return latency is not None and latency >= max(FIRST_VERDICT_SLOW, SLOW_VS_LAG * lag)
+
+
 def spread(lag: float, latency: float, first: bool = False) -> bool:
     """May a run's verdict ask for more connections to its lane (``Store.finish``'s ``spread``)?
 

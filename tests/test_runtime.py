@@ -227,33 +227,38 @@ def test_a_lanes_first_verdict_spreads_only_when_slow_beyond_doubt():
     assert not qmgr.spread(10 * qmgr.MAX_LAG, between)                 # a late process: not on a fast lane
 
 
+class _BusyRt:
+    """The parts of a ``graph.Runtime`` a ``_Lane`` uses, in a process late to wake (lag 40 ms)."""
+    local_spawn = True
+    local_active = 0
+    lag = 0.04
+
+    def __init__(self):
+        self.local_lock = threading.Lock()
+
+    def busy(self):
+        from mxq.tasks import qmgr
+        return self.lag >= qmgr.MAX_LAG
+
+    class store:
+        @staticmethod
+        def ready_count(lane):
+            return 4
+
+    class ps:
+        soft_time_limit = 600
+
+
 def test_speculation_opens_the_window_even_in_a_busy_process(monkeypatch):
     # A worker starting hundreds of new destinations at once is late to wake (its lag above
     # qmgr.MAX_LAG) exactly when their first chunks wait: speculation, called when the server has
     # been silent (graph._Connection.watch), still opens the window, and once (before: spawn's
     # busy rule refused, and each lane stayed on one connection until its first verdict).
-    from mxq.tasks import graph, qmgr
-
-    class Rt:
-        local_spawn = True
-        local_lock = threading.Lock()
-        local_active = 0
-        lag = 2 * qmgr.MAX_LAG
-
-        def busy(self):
-            return self.lag >= qmgr.MAX_LAG
-
-        class store:
-            @staticmethod
-            def ready_count(lane):
-                return 4
-
-        class ps:
-            soft_time_limit = 600
+    from mxq.tasks import graph
 
     opened = []
     monkeypatch.setattr(graph._Lane, "extra", lambda self: opened.append(self.domain))
-    rt = Rt()
+    rt = _BusyRt()
     lane = graph._Lane(rt, "busy.rt.test")
     lane.local = 1                                      # the first connection, waiting on its chunk
     assert rt.busy()
@@ -263,6 +268,35 @@ def test_speculation_opens_the_window_even_in_a_busy_process(monkeypatch):
     for t in lane.threads:
         t.join(5)
     assert opened == ["busy.rt.test"] * 4               # the window of 5: four more connections
+
+
+def test_a_busy_process_opens_a_slow_lanes_connections_itself_and_publishes_the_others(monkeypatch):
+    # A busy process publishes the connections a verdict asks for as tasks, for a less busy worker
+    # to open.  For a lane slow beyond doubt (qmgr.slow_beyond_doubt) that only added a task's cost
+    # and its wait in the queue to each connection: the bench's slow stage published 40-90 such
+    # tasks in its slower runs.  Those are opened here; other lanes' wants still go as tasks.
+    from mxq.tasks import graph, qmgr
+
+    opened, published = [], []
+    monkeypatch.setattr(graph._Lane, "extra", lambda self: opened.append(self.domain))
+    monkeypatch.setattr(graph, "publish", lambda dispatch, **_kw: published.extend(dispatch) or 0)
+    rt = _BusyRt()
+    lane = graph._Lane(rt, "slow.rt.test")
+    lane.local = 1                                      # the connection whose verdict came in
+    assert rt.busy()
+    lane.publish([("slow.rt.test", 3)])                 # not known to be slow: tasks, any worker
+    assert published == [("slow.rt.test", 3)] and not opened
+    published.clear()
+    lane.publish([("slow.rt.test", 3), ("other.rt.test", 2)], slow=True)
+    for t in lane.threads:
+        t.join(5)
+    assert opened == ["slow.rt.test"] * 3 and published == [("other.rt.test", 2)]
+    # The rule: a second a message is slow at a 40 ms lag; 0.1 s is not (an instant exchange
+    # timed by a starved process); nor is anything at a lag that large, nor an unknown lane.
+    assert qmgr.slow_beyond_doubt(rt.lag, 1.0) and qmgr.slow_beyond_doubt(0.0, qmgr.FIRST_VERDICT_SLOW)
+    assert not qmgr.slow_beyond_doubt(0.0, 0.1)
+    assert not qmgr.slow_beyond_doubt(0.2, 1.0)
+    assert not qmgr.slow_beyond_doubt(0.0, None)
 
 
 def test_the_claimed_mail_budget_lets_one_message_a_connection_and_queues_bigger_chunks_in_turn():
