@@ -475,7 +475,7 @@ def test_a_run_interrupted_while_a_message_is_held_never_completes_it(serve, mon
 
 
 def test_reply_unread_tells_a_reply_waiting_in_the_socket_from_a_server_still_silent(raw):
-    """``SMTPSession.reply_unread``: what the speculation watch asks of a slow first transaction.
+    """``SMTPSession.reply_unread``: what ``silence`` asks before it counts a wait as the server's.
 
     True only while the server has sent bytes the session has not read: then the wait is the
     client's (a busy process not yet back to read them), not the server's."""
