@@ -743,6 +743,9 @@ class _Connection:
         self.ps = rt.ps
         self.probe = grant.mode == "probe"
         self.latency = grant.latency
+        #: messages this connection's own answers measured, while its latency is its own (None: the
+        #: lane's latency came with the grant)
+        self.measured: int | None = 0 if grant.latency is None else None
         limits = rt.shaper.policy.for_domain(domain)
         self.tokens = grant.granted if limits.rate else None      # rate tokens left to use
         self.single = limits.concurrency == 1                     # one connection: chunks never overdue
@@ -757,7 +760,7 @@ class _Connection:
             self.hb = hb
             seq = 0
             while not hb.stopped():         # a lost heartbeat: no more chunks
-                k = 1 if self.probe else qmgr.chunk_size(self.latency, self.ps.batch_size)
+                k = 1 if self.probe else qmgr.chunk_size(self.latency, self.ps.batch_size, self.measured)
                 if self.tokens is not None:
                     k = min(k, self.tokens)
                     if k <= 0:
@@ -911,6 +914,8 @@ class _Connection:
         counts["written"] += written + len(applied)
         if results is not None and stats.transactions and fb.latency:
             self.latency = qmgr.smooth(self.latency, fb.latency, stats.transactions)
+            if self.measured is not None:
+                self.measured += stats.transactions
         self.lane.publish(dispatch, slow=qmgr.slow_beyond_doubt(rt.lag, self.latency))
         if status == "dead":
             log.warning("deliver %s: destination declared dead (%s)", domain, fb.why or "connection failures")

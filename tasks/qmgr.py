@@ -134,6 +134,9 @@ def smooth(old: float | None, sample: float, n: int = 1) -> float:
 
 #: Messages the first claim on a destination of unknown latency takes (one message tells).
 UNKNOWN_CHUNK = 1
+#: A connection whose latency is its own measure takes at most this many times the messages that
+#: measure rests on (``chunk_size``): 1, 4, 20, then its full chunk, as its answers confirm it.
+CHUNK_GROWTH = 4
 #: A destination with no concurrency limit (``*c``) still grows its window only this far.
 UNLIMITED_WINDOW = 1000
 #: A destination quiet this long (and not dead) starts again from the initial window.
@@ -171,13 +174,24 @@ def redis_policy(policy, ps: PipelineSettings) -> dict:
     }
 
 
-def chunk_size(latency: float | None, batch: int) -> int:
-    """Messages a connection takes at a time for a destination at ``latency`` seconds per message."""
+def chunk_size(latency: float | None, batch: int, measured: int | None = None) -> int:
+    """Messages a connection takes at a time for a destination at ``latency`` seconds per message.
+
+    ``measured``: how many messages ``latency`` rests on when they are the connection's own (it
+    started before its lane had a measured latency); None when it is the lane's, from the grant.
+    Then the chunk is at most ``CHUNK_GROWTH`` times that many: a first answer tells little.  An
+    exchange that answers on a timer (smtp-sink ``-W .:1`` answers every dot of a second at the
+    same tick) answers a dot that came just before the tick in 12 ms: taken alone, the connection
+    that saw it claimed the rest of its lane (15 messages), sent them one a second while the lane's
+    other connections found it empty, and handed 12 back only when the chunk was overdue 2.5 s
+    later (the bench's slow stage, 2026-12-05: every run over 6 s had such chunks).
+    """
     if latency is None or latency <= 0:
         return max(1, min(UNKNOWN_CHUNK, batch))
-    if latency < FAST_LATENCY:
-        return batch
-    return max(1, min(batch, int(math.floor(CHUNK_SECONDS / latency))))
+    k = batch if latency < FAST_LATENCY else max(1, min(batch, int(math.floor(CHUNK_SECONDS / latency))))
+    if measured is not None:
+        k = min(k, max(1, CHUNK_GROWTH * measured))
+    return k
 
 
 def overdue_after(latency: float | None, k: int) -> float | None:

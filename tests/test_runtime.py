@@ -227,6 +227,24 @@ def test_a_lanes_first_verdict_spreads_only_when_slow_beyond_doubt():
     assert not qmgr.spread(10 * qmgr.MAX_LAG, between)                 # a late process: not on a fast lane
 
 
+def test_a_connections_own_first_answers_grow_its_chunk_step_by_step():
+    # A connection that started before its lane had a latency sizes its chunks on its own answers,
+    # at most qmgr.CHUNK_GROWTH times the messages they cover: one fast answer (a timer-driven
+    # exchange answering a dot that came just before its tick in 12 ms) no longer claims the lane.
+    from mxq.tasks import qmgr
+
+    assert qmgr.chunk_size(None, 64, 0) == qmgr.UNKNOWN_CHUNK == 1          # nothing measured: one
+    assert qmgr.chunk_size(0.012, 64) == 64                                 # the lane's latency: as before
+    sizes, measured = [], 0
+    while measured < 64:
+        k = qmgr.chunk_size(0.002 if measured else None, 64, measured)
+        sizes.append(k)
+        measured += k
+    assert sizes == [1, 4, 20, 64]                                          # an instant exchange: two chunks more
+    assert qmgr.chunk_size(0.25, 64, 1) == 2                                # below the cap: sized for its latency
+    assert qmgr.chunk_size(1.0, 64, 30) == 1
+
+
 class _BusyRt:
     """The parts of a ``graph.Runtime`` a ``_Lane`` uses, in a process late to wake (lag 40 ms)."""
     local_spawn = True
