@@ -525,3 +525,25 @@ def postfix() -> Iterator[PostfixServer]:
         server.stop()
         if os.environ.get("MXQ_KEEP_POSTFIX") != "1":   # set it to inspect the queue and log afterwards
             shutil.rmtree(root, ignore_errors=True)
+
+
+def build_wheel(dest: Path, *, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``pip wheel`` of this checkout into ``dest``, one build at a time across the session's processes.
+
+    ``--no-build-isolation`` (the test session has no network) builds in the checkout's own
+    ``build/`` directory, so two at once collide: test_packaging's and test_containers' image
+    built together on two xdist workers and one failed with "File exists:
+    build/bdist.linux-x86_64/wheel/mxq-0.1.0.dist-info" (CI, 2026-12-05).  An exclusive lock on a
+    file named for the checkout serialises them.
+    """
+    import fcntl
+    import hashlib
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    lock = Path(tempfile.gettempdir()) / f"mxq-wheel-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}.lock"
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        return subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                               "-w", str(dest), str(root)], capture_output=True, text=True, timeout=timeout,
+                              cwd=dest)

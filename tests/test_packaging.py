@@ -7,15 +7,15 @@ import sys
 import zipfile
 from pathlib import Path
 
+from tests.fixtures_infra import build_wheel
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_has_one_top_level_package(tmp_path):
     # --no-build-isolation: the test session has no network (private namespace);
     # the test extra installs setuptools and wheel into the venv.
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                        "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300,
-                       cwd=tmp_path)
+    r = build_wheel(tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     wheels = list(tmp_path.glob("mxq-*.whl"))
     assert len(wheels) == 1
