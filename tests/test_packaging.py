@@ -5,11 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 from tests.fixtures_infra import build_wheel
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_has_one_top_level_package(tmp_path):
