@@ -97,7 +97,10 @@ RECORD_AFTER = 0.25
 OVERDUE_FACTOR = 4.0
 #: A lane's first verdict (one message, its latency unknown before) at this many seconds a message or
 #: more spreads the lane at once; a faster one waits for its next chunk's to confirm it (``spread``).
-FIRST_VERDICT_SLOW = 0.25
+#: The speculation's silence (``SPECULATE_SILENCE``): a server that sat this long on one message is
+#: slow, now that the time is the server's own (``SMTPSession.server_seconds``; 0.25 when a busy
+#: start-up's delays were in it).
+FIRST_VERDICT_SLOW = 0.15
 #: A lane's first chunk (latency unknown) whose server has owed it a reply this long with none of it
 #: in (``SMTPSession.silence``): the lane is slow, and gets its window of connections at once
 #: (``mxq.tasks.graph._Lane.speculate``).
@@ -233,7 +236,12 @@ def feedback(stats: RunStats, results: list[list[dict | None]] | None, probe: st
     fb = Feedback(probe=probe)
     if stats.transactions:
         fb.ok = stats.transactions
-        fb.latency = max(0.0, (stats.seconds_per_message or 0.0) - 2 * lag) or 1e-6
+        if stats.server_timed:
+            # The servers' own time (kernel arrival times): neither this process's delays nor its
+            # own work per message are in it.
+            fb.latency = (stats.server_seconds_per_message or 0.0) or 1e-6
+        else:
+            fb.latency = max(0.0, (stats.seconds_per_message or 0.0) - 2 * lag) or 1e-6
     elif stats.failed:
         fb.fail = 1
         for per in results or ():
@@ -266,7 +274,9 @@ def spread(lag: float, latency: float, first: bool = False) -> bool:
     first message at 52-102 ms, past ``FAST_LATENCY``, and each such lane
     asked for 4-5 connections for its 39 messages, where one does (the bench's
     dead stage, 2026-12-05).  Its next chunk, sized for that latency, confirms
-    or corrects it, and its verdict spreads.
+    or corrects it, and its verdict spreads.  (Those 52-102 ms were the
+    process's delays: a latency timed by the kernel, ``feedback``, has none of
+    them, which is what lets the threshold be the speculation's 0.15 s.)
 
     Otherwise yes while the process wakes on time (``lag`` under ``MAX_LAG``).  A late
     process -- its own work, or other processes holding the CPU -- measures
@@ -275,7 +285,10 @@ def spread(lag: float, latency: float, first: bool = False) -> bool:
     throughput.  It still spreads a lane whose time per message (``latency``,
     lag already taken off) is ``SLOW_VS_LAG`` times its lag: a destination
     taking a second at the dot is slow whatever the machine does (at load
-    6-17 the lag stays at 30-80 ms).
+    6-17 the lag stays at 30-80 ms).  A latency timed by the kernel has no
+    delays of this process in it, but a process short of CPU still gains
+    little from more connections to a lane that answers in milliseconds, so
+    the rule holds for it too.
     """
     if first and (latency or 0.0) < FIRST_VERDICT_SLOW:
         return False

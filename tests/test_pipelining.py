@@ -538,3 +538,72 @@ def test_silence_counts_how_long_the_server_has_owed_a_reply(raw):
         s.abort()
     srv.check()
 
+
+
+class _LateReader:
+    """The session's socket as a busy process reads it: every ``recv`` starts ``late`` seconds late
+    (a gevent worker's greenlet resumed long after its data came); the rest is the real socket."""
+
+    def __init__(self, sock, late: float):
+        self._sock, self._late = sock, late
+
+    def recv(self, n):
+        import time
+        time.sleep(self._late)
+        return self._sock.recv(n)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="the kernel's arrival time needs Linux's TCP_INFO")
+def test_server_seconds_are_the_servers_wait_not_the_clients_delay_in_reading(raw):
+    """``SMTPSession.server_seconds``: what the queue manager sizes a lane's chunks on.
+
+    A reply the server sat on counts whole; a reply that came at once and was read late (the
+    process busy with other connections) counts nothing of that delay: timing the read made
+    instant exchanges look slow to a busy gevent worker, which then cut their mail into small
+    chunks (docs/DESIGN.md, 2026-12-05 evening)."""
+    import time
+
+    from tests.fixtures_infra import wait_until
+
+    hold, done = threading.Event(), threading.Event()
+
+    def script(c):
+        c.greet(pipelining=False)
+        assert (c.line(10) or "").upper() == "NOOP"
+        hold.wait(10)                    # silent on the first NOOP until the test says so
+        c.send("250 2.0.0 ok")
+        assert (c.line(10) or "").upper() == "NOOP"
+        c.send("250 2.0.0 ok")           # the second at once
+        done.wait(10)
+
+    srv = raw("127.0.31.38", script)
+    s = session(srv.host)
+    try:
+        s.connect()
+        assert s.server_timed
+        base = s.server_seconds
+        replies = []
+        asking = threading.Thread(target=lambda: replies.append(s.noop()))
+        asking.start()
+        wait_until(lambda: s.silence >= 0.3, 5, "the server silent on NOOP for 0.3 s")
+        hold.set()
+        asking.join(5)
+        assert replies and replies[0].code == 250
+        held = s.server_seconds - base
+        assert held >= 0.28, held        # (the kernel's clock: a jiffy, 1-10 ms)
+
+        s._reader.sock = _LateReader(s._reader.sock, 0.4)
+        started = time.monotonic()
+        assert s.noop().code == 250
+        took = time.monotonic() - started
+        instant = s.server_seconds - base - held
+        assert took >= 0.4
+        assert instant < 0.1, instant    # the 0.4 s were this client's, not the server's
+        assert s.server_timed
+    finally:
+        done.set()
+        s.abort()
+    srv.check()

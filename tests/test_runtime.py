@@ -227,6 +227,25 @@ def test_a_lanes_first_verdict_spreads_only_when_slow_beyond_doubt():
     assert not qmgr.spread(10 * qmgr.MAX_LAG, between)                 # a late process: not on a fast lane
 
 
+def test_a_runs_latency_is_the_servers_time_when_the_kernel_timed_it():
+    """``qmgr.feedback``: the latency a run reports is its servers' own time per message when every
+    wait was timed by the kernel (``SMTPSession.server_seconds``), whatever the run's wall time and
+    the process's lag; otherwise the wall time less twice the lag, as before."""
+    from mxq.tasks import qmgr
+    from mxq.workers.delivery import RunStats
+
+    busy = RunStats(transactions=4, seconds=0.8, setup_seconds=0.0, server_seconds=0.0008)
+    fb = qmgr.feedback(busy, None, lag=0.01)
+    assert fb.ok == 4 and fb.latency == pytest.approx(0.0002)     # not 0.2 - 0.02: instant
+    assert qmgr.chunk_size(fb.latency, 64) == 64
+    slow = RunStats(transactions=2, seconds=2.1, server_seconds=2.0)
+    assert qmgr.feedback(slow, None, lag=0.5).latency == pytest.approx(1.0)     # the lag is not taken off
+    untimed = RunStats(transactions=4, seconds=0.8, server_seconds=0.7, server_timed=False)
+    assert qmgr.feedback(untimed, None, lag=0.01).latency == pytest.approx(0.18)
+    nothing = RunStats(transactions=3, seconds=0.3, server_seconds=0.0)
+    assert qmgr.feedback(nothing, None).latency == 1e-6             # never 0: known, and instant
+
+
 def test_a_connections_own_first_answers_grow_its_chunk_step_by_step():
     # A connection that started before its lane had a latency sizes its chunks on its own answers,
     # at most qmgr.CHUNK_GROWTH times the messages they cover: one fast answer (a timer-driven

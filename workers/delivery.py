@@ -221,6 +221,11 @@ class RunStats:
     (negative feedback).  ``session``: while the run holds a connection, its
     ``SMTPSession`` (None otherwise), for a watcher in another thread to ask
     its ``silence`` -- how long the server has owed it a reply.
+    ``server_seconds``: the part of the run's time the servers took to
+    answer on connections in use (``SMTPSession.server_seconds``, the
+    handshakes left out), ``server_timed`` False when some of it was timed
+    to the end of a read (no kernel arrival time): this process's delays in
+    reading replies are then in it.
     """
 
     connects: int = 0
@@ -231,6 +236,8 @@ class RunStats:
     seconds: float = 0.0
     setup_seconds: float = 0.0
     session: SMTPSession | None = field(default=None, repr=False, compare=False)
+    server_seconds: float = 0.0
+    server_timed: bool = True
 
     @property
     def failed(self) -> bool:
@@ -243,6 +250,13 @@ class RunStats:
         if not self.transactions:
             return None
         return max(0.0, self.seconds - self.setup_seconds) / self.transactions
+
+    @property
+    def server_seconds_per_message(self) -> float | None:
+        """The servers' time per transaction (``server_seconds``; None without any transaction)."""
+        if not self.transactions:
+            return None
+        return self.server_seconds / self.transactions
 
 
 def route_key(settings: Settings, route: "_Route", source_pool: str | None = None) -> tuple:
@@ -365,7 +379,8 @@ class _Run:
         self.on_done = on_done
         self.stats = stats if stats is not None else RunStats()
         self.ignore_down = ignore_down
-        self.current = None                         # the connection in use (also stats.session)
+        self._current: Connection | None = None     # the connection in use (also stats.session)
+        self._server_base = 0.0                     # its session's server_seconds when it came in use
         self.observers = observers
         self.source_pool = source_pool
         self.mta_sts = mta_sts
@@ -759,7 +774,12 @@ class _Run:
 
     @current.setter
     def current(self, conn: Connection | None) -> None:
+        old = self._current
+        if old is not None:
+            self.stats.server_seconds += old.session.server_seconds - self._server_base
+            self.stats.server_timed = self.stats.server_timed and old.session.server_timed
         self._current = conn
+        self._server_base = conn.session.server_seconds if conn is not None else 0.0
         self.stats.session = conn.session if conn is not None else None
 
     def replied_on(self, conn: int) -> bool:

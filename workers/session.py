@@ -52,6 +52,7 @@ import select
 import smtplib
 import socket
 import ssl
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -430,7 +431,9 @@ class SMTPSession:
     ``tls_active``, ``tls_protocol``, ``tls_cipher``, ``tls_verified``,
     ``tls_fallback`` (why opportunistic TLS was dropped, or None), ``peer``
     ((ip, port)), ``local`` ((ip, port) we connected from), ``accepted``
-    (recipients accepted in the open transaction).
+    (recipients accepted in the open transaction), ``server_seconds`` (the
+    server's own time answering, summed over the replies waited for: see
+    ``_arrived``).
     """
 
     def __init__(self, host: str, port: int = 25, *, helo_name: str | None = None,
@@ -457,6 +460,13 @@ class SMTPSession:
         self._observers: tuple = tuple(observers)
         self._parsed: tuple | None = None     # (raw text, Reply) of the last reply read, when observers parsed it
         self._awaiting: float | None = None   # monotonic time a reply read began, while it waits (``silence``)
+        #: Seconds the server took to answer, summed over every reply the session waited for: from
+        #: the read's start (right after what it answers went out) to the reply's arrival in the
+        #: kernel (``_arrived``), so this process's delays in reading it do not count.
+        self.server_seconds = 0.0
+        #: False once a wait was timed without the kernel's arrival time (not Linux): it then ran to
+        #: the end of the read, this process's delay in reading included.
+        self.server_timed = True
 
         self.greeting: Reply | None = None
         self.helo_reply: Reply | None = None
@@ -639,11 +649,20 @@ class SMTPSession:
         """smtplib's ``getreply``: one whole reply, bounded (see ``_Reader``); ``(-1, text)`` if malformed."""
         # Every read follows the write it answers without a pause (nothing yields between them),
         # so the wait for the server starts here (``silence``).
-        self._awaiting = time.monotonic()
+        self._awaiting = started = time.monotonic()
+        waits = b"\n" not in self._reader.buf      # else the reply (or its first line) came earlier
         try:
-            return self._read_reply_lines()
+            out = self._read_reply_lines()
         finally:
             self._awaiting = None
+        if waits:
+            now = time.monotonic()
+            ago = _arrived(self._smtp.sock)
+            if ago is None:
+                self.server_timed = False
+                ago = 0.0
+            self.server_seconds += max(0.0, now - ago - started)
+        return out
 
     def _read_reply_lines(self) -> tuple[int, bytes]:
         reader, deadline = self._reader, self._deadline
@@ -1687,6 +1706,31 @@ class SMTPSession:
     def __repr__(self) -> str:
         state = "connected" if self.connected else "closed"
         return f"<SMTPSession {self.where} tls={self.tls} {state}>"
+
+
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+#: struct tcp_info (linux/tcp.h): ``tcpi_last_data_recv``, milliseconds since data last arrived (u32).
+_LAST_DATA_RECV = 52
+
+
+def _arrived(sock) -> float | None:
+    """Seconds since the kernel last received data on ``sock`` (Linux's ``TCP_INFO``: a jiffy's
+    resolution, 1-10 ms); None where it cannot say (another system, a closed socket).
+
+    The end of a reply the session has just read is the last data in: ``now - _arrived(sock)`` is
+    when the server's answer came, however late this process got round to reading it.  A gevent
+    worker delivering to a hundred instant exchanges reads each reply 20-150 ms after it came (its
+    turn among the others), and timing the read itself made those exchanges look slow.
+    """
+    if _TCP_INFO is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _LAST_DATA_RECV + 4)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if len(info) < _LAST_DATA_RECV + 4:
+        return None
+    return int.from_bytes(info[_LAST_DATA_RECV:_LAST_DATA_RECV + 4], sys.byteorder) / 1000.0
 
 
 def _readable(sock) -> bool | None:
