@@ -239,7 +239,7 @@ def feedback(stats: RunStats, results: list[list[dict | None]] | None, probe: st
         if stats.server_timed:
             # The servers' own time (kernel arrival times): neither this process's delays nor its
             # own work per message are in it.
-            fb.latency = (stats.server_seconds_per_message or 0.0) or 1e-6
+            fb.latency = stats.server_seconds_per_message or 1e-6
         else:
             fb.latency = max(0.0, (stats.seconds_per_message or 0.0) - 2 * lag) or 1e-6
     elif stats.failed:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -509,8 +510,6 @@ def test_silence_counts_how_long_the_server_has_owed_a_reply(raw):
 
     Zero while nothing is asked; while the server sits on a command it grows from the moment the
     read of the reply began; zero again once the reply is in."""
-    from tests.fixtures_infra import wait_until
-
     hold, done = threading.Event(), threading.Event()
 
     def script(c):
@@ -525,19 +524,28 @@ def test_silence_counts_how_long_the_server_has_owed_a_reply(raw):
     try:
         s.connect()
         assert s.silence == 0.0          # nothing asked: nothing owed
-        replies = []
-        asking = threading.Thread(target=lambda: replies.append(s.noop()))
-        asking.start()
-        wait_until(lambda: s.silence >= 0.2, 5, "the server silent on NOOP for 0.2 s")
-        hold.set()
-        asking.join(5)
-        assert replies and replies[0].code == 250
+        assert _noop_answered_after_silence(s, hold, 0.2).code == 250
         assert s.silence == 0.0          # answered: nothing owed
     finally:
         done.set()
         s.abort()
     srv.check()
 
+
+def _noop_answered_after_silence(s, hold: threading.Event, silent: float):
+    """NOOP from another thread; once the server (holding its reply until ``hold`` is set) has
+    been silent on it ``silent`` seconds as the session sees it (``silence``), let it answer;
+    returns the reply."""
+    from tests.fixtures_infra import wait_until
+
+    replies = []
+    asking = threading.Thread(target=lambda: replies.append(s.noop()))
+    asking.start()
+    wait_until(lambda: s.silence >= silent, 5, f"the server silent on NOOP for {silent} s")
+    hold.set()
+    asking.join(5)
+    assert replies, "NOOP got no reply"
+    return replies[0]
 
 
 class _LateReader:
@@ -548,7 +556,6 @@ class _LateReader:
         self._sock, self._late = sock, late
 
     def recv(self, n):
-        import time
         time.sleep(self._late)
         return self._sock.recv(n)
 
@@ -564,10 +571,6 @@ def test_server_seconds_are_the_servers_wait_not_the_clients_delay_in_reading(ra
     process busy with other connections) counts nothing of that delay: timing the read made
     instant exchanges look slow to a busy gevent worker, which then cut their mail into small
     chunks (docs/DESIGN.md, 2026-12-05 evening)."""
-    import time
-
-    from tests.fixtures_infra import wait_until
-
     hold, done = threading.Event(), threading.Event()
 
     def script(c):
@@ -585,13 +588,7 @@ def test_server_seconds_are_the_servers_wait_not_the_clients_delay_in_reading(ra
         s.connect()
         assert s.server_timed
         base = s.server_seconds
-        replies = []
-        asking = threading.Thread(target=lambda: replies.append(s.noop()))
-        asking.start()
-        wait_until(lambda: s.silence >= 0.3, 5, "the server silent on NOOP for 0.3 s")
-        hold.set()
-        asking.join(5)
-        assert replies and replies[0].code == 250
+        assert _noop_answered_after_silence(s, hold, 0.3).code == 250
         held = s.server_seconds - base
         assert held >= 0.28, held        # (the kernel's clock: a jiffy, 1-10 ms)
 
