@@ -35,6 +35,7 @@ countdown (the deferred queue is a Redis ZSET, not ETA tasks).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import threading
@@ -180,6 +181,11 @@ class Runtime:
         self.budget = qmgr.Budget(qmgr.LOCAL_MESSAGES)
         # A gevent worker opens a lane's further connections inside the task (graph._Lane).
         self.local_spawn = _green()
+        # ... and its hundreds of connections hand their outcomes to one writer (outcomes.Writer);
+        # a process of one connection at a time writes them itself, before the task returns.
+        self.outcome_writer = job_outcomes.Writer(self.store) if self.local_spawn and self.own_outcomes else None
+        if self.outcome_writer is not None:
+            atexit.register(self.outcome_writer.flush, 2.0)
         self.local_lock = threading.Lock()
         self.local_active = 0
         # How late a task that is ready gets its turn in this process (seconds, smoothed).
@@ -209,8 +215,13 @@ class Runtime:
 
     def record_own(self, outcomes: list[Outcome], jobs: list[str]) -> None:
         """The outcomes of ``jobs``, made final by a release or record of ``outcomes`` that hold every
-        record of each, to the result backend now: no claim, no read (``mxq.tasks.outcomes``)."""
-        job_outcomes.record_known(self.store, _whole_outcomes(outcomes, jobs))
+        record of each, to the result backend now (through this process's ``outcome_writer`` when it
+        has one): no claim, no read (``mxq.tasks.outcomes``)."""
+        whole = _whole_outcomes(outcomes, jobs)
+        if self.outcome_writer is not None:
+            self.outcome_writer.add(whole)
+        else:
+            job_outcomes.record_known(self.store, whole)
 
     def adopted(self, tag) -> None:
         """A task took a cached connection that held another task's slot: that slot is free (and the

@@ -125,6 +125,68 @@ def record_known(store, outcomes: list[tuple[str, dict]], app=None) -> int:
     return len(outcomes)
 
 
+class Writer:
+    """``record_known`` for a process with many connections: one writer thread (a greenlet under
+    gevent) writes what its connections hand over, everything handed over meanwhile in one call.
+
+    ``add`` returns at once; the writer wakes at once (no delay added to an
+    idle process) and writes what it holds with one ``record_known`` -- one
+    script call to a Redis backend and one ``ZREM`` of ``mxq:final`` -- while
+    what is handed over during that write waits for the next (group commit).
+    In a gevent worker whose connections finish together (a slow
+    destination's replies arrive on the same tick) each connection wrote its
+    one or two outcomes with its own two round trips: 11% of the worker's CPU
+    in the bench's slow stage (docs/DESIGN.md, "2026-12-06").  Nothing is at
+    risk meanwhile: the jobs are in ``mxq:final``, hidden for ``LEASE`` (the
+    release that made them final put them there), and a recorder takes any a
+    dead process never wrote.  ``flush`` waits (bounded) until what was handed
+    over is written.
+    """
+
+    def __init__(self, store, app=None):
+        self.store, self.app = store, app
+        self._cond = threading.Condition()
+        self._held: list[tuple[str, dict]] = []
+        self._busy = False              # a write is under way (its outcomes are out of _held)
+        self._thread: threading.Thread | None = None
+
+    def add(self, outcomes: list[tuple[str, dict]]) -> None:
+        """Hand ``outcomes`` (``[(job, status)]``, as ``record_known`` takes) to the writer."""
+        if not outcomes:
+            return
+        with self._cond:
+            self._held.extend(outcomes)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="mxq-outcomes", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything handed over is written (or given up on); False when ``timeout`` passed first."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._held or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._held:
+                    self._cond.wait()
+                batch, self._held = self._held, []
+                self._busy = True
+            try:
+                record_known(self.store, batch, self.app)       # never raises an Exception
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+
 def _write(app, outcomes: list[tuple[str, dict]]) -> None:
     """Store ``[(job, status)]`` in ``app``'s result backend (state ``SUCCESS``); raises what it raises.
 

@@ -370,6 +370,40 @@ def test_more_outcome_writes_at_once_than_the_backend_has_connections_all_land(p
     client.close()
 
 
+def test_one_writer_gathers_the_outcomes_connections_hand_over_while_it_writes(pipeline, monkeypatch):
+    """A gevent worker's connections hand their jobs' outcomes to one writer (``outcomes.Writer``):
+    what 150 connections hand over together, while Redis is paused 0.5 s under the first write,
+    lands in a few writes (script calls), not 150; every outcome is in the backend once ``flush``
+    returns, and the jobs are off ``mxq:final``."""
+    import types
+
+    from mxq.tasks import outcomes
+    from mxq.tasks.app import app
+    from mxq.tasks.store import get_store
+
+    p = pipeline()
+    monkeypatch.setattr(app, "_local", types.SimpleNamespace())    # one backend for every thread
+    client = p.redis.client()
+    store = get_store()
+    assert outcomes.record_known(store, [("warm-up", {"job": "warm-up"})]) == 1     # scripts loaded
+    n = 150
+    client.zadd("mxq:final", {f"handed{i}": 1.0 for i in range(n)})
+    writer = outcomes.Writer(store)
+    calls = []
+    real = outcomes.record_known
+    monkeypatch.setattr(outcomes, "record_known",
+                        lambda st, batch, app=None: calls.append(len(batch)) or real(st, batch, app))
+    handed, errors = all_at_once_while_paused(
+        client, n, lambda i: writer.add([(f"handed{i}", {"job": f"handed{i}", "state": "done"})]))
+    assert not errors and handed == [None] * n                      # add() never waits for Redis
+    assert writer.flush(10.0)
+    assert sum(calls) == n and len(calls) <= 3, calls
+    assert client.exists(*[f"celery-task-meta-handed{i}" for i in range(n)]) == n
+    assert client.zcard("mxq:final") == 0
+    assert writer.flush(0.1)                                        # nothing held: at once
+    client.close()
+
+
 def test_a_result_backend_that_runs_no_scripts_gets_the_outcomes_and_wakes_the_waiter(redis_server, caplog):
     """The outcomes of a batch go to a Redis result backend in one script call (``_STORE``).  A
     backend Redis whose user may not run scripts (an ACL without ``@scripting``) gets the same
