@@ -794,7 +794,8 @@ class _Connection:
             self.hb = hb
             seq = 0
             while not hb.stopped():         # a lost heartbeat: no more chunks
-                k = 1 if self.probe else qmgr.chunk_size(self.latency, self.ps.batch_size, self.measured)
+                k = 1 if self.probe else qmgr.chunk_size(self.latency, self.ps.batch_size, self.measured,
+                                                           silent=self.lane.speculated)
                 if self.tokens is not None:
                     k = min(k, self.tokens)
                     if k <= 0:

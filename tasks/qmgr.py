@@ -140,6 +140,9 @@ UNKNOWN_CHUNK = 1
 #: A connection whose latency is its own measure takes at most this many times the messages that
 #: measure rests on (``chunk_size``): 1, 4, 20, then its full chunk, as its answers confirm it.
 CHUNK_GROWTH = 4
+#: A connection of a lane whose server was silent (``chunk_size``'s ``silent``) takes one message at a
+#: time until this many of its own answers have timed the server.
+SILENT_TRUST = 2
 #: A destination with no concurrency limit (``*c``) still grows its window only this far.
 UNLIMITED_WINDOW = 1000
 #: A destination quiet this long (and not dead) starts again from the initial window.
@@ -177,7 +180,7 @@ def redis_policy(policy, ps: PipelineSettings) -> dict:
     }
 
 
-def chunk_size(latency: float | None, batch: int, measured: int | None = None) -> int:
+def chunk_size(latency: float | None, batch: int, measured: int | None = None, silent: bool = False) -> int:
     """Messages a connection takes at a time for a destination at ``latency`` seconds per message.
 
     ``measured``: how many messages ``latency`` rests on when they are the connection's own (it
@@ -188,7 +191,18 @@ def chunk_size(latency: float | None, batch: int, measured: int | None = None) -
     that saw it claimed the rest of its lane (15 messages), sent them one a second while the lane's
     other connections found it empty, and handed 12 back only when the chunk was overdue 2.5 s
     later (the bench's slow stage, 2026-12-05: every run over 6 s had such chunks).
+
+    ``silent``: the lane's server was silent past ``SPECULATE_SILENCE`` on its first chunk in this
+    task (``_Lane.speculated``).  A fast answer from such a server is its timer, not its speed:
+    the connection takes one message at a time until ``SILENT_TRUST`` of its own answers have
+    timed it.  (smtp-sink releases a delayed reply at its first wake-up after a whole second: a
+    lane's first dots that came just before that were answered at once, the others a second
+    later; the connections with a fast first answer claimed four messages each and sent them one
+    a second, and their chunks went overdue and handed the rest back: every lane that needed a
+    fourth round in the bench's slow stage, 2026-12-06.)
     """
+    if silent and measured is not None and measured < SILENT_TRUST:
+        return 1
     if latency is None or latency <= 0:
         return max(1, min(UNKNOWN_CHUNK, batch))
     k = batch if latency < FAST_LATENCY else max(1, min(batch, int(math.floor(CHUNK_SECONDS / latency))))

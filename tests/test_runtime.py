@@ -264,6 +264,25 @@ def test_a_connections_own_first_answers_grow_its_chunk_step_by_step():
     assert qmgr.chunk_size(1.0, 64, 30) == 1
 
 
+def test_a_fast_first_answer_from_a_server_that_was_silent_claims_one_message_at_a_time():
+    # A lane whose first chunk's server was silent past SPECULATE_SILENCE (the task speculated):
+    # one fast answer (a timer-driven exchange answering a dot that came just before its tick) is
+    # not its speed.  One message a claim until SILENT_TRUST of the connection's own answers timed
+    # it; then the usual growth.  Without the silence, as before (four after one fast answer).
+    from mxq.tasks import qmgr
+
+    assert qmgr.chunk_size(0.002, 64, 1) == 4
+    assert qmgr.chunk_size(0.002, 64, 1, silent=True) == 1
+    sizes, measured = [], 0
+    while measured < 64:
+        k = qmgr.chunk_size(0.002 if measured else None, 64, measured, silent=True)
+        sizes.append(k)
+        measured += k
+    assert sizes == [1, 1, 8, 40, 64]                                       # two claims more, then as ever
+    assert qmgr.chunk_size(1.0, 64, 1, silent=True) == 1                    # a slow one: one either way
+    assert qmgr.chunk_size(0.012, 64, None, silent=True) == 64              # the lane's latency: as before
+
+
 class _BusyRt:
     """The parts of a ``graph.Runtime`` a ``_Lane`` uses, in a process late to wake (lag 40 ms)."""
     local_spawn = True
