@@ -56,7 +56,9 @@ BATCH = 200
 #: Celery's Redis backend has redis-py's default pool: 100 connections, then ``MaxConnectionsError``
 #: at once.  A gevent worker's connections finishing together (1,000 replies of the bench's
 #: inflight stage within a moment) wrote that many outcomes at once, and the ones refused waited
-#: ``LEASE`` for a recorder (49 in one run).  A database backend's pool is smaller still.
+#: ``LEASE`` for a recorder (49 in one run); they now hand them to one ``Writer``, and the bound
+#: holds for every other caller (recorders, threads and prefork processes).  A database backend's
+#: pool is smaller still.
 WRITERS = 32
 _writers = threading.BoundedSemaphore(WRITERS)
 
